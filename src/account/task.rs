@@ -1,0 +1,283 @@
+//! The refresh loop of one account: wait for the next planned refresh, a "refresh now"
+//! poke, the token's expiry or cancellation; fetch under the shared semaphore; write
+//! the outputs; run the hooks; plan the next refresh; publish the state.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rand::SeedableRng as _;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::hooks;
+use super::schedule::{self, ErrorClass};
+use super::state::{Status, TokenState};
+use crate::clock::Clock;
+use crate::config::Account;
+use crate::oauth::{Endpoint, Token};
+use crate::output;
+
+/// What every account task shares.
+#[derive(Clone)]
+pub struct Shared {
+    /// Bounds concurrent token requests (`max_concurrent_refreshes`).
+    pub semaphore: Arc<Semaphore>,
+    pub clock: Clock,
+}
+
+/// The supervisor's end of a running account.
+pub struct AccountHandle {
+    pub account: Arc<Account>,
+    pub state: watch::Receiver<TokenState>,
+    refresh: mpsc::Sender<()>,
+    cancel: CancellationToken,
+}
+
+impl AccountHandle {
+    /// Asks for a refresh now (still no sooner than `min_refresh_interval` after the
+    /// last request). Pokes coalesce.
+    pub fn refresh_now(&self) {
+        let _ = self.refresh.try_send(());
+    }
+
+    pub fn stop(&self) {
+        self.cancel.cancel();
+    }
+}
+
+/// Starts the refresh loop of `account` on `tracker`.
+pub fn spawn<E: Endpoint>(
+    account: Arc<Account>,
+    endpoint: E,
+    shared: Shared,
+    cancel: CancellationToken,
+    tracker: &TaskTracker,
+) -> AccountHandle {
+    let (state_tx, state_rx) = watch::channel(TokenState::default());
+    let (refresh_tx, refresh_rx) = mpsc::channel(1);
+    let task = Task {
+        account: account.clone(),
+        endpoint,
+        shared,
+        state: state_tx,
+        refresh: refresh_rx,
+        cancel: cancel.clone(),
+        rng: rand::rngs::StdRng::from_entropy(),
+        expired: None,
+    };
+    tracker.spawn(task.run());
+    AccountHandle {
+        account,
+        state: state_rx,
+        refresh: refresh_tx,
+        cancel,
+    }
+}
+
+struct Task<E> {
+    account: Arc<Account>,
+    endpoint: E,
+    shared: Shared,
+    state: watch::Sender<TokenState>,
+    refresh: mpsc::Receiver<()>,
+    cancel: CancellationToken,
+    rng: rand::rngs::StdRng,
+    /// The expiry already acted on, so an expired token is expired once.
+    expired: Option<SystemTime>,
+}
+
+impl<E: Endpoint> Task<E> {
+    async fn run(mut self) {
+        let name = self.account.name.clone();
+        let removed = tokio::task::spawn_blocking({
+            let a = self.account.clone();
+            move || output::clean_stale(&a)
+        })
+        .await
+        .unwrap_or(0);
+        if removed > 0 {
+            tracing::info!(account = %name, removed, "removed stale temporary files");
+        }
+
+        let mut next = Instant::now();
+        let mut hold_until: Option<Instant> = None;
+        let mut last_attempt: Option<Instant> = None;
+        loop {
+            let expiry = self.expiry_instant();
+            let wake = expiry.map_or(next, |e| e.min(next));
+            tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => return,
+                Some(()) = self.refresh.recv() => {
+                    let now = Instant::now();
+                    if hold_until.is_some_and(|h| h > now) {
+                        tracing::info!(account = %name, "refresh asked for, but the account is held after the provider refused its credentials");
+                        continue;
+                    }
+                    let earliest = last_attempt.map_or(now, |l| l + self.account.schedule.min_refresh_interval);
+                    if earliest > now {
+                        next = next.min(earliest);
+                        self.publish_next(next);
+                        continue;
+                    }
+                }
+                _ = sleep_until(wake) => {
+                    if Instant::now() < next {
+                        self.expire();
+                        continue;
+                    }
+                }
+            }
+
+            last_attempt = Some(Instant::now());
+            self.state.send_modify(|s| s.status = Status::Refreshing);
+            let result = {
+                let _permit = tokio::select! {
+                    _ = self.cancel.cancelled() => return,
+                    p = self.shared.semaphore.acquire() => p.expect("the semaphore is never closed"),
+                };
+                let started = Instant::now();
+                tokio::select! {
+                    _ = self.cancel.cancelled() => return,
+                    r = self.endpoint.fetch() => r.map(|t| (t, started.elapsed())),
+                }
+            };
+            let outcome = match result {
+                Ok((token, took)) => self.accept(token, took).await,
+                Err(e) => Err((schedule::classify(&e), e.to_string())),
+            };
+            let now = Instant::now();
+            match outcome {
+                Ok(delay) => {
+                    hold_until = None;
+                    next = now + delay;
+                }
+                Err((class, message)) => {
+                    let failures = self.state.borrow().failures + 1;
+                    let delay = schedule::retry_delay(
+                        class,
+                        failures,
+                        &self.account.schedule,
+                        self.shared.clock.now(),
+                        &mut self.rng,
+                    );
+                    hold_until = (class == ErrorClass::Rejected).then_some(now + delay);
+                    next = now + delay;
+                    self.fail(message, failures, class, delay);
+                }
+            }
+            self.publish_next(next);
+        }
+    }
+
+    /// Writes the outputs for a new token, runs the hooks and publishes it; returns the
+    /// delay to the next refresh.
+    async fn accept(
+        &mut self,
+        token: Token,
+        took: Duration,
+    ) -> Result<Duration, (ErrorClass, String)> {
+        let token = Arc::new(token);
+        let write = tokio::task::spawn_blocking({
+            let (a, t) = (self.account.clone(), token.clone());
+            move || output::write_all(&a, &t)
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        if let Err(e) = write {
+            // The token is good: keep serving it on the socket while the files are retried.
+            self.state.send_modify(|s| s.token = Some(token.clone()));
+            return Err((ErrorClass::Transient, e.to_string()));
+        }
+        hooks::run(&self.account).await;
+
+        let now = self.shared.clock.now();
+        let lifetime = token.expires_at.duration_since(now).unwrap_or_default();
+        let delay = schedule::refresh_delay(
+            &self.account.schedule,
+            lifetime,
+            rand::Rng::gen(&mut self.rng),
+        );
+        let recovered = self.state.borrow().failures > 0;
+        tracing::info!(
+            account = %self.account.name,
+            expires_in = lifetime.as_secs(),
+            next_refresh_in = delay.as_secs(),
+            took_ms = took.as_millis() as u64,
+            "token refreshed{}",
+            if recovered { " (recovered)" } else { "" }
+        );
+        self.state.send_modify(|s| {
+            s.status = Status::Fresh;
+            s.token = Some(token);
+            s.last_refresh = Some(now);
+            s.last_error = None;
+            s.failures = 0;
+            s.attempted = true;
+        });
+        Ok(delay)
+    }
+
+    fn fail(&mut self, message: String, failures: u32, class: ErrorClass, delay: Duration) {
+        let now = self.shared.clock.now();
+        let changed = self.state.borrow().last_error.as_deref() != Some(&message);
+        let retry_in = delay.as_secs();
+        match class {
+            ErrorClass::Rejected if changed => tracing::error!(
+                account = %self.account.name,
+                retry_in,
+                "token request refused: {message}; holding off so a wrong secret cannot lock the account"
+            ),
+            _ if changed => {
+                tracing::warn!(account = %self.account.name, failures, retry_in, "token request failed: {message}")
+            }
+            _ => {
+                tracing::debug!(account = %self.account.name, failures, retry_in, "token request failed again: {message}")
+            }
+        }
+        self.state.send_modify(|s| {
+            s.failures = failures;
+            s.attempted = true;
+            s.last_error = Some(message);
+            s.status = if s.token.is_some() && s.valid_token(now).is_none() {
+                Status::Expired
+            } else {
+                Status::Failing
+            };
+        });
+    }
+
+    /// The token expired before a new one came: readers stop getting it, and outputs go
+    /// (unless `on_expiry = "keep"`).
+    fn expire(&mut self) {
+        self.expired = self.state.borrow().token.as_ref().map(|t| t.expires_at);
+        let removed = output::remove_all(&self.account);
+        tracing::warn!(account = %self.account.name, "token expired without renewal");
+        if let Err(e) = removed {
+            tracing::error!(account = %self.account.name, "{e}");
+        }
+        self.state.send_modify(|s| s.status = Status::Expired);
+    }
+
+    /// When the held token expires, on tokio's clock, unless that was already handled.
+    fn expiry_instant(&self) -> Option<Instant> {
+        let s = self.state.borrow();
+        let t = s.token.as_ref()?;
+        if self.expired == Some(t.expires_at) {
+            return None;
+        }
+        let left = t
+            .expires_at
+            .duration_since(self.shared.clock.now())
+            .unwrap_or_default();
+        Some(Instant::now() + left)
+    }
+
+    fn publish_next(&self, next: Instant) {
+        let at: SystemTime =
+            self.shared.clock.now() + next.saturating_duration_since(Instant::now());
+        self.state.send_modify(|s| s.next_attempt = Some(at));
+    }
+}

@@ -1,0 +1,62 @@
+//! The command line (clap). Parsing only; `main` dispatches.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::DEFAULT_PATH;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tokend",
+    version,
+    about = "Keeps OAuth2 access tokens fresh for other programs",
+    long_about = "Keeps OAuth2 access tokens fresh for other programs.\n\n\
+        tokend reads a list of provider accounts, refreshes each account's token on its \
+        own schedule, and writes the current tokens atomically to permission-restricted \
+        files. Programs read a file; nobody else handles a client secret or a password.",
+    after_help = "Exit status: 0 ok, 1 runtime failure, 2 usage or configuration error."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon in the foreground (what the systemd unit starts)
+    Run(ConfigArg),
+    /// Validate the config, and check that every secret is readable and every output
+    /// directory writable
+    Check(ConfigArg),
+    /// Fetch tokens once, write every output, and exit: 0 only if all succeeded
+    /// (init containers, cron-free one-shots)
+    Once(OnceArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ConfigArg {
+    /// The config file
+    #[arg(short = 'c', long = "config", env = "TOKEND_CONFIG", default_value = DEFAULT_PATH, value_name = "PATH")]
+    pub config: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct OnceArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Only these accounts (default: all)
+    #[arg(value_name = "ACCOUNT")]
+    pub accounts: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,64 @@
+//! The one source of wall-clock time. Scheduling runs on `tokio::time`; wall-clock times
+//! (issued_at, expires_at, Retry-After dates) come from here, so tests that pause tokio's
+//! clock can make wall time follow it.
+
+use std::time::SystemTime;
+
+use tokio::time::Instant;
+
+#[derive(Clone, Copy, Debug)]
+pub enum Clock {
+    /// The system's real-time clock.
+    System,
+    /// Wall time that advances with tokio's (possibly paused) clock, from an anchor.
+    Tokio { wall: SystemTime, at: Instant },
+}
+
+impl Clock {
+    /// A clock that follows tokio's time, starting at the real current time.
+    pub fn tokio() -> Self {
+        Clock::Tokio {
+            wall: SystemTime::now(),
+            at: Instant::now(),
+        }
+    }
+
+    pub fn now(&self) -> SystemTime {
+        match self {
+            Clock::System => SystemTime::now(),
+            Clock::Tokio { wall, at } => *wall + at.elapsed(),
+        }
+    }
+}
+
+/// RFC 3339 UTC with seconds, as the json output and the socket API write times.
+pub fn rfc3339(t: SystemTime) -> String {
+    let t = time::OffsetDateTime::from(t)
+        .replace_nanosecond(0)
+        .expect("0 is a valid nanosecond");
+    t.format(&time::format_description::well_known::Rfc3339)
+        .expect("any SystemTime after 1970 formats as RFC 3339")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn rfc3339_is_utc_seconds() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_500);
+        assert_eq!(rfc3339(t), "2023-11-14T22:13:20Z");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tokio_clock_follows_paused_time() {
+        let c = Clock::tokio();
+        let t0 = c.now();
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert_eq!(
+            c.now().duration_since(t0).unwrap(),
+            Duration::from_secs(3600)
+        );
+    }
+}

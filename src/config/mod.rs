@@ -1,0 +1,277 @@
+//! Configuration: the TOML file, parsed in two stages (`raw` serde mirror, then `validate`
+//! into the typed [`Config`] below). Every error carries file, line, column and key, and
+//! all of them are reported at once.
+//!
+//! Nothing here does I/O beyond reading the file and checking its mode; secrets are read
+//! later, through [`SecretSpec::read`], when a request needs them.
+
+mod raw;
+mod secret;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use secret::{Secret, SecretError, SecretSpec};
+pub use validate::parse_str;
+
+/// Where the config is looked for when neither `-c` nor `TOKEND_CONFIG` is given.
+pub const DEFAULT_PATH: &str = "/etc/tokend/config.toml";
+/// The socket `get` and `status` use when the config names none.
+pub const DEFAULT_SOCKET: &str = "/run/tokend/tokend.sock";
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file this was read from; relative paths inside it are relative to its directory.
+    pub path: PathBuf,
+    pub daemon: DaemonConfig,
+    pub accounts: Vec<Account>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DaemonConfig {
+    pub socket: Option<PathBuf>,
+    pub socket_mode: u32,
+    pub socket_group: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub max_concurrent_refreshes: usize,
+    pub startup_timeout: Duration,
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            socket: None,
+            socket_mode: 0o660,
+            socket_group: None,
+            state_dir: None,
+            log_format: LogFormat::Auto,
+            log_level: "info".into(),
+            max_concurrent_refreshes: 16,
+            startup_timeout: Duration::from_secs(30),
+            metrics_listen: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Auto,
+    Journald,
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Account {
+    pub name: String,
+    pub token_url: url::Url,
+    pub grant: Grant,
+    pub client_id: String,
+    pub client_secret: Option<SecretSpec>,
+    pub client_auth: ClientAuth,
+    pub basic_encoding: BasicEncoding,
+    pub params_in: ParamsIn,
+    pub scope: Option<String>,
+    pub extra_params: BTreeMap<String, String>,
+    pub extra_headers: BTreeMap<String, String>,
+    pub ca_file: Option<PathBuf>,
+    pub proxy: Option<String>,
+    pub timeout: Duration,
+    pub schedule: SchedulePolicy,
+    pub on_expiry: OnExpiry,
+    pub on_refresh: Option<Vec<String>>,
+    pub on_refresh_signal: Option<SignalHook>,
+    pub hook_timeout: Duration,
+    pub outputs: Vec<Output>,
+    pub access: Access,
+}
+
+impl Account {
+    /// Every secret this account reads, for `check` and for watching files.
+    pub fn secrets(&self) -> Vec<(&'static str, &SecretSpec)> {
+        let mut v = Vec::new();
+        if let Some(s) = &self.client_secret {
+            v.push(("client_secret", s));
+        }
+        match &self.grant {
+            Grant::Password { password, .. } => v.push(("password", password)),
+            Grant::RefreshToken { refresh_token } => v.push(("refresh_token", refresh_token)),
+            Grant::ClientCredentials => {}
+        }
+        v
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Grant {
+    ClientCredentials,
+    Password {
+        username: String,
+        password: SecretSpec,
+    },
+    RefreshToken {
+        refresh_token: SecretSpec,
+    },
+}
+
+impl Grant {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Grant::ClientCredentials => "client_credentials",
+            Grant::Password { .. } => "password",
+            Grant::RefreshToken { .. } => "refresh_token",
+        }
+    }
+}
+
+/// RFC 6749 §2.3.1 client authentication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    Basic,
+    Post,
+    None,
+}
+
+/// How the client id and secret go into the Basic header: `raw` as curl -u and most
+/// providers' samples do, `form` as RFC 6749 §2.3.1 says (form-encoded first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BasicEncoding {
+    Raw,
+    Form,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamsIn {
+    Body,
+    Query,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SchedulePolicy {
+    pub refresh_ratio: f64,
+    pub refresh_every: Option<Duration>,
+    pub min_refresh_interval: Duration,
+    pub default_lifetime: Duration,
+    pub auth_failure_hold: Duration,
+}
+
+impl Default for SchedulePolicy {
+    fn default() -> Self {
+        SchedulePolicy {
+            refresh_ratio: 0.8,
+            refresh_every: None,
+            min_refresh_interval: Duration::from_secs(30),
+            default_lifetime: Duration::from_secs(3600),
+            auth_failure_hold: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnExpiry {
+    Remove,
+    Keep,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignalHook {
+    pub pid_file: PathBuf,
+    pub signal: nix::sys::signal::Signal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output {
+    pub path: PathBuf,
+    pub format: Format,
+    pub mode: u32,
+    pub owner: Option<u32>,
+    pub group: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Format {
+    Raw,
+    Json,
+    Env { var: String },
+    Header,
+}
+
+/// Who may read an account over the socket, besides root and the daemon's own user.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Access {
+    pub users: Vec<u32>,
+    pub groups: Vec<u32>,
+}
+
+/// One problem in a config file, located.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    /// The key, as a path (`account.msk.output[1].mode`); empty for a syntax error.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: ", self.file.display(), self.line, self.column)?;
+        if !self.key.is_empty() {
+            write!(f, "{}: ", self.key)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Everything wrong with a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        write!(
+            f,
+            "invalid config ({n} error{}):",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for e in &self.0 {
+            write!(f, "\n  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Reads and validates the config at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let located = |message: String| {
+        ConfigErrors(vec![ConfigError {
+            file: path.to_owned(),
+            line: 0,
+            column: 0,
+            key: String::new(),
+            message,
+        }])
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| located(format!("failed to read the config file: {e}")))?;
+    let config = parse_str(&text, path)?;
+    validate::check_inline_secret_mode(&config, &text, path)?;
+    Ok(config)
+}
+
+/// The config path from `-c`, else `TOKEND_CONFIG` (clap reads it), else the default.
+pub fn resolve_path(arg: Option<&Path>) -> PathBuf {
+    arg.map(Path::to_owned)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH))
+}

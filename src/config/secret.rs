@@ -1,0 +1,219 @@
+//! Secrets: where they come from (inline, file, environment, systemd credential) and the
+//! `Secret` wrapper that never shows its value in `Debug` or `Display`.
+//!
+//! Reading happens here and only here, so every read error names the source (path,
+//! variable, credential) and never the value.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A secret value. `Debug` and `Display` print `<redacted>`; the value is reachable only
+/// through [`Secret::expose`], which makes every use visible in review.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Where a secret is read from, as written in the config.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum SecretSource {
+    Inline(Secret),
+    Ref(SecretRef),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretRef {
+    file: Option<PathBuf>,
+    env: Option<String>,
+    credential: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret)
+    }
+}
+
+/// A validated secret source.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum SecretSpec {
+    Inline(Secret),
+    File(PathBuf),
+    Env(String),
+    Credential(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("failed to read secret file {path}")]
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("environment variable {0} is not set or not valid UTF-8")]
+    Env(String),
+    #[error("credential {name} needs $CREDENTIALS_DIRECTORY (systemd LoadCredential=), which is not set")]
+    NoCredentialsDirectory { name: String },
+    #[error("secret from {0} is empty")]
+    Empty(String),
+    #[error("secret from {0} is not valid UTF-8")]
+    NotUtf8(String),
+}
+
+impl SecretSource {
+    /// Turns the raw form into a spec; `base` resolves relative file paths.
+    pub(crate) fn to_spec(&self, base: &Path) -> Result<SecretSpec, String> {
+        match self {
+            SecretSource::Inline(s) => Ok(SecretSpec::Inline(s.clone())),
+            SecretSource::Ref(r) => match (&r.file, &r.env, &r.credential) {
+                (Some(f), None, None) => Ok(SecretSpec::File(base.join(f))),
+                (None, Some(e), None) if !e.is_empty() => Ok(SecretSpec::Env(e.clone())),
+                (None, None, Some(c)) if valid_credential_name(c) => {
+                    Ok(SecretSpec::Credential(c.clone()))
+                }
+                (None, None, Some(_)) => {
+                    Err("a credential name is a file name: no '/', not empty".into())
+                }
+                _ => Err(
+                    "expected a string or exactly one of { file = \"...\" }, { env = \"...\" }, { credential = \"...\" }"
+                        .into(),
+                ),
+            },
+        }
+    }
+}
+
+fn valid_credential_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains('/')
+}
+
+impl fmt::Debug for SecretSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretSource::Inline(_) => f.write_str("Inline(<redacted>)"),
+            SecretSource::Ref(r) => r.fmt(f),
+        }
+    }
+}
+
+impl SecretSpec {
+    pub fn is_inline(&self) -> bool {
+        matches!(self, SecretSpec::Inline(_))
+    }
+
+    /// The file this secret is read from, if any (watched for changes by the daemon).
+    pub fn path(&self) -> Option<PathBuf> {
+        match self {
+            SecretSpec::File(p) => Some(p.clone()),
+            SecretSpec::Credential(name) => credentials_dir().map(|d| d.join(name)),
+            _ => None,
+        }
+    }
+
+    /// Where the secret comes from, for messages: never the value.
+    pub fn describe(&self) -> String {
+        match self {
+            SecretSpec::Inline(_) => "the inline value".into(),
+            SecretSpec::File(p) => format!("file {}", p.display()),
+            SecretSpec::Env(v) => format!("environment variable {v}"),
+            SecretSpec::Credential(c) => format!("credential {c}"),
+        }
+    }
+
+    /// Reads the secret now. A single trailing newline (as `echo` writes) is dropped.
+    pub fn read(&self) -> Result<Secret, SecretError> {
+        let value = match self {
+            SecretSpec::Inline(s) => return Ok(s.clone()),
+            SecretSpec::File(path) => read_file(path)?,
+            SecretSpec::Env(var) => {
+                std::env::var(var).map_err(|_| SecretError::Env(var.clone()))?
+            }
+            SecretSpec::Credential(name) => {
+                let dir = credentials_dir()
+                    .ok_or_else(|| SecretError::NoCredentialsDirectory { name: name.clone() })?;
+                read_file(&dir.join(name))?
+            }
+        };
+        let trimmed = value
+            .strip_suffix("\r\n")
+            .or_else(|| value.strip_suffix('\n'))
+            .unwrap_or(&value);
+        if trimmed.is_empty() {
+            return Err(SecretError::Empty(self.describe()));
+        }
+        Ok(Secret(trimmed.to_owned()))
+    }
+}
+
+fn credentials_dir() -> Option<PathBuf> {
+    std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from)
+}
+
+fn read_file(path: &Path) -> Result<String, SecretError> {
+    let bytes = std::fs::read(path).map_err(|source| SecretError::File {
+        path: path.to_owned(),
+        source,
+    })?;
+    String::from_utf8(bytes).map_err(|_| SecretError::NotUtf8(format!("file {}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_and_display_redact() {
+        let s = Secret::new("hunter2");
+        assert_eq!(format!("{s:?}"), "<redacted>");
+        assert_eq!(format!("{s}"), "<redacted>");
+        let spec = SecretSpec::Inline(s);
+        assert!(!format!("{spec:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn file_secret_drops_one_trailing_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        std::fs::write(&path, "abc\n").unwrap();
+        assert_eq!(
+            SecretSpec::File(path.clone()).read().unwrap().expose(),
+            "abc"
+        );
+        std::fs::write(&path, "\n").unwrap();
+        let err = SecretSpec::File(path).read().unwrap_err();
+        assert!(err.to_string().contains("is empty"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        let err = SecretSpec::File("/nonexistent/tokend-secret".into())
+            .read()
+            .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/tokend-secret"));
+    }
+}

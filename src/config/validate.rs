@@ -1,0 +1,1286 @@
+//! Raw config -> typed [`Config`]. Walks every section, collects every error with its
+//! line, column and key, and returns them all together.
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+
+use super::raw::{field_names, RawAccess, RawAccount, RawDaemon, RawOutput, RawSignal, S};
+use super::secret::{SecretSource, SecretSpec};
+use super::*;
+
+/// Parses and validates config text; `path` names the file in errors and anchors
+/// relative paths. Does not check the file's mode (see [`load`](super::load)).
+pub fn parse_str(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
+    parse(text, path).map(|(config, _)| config)
+}
+
+/// Refuses a config that holds an inline secret and that group or others can read.
+pub(super) fn check_inline_secret_mode(
+    _config: &Config,
+    text: &str,
+    path: &Path,
+) -> Result<(), ConfigErrors> {
+    let (_, inline) = parse(text, path)?;
+    let Some(first) = inline.into_iter().next() else {
+        return Ok(());
+    };
+    let meta = std::fs::metadata(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            message: format!("failed to stat the config file: {e}"),
+            ..first.clone()
+        }])
+    })?;
+    let mode = meta.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(ConfigErrors(vec![ConfigError {
+            message: format!(
+                "an inline secret in a config file that group or others can read (mode {mode:04o}); \
+                 chmod 600 the file or use {{ file = ... }}, {{ env = ... }} or {{ credential = ... }}"
+            ),
+            ..first
+        }]));
+    }
+    Ok(())
+}
+
+struct Ctx<'a> {
+    text: &'a str,
+    file: &'a Path,
+    base: PathBuf,
+    errors: Vec<ConfigError>,
+    inline_secrets: Vec<ConfigError>,
+    /// Keys whose values were dropped for a type error: not reported again as missing.
+    dropped: Vec<String>,
+}
+
+impl Ctx<'_> {
+    fn err(
+        &mut self,
+        span: std::ops::Range<usize>,
+        key: impl Into<String>,
+        msg: impl Into<String>,
+    ) {
+        let e = self.locate(span, key.into(), msg.into());
+        self.errors.push(e);
+    }
+
+    fn locate(&self, span: std::ops::Range<usize>, key: String, message: String) -> ConfigError {
+        let (line, column) = line_col(self.text, span.start);
+        ConfigError {
+            file: self.file.to_owned(),
+            line,
+            column,
+            key,
+            message,
+        }
+    }
+
+    /// A required key is absent (unless it was dropped for a type error, already reported).
+    fn missing(&mut self, span: std::ops::Range<usize>, label: &str, key: &str, hint: &str) {
+        if !self.dropped.iter().any(|d| d == &format!("{label}.{key}")) {
+            self.err(span, label, format!("missing key {key:?}{hint}"));
+        }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.base.join(p)
+    }
+
+    fn duration(&mut self, v: &Option<S<String>>, key: &str, default: Duration) -> Duration {
+        self.opt_duration(v, key).unwrap_or(default)
+    }
+
+    fn opt_duration(&mut self, v: &Option<S<String>>, key: &str) -> Option<Duration> {
+        let v = v.as_ref()?;
+        match humantime::parse_duration(v.get_ref().trim()) {
+            Ok(d) if !d.is_zero() => Some(d),
+            Ok(_) => {
+                self.err(v.span(), key, "must be longer than zero");
+                None
+            }
+            Err(_) => {
+                self.err(
+                    v.span(),
+                    key,
+                    format!(
+                        "{:?} is not a duration (write e.g. \"30s\", \"25m\", \"1h\")",
+                        v.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn choice<T: Copy>(
+        &mut self,
+        v: &Option<S<String>>,
+        key: &str,
+        options: &[(&str, T)],
+        default: T,
+    ) -> T {
+        let Some(v) = v else { return default };
+        match options.iter().find(|(n, _)| *n == v.get_ref()) {
+            Some((_, t)) => *t,
+            None => {
+                let names: Vec<_> = options.iter().map(|(n, _)| *n).collect();
+                self.err(
+                    v.span(),
+                    key,
+                    format!("{:?} is not one of {}", v.get_ref(), names.join(" | ")),
+                );
+                default
+            }
+        }
+    }
+
+    /// A file mode: a string of octal digits ("0640") or a TOML octal integer (0o640).
+    /// A bare decimal such as 640 is refused: it would mean 0o1200.
+    fn mode(&mut self, v: &S<toml::Value>, key: &str) -> Option<u32> {
+        let span = v.span();
+        let mode = match v.get_ref() {
+            toml::Value::String(s) if !s.is_empty() && s.chars().all(|c| c.is_digit(8)) => {
+                u32::from_str_radix(s, 8).ok()
+            }
+            toml::Value::Integer(n) => {
+                let written = &self.text[span.clone()];
+                if written.starts_with("0o") {
+                    u32::try_from(*n).ok()
+                } else {
+                    self.err(
+                        span,
+                        key,
+                        format!("{written} is a decimal number; write the mode as \"0{written}\" or 0o{written}"),
+                    );
+                    return None;
+                }
+            }
+            _ => None,
+        };
+        match mode {
+            Some(m) if m <= 0o7777 => Some(m),
+            _ => {
+                self.err(span, key, "a mode is octal, as \"0640\" or 0o640");
+                None
+            }
+        }
+    }
+
+    fn secret(&mut self, v: &S<toml::Value>, key: &str) -> Option<SecretSpec> {
+        let parsed = SecretSource::deserialize(v.get_ref().clone())
+            .map_err(|_| {
+                "expected a string or one of { file = \"...\" }, { env = \"...\" }, { credential = \"...\" }"
+                    .to_owned()
+            })
+            .and_then(|s| s.to_spec(&self.base));
+        match parsed {
+            Ok(spec) => {
+                if spec.is_inline() {
+                    let e = self.locate(v.span(), key.to_owned(), String::new());
+                    self.inline_secrets.push(e);
+                }
+                Some(spec)
+            }
+            Err(msg) => {
+                self.err(v.span(), key, msg);
+                None
+            }
+        }
+    }
+
+    fn user(&mut self, v: &S<toml::Value>, key: &str) -> Option<u32> {
+        self.principal(v, key, "user", |n| {
+            nix::unistd::User::from_name(n)
+                .ok()
+                .flatten()
+                .map(|u| u.uid.as_raw())
+        })
+    }
+
+    fn group(&mut self, v: &S<toml::Value>, key: &str) -> Option<u32> {
+        self.principal(v, key, "group", |n| {
+            nix::unistd::Group::from_name(n)
+                .ok()
+                .flatten()
+                .map(|g| g.gid.as_raw())
+        })
+    }
+
+    fn principal(
+        &mut self,
+        v: &S<toml::Value>,
+        key: &str,
+        what: &str,
+        lookup: impl Fn(&str) -> Option<u32>,
+    ) -> Option<u32> {
+        match v.get_ref() {
+            toml::Value::Integer(n) if u32::try_from(*n).is_ok() => Some(*n as u32),
+            toml::Value::String(s) if !s.is_empty() && s.chars().all(|c| c.is_ascii_digit()) => {
+                s.parse().ok()
+            }
+            toml::Value::String(s) => match lookup(s) {
+                Some(id) => Some(id),
+                None => {
+                    self.err(
+                        v.span(),
+                        key,
+                        format!("no {what} named {s:?} on this system"),
+                    );
+                    None
+                }
+            },
+            _ => {
+                self.err(
+                    v.span(),
+                    key,
+                    format!("expected a {what} name or a numeric id"),
+                );
+                None
+            }
+        }
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[line_start..].chars().count() + 1)
+}
+
+pub(super) fn parse(text: &str, file: &Path) -> Result<(Config, Vec<ConfigError>), ConfigErrors> {
+    let base = file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_owned)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let mut cx = Ctx {
+        text,
+        file,
+        base,
+        errors: Vec::new(),
+        inline_secrets: Vec::new(),
+        dropped: Vec::new(),
+    };
+
+    let (root, syntax) = DeTable::parse_recoverable(text);
+    if !syntax.is_empty() {
+        for e in syntax {
+            // Only the message and the span: toml's Display quotes the source line,
+            // which may hold a secret.
+            let span = e.span().unwrap_or(0..0);
+            cx.err(span, "", e.message().to_owned());
+        }
+        return Err(ConfigErrors(cx.errors));
+    }
+    let root = root.into_inner();
+
+    let mut daemon_raw = None;
+    let mut defaults_raw = None;
+    let mut accounts_raw = Vec::new();
+    for (key, value) in &root {
+        match key.get_ref().as_ref() {
+            "daemon" => daemon_raw = section::<RawDaemon>(&mut cx, value, "daemon"),
+            "defaults" => defaults_raw = section::<RawAccount>(&mut cx, value, "defaults"),
+            "account" => match value.get_ref() {
+                DeValue::Array(items) => {
+                    for (i, item) in items.iter().enumerate() {
+                        let label = account_label(item, i);
+                        if let Some(a) = section::<RawAccount>(&mut cx, item, &label) {
+                            accounts_raw.push((label, a, item.span()));
+                        }
+                    }
+                }
+                _ => cx.err(value.span(), "account", "accounts are written [[account]]"),
+            },
+            other => cx.err(
+                key.span(),
+                other,
+                "unknown key (expected [daemon], [defaults] or [[account]])",
+            ),
+        }
+    }
+
+    let daemon = daemon(&mut cx, daemon_raw.unwrap_or_default());
+    let defaults = defaults_raw.unwrap_or_default();
+    if let Some(n) = &defaults.name {
+        cx.err(n.span(), "defaults.name", "every account has its own name");
+    }
+    if let Some(o) = defaults.output.as_ref().and_then(|o| o.first()) {
+        cx.err(o.span(), "defaults.output", "outputs are per account");
+    }
+
+    let mut accounts = Vec::new();
+    let mut names: HashMap<String, usize> = HashMap::new();
+    for (label, raw, span) in accounts_raw {
+        if let Some(a) = account(
+            &mut cx,
+            &label,
+            raw,
+            &defaults,
+            span.clone(),
+            daemon.socket.is_some(),
+        ) {
+            if let Some(line) = names.get(&a.name) {
+                cx.err(
+                    span,
+                    label,
+                    format!(
+                        "the name {:?} is already used by the account on line {line}",
+                        a.name
+                    ),
+                );
+            } else {
+                names.insert(a.name.clone(), line_col(text, span.start).0);
+                accounts.push(a);
+            }
+        }
+    }
+
+    let mut seen: HashMap<PathBuf, String> = HashMap::new();
+    for a in &accounts {
+        for (i, o) in a.outputs.iter().enumerate() {
+            if let Some(first) = seen.insert(o.path.clone(), a.name.clone()) {
+                let e = ConfigError {
+                    file: file.to_owned(),
+                    line: 0,
+                    column: 0,
+                    key: format!("account.{}.output[{}].path", a.name, i + 1),
+                    message: format!(
+                        "{} is already the output of account {first:?}",
+                        o.path.display()
+                    ),
+                };
+                cx.errors.push(e);
+            }
+        }
+    }
+
+    if cx.errors.is_empty() {
+        Ok((
+            Config {
+                path: file.to_owned(),
+                daemon,
+                accounts,
+            },
+            cx.inline_secrets,
+        ))
+    } else {
+        cx.errors.sort_by_key(|e| (e.line, e.column));
+        Err(ConfigErrors(cx.errors))
+    }
+}
+
+fn account_label(item: &toml::Spanned<DeValue<'_>>, i: usize) -> String {
+    match item
+        .get_ref()
+        .get("name")
+        .and_then(|n| n.get_ref().as_str())
+    {
+        Some(n) => format!("account.{n}"),
+        None => format!("account[{}]", i + 1),
+    }
+}
+
+/// Reports every unknown key of a section (and of its sub-tables) and every value of
+/// the wrong type, then deserializes what is left, so one mistake does not hide others.
+fn section<'de, T: Deserialize<'de>>(
+    cx: &mut Ctx<'_>,
+    value: &toml::Spanned<DeValue<'de>>,
+    label: &str,
+) -> Option<T> {
+    let DeValue::Table(table) = value.get_ref() else {
+        cx.err(value.span(), label, "expected a table");
+        return None;
+    };
+    let mut table = table.clone();
+    prune_unknown(cx, &mut table, field_names::<T>(), label);
+    if label.starts_with("account") || label == "defaults" {
+        if let Some(DeValue::Array(outputs)) = table.get_mut("output").map(|o| o.get_mut()) {
+            for (i, o) in outputs.iter_mut().enumerate() {
+                if let DeValue::Table(t) = o.get_mut() {
+                    prune_unknown(
+                        cx,
+                        t,
+                        field_names::<RawOutput>(),
+                        &format!("{label}.output[{}]", i + 1),
+                    );
+                }
+            }
+        }
+        for (sub, fields) in [
+            ("access", field_names::<RawAccess>()),
+            ("on_refresh_signal", field_names::<RawSignal>()),
+        ] {
+            if let Some(DeValue::Table(t)) = table.get_mut(sub).map(|o| o.get_mut()) {
+                prune_unknown(cx, t, fields, &format!("{label}.{sub}"));
+            }
+        }
+    }
+    // Each round reports one type error and drops the value that caused it.
+    for _ in 0..64 {
+        let de = ValueDeserializer::from(toml::Spanned::new(
+            value.span(),
+            DeValue::Table(table.clone()),
+        ));
+        match T::deserialize(de) {
+            Ok(v) => return Some(v),
+            Err(e) => {
+                let span = e.span().unwrap_or(value.span());
+                let key = key_at(cx.text, span.start)
+                    .map_or(label.to_owned(), |k| format!("{label}.{k}"));
+                cx.err(span.clone(), key.clone(), e.message().to_owned());
+                cx.dropped.push(key);
+                if !remove_at(&mut table, span.start) {
+                    return None;
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Removes the innermost key whose value spans `pos`; false if there is none.
+fn remove_at(table: &mut DeTable<'_>, pos: usize) -> bool {
+    let Some(key) = table
+        .iter()
+        .find(|(_, v)| v.span().contains(&pos))
+        .map(|(k, _)| k.clone())
+    else {
+        return false;
+    };
+    let inner = match table.get_mut(&key).map(|v| v.get_mut()) {
+        Some(DeValue::Table(t)) => remove_at(t, pos),
+        Some(DeValue::Array(items)) => items.iter_mut().any(|item| match item.get_mut() {
+            DeValue::Table(t) => remove_at(t, pos),
+            _ => false,
+        }),
+        _ => false,
+    };
+    if !inner {
+        table.remove(&key);
+    }
+    true
+}
+
+/// The key written before the value at `offset`, for serde errors that carry no key.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let line_start = text[..offset.min(text.len())]
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
+    let line = &text[line_start..];
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim();
+    (!key.is_empty() && !key.starts_with('[')).then(|| key.to_owned())
+}
+
+fn prune_unknown(cx: &mut Ctx<'_>, table: &mut DeTable<'_>, known: &[&str], label: &str) {
+    let unknown: Vec<_> = table
+        .keys()
+        .filter(|k| !known.contains(&k.get_ref().as_ref()))
+        .cloned()
+        .collect();
+    for key in unknown {
+        let suggestion = known
+            .iter()
+            .min_by_key(|k| edit_distance(k, key.get_ref()))
+            .filter(|k| edit_distance(k, key.get_ref()) <= 2)
+            .map(|k| format!("; did you mean {k:?}?"))
+            .unwrap_or_default();
+        cx.err(
+            key.span(),
+            format!("{label}.{}", key.get_ref()),
+            format!("unknown key {:?}{suggestion}", key.get_ref()),
+        );
+        table.remove(&key);
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+fn daemon(cx: &mut Ctx<'_>, raw: RawDaemon) -> DaemonConfig {
+    let d = DaemonConfig::default();
+    let socket_mode = match &raw.socket_mode {
+        Some(m) => cx.mode(m, "daemon.socket_mode").unwrap_or(d.socket_mode),
+        None => d.socket_mode,
+    };
+    let log_format = cx.choice(
+        &raw.log_format,
+        "daemon.log_format",
+        &[
+            ("auto", LogFormat::Auto),
+            ("journald", LogFormat::Journald),
+            ("text", LogFormat::Text),
+            ("json", LogFormat::Json),
+        ],
+        d.log_format,
+    );
+    let log_level = match &raw.log_level {
+        Some(l) => {
+            let ok = ["error", "warn", "info", "debug", "trace"];
+            if !ok.contains(&l.get_ref().as_str()) {
+                cx.err(
+                    l.span(),
+                    "daemon.log_level",
+                    format!("{:?} is not one of {}", l.get_ref(), ok.join(" | ")),
+                );
+            }
+            l.get_ref().clone()
+        }
+        None => d.log_level,
+    };
+    let max_concurrent_refreshes = match &raw.max_concurrent_refreshes {
+        Some(n) if (1..=1024).contains(n.get_ref()) => *n.get_ref() as usize,
+        Some(n) => {
+            cx.err(
+                n.span(),
+                "daemon.max_concurrent_refreshes",
+                "must be between 1 and 1024",
+            );
+            d.max_concurrent_refreshes
+        }
+        None => d.max_concurrent_refreshes,
+    };
+    let metrics_listen = raw
+        .metrics_listen
+        .as_ref()
+        .and_then(|m| match m.get_ref().parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                cx.err(
+                    m.span(),
+                    "daemon.metrics_listen",
+                    "expected an address and port, such as \"127.0.0.1:9464\"",
+                );
+                None
+            }
+        });
+    let startup_timeout = cx.duration(
+        &raw.startup_timeout,
+        "daemon.startup_timeout",
+        d.startup_timeout,
+    );
+    DaemonConfig {
+        socket: raw.socket.as_ref().map(|s| cx.path(s.get_ref())),
+        socket_mode,
+        socket_group: raw.socket_group.map(|g| g.into_inner()),
+        state_dir: raw.state_dir.as_ref().map(|s| cx.path(s.get_ref())),
+        log_format,
+        log_level,
+        max_concurrent_refreshes,
+        startup_timeout,
+        metrics_listen,
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+fn account(
+    cx: &mut Ctx<'_>,
+    label: &str,
+    a: RawAccount,
+    d: &RawAccount,
+    span: std::ops::Range<usize>,
+    has_socket: bool,
+) -> Option<Account> {
+    let before = cx.errors.len();
+    let k = |key: &str| format!("{label}.{key}");
+    macro_rules! pick {
+        ($f:ident) => {
+            a.$f.clone().or_else(|| d.$f.clone())
+        };
+    }
+
+    let name = match &a.name {
+        Some(n) if valid_name(n.get_ref()) => n.get_ref().clone(),
+        Some(n) => {
+            cx.err(
+                n.span(),
+                k("name"),
+                format!(
+                    "{:?} is not a valid name: 1 to 64 of A-Z a-z 0-9 . _ -",
+                    n.get_ref()
+                ),
+            );
+            String::new()
+        }
+        None => {
+            cx.missing(span.clone(), label, "name", "");
+            String::new()
+        }
+    };
+
+    let token_url = match pick!(token_url) {
+        Some(u) => match url::Url::parse(u.get_ref()) {
+            Ok(url) if matches!(url.scheme(), "https" | "http") && url.has_host() => Some(url),
+            Ok(_) => {
+                cx.err(
+                    u.span(),
+                    k("token_url"),
+                    "must be an http:// or https:// URL",
+                );
+                None
+            }
+            Err(e) => {
+                cx.err(u.span(), k("token_url"), format!("not a URL: {e}"));
+                None
+            }
+        },
+        None => {
+            cx.missing(span.clone(), label, "token_url", "");
+            None
+        }
+    };
+
+    let client_id = match pick!(client_id) {
+        Some(c) if !c.get_ref().is_empty() => c.into_inner(),
+        Some(c) => {
+            cx.err(c.span(), k("client_id"), "must not be empty");
+            String::new()
+        }
+        None => {
+            cx.missing(span.clone(), label, "client_id", "");
+            String::new()
+        }
+    };
+    let client_auth = cx.choice(
+        &pick!(client_auth),
+        &k("client_auth"),
+        &[
+            ("basic", ClientAuth::Basic),
+            ("post", ClientAuth::Post),
+            ("none", ClientAuth::None),
+        ],
+        ClientAuth::Basic,
+    );
+    let client_secret = pick!(client_secret).and_then(|s| cx.secret(&s, &k("client_secret")));
+    match (client_auth, &client_secret) {
+        (ClientAuth::None, Some(_)) => {
+            let s = pick!(client_secret)
+                .map(|s| s.span())
+                .unwrap_or(span.clone());
+            cx.err(
+                s,
+                k("client_secret"),
+                "client_auth = \"none\" sends no secret; remove it or choose basic or post",
+            );
+        }
+        (ClientAuth::Basic | ClientAuth::Post, None) if pick!(client_secret).is_none() => {
+            cx.missing(
+                span.clone(),
+                label,
+                "client_secret",
+                " (or set client_auth = \"none\" for a public client)",
+            );
+        }
+        _ => {}
+    }
+    let basic_encoding = cx.choice(
+        &pick!(basic_encoding),
+        &k("basic_encoding"),
+        &[("raw", BasicEncoding::Raw), ("form", BasicEncoding::Form)],
+        BasicEncoding::Raw,
+    );
+    let params_in = cx.choice(
+        &pick!(params_in),
+        &k("params_in"),
+        &[("body", ParamsIn::Body), ("query", ParamsIn::Query)],
+        ParamsIn::Body,
+    );
+
+    let grant_kind = cx.choice(
+        &pick!(grant_type),
+        &k("grant_type"),
+        &[
+            ("client_credentials", 0u8),
+            ("password", 1),
+            ("refresh_token", 2),
+        ],
+        0,
+    );
+    let username = pick!(username);
+    let password = pick!(password);
+    let refresh_token = pick!(refresh_token);
+    let grant = match grant_kind {
+        1 => {
+            if username.is_none() {
+                cx.err(
+                    span.clone(),
+                    label,
+                    "grant_type = \"password\" needs \"username\"",
+                );
+            }
+            if password.is_none() {
+                cx.err(
+                    span.clone(),
+                    label,
+                    "grant_type = \"password\" needs \"password\"",
+                );
+            }
+            let pw = password.as_ref().and_then(|p| cx.secret(p, &k("password")));
+            match (username.clone(), pw) {
+                (Some(u), Some(p)) => Some(Grant::Password {
+                    username: u.into_inner(),
+                    password: p,
+                }),
+                _ => None,
+            }
+        }
+        2 => match &refresh_token {
+            Some(r) => cx
+                .secret(r, &k("refresh_token"))
+                .map(|refresh_token| Grant::RefreshToken { refresh_token }),
+            None => {
+                cx.err(
+                    span.clone(),
+                    label,
+                    "grant_type = \"refresh_token\" needs \"refresh_token\"",
+                );
+                None
+            }
+        },
+        _ => Some(Grant::ClientCredentials),
+    };
+    if grant_kind != 1 {
+        for (key, v) in [
+            ("username", username.map(|u| u.span())),
+            ("password", password.map(|p| p.span())),
+        ] {
+            if let Some(s) = v {
+                cx.err(s, k(key), "only used with grant_type = \"password\"");
+            }
+        }
+    }
+    if grant_kind != 2 {
+        if let Some(r) = refresh_token {
+            cx.err(
+                r.span(),
+                k("refresh_token"),
+                "only used with grant_type = \"refresh_token\"",
+            );
+        }
+    }
+
+    let extra_params = pick!(extra_params)
+        .map(|p| p.into_inner())
+        .unwrap_or_default();
+    let extra_headers = pick!(extra_headers)
+        .map(|p| p.into_inner())
+        .unwrap_or_default();
+    for h in extra_headers.keys() {
+        if reqwest::header::HeaderName::from_bytes(h.as_bytes()).is_err() {
+            let s = pick!(extra_headers)
+                .map(|p| p.span())
+                .unwrap_or(span.clone());
+            cx.err(
+                s,
+                k("extra_headers"),
+                format!("{h:?} is not a valid header name"),
+            );
+        }
+    }
+    let proxy = pick!(proxy).and_then(|p| match reqwest::Proxy::all(p.get_ref()) {
+        Ok(_) => Some(p.into_inner()),
+        Err(_) => {
+            cx.err(
+                p.span(),
+                k("proxy"),
+                "not a proxy URL (e.g. \"http://proxy.internal:3128\")",
+            );
+            None
+        }
+    });
+
+    let defaults = SchedulePolicy::default();
+    let refresh_ratio = match pick!(refresh_ratio) {
+        Some(r) if *r.get_ref() > 0.0 && *r.get_ref() <= 1.0 => *r.get_ref(),
+        Some(r) => {
+            cx.err(
+                r.span(),
+                k("refresh_ratio"),
+                "must be above 0 and at most 1",
+            );
+            defaults.refresh_ratio
+        }
+        None => defaults.refresh_ratio,
+    };
+    let schedule = SchedulePolicy {
+        refresh_ratio,
+        refresh_every: cx.opt_duration(&pick!(refresh_every), &k("refresh_every")),
+        min_refresh_interval: cx.duration(
+            &pick!(min_refresh_interval),
+            &k("min_refresh_interval"),
+            defaults.min_refresh_interval,
+        ),
+        default_lifetime: cx.duration(
+            &pick!(default_lifetime),
+            &k("default_lifetime"),
+            defaults.default_lifetime,
+        ),
+        auth_failure_hold: cx.duration(
+            &pick!(auth_failure_hold),
+            &k("auth_failure_hold"),
+            defaults.auth_failure_hold,
+        ),
+    };
+    let on_expiry = cx.choice(
+        &pick!(on_expiry),
+        &k("on_expiry"),
+        &[("remove", OnExpiry::Remove), ("keep", OnExpiry::Keep)],
+        OnExpiry::Remove,
+    );
+    let on_refresh = match pick!(on_refresh) {
+        Some(v) if v.get_ref().is_empty() || v.get_ref()[0].is_empty() => {
+            cx.err(
+                v.span(),
+                k("on_refresh"),
+                "expected a command and its arguments, as [\"systemctl\", \"reload\", \"app\"]",
+            );
+            None
+        }
+        v => v.map(|v| v.into_inner()),
+    };
+    let on_refresh_signal = pick!(on_refresh_signal).and_then(|s| {
+        let s = s.into_inner();
+        let signal = match &s.signal {
+            Some(name) => match name.get_ref().parse::<nix::sys::signal::Signal>() {
+                Ok(sig) => sig,
+                Err(_) => {
+                    cx.err(
+                        name.span(),
+                        k("on_refresh_signal.signal"),
+                        format!(
+                            "{:?} is not a signal name such as \"SIGHUP\"",
+                            name.get_ref()
+                        ),
+                    );
+                    return None;
+                }
+            },
+            None => nix::sys::signal::Signal::SIGHUP,
+        };
+        Some(SignalHook {
+            pid_file: cx.path(s.pid_file.get_ref()),
+            signal,
+        })
+    });
+    let hook_timeout = cx.duration(
+        &pick!(hook_timeout),
+        &k("hook_timeout"),
+        Duration::from_secs(30),
+    );
+    let timeout = cx.duration(&pick!(timeout), &k("timeout"), Duration::from_secs(30));
+    let ca_file = pick!(ca_file).map(|c| cx.path(c.get_ref()));
+
+    let mut outputs = Vec::new();
+    for (i, o) in a.output.iter().flatten().enumerate() {
+        if let Some(out) = output(cx, &format!("{label}.output[{}]", i + 1), o, &name) {
+            outputs.push(out);
+        }
+    }
+    if outputs.is_empty() && a.output.is_none() && !has_socket {
+        cx.err(
+            span.clone(),
+            label,
+            "no [[account.output]] and no [daemon] socket: the token would go nowhere",
+        );
+    }
+
+    let mut access = Access::default();
+    if let Some(acc) = pick!(access) {
+        let acc = acc.into_inner();
+        for u in &acc.users {
+            if let Some(uid) = cx.user(u, &k("access.users")) {
+                access.users.push(uid);
+            }
+        }
+        for g in &acc.groups {
+            if let Some(gid) = cx.group(g, &k("access.groups")) {
+                access.groups.push(gid);
+            }
+        }
+    }
+
+    if cx.errors.len() > before {
+        return None;
+    }
+    Some(Account {
+        name,
+        token_url: token_url?,
+        grant: grant?,
+        client_id,
+        client_secret,
+        client_auth,
+        basic_encoding,
+        params_in,
+        scope: pick!(scope).map(|s| s.into_inner()),
+        extra_params,
+        extra_headers,
+        ca_file,
+        proxy,
+        timeout,
+        schedule,
+        on_expiry,
+        on_refresh,
+        on_refresh_signal,
+        hook_timeout,
+        outputs,
+        access,
+    })
+}
+
+fn output(cx: &mut Ctx<'_>, label: &str, o: &S<RawOutput>, account: &str) -> Option<Output> {
+    let k = |key: &str| format!("{label}.{key}");
+    let raw = o.get_ref();
+    let path = match &raw.path {
+        Some(p) if !p.get_ref().is_empty() && !p.get_ref().ends_with('/') => {
+            Some(cx.path(p.get_ref()))
+        }
+        Some(p) => {
+            cx.err(p.span(), k("path"), "expected a file path");
+            None
+        }
+        None => {
+            cx.err(o.span(), label, "missing key \"path\"");
+            None
+        }
+    };
+    let kind = cx.choice(
+        &raw.format,
+        &k("format"),
+        &[("raw", 0u8), ("json", 1), ("env", 2), ("header", 3)],
+        0,
+    );
+    let format = match kind {
+        1 => Format::Json,
+        2 => {
+            let var = match &raw.env_var {
+                Some(v) => v.get_ref().clone(),
+                None => default_env_var(account),
+            };
+            let ok = var
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !ok {
+                let s = raw.env_var.as_ref().map(|v| v.span()).unwrap_or(o.span());
+                cx.err(
+                    s,
+                    k("env_var"),
+                    format!("{var:?} is not a shell variable name"),
+                );
+            }
+            Format::Env { var }
+        }
+        3 => Format::Header,
+        _ => Format::Raw,
+    };
+    if kind != 2 {
+        if let Some(v) = &raw.env_var {
+            cx.err(v.span(), k("env_var"), "only used with format = \"env\"");
+        }
+    }
+    let mode = match &raw.mode {
+        Some(m) => cx.mode(m, &k("mode")),
+        None => Some(0o600),
+    };
+    let owner = raw.owner.as_ref().and_then(|u| cx.user(u, &k("owner")));
+    let group = raw.group.as_ref().and_then(|g| cx.group(g, &k("group")));
+    Some(Output {
+        path: path?,
+        format,
+        mode: mode?,
+        owner,
+        group,
+    })
+}
+
+/// `msk` -> `MSK_TOKEN`, `my-api.v2` -> `MY_API_V2_TOKEN`.
+pub(crate) fn default_env_var(account: &str) -> String {
+    let mut v: String = account
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if v.starts_with(|c: char| c.is_ascii_digit()) {
+        v.insert(0, '_');
+    }
+    v + "_TOKEN"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        parse_str(text, Path::new("/etc/tokend/config.toml"))
+    }
+
+    fn errors(text: &str) -> Vec<ConfigError> {
+        parse(text).unwrap_err().0
+    }
+
+    const MINIMAL: &str = r#"
+[[account]]
+name = "msk"
+token_url = "https://idp.example/token"
+client_id = "id"
+client_secret = { file = "secrets/msk" }
+
+[[account.output]]
+path = "/run/tokend/tokens/msk"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        let a = &c.accounts[0];
+        assert_eq!(a.name, "msk");
+        assert_eq!(a.grant, Grant::ClientCredentials);
+        assert_eq!(a.client_auth, ClientAuth::Basic);
+        assert_eq!(
+            a.client_secret,
+            Some(SecretSpec::File("/etc/tokend/secrets/msk".into()))
+        );
+        assert_eq!(a.outputs[0].mode, 0o600);
+        assert_eq!(a.outputs[0].format, Format::Raw);
+        assert_eq!(a.schedule, SchedulePolicy::default());
+        assert_eq!(a.timeout, Duration::from_secs(30));
+        assert_eq!(c.daemon, DaemonConfig::default());
+    }
+
+    #[test]
+    fn typo_names_key_line_and_column() {
+        let text = MINIMAL.replace("token_url", "tokne_url");
+        let errs = errors(&text);
+        let e = errs
+            .iter()
+            .find(|e| e.key == "account.msk.tokne_url")
+            .expect("unknown key reported");
+        assert_eq!((e.line, e.column), (4, 1));
+        assert!(
+            e.message.contains("did you mean \"token_url\""),
+            "{}",
+            e.message
+        );
+        assert_eq!(
+            e.to_string(),
+            "/etc/tokend/config.toml:4:1: account.msk.tokne_url: unknown key \"tokne_url\"; did you mean \"token_url\"?"
+        );
+    }
+
+    #[test]
+    fn every_error_is_reported() {
+        let text = r#"
+[daemon]
+log_format = "xml"
+bogus = 1
+
+[[account]]
+name = "a"
+token_url = "https://idp.example/token"
+client_id = "id"
+client_secret = "s"
+refresh_every = "soon"
+scoop = "x"
+
+[[account.output]]
+path = "/tmp/a"
+mode = 640
+colour = "red"
+
+[[account]]
+name = "b b"
+token_url = "ftp://x"
+client_id = "id"
+client_auth = "none"
+grant_type = "password"
+"#;
+        let errs = errors(text);
+        let got: Vec<_> = errs
+            .iter()
+            .map(|e| (e.line, e.column, e.key.as_str()))
+            .collect();
+        for want in [
+            (3, 14, "daemon.log_format"),
+            (4, 1, "daemon.bogus"),
+            (11, 17, "account.a.refresh_every"),
+            (12, 1, "account.a.scoop"),
+            (16, 8, "account.a.output[1].mode"),
+            (17, 1, "account.a.output[1].colour"),
+            (20, 8, "account.b b.name"),
+            (21, 13, "account.b b.token_url"),
+        ] {
+            assert!(got.contains(&want), "missing {want:?} in {got:#?}");
+        }
+        assert!(errs
+            .iter()
+            .any(|e| e.message.contains("needs \"username\"")));
+        let mode = errs.iter().find(|e| e.key.ends_with("mode")).unwrap();
+        assert!(
+            mode.message.contains("\"0640\" or 0o640"),
+            "{}",
+            mode.message
+        );
+    }
+
+    #[test]
+    fn modes_string_and_octal() {
+        let c = parse(&MINIMAL.replace(
+            "path = \"/run/tokend/tokens/msk\"",
+            "path = \"/x\"\nmode = \"0640\"",
+        ))
+        .unwrap();
+        assert_eq!(c.accounts[0].outputs[0].mode, 0o640);
+        let c = parse(&MINIMAL.replace(
+            "path = \"/run/tokend/tokens/msk\"",
+            "path = \"/x\"\nmode = 0o644",
+        ))
+        .unwrap();
+        assert_eq!(c.accounts[0].outputs[0].mode, 0o644);
+        let e = errors(&MINIMAL.replace(
+            "path = \"/run/tokend/tokens/msk\"",
+            "path = \"/x\"\nmode = \"rw\"",
+        ));
+        assert_eq!(e[0].key, "account.msk.output[1].mode");
+    }
+
+    #[test]
+    fn defaults_are_inherited_and_overridden() {
+        let text = format!(
+            "[defaults]\nrefresh_every = \"25m\"\ntimeout = \"5s\"\n{}\ntimeout = \"9s\"\n",
+            MINIMAL.replace(
+                "[[account.output]]\npath = \"/run/tokend/tokens/msk\"\n",
+                ""
+            )
+        ) + "[[account.output]]\npath = \"/x\"\n";
+        let c = parse(&text).unwrap();
+        let a = &c.accounts[0];
+        assert_eq!(a.schedule.refresh_every, Some(Duration::from_secs(25 * 60)));
+        assert_eq!(a.timeout, Duration::from_secs(9));
+    }
+
+    #[test]
+    fn duplicate_names_and_output_paths_are_refused() {
+        let text = format!("{MINIMAL}\n{MINIMAL}");
+        let errs = errors(&text);
+        assert!(
+            errs.iter()
+                .any(|e| e.message.contains("already used by the account on line 2")),
+            "{errs:#?}"
+        );
+        let text = format!("{MINIMAL}\n{}", MINIMAL.replace("\"msk\"", "\"other\""));
+        let errs = errors(&text);
+        assert!(
+            errs.iter()
+                .any(|e| e.message.contains("already the output of account \"msk\"")),
+            "{errs:#?}"
+        );
+    }
+
+    #[test]
+    fn secrets_in_every_form() {
+        for (src, want) in [
+            ("\"inline\"", SecretSpec::Inline(Secret::new("inline"))),
+            ("{ env = \"V\" }", SecretSpec::Env("V".into())),
+            ("{ credential = \"c\" }", SecretSpec::Credential("c".into())),
+            ("{ file = \"/abs\" }", SecretSpec::File("/abs".into())),
+        ] {
+            let c = parse(&MINIMAL.replace("{ file = \"secrets/msk\" }", src)).unwrap();
+            assert_eq!(c.accounts[0].client_secret, Some(want));
+        }
+        let errs = errors(&MINIMAL.replace(
+            "{ file = \"secrets/msk\" }",
+            "{ file = \"a\", env = \"b\" }",
+        ));
+        assert_eq!(errs[0].key, "account.msk.client_secret");
+    }
+
+    #[test]
+    fn syntax_errors_do_not_echo_the_line() {
+        let errs = errors("[[account]]\nclient_secret = \"hunter2\nname = 1\n");
+        for e in &errs {
+            assert!(!e.to_string().contains("hunter2"), "{e}");
+        }
+        assert_eq!(errs[0].line, 2);
+    }
+
+    #[test]
+    fn type_errors_name_the_key() {
+        let errs = errors(&MINIMAL.replace("client_id = \"id\"", "client_id = 5"));
+        assert_eq!(errs[0].key, "account.msk.client_id");
+        assert_eq!(errs[0].line, 5);
+    }
+
+    #[test]
+    fn password_grant_and_env_default() {
+        let text = MINIMAL.replace("client_id = \"id\"", "client_id = \"id\"\ngrant_type = \"password\"\nusername = \"u\"\npassword = { env = \"P\" }")
+            .replace("path = \"/run/tokend/tokens/msk\"", "path = \"/x\"\nformat = \"env\"");
+        let c = parse(&text).unwrap();
+        let a = &c.accounts[0];
+        assert_eq!(
+            a.grant,
+            Grant::Password {
+                username: "u".into(),
+                password: SecretSpec::Env("P".into())
+            }
+        );
+        assert_eq!(
+            a.outputs[0].format,
+            Format::Env {
+                var: "MSK_TOKEN".into()
+            }
+        );
+        assert_eq!(default_env_var("my-api.v2"), "MY_API_V2_TOKEN");
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../../config.example.toml");
+        let c = parse_str(text, Path::new("config.example.toml")).unwrap();
+        assert_eq!(c.accounts.len(), 2);
+        let msk = &c.accounts[0];
+        assert_eq!(
+            (msk.name.as_str(), msk.client_auth),
+            ("msk", ClientAuth::Post)
+        );
+        assert_eq!(msk.scope.as_deref(), Some("full"));
+        let cib = &c.accounts[1];
+        assert!(matches!(cib.grant, Grant::Password { .. }));
+        assert_eq!(cib.client_auth, ClientAuth::Basic);
+        assert_eq!(
+            cib.schedule.refresh_every,
+            Some(Duration::from_secs(25 * 60))
+        );
+    }
+}

@@ -1,0 +1,133 @@
+//! The supervisor: owns the map of running accounts, starts their tasks, and turns
+//! signals into shutdown. Everyone else reads account state through `watch` receivers.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::account::{self, AccountHandle, Shared};
+use crate::clock::Clock;
+use crate::config::{Account, Config};
+use crate::oauth::HttpEndpoint;
+
+/// How long shutdown waits for account tasks (SPEC §6: stop within a second).
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(800);
+
+/// Runs the daemon until SIGTERM or SIGINT (or `shutdown` is cancelled).
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // Signal streams exist before anything starts, so an early signal is not lost.
+    let mut sigterm = signal(SignalKind::terminate()).context("failed to listen for SIGTERM")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("failed to listen for SIGINT")?;
+    let mut sighup = signal(SignalKind::hangup()).context("failed to listen for SIGHUP")?;
+
+    let mut sup = Supervisor::new(&config);
+    for a in &config.accounts {
+        sup.start(Arc::new(a.clone()))?;
+    }
+    tracing::info!(accounts = config.accounts.len(), config = %config.path.display(), "tokend started");
+
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break }
+            _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break }
+            _ = sighup.recv() => {
+                tracing::info!("SIGHUP: reloading {}", config.path.display());
+                match crate::config::load(&config.path) {
+                    Ok(new) => sup.reload(new),
+                    Err(e) => tracing::error!("{e}; keeping the running config"),
+                }
+            }
+        }
+    }
+    sup.shutdown().await;
+    Ok(())
+}
+
+struct Supervisor {
+    accounts: BTreeMap<String, AccountHandle>,
+    shared: Shared,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Supervisor {
+    fn new(config: &Config) -> Self {
+        Supervisor {
+            accounts: BTreeMap::new(),
+            shared: Shared {
+                semaphore: Arc::new(Semaphore::new(config.daemon.max_concurrent_refreshes)),
+                clock: Clock::System,
+            },
+            cancel: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        }
+    }
+
+    fn start(&mut self, account: Arc<Account>) -> anyhow::Result<()> {
+        let endpoint = HttpEndpoint::new(account.clone(), self.shared.clock)
+            .with_context(|| format!("account {}", account.name))?;
+        let handle = account::spawn(
+            account.clone(),
+            endpoint,
+            self.shared.clone(),
+            self.cancel.child_token(),
+            &self.tracker,
+        );
+        self.accounts.insert(account.name.clone(), handle);
+        Ok(())
+    }
+
+    /// Applies a new, already validated config: unchanged accounts keep their token and
+    /// schedule, changed ones restart, new ones start, removed ones stop.
+    fn reload(&mut self, config: Config) {
+        let mut wanted: BTreeMap<String, Account> = config
+            .accounts
+            .into_iter()
+            .map(|a| (a.name.clone(), a))
+            .collect();
+        let names: Vec<String> = self.accounts.keys().cloned().collect();
+        for name in names {
+            let keep = wanted
+                .get(&name)
+                .is_some_and(|a| *a == *self.accounts[&name].account);
+            if keep {
+                wanted.remove(&name);
+                continue;
+            }
+            let old = self.accounts.remove(&name).expect("name came from the map");
+            old.stop();
+            if !wanted.contains_key(&name) {
+                tracing::info!(account = %name, "account removed");
+                if let Err(e) = crate::output::remove_all(&old.account) {
+                    tracing::error!(account = %name, "{e}");
+                }
+            } else {
+                tracing::info!(account = %name, "account changed: restarting it");
+            }
+        }
+        for (name, a) in wanted {
+            if let Err(e) = self.start(Arc::new(a)) {
+                tracing::error!(account = %name, "failed to start: {e:#}");
+            }
+        }
+    }
+
+    async fn shutdown(self) {
+        self.cancel.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("account tasks did not stop within {SHUTDOWN_GRACE:?}");
+        }
+        tracing::info!("tokend stopped");
+    }
+}

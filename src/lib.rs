@@ -1,0 +1,18 @@
+//! tokend keeps OAuth2 access tokens fresh for other programs.
+//!
+//! How a token flows: [`config`] turns the TOML file into validated accounts. The
+//! [`daemon`] supervisor starts one [`account`] task per account; each task fetches
+//! through an [`oauth::Endpoint`] (request building and response parsing live in
+//! [`oauth`]), writes every output atomically through [`output`], runs its hooks, and
+//! publishes its state on a `watch` channel for readers. [`account::schedule`] decides,
+//! purely, when to ask again and what a failure means.
+
+pub mod account;
+pub mod cli;
+pub mod clock;
+pub mod commands;
+pub mod config;
+pub mod daemon;
+pub mod logging;
+pub mod oauth;
+pub mod output;

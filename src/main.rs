@@ -1,0 +1,52 @@
+//! Entry point: parse the command line, set up logging, dispatch, map the outcome to an
+//! exit status. No logic lives here.
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use tokend::cli::{Cli, Command};
+use tokend::commands::{self, Failure};
+use tokend::config::{self, Config};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            let (Failure::Usage(e) | Failure::Runtime(e)) = &f;
+            eprintln!("tokend: {e:#}");
+            ExitCode::from(f.exit_code())
+        }
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Config, Failure> {
+    let config = config::load(path)?;
+    tokend::logging::init(config.daemon.log_format, &config.daemon.log_level);
+    Ok(config)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            Failure::Runtime(anyhow::Error::new(e).context("failed to start the async runtime"))
+        })
+}
+
+fn dispatch(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Run(args) => {
+            let config = load(&args.config)?;
+            runtime()?
+                .block_on(tokend::daemon::run(config, Default::default()))
+                .map_err(Failure::Runtime)
+        }
+        Command::Check(args) => commands::check(&config::load(&args.config)?),
+        Command::Once(args) => {
+            let config = load(&args.config.config)?;
+            runtime()?.block_on(commands::once(&config, &args.accounts))
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! Talking to a token endpoint: building the request (`request`), reading the answer
+//! (`response`), and the [`Endpoint`] seam the account task fetches through, so that
+//! scheduling tests can script answers without sockets.
+
+pub mod request;
+pub mod response;
+
+use std::future::Future;
+use std::time::{Duration, SystemTime};
+
+pub use response::Token;
+
+use crate::config::SecretError;
+
+/// Why a token request failed. Messages never hold a secret or a token: only the
+/// endpoint's URL without its query, the HTTP status, and RFC 6749 §5.2 `error` and
+/// `error_description`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("failed to read the {what} from {source_desc}: {source}")]
+    Secret {
+        what: &'static str,
+        source_desc: String,
+        #[source]
+        source: SecretError,
+    },
+    #[error("failed to reach {url}: {reason}")]
+    Transport { url: String, reason: String },
+    #[error("token request to {url} timed out after {after:?}")]
+    Timeout { url: String, after: Duration },
+    #[error("token endpoint answered HTTP {status}: {error}{}", description.as_deref().map(|d| format!(" ({d})")).unwrap_or_default())]
+    OAuth {
+        status: u16,
+        error: String,
+        description: Option<String>,
+        retry_after: Option<SystemTime>,
+    },
+    #[error("token endpoint answered HTTP {status}")]
+    Http {
+        status: u16,
+        retry_after: Option<SystemTime>,
+    },
+    #[error("malformed token response (HTTP {status}): {reason}")]
+    Malformed { status: u16, reason: String },
+    #[error("failed to set up the HTTP client: {0}")]
+    Client(String),
+}
+
+impl Error {
+    /// When the provider asked us to come back (429 `Retry-After`, Okta's
+    /// `X-Rate-Limit-Reset`), if it did.
+    pub fn retry_after(&self) -> Option<SystemTime> {
+        match self {
+            Error::OAuth { retry_after, .. } | Error::Http { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Error::OAuth { status, .. }
+            | Error::Http { status, .. }
+            | Error::Malformed { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The RFC 6749 §5.2 error code, if the provider sent one.
+    pub fn oauth_code(&self) -> Option<&str> {
+        match self {
+            Error::OAuth { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+}
+
+/// Something that hands out tokens for one account. The daemon uses [`HttpEndpoint`];
+/// tests script their own.
+pub trait Endpoint: Send + Sync + 'static {
+    fn fetch(&self) -> impl Future<Output = Result<Token, Error>> + Send;
+}
+
+pub use request::HttpEndpoint;

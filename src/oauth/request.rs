@@ -1,0 +1,423 @@
+//! Building a token request from an account (grant x client_auth x params_in x
+//! basic_encoding, a pure function) and sending it ([`HttpEndpoint`]).
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+use url::form_urlencoded;
+
+use super::response::{self, Token};
+use super::{Endpoint, Error};
+use crate::clock::Clock;
+use crate::config::{Account, BasicEncoding, ClientAuth, Grant, ParamsIn, Secret, SecretSpec};
+
+/// The largest token response read; a larger one is an error, not an allocation.
+pub const MAX_RESPONSE_BYTES: usize = 256 * 1024;
+
+/// The secrets a request needs, read just before it is built.
+#[derive(Debug, Default, Clone)]
+pub struct Credentials {
+    pub client_secret: Option<Secret>,
+    pub password: Option<Secret>,
+    pub refresh_token: Option<Secret>,
+}
+
+impl Credentials {
+    /// Reads every secret of `account` now.
+    pub fn read(account: &Account) -> Result<Self, Error> {
+        let read = |what: &'static str, spec: &SecretSpec| {
+            spec.read().map_err(|source| Error::Secret {
+                what,
+                source_desc: spec.describe(),
+                source,
+            })
+        };
+        let mut c = Credentials::default();
+        if let Some(s) = &account.client_secret {
+            c.client_secret = Some(read("client secret", s)?);
+        }
+        match &account.grant {
+            Grant::Password { password, .. } => c.password = Some(read("password", password)?),
+            Grant::RefreshToken { refresh_token } => {
+                c.refresh_token = Some(read("refresh token", refresh_token)?)
+            }
+            Grant::ClientCredentials => {}
+        }
+        Ok(c)
+    }
+}
+
+/// A token request, ready to send. `Debug` shows no secret.
+#[derive(Clone)]
+pub struct TokenRequest {
+    /// The endpoint, with the form fields in its query when `params_in = "query"`.
+    pub url: url::Url,
+    pub headers: HeaderMap,
+    /// `application/x-www-form-urlencoded`; empty when the fields went into the query.
+    pub body: String,
+}
+
+impl fmt::Debug for TokenRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenRequest")
+            .field("url", &redacted_url(&self.url))
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("body", &format_args!("<{} bytes>", self.body.len()))
+            .finish()
+    }
+}
+
+/// The URL as it may appear in logs and errors: no query, no user info.
+pub fn redacted_url(url: &url::Url) -> String {
+    let mut u = url.clone();
+    u.set_query(None);
+    let _ = u.set_password(None);
+    let _ = u.set_username("");
+    u.to_string()
+}
+
+/// Builds the request for `account` with `creds` (RFC 6749 §4.3, §4.4, §6, §2.3.1).
+pub fn build(account: &Account, creds: &Credentials) -> TokenRequest {
+    let mut form: Vec<(&str, &str)> = vec![("grant_type", account.grant.as_str())];
+    match &account.grant {
+        Grant::ClientCredentials => {}
+        Grant::Password { username, .. } => {
+            form.push(("username", username));
+            form.push((
+                "password",
+                creds.password.as_ref().map_or("", |p| p.expose()),
+            ));
+        }
+        Grant::RefreshToken { .. } => {
+            form.push((
+                "refresh_token",
+                creds.refresh_token.as_ref().map_or("", |p| p.expose()),
+            ));
+        }
+    }
+    if let Some(scope) = &account.scope {
+        form.push(("scope", scope));
+    }
+    for (k, v) in &account.extra_params {
+        form.push((k, v));
+    }
+
+    let mut headers = HeaderMap::new();
+    headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+    let secret = creds.client_secret.as_ref().map_or("", |s| s.expose());
+    match account.client_auth {
+        ClientAuth::Basic => {
+            let pair = match account.basic_encoding {
+                BasicEncoding::Raw => format!("{}:{}", account.client_id, secret),
+                BasicEncoding::Form => format!(
+                    "{}:{}",
+                    form_encode(&account.client_id),
+                    form_encode(secret)
+                ),
+            };
+            let value = format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(pair)
+            );
+            let mut value = HeaderValue::from_str(&value).expect("base64 is a valid header value");
+            value.set_sensitive(true);
+            headers.insert(AUTHORIZATION, value);
+        }
+        ClientAuth::Post => {
+            form.push(("client_id", &account.client_id));
+            form.push(("client_secret", secret));
+        }
+        ClientAuth::None => form.push(("client_id", &account.client_id)),
+    }
+    for (k, v) in &account.extra_headers {
+        // Names were checked when the config was validated; a value that is not a valid
+        // header value is dropped rather than sent mangled.
+        if let (Ok(name), Ok(mut value)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
+            value.set_sensitive(true);
+            headers.insert(name, value);
+        }
+    }
+
+    let encoded = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(&form)
+        .finish();
+    let mut url = account.token_url.clone();
+    let body = match account.params_in {
+        ParamsIn::Body => {
+            headers.insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/x-www-form-urlencoded"),
+            );
+            encoded
+        }
+        ParamsIn::Query => {
+            let query = match url.query() {
+                Some(q) if !q.is_empty() => format!("{q}&{encoded}"),
+                _ => encoded,
+            };
+            url.set_query(Some(&query));
+            String::new()
+        }
+    };
+    TokenRequest { url, headers, body }
+}
+
+fn form_encode(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// Fetches tokens for one account over HTTP(S).
+pub struct HttpEndpoint {
+    account: Arc<Account>,
+    client: reqwest::Client,
+    clock: Clock,
+}
+
+impl HttpEndpoint {
+    pub fn new(account: Arc<Account>, clock: Clock) -> Result<Self, Error> {
+        let mut b = reqwest::Client::builder()
+            .timeout(account.timeout)
+            .connect_timeout(account.timeout.min(Duration::from_secs(10)))
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("tokend/", env!("CARGO_PKG_VERSION")))
+            .pool_idle_timeout(Duration::from_secs(60));
+        if let Some(ca) = &account.ca_file {
+            let pem = std::fs::read(ca).map_err(|e| {
+                Error::Client(format!("failed to read ca_file {}: {e}", ca.display()))
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| Error::Client(format!("ca_file {}: {e}", ca.display())))?;
+            if certs.is_empty() {
+                return Err(Error::Client(format!(
+                    "ca_file {} holds no PEM certificate",
+                    ca.display()
+                )));
+            }
+            for c in certs {
+                b = b.add_root_certificate(c);
+            }
+        }
+        if let Some(p) = &account.proxy {
+            let proxy = reqwest::Proxy::all(p).map_err(|e| Error::Client(format!("proxy: {e}")))?;
+            b = b.proxy(proxy);
+        }
+        let client = b
+            .build()
+            .map_err(|e| Error::Client(e.without_url().to_string()))?;
+        Ok(HttpEndpoint {
+            account,
+            client,
+            clock,
+        })
+    }
+
+    async fn send(&self, req: TokenRequest) -> Result<Token, Error> {
+        let url = redacted_url(&req.url);
+        let transport = |e: reqwest::Error| {
+            if e.is_timeout() {
+                Error::Timeout {
+                    url: url.clone(),
+                    after: self.account.timeout,
+                }
+            } else {
+                Error::Transport {
+                    url: url.clone(),
+                    reason: error_chain(&e.without_url()),
+                }
+            }
+        };
+        let mut resp = self
+            .client
+            .post(req.url)
+            .headers(req.headers)
+            .body(req.body)
+            .send()
+            .await
+            .map_err(transport)?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(transport)? {
+            if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                return Err(Error::Malformed {
+                    status,
+                    reason: format!("response larger than {} KiB", MAX_RESPONSE_BYTES / 1024),
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let now = self.clock.now();
+        if (200..300).contains(&status) {
+            response::parse_success(status, &body, now, self.account.schedule.default_lifetime)
+        } else {
+            Err(response::parse_error(status, &headers, &body, now))
+        }
+    }
+}
+
+impl Endpoint for HttpEndpoint {
+    async fn fetch(&self) -> Result<Token, Error> {
+        let creds = Credentials::read(&self.account)?;
+        self.send(build(&self.account, &creds)).await
+    }
+}
+
+/// "a: b: c" from an error and its sources (reqwest's Display alone says only the outer).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let msg = c.to_string();
+        if !s.contains(&msg) {
+            s.push_str(": ");
+            s.push_str(&msg);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_str;
+    use std::path::Path;
+
+    fn account(extra: &str) -> Account {
+        let text = format!(
+            "[[account]]\nname = \"a\"\ntoken_url = \"https://idp.example/t?tenant=x\"\nclient_id = \"my id\"\n{extra}\n[[account.output]]\npath = \"/x\"\n"
+        );
+        parse_str(&text, Path::new("/c.toml"))
+            .unwrap()
+            .accounts
+            .remove(0)
+    }
+
+    fn creds() -> Credentials {
+        Credentials {
+            client_secret: Some(Secret::new("s&cret:1")),
+            password: Some(Secret::new("p@ss word")),
+            refresh_token: Some(Secret::new("rt-1")),
+        }
+    }
+
+    fn form(body: &str) -> Vec<(String, String)> {
+        form_urlencoded::parse(body.as_bytes())
+            .into_owned()
+            .collect()
+    }
+
+    fn basic(req: &TokenRequest) -> Option<String> {
+        let v = req.headers.get(AUTHORIZATION)?.to_str().unwrap();
+        let b = base64::engine::general_purpose::STANDARD
+            .decode(v.strip_prefix("Basic ").unwrap())
+            .unwrap();
+        Some(String::from_utf8(b).unwrap())
+    }
+
+    fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn every_grant_with_every_client_auth() {
+        let grants = [
+            ("", vec![("grant_type", "client_credentials")]),
+            (
+                "grant_type = \"password\"\nusername = \"alice\"\npassword = { env = \"X\" }",
+                vec![
+                    ("grant_type", "password"),
+                    ("username", "alice"),
+                    ("password", "p@ss word"),
+                ],
+            ),
+            (
+                "grant_type = \"refresh_token\"\nrefresh_token = { env = \"X\" }",
+                vec![("grant_type", "refresh_token"), ("refresh_token", "rt-1")],
+            ),
+        ];
+        for (grant, fields) in grants {
+            for auth in ["basic", "post", "none"] {
+                let secret = if auth == "none" {
+                    ""
+                } else {
+                    "client_secret = { env = \"S\" }"
+                };
+                let a = account(&format!(
+                    "{grant}\nclient_auth = \"{auth}\"\n{secret}\nscope = \"full read\""
+                ));
+                let req = build(&a, &creds());
+                let mut want = pairs(&fields);
+                want.push(("scope".into(), "full read".into()));
+                match auth {
+                    "basic" => assert_eq!(basic(&req).as_deref(), Some("my id:s&cret:1")),
+                    "post" => {
+                        assert_eq!(basic(&req), None);
+                        want.push(("client_id".into(), "my id".into()));
+                        want.push(("client_secret".into(), "s&cret:1".into()));
+                    }
+                    _ => {
+                        assert_eq!(basic(&req), None);
+                        want.push(("client_id".into(), "my id".into()));
+                    }
+                }
+                assert_eq!(form(&req.body), want, "{grant} / {auth}");
+                assert_eq!(req.headers[ACCEPT], "application/json");
+                assert_eq!(
+                    req.headers[CONTENT_TYPE],
+                    "application/x-www-form-urlencoded"
+                );
+                assert_eq!(req.url.as_str(), "https://idp.example/t?tenant=x");
+            }
+        }
+    }
+
+    #[test]
+    fn basic_encoding_form_encodes_first() {
+        let a = account("client_secret = { env = \"S\" }\nbasic_encoding = \"form\"");
+        assert_eq!(
+            basic(&build(&a, &creds())).as_deref(),
+            Some("my+id:s%26cret%3A1")
+        );
+    }
+
+    #[test]
+    fn params_in_query_moves_fields_to_the_url() {
+        let a = account("client_secret = { env = \"S\" }\nclient_auth = \"post\"\nparams_in = \"query\"\nextra_params = { audience = \"api\" }");
+        let req = build(&a, &creds());
+        assert!(req.body.is_empty());
+        assert!(req.headers.get(CONTENT_TYPE).is_none());
+        let q: Vec<_> = req.url.query_pairs().into_owned().collect();
+        assert_eq!(
+            q,
+            pairs(&[
+                ("tenant", "x"),
+                ("grant_type", "client_credentials"),
+                ("audience", "api"),
+                ("client_id", "my id"),
+                ("client_secret", "s&cret:1"),
+            ])
+        );
+        let dbg = format!("{req:?}");
+        assert!(
+            !dbg.contains("s&cret") && !dbg.contains("s%26cret"),
+            "{dbg}"
+        );
+        assert_eq!(redacted_url(&req.url), "https://idp.example/t");
+    }
+
+    #[test]
+    fn extra_headers_are_sent() {
+        let a =
+            account("client_secret = { env = \"S\" }\nextra_headers = { \"X-Api-Key\" = \"k\" }");
+        assert_eq!(build(&a, &creds()).headers["x-api-key"], "k");
+    }
+}

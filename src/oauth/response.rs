@@ -1,0 +1,351 @@
+//! Reading token endpoint answers: RFC 6749 §5.1 tokens (with `expires_in` as a number or
+//! a numeric string, the JWT `exp` when it is absent), §5.2 error bodies, `Retry-After`
+//! and Okta's `X-Rate-Limit-Reset`. Of an error body only `error` and
+//! `error_description` are kept.
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use reqwest::header::HeaderMap;
+use serde_json::{Map, Value};
+
+use super::Error;
+use crate::config::Secret;
+
+/// An access token and what the provider said about it.
+#[derive(Clone, PartialEq)]
+pub struct Token {
+    pub access_token: Secret,
+    pub token_type: String,
+    pub issued_at: SystemTime,
+    pub expires_at: SystemTime,
+    pub scope: Option<String>,
+    pub refresh_token: Option<Secret>,
+    /// Fields of the response this daemon does not interpret (`consented_on`, `id_token`,
+    /// ...), kept as sent. Not shown by `Debug`: they may be credentials too.
+    pub extra: Map<String, Value>,
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Token")
+            .field("access_token", &self.access_token)
+            .field("token_type", &self.token_type)
+            .field("issued_at", &self.issued_at)
+            .field("expires_at", &self.expires_at)
+            .field("scope", &self.scope)
+            .field(
+                "refresh_token",
+                &self.refresh_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("extra", &self.extra.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Token {
+    /// The lifetime the provider granted.
+    pub fn lifetime(&self) -> Duration {
+        self.expires_at
+            .duration_since(self.issued_at)
+            .unwrap_or_default()
+    }
+
+    pub fn is_valid_at(&self, now: SystemTime) -> bool {
+        now < self.expires_at
+    }
+}
+
+fn malformed(status: u16, reason: impl Into<String>) -> Error {
+    Error::Malformed {
+        status,
+        reason: reason.into(),
+    }
+}
+
+/// Parses a 2xx answer. `default_lifetime` applies when there is neither `expires_in` nor
+/// a JWT `exp`.
+pub fn parse_success(
+    status: u16,
+    body: &[u8],
+    now: SystemTime,
+    default_lifetime: Duration,
+) -> Result<Token, Error> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        // serde_json's message names a position and a category, never the input.
+        malformed(
+            status,
+            format!(
+                "not JSON ({:?} error at line {} column {})",
+                e.classify(),
+                e.line(),
+                e.column()
+            ),
+        )
+    })?;
+    let Value::Object(mut obj) = value else {
+        return Err(malformed(status, "not a JSON object"));
+    };
+    let access_token = match obj.remove("access_token") {
+        Some(Value::String(s)) if !s.is_empty() => s,
+        Some(Value::String(_)) => return Err(malformed(status, "access_token is empty")),
+        Some(_) => return Err(malformed(status, "access_token is not a string")),
+        None => return Err(malformed(status, "no access_token")),
+    };
+    // The token ends up in a header line, an env file and HTTP answers: anything outside
+    // visible ASCII would break them (or inject into them).
+    if !access_token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(malformed(
+            status,
+            "access_token holds characters that are not visible ASCII",
+        ));
+    }
+    let token_type = match obj.remove("token_type") {
+        Some(Value::String(s)) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic()) => s,
+        Some(_) => return Err(malformed(status, "token_type is not a word")),
+        // RFC 6749 requires it; some providers leave it out. Bearer is what they mean.
+        None => "Bearer".into(),
+    };
+    let expires_in = match obj.remove("expires_in") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => match n.as_f64() {
+            Some(f) if f.is_finite() && f > 0.0 => Some(Duration::from_secs_f64(f.min(1e9))),
+            _ => return Err(malformed(status, "expires_in is not a positive number")),
+        },
+        Some(Value::String(s)) => match s.trim().parse::<u64>() {
+            Ok(n) if n > 0 => Some(Duration::from_secs(n)),
+            _ => return Err(malformed(status, "expires_in is not a positive number")),
+        },
+        Some(_) => return Err(malformed(status, "expires_in is not a number")),
+    };
+    let expires_at = match expires_in {
+        Some(d) => now + d,
+        None => match jwt_exp(&access_token) {
+            Some(exp) if exp > now => exp,
+            Some(_) => {
+                return Err(malformed(
+                    status,
+                    "the token's JWT exp is already past and there is no expires_in",
+                ))
+            }
+            None => now + default_lifetime,
+        },
+    };
+    let scope = match obj.remove("scope") {
+        Some(Value::String(s)) => Some(s),
+        _ => None,
+    };
+    let refresh_token = match obj.remove("refresh_token") {
+        Some(Value::String(s)) if !s.is_empty() => Some(Secret::new(s)),
+        _ => None,
+    };
+    Ok(Token {
+        access_token: Secret::new(access_token),
+        token_type,
+        issued_at: now,
+        expires_at,
+        scope,
+        refresh_token,
+        extra: obj,
+    })
+}
+
+/// The `exp` claim of a JWT, if the token is one. The signature is not checked: the
+/// claim only tells when to refresh.
+pub fn jwt_exp(token: &str) -> Option<SystemTime> {
+    let mut parts = token.split('.');
+    let (_, payload, _) = (parts.next()?, parts.next()?, parts.next()?);
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: Value = serde_json::from_slice(&bytes).ok()?;
+    let exp = claims.get("exp")?.as_f64()?;
+    (exp.is_finite() && exp > 0.0).then(|| SystemTime::UNIX_EPOCH + Duration::from_secs_f64(exp))
+}
+
+/// Turns a non-2xx answer into an error, keeping only the RFC 6749 §5.2 fields.
+pub fn parse_error(status: u16, headers: &HeaderMap, body: &[u8], now: SystemTime) -> Error {
+    let retry_after = retry_after(headers, now);
+    #[derive(serde::Deserialize)]
+    struct Body {
+        error: String,
+        error_description: Option<String>,
+    }
+    match serde_json::from_slice::<Body>(body) {
+        Ok(b) if is_error_code(&b.error) => Error::OAuth {
+            status,
+            error: b.error,
+            description: b.error_description.map(|d| clean_description(&d)),
+            retry_after,
+        },
+        _ => Error::Http {
+            status,
+            retry_after,
+        },
+    }
+}
+
+/// RFC 6749 §5.2: error codes are printable ASCII without `"` and `\`.
+fn is_error_code(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| (0x20..=0x7e).contains(&b) && b != b'"' && b != b'\\')
+}
+
+/// One line, bounded: a description goes into logs and status tables.
+fn clean_description(s: &str) -> String {
+    let one_line: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    match one_line.char_indices().nth(200) {
+        Some((i, _)) => format!("{}...", &one_line[..i]),
+        None => one_line,
+    }
+}
+
+/// When to try again: `Retry-After` (seconds or an HTTP date, RFC 9110 §10.2.3) or Okta's
+/// `X-Rate-Limit-Reset` (epoch seconds), the later of the two.
+pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<SystemTime> {
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    let ra = text("retry-after").and_then(|v| match v.parse::<u64>() {
+        Ok(secs) => Some(now + Duration::from_secs(secs.min(86_400))),
+        Err(_) => httpdate::parse_http_date(v).ok(),
+    });
+    let reset = text("x-rate-limit-reset")
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+        // A reset a day or more away is a broken header, not a plan.
+        .filter(|t| {
+            t.duration_since(now)
+                .is_ok_and(|d| d < Duration::from_secs(86_400))
+        });
+    ra.into_iter().chain(reset).max()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn now() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+    }
+
+    fn ok(body: &str) -> Result<Token, Error> {
+        parse_success(200, body.as_bytes(), now(), HOUR)
+    }
+
+    fn jwt(claims: &str) -> String {
+        let e = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        format!("{}.{}.sig", e("{\"alg\":\"RS256\"}"), e(claims))
+    }
+
+    #[test]
+    fn number_and_string_expires_in() {
+        let t = ok(
+            r#"{"access_token":"abc","token_type":"bearer","expires_in":3600,"consented_on":123}"#,
+        )
+        .unwrap();
+        assert_eq!(t.access_token.expose(), "abc");
+        assert_eq!(t.token_type, "bearer");
+        assert_eq!(t.expires_at, now() + HOUR);
+        assert_eq!(t.extra["consented_on"], 123);
+        let t = ok(r#"{"access_token":"abc","token_type":"Bearer","expires_in":"1800"}"#).unwrap();
+        assert_eq!(t.lifetime(), Duration::from_secs(1800));
+    }
+
+    #[test]
+    fn jwt_exp_when_expires_in_is_missing() {
+        let exp = 1_700_000_000 + 600;
+        let token = jwt(&format!("{{\"sub\":\"x\",\"exp\":{exp}}}"));
+        let t = ok(&format!(
+            r#"{{"access_token":"{token}","token_type":"Bearer"}}"#
+        ))
+        .unwrap();
+        assert_eq!(
+            t.expires_at,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(exp)
+        );
+        let past = jwt("{\"exp\":1000}");
+        assert!(matches!(
+            ok(&format!(r#"{{"access_token":"{past}"}}"#)),
+            Err(Error::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn default_lifetime_when_nothing_says() {
+        let t = ok(r#"{"access_token":"opaque","token_type":"Bearer"}"#).unwrap();
+        assert_eq!(t.expires_at, now() + HOUR);
+    }
+
+    #[test]
+    fn malformed_answers_say_why_without_echoing() {
+        for (body, why) in [
+            ("<html>secret-page</html>", "not JSON"),
+            ("[1]", "not a JSON object"),
+            (r#"{"token_type":"Bearer"}"#, "no access_token"),
+            (r#"{"access_token":""}"#, "empty"),
+            (r#"{"access_token":"a b"}"#, "visible ASCII"),
+            (r#"{"access_token":"ok","expires_in":-5}"#, "positive"),
+            (r#"{"access_token":"ok","expires_in":"soon"}"#, "positive"),
+        ] {
+            let e = ok(body).unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.contains(why), "{body}: {msg}");
+            assert!(!msg.contains("secret-page"));
+        }
+    }
+
+    #[test]
+    fn error_bodies_keep_only_error_and_description() {
+        let h = HeaderMap::new();
+        let e = parse_error(401, &h, br#"{"error":"invalid_client","error_description":"Client authentication failed","client_secret":"oops"}"#, now());
+        assert_eq!(
+            e.to_string(),
+            "token endpoint answered HTTP 401: invalid_client (Client authentication failed)"
+        );
+        assert_eq!(e.oauth_code(), Some("invalid_client"));
+        let e = parse_error(500, &h, b"stack trace with password=hunter2", now());
+        assert_eq!(e.to_string(), "token endpoint answered HTTP 500");
+    }
+
+    #[test]
+    fn retry_after_seconds_date_and_okta_reset() {
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", "120".parse().unwrap());
+        assert_eq!(
+            retry_after(&h, now()),
+            Some(now() + Duration::from_secs(120))
+        );
+        h.insert(
+            "retry-after",
+            httpdate::fmt_http_date(now() + HOUR).parse().unwrap(),
+        );
+        assert_eq!(retry_after(&h, now()), Some(now() + HOUR));
+        let mut h = HeaderMap::new();
+        h.insert("x-rate-limit-reset", "1700000042".parse().unwrap());
+        let e = parse_error(429, &h, b"{}", now());
+        assert_eq!(e.retry_after(), Some(now() + Duration::from_secs(42)));
+        assert_eq!(retry_after(&HeaderMap::new(), now()), None);
+    }
+
+    #[test]
+    fn debug_shows_no_token() {
+        let t = ok(r#"{"access_token":"tok-123","refresh_token":"rt-456","id_token":"idt-789"}"#)
+            .unwrap();
+        let dbg = format!("{t:?}");
+        for s in ["tok-123", "rt-456", "idt-789"] {
+            assert!(!dbg.contains(s), "{dbg}");
+        }
+    }
+}

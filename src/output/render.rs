@@ -1,0 +1,113 @@
+//! Rendering a token in each output format (SPEC §3). Pure: no I/O, no clock.
+
+use serde::Serialize;
+
+use crate::clock::rfc3339;
+use crate::config::{Format, Secret};
+use crate::oauth::Token;
+
+/// The json format, also served by the socket's `GET /v1/tokens/{account}`.
+#[derive(Serialize)]
+pub struct TokenJson<'a> {
+    pub account: &'a str,
+    pub access_token: &'a str,
+    pub token_type: &'a str,
+    pub expires_at: String,
+    pub issued_at: String,
+    pub scope: Option<&'a str>,
+}
+
+impl<'a> TokenJson<'a> {
+    pub fn new(account: &'a str, token: &'a Token) -> Self {
+        TokenJson {
+            account,
+            access_token: token.access_token.expose(),
+            token_type: &token.token_type,
+            expires_at: rfc3339(token.expires_at),
+            issued_at: rfc3339(token.issued_at),
+            scope: token.scope.as_deref(),
+        }
+    }
+}
+
+/// The file content for `format`. A `Secret`, since it holds the token.
+pub fn render(format: &Format, account: &str, token: &Token) -> Secret {
+    let t = token.access_token.expose();
+    Secret::new(match format {
+        Format::Raw => t.to_owned(),
+        Format::Json => {
+            serde_json::to_string(&TokenJson::new(account, token))
+                .expect("string fields always serialize")
+                + "\n"
+        }
+        Format::Env { var } => format!("{var}={t}\n"),
+        Format::Header => format!("Authorization: {} {t}\n", scheme(&token.token_type)),
+    })
+}
+
+/// `Bearer` however the provider spelled it (RFC 6750 §5.1.1 registers it that way; Okta
+/// and others send "bearer"); other schemes as sent.
+fn scheme(token_type: &str) -> &str {
+    if token_type.eq_ignore_ascii_case("bearer") {
+        "Bearer"
+    } else {
+        token_type
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    fn token(token_type: &str) -> Token {
+        let issued = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        Token {
+            access_token: Secret::new("tok.en-1"),
+            token_type: token_type.into(),
+            issued_at: issued,
+            expires_at: issued + Duration::from_secs(3600),
+            scope: Some("full".into()),
+            refresh_token: None,
+            extra: Default::default(),
+        }
+    }
+
+    #[test]
+    fn every_format() {
+        let t = token("bearer");
+        assert_eq!(render(&Format::Raw, "msk", &t).expose(), "tok.en-1");
+        assert_eq!(
+            render(
+                &Format::Env {
+                    var: "MSK_TOKEN".into()
+                },
+                "msk",
+                &t
+            )
+            .expose(),
+            "MSK_TOKEN=tok.en-1\n"
+        );
+        assert_eq!(
+            render(&Format::Header, "msk", &t).expose(),
+            "Authorization: Bearer tok.en-1\n"
+        );
+        assert_eq!(
+            render(&Format::Header, "msk", &token("DPoP")).expose(),
+            "Authorization: DPoP tok.en-1\n"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(render(&Format::Json, "msk", &t).expose()).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "account": "msk",
+                "access_token": "tok.en-1",
+                "token_type": "bearer",
+                "expires_at": "2023-11-14T23:13:20Z",
+                "issued_at": "2023-11-14T22:13:20Z",
+                "scope": "full",
+            })
+        );
+    }
+}
