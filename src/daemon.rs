@@ -7,14 +7,18 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::account::{self, AccountHandle, Shared};
+use crate::account::{self, AccountHandle, AccountView, Shared};
 use crate::clock::Clock;
 use crate::config::{Account, Config};
 use crate::oauth::HttpEndpoint;
+
+/// Every running account by name, as readers see them. The supervisor publishes a new
+/// map on a `watch` channel whenever accounts start or stop.
+pub type Accounts = Arc<BTreeMap<String, AccountView>>;
 
 /// How long shutdown waits for account tasks (SPEC §6: stop within a second).
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(800);
@@ -30,6 +34,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     for a in &config.accounts {
         sup.start(Arc::new(a.clone()))?;
     }
+    sup.publish();
     tracing::info!(accounts = config.accounts.len(), config = %config.path.display(), "tokend started");
 
     loop {
@@ -40,7 +45,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             _ = sighup.recv() => {
                 tracing::info!("SIGHUP: reloading {}", config.path.display());
                 match crate::config::load(&config.path) {
-                    Ok(new) => sup.reload(new),
+                    Ok(new) => {
+                        sup.reload(new);
+                        sup.publish();
+                    }
                     Err(e) => tracing::error!("{e}; keeping the running config"),
                 }
             }
@@ -55,6 +63,7 @@ struct Supervisor {
     shared: Shared,
     cancel: CancellationToken,
     tracker: TaskTracker,
+    views: watch::Sender<Accounts>,
 }
 
 impl Supervisor {
@@ -67,7 +76,18 @@ impl Supervisor {
             },
             cancel: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            views: watch::Sender::new(Accounts::default()),
         }
+    }
+
+    /// Tells readers the current set of accounts.
+    fn publish(&self) {
+        let map = self
+            .accounts
+            .iter()
+            .map(|(n, h)| (n.clone(), h.view.clone()))
+            .collect();
+        self.views.send_replace(Arc::new(map));
     }
 
     fn start(&mut self, account: Arc<Account>) -> anyhow::Result<()> {
@@ -96,7 +116,7 @@ impl Supervisor {
         for name in names {
             let keep = wanted
                 .get(&name)
-                .is_some_and(|a| *a == *self.accounts[&name].account);
+                .is_some_and(|a| *a == *self.accounts[&name].view.account);
             if keep {
                 wanted.remove(&name);
                 continue;
@@ -105,7 +125,7 @@ impl Supervisor {
             old.stop();
             if !wanted.contains_key(&name) {
                 tracing::info!(account = %name, "account removed");
-                if let Err(e) = crate::output::remove_all(&old.account) {
+                if let Err(e) = crate::output::remove_all(&old.view.account) {
                     tracing::error!(account = %name, "{e}");
                 }
             } else {

@@ -7,4 +7,4 @@ pub mod state;
 pub mod task;
 
 pub use state::{Status, TokenState};
-pub use task::{spawn, AccountHandle, Shared};
+pub use task::{spawn, AccountHandle, AccountView, Shared};

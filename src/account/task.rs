@@ -27,21 +27,31 @@ pub struct Shared {
     pub clock: Clock,
 }
 
-/// The supervisor's end of a running account.
-pub struct AccountHandle {
+/// A reader's view of a running account (the socket server, readiness, status): its
+/// config, its published state, and a way to ask for a refresh. Cheap to clone.
+#[derive(Clone)]
+pub struct AccountView {
     pub account: Arc<Account>,
     pub state: watch::Receiver<TokenState>,
     refresh: mpsc::Sender<()>,
+}
+
+impl AccountView {
+    /// Asks for a refresh now (still no sooner than `min_refresh_interval` after the
+    /// last request, and not while the account is held after a refused credential).
+    /// Pokes coalesce.
+    pub fn refresh_now(&self) {
+        let _ = self.refresh.try_send(());
+    }
+}
+
+/// The supervisor's end of a running account.
+pub struct AccountHandle {
+    pub view: AccountView,
     cancel: CancellationToken,
 }
 
 impl AccountHandle {
-    /// Asks for a refresh now (still no sooner than `min_refresh_interval` after the
-    /// last request). Pokes coalesce.
-    pub fn refresh_now(&self) {
-        let _ = self.refresh.try_send(());
-    }
-
     pub fn stop(&self) {
         self.cancel.cancel();
     }
@@ -69,9 +79,11 @@ pub fn spawn<E: Endpoint>(
     };
     tracker.spawn(task.run());
     AccountHandle {
-        account,
-        state: state_rx,
-        refresh: refresh_tx,
+        view: AccountView {
+            account,
+            state: state_rx,
+            refresh: refresh_tx,
+        },
         cancel,
     }
 }
