@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -15,6 +16,7 @@ use crate::account::{self, AccountHandle, AccountView, Shared};
 use crate::clock::Clock;
 use crate::config::{Account, Config};
 use crate::oauth::HttpEndpoint;
+use crate::systemd::{self, Notifier};
 
 /// Every running account by name, as readers see them. The supervisor publishes a new
 /// map on a `watch` channel whenever accounts start or stop.
@@ -30,6 +32,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let mut sigint = signal(SignalKind::interrupt()).context("failed to listen for SIGINT")?;
     let mut sighup = signal(SignalKind::hangup()).context("failed to listen for SIGHUP")?;
 
+    let notifier = Notifier::from_env();
+    let watchdog = systemd::watchdog_interval();
+    let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+
     let mut sup = Supervisor::new(&config);
     for a in &config.accounts {
         sup.start(Arc::new(a.clone()))?;
@@ -37,13 +43,28 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     sup.publish();
     tracing::info!(accounts = config.accounts.len(), config = %config.path.display(), "tokend started");
 
+    // READY=1 once every account had its first try, or at startup_timeout.
+    let startup_deadline = Instant::now() + config.daemon.startup_timeout;
+    let mut ready = false;
+    let mut status = String::new();
     loop {
+        let summary = sup.summary();
+        if !ready && (sup.all_attempted() || Instant::now() >= startup_deadline) {
+            ready = true;
+            tracing::info!("ready: {summary}");
+            notifier.ready(&summary);
+            status = summary;
+        } else if ready && summary != status {
+            notifier.status(&summary);
+            status = summary;
+        }
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break }
             _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break }
             _ = sighup.recv() => {
                 tracing::info!("SIGHUP: reloading {}", config.path.display());
+                notifier.reloading();
                 match crate::config::load(&config.path) {
                     Ok(new) => {
                         sup.reload(new);
@@ -51,9 +72,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     }
                     Err(e) => tracing::error!("{e}; keeping the running config"),
                 }
+                notifier.ready(&sup.summary());
             }
+            _ = sup.shared.changed.notified() => {}
+            _ = tokio::time::sleep_until(startup_deadline), if !ready => {}
+            _ = watchdog_tick.tick(), if watchdog.is_some() => notifier.watchdog(),
         }
     }
+    notifier.stopping();
     sup.shutdown().await;
     Ok(())
 }
@@ -73,11 +99,35 @@ impl Supervisor {
             shared: Shared {
                 semaphore: Arc::new(Semaphore::new(config.daemon.max_concurrent_refreshes)),
                 clock: Clock::System,
+                changed: Default::default(),
             },
             cancel: CancellationToken::new(),
             tracker: TaskTracker::new(),
             views: watch::Sender::new(Accounts::default()),
         }
+    }
+
+    fn all_attempted(&self) -> bool {
+        self.accounts
+            .values()
+            .all(|h| h.view.state.borrow().attempted)
+    }
+
+    /// One line for systemd's STATUS=: "3 accounts: 2 fresh, 1 failing".
+    fn summary(&self) -> String {
+        let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
+        for h in self.accounts.values() {
+            *counts
+                .entry(h.view.state.borrow().status.as_str())
+                .or_default() += 1;
+        }
+        let parts: Vec<String> = counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
+        let n = self.accounts.len();
+        format!(
+            "{n} account{}: {}",
+            if n == 1 { "" } else { "s" },
+            parts.join(", ")
+        )
     }
 
     /// Tells readers the current set of accounts.

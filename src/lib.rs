@@ -16,3 +16,4 @@ pub mod daemon;
 pub mod logging;
 pub mod oauth;
 pub mod output;
+pub mod systemd;

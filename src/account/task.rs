@@ -25,6 +25,8 @@ pub struct Shared {
     /// Bounds concurrent token requests (`max_concurrent_refreshes`).
     pub semaphore: Arc<Semaphore>,
     pub clock: Clock,
+    /// Woken whenever any account publishes a new state (readiness, STATUS=).
+    pub changed: Arc<tokio::sync::Notify>,
 }
 
 /// A reader's view of a running account (the socket server, readiness, status): its
@@ -144,7 +146,7 @@ impl<E: Endpoint> Task<E> {
             }
 
             last_attempt = Some(Instant::now());
-            self.state.send_modify(|s| s.status = Status::Refreshing);
+            self.publish(|s| s.status = Status::Refreshing);
             let result = {
                 let _permit = tokio::select! {
                     _ = self.cancel.cancelled() => return,
@@ -200,7 +202,7 @@ impl<E: Endpoint> Task<E> {
         .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         if let Err(e) = write {
             // The token is good: keep serving it on the socket while the files are retried.
-            self.state.send_modify(|s| s.token = Some(token.clone()));
+            self.publish(|s| s.token = Some(token.clone()));
             return Err((ErrorClass::Transient, e.to_string()));
         }
         hooks::run(&self.account).await;
@@ -221,7 +223,7 @@ impl<E: Endpoint> Task<E> {
             "token refreshed{}",
             if recovered { " (recovered)" } else { "" }
         );
-        self.state.send_modify(|s| {
+        self.publish(|s| {
             s.status = Status::Fresh;
             s.token = Some(token);
             s.last_refresh = Some(now);
@@ -249,7 +251,7 @@ impl<E: Endpoint> Task<E> {
                 tracing::debug!(account = %self.account.name, failures, retry_in, "token request failed again: {message}")
             }
         }
-        self.state.send_modify(|s| {
+        self.publish(|s| {
             s.failures = failures;
             s.attempted = true;
             s.last_error = Some(message);
@@ -270,7 +272,7 @@ impl<E: Endpoint> Task<E> {
         if let Err(e) = removed {
             tracing::error!(account = %self.account.name, "{e}");
         }
-        self.state.send_modify(|s| s.status = Status::Expired);
+        self.publish(|s| s.status = Status::Expired);
     }
 
     /// When the held token expires, on tokio's clock, unless that was already handled.
@@ -287,9 +289,15 @@ impl<E: Endpoint> Task<E> {
         Some(Instant::now() + left)
     }
 
+    /// Changes the published state and tells the supervisor.
+    fn publish(&self, f: impl FnOnce(&mut TokenState)) {
+        self.state.send_modify(f);
+        self.shared.changed.notify_one();
+    }
+
     fn publish_next(&self, next: Instant) {
         let at: SystemTime =
             self.shared.clock.now() + next.saturating_duration_since(Instant::now());
-        self.state.send_modify(|s| s.next_attempt = Some(at));
+        self.publish(|s| s.next_attempt = Some(at));
     }
 }
