@@ -48,6 +48,10 @@ pub struct OnceArgs {
     /// Only these accounts (default: all)
     #[arg(value_name = "ACCOUNT")]
     pub accounts: Vec<String>,
+    /// Reuse a token from the state directory that is still valid this long (e.g. 10m),
+    /// without asking the provider
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub min_valid: Option<std::time::Duration>,
 }
 
 #[cfg(test)]

@@ -1,15 +1,17 @@
 //! The one-shot commands: `check` and `once`. They print for a person and return a
 //! [`Failure`] that `main` maps to an exit code.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use std::time::SystemTime;
 
 use tokio::sync::Semaphore;
 
+use crate::account::persist;
 use crate::account::schedule::{self, ErrorClass};
 use crate::clock::Clock;
-use crate::config::{Account, Config, ConfigErrors};
+use crate::config::{Account, Config, ConfigErrors, Grant};
 use crate::oauth::{Endpoint, HttpEndpoint};
 use crate::output;
 
@@ -127,7 +129,16 @@ const ONCE_ATTEMPTS: u32 = 3;
 
 /// `tokend once`: fetch a token for each selected account, write its outputs; exit 0
 /// only if every account succeeded.
-pub async fn once(config: &Config, names: &[String]) -> Result<(), Failure> {
+pub async fn once(
+    config: &Config,
+    names: &[String],
+    min_valid: Option<Duration>,
+) -> Result<(), Failure> {
+    if min_valid.is_some() && config.daemon.state_dir.is_none() {
+        tracing::warn!(
+            "--min-valid needs [daemon] state_dir to find saved tokens; asking the providers"
+        );
+    }
     for n in names {
         if !config.accounts.iter().any(|a| &a.name == n) {
             return Err(Failure::Usage(anyhow::anyhow!(
@@ -146,13 +157,14 @@ pub async fn once(config: &Config, names: &[String]) -> Result<(), Failure> {
     let mut set = tokio::task::JoinSet::new();
     for a in selected {
         let semaphore = semaphore.clone();
+        let state_dir = config.daemon.state_dir.clone();
         set.spawn(async move {
             let _permit = semaphore
                 .acquire_owned()
                 .await
                 .expect("the semaphore is never closed");
             let name = a.name.clone();
-            (name, once_account(Arc::new(a)).await)
+            (name, once_account(Arc::new(a), state_dir, min_valid).await)
         });
     }
     let mut failed = Vec::new();
@@ -177,9 +189,26 @@ pub async fn once(config: &Config, names: &[String]) -> Result<(), Failure> {
     }
 }
 
-async fn once_account(account: Arc<Account>) -> anyhow::Result<()> {
+async fn once_account(
+    account: Arc<Account>,
+    state_dir: Option<PathBuf>,
+    min_valid: Option<Duration>,
+) -> anyhow::Result<()> {
     output::clean_stale(&account);
-    let endpoint = HttpEndpoint::new(account.clone(), Clock::System)?;
+    let saved = state_dir
+        .as_deref()
+        .and_then(|d| persist::load(d, &account.name));
+    let (mut saved, refresh_token) = persist::prepare(&account, saved);
+    if let Some(min) = min_valid {
+        if let Some(token) = saved.token_valid_for(&account, SystemTime::now(), min) {
+            let a = account.clone();
+            tokio::task::spawn_blocking(move || output::write_all(&a, &token)).await??;
+            tracing::info!(account = %account.name, "saved token still valid for {}: outputs written, provider not asked", humantime::format_duration(min));
+            return Ok(());
+        }
+    }
+    let endpoint =
+        HttpEndpoint::new(account.clone(), Clock::System)?.with_refresh_token(refresh_token);
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_entropy();
     let mut attempt = 0;
     let token = loop {
@@ -197,6 +226,15 @@ async fn once_account(account: Arc<Account>) -> anyhow::Result<()> {
             }
         }
     };
+    if let Some(dir) = state_dir {
+        saved.token = Some(persist::SavedToken::from_token(&token));
+        if let (Grant::RefreshToken { .. }, Some(rt)) = (&account.grant, &token.refresh_token) {
+            saved.refresh_token = Some(rt.expose().to_owned());
+        }
+        saved.set_not_before(None);
+        let name = account.name.clone();
+        tokio::task::spawn_blocking(move || persist::save(&dir, &name, &saved)).await??;
+    }
     let a = account.clone();
     let t = token.clone();
     tokio::task::spawn_blocking(move || output::write_all(&a, &t)).await??;

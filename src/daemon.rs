@@ -7,15 +7,17 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::account::{self, AccountHandle, AccountView, Shared};
+use crate::account::{self, persist, AccountHandle, AccountView, Shared};
 use crate::clock::Clock;
-use crate::config::{Account, Config};
+use crate::config::{Account, Config, Output};
 use crate::oauth::HttpEndpoint;
+use crate::oauth::Token;
+use crate::output;
 use crate::systemd::{self, Notifier};
 
 /// Every running account by name, as readers see them. The supervisor publishes a new
@@ -38,7 +40,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     let mut sup = Supervisor::new(&config);
     for a in &config.accounts {
-        sup.start(Arc::new(a.clone()))?;
+        sup.start(Arc::new(a.clone()), None)?;
     }
     sup.publish();
     tracing::info!(accounts = config.accounts.len(), config = %config.path.display(), "tokend started");
@@ -96,11 +98,11 @@ impl Supervisor {
     fn new(config: &Config) -> Self {
         Supervisor {
             accounts: BTreeMap::new(),
-            shared: Shared {
-                semaphore: Arc::new(Semaphore::new(config.daemon.max_concurrent_refreshes)),
-                clock: Clock::System,
-                changed: Default::default(),
-            },
+            shared: Shared::new(
+                config.daemon.max_concurrent_refreshes,
+                Clock::System,
+                config.daemon.state_dir.clone(),
+            ),
             cancel: CancellationToken::new(),
             tracker: TaskTracker::new(),
             views: watch::Sender::new(Accounts::default()),
@@ -130,8 +132,13 @@ impl Supervisor {
         )
     }
 
-    /// Tells readers the current set of accounts.
+    /// Tells readers the current set of accounts, and drops the saved state of
+    /// accounts that are gone.
     fn publish(&self) {
+        if let Some(dir) = &self.shared.state_dir {
+            let names: Vec<&str> = self.accounts.keys().map(String::as_str).collect();
+            persist::clean(dir, &names);
+        }
         let map = self
             .accounts
             .iter()
@@ -140,13 +147,26 @@ impl Supervisor {
         self.views.send_replace(Arc::new(map));
     }
 
-    fn start(&mut self, account: Arc<Account>) -> anyhow::Result<()> {
+    /// Starts an account from its saved state, or from `carry`, the token its previous
+    /// configuration held.
+    fn start(&mut self, account: Arc<Account>, carry: Option<Arc<Token>>) -> anyhow::Result<()> {
+        let saved = self
+            .shared
+            .state_dir
+            .as_deref()
+            .and_then(|d| persist::load(d, &account.name));
+        let (mut saved, refresh_token) = persist::prepare(&account, saved);
+        if let Some(t) = carry {
+            saved.token = Some(persist::SavedToken::from_token(&t));
+        }
         let endpoint = HttpEndpoint::new(account.clone(), self.shared.clock)
-            .with_context(|| format!("account {}", account.name))?;
-        let handle = account::spawn(
+            .with_context(|| format!("account {}", account.name))?
+            .with_refresh_token(refresh_token);
+        let handle = account::spawn_with_state(
             account.clone(),
             endpoint,
             self.shared.clone(),
+            saved,
             self.cancel.child_token(),
             &self.tracker,
         );
@@ -162,28 +182,52 @@ impl Supervisor {
             .into_iter()
             .map(|a| (a.name.clone(), a))
             .collect();
+        // Tokens of changed accounts that were issued for the same request: the new
+        // task starts from them instead of asking the provider (an output-only change).
+        let mut carried: BTreeMap<String, Arc<Token>> = BTreeMap::new();
         let names: Vec<String> = self.accounts.keys().cloned().collect();
         for name in names {
-            let keep = wanted
-                .get(&name)
-                .is_some_and(|a| *a == *self.accounts[&name].view.account);
-            if keep {
+            let old = &self.accounts[&name].view.account;
+            if wanted.get(&name).is_some_and(|a| a == &**old) {
                 wanted.remove(&name);
                 continue;
             }
             let old = self.accounts.remove(&name).expect("name came from the map");
             old.stop();
-            if !wanted.contains_key(&name) {
-                tracing::info!(account = %name, "account removed");
-                if let Err(e) = crate::output::remove_all(&old.view.account) {
-                    tracing::error!(account = %name, "{e}");
+            let account = &old.view.account;
+            match wanted.get(&name) {
+                None => {
+                    tracing::info!(account = %name, "account removed");
+                    if let Err(e) = output::remove_all(account) {
+                        tracing::error!(account = %name, "{e}");
+                    }
                 }
-            } else {
-                tracing::info!(account = %name, "account changed: restarting it");
+                Some(new) => {
+                    tracing::info!(account = %name, "account changed: restarting it");
+                    let gone: Vec<Output> = account
+                        .outputs
+                        .iter()
+                        .filter(|o| !new.outputs.iter().any(|n| n.path == o.path))
+                        .cloned()
+                        .collect();
+                    let stale = Account {
+                        outputs: gone,
+                        ..(**account).clone()
+                    };
+                    if let Err(e) = output::remove_all(&stale) {
+                        tracing::error!(account = %name, "{e}");
+                    }
+                    if persist::Fingerprint::of(new) == persist::Fingerprint::of(account) {
+                        if let Some(t) = old.view.state.borrow().token.clone() {
+                            carried.insert(name.clone(), t);
+                        }
+                    }
+                }
             }
         }
         for (name, a) in wanted {
-            if let Err(e) = self.start(Arc::new(a)) {
+            let carry = carried.remove(&name);
+            if let Err(e) = self.start(Arc::new(a), carry) {
                 tracing::error!(account = %name, "failed to start: {e:#}");
             }
         }

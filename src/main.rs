@@ -46,7 +46,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Check(args) => commands::check(&config::load(&args.config)?),
         Command::Once(args) => {
             let config = load(&args.config.config)?;
-            runtime()?.block_on(commands::once(&config, &args.accounts))
+            runtime()?.block_on(commands::once(&config, &args.accounts, args.min_valid))
         }
     }
 }

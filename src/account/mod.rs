@@ -2,9 +2,10 @@
 //! the provider next (`schedule`), and the state it publishes to readers (`state`).
 
 pub mod hooks;
+pub mod persist;
 pub mod schedule;
 pub mod state;
 pub mod task;
 
 pub use state::{Status, TokenState};
-pub use task::{spawn, AccountHandle, AccountView, Shared};
+pub use task::{spawn, spawn_with_state, AccountHandle, AccountView, Shared};

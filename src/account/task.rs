@@ -11,11 +11,14 @@ use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use std::path::PathBuf;
+
 use super::hooks;
+use super::persist::{self, Saved, SavedToken};
 use super::schedule::{self, ErrorClass};
 use super::state::{Status, TokenState};
 use crate::clock::Clock;
-use crate::config::Account;
+use crate::config::{Account, Grant};
 use crate::oauth::{Endpoint, Token};
 use crate::output;
 
@@ -27,6 +30,19 @@ pub struct Shared {
     pub clock: Clock,
     /// Woken whenever any account publishes a new state (readiness, STATUS=).
     pub changed: Arc<tokio::sync::Notify>,
+    /// Where tokens are kept across restarts (`[daemon] state_dir`).
+    pub state_dir: Option<PathBuf>,
+}
+
+impl Shared {
+    pub fn new(max_concurrent_refreshes: usize, clock: Clock, state_dir: Option<PathBuf>) -> Self {
+        Shared {
+            semaphore: Arc::new(Semaphore::new(max_concurrent_refreshes)),
+            clock,
+            changed: Default::default(),
+            state_dir,
+        }
+    }
 }
 
 /// A reader's view of a running account (the socket server, readiness, status): its
@@ -59,11 +75,25 @@ impl AccountHandle {
     }
 }
 
-/// Starts the refresh loop of `account` on `tracker`.
+/// Starts the refresh loop of `account` on `tracker`, with no saved state.
 pub fn spawn<E: Endpoint>(
     account: Arc<Account>,
     endpoint: E,
     shared: Shared,
+    cancel: CancellationToken,
+    tracker: &TaskTracker,
+) -> AccountHandle {
+    let saved = Saved::new(&account);
+    spawn_with_state(account, endpoint, shared, saved, cancel, tracker)
+}
+
+/// Starts the refresh loop of `account` on `tracker` from `saved` state (see
+/// [`persist::prepare`]): a saved token still valid is published without a request.
+pub fn spawn_with_state<E: Endpoint>(
+    account: Arc<Account>,
+    endpoint: E,
+    shared: Shared,
+    saved: Saved,
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) -> AccountHandle {
@@ -78,6 +108,7 @@ pub fn spawn<E: Endpoint>(
         cancel: cancel.clone(),
         rng: rand::rngs::StdRng::from_entropy(),
         expired: None,
+        saved,
     };
     tracker.spawn(task.run());
     AccountHandle {
@@ -100,6 +131,8 @@ struct Task<E> {
     rng: rand::rngs::StdRng,
     /// The expiry already acted on, so an expired token is expired once.
     expired: Option<SystemTime>,
+    /// What is kept in the state directory for this account.
+    saved: Saved,
 }
 
 impl<E: Endpoint> Task<E> {
@@ -115,7 +148,7 @@ impl<E: Endpoint> Task<E> {
             tracing::info!(account = %name, removed, "removed stale temporary files");
         }
 
-        let mut next = Instant::now();
+        let mut next = self.restore().await;
         let mut hold_until: Option<Instant> = None;
         let mut last_attempt: Option<Instant> = None;
         loop {
@@ -179,10 +212,88 @@ impl<E: Endpoint> Task<E> {
                     );
                     hold_until = (class == ErrorClass::Rejected).then_some(now + delay);
                     next = now + delay;
+                    let message = match (&self.account.grant, class) {
+                        (Grant::RefreshToken { .. }, ErrorClass::Rejected) => format!(
+                            "{message}; the refresh token was refused: configure a new refresh_token"
+                        ),
+                        _ => message,
+                    };
                     self.fail(message, failures, class, delay);
+                    if self.shared.state_dir.is_some() {
+                        self.saved
+                            .set_not_before(Some(self.shared.clock.now() + delay));
+                        self.save().await;
+                    }
                 }
             }
             self.publish_next(next);
+        }
+    }
+
+    /// Publishes a saved token that is still valid, without asking the provider, and
+    /// returns when to ask next: when that token is due for refresh, and not before a
+    /// saved backoff or hold ends (so a crash loop is no request loop).
+    async fn restore(&mut self) -> Instant {
+        let now = self.shared.clock.now();
+        let mut next = Instant::now();
+        if let Some(token) = self
+            .saved
+            .token_valid_for(&self.account, now, Duration::ZERO)
+        {
+            let token = Arc::new(token);
+            let write = tokio::task::spawn_blocking({
+                let (a, t) = (self.account.clone(), token.clone());
+                move || output::write_all(&a, &t)
+            })
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            match write {
+                Ok(()) => {
+                    let due = token.issued_at
+                        + schedule::refresh_delay(
+                            &self.account.schedule,
+                            token.lifetime(),
+                            rand::Rng::gen(&mut self.rng),
+                        );
+                    let wait = due.duration_since(now).unwrap_or_default();
+                    tracing::info!(
+                        account = %self.account.name,
+                        expires_in = token.expires_at.duration_since(now).unwrap_or_default().as_secs(),
+                        next_refresh_in = wait.as_secs(),
+                        "serving the saved token"
+                    );
+                    next += wait;
+                    self.publish(|s| {
+                        s.status = Status::Fresh;
+                        s.token = Some(token.clone());
+                        s.last_refresh = Some(token.issued_at);
+                        s.attempted = true;
+                    });
+                }
+                Err(e) => tracing::error!(account = %self.account.name, "{e}"),
+            }
+        }
+        if let Some(nb) = self.saved.not_before() {
+            if let Ok(wait) = nb.duration_since(now) {
+                tracing::info!(account = %self.account.name, wait = wait.as_secs(), "waiting as planned before the restart");
+                next = next.max(Instant::now() + wait);
+            }
+        }
+        next
+    }
+
+    /// Saves this account's state, if there is a state directory. A failure is logged:
+    /// the daemon keeps working, at the cost of a request after a restart.
+    async fn save(&self) {
+        let Some(dir) = self.shared.state_dir.clone() else {
+            return;
+        };
+        let (name, saved) = (self.account.name.clone(), self.saved.clone());
+        let result = tokio::task::spawn_blocking(move || persist::save(&dir, &name, &saved))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        if let Err(e) = result {
+            tracing::error!(account = %self.account.name, "failed to save state: {e}");
         }
     }
 
@@ -194,6 +305,15 @@ impl<E: Endpoint> Task<E> {
         took: Duration,
     ) -> Result<Duration, (ErrorClass, String)> {
         let token = Arc::new(token);
+        // The state first: a rotated refresh token must survive a crash right after.
+        self.saved.token = Some(SavedToken::from_token(&token));
+        if let Some(rt) = &token.refresh_token {
+            if matches!(self.account.grant, Grant::RefreshToken { .. }) {
+                self.saved.refresh_token = Some(rt.expose().to_owned());
+            }
+        }
+        self.saved.set_not_before(None);
+        self.save().await;
         let write = tokio::task::spawn_blocking({
             let (a, t) = (self.account.clone(), token.clone());
             move || output::write_all(&a, &t)

@@ -177,6 +177,9 @@ pub struct HttpEndpoint {
     account: Arc<Account>,
     client: reqwest::Client,
     clock: Clock,
+    /// The refresh_token grant's current refresh token, once one was rotated or restored
+    /// from the state directory; until then the configured one is used.
+    refresh_token: std::sync::Mutex<Option<Secret>>,
 }
 
 impl HttpEndpoint {
@@ -214,7 +217,17 @@ impl HttpEndpoint {
             account,
             client,
             clock,
+            refresh_token: Default::default(),
         })
+    }
+
+    /// Starts the refresh_token grant from `rt` instead of the configured token.
+    pub fn with_refresh_token(self, rt: Option<Secret>) -> Self {
+        *self
+            .refresh_token
+            .lock()
+            .expect("never poisoned: no panics under the lock") = rt;
+        self
     }
 
     async fn send(&self, req: TokenRequest) -> Result<Token, Error> {
@@ -263,8 +276,17 @@ impl HttpEndpoint {
 
 impl Endpoint for HttpEndpoint {
     async fn fetch(&self) -> Result<Token, Error> {
-        let creds = Credentials::read(&self.account)?;
-        self.send(build(&self.account, &creds)).await
+        let mut creds = Credentials::read(&self.account)?;
+        let rotated = self.refresh_token.lock().expect("never poisoned").clone();
+        if rotated.is_some() {
+            creds.refresh_token = rotated;
+        }
+        let token = self.send(build(&self.account, &creds)).await?;
+        if let (Grant::RefreshToken { .. }, Some(rt)) = (&self.account.grant, &token.refresh_token)
+        {
+            *self.refresh_token.lock().expect("never poisoned") = Some(rt.clone());
+        }
+        Ok(token)
     }
 }
 
