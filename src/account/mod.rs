@@ -8,4 +8,4 @@ pub mod state;
 pub mod task;
 
 pub use state::{Status, TokenState};
-pub use task::{spawn, spawn_with_state, AccountHandle, AccountView, Shared};
+pub use task::{spawn, spawn_with_state, AccountHandle, AccountView, Poke, Shared};

@@ -58,6 +58,10 @@ pub struct Saved {
     pub seed_refresh_token: Option<String>,
     /// No request before this (backoff, rate limit, refused credentials), in Unix seconds.
     pub not_before: Option<u64>,
+    /// Set when `not_before` is a hold after refused credentials: the
+    /// [`credentials_key`] they were refused with. Other credentials end the hold.
+    #[serde(default)]
+    pub hold_key: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize, Clone)]
@@ -112,6 +116,7 @@ impl Saved {
             refresh_token: None,
             seed_refresh_token: None,
             not_before: None,
+            hold_key: None,
         }
     }
 
@@ -153,6 +158,11 @@ pub fn prepare(account: &Account, saved: Option<Saved>) -> (Saved, Option<Secret
     let mut s = saved
         .filter(|s| s.fingerprint == Fingerprint::of(account))
         .unwrap_or_else(|| Saved::new(account));
+    if s.hold_key.is_some() && s.hold_key != Some(credentials_key(account)) {
+        // Refused credentials were replaced while tokend was down: ask again now.
+        s.hold_key = None;
+        s.not_before = None;
+    }
     let Grant::RefreshToken {
         refresh_token: spec,
     } = &account.grant
@@ -176,6 +186,18 @@ pub fn prepare(account: &Account, saved: Option<Saved>) -> (Saved, Option<Secret
             (s, rt)
         }
     }
+}
+
+/// A digest of an account's settings and current secret values, to tell whether the
+/// credentials a provider refused have changed since. Kept only in the 0600 state file.
+pub fn credentials_key(account: &Account) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    format!("{account:?}").hash(&mut h);
+    for (_, spec) in account.secrets() {
+        spec.read().ok().map(|s| s.expose().to_owned()).hash(&mut h);
+    }
+    h.finish()
 }
 
 fn path(dir: &Path, name: &str) -> PathBuf {

@@ -32,6 +32,93 @@ pub struct Shared {
     pub changed: Arc<tokio::sync::Notify>,
     /// Where tokens are kept across restarts (`[daemon] state_dir`).
     pub state_dir: Option<PathBuf>,
+    /// Rate limits per provider: accounts that share a `token_url` share its limit.
+    pub providers: Arc<Providers>,
+    /// Accounts identical in what they ask for share one request.
+    pub siblings: Arc<Siblings>,
+}
+
+/// How often a waiting task compares the wall clock with its plan (see `run`).
+const WALL_CHECK: Duration = Duration::from_secs(30);
+
+/// Why a task is poked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Poke {
+    /// Refresh now, no sooner than `min_refresh_interval` after the last request, and
+    /// not while held after refused credentials.
+    Refresh,
+    /// A secret file changed: end a hold and ask now.
+    CredentialsChanged,
+}
+
+/// When each provider may be asked again after a 429.
+#[derive(Default)]
+pub struct Providers(std::sync::Mutex<std::collections::HashMap<String, SystemTime>>);
+
+impl Providers {
+    fn key(url: &url::Url) -> String {
+        crate::oauth::request::redacted_url(url)
+    }
+
+    /// Records that the provider at `url` asked to wait until `until` (or, with no date,
+    /// a short while).
+    pub fn limit(&self, url: &url::Url, until: Option<SystemTime>, now: SystemTime) {
+        let until = until.unwrap_or(now + Duration::from_secs(1));
+        let mut m = self
+            .0
+            .lock()
+            .expect("never poisoned: no panics under the lock");
+        let e = m.entry(Self::key(url)).or_insert(until);
+        *e = (*e).max(until);
+    }
+
+    /// Until when the provider at `url` is not to be asked, if it said so.
+    pub fn gate(&self, url: &url::Url) -> Option<SystemTime> {
+        self.0
+            .lock()
+            .expect("never poisoned")
+            .get(&Self::key(url))
+            .copied()
+    }
+}
+
+type SiblingCell = Arc<tokio::sync::Mutex<Option<Arc<Token>>>>;
+
+/// The last token fetched for each distinct request, shared by identical accounts.
+#[derive(Default)]
+pub struct Siblings(std::sync::Mutex<std::collections::HashMap<String, SiblingCell>>);
+
+impl Siblings {
+    fn cell(&self, key: &str) -> SiblingCell {
+        let mut m = self
+            .0
+            .lock()
+            .expect("never poisoned: no panics under the lock");
+        m.entry(key.to_owned()).or_default().clone()
+    }
+}
+
+/// What makes two accounts' requests the same: endpoint, client, grant, user, scope,
+/// parameters, client authentication and where the secrets come from. The
+/// refresh_token grant is never shared: each account has its own rotation chain.
+fn sibling_key(a: &Account) -> Option<String> {
+    if matches!(a.grant, Grant::RefreshToken { .. }) {
+        return None;
+    }
+    let secrets: Vec<String> = a
+        .secrets()
+        .iter()
+        .map(|(k, s)| format!("{k}={}", s.describe()))
+        .collect();
+    Some(format!(
+        "{:?}|{:?}|{:?}|{:?}|{:?}|{}",
+        persist::Fingerprint::of(a),
+        a.client_auth,
+        a.basic_encoding,
+        a.params_in,
+        a.extra_headers,
+        secrets.join(",")
+    ))
 }
 
 impl Shared {
@@ -41,6 +128,8 @@ impl Shared {
             clock,
             changed: Default::default(),
             state_dir,
+            providers: Default::default(),
+            siblings: Default::default(),
         }
     }
 }
@@ -51,7 +140,7 @@ impl Shared {
 pub struct AccountView {
     pub account: Arc<Account>,
     pub state: watch::Receiver<TokenState>,
-    refresh: mpsc::Sender<()>,
+    refresh: mpsc::Sender<Poke>,
 }
 
 impl AccountView {
@@ -59,7 +148,13 @@ impl AccountView {
     /// last request, and not while the account is held after a refused credential).
     /// Pokes coalesce.
     pub fn refresh_now(&self) {
-        let _ = self.refresh.try_send(());
+        let _ = self.refresh.try_send(Poke::Refresh);
+    }
+
+    /// Tells the account one of its secret files changed: a hold after refused
+    /// credentials ends, and the provider is asked now.
+    pub fn credentials_changed(&self) {
+        let _ = self.refresh.try_send(Poke::CredentialsChanged);
     }
 }
 
@@ -98,7 +193,7 @@ pub fn spawn_with_state<E: Endpoint>(
     tracker: &TaskTracker,
 ) -> AccountHandle {
     let (state_tx, state_rx) = watch::channel(TokenState::default());
-    let (refresh_tx, refresh_rx) = mpsc::channel(1);
+    let (refresh_tx, refresh_rx) = mpsc::channel(4);
     let task = Task {
         account: account.clone(),
         endpoint,
@@ -108,6 +203,7 @@ pub fn spawn_with_state<E: Endpoint>(
         cancel: cancel.clone(),
         rng: rand::rngs::StdRng::from_entropy(),
         expired: None,
+        sibling_key: sibling_key(&account),
         saved,
     };
     tracker.spawn(task.run());
@@ -126,13 +222,14 @@ struct Task<E> {
     endpoint: E,
     shared: Shared,
     state: watch::Sender<TokenState>,
-    refresh: mpsc::Receiver<()>,
+    refresh: mpsc::Receiver<Poke>,
     cancel: CancellationToken,
     rng: rand::rngs::StdRng,
     /// The expiry already acted on, so an expired token is expired once.
     expired: Option<SystemTime>,
     /// What is kept in the state directory for this account.
     saved: Saved,
+    sibling_key: Option<String>,
 }
 
 impl<E: Endpoint> Task<E> {
@@ -148,52 +245,72 @@ impl<E: Endpoint> Task<E> {
             tracing::info!(account = %name, removed, "removed stale temporary files");
         }
 
-        let mut next = self.restore().await;
-        let mut hold_until: Option<Instant> = None;
+        let (mut next, mut hold_until) = self.restore().await;
+        let mut next_wall = self.wall(next);
         let mut last_attempt: Option<Instant> = None;
         loop {
             let expiry = self.expiry_instant();
             let wake = expiry.map_or(next, |e| e.min(next));
+            // The monotonic clock stops while the machine sleeps: look at the wall clock
+            // now and then, so a refresh that fell due during a suspend happens on resume.
+            let wake = wake.min(Instant::now() + WALL_CHECK);
             tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => return,
-                Some(()) = self.refresh.recv() => {
+                Some(poke) = self.refresh.recv() => {
                     let now = Instant::now();
-                    if hold_until.is_some_and(|h| h > now) {
-                        tracing::info!(account = %name, "refresh asked for, but the account is held after the provider refused its credentials");
-                        continue;
-                    }
-                    let earliest = last_attempt.map_or(now, |l| l + self.account.schedule.min_refresh_interval);
-                    if earliest > now {
-                        next = next.min(earliest);
-                        self.publish_next(next);
-                        continue;
+                    match poke {
+                        Poke::CredentialsChanged => {
+                            // Ends any hold: the request below sets it anew.
+                            tracing::info!(account = %name, "credentials changed: asking the provider now");
+                        }
+                        Poke::Refresh if hold_until.is_some_and(|h| h > now) => {
+                            tracing::info!(account = %name, "refresh asked for, but the account is held after the provider refused its credentials");
+                            continue;
+                        }
+                        Poke::Refresh => {
+                            let earliest = last_attempt.map_or(now, |l| l + self.account.schedule.min_refresh_interval);
+                            if earliest > now {
+                                next = next.min(earliest);
+                                next_wall = self.wall(next);
+                                self.publish_next(next);
+                                continue;
+                            }
+                        }
                     }
                 }
                 _ = sleep_until(wake) => {
-                    if Instant::now() < next {
-                        self.expire();
+                    let due = Instant::now() >= next || self.shared.clock.now() >= next_wall;
+                    if !due {
+                        if self.token_expired() {
+                            self.expire();
+                        }
                         continue;
                     }
                 }
             }
 
+            if !self.wait_for_provider().await {
+                return;
+            }
             last_attempt = Some(Instant::now());
             self.publish(|s| s.status = Status::Refreshing);
-            let result = {
-                let _permit = tokio::select! {
-                    _ = self.cancel.cancelled() => return,
-                    p = self.shared.semaphore.acquire() => p.expect("the semaphore is never closed"),
-                };
-                let started = Instant::now();
-                tokio::select! {
-                    _ = self.cancel.cancelled() => return,
-                    r = self.endpoint.fetch() => r.map(|t| (t, started.elapsed())),
-                }
+            let Some(result) = self.fetch().await else {
+                return;
             };
             let outcome = match result {
                 Ok((token, took)) => self.accept(token, took).await,
-                Err(e) => Err((schedule::classify(&e), e.to_string())),
+                Err(e) => {
+                    let class = schedule::classify(&e);
+                    if let ErrorClass::RateLimited(until) = class {
+                        self.shared.providers.limit(
+                            &self.account.token_url,
+                            until,
+                            self.shared.clock.now(),
+                        );
+                    }
+                    Err((class, e.to_string()))
+                }
             };
             let now = Instant::now();
             match outcome {
@@ -222,18 +339,93 @@ impl<E: Endpoint> Task<E> {
                     if self.shared.state_dir.is_some() {
                         self.saved
                             .set_not_before(Some(self.shared.clock.now() + delay));
+                        self.saved.hold_key = (class == ErrorClass::Rejected)
+                            .then(|| persist::credentials_key(&self.account));
                         self.save().await;
                     }
                 }
             }
+            next_wall = self.wall(next);
             self.publish_next(next);
         }
+    }
+
+    /// Waits while the provider (every account on this `token_url`) is rate-limited.
+    /// False if cancelled meanwhile.
+    async fn wait_for_provider(&self) -> bool {
+        let Some(until) = self.shared.providers.gate(&self.account.token_url) else {
+            return true;
+        };
+        let wait = until
+            .duration_since(self.shared.clock.now())
+            .unwrap_or_default();
+        if wait.is_zero() {
+            return true;
+        }
+        tracing::info!(account = %self.account.name, wait = wait.as_secs(), "provider rate-limited: waiting");
+        tokio::select! {
+            _ = self.cancel.cancelled() => false,
+            _ = tokio::time::sleep(wait) => true,
+        }
+    }
+
+    /// One token request under the shared semaphore; None if cancelled meanwhile.
+    /// Accounts identical in what they ask for share one request: a token an identical
+    /// account fetched since this account's own, and not yet due, is reused.
+    async fn fetch(&self) -> Option<Result<(Token, Duration), crate::oauth::Error>> {
+        let cell = self
+            .sibling_key
+            .as_ref()
+            .map(|k| self.shared.siblings.cell(k));
+        let mut guard = match &cell {
+            Some(c) => Some(tokio::select! {
+                _ = self.cancel.cancelled() => return None,
+                g = c.lock() => g,
+            }),
+            None => None,
+        };
+        if let Some(t) = guard.as_ref().and_then(|g| g.as_ref()) {
+            let mine = self.state.borrow().token.as_ref().map(|m| m.issued_at);
+            let due =
+                t.issued_at + schedule::refresh_delay(&self.account.schedule, t.lifetime(), 1.0);
+            if mine.is_none_or(|m| t.issued_at > m) && self.shared.clock.now() < due {
+                tracing::debug!(account = %self.account.name, "reusing the token an identical account just fetched");
+                return Some(Ok(((**t).clone(), Duration::ZERO)));
+            }
+        }
+        let _permit = tokio::select! {
+            _ = self.cancel.cancelled() => return None,
+            p = self.shared.semaphore.acquire() => p.expect("the semaphore is never closed"),
+        };
+        let started = Instant::now();
+        let result = tokio::select! {
+            _ = self.cancel.cancelled() => return None,
+            r = self.endpoint.fetch() => r,
+        };
+        if let (Some(g), Ok(t)) = (guard.as_mut(), &result) {
+            **g = Some(Arc::new(t.clone()));
+        }
+        Some(result.map(|t| (t, started.elapsed())))
+    }
+
+    /// The wall-clock time of a point on tokio's clock.
+    fn wall(&self, at: Instant) -> SystemTime {
+        self.shared.clock.now() + at.saturating_duration_since(Instant::now())
+    }
+
+    /// Whether the held token has expired by the wall clock and was not yet acted on.
+    fn token_expired(&self) -> bool {
+        let s = self.state.borrow();
+        s.token.as_ref().is_some_and(|t| {
+            self.expired != Some(t.expires_at) && !t.is_valid_at(self.shared.clock.now())
+        })
     }
 
     /// Publishes a saved token that is still valid, without asking the provider, and
     /// returns when to ask next: when that token is due for refresh, and not before a
     /// saved backoff or hold ends (so a crash loop is no request loop).
-    async fn restore(&mut self) -> Instant {
+    /// Also returns the end of a hold after refused credentials that outlived a restart.
+    async fn restore(&mut self) -> (Instant, Option<Instant>) {
         let now = self.shared.clock.now();
         let mut next = Instant::now();
         if let Some(token) = self
@@ -273,13 +465,25 @@ impl<E: Endpoint> Task<E> {
                 Err(e) => tracing::error!(account = %self.account.name, "{e}"),
             }
         }
+        let mut hold = None;
         if let Some(nb) = self.saved.not_before() {
             if let Ok(wait) = nb.duration_since(now) {
-                tracing::info!(account = %self.account.name, wait = wait.as_secs(), "waiting as planned before the restart");
+                let held = self.saved.hold_key.is_some();
+                tracing::info!(
+                    account = %self.account.name,
+                    wait = wait.as_secs(),
+                    "{}",
+                    if held {
+                        "still holding after the provider refused these credentials before the restart"
+                    } else {
+                        "waiting as planned before the restart"
+                    }
+                );
                 next = next.max(Instant::now() + wait);
+                hold = held.then_some(next);
             }
         }
-        next
+        (next, hold)
     }
 
     /// Saves this account's state, if there is a state directory. A failure is logged:
