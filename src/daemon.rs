@@ -2,12 +2,13 @@
 //! signals into shutdown. Everyone else reads account state through `watch` receivers.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -19,10 +20,14 @@ use crate::oauth::HttpEndpoint;
 use crate::oauth::Token;
 use crate::output;
 use crate::systemd::{self, Notifier};
+use crate::watch::Watcher;
 
 /// Every running account by name, as readers see them. The supervisor publishes a new
 /// map on a `watch` channel whenever accounts start or stop.
 pub type Accounts = Arc<BTreeMap<String, AccountView>>;
+
+/// How long a burst of file events may last before it is looked at.
+const WATCH_SETTLE: Duration = Duration::from_millis(200);
 
 /// How long shutdown waits for account tasks (SPEC §6: stop within a second).
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(800);
@@ -38,12 +43,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let watchdog = systemd::watchdog_interval();
     let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
 
+    // The config file and the secret files are watched; a failed watch leaves SIGHUP.
+    let path = config.path.clone();
+    let mut config_text = std::fs::read(&path).ok();
+    let (watch_tx, mut watch_rx) = mpsc::channel(1);
+    let mut watcher = Watcher::new(watch_tx)
+        .map_err(|e| tracing::warn!("failed to watch files for changes ({e}); reload with SIGHUP"))
+        .ok();
+
     let mut sup = Supervisor::new(&config);
     for a in &config.accounts {
         sup.start(Arc::new(a.clone()), None)?;
     }
     sup.publish();
-    tracing::info!(accounts = config.accounts.len(), config = %config.path.display(), "tokend started");
+    if let Some(w) = &mut watcher {
+        w.watch_files(sup.watched_files(&path).iter().map(PathBuf::as_path));
+    }
+    tracing::info!(accounts = config.accounts.len(), config = %path.display(), "tokend started");
 
     // READY=1 once every account had its first try, or at startup_timeout.
     let startup_deadline = Instant::now() + config.daemon.startup_timeout;
@@ -60,21 +76,26 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             notifier.status(&summary);
             status = summary;
         }
+        if let Some(w) = &mut watcher {
+            w.watch_files(sup.watched_files(&path).iter().map(PathBuf::as_path));
+        }
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break }
             _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break }
             _ = sighup.recv() => {
-                tracing::info!("SIGHUP: reloading {}", config.path.display());
-                notifier.reloading();
-                match crate::config::load(&config.path) {
-                    Ok(new) => {
-                        sup.reload(new);
-                        sup.publish();
-                    }
-                    Err(e) => tracing::error!("{e}; keeping the running config"),
+                tracing::info!("SIGHUP: reloading {}", path.display());
+                config_text = sup.reload_from(&path, &notifier);
+            }
+            Some(()) = watch_rx.recv() => {
+                // Let a burst of events (write, rename, chmod, symlink swap) settle.
+                tokio::time::sleep(WATCH_SETTLE).await;
+                while watch_rx.try_recv().is_ok() {}
+                if std::fs::read(&path).ok() != config_text {
+                    tracing::info!("{} changed: reloading", path.display());
+                    config_text = sup.reload_from(&path, &notifier);
                 }
-                notifier.ready(&sup.summary());
+                sup.check_secrets();
             }
             _ = sup.shared.changed.notified() => {}
             _ = tokio::time::sleep_until(startup_deadline), if !ready => {}
@@ -92,6 +113,8 @@ struct Supervisor {
     cancel: CancellationToken,
     tracker: TaskTracker,
     views: watch::Sender<Accounts>,
+    /// Each account's [`persist::credentials_key`], to notice changed secret files.
+    credentials: BTreeMap<String, u64>,
 }
 
 impl Supervisor {
@@ -106,6 +129,51 @@ impl Supervisor {
             cancel: CancellationToken::new(),
             tracker: TaskTracker::new(),
             views: watch::Sender::new(Accounts::default()),
+            credentials: BTreeMap::new(),
+        }
+    }
+
+    /// Reads, validates and applies the config at `path`, between systemd's
+    /// RELOADING=1 and READY=1; an invalid config is logged and changes nothing. Returns
+    /// the file's content as read, to tell later whether it changed.
+    fn reload_from(&mut self, path: &Path, notifier: &Notifier) -> Option<Vec<u8>> {
+        notifier.reloading();
+        let text = std::fs::read(path).ok();
+        match crate::config::load(path) {
+            Ok(new) => {
+                self.reload(new);
+                self.publish();
+                tracing::info!("config reloaded: {}", self.summary());
+            }
+            Err(e) => tracing::error!("{e}; keeping the running config"),
+        }
+        notifier.ready(&self.summary());
+        text
+    }
+
+    /// The files whose changes matter: the config and every secret file.
+    fn watched_files(&self, config: &Path) -> Vec<PathBuf> {
+        let mut files = vec![config.to_owned()];
+        for h in self.accounts.values() {
+            files.extend(
+                h.view
+                    .account
+                    .secrets()
+                    .iter()
+                    .filter_map(|(_, s)| s.path()),
+            );
+        }
+        files
+    }
+
+    /// Pokes every account whose secrets changed since last looked at.
+    fn check_secrets(&mut self) {
+        for (name, h) in &self.accounts {
+            let key = persist::credentials_key(&h.view.account);
+            if self.credentials.insert(name.clone(), key) != Some(key) {
+                tracing::info!(account = %name, "a secret changed");
+                h.view.credentials_changed();
+            }
         }
     }
 
@@ -170,6 +238,8 @@ impl Supervisor {
             self.cancel.child_token(),
             &self.tracker,
         );
+        self.credentials
+            .insert(account.name.clone(), persist::credentials_key(&account));
         self.accounts.insert(account.name.clone(), handle);
         Ok(())
     }
@@ -198,6 +268,7 @@ impl Supervisor {
             match wanted.get(&name) {
                 None => {
                     tracing::info!(account = %name, "account removed");
+                    self.credentials.remove(&name);
                     if let Err(e) = output::remove_all(account) {
                         tracing::error!(account = %name, "{e}");
                     }
