@@ -2,7 +2,8 @@
 //! (issued_at, expires_at, Retry-After dates) come from here, so tests that pause tokio's
 //! clock can make wall time follow it.
 
-use std::time::SystemTime;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
@@ -10,23 +11,37 @@ use tokio::time::Instant;
 pub enum Clock {
     /// The system's real-time clock.
     System,
-    /// Wall time that advances with tokio's (possibly paused) clock, from an anchor.
-    Tokio { wall: SystemTime, at: Instant },
+    /// Wall time that advances with tokio's (possibly paused) clock, from an anchor,
+    /// plus `skew` milliseconds: tests move it to stand for a suspend, during which
+    /// the wall clock runs and the monotonic one does not.
+    Tokio {
+        wall: SystemTime,
+        at: Instant,
+        skew: &'static AtomicU64,
+    },
 }
 
 impl Clock {
     /// A clock that follows tokio's time, starting at the real current time.
     pub fn tokio() -> Self {
+        Self::tokio_with_skew(Box::leak(Box::default()))
+    }
+
+    /// A tokio-following clock whose wall time is ahead by `skew` milliseconds.
+    pub fn tokio_with_skew(skew: &'static AtomicU64) -> Self {
         Clock::Tokio {
             wall: SystemTime::now(),
             at: Instant::now(),
+            skew,
         }
     }
 
     pub fn now(&self) -> SystemTime {
         match self {
             Clock::System => SystemTime::now(),
-            Clock::Tokio { wall, at } => *wall + at.elapsed(),
+            Clock::Tokio { wall, at, skew } => {
+                *wall + at.elapsed() + Duration::from_millis(skew.load(Ordering::Relaxed))
+            }
         }
     }
 }
@@ -43,7 +58,6 @@ pub fn rfc3339(t: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn rfc3339_is_utc_seconds() {
