@@ -29,8 +29,14 @@ pub fn init(format: LogFormat, level: &str) {
             )
             .try_init(),
         LogFormat::Journald => match tracing_journald::layer() {
+            // Fields go to the journal as they are named, upper-cased, with no prefix:
+            // `account` -> ACCOUNT=, `expires_in` -> EXPIRES_IN= (journalctl ACCOUNT=msk).
             Ok(layer) => registry
-                .with(layer.with_syslog_identifier("tokend".into()))
+                .with(
+                    layer
+                        .with_syslog_identifier("tokend".into())
+                        .with_field_prefix(None),
+                )
                 .try_init(),
             Err(e) => {
                 eprintln!("tokend: failed to connect to journald ({e}); logging text to stderr");

@@ -541,6 +541,7 @@ impl<E: Endpoint> Task<E> {
         let recovered = self.state.borrow().failures > 0;
         tracing::info!(
             account = %self.account.name,
+            status = "fresh",
             expires_in = lifetime.as_secs(),
             next_refresh_in = delay.as_secs(),
             took_ms = took.as_millis() as u64,
@@ -565,11 +566,12 @@ impl<E: Endpoint> Task<E> {
         match class {
             ErrorClass::Rejected if changed => tracing::error!(
                 account = %self.account.name,
+                status = "failing",
                 retry_in,
                 "token request refused: {message}; holding off so a wrong secret cannot lock the account"
             ),
             _ if changed => {
-                tracing::warn!(account = %self.account.name, failures, retry_in, "token request failed: {message}")
+                tracing::warn!(account = %self.account.name, status = "failing", failures, retry_in, "token request failed: {message}")
             }
             _ => {
                 tracing::debug!(account = %self.account.name, failures, retry_in, "token request failed again: {message}")
@@ -592,7 +594,7 @@ impl<E: Endpoint> Task<E> {
     fn expire(&mut self) {
         self.expired = self.state.borrow().token.as_ref().map(|t| t.expires_at);
         let removed = output::remove_all(&self.account);
-        tracing::warn!(account = %self.account.name, "token expired without renewal");
+        tracing::warn!(account = %self.account.name, status = "expired", "token expired without renewal");
         if let Err(e) = removed {
             tracing::error!(account = %self.account.name, "{e}");
         }
