@@ -76,9 +76,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             notifier.status(&summary);
             status = summary;
         }
-        if let Some(w) = &mut watcher {
-            w.watch_files(sup.watched_files(&path).iter().map(PathBuf::as_path));
-        }
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break }
@@ -86,6 +83,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             _ = sighup.recv() => {
                 tracing::info!("SIGHUP: reloading {}", path.display());
                 config_text = sup.reload_from(&path, &notifier);
+                if let Some(w) = &mut watcher {
+                    w.watch_files(sup.watched_files(&path).iter().map(PathBuf::as_path));
+                }
             }
             Some(()) = watch_rx.recv() => {
                 // Let a burst of events (write, rename, chmod, symlink swap) settle.
@@ -94,6 +94,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 if std::fs::read(&path).ok() != config_text {
                     tracing::info!("{} changed: reloading", path.display());
                     config_text = sup.reload_from(&path, &notifier);
+                    if let Some(w) = &mut watcher {
+                        w.watch_files(sup.watched_files(&path).iter().map(PathBuf::as_path));
+                    }
                 }
                 sup.check_secrets();
             }

@@ -35,7 +35,13 @@ pub fn init(format: LogFormat, level: &str) {
                 .with(
                     layer
                         .with_syslog_identifier("tokend".into())
-                        .with_field_prefix(None),
+                        .with_field_prefix(None)
+                        // Priorities as syslog uses them: info is 6, debug and trace 7.
+                        .with_priority_mappings(tracing_journald::PriorityMappings {
+                            info: tracing_journald::Priority::Informational,
+                            debug: tracing_journald::Priority::Debug,
+                            ..tracing_journald::PriorityMappings::new()
+                        }),
                 )
                 .try_init(),
             Err(e) => {

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
@@ -14,30 +15,48 @@ use tokio::sync::mpsc;
 pub struct Watcher {
     inner: notify::RecommendedWatcher,
     dirs: BTreeSet<PathBuf>,
+    /// The files that matter; events about other files in their directories (token
+    /// outputs written next to the config, say) are ignored.
+    files: Arc<Mutex<BTreeSet<PathBuf>>>,
 }
 
 impl Watcher {
     /// A watcher that sends `()` on `tx` after any change (coalesced: capacity-1 channel).
     pub fn new(tx: mpsc::Sender<()>) -> notify::Result<Self> {
-        let inner = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            let relevant = match &event {
-                Ok(e) => !matches!(e.kind, notify::EventKind::Access(_)),
-                Err(_) => true,
-            };
-            if relevant {
-                let _ = tx.try_send(());
+        let files: Arc<Mutex<BTreeSet<PathBuf>>> = Arc::default();
+        let inner = notify::recommended_watcher({
+            let files = files.clone();
+            move |event: notify::Result<notify::Event>| {
+                let relevant = match &event {
+                    Ok(e) if matches!(e.kind, notify::EventKind::Access(_)) => false,
+                    Ok(e) => {
+                        let files = files
+                            .lock()
+                            .expect("never poisoned: no panics under the lock");
+                        e.paths
+                            .iter()
+                            .any(|p| files.contains(p) || is_atomic_swap(p))
+                    }
+                    // Lost events (queue overflow): look at everything again.
+                    Err(_) => true,
+                };
+                if relevant {
+                    let _ = tx.try_send(());
+                }
             }
         })?;
         Ok(Watcher {
             inner,
             dirs: BTreeSet::new(),
+            files,
         })
     }
 
     /// Watches exactly the directories holding `files` (adding and dropping watches).
     pub fn watch_files<'a>(&mut self, files: impl IntoIterator<Item = &'a Path>) {
+        let files: BTreeSet<PathBuf> = files.into_iter().map(Path::to_owned).collect();
         let wanted: BTreeSet<PathBuf> = files
-            .into_iter()
+            .iter()
             .map(|f| match f.parent() {
                 Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
                 _ => PathBuf::from("."),
@@ -60,5 +79,13 @@ impl Watcher {
             }
         }
         self.dirs = watching;
+        *self.files.lock().expect("never poisoned") = files;
     }
+}
+
+/// Kubernetes (and other atomic writers) swap a `..data` symlink or `..2024_...`
+/// directory beside the files, which themselves are links that never change.
+fn is_atomic_swap(p: &Path) -> bool {
+    p.file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with(".."))
 }

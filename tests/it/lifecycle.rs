@@ -1,0 +1,314 @@
+//! Never down, never locked out (SPEC §6), with `tokend run` against the fake IdP in
+//! real time: reload by rename-over, in-place write and SIGHUP; a broken config keeps
+//! the running one; rate limits shared per provider; refused credentials held until
+//! the secret file changes; a restart served from the state directory; kill -9 during
+//! writes; hooks after every rotation.
+
+use std::time::{Duration, Instant};
+
+use crate::support::fake_idp::{FakeIdp, Reply};
+use crate::support::{Daemon, Sandbox, LONG, SHORT};
+
+fn account(name: &str, url: &str, client_id: &str, extra: &str) -> String {
+    format!(
+        "[[account]]\nname = \"{name}\"\ntoken_url = \"{url}\"\nclient_id = \"{client_id}\"\n\
+         client_secret = {{ file = \"secret\" }}\n{extra}\n[[account.output]]\npath = \"out/{name}\"\n"
+    )
+}
+
+fn sandbox() -> Sandbox {
+    let sb = Sandbox::new();
+    sb.write(&sb.path("secret"), "client-secret\n", 0o600);
+    sb
+}
+
+/// Replaces the config the way editors do: a new file renamed over the old one.
+fn rename_over(sb: &Sandbox, text: &str) {
+    let tmp = sb.path(".config.toml.swp");
+    sb.write(&tmp, text, 0o600);
+    std::fs::rename(&tmp, sb.path("config.toml")).unwrap();
+}
+
+/// Requests the IdP got from `client_id`.
+fn requests_from(idp: &FakeIdp, client_id: &str) -> usize {
+    idp.requests()
+        .iter()
+        .filter(|r| {
+            r.basic()
+                .is_some_and(|b| b.starts_with(&format!("{client_id}:")))
+        })
+        .count()
+}
+
+#[test]
+fn reload_adds_removes_and_keeps_unchanged_accounts_without_new_requests() {
+    let idp = FakeIdp::start(Reply::token(3600));
+    let sb = sandbox();
+    let url = idp.url();
+    let a = account("a", &url, "id-a", "");
+    let b = account("b", &url, "id-b", "");
+    let d = Daemon::start(&sb.config(&format!("{a}\n{b}")));
+    d.wait_until("both tokens", SHORT, || {
+        sb.read("out/a").and(sb.read("out/b"))
+    });
+    let token_a = sb.read("out/a").unwrap();
+
+    // Rename-over: b goes, c comes, a stays as it was.
+    let c = account("c", &url, "id-c", "");
+    rename_over(&sb, &format!("{a}\n{c}"));
+    d.wait_until("c's token", SHORT, || sb.read("out/c"));
+    d.wait_until("b's output removed", SHORT, || {
+        sb.read("out/b").is_none().then_some(())
+    });
+    assert_eq!(sb.read("out/a").unwrap(), token_a, "a keeps its token");
+    assert_eq!(
+        requests_from(&idp, "id-a"),
+        1,
+        "an unchanged account asks nothing"
+    );
+
+    // In place (truncate and write), an output-only change: a's token moves to a new
+    // path with a new mode, without asking the provider.
+    let a2 = a.replace("path = \"out/a\"", "path = \"out/a2\"\nmode = \"0640\"");
+    std::fs::write(sb.path("config.toml"), format!("{a2}\n{c}")).unwrap();
+    d.wait_until("a's token at its new path", SHORT, || sb.read("out/a2"));
+    assert_eq!(sb.read("out/a2").unwrap(), token_a);
+    assert_eq!(sb.mode("out/a2"), 0o640);
+    d.wait_until("a's old output removed", SHORT, || {
+        sb.read("out/a").is_none().then_some(())
+    });
+    assert_eq!(
+        requests_from(&idp, "id-a"),
+        1,
+        "an output-only change asks nothing"
+    );
+
+    // A changed request restarts the account: a new token.
+    let a3 = a2.replace("client_id = \"id-a\"", "client_id = \"id-a3\"");
+    rename_over(&sb, &format!("{a3}\n{c}"));
+    d.wait_until("a's new token", SHORT, || {
+        sb.read("out/a2").filter(|t| *t != token_a)
+    });
+    assert_eq!(requests_from(&idp, "id-a3"), 1);
+}
+
+#[test]
+fn a_broken_config_keeps_the_running_one_and_sighup_reloads() {
+    let idp = FakeIdp::start(Reply::token(3600));
+    let sb = sandbox();
+    let url = idp.url();
+    let a = account("a", &url, "id-a", "");
+    let d = Daemon::start(&sb.config(&a));
+    d.wait_until("a's token", SHORT, || sb.read("out/a"));
+
+    rename_over(&sb, &format!("{a}\ntokne_url = 1\n"));
+    d.wait_for_log("keeping the running config", 1, SHORT);
+    assert!(d.log().contains("tokne_url"), "the error names the key");
+
+    // SIGHUP with a valid config: applied.
+    let b = account("b", &url, "id-b", "");
+    let text = format!("{a}\n{b}");
+    // Written where the watcher would also see it; SIGHUP must reload by itself too.
+    std::fs::write(sb.path("config.toml"), &text).unwrap();
+    nix::sys::signal::kill(d.pid(), nix::sys::signal::Signal::SIGHUP).unwrap();
+    d.wait_for_log("SIGHUP: reloading", 1, SHORT);
+    d.wait_until("b's token", SHORT, || sb.read("out/b"));
+    assert_eq!(
+        requests_from(&idp, "id-a"),
+        1,
+        "a survived both reloads untouched"
+    );
+    let (status, _, log) = d.terminate();
+    assert!(status.success(), "{log}");
+}
+
+fn rate_limited_siblings_wait(limit: Reply, at_least: Duration) {
+    // Both accounts on one token_url; refreshing every second once the limit is over.
+    let idp = FakeIdp::start(Reply::token(3600));
+    let sb = sandbox();
+    let url = idp.url();
+    let extra = "refresh_every = \"1s\"\nmin_refresh_interval = \"1s\"";
+    let d = Daemon::start(&sb.config(&format!(
+        "{}\n{}",
+        account("a", &url, "id-a", extra),
+        account("b", &url, "id-b", extra)
+    )));
+    d.wait_until("both tokens", SHORT, || {
+        sb.read("out/a").and(sb.read("out/b"))
+    });
+    idp.push(limit);
+    let n = idp.requests().len();
+    let limited = idp.wait_requests(n + 1, LONG)[n].at;
+    // A sibling's request already on its way when the 429 went out does not count:
+    // look at the first one that started well after.
+    let after = d.wait_until("a request after the limit", LONG, || {
+        idp.requests()
+            .into_iter()
+            .map(|r| r.at)
+            .find(|at| *at > limited + Duration::from_millis(200))
+    });
+    let gap = after.duration_since(limited);
+    assert!(
+        gap >= at_least,
+        "the next request (from either account) came {gap:?} after the 429"
+    );
+}
+
+#[test]
+fn retry_after_on_429_holds_every_account_on_that_provider() {
+    rate_limited_siblings_wait(Reply::RetryAfter(3), Duration::from_millis(2900));
+}
+
+#[test]
+fn okta_rate_limit_reset_holds_every_account_on_that_provider() {
+    // X-Rate-Limit-Reset is in whole epoch seconds: 3 s ahead is at least 2 s away.
+    rate_limited_siblings_wait(Reply::OktaReset(3), Duration::from_secs(2));
+}
+
+#[test]
+fn invalid_grant_holds_the_account_until_the_password_file_changes() {
+    let idp = FakeIdp::start(Reply::InvalidGrant);
+    let sb = sandbox();
+    sb.write(&sb.path("password"), "wrong-password\n", 0o600);
+    let extra =
+        "grant_type = \"password\"\nusername = \"svc\"\npassword = { file = \"password\" }\n\
+                 min_refresh_interval = \"1s\"";
+    let d = Daemon::start(&sb.config(&account("okta", &idp.url(), "id", extra)));
+    d.wait_for_log("retry_in=900", 1, SHORT);
+    assert_eq!(idp.requests().len(), 1);
+    // Not a stream of logins: nothing more for a while (bounded look for absence).
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        idp.requests().len(),
+        1,
+        "exactly one request within the hold"
+    );
+
+    // The operator fixes the password: asked again at once, and the token comes.
+    idp.push(Reply::token(3600));
+    sb.write(&sb.path("password"), "right-password\n", 0o600);
+    let reqs = idp.wait_requests(2, SHORT);
+    assert_eq!(reqs[1].form()["password"], "right-password");
+    d.wait_until("the token", SHORT, || sb.read("out/okta"));
+    assert!(!d.log().contains("wrong-password") && !d.log().contains("right-password"));
+}
+
+#[test]
+fn a_restart_serves_the_saved_token_without_a_request() {
+    let idp = FakeIdp::start(Reply::token(3600));
+    let sb = sandbox();
+    let cfg = sb.config(&format!(
+        "[daemon]\nstate_dir = \"state\"\n{}",
+        account("a", &idp.url(), "id", "")
+    ));
+    let d = Daemon::start(&cfg);
+    let token = d.wait_until("a's token", SHORT, || sb.read("out/a"));
+    assert_eq!(sb.mode("state/a.json"), 0o600);
+    let (status, _, _) = d.terminate();
+    assert!(status.success());
+
+    // Outputs in /run vanish with a reboot: the saved token is written again.
+    std::fs::remove_file(sb.path("out/a")).unwrap();
+    for _ in 0..3 {
+        let d = Daemon::start(&cfg);
+        d.wait_for_log("serving the saved token", 1, SHORT);
+        assert_eq!(d.wait_until("a's token", SHORT, || sb.read("out/a")), token);
+        let (status, _, _) = d.terminate();
+        assert!(status.success());
+    }
+    assert_eq!(idp.requests().len(), 1, "three restarts, zero requests");
+
+    // `once --min-valid` reuses it too; asking for more than it has left asks anew.
+    let out = crate::support::once(&cfg, &["--min-valid", "10m"]);
+    assert_eq!(out.code(), Some(0));
+    assert_eq!(idp.requests().len(), 1);
+    let out = crate::support::once(&cfg, &["--min-valid", "2h"]);
+    assert_eq!(out.code(), Some(0));
+    assert_eq!(idp.requests().len(), 2);
+}
+
+#[test]
+fn kill_9_during_writes_leaves_outputs_and_state_whole() {
+    // Long tokens, rotated as fast as the config allows; killed at random moments.
+    let idp = FakeIdp::start(Reply::Token {
+        expiry: crate::support::fake_idp::Expiry::In(1),
+        len: 2000..8000,
+    });
+    let sb = sandbox();
+    let extra = "min_refresh_interval = \"1s\"\n[[account.output]]\npath = \"out/a.json\"\nformat = \"json\"";
+    let cfg = sb.config(&format!(
+        "[daemon]\nstate_dir = \"state\"\n{}",
+        account("a", &idp.url(), "id", extra)
+    ));
+    let started = Instant::now();
+    for i in 0..50u64 {
+        let d = Daemon::start(&cfg);
+        // 0 to 40 ms in: during start-up, the first fetch or the writes.
+        std::thread::sleep(Duration::from_millis(i * 7919 % 41));
+        nix::sys::signal::kill(d.pid(), nix::sys::signal::Signal::SIGKILL).unwrap();
+        drop(d);
+        if let Some(raw) = sb.read("out/a") {
+            assert!(
+                idp.is_issued(&raw),
+                "round {i}: out/a holds a partial or unknown token"
+            );
+        }
+        if let Some(json) = sb.read("out/a.json") {
+            let v: serde_json::Value =
+                serde_json::from_str(&json).unwrap_or_else(|e| panic!("round {i}: {e}"));
+            assert!(idp.is_issued(v["access_token"].as_str().unwrap()));
+        }
+        if let Some(state) = sb.read("state/a.json") {
+            serde_json::from_str::<serde_json::Value>(&state)
+                .unwrap_or_else(|e| panic!("round {i}: state {e}"));
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "50 rounds take seconds"
+        );
+    }
+    // A last clean run removes whatever temporary files the kills left.
+    let d = Daemon::start(&cfg);
+    d.wait_until("a token", SHORT, || sb.read("out/a"));
+    let leftovers: Vec<_> = std::fs::read_dir(sb.path("out"))
+        .unwrap()
+        .chain(std::fs::read_dir(sb.path("state")).unwrap())
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tokend-tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn on_refresh_runs_once_per_rotation_after_every_output_is_written() {
+    let idp = FakeIdp::start(Reply::token(2));
+    let sb = sandbox();
+    // The hook appends what the outputs hold when it runs, one line per run.
+    let script = sb.path("hook.sh");
+    sb.write(
+        &script,
+        &format!(
+            "printf '%s %s\\n' \"$(cat {})\" \"$TOKEND_ACCOUNT\" >> {}\n",
+            sb.path("out/a.env").display(),
+            sb.path("hook.log").display()
+        ),
+        0o700,
+    );
+    let hook = format!(
+        "on_refresh = [\"sh\", \"{}\"]\nmin_refresh_interval = \"1s\"\n\
+         [[account.output]]\npath = \"out/a.env\"\nformat = \"env\"",
+        script.display()
+    );
+    let d = Daemon::start(&sb.config(&account("a", &idp.url(), "id", &hook)));
+    let lines = d.wait_until("three hook runs", LONG, || {
+        let log = sb.read("hook.log")?;
+        let lines: Vec<String> = log.lines().map(str::to_owned).collect();
+        (lines.len() >= 3).then_some(lines)
+    });
+    let issued = idp.issued();
+    for (i, line) in lines.iter().take(3).enumerate() {
+        // The last output (env) already held the rotation's token when the hook ran.
+        assert_eq!(line, &format!("A_TOKEN={} a", issued[i]), "run {i}");
+    }
+}

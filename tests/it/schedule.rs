@@ -1,0 +1,245 @@
+//! The refresh schedule of one account's real task, on tokio's paused clock, against a
+//! scripted endpoint: when it refreshes, how it backs off, how long a refused credential
+//! holds it, what it publishes while failing. Times are exact here: a paused clock only
+//! moves to the next timer.
+
+use std::time::Duration;
+
+use tokend::account::Status;
+use tokio::time::Instant;
+
+use crate::support::scripted::{Running, Step};
+
+const fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+const MIN: Duration = secs(60);
+
+/// Asserts `gap` is `nominal`, or up to 5% (the refresh jitter) sooner.
+fn assert_jittered(gap: Duration, nominal: Duration) {
+    assert!(
+        gap <= nominal && gap >= nominal.mul_f64(0.95),
+        "{gap:?} is not within 5% below {nominal:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn refresh_happens_at_refresh_ratio_of_the_lifetime() {
+    let r = Running::start("refresh_ratio = 0.8", Step::Token(secs(1000)), []);
+    let calls = r.endpoint.wait_calls(6).await;
+    assert_eq!(calls[0], r.started, "the first request goes out at once");
+    let gaps = Running::gaps(&calls);
+    for gap in &gaps {
+        assert_jittered(*gap, secs(800));
+    }
+    assert!(
+        gaps.iter().any(|g| *g != gaps[0]),
+        "the jitter varies: {gaps:?}"
+    );
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn refresh_happens_at_refresh_every_when_that_is_sooner() {
+    // A day-long token: refresh_every (25 min) is sooner than 80% of the lifetime.
+    let r = Running::start("refresh_every = \"25m\"", Step::Token(secs(24 * 3600)), []);
+    for gap in Running::gaps(&r.endpoint.wait_calls(4).await) {
+        assert_jittered(gap, 25 * MIN);
+    }
+    r.stop().await;
+
+    // A 30-min token: 80% of it (24 min) is sooner than refresh_every.
+    let r = Running::start("refresh_every = \"25m\"", Step::Token(30 * MIN), []);
+    for gap in Running::gaps(&r.endpoint.wait_calls(4).await) {
+        assert_jittered(gap, 24 * MIN);
+    }
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn refresh_is_never_sooner_than_min_refresh_interval() {
+    let r = Running::start("min_refresh_interval = \"30s\"", Step::Token(secs(10)), []);
+    for gap in Running::gaps(&r.endpoint.wait_calls(4).await) {
+        assert_eq!(gap, secs(30));
+    }
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn refresh_now_waits_for_min_refresh_interval_and_pokes_coalesce() {
+    let r = Running::start("min_refresh_interval = \"30s\"", Step::Token(60 * MIN), []);
+    r.wait_state("the first token", |s| s.status == Status::Fresh)
+        .await;
+    for _ in 0..3 {
+        r.handle.view.refresh_now();
+    }
+    let calls = r.endpoint.wait_calls(3).await;
+    assert_eq!(
+        calls[1] - calls[0],
+        secs(30),
+        "asked for at once, refreshed after min_refresh_interval"
+    );
+    assert_jittered(calls[2] - calls[1], 48 * MIN);
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn transient_failures_back_off_exponentially_with_full_jitter_capped_at_5_minutes() {
+    const CALLS: usize = 16;
+    let r = Running::start("", Step::ServerError, []);
+    let calls = r.endpoint.wait_calls(CALLS).await;
+    let gaps = Running::gaps(&calls);
+    let mut fractions = Vec::new();
+    for (i, gap) in gaps.iter().enumerate() {
+        // After the n-th failure in a row: uniform in [0, min(5 min, 1 s x 2^(n-1))],
+        // with a floor against a hot loop.
+        let ceiling = secs(1 << i).min(5 * MIN);
+        assert!(
+            *gap <= ceiling && *gap >= Duration::from_millis(100),
+            "after failure {}: {gap:?}, ceiling {ceiling:?}",
+            i + 1
+        );
+        fractions.push(gap.as_secs_f64() / ceiling.as_secs_f64());
+    }
+    // Full jitter, not a fixed fraction of the ceiling (each of these fails by chance
+    // with a probability far below 1e-9).
+    assert!(fractions.iter().any(|f| *f < 0.9), "{fractions:?}");
+    assert!(fractions.iter().any(|f| *f > 0.1), "{fractions:?}");
+    let capped: Duration = gaps[9..].iter().sum();
+    assert!(capped > 2 * MIN, "the steps grew to minutes: {gaps:?}");
+    let state = r.state();
+    assert_eq!(state.failures as usize, CALLS);
+    assert_eq!(state.status, Status::Failing);
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_success_resets_the_backoff() {
+    let mut queue = vec![Step::ServerError; 8];
+    queue.extend([Step::Token(10 * MIN), Step::ServerError]);
+    let r = Running::start("", Step::Token(10 * MIN), queue);
+    let calls = r.endpoint.wait_calls(11).await;
+    let gaps = Running::gaps(&calls);
+    assert_jittered(gaps[8], 8 * MIN);
+    assert!(
+        gaps[9] <= secs(1),
+        "the first failure after a success backs off from 1 s again: {gaps:?}"
+    );
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn invalid_grant_holds_for_15_minutes() {
+    let r = Running::start("", Step::Token(60 * MIN), [Step::InvalidGrant]);
+    let s = r
+        .wait_state("the refusal", |s| {
+            s.failures == 1 && s.status == Status::Failing
+        })
+        .await;
+    assert!(
+        s.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("invalid_grant")),
+        "{s:?}"
+    );
+    // Asking does not shorten the hold: a wrong password must not lock the account.
+    r.handle.view.refresh_now();
+    let calls = r.endpoint.wait_calls(2).await;
+    assert_eq!(
+        calls[1] - calls[0],
+        15 * MIN,
+        "exactly one request in the hold"
+    );
+    r.wait_state("the token after the hold", |s| s.status == Status::Fresh)
+        .await;
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn invalid_client_holds_for_auth_failure_hold() {
+    let r = Running::start(
+        "auth_failure_hold = \"2m\"",
+        Step::Token(60 * MIN),
+        [Step::InvalidClient, Step::InvalidClient],
+    );
+    let calls = r.endpoint.wait_calls(3).await;
+    assert_eq!(Running::gaps(&calls), [2 * MIN, 2 * MIN]);
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_token_stays_published_through_failures_until_it_expires() {
+    let lifetime = secs(100);
+    let r = Running::start("", Step::ServerError, [Step::Token(lifetime)]);
+    let first = r
+        .wait_state("the first token", |s| s.status == Status::Fresh)
+        .await;
+    let token = first.token.clone().expect("a fresh state holds a token");
+    let expires = r.started + lifetime;
+
+    // Every state published before the expiry still holds the token: record them all,
+    // up to the first one published after it.
+    let watcher = tokio::spawn({
+        let mut rx = r.handle.view.state.clone();
+        async move {
+            let mut seen: Vec<(Instant, Status, Option<String>)> = Vec::new();
+            while rx.changed().await.is_ok() {
+                let s = rx.borrow_and_update().clone();
+                let t = s.token.map(|t| t.access_token.expose().to_owned());
+                seen.push((Instant::now(), s.status, t));
+                if Instant::now() >= expires {
+                    break;
+                }
+            }
+            seen
+        }
+    });
+
+    let failing = r.wait_state("a failure", |s| s.failures >= 1).await;
+    assert!(Instant::now() < expires);
+    assert_eq!(failing.status, Status::Failing);
+    assert_eq!(failing.token.as_ref(), Some(&token));
+    assert!(failing.valid_token(r.clock.now()).is_some());
+
+    let expired = r
+        .wait_state("the expiry", |s| s.status == Status::Expired)
+        .await;
+    assert!(Instant::now() >= expires, "not expired before its time");
+    assert!(expired.valid_token(r.clock.now()).is_none());
+
+    let seen = watcher.await.expect("the watcher does not panic");
+    assert!(seen.len() >= 3, "{seen:?}");
+    for (at, status, t) in seen.iter().filter(|(at, ..)| *at < expires) {
+        assert_eq!(
+            t.as_deref(),
+            Some(token.access_token.expose()),
+            "at {:?}",
+            *at - r.started
+        );
+        assert_ne!(*status, Status::Expired, "at {:?}", *at - r.started);
+    }
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_on_429_delays_the_next_try_at_least_that_long() {
+    let r = Running::start(
+        "",
+        Step::Token(60 * MIN),
+        [Step::RetryAfter(secs(120)), Step::RetryAfter(30 * MIN)],
+    );
+    let gaps = Running::gaps(&r.endpoint.wait_calls(3).await);
+    assert!(gaps[0] >= secs(120), "{gaps:?}");
+    assert!(gaps[1] >= 30 * MIN, "{gaps:?}");
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn stopping_cancels_a_request_that_hangs() {
+    let r = Running::start("", Step::Hang, []);
+    r.endpoint.wait_calls(1).await;
+    r.wait_state("the request under way", |s| s.status == Status::Refreshing)
+        .await;
+    r.stop().await;
+}

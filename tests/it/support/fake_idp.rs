@@ -1,0 +1,550 @@
+//! A fake OAuth2 token endpoint for wire tests: a small HTTP/1.1 responder on a tokio
+//! `TcpListener` bound on loopback, with a scripted reply queue (and a default reply
+//! when the queue is empty) that records every request it gets.
+//!
+//! It runs on its own thread and runtime, so synchronous tests that drive the real
+//! binary can use it, and it stops (closing every connection, hanging ones too) when
+//! dropped. One request per connection (`Connection: close`): simpler, and a client
+//! never holds a pooled connection to an endpoint that a test has stopped.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use rand::Rng as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Requests larger than this are refused: the daemon never sends one.
+const MAX_REQUEST: usize = 64 * 1024;
+
+/// How the expiry of an issued token is told.
+#[derive(Clone, Debug)]
+pub enum Expiry {
+    /// `"expires_in": n` (a JSON number).
+    In(u64),
+    /// `"expires_in": "n"` (a string, as some providers send).
+    InString(u64),
+    /// No `expires_in`: the daemon falls back to `default_lifetime`.
+    Missing,
+    /// No `expires_in`; the token is a JWT whose `exp` is this many seconds from now.
+    Jwt(u64),
+}
+
+/// One scripted answer.
+#[derive(Clone, Debug)]
+pub enum Reply {
+    /// 200 with a new, unique token of a length in `len`.
+    Token { expiry: Expiry, len: Range<usize> },
+    /// This status, with a small HTML body that is no OAuth error.
+    Status(u16),
+    /// 429 with `Retry-After: <seconds>`.
+    RetryAfter(u64),
+    /// 429 with Okta's `X-Rate-Limit-Reset: <epoch seconds>`, this many seconds ahead.
+    OktaReset(u64),
+    /// 400 `{"error":"invalid_grant"}`.
+    InvalidGrant,
+    /// 401 `{"error":"invalid_client"}` with `WWW-Authenticate: Basic`.
+    InvalidClient,
+    /// 200 with a body that is not JSON.
+    Malformed,
+    /// Never answers; the connection stays open until the IdP stops.
+    Hang,
+}
+
+impl Reply {
+    /// A 200 with a 48-character token and `"expires_in": secs`.
+    pub fn token(secs: u64) -> Reply {
+        Reply::Token {
+            expiry: Expiry::In(secs),
+            len: 48..49,
+        }
+    }
+
+    pub fn token_with(expiry: Expiry) -> Reply {
+        Reply::Token {
+            expiry,
+            len: 48..49,
+        }
+    }
+}
+
+/// One request as the IdP received it.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub method: String,
+    /// Path and query, as sent on the request line.
+    pub target: String,
+    /// Names lowercased, in the order sent.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+    pub at: Instant,
+}
+
+impl Request {
+    pub fn path(&self) -> &str {
+        self.target.split('?').next().unwrap_or_default()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The form fields of the body.
+    pub fn form(&self) -> BTreeMap<String, String> {
+        pairs(&self.body)
+    }
+
+    /// The fields of the query string.
+    pub fn query(&self) -> BTreeMap<String, String> {
+        pairs(self.target.split_once('?').map_or("", |(_, q)| q))
+    }
+
+    /// `id:secret` from an `Authorization: Basic` header.
+    pub fn basic(&self) -> Option<String> {
+        let b64 = self.header("authorization")?.strip_prefix("Basic ")?;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .expect("the Basic credentials are base64");
+        Some(String::from_utf8(bytes).expect("the Basic credentials are UTF-8"))
+    }
+}
+
+fn pairs(s: &str) -> BTreeMap<String, String> {
+    let mut map = BTreeMap::new();
+    for (k, v) in url::form_urlencoded::parse(s.as_bytes()).into_owned() {
+        let dup = map.insert(k.clone(), v);
+        assert!(dup.is_none(), "field {k:?} sent twice in {s:?}");
+    }
+    map
+}
+
+struct State {
+    queue: VecDeque<Reply>,
+    default: Reply,
+    requests: Vec<Request>,
+    issued: Vec<String>,
+    issued_set: HashSet<String>,
+    /// Refresh tokens handed out with tokens for the refresh_token grant (rotation).
+    refresh_issued: Vec<String>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panicking test thread must not hide the first failure behind a poison error.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A running fake IdP; stops when dropped.
+pub struct FakeIdp {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakeIdp {
+    /// Starts on `127.0.0.1:0`, answering `default` when the queue is empty.
+    pub fn start(default: Reply) -> FakeIdp {
+        Self::start_on("127.0.0.1:0".parse().expect("a socket address"), default)
+    }
+
+    /// Starts on `addr` (a port a previous IdP used, to come back after an outage).
+    pub fn start_on(addr: SocketAddr, default: Reply) -> FakeIdp {
+        assert!(addr.ip().is_loopback(), "servers bind on loopback only");
+        let std_listener = std::net::TcpListener::bind(addr).expect("bind the fake IdP");
+        std_listener
+            .set_nonblocking(true)
+            .expect("a non-blocking listener");
+        let addr = std_listener.local_addr().expect("a bound address");
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                default,
+                requests: Vec::new(),
+                issued: Vec::new(),
+                issued_set: HashSet::new(),
+                refresh_issued: Vec::new(),
+            }),
+            changed: Condvar::new(),
+        });
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let thread = std::thread::spawn({
+            let shared = shared.clone();
+            move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime for the fake IdP");
+                rt.block_on(async move {
+                    let listener = TcpListener::from_std(std_listener).expect("a tokio listener");
+                    tokio::select! {
+                        _ = stop_rx => {}
+                        _ = accept_loop(listener, shared) => {}
+                    }
+                });
+                // Dropping the runtime drops every connection task, hanging ones too.
+            }
+        });
+        FakeIdp {
+            addr,
+            shared,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The token endpoint's URL.
+    pub fn url(&self) -> String {
+        format!("http://{}/oauth2/token", self.addr)
+    }
+
+    /// Queues `reply` for a coming request.
+    pub fn push(&self, reply: Reply) {
+        self.shared.lock().queue.push_back(reply);
+    }
+
+    pub fn requests(&self) -> Vec<Request> {
+        self.shared.lock().requests.clone()
+    }
+
+    /// Every token issued so far, in order.
+    pub fn issued(&self) -> Vec<String> {
+        self.shared.lock().issued.clone()
+    }
+
+    /// Every refresh token handed out (one with each token for the refresh_token grant).
+    pub fn refresh_issued(&self) -> Vec<String> {
+        self.shared.lock().refresh_issued.clone()
+    }
+
+    /// Whether this IdP issued `token` (recorded before the answer is sent).
+    pub fn is_issued(&self, token: &str) -> bool {
+        self.shared.lock().issued_set.contains(token)
+    }
+
+    /// Waits until at least `n` requests came in; panics after `timeout`.
+    pub fn wait_requests(&self, n: usize, timeout: Duration) -> Vec<Request> {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.shared.lock();
+        while state.requests.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "timed out after {timeout:?} waiting for {n} requests; got {}",
+                state.requests.len()
+            );
+            state = self
+                .shared
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        state.requests.clone()
+    }
+
+    /// Stops listening and closes every connection. The port stays reserved, refusing
+    /// connections, until [`ClosedPort::reopen`]: no other test can take it meanwhile.
+    pub fn stop(mut self) -> ClosedPort {
+        self.shutdown();
+        ClosedPort::hold(self.addr)
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for FakeIdp {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// A loopback port bound by a socket that does not listen: connections to it are
+/// refused (ECONNREFUSED), as to a provider that is down.
+pub struct ClosedPort {
+    addr: SocketAddr,
+    _socket: std::os::fd::OwnedFd,
+}
+
+impl ClosedPort {
+    fn hold(addr: SocketAddr) -> ClosedPort {
+        use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
+        let SocketAddr::V4(v4) = addr else {
+            panic!("the fake IdP binds IPv4 loopback");
+        };
+        let fd = socket::socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .expect("a socket");
+        // The closed connections of the stopped IdP are in TIME_WAIT on this port.
+        socket::setsockopt(&fd, sockopt::ReuseAddr, &true).expect("SO_REUSEADDR");
+        socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(v4))
+            .expect("hold the stopped IdP's port");
+        ClosedPort { addr, _socket: fd }
+    }
+
+    /// Starts a fake IdP on the held port again.
+    pub fn reopen(self, default: Reply) -> FakeIdp {
+        let addr = self.addr;
+        drop(self);
+        FakeIdp::start_on(addr, default)
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(serve(stream, shared.clone()));
+            }
+            // Out of descriptors, most likely: not a reason for a busy loop.
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+/// Reads one request, records it, and answers with the next scripted reply.
+async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
+    let Some(req) = read_request(&mut stream).await else {
+        return;
+    };
+    // The refresh_token grant gets a rotated refresh token with every token.
+    let rotates = req
+        .form()
+        .get("grant_type")
+        .or(req.query().get("grant_type"))
+        == Some(&"refresh_token".to_owned());
+    let reply = {
+        let mut state = shared.lock();
+        state.requests.push(req);
+        let reply = match state.queue.pop_front() {
+            Some(r) => r,
+            None => state.default.clone(),
+        };
+        shared.changed.notify_all();
+        reply
+    };
+    let response = match reply {
+        Reply::Hang => return std::future::pending().await,
+        Reply::Token { expiry, len } => {
+            let mut state = shared.lock();
+            let n = state.issued.len() + 1;
+            let refresh = rotates.then(|| format!("rrt-{n}-{}", random_chars(16)));
+            let (token, body) = token_body(n, &expiry, len, refresh.clone());
+            state.issued.push(token.clone());
+            state.refresh_issued.extend(refresh);
+            state.issued_set.insert(token);
+            shared.changed.notify_all();
+            response(200, &[], &body)
+        }
+        Reply::Status(status) => response(status, &[], "<html><body>oops</body></html>"),
+        Reply::RetryAfter(secs) => response(
+            429,
+            &[("Retry-After", secs.to_string())],
+            r#"{"errorCode":"E0000047","errorSummary":"API call exceeded rate limit"}"#,
+        ),
+        Reply::OktaReset(secs) => {
+            let reset = epoch_secs() + secs;
+            response(
+                429,
+                &[
+                    ("X-Rate-Limit-Limit", "600".into()),
+                    ("X-Rate-Limit-Remaining", "0".into()),
+                    ("X-Rate-Limit-Reset", reset.to_string()),
+                ],
+                r#"{"errorCode":"E0000047","errorSummary":"API call exceeded rate limit"}"#,
+            )
+        }
+        Reply::InvalidGrant => response(
+            400,
+            &[],
+            r#"{"error":"invalid_grant","error_description":"The credentials provided were invalid."}"#,
+        ),
+        Reply::InvalidClient => response(
+            401,
+            &[("WWW-Authenticate", "Basic realm=\"test\"".into())],
+            r#"{"error":"invalid_client","error_description":"Client authentication failed."}"#,
+        ),
+        Reply::Malformed => response(200, &[], r#"{"access_token": "tok-trunc"#),
+    };
+    let _ = stream.write_all(&response).await;
+    let _ = stream.shutdown().await;
+}
+
+/// The request line, headers and `Content-Length` body; `None` when the client went away
+/// or sent something this responder does not speak (answered 400/501 first).
+async fn read_request(stream: &mut TcpStream) -> Option<Request> {
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        if buf.len() > MAX_REQUEST {
+            let _ = stream.write_all(&response(431, &[], "")).await;
+            return None;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let at = Instant::now();
+    let head = String::from_utf8(buf[..head_end].to_vec()).ok()?;
+    let mut lines = head.split("\r\n");
+    let mut request_line = lines.next()?.split(' ');
+    let (method, target) = (request_line.next()?, request_line.next()?);
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let value = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v);
+    if value("transfer-encoding").is_some() {
+        let _ = stream.write_all(&response(501, &[], "")).await;
+        return None;
+    }
+    let len: usize = match value("content-length") {
+        Some(v) => v.parse().ok()?,
+        None => 0,
+    };
+    if len > MAX_REQUEST {
+        let _ = stream.write_all(&response(413, &[], "")).await;
+        return None;
+    }
+    let mut body = buf[head_end + 4..].to_vec();
+    while body.len() < len {
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    body.truncate(len);
+    Some(Request {
+        method: method.to_owned(),
+        target: target.to_owned(),
+        body: String::from_utf8(body).ok()?,
+        headers,
+        at,
+    })
+}
+
+fn response(status: u16, headers: &[(&str, String)], body: &str) -> Vec<u8> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        413 => "Payload Too Large",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        503 => "Service Unavailable",
+        _ => "Whatever",
+    };
+    let kind = if body.starts_with('<') {
+        "text/html"
+    } else {
+        "application/json"
+    };
+    let mut out = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\ncache-control: no-store\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        out.push_str(&format!("{name}: {value}\r\n"));
+    }
+    out.push_str("\r\n");
+    out.push_str(body);
+    out.into_bytes()
+}
+
+fn epoch_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("the clock is after 1970")
+        .as_secs()
+}
+
+/// The `n`-th token and the JSON answer that carries it. Tokens are `tok-<n>-` padded
+/// with random letters to a length in `len`, or a JWT with `"jti": n`: unique either way.
+fn token_body(
+    n: usize,
+    expiry: &Expiry,
+    len: Range<usize>,
+    refresh: Option<String>,
+) -> (String, String) {
+    let mut fields = serde_json::Map::new();
+    let token = match expiry {
+        Expiry::Jwt(secs) => {
+            let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+            let claims =
+                serde_json::json!({ "sub": "tokend-test", "jti": n, "exp": epoch_secs() + secs });
+            format!(
+                "{}.{}.c2lnbmF0dXJl",
+                b64(r#"{"alg":"RS256","typ":"JWT"}"#),
+                b64(&claims.to_string())
+            )
+        }
+        _ => {
+            let prefix = format!("tok-{n}-");
+            let want = rand::thread_rng().gen_range(len);
+            prefix.clone() + &random_chars(want.saturating_sub(prefix.len()))
+        }
+    };
+    fields.insert("access_token".into(), token.clone().into());
+    fields.insert("token_type".into(), "bearer".into());
+    match expiry {
+        Expiry::In(secs) => {
+            fields.insert("expires_in".into(), (*secs).into());
+        }
+        Expiry::InString(secs) => {
+            fields.insert("expires_in".into(), secs.to_string().into());
+        }
+        Expiry::Missing | Expiry::Jwt(_) => {}
+    }
+    if let Some(r) = refresh {
+        fields.insert("refresh_token".into(), r.into());
+    }
+    fields.insert("scope".into(), "full".into());
+    // MSK's answer carries fields of its own.
+    fields.insert("consented_on".into(), 1_700_000_000u64.into());
+    (token, serde_json::Value::Object(fields).to_string())
+}
+
+fn random_chars(n: usize) -> String {
+    let mut rng = rand::thread_rng();
+    (0..n)
+        .map(|_| rng.sample(rand::distributions::Alphanumeric) as char)
+        .collect()
+}

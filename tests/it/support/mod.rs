@@ -1,0 +1,308 @@
+//! Helpers for the integration tests: a [`Sandbox`] directory for configs and outputs,
+//! the real binary run once ([`once`]) or as a daemon ([`Daemon`], stderr captured),
+//! bounded waiting on state ([`wait_until`]), and the fake IdP ([`fake_idp`]).
+//!
+//! Nothing here sleeps to wait for a state: it polls the state itself, inside a timeout
+//! that only bounds a failure.
+
+pub mod fake_idp;
+pub mod scripted;
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Bounds a wait for something that normally takes well under a second.
+pub const SHORT: Duration = Duration::from_secs(10);
+/// Bounds a wait through backoffs and rotations.
+pub const LONG: Duration = Duration::from_secs(20);
+/// How often [`wait_until`] looks again.
+const POLL: Duration = Duration::from_millis(5);
+
+/// The binary under test.
+pub fn tokend() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tokend"));
+    // What the tests do not set must not come from the environment of `cargo test`.
+    for var in [
+        "RUST_LOG",
+        "TOKEND_CONFIG",
+        "JOURNAL_STREAM",
+        "NOTIFY_SOCKET",
+        "CREDENTIALS_DIRECTORY",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+/// Polls `f` until it returns `Some`, for at most `timeout`; panics naming `what`.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(POLL);
+    }
+}
+
+/// A temporary directory holding a test's config, secrets and outputs.
+pub struct Sandbox {
+    dir: tempfile::TempDir,
+}
+
+impl Default for Sandbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Sandbox {
+    pub fn new() -> Sandbox {
+        Sandbox {
+            dir: tempfile::tempdir().expect("a temporary directory"),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Writes `config.toml` with mode 0600 (it may hold inline secrets); returns its path.
+    pub fn config(&self, text: &str) -> PathBuf {
+        let path = self.path("config.toml");
+        self.write(&path, text, 0o600);
+        path
+    }
+
+    pub fn write(&self, path: &Path, text: &str, mode: u32) {
+        std::fs::write(path, text).expect("write a test file");
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .expect("chmod a test file");
+    }
+
+    /// The content of `name`, `None` if it does not exist.
+    pub fn read(&self, name: &str) -> Option<String> {
+        read(&self.path(name))
+    }
+
+    /// The permission bits of `name`.
+    pub fn mode(&self, name: &str) -> u32 {
+        std::fs::metadata(self.path(name))
+            .expect("the file exists")
+            .permissions()
+            .mode()
+            & 0o7777
+    }
+}
+
+/// The content of `path`, `None` if it does not exist; panics on any other error.
+pub fn read(path: &Path) -> Option<String> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Some(s),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => panic!("failed to read {}: {e}", path.display()),
+    }
+}
+
+/// What a finished `tokend` command did.
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stderr: String,
+}
+
+impl Finished {
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+}
+
+/// Runs `tokend once -c CONFIG ARGS...` and waits (bounded) for it to finish.
+pub fn once(config: &Path, args: &[&str]) -> Finished {
+    let mut cmd = tokend();
+    cmd.arg("once").arg("-c").arg(config).args(args);
+    finish(cmd, SHORT)
+}
+
+/// Runs `cmd` to its end, for at most `timeout` (killed if it takes longer).
+pub fn finish(mut cmd: Command, timeout: Duration) -> Finished {
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start tokend");
+    let mut child = KillOnDrop(child);
+    let stderr = child.0.stderr.take().expect("stderr is piped");
+    let reader = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
+    let status = wait_until("tokend to exit", timeout, || {
+        child.0.try_wait().expect("wait for tokend")
+    });
+    Finished {
+        status,
+        stderr: reader.join().expect("the stderr reader does not panic"),
+    }
+}
+
+/// A child process that does not outlive a failed test.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// What the daemon wrote on stderr so far, and a way to wait for more.
+#[derive(Default)]
+struct Log {
+    text: Mutex<String>,
+    changed: Condvar,
+}
+
+/// `tokend run`, with stderr captured; killed when dropped.
+pub struct Daemon {
+    child: Child,
+    log: Arc<Log>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Daemon {
+    pub fn start(config: &Path) -> Daemon {
+        Self::start_with_env(config, &[])
+    }
+
+    pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Daemon {
+        let mut cmd = tokend();
+        cmd.arg("run").arg("-c").arg(config);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start tokend run");
+        let mut stderr = child.stderr.take().expect("stderr is piped");
+        let log = Arc::new(Log::default());
+        let reader = std::thread::spawn({
+            let log = log.clone();
+            move || {
+                let mut buf = [0u8; 8192];
+                loop {
+                    let n = match std::io::Read::read(&mut stderr, &mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let mut text = log.text.lock().unwrap_or_else(|e| e.into_inner());
+                    text.push_str(&String::from_utf8_lossy(&buf[..n]));
+                    log.changed.notify_all();
+                }
+            }
+        });
+        Daemon {
+            child,
+            log,
+            reader: Some(reader),
+        }
+    }
+
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// Everything on stderr so far.
+    pub fn log(&self) -> String {
+        self.log
+            .text
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Waits until stderr holds `needle` at least `count` times.
+    pub fn wait_for_log(&self, needle: &str, count: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut text = self.log.text.lock().unwrap_or_else(|e| e.into_inner());
+        while text.matches(needle).count() < count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "timed out after {timeout:?} waiting for {count} x {needle:?} in the log:\n{text}"
+            );
+            text = self
+                .log
+                .changed
+                .wait_timeout(text, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// [`wait_until`], with the daemon's log in the panic message.
+    pub fn wait_until<T>(&self, what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            wait_until(what, timeout, f)
+        })) {
+            Ok(v) => v,
+            Err(e) => {
+                let msg = e
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                panic!("{msg}\n--- tokend's log ---\n{}", self.log())
+            }
+        }
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit: the status, how long it took from
+    /// the signal, and the whole log.
+    pub fn terminate(mut self) -> (ExitStatus, Duration, String) {
+        nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGTERM)
+            .expect("signal tokend");
+        let sent = Instant::now();
+        let deadline = sent + SHORT;
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("wait for tokend") {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tokend did not exit within {SHORT:?} of SIGTERM:\n{}",
+                self.log()
+            );
+            // Fine-grained: this poll bounds how precisely the exit time is measured.
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        let took = sent.elapsed();
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        (status, took, self.log())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
