@@ -98,6 +98,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                         w.watch_files(sup.watched_files(&path).iter().map(PathBuf::as_path));
                     }
                 }
+                if let Some(w) = &mut watcher {
+                    w.rewatch();
+                }
                 sup.check_secrets();
             }
             _ = sup.shared.changed.notified() => {}

@@ -83,6 +83,20 @@ impl Watcher {
     }
 }
 
+impl Watcher {
+    /// Watches every directory afresh. A directory reached through a symlink (a
+    /// Kubernetes projected volume's `secrets -> ..data/secrets`) is a new directory
+    /// after each swap, and the old watch sees nothing more.
+    pub fn rewatch(&mut self) {
+        for dir in &self.dirs {
+            let _ = self.inner.unwatch(dir);
+            if let Err(e) = self.inner.watch(dir, RecursiveMode::NonRecursive) {
+                tracing::warn!("failed to watch {} for changes: {e}", dir.display());
+            }
+        }
+    }
+}
+
 /// Kubernetes (and other atomic writers) swap a `..data` symlink or `..2024_...`
 /// directory beside the files, which themselves are links that never change.
 fn is_atomic_swap(p: &Path) -> bool {

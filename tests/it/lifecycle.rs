@@ -312,3 +312,46 @@ fn on_refresh_runs_once_per_rotation_after_every_output_is_written() {
         assert_eq!(line, &format!("A_TOKEN={} a", issued[i]), "run {i}");
     }
 }
+
+#[test]
+fn a_configmap_symlink_swap_reloads() {
+    // The layout kubelet gives a ConfigMap volume: config.toml -> ..data/config.toml,
+    // ..data -> ..<timestamp>/, swapped by renaming a new symlink over ..data.
+    let idp = FakeIdp::start(Reply::token(3600));
+    let sb = sandbox();
+    let url = idp.url();
+    let dir = sb.path("cm");
+    let version = |n: u32, text: &str| {
+        let v = dir.join(format!("..v{n}"));
+        std::fs::create_dir_all(&v).unwrap();
+        sb.write(&v.join("config.toml"), text, 0o600);
+        let tmp = dir.join("..data_tmp");
+        std::os::unix::fs::symlink(format!("..v{n}"), &tmp).unwrap();
+        std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    };
+    let secret = sb.path("secret");
+    let a = account("a", &url, "id-a", "").replace(
+        "file = \"secret\"",
+        &format!("file = \"{}\"", secret.display()),
+    );
+    let out = |n: &str| format!("path = \"{}\"", sb.path(&format!("out/{n}")).display());
+    version(1, &a.replace("path = \"out/a\"", &out("a")));
+    std::os::unix::fs::symlink("..data/config.toml", dir.join("config.toml")).unwrap();
+    let d = Daemon::start(&dir.join("config.toml"));
+    d.wait_until("a's token", SHORT, || sb.read("out/a"));
+
+    let b = account("b", &url, "id-b", "").replace(
+        "file = \"secret\"",
+        &format!("file = \"{}\"", secret.display()),
+    );
+    version(
+        2,
+        &format!(
+            "{}\n{}",
+            a.replace("path = \"out/a\"", &out("a")),
+            b.replace("path = \"out/b\"", &out("b"))
+        ),
+    );
+    d.wait_until("b's token after the swap", SHORT, || sb.read("out/b"));
+    assert_eq!(requests_from(&idp, "id-a"), 1);
+}
