@@ -3,12 +3,17 @@
 //! holds it, what it publishes while failing. Times are exact here: a paused clock only
 //! moves to the next timer.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use tokend::clock::Clock;
 
 use tokend::account::Status;
 use tokio::time::Instant;
 
 use crate::support::scripted::{Running, Step};
+
+const HOUR: Duration = Duration::from_secs(3600);
 
 const fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
@@ -242,4 +247,24 @@ async fn stopping_cancels_a_request_that_hangs() {
     r.wait_state("the request under way", |s| s.status == Status::Refreshing)
         .await;
     r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refresh_due_during_a_suspend_happens_on_resume() {
+    // While the machine sleeps the wall clock runs on and the monotonic one stands still:
+    // the token's refresh falls due "during" the sleep and must happen at once on resume.
+    static SKEW_MS: AtomicU64 = AtomicU64::new(0);
+    let clock = Clock::tokio_with_skew(&SKEW_MS);
+    let run = Running::start_with_clock("", Step::Token(HOUR), [], clock);
+    run.endpoint.wait_calls(1).await;
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    SKEW_MS.store(HOUR.as_millis() as u64, Ordering::Relaxed);
+    let resumed = Instant::now();
+    let calls = run.endpoint.wait_calls(2).await;
+    let after = calls[1] - resumed;
+    assert!(
+        after <= Duration::from_secs(30),
+        "refreshed {after:?} after resume, not at once"
+    );
+    run.stop().await;
 }

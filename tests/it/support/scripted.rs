@@ -149,6 +149,16 @@ impl Running {
     /// Starts an account whose config holds `schedule` (TOML lines such as
     /// `refresh_every = "25m"`), answered by `queue` and then `default`.
     pub fn start(schedule: &str, default: Step, queue: impl IntoIterator<Item = Step>) -> Running {
+        Self::start_with_clock(schedule, default, queue, Clock::tokio())
+    }
+
+    /// [`Running::start`] with a clock of the test's own (one whose wall time jumps).
+    pub fn start_with_clock(
+        schedule: &str,
+        default: Step,
+        queue: impl IntoIterator<Item = Step>,
+        clock: Clock,
+    ) -> Running {
         let text = format!(
             "[daemon]\nsocket = \"/nonexistent/tokend-test.sock\"\n\n\
              [[account]]\nname = \"acct\"\ntoken_url = \"https://idp.invalid/token\"\n\
@@ -157,7 +167,6 @@ impl Running {
         let mut config = tokend::config::parse_str(&text, Path::new("/test/config.toml"))
             .unwrap_or_else(|e| panic!("{e}"));
         let account = Arc::new(config.accounts.remove(0));
-        let clock = Clock::tokio();
         let endpoint = Scripted::new(clock, default, queue);
         // No state_dir: nothing persists, a restart is not under test here.
         let shared = Shared::new(4, clock, None);
