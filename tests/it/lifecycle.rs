@@ -355,3 +355,28 @@ fn a_configmap_symlink_swap_reloads() {
     d.wait_until("b's token after the swap", SHORT, || sb.read("out/b"));
     assert_eq!(requests_from(&idp, "id-a"), 1);
 }
+
+#[test]
+fn identical_accounts_are_fetched_once_and_fan_out() {
+    let idp = FakeIdp::start(Reply::token(3600));
+    let sb = sandbox();
+    let url = idp.url();
+    // Same endpoint, client, secret, grant and scope; different names and outputs.
+    let d = Daemon::start(&sb.config(&format!(
+        "{}\n{}\n{}",
+        account("a", &url, "same", ""),
+        account("b", &url, "same", ""),
+        account("c", &url, "other", "")
+    )));
+    let (a, b) = d.wait_until("a's and b's tokens", SHORT, || {
+        Some((sb.read("out/a")?, sb.read("out/b")?))
+    });
+    d.wait_until("c's token", SHORT, || sb.read("out/c"));
+    assert_eq!(a, b, "one token for both");
+    assert_eq!(
+        requests_from(&idp, "same"),
+        1,
+        "asked once for the two identical accounts"
+    );
+    assert_eq!(requests_from(&idp, "other"), 1);
+}
