@@ -1,4 +1,4 @@
-# tokend %post: creates the token directory and makes systemd see the unit. Like the
+# tokend %post: creates the token and state directories and makes systemd see the unit. Like the
 # .deb, it neither enables nor starts tokend (no `systemctl preset`): the shipped config
 # has placeholder credentials, and wrong passwords sent to a real provider can lock its
 # service account. Configure, run `tokend check`, then `systemctl enable --now tokend`.
@@ -7,8 +7,14 @@
 if [ ! -e /etc/tokend/secrets ]; then
     install -d -m 0750 -o root -g tokend /etc/tokend/secrets
 fi
-if [ -d /run/systemd/system ]; then
+# /run/tokend/tokens and /var/lib/tokend, owned by tokend (tmpfiles.d/tokend.conf).
+if command -v systemd-tmpfiles >/dev/null 2>&1; then
     systemd-tmpfiles --create tokend.conf >/dev/null 2>&1 || :
+else
+    install -d -m 0755 -o tokend -g tokend /run/tokend /run/tokend/tokens
+    install -d -m 0700 -o tokend -g tokend /var/lib/tokend
+fi
+if [ -d /run/systemd/system ]; then
     systemctl daemon-reload >/dev/null 2>&1 || :
 fi
 exit 0
