@@ -207,6 +207,16 @@ async fn once_account(
             return Ok(());
         }
     }
+    // A hold after refused credentials (kept by the daemon or an earlier `once`) still
+    // applies: a cron job must not turn a wrong password into a stream of logins.
+    if let (Some(until), Some(_)) = (saved.not_before(), saved.hold_key) {
+        if let Ok(left) = until.duration_since(SystemTime::now()) {
+            anyhow::bail!(
+                "the provider refused these credentials; holding for {} more (change the secret to try now)",
+                humantime::format_duration(Duration::from_secs(left.as_secs()))
+            );
+        }
+    }
     let endpoint =
         HttpEndpoint::new(account.clone(), Clock::System)?.with_refresh_token(refresh_token);
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_entropy();
@@ -217,6 +227,16 @@ async fn once_account(
             Ok(t) => break t,
             Err(e) => {
                 let class = schedule::classify(&e);
+                if class == ErrorClass::Rejected {
+                    if let Some(dir) = &state_dir {
+                        let hold = account.schedule.auth_failure_hold;
+                        saved.set_not_before(Some(SystemTime::now() + hold));
+                        saved.hold_key = Some(persist::credentials_key(&account));
+                        let (dir, name, held) = (dir.clone(), account.name.clone(), saved.clone());
+                        tokio::task::spawn_blocking(move || persist::save(&dir, &name, &held))
+                            .await??;
+                    }
+                }
                 if class != ErrorClass::Transient || attempt >= ONCE_ATTEMPTS {
                     return Err(e.into());
                 }

@@ -380,3 +380,30 @@ fn identical_accounts_are_fetched_once_and_fan_out() {
     );
     assert_eq!(requests_from(&idp, "other"), 1);
 }
+
+#[test]
+fn once_in_a_cron_loop_keeps_the_hold_after_refused_credentials() {
+    let idp = FakeIdp::start(Reply::InvalidGrant);
+    let sb = sandbox();
+    sb.write(&sb.path("password"), "wrong-password\n", 0o600);
+    let extra = "grant_type = \"password\"\nusername = \"svc\"\npassword = { file = \"password\" }";
+    let cfg = sb.config(&format!(
+        "[daemon]\nstate_dir = \"state\"\n{}",
+        account("okta", &idp.url(), "id", extra)
+    ));
+    let first = crate::support::once(&cfg, &[]);
+    assert_eq!(first.code(), Some(1));
+    assert!(first.stderr.contains("invalid_grant"), "{}", first.stderr);
+    for _ in 0..3 {
+        let again = crate::support::once(&cfg, &[]);
+        assert_eq!(again.code(), Some(1));
+        assert!(again.stderr.contains("holding for"), "{}", again.stderr);
+    }
+    assert_eq!(idp.requests().len(), 1, "four runs, one login attempt");
+
+    idp.push(Reply::token(3600));
+    sb.write(&sb.path("password"), "right-password\n", 0o600);
+    let fixed = crate::support::once(&cfg, &[]);
+    assert_eq!(fixed.code(), Some(0), "{}", fixed.stderr);
+    assert_eq!(idp.requests().len(), 2);
+}
