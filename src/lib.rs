@@ -17,3 +17,4 @@ pub mod logging;
 pub mod oauth;
 pub mod output;
 pub mod systemd;
+pub mod watch;
