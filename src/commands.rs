@@ -11,7 +11,7 @@ use tokio::sync::Semaphore;
 use crate::account::persist;
 use crate::account::schedule::{self, ErrorClass};
 use crate::clock::Clock;
-use crate::config::{Account, Config, ConfigErrors, Grant};
+use crate::config::{Account, Config, ConfigErrors};
 use crate::oauth::{Endpoint, HttpEndpoint};
 use crate::output;
 
@@ -247,11 +247,7 @@ async fn once_account(
         }
     };
     if let Some(dir) = state_dir {
-        saved.token = Some(persist::SavedToken::from_token(&token));
-        if let (Grant::RefreshToken { .. }, Some(rt)) = (&account.grant, &token.refresh_token) {
-            saved.refresh_token = Some(rt.expose().to_owned());
-        }
-        saved.set_not_before(None);
+        saved.record(&account, &token);
         let name = account.name.clone();
         tokio::task::spawn_blocking(move || persist::save(&dir, &name, &saved)).await??;
     }

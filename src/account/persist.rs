@@ -135,6 +135,17 @@ impl Saved {
         (t.expires_at > now + min_valid).then_some(t)
     }
 
+    /// Records a newly fetched token: the token, the rotated refresh token of the
+    /// refresh_token grant, and no more waiting.
+    pub fn record(&mut self, account: &Account, token: &Token) {
+        self.token = Some(SavedToken::from_token(token));
+        if let (Grant::RefreshToken { .. }, Some(rt)) = (&account.grant, &token.refresh_token) {
+            self.refresh_token = Some(rt.expose().to_owned());
+        }
+        self.not_before = None;
+        self.hold_key = None;
+    }
+
     pub fn not_before(&self) -> Option<SystemTime> {
         self.not_before.map(time)
     }

@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 use std::path::PathBuf;
 
 use super::hooks;
-use super::persist::{self, Saved, SavedToken};
+use super::persist::{self, Saved};
 use super::schedule::{self, ErrorClass};
 use super::state::{Status, TokenState};
 use crate::clock::Clock;
@@ -510,13 +510,7 @@ impl<E: Endpoint> Task<E> {
     ) -> Result<Duration, (ErrorClass, String)> {
         let token = Arc::new(token);
         // The state first: a rotated refresh token must survive a crash right after.
-        self.saved.token = Some(SavedToken::from_token(&token));
-        if let Some(rt) = &token.refresh_token {
-            if matches!(self.account.grant, Grant::RefreshToken { .. }) {
-                self.saved.refresh_token = Some(rt.expose().to_owned());
-            }
-        }
-        self.saved.set_not_before(None);
+        self.saved.record(&self.account, &token);
         self.save().await;
         let write = tokio::task::spawn_blocking({
             let (a, t) = (self.account.clone(), token.clone());
