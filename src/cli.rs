@@ -32,6 +32,11 @@ pub enum Command {
     /// Fetch tokens once, write every output, and exit: 0 only if all succeeded
     /// (init containers, cron-free one-shots)
     Once(OnceArgs),
+    /// Print an account's token from the running daemon (raw, without a newline unless
+    /// stdout is a terminal)
+    Get(GetArgs),
+    /// Show the accounts of the running daemon that you may read
+    Status(StatusArgs),
 }
 
 #[derive(Args, Debug)]
@@ -52,6 +57,50 @@ pub struct OnceArgs {
     /// without asking the provider
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub min_valid: Option<std::time::Duration>,
+}
+
+/// Where `get` and `status` find the daemon.
+#[derive(Args, Debug)]
+pub struct SocketArgs {
+    /// The config file; only its `[daemon] socket` is read
+    #[arg(
+        short = 'c',
+        long = "config",
+        env = "TOKEND_CONFIG",
+        value_name = "PATH"
+    )]
+    pub config: Option<PathBuf>,
+    /// The daemon's socket [default: the config's [daemon] socket, else
+    /// /run/tokend/tokend.sock]
+    #[arg(long, env = "TOKEND_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct GetArgs {
+    #[command(flatten)]
+    pub socket: SocketArgs,
+    /// The account
+    #[arg(value_name = "ACCOUNT")]
+    pub account: String,
+    /// Print the json format (account, access_token, token_type, expires_at, issued_at,
+    /// scope) instead of the raw token
+    #[arg(long)]
+    pub json: bool,
+    /// The token must stay valid at least this long (e.g. 10m): the daemon refreshes
+    /// first if it would expire sooner (still no sooner than min_refresh_interval after
+    /// its last request)
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub min_valid: Option<std::time::Duration>,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub socket: SocketArgs,
+    /// Print the daemon's JSON list instead of a table
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[cfg(test)]

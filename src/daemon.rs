@@ -51,11 +51,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .map_err(|e| tracing::warn!("failed to watch files for changes ({e}); reload with SIGHUP"))
         .ok();
 
+    // Bound before any account starts: a second daemon fails here, before it asks a
+    // provider for anything.
+    let listeners = crate::server::bind(&config.daemon)?;
     let mut sup = Supervisor::new(&config);
     for a in &config.accounts {
         sup.start(Arc::new(a.clone()), None)?;
     }
     sup.publish();
+    let server = listeners.spawn(sup.views.subscribe())?;
     if let Some(w) = &mut watcher {
         w.watch_files(sup.watched_files(&path).iter().map(PathBuf::as_path));
     }
@@ -109,6 +113,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
     }
     notifier.stopping();
+    server.shutdown().await;
     sup.shutdown().await;
     Ok(())
 }
@@ -150,8 +155,12 @@ impl Supervisor {
                 self.reload(new);
                 self.publish();
                 tracing::info!("config reloaded: {}", self.summary());
+                crate::metrics::global().config_reload(true);
             }
-            Err(e) => tracing::error!("{e}; keeping the running config"),
+            Err(e) => {
+                tracing::error!("{e}; keeping the running config");
+                crate::metrics::global().config_reload(false);
+            }
         }
         notifier.ready(&self.summary());
         text

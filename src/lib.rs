@@ -9,12 +9,15 @@
 
 pub mod account;
 pub mod cli;
+pub mod client;
 pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod logging;
+pub mod metrics;
 pub mod oauth;
 pub mod output;
+pub mod server;
 pub mod systemd;
 pub mod watch;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 use tokend::cli::{Cli, Command};
+use tokend::client;
 use tokend::commands::{self, Failure};
 use tokend::config::{self, Config};
 
@@ -47,6 +48,25 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Once(args) => {
             let config = load(&args.config.config)?;
             runtime()?.block_on(commands::once(&config, &args.accounts, args.min_valid))
+        }
+        Command::Get(args) => {
+            let socket = client::resolve_socket(
+                args.socket.socket.as_deref(),
+                args.socket.config.as_deref(),
+            )?;
+            runtime()?.block_on(client::get(
+                &socket,
+                &args.account,
+                args.json,
+                args.min_valid,
+            ))
+        }
+        Command::Status(args) => {
+            let socket = client::resolve_socket(
+                args.socket.socket.as_deref(),
+                args.socket.config.as_deref(),
+            )?;
+            runtime()?.block_on(client::status(&socket, args.json))
         }
     }
 }

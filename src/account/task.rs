@@ -402,6 +402,8 @@ impl<E: Endpoint> Task<E> {
             _ = self.cancel.cancelled() => return None,
             r = self.endpoint.fetch() => r,
         };
+        // Metrics: one request to the provider, its result and how long it took.
+        crate::metrics::global().refresh_attempt(&self.account.name, &result, started.elapsed());
         if let (Some(g), Ok(t)) = (guard.as_mut(), &result) {
             **g = Some(Arc::new(t.clone()));
         }

@@ -267,9 +267,12 @@ fn kill_9_during_writes_leaves_outputs_and_state_whole() {
             "50 rounds take seconds"
         );
     }
-    // A last clean run removes whatever temporary files the kills left.
+    // A last clean run removes whatever temporary files the kills left; stopped cleanly,
+    // it leaves none of its own (a rotation may be writing while it runs).
     let d = Daemon::start(&cfg);
     d.wait_until("a token", SHORT, || sb.read("out/a"));
+    let (status, _, log) = d.terminate();
+    assert!(status.success(), "{log}");
     let leftovers: Vec<_> = std::fs::read_dir(sb.path("out"))
         .unwrap()
         .chain(std::fs::read_dir(sb.path("state")).unwrap())

@@ -1,0 +1,285 @@
+//! Prometheus metrics (prometheus-client, OpenMetrics text): what the daemon counts and
+//! how a scrape is rendered. Per-account gauges (token expiry, last success, status) are
+//! read from the published [`TokenState`] at scrape time, so the account task records
+//! only what a state cannot tell: each refresh attempt, its result and its duration.
+//!
+//! The counters live in one process-wide [`Metrics`] ([`global`]); the socket server
+//! renders them with [`Metrics::encode`] for the accounts the caller may see.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::account::schedule::{self, ErrorClass};
+use crate::account::{AccountView, Status};
+use crate::oauth::{Error, Token};
+
+/// The content type of [`Metrics::encode`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Refresh durations, in seconds: token endpoints answer in tens of milliseconds to
+/// tens of seconds (the default request timeout is 30 s).
+const DURATION_BUCKETS: [f64; 11] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// How a refresh attempt ended, as the `result` label says it.
+const RESULTS: [&str; 4] = ["success", "failure", "rate_limited", "rejected"];
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    /// `unix` (the socket) or `tcp` (`metrics_listen`).
+    listener: &'static str,
+    code: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    result: &'static str,
+}
+
+/// What one account's task recorded.
+#[derive(Debug)]
+struct AccountMetrics {
+    /// Indexed like [`RESULTS`].
+    attempts: [Counter; 4],
+    duration: Histogram,
+}
+
+impl Default for AccountMetrics {
+    fn default() -> Self {
+        AccountMetrics {
+            attempts: Default::default(),
+            duration: Histogram::new(DURATION_BUCKETS),
+        }
+    }
+}
+
+/// Every counter of the daemon.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    accounts: Mutex<HashMap<String, Arc<AccountMetrics>>>,
+    reloads: Family<ReloadLabels, Counter>,
+    requests: Family<RequestLabels, Counter>,
+}
+
+/// The process-wide metrics.
+pub fn global() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::default)
+}
+
+impl Metrics {
+    /// Records one token request of `account`: its result and how long it took.
+    pub fn refresh_attempt(&self, account: &str, result: &Result<Token, Error>, took: Duration) {
+        let index = match result {
+            Ok(_) => 0,
+            Err(e) => match schedule::classify(e) {
+                ErrorClass::Transient => 1,
+                ErrorClass::RateLimited(_) => 2,
+                ErrorClass::Rejected => 3,
+            },
+        };
+        let m = self.account(account);
+        m.attempts[index].inc();
+        m.duration.observe(took.as_secs_f64());
+    }
+
+    /// Records a configuration reload (SIGHUP or a change of the file).
+    pub fn config_reload(&self, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        self.reloads.get_or_create(&ReloadLabels { result }).inc();
+    }
+
+    /// Records an answered HTTP request.
+    pub fn request(&self, listener: &'static str, code: u16) {
+        self.requests
+            .get_or_create(&RequestLabels { listener, code })
+            .inc();
+    }
+
+    fn account(&self, name: &str) -> Arc<AccountMetrics> {
+        let mut map = self
+            .accounts
+            .lock()
+            .expect("no code panics holding this lock");
+        if let Some(m) = map.get(name) {
+            return m.clone();
+        }
+        map.entry(name.to_owned()).or_default().clone()
+    }
+
+    /// The OpenMetrics text for `accounts` (those the caller may see) at `now`.
+    pub fn encode<'a>(
+        &self,
+        accounts: impl IntoIterator<Item = &'a AccountView>,
+        now: SystemTime,
+    ) -> String {
+        let rows = {
+            let recorded = self
+                .accounts
+                .lock()
+                .expect("no code panics holding this lock");
+            accounts
+                .into_iter()
+                .map(|v| Row::new(v, recorded.get(&v.account.name).cloned(), now))
+                .collect()
+        };
+        let mut registry = Registry::with_prefix("tokend");
+        registry.register(
+            "config_reloads",
+            "Configuration reloads, by result",
+            self.reloads.clone(),
+        );
+        registry.register(
+            "http_requests",
+            "Answered HTTP requests, by listener (unix: the socket, tcp: metrics_listen) and status code",
+            self.requests.clone(),
+        );
+        registry.register_collector(Box::new(AccountsCollector { rows }));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// One account at scrape time.
+#[derive(Debug)]
+struct Row {
+    name: String,
+    status: Status,
+    valid: bool,
+    expires_at: Option<f64>,
+    last_success: Option<f64>,
+    recorded: Option<Arc<AccountMetrics>>,
+}
+
+impl Row {
+    fn new(view: &AccountView, recorded: Option<Arc<AccountMetrics>>, now: SystemTime) -> Row {
+        let state = view.state.borrow();
+        Row {
+            name: view.account.name.clone(),
+            status: state.status,
+            valid: state.valid_token(now).is_some(),
+            expires_at: state.token.as_ref().map(|t| unix_seconds(t.expires_at)),
+            last_success: state.last_refresh.map(unix_seconds),
+            recorded,
+        }
+    }
+}
+
+fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+const STATUSES: [Status; 5] = [
+    Status::Pending,
+    Status::Refreshing,
+    Status::Fresh,
+    Status::Failing,
+    Status::Expired,
+];
+
+/// Encodes the per-account families from the rows of one scrape.
+#[derive(Debug)]
+struct AccountsCollector {
+    rows: Vec<Row>,
+}
+
+impl AccountsCollector {
+    fn gauge(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        unit: Option<&Unit>,
+        value: impl Fn(&Row) -> Option<f64>,
+    ) -> Result<(), std::fmt::Error> {
+        let mut metric = encoder.encode_descriptor(name, help, unit, MetricType::Gauge)?;
+        for row in &self.rows {
+            if let Some(v) = value(row) {
+                let labels = [("account", row.name.as_str())];
+                ConstGauge::new(v).encode(metric.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Collector for AccountsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        self.gauge(
+            &mut encoder,
+            "token_expiry_timestamp",
+            "When the account's current token expires (Unix time)",
+            Some(&Unit::Seconds),
+            |r| r.expires_at,
+        )?;
+        self.gauge(
+            &mut encoder,
+            "last_success_timestamp",
+            "When the account last got a token (Unix time)",
+            Some(&Unit::Seconds),
+            |r| r.last_success,
+        )?;
+        self.gauge(
+            &mut encoder,
+            "token_valid",
+            "1 while the account holds an unexpired token, else 0",
+            None,
+            |r| Some(if r.valid { 1.0 } else { 0.0 }),
+        )?;
+        {
+            let mut metric = encoder.encode_descriptor(
+                "account_status",
+                "1 for the account's current status, 0 for the others",
+                None,
+                MetricType::Gauge,
+            )?;
+            for row in &self.rows {
+                for s in STATUSES {
+                    let labels = [("account", row.name.as_str()), ("status", s.as_str())];
+                    let v = if row.status == s { 1.0 } else { 0.0 };
+                    ConstGauge::new(v).encode(metric.encode_family(&labels)?)?;
+                }
+            }
+        }
+        {
+            let mut metric = encoder.encode_descriptor(
+                "refresh_attempts",
+                "Token requests, by result (success, failure, rate_limited, rejected)",
+                None,
+                MetricType::Counter,
+            )?;
+            for row in &self.rows {
+                let Some(m) = &row.recorded else { continue };
+                for (result, counter) in RESULTS.iter().zip(&m.attempts) {
+                    let labels = [("account", row.name.as_str()), ("result", result)];
+                    counter.encode(metric.encode_family(&labels)?)?;
+                }
+            }
+        }
+        let mut metric = encoder.encode_descriptor(
+            "refresh_duration",
+            "How long token requests took",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?;
+        for row in &self.rows {
+            let Some(m) = &row.recorded else { continue };
+            let labels = [("account", row.name.as_str())];
+            m.duration.encode(metric.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}

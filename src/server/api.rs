@@ -1,0 +1,133 @@
+//! The socket API's wire format (SPEC §4): paths and the JSON bodies, shared by the
+//! server and the `get`/`status` client. A token itself is served in the json output
+//! format, [`crate::output::render::TokenJson`], or as plain text.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::account::Status;
+
+/// `GET` lists the accounts the caller may read: [`AccountList`].
+pub const TOKENS: &str = "/v1/tokens";
+/// `GET`: 200 when every account holds a valid token, else 503: [`Health`].
+pub const HEALTH: &str = "/v1/health";
+/// `GET`: OpenMetrics text.
+pub const METRICS: &str = "/metrics";
+
+/// `GET /v1/tokens/{account}`: the json output format.
+pub fn token_path(account: &str) -> String {
+    format!("{TOKENS}/{account}")
+}
+
+/// `GET /v1/tokens/{account}/raw`: the token as `text/plain`.
+pub fn raw_path(account: &str) -> String {
+    format!("{TOKENS}/{account}/raw")
+}
+
+/// `POST /v1/tokens/{account}/refresh`: 202, [`RefreshAccepted`].
+pub fn refresh_path(account: &str) -> String {
+    format!("{TOKENS}/{account}/refresh")
+}
+
+/// The query parameter of the two token `GET`s: the token must stay valid at least this
+/// long (seconds, or a duration like `5m`); the daemon refreshes first if it would not.
+pub const MIN_VALID: &str = "min_valid";
+
+/// Parses a `min_valid` value: whole seconds, or a humantime duration (`90s`, `5m`).
+pub fn parse_min_valid(v: &str) -> Option<Duration> {
+    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+        return v.parse().ok().map(Duration::from_secs);
+    }
+    humantime::parse_duration(v).ok()
+}
+
+/// Every error answer: `{"error": "...", "message": "..."}`; `error` is one of the
+/// constants in [`code`], `message` is for a person.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    pub message: String,
+}
+
+/// The `error` values of [`ErrorBody`].
+pub mod code {
+    /// 400: a malformed request (a bad `min_valid`).
+    pub const BAD_REQUEST: &str = "bad_request";
+    /// 404: no such endpoint, or no account by that name that the caller may read.
+    pub const NOT_FOUND: &str = "not_found";
+    /// 405: the endpoint exists, for another method (see `Allow`).
+    pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
+    /// 408: the request body did not arrive in time.
+    pub const REQUEST_TIMEOUT: &str = "request_timeout";
+    /// 413: a request body larger than the API takes.
+    pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
+    /// 503: the account holds no valid token (see `Retry-After`).
+    pub const NO_TOKEN: &str = "no_token";
+    /// 503: the token expires sooner than `min_valid`, and no newer one could be had
+    /// yet (see `Retry-After`).
+    pub const EXPIRES_TOO_SOON: &str = "expires_too_soon";
+    /// 503: too many connections; try again.
+    pub const BUSY: &str = "busy";
+}
+
+/// `GET /v1/tokens`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountList {
+    pub accounts: Vec<AccountInfo>,
+}
+
+/// One account's state, without its token. Times are RFC 3339 UTC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountInfo {
+    pub account: String,
+    pub status: Status,
+    /// Whether it holds a token that has not expired (`failing` accounts may).
+    pub valid: bool,
+    pub expires_at: Option<String>,
+    pub last_refresh: Option<String>,
+    pub last_error: Option<String>,
+    pub next_refresh: Option<String>,
+}
+
+/// `GET /v1/health`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    /// `ok` (HTTP 200) or `unhealthy` (HTTP 503).
+    pub status: String,
+    /// Accounts without a valid token (on the socket, those the caller may read).
+    pub not_ready: Vec<NotReady>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotReady {
+    pub account: String,
+    pub status: Status,
+    /// Only on the socket: the TCP listener shows no error messages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// `POST /v1/tokens/{account}/refresh`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefreshAccepted {
+    pub account: String,
+    /// Always `accepted`: the refresh happens in the background, no sooner than
+    /// `min_refresh_interval` after the previous request to the provider.
+    pub status: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn min_valid_takes_seconds_or_durations() {
+        assert_eq!(parse_min_valid("90"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_min_valid("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_min_valid("1h 30s"), Some(Duration::from_secs(3630)));
+        assert_eq!(parse_min_valid(""), None);
+        assert_eq!(parse_min_valid("-1"), None);
+        assert_eq!(parse_min_valid("soon"), None);
+    }
+}

@@ -1,0 +1,537 @@
+//! The socket API (SPEC §4): HTTP/1.1 (hyper) over the Unix socket, and the optional
+//! TCP `metrics_listen` listener that serves only `/metrics` and `/v1/health`.
+//!
+//! The server only reads: it holds a `watch::Receiver` of the supervisor's account map
+//! and each account's `watch::Receiver<TokenState>`, and asks for a refresh through
+//! [`AccountView::refresh_now`](crate::account::AccountView::refresh_now). Each
+//! connection is one task; the kernel names its peer (`peer`), `routes` answers.
+//!
+//! Everything is bounded ([`Limits`]): connections (past the limit a connection gets a
+//! 503 and is closed), the request head (8 KiB, hyper's smallest buffer, else 431) and
+//! the time it may take to arrive (which is also the idle keep-alive time), a request
+//! that stops moving, request bodies, and how long a `min_valid` request waits.
+
+pub mod api;
+mod listen;
+pub mod peer;
+mod routes;
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use listen::{bind_tcp, bind_unix, raise_fd_limit, SocketFile};
+use peer::Peer;
+
+use crate::config::DaemonConfig;
+use crate::daemon::Accounts;
+
+/// The bounds of the server. [`Limits::default`] is what the daemon uses; tests pass
+/// shorter times.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Connections served at once, per listener.
+    pub max_connections: usize,
+    /// A request head must arrive within this; also how long an idle keep-alive
+    /// connection stays open.
+    pub header_timeout: Duration,
+    /// A connection with a request in flight on which no byte moved for this long
+    /// (a client that stopped reading or sending) is closed.
+    pub stall_timeout: Duration,
+    /// A request body must arrive within this.
+    pub body_timeout: Duration,
+    /// The largest request body taken (the API's bodies are empty).
+    pub max_body: usize,
+    /// The longest a `min_valid` request waits for a refresh.
+    pub max_wait: Duration,
+    /// After shutdown is asked for, how long requests in flight may take to finish.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 1024,
+            header_timeout: Duration::from_secs(10),
+            stall_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(5),
+            max_body: 1024,
+            max_wait: Duration::from_secs(60),
+            shutdown_grace: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Serves the socket API on `listener` (non-blocking, as [`bind_unix`] makes it) until
+/// `cancel`; then closes every connection within [`Limits::shutdown_grace`] and returns.
+pub async fn serve(
+    listener: std::os::unix::net::UnixListener,
+    accounts: watch::Receiver<Accounts>,
+    cancel: CancellationToken,
+) -> io::Result<()> {
+    serve_with(listener, accounts, cancel, Limits::default()).await
+}
+
+/// [`serve`] with other limits.
+pub async fn serve_with(
+    listener: std::os::unix::net::UnixListener,
+    accounts: watch::Receiver<Accounts>,
+    cancel: CancellationToken,
+    limits: Limits,
+) -> io::Result<()> {
+    let listener = UnixListener::from_std(listener)?;
+    run(listener, accounts, cancel, limits).await;
+    Ok(())
+}
+
+/// Serves `/metrics` and `/v1/health` on a TCP listener (`metrics_listen`, non-blocking)
+/// until `cancel`. Every account is shown there by name and status, never a token or an
+/// error message.
+pub async fn serve_metrics(
+    listener: std::net::TcpListener,
+    accounts: watch::Receiver<Accounts>,
+    cancel: CancellationToken,
+) -> io::Result<()> {
+    let listener = TcpListener::from_std(listener)?;
+    run(listener, accounts, cancel, Limits::default()).await;
+    Ok(())
+}
+
+/// The listeners of the daemon, bound before any account starts, so that a second
+/// daemon fails before it asks a provider for anything.
+pub struct Listeners {
+    unix: Option<(std::os::unix::net::UnixListener, SocketFile)>,
+    tcp: Option<std::net::TcpListener>,
+}
+
+/// Binds `[daemon] socket` and `metrics_listen`, whichever are configured.
+pub fn bind(daemon: &DaemonConfig) -> anyhow::Result<Listeners> {
+    let unix = daemon
+        .socket
+        .as_deref()
+        .map(|p| bind_unix(p, daemon.socket_mode, daemon.socket_group.as_deref()))
+        .transpose()?;
+    let tcp = daemon.metrics_listen.map(bind_tcp).transpose()?;
+    Ok(Listeners { unix, tcp })
+}
+
+impl Listeners {
+    /// Starts serving, on a thread of its own with a single-threaded runtime; the
+    /// accounts come from the supervisor's map.
+    ///
+    /// Why a thread of its own: an answer takes microseconds of CPU, so what a request
+    /// costs is mostly wake-ups, and one thread that owns its listeners and connections
+    /// has the fewest (no hand-offs between worker threads; BENCHMARKS.md). Refreshes
+    /// never wait behind the socket, nor the socket behind them.
+    pub fn spawn(self, accounts: watch::Receiver<Accounts>) -> anyhow::Result<Server> {
+        let cancel = CancellationToken::new();
+        let (done_tx, done) = tokio::sync::oneshot::channel();
+        let Listeners { unix, tcp } = self;
+        let (unix, socket) = match unix {
+            Some((l, file)) => {
+                tracing::info!("serving the socket API on {}", file.path().display());
+                (Some(l), Some(file))
+            }
+            None => (None, None),
+        };
+        if let Some(addr) = tcp.as_ref().and_then(|l| l.local_addr().ok()) {
+            tracing::info!("serving /metrics and /v1/health on http://{addr}");
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| anyhow::anyhow!("failed to start the socket server's runtime: {e}"))?;
+        let stop = cancel.clone();
+        std::thread::Builder::new()
+            .name("tokend-socket".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let unix = async {
+                        if let Some(l) = unix {
+                            if let Err(e) = serve(l, accounts.clone(), stop.clone()).await {
+                                tracing::error!("the socket server failed: {e}");
+                            }
+                        }
+                    };
+                    let tcp = async {
+                        if let Some(l) = tcp {
+                            if let Err(e) = serve_metrics(l, accounts.clone(), stop.clone()).await {
+                                tracing::error!("the metrics listener failed: {e}");
+                            }
+                        }
+                    };
+                    tokio::join!(unix, tcp);
+                });
+                // Connections still open end with the runtime, here.
+                drop(runtime);
+                let _ = done_tx.send(());
+            })
+            .map_err(|e| anyhow::anyhow!("failed to start the socket server's thread: {e}"))?;
+        Ok(Server {
+            cancel,
+            done,
+            socket,
+        })
+    }
+}
+
+/// The running server.
+pub struct Server {
+    cancel: CancellationToken,
+    done: tokio::sync::oneshot::Receiver<()>,
+    /// Removed when the server is dropped.
+    socket: Option<SocketFile>,
+}
+
+impl Server {
+    /// Stops accepting, lets requests in flight finish (briefly), removes the socket.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        let wait = Limits::default().shutdown_grace + Duration::from_millis(100);
+        if tokio::time::timeout(wait, self.done).await.is_err() {
+            tracing::warn!("the socket server did not stop within {wait:?}");
+        }
+        drop(self.socket);
+    }
+}
+
+/// Who is asking.
+#[derive(Debug, Clone)]
+pub(crate) enum Caller {
+    /// A local process on the Unix socket.
+    Local(Arc<Peer>),
+    /// Anyone on the TCP metrics listener: sees `/metrics` and `/v1/health` only.
+    Monitor,
+}
+
+impl Caller {
+    fn listener(&self) -> &'static str {
+        match self {
+            Caller::Local(_) => "unix",
+            Caller::Monitor => "tcp",
+        }
+    }
+}
+
+/// A listener of either kind.
+trait Listen: Send + 'static {
+    /// The `listener` label of the request metrics.
+    const NAME: &'static str;
+    /// Whether to `shutdown(2)` the write side before closing. Not needed on a Unix
+    /// socket, where `close` alone tells the peer the same, one system call sooner.
+    const SHUTDOWN: bool;
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn accept(&self) -> impl Future<Output = io::Result<Self::Io>> + Send;
+    fn caller(io: &Self::Io, daemon_uid: u32) -> io::Result<Caller>;
+    /// Writes what fits without blocking (the "too many connections" answer).
+    fn try_write(io: &Self::Io, buf: &[u8]);
+}
+
+impl Listen for UnixListener {
+    const NAME: &'static str = "unix";
+    const SHUTDOWN: bool = false;
+    type Io = tokio::net::UnixStream;
+    async fn accept(&self) -> io::Result<Self::Io> {
+        UnixListener::accept(self).await.map(|(s, _)| s)
+    }
+    fn caller(io: &Self::Io, daemon_uid: u32) -> io::Result<Caller> {
+        Peer::of(io, daemon_uid).map(|p| Caller::Local(Arc::new(p)))
+    }
+    fn try_write(io: &Self::Io, buf: &[u8]) {
+        let _ = io.try_write(buf);
+    }
+}
+
+impl Listen for TcpListener {
+    const NAME: &'static str = "tcp";
+    const SHUTDOWN: bool = true;
+    type Io = tokio::net::TcpStream;
+    async fn accept(&self) -> io::Result<Self::Io> {
+        let (s, _) = TcpListener::accept(self).await?;
+        let _ = s.set_nodelay(true);
+        Ok(s)
+    }
+    fn caller(_: &Self::Io, _: u32) -> io::Result<Caller> {
+        Ok(Caller::Monitor)
+    }
+    fn try_write(io: &Self::Io, buf: &[u8]) {
+        let _ = io.try_write(buf);
+    }
+}
+
+/// What every connection of a listener shares.
+pub(crate) struct Ctx {
+    pub(crate) accounts: watch::Receiver<Accounts>,
+    pub(crate) limits: Limits,
+    http: http1::Builder,
+}
+
+/// The answer to a connection past [`Limits::max_connections`].
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+retry-after: 1\r\nconnection: close\r\ncontent-length: 69\r\n\r\n\
+{\"error\":\"busy\",\"message\":\"too many connections; try again shortly\"}\n";
+
+/// How long the accept loop pauses when the process is out of descriptors or memory,
+/// rather than spinning on an error that repeats.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+async fn run<L: Listen>(
+    listener: L,
+    accounts: watch::Receiver<Accounts>,
+    cancel: CancellationToken,
+    limits: Limits,
+) {
+    raise_fd_limit(2 * limits.max_connections as u64 + 256);
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(8192);
+    let daemon_uid = nix::unistd::geteuid().as_raw();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let ctx = Arc::new(Ctx {
+        accounts,
+        limits,
+        http,
+    });
+    let conns = TaskTracker::new();
+    let mut last_warning: Option<tokio::time::Instant> = None;
+    let mut warn = |msg: String| {
+        let now = tokio::time::Instant::now();
+        if last_warning.is_none_or(|t| now - t > Duration::from_secs(10)) {
+            last_warning = Some(now);
+            tracing::warn!("{msg}");
+        }
+    };
+    loop {
+        let io = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        let io = match io {
+            Ok(io) => io,
+            Err(e) => {
+                if !matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionAborted | io::ErrorKind::Interrupted
+                ) {
+                    warn(format!("failed to accept a connection: {e}"));
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            L::try_write(&io, BUSY);
+            crate::metrics::global().request(L::NAME, 503);
+            warn(format!(
+                "{} connections open: refusing more until some close",
+                ctx.limits.max_connections
+            ));
+            continue;
+        };
+        let (ctx, cancel) = (ctx.clone(), cancel.clone());
+        conns.spawn(async move {
+            match L::caller(&io, daemon_uid) {
+                Ok(caller) => connection(io, L::SHUTDOWN, caller, &ctx, &cancel).await,
+                Err(e) => tracing::warn!("failed to identify a peer: {e}; closing"),
+            }
+            drop(slot);
+        });
+    }
+    conns.close();
+    let wait = ctx.limits.shutdown_grace + Duration::from_millis(50);
+    let _ = tokio::time::timeout(wait, conns.wait()).await;
+}
+
+/// Serves one connection until the client closes it, a limit closes it, or shutdown.
+async fn connection<IO>(
+    io: IO,
+    shutdown: bool,
+    caller: Caller,
+    ctx: &Arc<Ctx>,
+    cancel: &CancellationToken,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let activity = Arc::new(Activity::default());
+    let io = TokioIo::new(Tracked {
+        inner: io,
+        activity: activity.clone(),
+        shutdown,
+    });
+    let svc = {
+        let (ctx, activity) = (ctx.clone(), activity.clone());
+        service_fn(move |req| {
+            let (ctx, caller) = (ctx.clone(), caller.clone());
+            let busy = activity.busy();
+            async move {
+                let resp = routes::handle(req, &ctx, &caller).await;
+                drop(busy);
+                Ok::<_, std::convert::Infallible>(resp)
+            }
+        })
+    };
+    let conn = ctx.http.serve_connection(io, svc);
+    tokio::pin!(conn);
+
+    let limits = &ctx.limits;
+    let watchdog = tokio::time::sleep(limits.stall_timeout);
+    tokio::pin!(watchdog);
+    let mut seen = activity.progress.load(Ordering::Relaxed);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            biased;
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!("connection closed: {e}");
+                }
+                return;
+            }
+            _ = cancel.cancelled(), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+                watchdog.as_mut().reset(tokio::time::Instant::now() + limits.shutdown_grace);
+            }
+            _ = watchdog.as_mut() => {
+                if closing {
+                    // It had its grace: drop it, whatever it was doing.
+                    return;
+                }
+                let progress = activity.progress.load(Ordering::Relaxed);
+                if progress == seen && activity.in_flight.load(Ordering::Relaxed) == 0 {
+                    tracing::debug!("closing a stalled connection");
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                    watchdog.as_mut().reset(tokio::time::Instant::now() + limits.shutdown_grace);
+                } else {
+                    seen = progress;
+                    watchdog.as_mut().reset(tokio::time::Instant::now() + limits.stall_timeout);
+                }
+            }
+        }
+    }
+}
+
+/// Whether a connection is moving: bytes read or written, handlers running.
+#[derive(Default)]
+struct Activity {
+    progress: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+impl Activity {
+    fn busy(self: &Arc<Self>) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Busy(self.clone())
+    }
+}
+
+/// A request being answered; a handler that waits (`min_valid`) is not a stall.
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.progress.fetch_add(1, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A stream that counts its progress for the stall watchdog.
+struct Tracked<IO> {
+    inner: IO,
+    activity: Arc<Activity>,
+    /// See [`Listen::SHUTDOWN`].
+    shutdown: bool,
+}
+
+impl<IO> Tracked<IO> {
+    fn moved<T>(&self, r: &Poll<io::Result<T>>) {
+        if let Poll::Ready(Ok(_)) = r {
+            self.activity.progress.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.moved(&r);
+        r
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.moved(&r);
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.moved(&r);
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.shutdown {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_answer_is_well_formed() {
+        let text = std::str::from_utf8(BUSY).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(len, body.len());
+        let e: api::ErrorBody = serde_json::from_str(body).unwrap();
+        assert_eq!(e.error, api::code::BUSY);
+    }
+}
