@@ -963,8 +963,14 @@ fn get_and_status_end_to_end() {
 
 #[test]
 fn docs_curl_examples_work() {
-    let doc =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/socket.md")).unwrap();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    // The README's socket section: from its heading to the next one of its level.
+    let start = readme
+        .find("## The socket API")
+        .expect("the README has a socket section");
+    let rest = &readme[start + 2..];
+    let doc = &rest[..rest.find("\n## ").unwrap_or(rest.len())];
     let idp = Idp::start();
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
