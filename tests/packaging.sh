@@ -450,6 +450,15 @@ install_round() {
     check "$name: /run/tokend/tokens tokend 0755, /var/lib/tokend tokend 0700" \
         test "$(stat -c '%U %a' /run/tokend/tokens /var/lib/tokend | tr '\n' ' ')" = "tokend 755 tokend 700 "
     check "$name: tokend is not enabled" test ! -e /etc/systemd/system/multi-user.target.wants/tokend.service
+    check "$name: tokend check (as tokend) fails naming the missing secret file" bash -c \
+        'out=$(runuser -u tokend -- /usr/bin/tokend check 2>&1); test $? -eq 1 && grep -q "FAIL  msk: client_secret: .*/etc/tokend/secrets/msk" <<<"$out"'
+    for s in msk cibmtr-client-secret cibmtr-password; do
+        install -o root -g tokend -m 0640 /dev/stdin "/etc/tokend/secrets/$s" <<<"placeholder-$s"
+    done
+    check "$name: tokend check (as tokend) passes once the secret files exist" \
+        runuser -u tokend -- /usr/bin/tokend check
+    # The admin's secrets are the admin's: purge keeps them, so the test removes its own.
+    rm -f /etc/tokend/secrets/msk /etc/tokend/secrets/cibmtr-client-secret /etc/tokend/secrets/cibmtr-password
     check "$name: dpkg -P" env PATH="$path" dpkg -P tokend
     installed=0
     check "$name: purge leaves nothing of tokend but its user" purged_clean
