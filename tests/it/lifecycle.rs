@@ -410,3 +410,45 @@ fn once_in_a_cron_loop_keeps_the_hold_after_refused_credentials() {
     assert_eq!(fixed.code(), Some(0), "{}", fixed.stderr);
     assert_eq!(idp.requests().len(), 2);
 }
+
+#[test]
+fn on_refresh_signal_signals_the_process_in_the_pid_file() {
+    let idp = FakeIdp::start(Reply::token(2));
+    let sb = sandbox();
+    // A process that counts the SIGHUPs it gets.
+    let hups = sb.path("hups");
+    let mut app = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "trap 'echo hup >> {}' HUP; while :; do sleep 0.05; done",
+            hups.display()
+        ))
+        .spawn()
+        .unwrap();
+    sb.write(&sb.path("app.pid"), &format!("{}\n", app.id()), 0o644);
+    let extra = format!(
+        "min_refresh_interval = \"1s\"\non_refresh_signal = {{ pid_file = \"{}\", signal = \"SIGHUP\" }}",
+        sb.path("app.pid").display()
+    );
+    let d = Daemon::start(&sb.config(&account("a", &idp.url(), "id", &extra)));
+    let count = d.wait_until("two signals", LONG, || {
+        let n = sb.read("hups")?.lines().count();
+        (n >= 2).then_some(n)
+    });
+    let _ = app.kill();
+    let _ = app.wait();
+    assert!(count <= idp.issued().len(), "one signal per token at most");
+}
+
+#[test]
+fn a_hook_that_hangs_is_killed_after_hook_timeout_and_rotation_goes_on() {
+    let idp = FakeIdp::start(Reply::token(2));
+    let sb = sandbox();
+    let extra =
+        "min_refresh_interval = \"1s\"\non_refresh = [\"sleep\", \"1000\"]\nhook_timeout = \"1s\"";
+    let d = Daemon::start(&sb.config(&account("a", &idp.url(), "id", extra)));
+    d.wait_for_log("killed after hook_timeout", 1, SHORT);
+    // The next rotations still come: a hanging hook does not stall the account.
+    idp.wait_requests(3, LONG);
+    d.wait_for_log("killed after hook_timeout", 2, LONG);
+}
