@@ -207,7 +207,9 @@ impl HttpEndpoint {
             }
         }
         if let Some(p) = &account.proxy {
-            let proxy = reqwest::Proxy::all(p).map_err(|e| Error::Client(format!("proxy: {e}")))?;
+            let proxy = reqwest::Proxy::all(p)
+                // Not the URL: it may carry the proxy's password.
+                .map_err(|_| Error::Client("proxy is not a valid URL".into()))?;
             b = b.proxy(proxy);
         }
         let client = b
