@@ -199,8 +199,15 @@ pub struct Output {
 pub enum Format {
     Raw,
     Json,
-    Env { var: String },
+    Env {
+        var: String,
+    },
     Header,
+    /// A directory holding the token in every format (`raw`, `json`, `env`, `header`),
+    /// switched all at once by a `..data` symlink swap, as kubelet does for volumes.
+    Directory {
+        var: String,
+    },
 }
 
 /// Who may read an account over the socket, besides root and the daemon's own user.

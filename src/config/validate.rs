@@ -972,12 +972,18 @@ fn output(cx: &mut Ctx<'_>, label: &str, o: &S<RawOutput>, account: &str) -> Opt
     let kind = cx.choice(
         &raw.format,
         &k("format"),
-        &[("raw", 0u8), ("json", 1), ("env", 2), ("header", 3)],
+        &[
+            ("raw", 0u8),
+            ("json", 1),
+            ("env", 2),
+            ("header", 3),
+            ("directory", 4),
+        ],
         0,
     );
     let format = match kind {
         1 => Format::Json,
-        2 => {
+        2 | 4 => {
             let var = match &raw.env_var {
                 Some(v) => v.get_ref().clone(),
                 None => default_env_var(account),
@@ -995,14 +1001,22 @@ fn output(cx: &mut Ctx<'_>, label: &str, o: &S<RawOutput>, account: &str) -> Opt
                     format!("{var:?} is not a shell variable name"),
                 );
             }
-            Format::Env { var }
+            if kind == 4 {
+                Format::Directory { var }
+            } else {
+                Format::Env { var }
+            }
         }
         3 => Format::Header,
         _ => Format::Raw,
     };
-    if kind != 2 {
+    if kind != 2 && kind != 4 {
         if let Some(v) = &raw.env_var {
-            cx.err(v.span(), k("env_var"), "only used with format = \"env\"");
+            cx.err(
+                v.span(),
+                k("env_var"),
+                "only used with format = \"env\" or \"directory\"",
+            );
         }
     }
     let mode = match &raw.mode {

@@ -5,7 +5,7 @@
 
 use std::fs::{File, Permissions};
 use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::Path;
 
 const TEMP_SUFFIX: &str = ".tokend-tmp";
@@ -59,6 +59,116 @@ pub fn write(
     File::open(dir)?.sync_all()
 }
 
+/// The symlink a `directory` output's files resolve through, as kubelet names it.
+const DATA: &str = "..data";
+const DATA_TMP: &str = "..data_tmp";
+
+/// Replaces the files of a `directory` output all at once, the way kubelet updates a
+/// volume: the new files go into a fresh `..XXXXXX` directory, then the `..data`
+/// symlink is renamed over to point at it; each `dir/NAME` is a symlink to
+/// `..data/NAME`. A reader that opens files through `..data` sees one version of all.
+pub fn write_dir(
+    dir: &Path,
+    files: &[(&str, &[u8])],
+    mode: u32,
+    owner: Option<u32>,
+    group: Option<u32>,
+) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)?;
+    let version = tempfile::Builder::new().prefix("..").tempdir_in(dir)?;
+    std::fs::set_permissions(version.path(), Permissions::from_mode(0o755))?;
+    for (name, content) in files {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode & 0o600)
+            .open(version.path().join(name))?;
+        if owner.is_some() || group.is_some() {
+            nix::unistd::fchown(
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                owner.map(nix::unistd::Uid::from_raw),
+                group.map(nix::unistd::Gid::from_raw),
+            )
+            .map_err(std::io::Error::from)?;
+        }
+        f.set_permissions(Permissions::from_mode(mode))?;
+        f.write_all(content)?;
+        f.sync_all()?;
+    }
+    File::open(version.path())?.sync_all()?;
+    let version = version.keep();
+    let version_name = version
+        .file_name()
+        .expect("a temporary directory has a name")
+        .to_owned();
+
+    let tmp = dir.join(DATA_TMP);
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(&version_name, &tmp)?;
+    std::fs::rename(&tmp, dir.join(DATA))?;
+    for (name, _) in files {
+        let link = dir.join(name);
+        let target = Path::new(DATA).join(name);
+        if std::fs::read_link(&link).ok().as_deref() != Some(target.as_path()) {
+            std::os::unix::fs::symlink(&target, &tmp)?;
+            std::fs::rename(&tmp, &link)?;
+        }
+    }
+    File::open(dir)?.sync_all()?;
+    clean_stale_dir(dir);
+    Ok(())
+}
+
+/// Removes a `directory` output: its links, `..data` and its versions, then the
+/// directory itself if nothing else is in it.
+pub fn remove_dir(dir: &Path) -> std::io::Result<()> {
+    let entries = std::fs::read_dir(dir)?;
+    for e in entries.flatten() {
+        let path = e.path();
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        let ours =
+            name.starts_with("..") || std::fs::read_link(&path).is_ok_and(|t| t.starts_with(DATA));
+        if !ours {
+            continue;
+        }
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            std::fs::remove_dir_all(&path)?;
+        } else {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+    Ok(())
+}
+
+/// Removes versions of a `directory` output that `..data` no longer points at (left by
+/// an earlier write, or by a killed daemon); returns how many.
+pub fn clean_stale_dir(dir: &Path) -> usize {
+    let current = std::fs::read_link(dir.join(DATA)).ok();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let n = name.to_string_lossy();
+            n.starts_with("..") && n != DATA && current.as_deref() != Some(Path::new(&name))
+        })
+        .filter(|e| {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                std::fs::remove_dir_all(e.path()).is_ok()
+            } else {
+                std::fs::remove_file(e.path()).is_ok()
+            }
+        })
+        .count()
+}
+
 /// Removes temporary files a killed writer left beside `path`; returns how many.
 pub fn clean_stale(path: &Path) -> usize {
     let (Some(dir), prefix) = (path.parent(), temp_prefix(path)) else {
@@ -110,6 +220,57 @@ mod tests {
             .map(|e| e.file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("tok")]);
+    }
+
+    #[test]
+    fn a_directory_output_switches_every_file_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("msk.d");
+        write_dir(
+            &out,
+            &[("raw", b"one"), ("env", b"T=one\n")],
+            0o640,
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(std::fs::read(out.join("raw")).unwrap(), b"one");
+        let first = std::fs::read_link(out.join(DATA)).unwrap();
+        write_dir(
+            &out,
+            &[("raw", b"two"), ("env", b"T=two\n")],
+            0o640,
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(std::fs::read(out.join("raw")).unwrap(), b"two");
+        assert_eq!(std::fs::read(out.join("env")).unwrap(), b"T=two\n");
+        assert_eq!(
+            std::fs::metadata(out.join("raw")).unwrap().mode() & 0o7777,
+            0o640
+        );
+        assert_eq!(
+            std::fs::read_link(out.join("raw")).unwrap(),
+            Path::new("..data/raw")
+        );
+        assert!(!out.join(&first).exists(), "the old version is gone");
+        let mut names: Vec<_> = std::fs::read_dir(&out)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names.len(),
+            4,
+            "raw, env, ..data and one version: {names:?}"
+        );
+
+        std::fs::create_dir(out.join("..stale")).unwrap();
+        assert_eq!(clean_stale_dir(&out), 1);
+        remove_dir(&out).unwrap();
+        assert!(!out.exists());
     }
 
     #[test]

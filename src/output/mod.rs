@@ -4,24 +4,29 @@
 pub mod atomic;
 pub mod render;
 
-use std::path::Path;
-
-use crate::config::{Account, OnExpiry};
+use crate::config::{Account, Format, OnExpiry};
 use crate::oauth::Token;
 
 /// Writes every output of `account` with `token`. Stops at the first failure; each file
 /// is either the old or the new version, never a mix.
 pub fn write_all(account: &Account, token: &Token) -> std::io::Result<()> {
     for out in &account.outputs {
-        let content = render::render(&out.format, &account.name, token);
-        atomic::write(
-            &out.path,
-            content.expose().as_bytes(),
-            out.mode,
-            out.owner,
-            out.group,
-        )
-        .map_err(|e| {
+        let written = match &out.format {
+            Format::Directory { var } => {
+                let files = render::files(var, &account.name, token);
+                let files: Vec<(&str, &[u8])> = files
+                    .iter()
+                    .map(|(n, c)| (*n, c.expose().as_bytes()))
+                    .collect();
+                atomic::write_dir(&out.path, &files, out.mode, out.owner, out.group)
+            }
+            format => {
+                let content = render::render(format, &account.name, token);
+                let bytes = content.expose().as_bytes();
+                atomic::write(&out.path, bytes, out.mode, out.owner, out.group)
+            }
+        };
+        written.map_err(|e| {
             std::io::Error::new(
                 e.kind(),
                 format!("failed to write {}: {e}", out.path.display()),
@@ -37,7 +42,11 @@ pub fn remove_all(account: &Account) -> std::io::Result<()> {
         return Ok(());
     }
     for out in &account.outputs {
-        match std::fs::remove_file(&out.path) {
+        let removed = match out.format {
+            Format::Directory { .. } => atomic::remove_dir(&out.path),
+            _ => std::fs::remove_file(&out.path),
+        };
+        match removed {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
@@ -51,11 +60,14 @@ pub fn remove_all(account: &Account) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Removes temporary files a killed daemon left next to `account`'s outputs.
+/// Removes temporary files a killed daemon left next to (or inside) `account`'s outputs.
 pub fn clean_stale(account: &Account) -> usize {
     account
         .outputs
         .iter()
-        .map(|o| atomic::clean_stale(Path::new(&o.path)))
+        .map(|o| match o.format {
+            Format::Directory { .. } => atomic::clean_stale_dir(&o.path),
+            _ => atomic::clean_stale(&o.path),
+        })
         .sum()
 }

@@ -42,7 +42,28 @@ pub fn render(format: &Format, account: &str, token: &Token) -> Secret {
         }
         Format::Env { var } => format!("{var}={t}\n"),
         Format::Header => format!("Authorization: {} {t}\n", scheme(&token.token_type)),
+        // Its files are rendered one by one, by `files`.
+        Format::Directory { .. } => String::new(),
     })
+}
+
+/// The files of a `directory` output: each format, named after it.
+pub fn files(var: &str, account: &str, token: &Token) -> Vec<(&'static str, Secret)> {
+    vec![
+        ("raw", render(&Format::Raw, account, token)),
+        ("json", render(&Format::Json, account, token)),
+        (
+            "env",
+            render(
+                &Format::Env {
+                    var: var.to_owned(),
+                },
+                account,
+                token,
+            ),
+        ),
+        ("header", render(&Format::Header, account, token)),
+    ]
 }
 
 /// `Bearer` however the provider spelled it (RFC 6750 §5.1.1 registers it that way; Okta

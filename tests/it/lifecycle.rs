@@ -452,3 +452,50 @@ fn a_hook_that_hangs_is_killed_after_hook_timeout_and_rotation_goes_on() {
     idp.wait_requests(3, LONG);
     d.wait_for_log("killed after hook_timeout", 2, LONG);
 }
+
+#[test]
+fn a_directory_output_keeps_its_files_consistent_through_rotations() {
+    let idp = FakeIdp::start(Reply::token(2));
+    let sb = sandbox();
+    let extra = "min_refresh_interval = \"1s\"\n[[account.output]]\npath = \"out/a.d\"\nformat = \"directory\"\nmode = \"0640\"";
+    let d = Daemon::start(&sb.config(&account("a", &idp.url(), "id", extra)));
+    let dir = sb.path("out/a.d");
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        // One version, read through the `..data` link once: all four files agree.
+        let token = d.wait_until("a new version of the directory", LONG, || {
+            let version = dir.join(std::fs::read_link(dir.join("..data")).ok()?);
+            let raw = std::fs::read_to_string(version.join("raw")).ok()?;
+            if seen.contains(&raw) {
+                return None;
+            }
+            let env = std::fs::read_to_string(version.join("env")).ok()?;
+            let header = std::fs::read_to_string(version.join("header")).ok()?;
+            let json: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(version.join("json")).ok()?).ok()?;
+            assert_eq!(env, format!("A_TOKEN={raw}\n"));
+            assert_eq!(header, format!("Authorization: Bearer {raw}\n"));
+            assert_eq!(json["access_token"], raw.as_str());
+            Some(raw)
+        });
+        assert!(idp.is_issued(&token));
+        seen.push(token);
+    }
+    assert_eq!(sb.mode("out/a.d/raw"), 0o640);
+    let (status, _, log) = d.terminate();
+    assert!(status.success(), "{log}");
+    let mut entries: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with("..") || n == "..data")
+        .collect();
+    entries.sort();
+    assert_eq!(entries, ["..data", "env", "header", "json", "raw"]);
+    let versions = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("..") && e.file_name() != "..data")
+        .count();
+    assert_eq!(versions, 1, "old versions are removed");
+}
