@@ -105,6 +105,12 @@ fn sibling_key(a: &Account) -> Option<String> {
     if matches!(a.grant, Grant::RefreshToken { .. }) {
         return None;
     }
+    // Kept in memory only, never shown: header values count, whatever they are.
+    let headers: Vec<(&String, &str)> = a
+        .extra_headers
+        .iter()
+        .map(|(k, v)| (k, v.expose()))
+        .collect();
     let secrets: Vec<String> = a
         .secrets()
         .iter()
@@ -116,7 +122,7 @@ fn sibling_key(a: &Account) -> Option<String> {
         a.client_auth,
         a.basic_encoding,
         a.params_in,
-        a.extra_headers,
+        headers,
         secrets.join(",")
     ))
 }

@@ -80,9 +80,11 @@ pub struct Account {
     pub params_in: ParamsIn,
     pub scope: Option<String>,
     pub extra_params: BTreeMap<String, String>,
-    pub extra_headers: BTreeMap<String, String>,
+    /// Header values may be API keys: `Debug` shows no value.
+    pub extra_headers: BTreeMap<String, Secret>,
     pub ca_file: Option<PathBuf>,
-    pub proxy: Option<String>,
+    /// A proxy URL may carry a password: `Debug` shows none.
+    pub proxy: Option<Secret>,
     pub timeout: Duration,
     pub schedule: SchedulePolicy,
     pub on_expiry: OnExpiry,

@@ -788,9 +788,12 @@ fn account(
     let extra_params = pick!(extra_params)
         .map(|p| p.into_inner())
         .unwrap_or_default();
-    let extra_headers = pick!(extra_headers)
+    let extra_headers: BTreeMap<String, Secret> = pick!(extra_headers)
         .map(|p| p.into_inner())
-        .unwrap_or_default();
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, Secret::new(v)))
+        .collect();
     for h in extra_headers.keys() {
         if reqwest::header::HeaderName::from_bytes(h.as_bytes()).is_err() {
             let s = pick!(extra_headers)
@@ -804,7 +807,7 @@ fn account(
         }
     }
     let proxy = pick!(proxy).and_then(|p| match reqwest::Proxy::all(p.get_ref()) {
-        Ok(_) => Some(p.into_inner()),
+        Ok(_) => Some(Secret::new(p.into_inner())),
         Err(_) => {
             cx.err(
                 p.span(),
@@ -1276,6 +1279,25 @@ grant_type = "password"
             }
         );
         assert_eq!(default_env_var("my-api.v2"), "MY_API_V2_TOKEN");
+    }
+
+    #[test]
+    fn debug_of_an_account_shows_no_secret() {
+        let text = MINIMAL.replace(
+            "client_id = \"id\"",
+            "client_id = \"id\"\nproxy = \"http://u:proxy-pass@proxy:3128\"\nextra_headers = { \"X-Api-Key\" = \"api-key-value\" }\nclient_secret_unused = 1",
+        )
+        .replace("client_secret_unused = 1\n", "")
+        .replace("{ file = \"secrets/msk\" }", "\"inline-secret\"");
+        let c = parse(&text).unwrap();
+        let dbg = format!("{c:?}");
+        for s in ["proxy-pass", "api-key-value", "inline-secret"] {
+            assert!(!dbg.contains(s), "{s} in {dbg}");
+        }
+        assert_eq!(
+            c.accounts[0].extra_headers["X-Api-Key"].expose(),
+            "api-key-value"
+        );
     }
 
     #[test]

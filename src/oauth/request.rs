@@ -137,7 +137,7 @@ pub fn build(account: &Account, creds: &Credentials) -> TokenRequest {
         // header value is dropped rather than sent mangled.
         if let (Ok(name), Ok(mut value)) = (
             HeaderName::from_bytes(k.as_bytes()),
-            HeaderValue::from_str(v),
+            HeaderValue::from_str(v.expose()),
         ) {
             value.set_sensitive(true);
             headers.insert(name, value);
@@ -207,7 +207,7 @@ impl HttpEndpoint {
             }
         }
         if let Some(p) = &account.proxy {
-            let proxy = reqwest::Proxy::all(p)
+            let proxy = reqwest::Proxy::all(p.expose())
                 // Not the URL: it may carry the proxy's password.
                 .map_err(|_| Error::Client("proxy is not a valid URL".into()))?;
             b = b.proxy(proxy);
