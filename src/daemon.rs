@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::account::{self, persist, AccountHandle, AccountView, Shared};
+use crate::account::{self, persist, AccountHandle, Accounts, Shared};
 use crate::clock::Clock;
 use crate::config::{Account, Config, Output};
 use crate::oauth::HttpEndpoint;
@@ -21,10 +21,6 @@ use crate::oauth::Token;
 use crate::output;
 use crate::systemd::{self, Notifier};
 use crate::watch::Watcher;
-
-/// Every running account by name, as readers see them. The supervisor publishes a new
-/// map on a `watch` channel whenever accounts start or stop.
-pub type Accounts = Arc<BTreeMap<String, AccountView>>;
 
 /// How long a burst of file events may last before it is looked at.
 const WATCH_SETTLE: Duration = Duration::from_millis(200);

@@ -1030,7 +1030,7 @@ fn serve(limits: tokend::server::Limits) -> Served {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("s.sock");
     let (listener, file) = tokend::server::bind_unix(&socket, 0o600, None).unwrap();
-    let (_tx, rx) = tokio::sync::watch::channel(tokend::daemon::Accounts::default());
+    let (_tx, rx) = tokio::sync::watch::channel(tokend::account::Accounts::default());
     let cancel = tokio_util::sync::CancellationToken::new();
     tokio::spawn(tokend::server::serve_with(
         listener,

@@ -3,9 +3,11 @@
 
 pub mod hooks;
 pub mod persist;
+pub mod registry;
 pub mod schedule;
 pub mod state;
 pub mod task;
 
+pub use registry::Accounts;
 pub use state::{Status, TokenState};
 pub use task::{spawn, spawn_with_state, AccountHandle, AccountView, Poke, Shared};

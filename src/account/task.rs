@@ -49,6 +49,9 @@ pub enum Poke {
     Refresh,
     /// A secret file changed: end a hold and ask now.
     CredentialsChanged,
+    /// The operator's "I fixed it, try now" (`refresh --force`): one attempt now, even
+    /// during a hold after refused credentials or a provider's rate-limit wait.
+    Force,
 }
 
 /// When each provider may be asked again after a 429.
@@ -155,6 +158,12 @@ impl AccountView {
     /// Pokes coalesce.
     pub fn refresh_now(&self) {
         let _ = self.refresh.try_send(Poke::Refresh);
+    }
+
+    /// Asks for one attempt now, ending a hold or a rate-limit wait (SPEC §4
+    /// `?force=true`; only for root or the daemon's own user: the caller checks).
+    pub fn force_refresh(&self) {
+        let _ = self.refresh.try_send(Poke::Force);
     }
 
     /// Tells the account one of its secret files changed: a hold after refused
@@ -266,7 +275,7 @@ impl<E: Endpoint> Task<E> {
                 Some(poke) = self.refresh.recv() => {
                     let now = Instant::now();
                     match poke {
-                        Poke::CredentialsChanged => {
+                        Poke::CredentialsChanged | Poke::Force => {
                             // Ends any hold: the request below sets it anew.
                             tracing::info!(account = %name, "credentials changed: asking the provider now");
                         }

@@ -37,7 +37,7 @@ pub use listen::{bind_tcp, bind_unix, raise_fd_limit, SocketFile};
 use peer::Peer;
 
 use crate::config::DaemonConfig;
-use crate::daemon::Accounts;
+use crate::account::Accounts;
 
 /// The bounds of the server. [`Limits::default`] is what the daemon uses; tests pass
 /// shorter times.

@@ -109,7 +109,7 @@ fn min_valid(query: Option<&str>) -> Result<Option<Duration>, Response<Body>> {
 
 /// The account `name` if it exists and `peer` may read it.
 fn readable<'a>(
-    accounts: &'a crate::daemon::Accounts,
+    accounts: &'a crate::account::Accounts,
     peer: &super::Peer,
     name: &str,
 ) -> Option<&'a AccountView> {
