@@ -46,13 +46,21 @@ impl Clock {
     }
 }
 
-/// RFC 3339 UTC with seconds, as the json output and the socket API write times.
+/// The latest time RFC 3339 can write: 9999-12-31T23:59:59Z.
+const LATEST_RFC3339: u64 = 253_402_300_799;
+
+/// RFC 3339 UTC with seconds, as the json output and the socket API write times. Times
+/// before 1970 or after year 9999 (no provider value gets there, but a state file could
+/// say anything) are written as the nearest one that exists: this never panics.
 pub fn rfc3339(t: SystemTime) -> String {
-    let t = time::OffsetDateTime::from(t)
-        .replace_nanosecond(0)
-        .expect("0 is a valid nanosecond");
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        .min(LATEST_RFC3339);
+    let t = time::OffsetDateTime::from_unix_timestamp(secs as i64)
+        .expect("0..=year 9999 is in time's range");
     t.format(&time::format_description::well_known::Rfc3339)
-        .expect("any SystemTime after 1970 formats as RFC 3339")
+        .expect("a UTC time in years 1970..=9999 formats as RFC 3339")
 }
 
 #[cfg(test)]
@@ -63,6 +71,10 @@ mod tests {
     fn rfc3339_is_utc_seconds() {
         let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_500);
         assert_eq!(rfc3339(t), "2023-11-14T22:13:20Z");
+        let far = SystemTime::UNIX_EPOCH + Duration::from_secs(1 << 40);
+        assert_eq!(rfc3339(far), "9999-12-31T23:59:59Z");
+        let before = SystemTime::UNIX_EPOCH - Duration::from_secs(5);
+        assert_eq!(rfc3339(before), "1970-01-01T00:00:00Z");
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,18 +1,19 @@
 //! The one-shot commands: `check` and `once`. They print for a person and return a
 //! [`Failure`] that `main` maps to an exit code.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use std::time::SystemTime;
 
-use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
-use crate::account::persist;
-use crate::account::schedule::{self, ErrorClass};
+use crate::account::engine::{self, Attempt, Engine, Failed, Opened, Shared};
+use crate::account::persist::{self, WaitKind};
+use crate::account::schedule::ErrorClass;
 use crate::clock::Clock;
 use crate::config::{Account, Config, ConfigErrors};
-use crate::oauth::{Endpoint, HttpEndpoint};
+use crate::oauth::HttpEndpoint;
 use crate::output;
 
 /// Why a command failed, and so its exit status.
@@ -126,9 +127,16 @@ fn dir_takes_files(dir: &Path) -> Result<(), String> {
 
 /// Attempts `once` makes for an account before it gives up on transient failures.
 const ONCE_ATTEMPTS: u32 = 3;
+/// Retries of a failed delivery (a local failure: no request) before `once` gives up.
+const ONCE_DELIVERIES: u32 = 3;
+/// The longest `once` sleeps between tries, whatever the backoff says.
+const ONCE_MAX_PAUSE: Duration = Duration::from_secs(5);
+/// A saved backoff this short is waited out; a longer one fails the run.
+const ONCE_MAX_SAVED_BACKOFF: Duration = Duration::from_secs(10);
 
-/// `tokend once`: fetch a token for each selected account, write its outputs; exit 0
-/// only if every account succeeded.
+/// `tokend once`: a token for each selected account through the same refresh engine as
+/// the daemon (locks, holds, rate limits, sharing), every output written; exit 0 only if
+/// every account succeeded.
 pub async fn once(
     config: &Config,
     names: &[String],
@@ -147,35 +155,29 @@ pub async fn once(
             )));
         }
     }
-    let selected: Vec<Account> = config
+    let shared = Shared::new(
+        config.daemon.max_concurrent_refreshes,
+        Clock::System,
+        config.daemon.state_dir.clone(),
+    );
+    let mut set = tokio::task::JoinSet::new();
+    for a in config
         .accounts
         .iter()
         .filter(|a| names.is_empty() || names.contains(&a.name))
-        .cloned()
-        .collect();
-    let semaphore = Arc::new(Semaphore::new(config.daemon.max_concurrent_refreshes));
-    let mut set = tokio::task::JoinSet::new();
-    for a in selected {
-        let semaphore = semaphore.clone();
-        let state_dir = config.daemon.state_dir.clone();
+    {
+        let (a, shared) = (Arc::new(a.clone()), shared.clone());
         set.spawn(async move {
-            let _permit = semaphore
-                .acquire_owned()
-                .await
-                .expect("the semaphore is never closed");
             let name = a.name.clone();
-            (name, once_account(Arc::new(a), state_dir, min_valid).await)
+            (name, once_account(a, shared, min_valid).await)
         });
     }
     let mut failed = Vec::new();
     while let Some(joined) = set.join_next().await {
         let (name, result) = joined.map_err(|e| Failure::Runtime(e.into()))?;
-        match result {
-            Ok(()) => {}
-            Err(e) => {
-                tracing::error!(account = %name, "{e}");
-                failed.push(name);
-            }
+        if let Err(e) = result {
+            tracing::error!(account = %name, "{e:#}");
+            failed.push(name);
         }
     }
     if failed.is_empty() {
@@ -191,71 +193,106 @@ pub async fn once(
 
 async fn once_account(
     account: Arc<Account>,
-    state_dir: Option<PathBuf>,
+    shared: Shared,
     min_valid: Option<Duration>,
 ) -> anyhow::Result<()> {
     output::clean_stale(&account);
-    let saved = state_dir
-        .as_deref()
-        .and_then(|d| persist::load(d, &account.name));
-    let (mut saved, refresh_token) = persist::prepare(&account, saved);
+    let endpoint = Arc::new(HttpEndpoint::new(account.clone(), Clock::System)?);
+    let deadline = tokio::time::Instant::now() + account.timeout + Duration::from_secs(5);
+    let mut engine = loop {
+        match Engine::try_open(account.clone(), endpoint.clone(), shared.clone()).await? {
+            Opened::Ready(e) => break e,
+            Opened::Busy { holder } => {
+                // Another tokend runs this account: its token, never a second request
+                // (it may hold the only valid refresh token).
+                if let Some(dir) = &shared.state_dir {
+                    if let Some(t) = persist::load(dir, &account.name).and_then(|s| {
+                        s.token_valid_for(&account, SystemTime::now(), min_valid.unwrap_or_default())
+                    }) {
+                        engine::deliver(&account, Arc::new(t), true).await.map_err(anyhow::Error::msg)?;
+                        tracing::info!(account = %account.name, "{holder} runs this account: its token written to {} output(s), provider not asked", account.outputs.len());
+                        return Ok(());
+                    }
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    anyhow::bail!(
+                        "{holder} runs this account on the same state_dir and has no valid token for it (see `tokend status`); not asking the provider beside it"
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
     if let Some(min) = min_valid {
-        if let Some(token) = saved.token_valid_for(&account, SystemTime::now(), min) {
-            let a = account.clone();
-            tokio::task::spawn_blocking(move || output::write_all(&a, &token)).await??;
+        if let Some(token) = engine.saved_token(min) {
+            engine
+                .deliver(Arc::new(token), true)
+                .await
+                .map_err(anyhow::Error::msg)?;
             tracing::info!(account = %account.name, "saved token still valid for {}: outputs written, provider not asked", humantime::format_duration(min));
             return Ok(());
         }
     }
-    // A hold after refused credentials (kept by the daemon or an earlier `once`) still
-    // applies: a cron job must not turn a wrong password into a stream of logins.
-    if let (Some(until), Some(_)) = (saved.not_before(), saved.hold_key) {
-        if let Ok(left) = until.duration_since(SystemTime::now()) {
-            anyhow::bail!(
-                "the provider refused these credentials; holding for {} more (change the secret to try now)",
-                humantime::format_duration(Duration::from_secs(left.as_secs()))
-            );
-        }
-    }
-    let endpoint =
-        HttpEndpoint::new(account.clone(), Clock::System)?.with_refresh_token(refresh_token);
-    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_entropy();
-    let mut attempt = 0;
-    let token = loop {
-        attempt += 1;
-        match endpoint.fetch().await {
-            Ok(t) => break t,
-            Err(e) => {
-                let class = schedule::classify(&e);
-                if class == ErrorClass::Rejected {
-                    if let Some(dir) = &state_dir {
-                        let hold = account.schedule.auth_failure_hold;
-                        saved.set_not_before(Some(SystemTime::now() + hold));
-                        saved.hold_key = Some(persist::credentials_key(&account));
-                        let (dir, name, held) = (dir.clone(), account.name.clone(), saved.clone());
-                        tokio::task::spawn_blocking(move || persist::save(&dir, &name, &held))
-                            .await??;
-                    }
-                }
-                if class != ErrorClass::Transient || attempt >= ONCE_ATTEMPTS {
-                    return Err(e.into());
-                }
-                let wait = schedule::backoff(attempt + 1, &mut rng).max(Duration::from_millis(500));
-                tracing::warn!(account = %account.name, attempt, "{e}; trying again in {wait:?}");
-                tokio::time::sleep(wait).await;
+    let never = CancellationToken::new();
+    for attempt in 1..=ONCE_ATTEMPTS {
+        // A hold or a rate limit recorded by the daemon or an earlier `once` still applies:
+        // a cron job or a crash-looping init container is no stream of requests.
+        if let Some((until, kind)) = engine.wait() {
+            let left = until
+                .duration_since(SystemTime::now())
+                .unwrap_or_default();
+            let left_text = humantime::format_duration(Duration::from_secs(left.as_secs().max(1)));
+            match kind {
+                WaitKind::Hold => anyhow::bail!(
+                    "the provider refused these credentials; holding for {left_text} more (change the secret, or `tokend refresh --force` on a running daemon, to try now)"
+                ),
+                WaitKind::RateLimit => anyhow::bail!(
+                    "the provider rate-limited this account; waiting {left_text} more, until {}",
+                    crate::clock::rfc3339(until)
+                ),
+                WaitKind::Backoff if left > ONCE_MAX_SAVED_BACKOFF => anyhow::bail!(
+                    "backing off after failed requests; the next try is allowed in {left_text}"
+                ),
+                WaitKind::Backoff => tokio::time::sleep(left).await,
             }
         }
-    };
-    if let Some(dir) = state_dir {
-        saved.record(&account, &token);
-        let name = account.name.clone();
-        tokio::task::spawn_blocking(move || persist::save(&dir, &name, &saved)).await??;
+        let failed = match engine.attempt(&never).await {
+            Attempt::Fresh(token) => {
+                tracing::info!(account = %account.name, expires_in = token.lifetime().as_secs(), "token written to {} output(s)", account.outputs.len());
+                return Ok(());
+            }
+            Attempt::Cancelled => unreachable!("nothing cancels once"),
+            Attempt::Failed(f) => f,
+        };
+        if failed.class == ErrorClass::Local && failed.fetched.is_some() {
+            return redeliver(&mut engine, failed, &never).await;
+        }
+        if failed.class != ErrorClass::Transient || attempt == ONCE_ATTEMPTS {
+            anyhow::bail!("{}", failed.message);
+        }
+        let pause = failed
+            .retry_in
+            .clamp(Duration::from_millis(500), ONCE_MAX_PAUSE);
+        tracing::warn!(account = %account.name, attempt, "{}; trying again in {pause:?}", failed.message);
+        tokio::time::sleep(pause).await;
     }
-    let a = account.clone();
-    let t = token.clone();
-    tokio::task::spawn_blocking(move || output::write_all(&a, &t)).await??;
-    crate::account::hooks::run(&account).await;
-    let secs = token.lifetime().as_secs();
-    tracing::info!(account = %account.name, expires_in = secs, "token written to {} output(s)", account.outputs.len());
-    Ok(())
+    unreachable!("the last attempt returns")
+}
+
+/// A token was fetched but its delivery failed: retry the delivery only.
+async fn redeliver(
+    engine: &mut Engine<HttpEndpoint>,
+    mut failed: Failed,
+    never: &CancellationToken,
+) -> anyhow::Result<()> {
+    for _ in 0..ONCE_DELIVERIES {
+        tracing::warn!(account = %engine.account().name, "{}; retrying in {:?}", failed.message, failed.retry_in);
+        tokio::time::sleep(failed.retry_in.min(ONCE_MAX_PAUSE)).await;
+        match engine.retry_delivery(never).await {
+            Attempt::Fresh(_) => return Ok(()),
+            Attempt::Failed(f) => failed = f,
+            Attempt::Cancelled => break,
+        }
+    }
+    anyhow::bail!("{}", failed.message)
 }

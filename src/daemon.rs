@@ -13,12 +13,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::account::{self, persist, AccountHandle, Accounts, Shared};
+use crate::account::identity::{CredentialsDigest, RequestIdentity};
+use crate::account::{self, persist, AccountHandle, Accounts, Predecessor, Shared, TokenState};
 use crate::clock::Clock;
 use crate::config::{Account, Config, Output};
 use crate::oauth::HttpEndpoint;
-use crate::oauth::Token;
-use crate::output;
 use crate::systemd::{self, Notifier};
 use crate::watch::Watcher;
 
@@ -51,8 +50,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // provider for anything.
     let listeners = crate::server::bind(&config.daemon)?;
     let mut sup = Supervisor::new(&config);
+    sup.retire_unknown(&config);
     for a in &config.accounts {
-        sup.start(Arc::new(a.clone()), None)?;
+        let a = Arc::new(a.clone());
+        let endpoint = HttpEndpoint::new(a.clone(), sup.shared.clock)
+            .with_context(|| format!("account {}", a.name))?;
+        sup.start(a, endpoint, TokenState::default());
     }
     sup.publish();
     let server = listeners.spawn(sup.views.subscribe())?;
@@ -120,9 +123,15 @@ struct Supervisor {
     cancel: CancellationToken,
     tracker: TaskTracker,
     views: watch::Sender<Accounts>,
-    /// Each account's [`persist::credentials_key`], to notice changed secret files.
-    credentials: BTreeMap<String, u64>,
+    /// Each account's credentials as last looked at, to notice changed secret files.
+    credentials: BTreeMap<String, CredentialsDigest>,
+    /// Accounts stopped by a reload whose task may still be finishing (a refresh_token
+    /// request on the wire): an account of the same name starts after it.
+    stopping: BTreeMap<String, Predecessor>,
 }
+
+/// How long SIGTERM waits for refresh_token requests on the wire (SPEC §6).
+const ROTATION_GRACE: Duration = Duration::from_secs(10);
 
 impl Supervisor {
     fn new(config: &Config) -> Self {
@@ -137,25 +146,29 @@ impl Supervisor {
             tracker: TaskTracker::new(),
             views: watch::Sender::new(Accounts::default()),
             credentials: BTreeMap::new(),
+            stopping: BTreeMap::new(),
         }
     }
 
     /// Reads, validates and applies the config at `path`, between systemd's
-    /// RELOADING=1 and READY=1; an invalid config is logged and changes nothing. Returns
-    /// the file's content as read, to tell later whether it changed.
+    /// RELOADING=1 and READY=1; an invalid config, or one with an account that cannot
+    /// start, is logged and changes nothing. Returns the file's content as read, to
+    /// tell later whether it changed.
     fn reload_from(&mut self, path: &Path, notifier: &Notifier) -> Option<Vec<u8>> {
         notifier.reloading();
         let text = std::fs::read(path).ok();
-        match crate::config::load(path) {
-            Ok(new) => {
-                self.reload(new);
+        let applied = crate::config::load(path)
+            .map_err(|e| format!("{e}"))
+            .and_then(|new| self.reload(new));
+        match applied {
+            Ok(()) => {
                 self.publish();
                 tracing::info!("config reloaded: {}", self.summary());
-                crate::metrics::global().config_reload(true);
+                self.shared.metrics.config_reload(true);
             }
             Err(e) => {
                 tracing::error!("{e}; keeping the running config");
-                crate::metrics::global().config_reload(false);
+                self.shared.metrics.config_reload(false);
             }
         }
         notifier.ready(&self.summary());
@@ -177,12 +190,18 @@ impl Supervisor {
         files
     }
 
-    /// Pokes every account whose secrets changed since last looked at.
+    /// Pokes every account whose credentials changed since last looked at.
     fn check_secrets(&mut self) {
         for (name, h) in &self.accounts {
-            let key = persist::credentials_key(&h.view.account);
-            if self.credentials.insert(name.clone(), key) != Some(key) {
+            let account = &h.view.account;
+            if self
+                .credentials
+                .get(name)
+                .is_none_or(|d| !d.matches(account))
+            {
                 tracing::info!(account = %name, "a secret changed");
+                self.credentials
+                    .insert(name.clone(), CredentialsDigest::of(account));
                 h.view.credentials_changed();
             }
         }
@@ -211,13 +230,9 @@ impl Supervisor {
         )
     }
 
-    /// Tells readers the current set of accounts, and drops the saved state of
-    /// accounts that are gone.
-    fn publish(&self) {
-        if let Some(dir) = &self.shared.state_dir {
-            let names: Vec<&str> = self.accounts.keys().map(String::as_str).collect();
-            persist::clean(dir, &names);
-        }
+    /// Tells readers the current set of accounts.
+    fn publish(&mut self) {
+        self.stopping.retain(|_, p| !p.is_done());
         let map = self
             .accounts
             .iter()
@@ -226,102 +241,122 @@ impl Supervisor {
         self.views.send_replace(Arc::new(map));
     }
 
-    /// Starts an account from its saved state, or from `carry`, the token its previous
-    /// configuration held.
-    fn start(&mut self, account: Arc<Account>, carry: Option<Arc<Token>>) -> anyhow::Result<()> {
-        let saved = self
-            .shared
-            .state_dir
-            .as_deref()
-            .and_then(|d| persist::load(d, &account.name));
-        let (mut saved, refresh_token) = persist::prepare(&account, saved);
-        if let Some(t) = carry {
-            saved.token = Some(persist::SavedToken::from_token(&t));
+    /// The state of accounts no longer configured goes to `state_dir/retired/` (at
+    /// start: they were removed while tokend was down).
+    fn retire_unknown(&self, config: &Config) {
+        if let Some(dir) = &self.shared.state_dir {
+            let names: Vec<&str> = config.accounts.iter().map(|a| a.name.as_str()).collect();
+            persist::retire_unknown(dir, &names);
         }
-        let endpoint = HttpEndpoint::new(account.clone(), self.shared.clock)
-            .with_context(|| format!("account {}", account.name))?
-            .with_refresh_token(refresh_token);
-        let handle = account::spawn_with_state(
+    }
+
+    /// Starts an account: after its previous instance, if one is still finishing;
+    /// readers see `initial` until it publishes.
+    fn start(&mut self, account: Arc<Account>, endpoint: HttpEndpoint, initial: TokenState) {
+        let after = self.stopping.remove(&account.name);
+        let handle = account::spawn_after(
             account.clone(),
             endpoint,
             self.shared.clone(),
-            saved,
+            after,
+            initial,
             self.cancel.child_token(),
             &self.tracker,
         );
         self.credentials
-            .insert(account.name.clone(), persist::credentials_key(&account));
+            .insert(account.name.clone(), CredentialsDigest::of(&account));
         self.accounts.insert(account.name.clone(), handle);
-        Ok(())
     }
 
     /// Applies a new, already validated config: unchanged accounts keep their token and
-    /// schedule, changed ones restart, new ones start, removed ones stop.
-    fn reload(&mut self, config: Config) {
+    /// schedule, changed ones restart (after a refresh_token request on the wire is
+    /// answered and saved), new ones start, removed ones stop, remove their outputs and
+    /// retire their state. If any new or changed account cannot start, nothing changes.
+    fn reload(&mut self, config: Config) -> Result<(), String> {
         let mut wanted: BTreeMap<String, Account> = config
             .accounts
             .into_iter()
+            .filter(|a| {
+                self.accounts
+                    .get(&a.name)
+                    .is_none_or(|h| *h.view.account != *a)
+            })
             .map(|a| (a.name.clone(), a))
             .collect();
-        // Tokens of changed accounts that were issued for the same request: the new
-        // task starts from them instead of asking the provider (an output-only change).
-        let mut carried: BTreeMap<String, Arc<Token>> = BTreeMap::new();
-        let names: Vec<String> = self.accounts.keys().cloned().collect();
-        for name in names {
-            let old = &self.accounts[&name].view.account;
-            if wanted.get(&name).is_some_and(|a| a == &**old) {
-                wanted.remove(&name);
-                continue;
+        let keep: Vec<String> = self
+            .accounts
+            .keys()
+            .filter(|n| !wanted.contains_key(*n))
+            .cloned()
+            .collect();
+        // Every account that starts is built first: a reload is taken whole or not at all.
+        let mut ready = Vec::new();
+        let mut problems = Vec::new();
+        for (name, a) in std::mem::take(&mut wanted) {
+            let a = Arc::new(a);
+            match HttpEndpoint::new(a.clone(), self.shared.clock) {
+                Ok(e) => ready.push((name, a, e)),
+                Err(e) => problems.push(format!("account {name} cannot start: {e}")),
             }
+        }
+        if !problems.is_empty() {
+            return Err(format!("reload refused: {}", problems.join("; ")));
+        }
+        let configured: Vec<&str> = ready
+            .iter()
+            .map(|(n, ..)| n.as_str())
+            .chain(keep.iter().map(String::as_str))
+            .collect();
+        let removed: Vec<String> = self
+            .accounts
+            .keys()
+            .filter(|n| !configured.contains(&n.as_str()))
+            .cloned()
+            .collect();
+        for name in removed {
+            tracing::info!(account = %name, "account removed");
             let old = self.accounts.remove(&name).expect("name came from the map");
-            old.stop();
-            let account = &old.view.account;
-            match wanted.get(&name) {
-                None => {
-                    tracing::info!(account = %name, "account removed");
-                    self.credentials.remove(&name);
-                    if let Err(e) = output::remove_all(account) {
-                        tracing::error!(account = %name, "{e}");
-                    }
-                }
-                Some(new) => {
-                    tracing::info!(account = %name, "account changed: restarting it");
-                    let gone: Vec<Output> = account
-                        .outputs
-                        .iter()
-                        .filter(|o| !new.outputs.iter().any(|n| n.path == o.path))
-                        .cloned()
-                        .collect();
-                    let stale = Account {
-                        outputs: gone,
-                        ..(**account).clone()
-                    };
-                    if let Err(e) = output::remove_all(&stale) {
-                        tracing::error!(account = %name, "{e}");
-                    }
-                    if persist::Fingerprint::of(new) == persist::Fingerprint::of(account) {
-                        if let Some(t) = old.view.state.borrow().token.clone() {
-                            carried.insert(name.clone(), t);
-                        }
-                    }
-                }
-            }
+            self.credentials.remove(&name);
+            let p = old.stop(true, old.view.account.outputs.clone());
+            self.stopping.insert(name, p);
         }
-        for (name, a) in wanted {
-            let carry = carried.remove(&name);
-            if let Err(e) = self.start(Arc::new(a), carry) {
-                tracing::error!(account = %name, "failed to start: {e:#}");
+        for (name, new, endpoint) in ready {
+            let mut initial = TokenState::default();
+            if let Some(old) = self.accounts.remove(&name) {
+                tracing::info!(account = %name, "account changed: restarting it");
+                let gone: Vec<Output> = old
+                    .view
+                    .account
+                    .outputs
+                    .iter()
+                    .filter(|o| !new.outputs.iter().any(|n| n.path == o.path))
+                    .cloned()
+                    .collect();
+                if RequestIdentity::of(&new) == RequestIdentity::of(&old.view.account) {
+                    // The same request: readers keep the token meanwhile.
+                    initial = old.view.state.borrow().clone();
+                }
+                let p = old.stop(false, gone);
+                self.stopping.insert(name.clone(), p);
             }
+            self.start(new, endpoint, initial);
         }
+        Ok(())
     }
 
     async fn shutdown(self) {
         self.cancel.cancel();
         self.tracker.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait())
-            .await
-            .is_err()
-        {
+        let stopped = tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait()).await;
+        if stopped.is_err() && *self.shared.rotations.borrow() > 0 {
+            // A refresh_token request is on the wire: its answer holds the only copy of
+            // the next refresh token.
+            tracing::info!("waiting (up to {ROTATION_GRACE:?}) for a refresh_token request to be answered");
+            let left = ROTATION_GRACE.saturating_sub(SHUTDOWN_GRACE);
+            if tokio::time::timeout(left, self.tracker.wait()).await.is_err() {
+                tracing::warn!("a refresh_token request was not answered within {ROTATION_GRACE:?}");
+            }
+        } else if stopped.is_err() {
             tracing::warn!("account tasks did not stop within {SHUTDOWN_GRACE:?}");
         }
         tracing::info!("tokend stopped");

@@ -82,7 +82,7 @@ impl Metrics {
         let index = match result {
             Ok(_) => 0,
             Err(e) => match schedule::classify(e) {
-                ErrorClass::Transient => 1,
+                ErrorClass::Transient | ErrorClass::Local => 1,
                 ErrorClass::RateLimited(_) => 2,
                 ErrorClass::Rejected => 3,
             },

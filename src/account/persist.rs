@@ -1,67 +1,90 @@
-//! The state directory: each account's current token, expiry, rotated refresh token and
-//! earliest next request, kept in `{state_dir}/{account}.json` (0600, written
-//! atomically), so that a restart, or a crash loop, does not ask the provider again
-//! while a token is still fresh, and does not retry sooner than planned.
+//! The state directory: each account's current token, the rotated refresh token of its
+//! chain, and the wait before its next request (backoff, a provider's rate limit, a hold
+//! after refused credentials, with the counts that make them grow), kept in
+//! `{state_dir}/{account}.json` (0600, written atomically and fsynced), so that a restart
+//! or a crash loop does not ask the provider again while a token is still fresh, nor
+//! sooner than planned.
+//!
+//! Also here: the per-account lock (`{account}.lock`, an exclusive `flock`) that keeps
+//! `run` and `once` from spending one refresh token twice, and retirement: the state of
+//! an account that is removed is moved to `retired/`, never deleted, and comes back when
+//! the account does. Only the refresh engine (`engine`) reads and writes these.
 
+use std::fs::File;
+use std::io::{Read as _, Write as _};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Account, Grant, Secret};
+use super::identity::{self, CredentialsDigest, RequestIdentity};
+use super::schedule::{self, MAX_LIFETIME};
+use crate::config::{Account, Grant, SchedulePolicy, Secret};
 use crate::oauth::Token;
 use crate::output::atomic;
 
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
+/// Where the state of removed accounts goes.
+const RETIRED: &str = "retired";
 
-/// What a token was issued for. A saved token is reused only for the same request: a
-/// changed client, user, scope or endpoint asks anew.
-#[derive(Serialize, Deserialize, PartialEq, Eq, Debug, Clone)]
-pub struct Fingerprint {
-    token_url: String,
-    grant_type: String,
-    client_id: String,
-    username: Option<String>,
-    scope: Option<String>,
-    extra_params: Vec<(String, String)>,
+/// Why the next request waits.
+#[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "snake_case")]
+pub enum WaitKind {
+    /// Backoff after a transient failure.
+    Backoff,
+    /// The provider asked to wait (429, 503 + Retry-After).
+    RateLimit,
+    /// The provider refused the credentials.
+    Hold,
 }
 
-impl Fingerprint {
-    pub fn of(a: &Account) -> Self {
-        Fingerprint {
-            token_url: a.token_url.to_string(),
-            grant_type: a.grant.as_str().to_owned(),
-            client_id: a.client_id.clone(),
-            username: match &a.grant {
-                Grant::Password { username, .. } => Some(username.clone()),
-                _ => None,
-            },
-            scope: a.scope.clone(),
-            extra_params: a
-                .extra_params
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+impl WaitKind {
+    /// The longest this kind of wait is obeyed, also when read back from disk.
+    fn cap(self, policy: &SchedulePolicy) -> Duration {
+        match self {
+            WaitKind::Backoff => schedule::BACKOFF_CAP,
+            WaitKind::RateLimit => schedule::RATE_LIMIT_CAP,
+            WaitKind::Hold => schedule::hold_cap(policy),
         }
     }
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
+struct Wait {
+    /// Unix seconds.
+    until: u64,
+    kind: WaitKind,
+}
+
+/// A refresh-token chain: the current (rotated) refresh token, and a digest of the
+/// configured one it descends from (a new configured one starts a new chain).
+#[derive(Serialize, Deserialize, Clone)]
+struct Chain {
+    seed: String,
+    refresh_token: String,
 }
 
 /// One account's saved state. Holds credentials: `Debug` is not derived.
 #[derive(Serialize, Deserialize, Clone)]
 pub struct Saved {
     version: u32,
-    pub fingerprint: Fingerprint,
-    pub token: Option<SavedToken>,
-    /// The refresh_token grant's current (rotated) refresh token, and the configured one
-    /// it descends from: a new configured refresh token starts a new chain.
-    pub refresh_token: Option<String>,
-    pub seed_refresh_token: Option<String>,
-    /// No request before this (backoff, rate limit, refused credentials), in Unix seconds.
-    pub not_before: Option<u64>,
-    /// Set when `not_before` is a hold after refused credentials: the
-    /// [`credentials_key`] they were refused with. Other credentials end the hold.
-    #[serde(default)]
-    pub hold_key: Option<u64>,
+    /// Grows with every change; of two copies (memory and disk) the larger is newer.
+    generation: u64,
+    /// For the digests below.
+    salt: String,
+    /// What the token was issued for: it is reused only for the same request.
+    issued_for: RequestIdentity,
+    token: Option<SavedToken>,
+    chain: Option<Chain>,
+    wait: Option<Wait>,
+    /// Transient failures in a row (backoff grows with them, also across restarts).
+    pub failures: u32,
+    /// Refusals in a row (the hold doubles with each).
+    pub refusals: u32,
+    /// The credentials that were refused; other credentials end the hold.
+    hold_key: Option<CredentialsDigest>,
 }
 
 #[derive(Serialize, Deserialize, Clone)]
@@ -80,7 +103,8 @@ fn secs(t: SystemTime) -> u64 {
 }
 
 fn time(s: u64) -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_secs(s)
+    // Anything a state file says fits: far-future values become about year 2200.
+    SystemTime::UNIX_EPOCH + Duration::from_secs(s.min(7_258_118_400))
 }
 
 impl SavedToken {
@@ -94,12 +118,14 @@ impl SavedToken {
         }
     }
 
+    /// The token, its lifetime capped at [`MAX_LIFETIME`] whatever the file says.
     pub fn to_token(&self) -> Token {
+        let issued_at = time(self.issued_at);
         Token {
             access_token: Secret::new(self.access_token.clone()),
             token_type: self.token_type.clone(),
-            issued_at: time(self.issued_at),
-            expires_at: time(self.expires_at),
+            issued_at,
+            expires_at: time(self.expires_at).min(issued_at + MAX_LIFETIME),
             scope: self.scope.clone(),
             refresh_token: None,
             extra: Default::default(),
@@ -111,130 +137,266 @@ impl Saved {
     pub fn new(account: &Account) -> Self {
         Saved {
             version: VERSION,
-            fingerprint: Fingerprint::of(account),
+            generation: 0,
+            salt: identity::new_salt(),
+            issued_for: RequestIdentity::of(account),
             token: None,
-            refresh_token: None,
-            seed_refresh_token: None,
-            not_before: None,
+            chain: None,
+            wait: None,
+            failures: 0,
+            refusals: 0,
             hold_key: None,
         }
     }
 
-    /// The saved token, if it was issued for this account as configured now and is
-    /// valid for at least `min_valid` more at `now`.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The saved token, if it was issued for this account's request as configured now.
+    pub fn token(&self, account: &Account) -> Option<Token> {
+        if self.issued_for != RequestIdentity::of(account) {
+            return None;
+        }
+        self.token.as_ref().map(SavedToken::to_token)
+    }
+
+    /// [`Saved::token`], if valid for at least `min_valid` more at `now`.
     pub fn token_valid_for(
         &self,
         account: &Account,
         now: SystemTime,
         min_valid: Duration,
     ) -> Option<Token> {
-        if self.fingerprint != Fingerprint::of(account) {
-            return None;
-        }
-        let t = self.token.as_ref()?.to_token();
-        (t.expires_at > now + min_valid).then_some(t)
+        self.token(account)
+            .filter(|t| t.expires_at > now + min_valid)
     }
 
     /// Records a newly fetched token: the token, the rotated refresh token of the
     /// refresh_token grant, and no more waiting.
     pub fn record(&mut self, account: &Account, token: &Token) {
+        self.generation += 1;
+        self.issued_for = RequestIdentity::of(account);
         self.token = Some(SavedToken::from_token(token));
-        if let (Grant::RefreshToken { .. }, Some(rt)) = (&account.grant, &token.refresh_token) {
-            self.refresh_token = Some(rt.expose().to_owned());
+        if let (Grant::RefreshToken { .. }, Some(rt), Some(chain)) =
+            (&account.grant, &token.refresh_token, &mut self.chain)
+        {
+            chain.refresh_token = rt.expose().to_owned();
         }
-        self.not_before = None;
+        if let (Grant::RefreshToken { refresh_token }, Some(rt), None) =
+            (&account.grant, &token.refresh_token, &self.chain)
+        {
+            // The first rotation of a chain: remember which configured token it grew from.
+            if let Ok(seed) = refresh_token.read() {
+                self.chain = Some(Chain {
+                    seed: identity::secret_digest(&self.salt, &seed),
+                    refresh_token: rt.expose().to_owned(),
+                });
+            }
+        }
+        self.wait = None;
+        self.failures = 0;
+        self.refusals = 0;
         self.hold_key = None;
     }
 
-    pub fn not_before(&self) -> Option<SystemTime> {
-        self.not_before.map(time)
+    /// Records a failed request and the wait it leads to.
+    pub fn record_wait(&mut self, kind: WaitKind, until: SystemTime, account: &Account) {
+        self.generation += 1;
+        self.wait = Some(Wait {
+            until: secs(until),
+            kind,
+        });
+        self.hold_key = (kind == WaitKind::Hold).then(|| CredentialsDigest::of(account));
     }
 
-    pub fn set_not_before(&mut self, t: Option<SystemTime>) {
-        self.not_before = t.map(secs);
+    /// The wait before the next request, if it is not over at `now`; each kind capped
+    /// (a state file cannot silence an account for longer than the provider could).
+    pub fn wait(&self, now: SystemTime, policy: &SchedulePolicy) -> Option<(SystemTime, WaitKind)> {
+        let w = self.wait?;
+        let until = time(w.until).min(now + w.kind.cap(policy));
+        (until > now).then_some((until, w.kind))
     }
 
-    /// The refresh token to use: the rotated one, unless the configured one changed.
-    pub fn refresh_token_for(&self, configured: &Secret) -> Option<Secret> {
-        (self.seed_refresh_token.as_deref() == Some(configured.expose()))
-            .then(|| self.refresh_token.clone().map(Secret::new))
-            .flatten()
+    /// Ends a hold after refused credentials (they changed, or the operator forced a
+    /// try); the refusal count starts again.
+    pub fn end_hold(&mut self) {
+        if self.wait.is_some_and(|w| w.kind == WaitKind::Hold) {
+            self.wait = None;
+        }
+        self.refusals = 0;
+        self.hold_key = None;
+        self.generation += 1;
     }
-}
 
-/// The state to start `account` from, given what was saved (if anything), and the
-/// refresh token to start with for the refresh_token grant: the saved rotated one, unless
-/// the configured one changed since that chain began.
-pub fn prepare(account: &Account, saved: Option<Saved>) -> (Saved, Option<Secret>) {
-    let mut s = saved
-        .filter(|s| s.fingerprint == Fingerprint::of(account))
-        .unwrap_or_else(|| Saved::new(account));
-    if s.hold_key.is_some() && s.hold_key != Some(credentials_key(account)) {
-        // Refused credentials were replaced while tokend was down: ask again now.
-        s.hold_key = None;
-        s.not_before = None;
+    /// Whether a hold is in place for credentials other than `account`'s now.
+    pub fn held_for_other_credentials(&self, account: &Account) -> bool {
+        self.hold_key.as_ref().is_some_and(|k| !k.matches(account))
     }
-    let Grant::RefreshToken {
-        refresh_token: spec,
-    } = &account.grant
-    else {
-        s.refresh_token = None;
-        s.seed_refresh_token = None;
-        return (s, None);
-    };
-    match spec.read() {
-        Ok(configured) => match s.refresh_token_for(&configured) {
-            Some(rt) => (s, Some(rt)),
-            None => {
-                s.seed_refresh_token = Some(configured.expose().to_owned());
-                s.refresh_token = None;
-                (s, None)
-            }
-        },
-        // Unreadable now: keep the saved chain; the request will report the file.
-        Err(_) => {
-            let rt = s.refresh_token.clone().map(Secret::new);
-            (s, rt)
+
+    /// The refresh token to use for the refresh_token grant: the chain's current one,
+    /// unless the configured one changed since the chain began (then none: the
+    /// configured one starts a new chain). Other settings changing keeps the chain.
+    pub fn refresh_token(&self, account: &Account) -> Option<Secret> {
+        let Grant::RefreshToken { refresh_token } = &account.grant else {
+            return None;
+        };
+        let chain = self.chain.as_ref()?;
+        match refresh_token.read() {
+            Ok(seed) if identity::secret_digest(&self.salt, &seed) != chain.seed => None,
+            // The same seed, or unreadable now: the chain goes on.
+            _ => Some(Secret::new(chain.refresh_token.clone())),
+        }
+    }
+
+    /// Drops a chain whose configured seed was replaced: the new seed starts anew.
+    pub fn prepare_chain(&mut self, account: &Account) {
+        if self.chain.is_some() && self.refresh_token(account).is_none() {
+            tracing::info!(account = %account.name, "a new refresh_token is configured: starting a new chain from it");
+            self.chain = None;
+            self.generation += 1;
         }
     }
 }
 
-/// A digest of an account's settings and current secret values, to tell whether the
-/// credentials a provider refused have changed since. Kept only in the 0600 state file.
-pub fn credentials_key(account: &Account) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    format!("{account:?}").hash(&mut h);
-    for (_, spec) in account.secrets() {
-        spec.read().ok().map(|s| s.expose().to_owned()).hash(&mut h);
+/// The state file of `name` as written before version 2, read for migration: an upgrade
+/// must not lose a refresh-token chain.
+#[derive(Deserialize)]
+struct SavedV1 {
+    fingerprint: RequestIdentity,
+    token: Option<SavedToken>,
+    refresh_token: Option<String>,
+    seed_refresh_token: Option<String>,
+    not_before: Option<u64>,
+    hold_key: Option<u64>,
+}
+
+impl SavedV1 {
+    fn migrate(self) -> Saved {
+        let salt = identity::new_salt();
+        let held = self.hold_key.is_some();
+        Saved {
+            version: VERSION,
+            generation: 1,
+            chain: match (self.seed_refresh_token, self.refresh_token) {
+                (Some(seed), Some(rt)) => Some(Chain {
+                    seed: identity::secret_digest(&salt, &Secret::new(seed)),
+                    refresh_token: rt,
+                }),
+                _ => None,
+            },
+            salt,
+            issued_for: self.fingerprint,
+            token: self.token,
+            wait: self.not_before.map(|until| Wait {
+                until,
+                kind: if held {
+                    WaitKind::Hold
+                } else {
+                    WaitKind::Backoff
+                },
+            }),
+            failures: 0,
+            refusals: u32::from(held),
+            hold_key: None,
+        }
     }
-    h.finish()
 }
 
 fn path(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}.json"))
 }
 
-/// Reads an account's saved state; a missing, unreadable or foreign file is none.
+fn retired_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(RETIRED).join(format!("{name}.json"))
+}
+
+/// Creates the state directory (0700) if it is missing.
+fn ensure_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// Reads an account's saved state. A retired state is brought back first (the account
+/// was removed and is configured again: its chain resumes). A missing file is none; an
+/// unreadable one is logged and none (it is left in place until the next save).
 pub fn load(dir: &Path, name: &str) -> Option<Saved> {
-    let bytes = std::fs::read(path(dir, name)).ok()?;
-    match serde_json::from_slice::<Saved>(&bytes) {
-        Ok(s) if s.version == VERSION => Some(s),
-        _ => {
-            tracing::warn!(account = %name, "ignoring unreadable state file in {}", dir.display());
+    let file = path(dir, name);
+    if !file.exists() && retired_path(dir, name).exists() {
+        match move_file(&retired_path(dir, name), &file) {
+            Ok(()) => tracing::info!(account = %name, "resuming the state this account had when it was removed"),
+            Err(e) => tracing::error!(account = %name, "failed to bring back the retired state: {e}"),
+        }
+    }
+    let bytes = match std::fs::read(&file) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::error!(account = %name, "failed to read {}: {e}", file.display());
+            return None;
+        }
+    };
+    #[derive(Deserialize)]
+    struct Version {
+        version: u32,
+    }
+    let parsed = match serde_json::from_slice::<Version>(&bytes) {
+        Ok(Version { version: VERSION }) => serde_json::from_slice::<Saved>(&bytes),
+        Ok(Version { version: 1 }) => serde_json::from_slice::<SavedV1>(&bytes).map(SavedV1::migrate),
+        Ok(Version { version }) => {
+            tracing::warn!(account = %name, "ignoring {}: state format {version} is newer than this tokend's", file.display());
+            return None;
+        }
+        Err(e) => Err(e),
+    };
+    match parsed {
+        Ok(s) => Some(s),
+        Err(e) => {
+            // serde_json names a position and a category, never the content.
+            tracing::warn!(
+                account = %name,
+                "ignoring unreadable state file {} ({:?} error at line {} column {})",
+                file.display(),
+                e.classify(),
+                e.line(),
+                e.column()
+            );
             None
         }
     }
 }
 
-/// Saves an account's state atomically, mode 0600.
+/// Saves an account's state atomically and durably (fsynced file and directory), 0600.
 pub fn save(dir: &Path, name: &str, saved: &Saved) -> std::io::Result<()> {
+    ensure_dir(dir)?;
     let json = serde_json::to_vec(saved).expect("state always serializes");
-    atomic::write(&path(dir, name), &json, 0o600, None, None)
+    atomic::write(&path(dir, name), &json, 0o600, None, None).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("failed to save state to {}: {e}", path(dir, name).display()),
+        )
+    })
 }
 
-/// Removes the state of accounts not in `keep`, and stale temporary files.
-pub fn clean(dir: &Path, keep: &[&str]) {
+/// Moves an account's state to `retired/` (it was removed from the config): kept, so
+/// that adding the account back resumes its refresh-token chain.
+pub fn retire(dir: &Path, name: &str) -> std::io::Result<()> {
+    let from = path(dir, name);
+    if !from.exists() {
+        return Ok(());
+    }
+    let to = retired_path(dir, name);
+    ensure_dir(to.parent().expect("retired/NAME.json has a parent"))?;
+    move_file(&from, &to)?;
+    tracing::info!(account = %name, "state moved to {}", to.display());
+    Ok(())
+}
+
+/// Retires the state of accounts not in `keep` (removed while tokend was down), and
+/// removes temporary files a killed tokend left.
+pub fn retire_unknown(dir: &Path, keep: &[&str]) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -244,13 +406,79 @@ pub fn clean(dir: &Path, keep: &[&str]) {
         let Some(name) = file.strip_suffix(".json") else {
             continue;
         };
-        if !keep.contains(&name) {
-            if std::fs::remove_file(e.path()).is_ok() {
-                tracing::info!(account = %name, "removed the state of an account no longer configured");
-            }
-        } else {
+        if keep.contains(&name) {
             atomic::clean_stale(&e.path());
+        } else if let Err(err) = retire(dir, name) {
+            tracing::error!(account = %name, "failed to retire the state of an account no longer configured: {err}");
         }
+    }
+}
+
+/// Renames `from` to `to` and makes both directories durable.
+fn move_file(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::rename(from, to)?;
+    for d in [to.parent(), from.parent()].into_iter().flatten() {
+        File::open(d)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// An exclusive lock on one account in the state directory, held while its refresh
+/// token may be spent: by `run` for as long as it runs the account, by `once` for its
+/// attempt. Released when dropped (and by the kernel when the process dies).
+pub struct AccountLock {
+    _lock: nix::fcntl::Flock<File>,
+}
+
+/// The outcome of [`try_lock`].
+pub enum Locked {
+    Acquired(AccountLock),
+    /// Another process holds the account; what it wrote about itself ("pid 123 run").
+    Busy { holder: String },
+}
+
+/// Takes the lock of account `name` without waiting. `role` ("run", "once") is written
+/// into the lock file for the messages of whoever finds it busy.
+pub fn try_lock(dir: &Path, name: &str, role: &str) -> std::io::Result<Locked> {
+    ensure_dir(dir)?;
+    let lock_path = dir.join(format!("{name}.lock"));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("failed to open {}: {e}", lock_path.display()),
+            )
+        })?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => {
+            // Who holds it, for messages only; a failure to write it changes nothing.
+            let _ = lock
+                .set_len(0)
+                .and_then(|()| write!(&*lock, "pid {} {role}\n", std::process::id()));
+            Ok(Locked::Acquired(AccountLock { _lock: lock }))
+        }
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            Ok(Locked::Busy {
+                holder: if holder.is_empty() {
+                    "another tokend".into()
+                } else {
+                    format!("tokend {holder}")
+                },
+            })
+        }
+        Err((_, e)) => Err(std::io::Error::new(
+            std::io::Error::from(e).kind(),
+            format!("failed to lock {}: {e}", lock_path.display()),
+        )),
     }
 }
 
@@ -262,6 +490,18 @@ mod tests {
     fn account(scope: &str) -> Account {
         let text = format!(
             "[[account]]\nname = \"a\"\ntoken_url = \"https://idp.example/t\"\nclient_id = \"id\"\nclient_secret = {{ env = \"S\" }}\nscope = \"{scope}\"\n[[account.output]]\npath = \"/x\"\n"
+        );
+        parse_str(&text, Path::new("/c.toml"))
+            .unwrap()
+            .accounts
+            .remove(0)
+    }
+
+    fn rt_account(seed: &str, scope: &str) -> Account {
+        let text = format!(
+            "[[account]]\nname = \"a\"\ntoken_url = \"https://idp.example/t\"\nclient_id = \"id\"\n\
+             client_auth = \"none\"\ngrant_type = \"refresh_token\"\nrefresh_token = \"{seed}\"\nscope = \"{scope}\"\n\
+             [[account.output]]\npath = \"/x\"\n"
         );
         parse_str(&text, Path::new("/c.toml"))
             .unwrap()
@@ -282,12 +522,12 @@ mod tests {
     }
 
     #[test]
-    fn round_trip_reuse_and_fingerprint() {
+    fn round_trip_reuse_and_request_identity() {
         let dir = tempfile::tempdir().unwrap();
         let now = SystemTime::now();
         let a = account("full");
         let mut s = Saved::new(&a);
-        s.token = Some(SavedToken::from_token(&token(now, 3600)));
+        s.record(&a, &token(now, 3600));
         save(dir.path(), "a", &s).unwrap();
         let meta = std::fs::metadata(dir.path().join("a.json")).unwrap();
         assert_eq!(
@@ -313,27 +553,115 @@ mod tests {
     }
 
     #[test]
-    fn clean_removes_unknown_accounts() {
+    fn retire_keeps_the_state_and_load_brings_it_back() {
         let dir = tempfile::tempdir().unwrap();
         let a = account("full");
-        save(dir.path(), "a", &Saved::new(&a)).unwrap();
-        save(dir.path(), "gone", &Saved::new(&a)).unwrap();
-        clean(dir.path(), &["a"]);
+        let mut s = Saved::new(&a);
+        s.record(&a, &token(SystemTime::now(), 3600));
+        save(dir.path(), "a", &s).unwrap();
+        save(dir.path(), "gone", &s).unwrap();
+        retire_unknown(dir.path(), &["a"]);
         assert!(dir.path().join("a.json").exists());
         assert!(!dir.path().join("gone.json").exists());
+        assert!(dir.path().join("retired/gone.json").exists(), "never deleted");
+        let back = load(dir.path(), "gone").expect("brought back");
+        assert_eq!(back.generation(), s.generation());
+        assert!(dir.path().join("gone.json").exists());
+        assert!(!dir.path().join("retired/gone.json").exists());
     }
 
     #[test]
-    fn a_new_configured_refresh_token_starts_a_new_chain() {
-        let mut s = Saved::new(&account("x"));
-        s.seed_refresh_token = Some("seed-1".into());
-        s.refresh_token = Some("rotated-5".into());
+    fn a_chain_survives_other_changes_and_ends_only_with_a_new_seed() {
+        let a = rt_account("seed-1", "x");
+        let mut s = Saved::new(&a);
+        let mut t = token(SystemTime::now(), 60);
+        t.refresh_token = Some(Secret::new("rotated-1"));
+        s.record(&a, &t);
+        t.refresh_token = Some(Secret::new("rotated-2"));
+        s.record(&a, &t);
+        assert_eq!(s.refresh_token(&a).unwrap().expose(), "rotated-2");
+        let rescoped = rt_account("seed-1", "y");
         assert_eq!(
-            s.refresh_token_for(&Secret::new("seed-1"))
-                .unwrap()
-                .expose(),
-            "rotated-5"
+            s.refresh_token(&rescoped).unwrap().expose(),
+            "rotated-2",
+            "a new scope keeps the chain"
         );
-        assert!(s.refresh_token_for(&Secret::new("seed-2")).is_none());
+        assert!(s.token(&rescoped).is_none(), "but not the token");
+        let reseeded = rt_account("seed-2", "x");
+        assert!(s.refresh_token(&reseeded).is_none());
+        s.prepare_chain(&reseeded);
+        assert!(s.chain.is_none());
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(!json.contains("seed-1"), "the seed is kept as a digest only");
+    }
+
+    #[test]
+    fn version_1_state_is_migrated_with_its_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = rt_account("seed-1", "x");
+        let v1 = serde_json::json!({
+            "version": 1,
+            "fingerprint": RequestIdentity::of(&a),
+            "token": null,
+            "refresh_token": "rotated-7",
+            "seed_refresh_token": "seed-1",
+            "not_before": null,
+            "hold_key": null
+        });
+        std::fs::write(dir.path().join("a.json"), v1.to_string()).unwrap();
+        let s = load(dir.path(), "a").unwrap();
+        assert_eq!(s.refresh_token(&a).unwrap().expose(), "rotated-7");
+    }
+
+    #[test]
+    fn waits_read_back_are_capped() {
+        let a = account("x");
+        let policy = SchedulePolicy::default();
+        let now = SystemTime::now();
+        let mut s = Saved::new(&a);
+        let far = SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_799);
+        s.record_wait(WaitKind::RateLimit, far, &a);
+        assert_eq!(
+            s.wait(now, &policy),
+            Some((now + schedule::RATE_LIMIT_CAP, WaitKind::RateLimit)),
+            "a year-9999 rate limit is read back as an hour"
+        );
+        s.record_wait(WaitKind::Hold, far, &a);
+        let (until, kind) = s.wait(now, &policy).unwrap();
+        assert_eq!(kind, WaitKind::Hold);
+        assert_eq!(until, now + schedule::HOLD_CAP);
+        let mut absurd = Saved::new(&a);
+        absurd.token = Some(SavedToken {
+            access_token: "t".into(),
+            token_type: "Bearer".into(),
+            issued_at: secs(now),
+            expires_at: u64::MAX,
+            scope: None,
+        });
+        let t = absurd.token(&a).unwrap();
+        assert!(t.expires_at <= now + MAX_LIFETIME + Duration::from_secs(1));
+    }
+
+    #[test]
+    fn the_lock_is_exclusive_and_names_its_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let Locked::Acquired(held) = try_lock(dir.path(), "a", "run").unwrap() else {
+            panic!("a free lock is acquired");
+        };
+        match try_lock(dir.path(), "a", "once").unwrap() {
+            Locked::Busy { holder } => {
+                assert_eq!(holder, format!("tokend pid {} run", std::process::id()))
+            }
+            Locked::Acquired(_) => panic!("the lock is exclusive"),
+        }
+        assert!(matches!(
+            try_lock(dir.path(), "b", "once").unwrap(),
+            Locked::Acquired(_)
+        ));
+        drop(held);
+        assert!(matches!(
+            try_lock(dir.path(), "a", "once").unwrap(),
+            Locked::Acquired(_)
+        ));
     }
 }

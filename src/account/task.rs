@@ -1,42 +1,29 @@
-//! The refresh loop of one account: wait for the next planned refresh, a "refresh now"
-//! poke, the token's expiry or cancellation; fetch under the shared semaphore; write
-//! the outputs; run the hooks; plan the next refresh; publish the state.
+//! The schedule of one account in `run`: wait for the next planned refresh, a "refresh
+//! now" poke, the retry of a failed delivery, the token's expiry or cancellation; ask
+//! the refresh [`engine`](super::engine) for an attempt; plan the next; publish the
+//! state for readers. What an attempt does (lock, save, classify, deliver) lives in the
+//! engine, not here.
+//!
+//! Every account runs supervised: if its task dies (a panic), the error is logged and
+//! the account restarts with backoff, from the state its engine last left.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use rand::SeedableRng as _;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use std::path::PathBuf;
-
-use super::hooks;
-use super::persist::{self, Saved};
+use super::engine::{Attempt, Engine, Failed, Mirror, Shared};
+use super::persist::WaitKind;
 use super::schedule::{self, ErrorClass};
 use super::state::{Status, TokenState};
-use crate::clock::Clock;
-use crate::config::{Account, Grant};
-use crate::oauth::{Endpoint, Token};
+use crate::config::{Account, Output};
+use crate::oauth::Endpoint;
 use crate::output;
-
-/// What every account task shares.
-#[derive(Clone)]
-pub struct Shared {
-    /// Bounds concurrent token requests (`max_concurrent_refreshes`).
-    pub semaphore: Arc<Semaphore>,
-    pub clock: Clock,
-    /// Woken whenever any account publishes a new state (readiness, STATUS=).
-    pub changed: Arc<tokio::sync::Notify>,
-    /// Where tokens are kept across restarts (`[daemon] state_dir`).
-    pub state_dir: Option<PathBuf>,
-    /// Rate limits per provider: accounts that share a `token_url` share its limit.
-    pub providers: Arc<Providers>,
-    /// Accounts identical in what they ask for share one request.
-    pub siblings: Arc<Siblings>,
-}
 
 /// How often a waiting task compares the wall clock with its plan (see `run`).
 const WALL_CHECK: Duration = Duration::from_secs(30);
@@ -52,95 +39,6 @@ pub enum Poke {
     /// The operator's "I fixed it, try now" (`refresh --force`): one attempt now, even
     /// during a hold after refused credentials or a provider's rate-limit wait.
     Force,
-}
-
-/// When each provider may be asked again after a 429.
-#[derive(Default)]
-pub struct Providers(std::sync::Mutex<std::collections::HashMap<String, SystemTime>>);
-
-impl Providers {
-    fn key(url: &url::Url) -> String {
-        crate::oauth::request::redacted_url(url)
-    }
-
-    /// Records that the provider at `url` asked to wait until `until` (or, with no date,
-    /// a short while).
-    pub fn limit(&self, url: &url::Url, until: Option<SystemTime>, now: SystemTime) {
-        let until = until.unwrap_or(now + Duration::from_secs(1));
-        let mut m = self
-            .0
-            .lock()
-            .expect("never poisoned: no panics under the lock");
-        let e = m.entry(Self::key(url)).or_insert(until);
-        *e = (*e).max(until);
-    }
-
-    /// Until when the provider at `url` is not to be asked, if it said so.
-    pub fn gate(&self, url: &url::Url) -> Option<SystemTime> {
-        self.0
-            .lock()
-            .expect("never poisoned")
-            .get(&Self::key(url))
-            .copied()
-    }
-}
-
-type SiblingCell = Arc<tokio::sync::Mutex<Option<Arc<Token>>>>;
-
-/// The last token fetched for each distinct request, shared by identical accounts.
-#[derive(Default)]
-pub struct Siblings(std::sync::Mutex<std::collections::HashMap<String, SiblingCell>>);
-
-impl Siblings {
-    fn cell(&self, key: &str) -> SiblingCell {
-        let mut m = self
-            .0
-            .lock()
-            .expect("never poisoned: no panics under the lock");
-        m.entry(key.to_owned()).or_default().clone()
-    }
-}
-
-/// What makes two accounts' requests the same: endpoint, client, grant, user, scope,
-/// parameters, client authentication and where the secrets come from. The
-/// refresh_token grant is never shared: each account has its own rotation chain.
-fn sibling_key(a: &Account) -> Option<String> {
-    if matches!(a.grant, Grant::RefreshToken { .. }) {
-        return None;
-    }
-    // Kept in memory only, never shown: header values count, whatever they are.
-    let headers: Vec<(&String, &str)> = a
-        .extra_headers
-        .iter()
-        .map(|(k, v)| (k, v.expose()))
-        .collect();
-    let secrets: Vec<String> = a
-        .secrets()
-        .iter()
-        .map(|(k, s)| format!("{k}={}", s.describe()))
-        .collect();
-    Some(format!(
-        "{:?}|{:?}|{:?}|{:?}|{:?}|{}",
-        persist::Fingerprint::of(a),
-        a.client_auth,
-        a.basic_encoding,
-        a.params_in,
-        headers,
-        secrets.join(",")
-    ))
-}
-
-impl Shared {
-    pub fn new(max_concurrent_refreshes: usize, clock: Clock, state_dir: Option<PathBuf>) -> Self {
-        Shared {
-            semaphore: Arc::new(Semaphore::new(max_concurrent_refreshes)),
-            clock,
-            changed: Default::default(),
-            state_dir,
-            providers: Default::default(),
-            siblings: Default::default(),
-        }
-    }
 }
 
 /// A reader's view of a running account (the socket server, readiness, status): its
@@ -173,19 +71,54 @@ impl AccountView {
     }
 }
 
+/// What the task does once it stops.
+#[derive(Default)]
+struct Farewell {
+    /// Move the saved state to `retired/` (the account was removed).
+    retire: AtomicBool,
+    /// Outputs to remove (the account's, or those a new config no longer has).
+    remove: Mutex<Vec<Output>>,
+}
+
 /// The supervisor's end of a running account.
 pub struct AccountHandle {
     pub view: AccountView,
     cancel: CancellationToken,
+    farewell: Arc<Farewell>,
+    done: CancellationToken,
+    mirror: Mirror,
 }
 
 impl AccountHandle {
-    pub fn stop(&self) {
+    /// Stops the account. A refresh_token request already sent is still awaited and its
+    /// answer saved; then `remove` outputs go, and with `retire` the saved state moves
+    /// to `retired/`. Returns what a successor must wait for.
+    pub fn stop(&self, retire: bool, remove: Vec<Output>) -> Predecessor {
+        self.farewell.retire.store(retire, Ordering::SeqCst);
+        *self.farewell.remove.lock().expect("never poisoned") = remove;
         self.cancel.cancel();
+        Predecessor {
+            done: self.done.clone(),
+            mirror: self.mirror.clone(),
+        }
     }
 }
 
-/// Starts the refresh loop of `account` on `tracker`, with no saved state.
+/// A stopped (or stopping) account that a new one of the same name starts after: its
+/// last request answered and saved, its lock released.
+#[derive(Clone)]
+pub struct Predecessor {
+    done: CancellationToken,
+    mirror: Mirror,
+}
+
+impl Predecessor {
+    pub fn is_done(&self) -> bool {
+        self.done.is_cancelled()
+    }
+}
+
+/// Starts the refresh loop of `account` on `tracker`, from its saved state if any.
 pub fn spawn<E: Endpoint>(
     account: Arc<Account>,
     endpoint: E,
@@ -193,35 +126,44 @@ pub fn spawn<E: Endpoint>(
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) -> AccountHandle {
-    let saved = Saved::new(&account);
-    spawn_with_state(account, endpoint, shared, saved, cancel, tracker)
+    spawn_after(
+        account,
+        endpoint,
+        shared,
+        None,
+        TokenState::default(),
+        cancel,
+        tracker,
+    )
 }
 
-/// Starts the refresh loop of `account` on `tracker` from `saved` state (see
-/// [`persist::prepare`]): a saved token still valid is published without a request.
-pub fn spawn_with_state<E: Endpoint>(
+/// Starts the refresh loop of `account` on `tracker` once `after` (the account's
+/// previous instance) is done; readers see `initial` until the task publishes.
+pub fn spawn_after<E: Endpoint>(
     account: Arc<Account>,
     endpoint: E,
     shared: Shared,
-    saved: Saved,
+    after: Option<Predecessor>,
+    initial: TokenState,
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) -> AccountHandle {
-    let (state_tx, state_rx) = watch::channel(TokenState::default());
+    let (state_tx, state_rx) = watch::channel(initial);
     let (refresh_tx, refresh_rx) = mpsc::channel(4);
-    let task = Task {
+    let farewell = Arc::new(Farewell::default());
+    let done = CancellationToken::new();
+    let mirror = Mirror::default();
+    let parts = Parts {
         account: account.clone(),
-        endpoint,
+        endpoint: Arc::new(endpoint),
         shared,
-        state: state_tx,
-        refresh: refresh_rx,
+        state: Arc::new(state_tx),
+        refresh: Arc::new(tokio::sync::Mutex::new(refresh_rx)),
         cancel: cancel.clone(),
-        rng: rand::rngs::StdRng::from_entropy(),
-        expired: None,
-        sibling_key: sibling_key(&account),
-        saved,
+        farewell: farewell.clone(),
+        mirror: mirror.clone(),
     };
-    tracker.spawn(task.run());
+    tracker.spawn(supervise(parts, after, done.clone()));
     AccountHandle {
         view: AccountView {
             account,
@@ -229,29 +171,127 @@ pub fn spawn_with_state<E: Endpoint>(
             refresh: refresh_tx,
         },
         cancel,
+        farewell,
+        done,
+        mirror,
     }
 }
 
-struct Task<E> {
+/// What a task is made of; all of it outlives a task that dies.
+struct Parts<E> {
     account: Arc<Account>,
-    endpoint: E,
+    endpoint: Arc<E>,
     shared: Shared,
-    state: watch::Sender<TokenState>,
-    refresh: mpsc::Receiver<Poke>,
+    state: Arc<watch::Sender<TokenState>>,
+    refresh: Arc<tokio::sync::Mutex<mpsc::Receiver<Poke>>>,
     cancel: CancellationToken,
+    farewell: Arc<Farewell>,
+    mirror: Mirror,
+}
+
+impl<E> Clone for Parts<E> {
+    fn clone(&self) -> Self {
+        Parts {
+            account: self.account.clone(),
+            endpoint: self.endpoint.clone(),
+            shared: self.shared.clone(),
+            state: self.state.clone(),
+            refresh: self.refresh.clone(),
+            cancel: self.cancel.clone(),
+            farewell: self.farewell.clone(),
+            mirror: self.mirror.clone(),
+        }
+    }
+}
+
+/// Runs the account's task after its predecessor, and again (with backoff) whenever it
+/// dies, until cancelled. `done` is cancelled when it is all over.
+async fn supervise<E: Endpoint>(parts: Parts<E>, after: Option<Predecessor>, done: CancellationToken) {
+    let _done = done.drop_guard();
+    let name = parts.account.name.clone();
+    if let Some(p) = after {
+        if !p.is_done() {
+            tracing::info!(account = %name, "waiting for the account's previous configuration to finish its request");
+        }
+        // Not cancellable: a successor that gave up here could hand an older state on.
+        p.done.cancelled().await;
+        let last = p.mirror.lock().expect("never poisoned").clone();
+        *parts.mirror.lock().expect("never poisoned") = last;
+    }
+    let mut rng = rand::rngs::StdRng::from_entropy();
+    let mut deaths = 0u32;
+    loop {
+        let task = Task::new(parts.clone());
+        let died = match tokio::spawn(task.run()).await {
+            Ok(()) => return,
+            Err(e) if e.is_panic() => panic_message(e.into_panic()),
+            Err(_) => return,
+        };
+        deaths += 1;
+        let wait = schedule::backoff(deaths, &mut rng).max(Duration::from_secs(1));
+        tracing::error!(account = %name, restart_in = wait.as_secs(), "account task died ({died}): restarting it");
+        parts.state.send_modify(|s| {
+            s.status = Status::Failing;
+            s.last_error = Some(format!("internal error ({died}); restarting"));
+            s.attempted = true;
+        });
+        parts.shared.changed.notify_one();
+        tokio::select! {
+            _ = parts.cancel.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// The message of a panic, if it is a string.
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
+}
+
+struct Task<E> {
+    parts: Parts<E>,
     rng: rand::rngs::StdRng,
     /// The expiry already acted on, so an expired token is expired once.
     expired: Option<SystemTime>,
-    /// What is kept in the state directory for this account.
-    saved: Saved,
-    sibling_key: Option<String>,
+}
+
+/// What the loop waits for next.
+struct Plan {
+    /// The next request to the provider.
+    next: Instant,
+    /// The end of a hold after refused credentials (only a credential change or a
+    /// forced refresh ends it sooner).
+    hold_until: Option<Instant>,
+    /// The retry of a failed delivery (no request).
+    redeliver: Option<Instant>,
+    last_attempt: Option<Instant>,
 }
 
 impl<E: Endpoint> Task<E> {
+    fn new(parts: Parts<E>) -> Self {
+        Task {
+            parts,
+            rng: rand::rngs::StdRng::from_entropy(),
+            expired: None,
+        }
+    }
+
+    fn account(&self) -> &Account {
+        &self.parts.account
+    }
+
+    fn now(&self) -> SystemTime {
+        self.parts.shared.clock.now()
+    }
+
     async fn run(mut self) {
-        let name = self.account.name.clone();
+        let name = self.parts.account.name.clone();
         let removed = tokio::task::spawn_blocking({
-            let a = self.account.clone();
+            let a = self.parts.account.clone();
             move || output::clean_stale(&a)
         })
         .await
@@ -259,43 +299,70 @@ impl<E: Endpoint> Task<E> {
         if removed > 0 {
             tracing::info!(account = %name, removed, "removed stale temporary files");
         }
-
-        let (mut next, mut hold_until) = self.restore().await;
-        let mut next_wall = self.wall(next);
-        let mut last_attempt: Option<Instant> = None;
+        let cancel = self.parts.cancel.clone();
+        let Some(mut engine) = Engine::open(
+            self.parts.account.clone(),
+            self.parts.endpoint.clone(),
+            self.parts.shared.clone(),
+            self.parts.mirror.clone(),
+            &cancel,
+        )
+        .await
+        else {
+            return self.farewell(None).await;
+        };
+        let mut plan = self.restore(&mut engine).await;
+        let refresh = self.parts.refresh.clone();
+        let mut refresh = refresh.lock().await;
         loop {
-            let expiry = self.expiry_instant();
-            let wake = expiry.map_or(next, |e| e.min(next));
+            let wake = self
+                .expiry_instant()
+                .map_or(plan.next, |e| e.min(plan.next));
+            let wake = plan.redeliver.map_or(wake, |r| r.min(wake));
             // The monotonic clock stops while the machine sleeps: look at the wall clock
             // now and then, so a refresh that fell due during a suspend happens on resume.
+            let next_wall = self.wall(plan.next);
             let wake = wake.min(Instant::now() + WALL_CHECK);
+            let mut force = false;
             tokio::select! {
                 biased;
-                _ = self.cancel.cancelled() => return,
-                Some(poke) = self.refresh.recv() => {
+                _ = cancel.cancelled() => break,
+                Some(poke) = refresh.recv() => {
                     let now = Instant::now();
                     match poke {
                         Poke::CredentialsChanged | Poke::Force => {
-                            // Ends any hold: the request below sets it anew.
-                            tracing::info!(account = %name, "credentials changed: asking the provider now");
+                            tracing::info!(account = %name, "{}", if poke == Poke::Force {
+                                "refresh forced: any hold or rate-limit wait ends for one attempt"
+                            } else {
+                                "credentials changed: asking the provider now"
+                            });
+                            engine.end_hold().await;
+                            plan.hold_until = None;
+                            force = poke == Poke::Force;
                         }
-                        Poke::Refresh if hold_until.is_some_and(|h| h > now) => {
+                        Poke::Refresh if plan.hold_until.is_some_and(|h| h > now) => {
                             tracing::info!(account = %name, "refresh asked for, but the account is held after the provider refused its credentials");
                             continue;
                         }
                         Poke::Refresh => {
-                            let earliest = last_attempt.map_or(now, |l| l + self.account.schedule.min_refresh_interval);
+                            let earliest = plan.last_attempt.map_or(now, |l| l + self.account().schedule.min_refresh_interval);
                             if earliest > now {
-                                next = next.min(earliest);
-                                next_wall = self.wall(next);
-                                self.publish_next(next);
+                                plan.next = plan.next.min(earliest);
+                                self.publish_next(plan.next);
                                 continue;
                             }
                         }
                     }
                 }
                 _ = sleep_until(wake) => {
-                    let due = Instant::now() >= next || self.shared.clock.now() >= next_wall;
+                    let now = Instant::now();
+                    if plan.redeliver.is_some_and(|r| r <= now) {
+                        plan.redeliver = None;
+                        let outcome = engine.retry_delivery(&cancel).await;
+                        self.handle(outcome, &mut plan);
+                        continue;
+                    }
+                    let due = now >= plan.next || self.now() >= next_wall;
                     if !due {
                         if self.token_expired() {
                             self.expire();
@@ -305,173 +372,66 @@ impl<E: Endpoint> Task<E> {
                 }
             }
 
-            if !self.wait_for_provider().await {
-                return;
+            if !force && !self.wait_for_provider().await {
+                break;
             }
-            last_attempt = Some(Instant::now());
+            plan.last_attempt = Some(Instant::now());
             self.publish(|s| s.status = Status::Refreshing);
-            let Some(result) = self.fetch().await else {
-                return;
-            };
-            let outcome = match result {
-                Ok((token, took)) => self.accept(token, took).await,
-                Err(e) => {
-                    let class = schedule::classify(&e);
-                    if let ErrorClass::RateLimited(until) = class {
-                        self.shared.providers.limit(
-                            &self.account.token_url,
-                            until,
-                            self.shared.clock.now(),
-                        );
-                    }
-                    Err((class, e.to_string()))
-                }
-            };
-            let now = Instant::now();
-            match outcome {
-                Ok(delay) => {
-                    hold_until = None;
-                    next = now + delay;
-                }
-                Err((class, message)) => {
-                    let failures = self.state.borrow().failures + 1;
-                    let delay = schedule::retry_delay(
-                        class,
-                        failures,
-                        &self.account.schedule,
-                        self.shared.clock.now(),
-                        &mut self.rng,
-                    );
-                    hold_until = (class == ErrorClass::Rejected).then_some(now + delay);
-                    next = now + delay;
-                    let message = match (&self.account.grant, class) {
-                        (Grant::RefreshToken { .. }, ErrorClass::Rejected) => format!(
-                            "{message}; the refresh token was refused: configure a new refresh_token"
-                        ),
-                        _ => message,
-                    };
-                    self.fail(message, failures, class, delay);
-                    if self.shared.state_dir.is_some() {
-                        self.saved
-                            .set_not_before(Some(self.shared.clock.now() + delay));
-                        self.saved.hold_key = (class == ErrorClass::Rejected)
-                            .then(|| persist::credentials_key(&self.account));
-                        self.save().await;
-                    }
-                }
+            let outcome = engine.attempt(&cancel).await;
+            if matches!(outcome, Attempt::Cancelled) {
+                break;
             }
-            next_wall = self.wall(next);
-            self.publish_next(next);
+            self.handle(outcome, &mut plan);
         }
+        self.farewell(Some(engine)).await;
     }
 
-    /// Waits while the provider (every account on this `token_url`) is rate-limited.
-    /// False if cancelled meanwhile.
-    async fn wait_for_provider(&self) -> bool {
-        let Some(until) = self.shared.providers.gate(&self.account.token_url) else {
-            return true;
-        };
-        let wait = until
-            .duration_since(self.shared.clock.now())
-            .unwrap_or_default();
-        if wait.is_zero() {
-            return true;
+    /// After the loop: the engine's last save (and retirement), then the outputs the
+    /// supervisor asked to remove.
+    async fn farewell(&mut self, engine: Option<Engine<E>>) {
+        let retire = self.parts.farewell.retire.load(Ordering::SeqCst);
+        if let Some(engine) = engine {
+            engine.close(retire).await;
         }
-        tracing::info!(account = %self.account.name, wait = wait.as_secs(), "provider rate-limited: waiting");
-        tokio::select! {
-            _ = self.cancel.cancelled() => false,
-            _ = tokio::time::sleep(wait) => true,
-        }
-    }
-
-    /// One token request under the shared semaphore; None if cancelled meanwhile.
-    /// Accounts identical in what they ask for share one request: a token an identical
-    /// account fetched since this account's own, and not yet due, is reused.
-    async fn fetch(&self) -> Option<Result<(Token, Duration), crate::oauth::Error>> {
-        let cell = self
-            .sibling_key
-            .as_ref()
-            .map(|k| self.shared.siblings.cell(k));
-        let mut guard = match &cell {
-            Some(c) => Some(tokio::select! {
-                _ = self.cancel.cancelled() => return None,
-                g = c.lock() => g,
-            }),
-            None => None,
-        };
-        if let Some(t) = guard.as_ref().and_then(|g| g.as_ref()) {
-            let mine = self.state.borrow().token.as_ref().map(|m| m.issued_at);
-            let due =
-                t.issued_at + schedule::refresh_delay(&self.account.schedule, t.lifetime(), 1.0);
-            if mine.is_none_or(|m| t.issued_at > m) && self.shared.clock.now() < due {
-                tracing::debug!(account = %self.account.name, "reusing the token an identical account just fetched");
-                return Some(Ok(((**t).clone(), Duration::ZERO)));
+        let remove = std::mem::take(&mut *self.parts.farewell.remove.lock().expect("never poisoned"));
+        if !remove.is_empty() {
+            let gone = Account {
+                outputs: remove,
+                ..(*self.parts.account).clone()
+            };
+            if let Err(e) = output::remove_all(&gone) {
+                tracing::error!(account = %gone.name, "{e}");
             }
         }
-        let _permit = tokio::select! {
-            _ = self.cancel.cancelled() => return None,
-            p = self.shared.semaphore.acquire() => p.expect("the semaphore is never closed"),
-        };
-        let started = Instant::now();
-        let result = tokio::select! {
-            _ = self.cancel.cancelled() => return None,
-            r = self.endpoint.fetch() => r,
-        };
-        // Metrics: one request to the provider, its result and how long it took.
-        crate::metrics::global().refresh_attempt(&self.account.name, &result, started.elapsed());
-        if let (Some(g), Ok(t)) = (guard.as_mut(), &result) {
-            **g = Some(Arc::new(t.clone()));
-        }
-        Some(result.map(|t| (t, started.elapsed())))
-    }
-
-    /// The wall-clock time of a point on tokio's clock.
-    fn wall(&self, at: Instant) -> SystemTime {
-        self.shared.clock.now() + at.saturating_duration_since(Instant::now())
-    }
-
-    /// Whether the held token has expired by the wall clock and was not yet acted on.
-    fn token_expired(&self) -> bool {
-        let s = self.state.borrow();
-        s.token.as_ref().is_some_and(|t| {
-            self.expired != Some(t.expires_at) && !t.is_valid_at(self.shared.clock.now())
-        })
     }
 
     /// Publishes a saved token that is still valid, without asking the provider, and
-    /// returns when to ask next: when that token is due for refresh, and not before a
-    /// saved backoff or hold ends (so a crash loop is no request loop).
-    /// Also returns the end of a hold after refused credentials that outlived a restart.
-    async fn restore(&mut self) -> (Instant, Option<Instant>) {
-        let now = self.shared.clock.now();
-        let mut next = Instant::now();
-        if let Some(token) = self
-            .saved
-            .token_valid_for(&self.account, now, Duration::ZERO)
-        {
+    /// plans the first request: when that token is due, and not before a saved backoff,
+    /// hold or rate limit ends (so a crash loop is no request loop). A saved token that
+    /// expired meanwhile takes its outputs with it (unless `on_expiry = "keep"`).
+    async fn restore(&mut self, engine: &mut Engine<E>) -> Plan {
+        let now = self.now();
+        let mut plan = Plan {
+            next: Instant::now(),
+            hold_until: None,
+            redeliver: None,
+            last_attempt: None,
+        };
+        if let Some(token) = engine.saved_token(Duration::ZERO) {
             let token = Arc::new(token);
-            let write = tokio::task::spawn_blocking({
-                let (a, t) = (self.account.clone(), token.clone());
-                move || output::write_all(&a, &t)
-            })
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-            match write {
+            let jitter = rand::Rng::gen(&mut self.rng);
+            let due = token.issued_at
+                + schedule::refresh_delay(&self.account().schedule, token.lifetime(), jitter);
+            let wait = due.duration_since(now).unwrap_or_default();
+            plan.next += wait;
+            match engine.deliver(token.clone(), false).await {
                 Ok(()) => {
-                    let due = token.issued_at
-                        + schedule::refresh_delay(
-                            &self.account.schedule,
-                            token.lifetime(),
-                            rand::Rng::gen(&mut self.rng),
-                        );
-                    let wait = due.duration_since(now).unwrap_or_default();
                     tracing::info!(
-                        account = %self.account.name,
+                        account = %self.account().name,
                         expires_in = token.expires_at.duration_since(now).unwrap_or_default().as_secs(),
                         next_refresh_in = wait.as_secs(),
                         "serving the saved token"
                     );
-                    next += wait;
                     self.publish(|s| {
                         s.status = Status::Fresh;
                         s.token = Some(token.clone());
@@ -479,115 +439,184 @@ impl<E: Endpoint> Task<E> {
                         s.attempted = true;
                     });
                 }
-                Err(e) => tracing::error!(account = %self.account.name, "{e}"),
+                Err(e) => {
+                    // Served on the socket meanwhile; the files are retried.
+                    self.publish(|s| {
+                        s.token = Some(token.clone());
+                        s.last_refresh = Some(token.issued_at);
+                    });
+                    let f = Failed {
+                        class: ErrorClass::Local,
+                        message: e,
+                        retry_in: schedule::backoff(1, &mut self.rng),
+                        fetched: Some(token),
+                        publish: true,
+                    };
+                    plan.redeliver = Some(Instant::now() + f.retry_in);
+                    self.fail(&f, 1);
+                }
+            }
+        } else if engine.saved_token_expired() {
+            tracing::warn!(account = %self.account().name, status = "expired", "the saved token expired while tokend was stopped");
+            self.publish(|s| s.status = Status::Expired);
+            if let Err(e) = output::remove_all(self.account()) {
+                tracing::error!(account = %self.account().name, "{e}");
+            }
+        } else {
+            // Nothing for this request: readers must not see another request's token.
+            self.publish(|s| *s = TokenState::default());
+        }
+        if let Some((until, kind)) = engine.wait() {
+            let wait = until.duration_since(now).unwrap_or_default();
+            let held = kind == WaitKind::Hold;
+            tracing::info!(
+                account = %self.account().name,
+                wait = wait.as_secs(),
+                "{}",
+                match kind {
+                    WaitKind::Hold => "still holding: the provider refused these credentials before",
+                    WaitKind::RateLimit => "still waiting: the provider rate-limited this account",
+                    WaitKind::Backoff => "waiting as planned before the restart",
+                }
+            );
+            plan.next = plan.next.max(Instant::now() + wait);
+            if held {
+                plan.hold_until = Some(plan.next);
             }
         }
-        let mut hold = None;
-        if let Some(nb) = self.saved.not_before() {
-            if let Ok(wait) = nb.duration_since(now) {
-                let held = self.saved.hold_key.is_some();
+        self.publish_next(plan.next);
+        plan
+    }
+
+    /// Plans and publishes after an attempt or a delivery retry.
+    fn handle(&mut self, outcome: Attempt, plan: &mut Plan) {
+        let now = Instant::now();
+        match outcome {
+            Attempt::Cancelled => {}
+            Attempt::Fresh(token) => {
+                let wall = self.now();
+                let lifetime = token.expires_at.duration_since(wall).unwrap_or_default();
+                let jitter = rand::Rng::gen(&mut self.rng);
+                let delay = schedule::refresh_delay(&self.account().schedule, lifetime, jitter);
+                let recovered = self.parts.state.borrow().failures > 0;
                 tracing::info!(
-                    account = %self.account.name,
-                    wait = wait.as_secs(),
-                    "{}",
-                    if held {
-                        "still holding after the provider refused these credentials before the restart"
-                    } else {
-                        "waiting as planned before the restart"
-                    }
+                    account = %self.account().name,
+                    status = "fresh",
+                    expires_in = lifetime.as_secs(),
+                    next_refresh_in = delay.as_secs(),
+                    "token refreshed{}",
+                    if recovered { " (recovered)" } else { "" }
                 );
-                next = next.max(Instant::now() + wait);
-                hold = held.then_some(next);
+                self.publish(|s| {
+                    s.status = Status::Fresh;
+                    s.token = Some(token);
+                    s.last_refresh = Some(wall);
+                    s.last_error = None;
+                    s.failures = 0;
+                    s.attempted = true;
+                });
+                plan.next = now + delay;
+                plan.hold_until = None;
+                plan.redeliver = None;
+            }
+            Attempt::Failed(f) => {
+                let failures = self.parts.state.borrow().failures + 1;
+                match (&f.class, &f.fetched) {
+                    (ErrorClass::Local, Some(token)) => {
+                        // The token is good: serve it, retry only its delivery, and
+                        // refresh when it is due as if the files had been written.
+                        // (A token whose refresh token is not saved yet is not served.)
+                        let lifetime = token.expires_at.duration_since(self.now()).unwrap_or_default();
+                        if plan.redeliver.is_none() {
+                            if f.publish {
+                                let token = token.clone();
+                                let wall = self.now();
+                                self.publish(|s| {
+                                    s.token = Some(token);
+                                    s.last_refresh = Some(wall);
+                                });
+                            }
+                            let jitter = rand::Rng::gen(&mut self.rng);
+                            plan.next = now
+                                + schedule::refresh_delay(
+                                    &self.account().schedule,
+                                    lifetime,
+                                    jitter,
+                                );
+                        }
+                        plan.redeliver = Some(now + f.retry_in);
+                    }
+                    _ => {
+                        plan.next = now + f.retry_in;
+                        plan.hold_until = (f.class == ErrorClass::Rejected).then_some(plan.next);
+                    }
+                }
+                self.fail(&f, failures);
             }
         }
-        (next, hold)
+        self.publish_next(plan.next);
     }
 
-    /// Saves this account's state, if there is a state directory. A failure is logged:
-    /// the daemon keeps working, at the cost of a request after a restart.
-    async fn save(&self) {
-        let Some(dir) = self.shared.state_dir.clone() else {
-            return;
+    /// Waits while the provider (every account on this `token_url`) is rate-limited.
+    /// False if cancelled meanwhile.
+    async fn wait_for_provider(&self) -> bool {
+        let now = self.now();
+        let Some(until) = self
+            .parts
+            .shared
+            .providers
+            .gate(&self.account().token_url, now)
+        else {
+            return true;
         };
-        let (name, saved) = (self.account.name.clone(), self.saved.clone());
-        let result = tokio::task::spawn_blocking(move || persist::save(&dir, &name, &saved))
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-        if let Err(e) = result {
-            tracing::error!(account = %self.account.name, "failed to save state: {e}");
+        let wait = until.duration_since(now).unwrap_or_default();
+        tracing::info!(account = %self.account().name, wait = wait.as_secs(), "provider rate-limited: waiting");
+        tokio::select! {
+            _ = self.parts.cancel.cancelled() => false,
+            _ = tokio::time::sleep(wait) => true,
         }
     }
 
-    /// Writes the outputs for a new token, runs the hooks and publishes it; returns the
-    /// delay to the next refresh.
-    async fn accept(
-        &mut self,
-        token: Token,
-        took: Duration,
-    ) -> Result<Duration, (ErrorClass, String)> {
-        let token = Arc::new(token);
-        // The state first: a rotated refresh token must survive a crash right after.
-        self.saved.record(&self.account, &token);
-        self.save().await;
-        let write = tokio::task::spawn_blocking({
-            let (a, t) = (self.account.clone(), token.clone());
-            move || output::write_all(&a, &t)
-        })
-        .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-        if let Err(e) = write {
-            // The token is good: keep serving it on the socket while the files are retried.
-            self.publish(|s| s.token = Some(token.clone()));
-            return Err((ErrorClass::Transient, e.to_string()));
-        }
-        hooks::run(&self.account).await;
-
-        let now = self.shared.clock.now();
-        let lifetime = token.expires_at.duration_since(now).unwrap_or_default();
-        let delay = schedule::refresh_delay(
-            &self.account.schedule,
-            lifetime,
-            rand::Rng::gen(&mut self.rng),
-        );
-        let recovered = self.state.borrow().failures > 0;
-        tracing::info!(
-            account = %self.account.name,
-            status = "fresh",
-            expires_in = lifetime.as_secs(),
-            next_refresh_in = delay.as_secs(),
-            took_ms = took.as_millis() as u64,
-            "token refreshed{}",
-            if recovered { " (recovered)" } else { "" }
-        );
-        self.publish(|s| {
-            s.status = Status::Fresh;
-            s.token = Some(token);
-            s.last_refresh = Some(now);
-            s.last_error = None;
-            s.failures = 0;
-            s.attempted = true;
-        });
-        Ok(delay)
+    /// The wall-clock time of a point on tokio's clock.
+    fn wall(&self, at: Instant) -> SystemTime {
+        self.now() + at.saturating_duration_since(Instant::now())
     }
 
-    fn fail(&mut self, message: String, failures: u32, class: ErrorClass, delay: Duration) {
-        let now = self.shared.clock.now();
-        let changed = self.state.borrow().last_error.as_deref() != Some(&message);
-        let retry_in = delay.as_secs();
-        match class {
+    /// Whether the held token has expired by the wall clock and was not yet acted on.
+    fn token_expired(&self) -> bool {
+        let s = self.parts.state.borrow();
+        s.token
+            .as_ref()
+            .is_some_and(|t| self.expired != Some(t.expires_at) && !t.is_valid_at(self.now()))
+    }
+
+    fn fail(&mut self, f: &Failed, failures: u32) {
+        let now = self.now();
+        let message = &f.message;
+        let changed = self.parts.state.borrow().last_error.as_deref() != Some(message);
+        let retry_in = f.retry_in.as_secs();
+        let name = &self.parts.account.name;
+        match f.class {
             ErrorClass::Rejected if changed => tracing::error!(
-                account = %self.account.name,
+                account = %name,
                 status = "failing",
                 retry_in,
                 "token request refused: {message}; holding off so a wrong secret cannot lock the account"
             ),
+            ErrorClass::Local if changed => tracing::error!(
+                account = %name,
+                status = "failing",
+                retry_in,
+                "local failure, the provider is not asked again because of it: {message}"
+            ),
             _ if changed => {
-                tracing::warn!(account = %self.account.name, status = "failing", failures, retry_in, "token request failed: {message}")
+                tracing::warn!(account = %name, status = "failing", failures, retry_in, "token request failed: {message}")
             }
             _ => {
-                tracing::debug!(account = %self.account.name, failures, retry_in, "token request failed again: {message}")
+                tracing::debug!(account = %name, failures, retry_in, "failed again: {message}")
             }
         }
+        let message = message.clone();
         self.publish(|s| {
             s.failures = failures;
             s.attempted = true;
@@ -603,38 +632,41 @@ impl<E: Endpoint> Task<E> {
     /// The token expired before a new one came: readers stop getting it, and outputs go
     /// (unless `on_expiry = "keep"`).
     fn expire(&mut self) {
-        self.expired = self.state.borrow().token.as_ref().map(|t| t.expires_at);
-        let removed = output::remove_all(&self.account);
-        tracing::warn!(account = %self.account.name, status = "expired", "token expired without renewal");
+        self.expired = self
+            .parts
+            .state
+            .borrow()
+            .token
+            .as_ref()
+            .map(|t| t.expires_at);
+        let removed = output::remove_all(self.account());
+        tracing::warn!(account = %self.account().name, status = "expired", "token expired without renewal");
         if let Err(e) = removed {
-            tracing::error!(account = %self.account.name, "{e}");
+            tracing::error!(account = %self.account().name, "{e}");
         }
         self.publish(|s| s.status = Status::Expired);
     }
 
     /// When the held token expires, on tokio's clock, unless that was already handled.
     fn expiry_instant(&self) -> Option<Instant> {
-        let s = self.state.borrow();
+        let s = self.parts.state.borrow();
         let t = s.token.as_ref()?;
         if self.expired == Some(t.expires_at) {
             return None;
         }
-        let left = t
-            .expires_at
-            .duration_since(self.shared.clock.now())
-            .unwrap_or_default();
+        let left = t.expires_at.duration_since(self.now()).unwrap_or_default();
         Some(Instant::now() + left)
     }
 
     /// Changes the published state and tells the supervisor.
     fn publish(&self, f: impl FnOnce(&mut TokenState)) {
-        self.state.send_modify(f);
-        self.shared.changed.notify_one();
+        self.parts.state.send_modify(f);
+        self.parts.shared.changed.notify_one();
     }
 
     fn publish_next(&self, next: Instant) {
-        let at: SystemTime =
-            self.shared.clock.now() + next.saturating_duration_since(Instant::now());
+        let at = self.wall(next);
         self.publish(|s| s.next_attempt = Some(at));
     }
 }
+

@@ -134,7 +134,7 @@ impl Grant {
 }
 
 /// RFC 6749 §2.3.1 client authentication.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ClientAuth {
     Basic,
     Post,
@@ -143,13 +143,13 @@ pub enum ClientAuth {
 
 /// How the client id and secret go into the Basic header: `raw` as curl -u and most
 /// providers' samples do, `form` as RFC 6749 §2.3.1 says (form-encoded first).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BasicEncoding {
     Raw,
     Form,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ParamsIn {
     Body,
     Query,

@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 /// A secret value. `Debug` and `Display` print `<redacted>`; the value is reachable only
 /// through [`Secret::expose`], which makes every use visible in review.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Secret(String);
 
 impl Secret {
@@ -59,7 +59,7 @@ impl<'de> Deserialize<'de> for Secret {
 }
 
 /// A validated secret source.
-#[derive(Clone, PartialEq, Eq, Debug)]
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
 pub enum SecretSpec {
     Inline(Secret),
     File(PathBuf),

@@ -78,6 +78,11 @@ impl Error {
 /// tests script their own.
 pub trait Endpoint: Send + Sync + 'static {
     fn fetch(&self) -> impl Future<Output = Result<Token, Error>> + Send;
+
+    /// The refresh token the next [`Endpoint::fetch`] presents (refresh_token grant):
+    /// the refresh engine owns the chain and sets it before every request; `None`
+    /// means the configured one.
+    fn use_refresh_token(&self, _rt: Option<crate::config::Secret>) {}
 }
 
 pub use request::HttpEndpoint;

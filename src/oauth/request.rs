@@ -177,8 +177,8 @@ pub struct HttpEndpoint {
     account: Arc<Account>,
     client: reqwest::Client,
     clock: Clock,
-    /// The refresh_token grant's current refresh token, once one was rotated or restored
-    /// from the state directory; until then the configured one is used.
+    /// The refresh_token grant's current refresh token, as the refresh engine set it;
+    /// the configured one when none.
     refresh_token: std::sync::Mutex<Option<Secret>>,
 }
 
@@ -221,15 +221,6 @@ impl HttpEndpoint {
             clock,
             refresh_token: Default::default(),
         })
-    }
-
-    /// Starts the refresh_token grant from `rt` instead of the configured token.
-    pub fn with_refresh_token(self, rt: Option<Secret>) -> Self {
-        *self
-            .refresh_token
-            .lock()
-            .expect("never poisoned: no panics under the lock") = rt;
-        self
     }
 
     async fn send(&self, req: TokenRequest) -> Result<Token, Error> {
@@ -283,12 +274,14 @@ impl Endpoint for HttpEndpoint {
         if rotated.is_some() {
             creds.refresh_token = rotated;
         }
-        let token = self.send(build(&self.account, &creds)).await?;
-        if let (Grant::RefreshToken { .. }, Some(rt)) = (&self.account.grant, &token.refresh_token)
-        {
-            *self.refresh_token.lock().expect("never poisoned") = Some(rt.clone());
-        }
-        Ok(token)
+        self.send(build(&self.account, &creds)).await
+    }
+
+    fn use_refresh_token(&self, rt: Option<Secret>) {
+        *self
+            .refresh_token
+            .lock()
+            .expect("never poisoned: no panics under the lock") = rt;
     }
 }
 

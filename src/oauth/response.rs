@@ -11,6 +11,7 @@ use reqwest::header::HeaderMap;
 use serde_json::{Map, Value};
 
 use super::Error;
+use crate::account::schedule::{cap_rate_limit, MAX_LIFETIME, RATE_LIMIT_CAP};
 use crate::config::Secret;
 
 /// An access token and what the provider said about it.
@@ -107,14 +108,23 @@ pub fn parse_success(
         // RFC 6749 requires it; some providers leave it out. Bearer is what they mean.
         None => "Bearer".into(),
     };
+    // Whatever a provider states, a token lives a year at most (SPEC §6): no value can
+    // overflow the clock arithmetic downstream or pin a token for centuries.
     let expires_in = match obj.remove("expires_in") {
         None | Some(Value::Null) => None,
         Some(Value::Number(n)) => match n.as_f64() {
-            Some(f) if f.is_finite() && f > 0.0 => Some(Duration::from_secs_f64(f.min(1e9))),
+            Some(f) if f.is_finite() && f > 0.0 => Some(seconds_capped(f)),
             _ => return Err(malformed(status, "expires_in is not a positive number")),
         },
-        Some(Value::String(s)) => match s.trim().parse::<u64>() {
-            Ok(n) if n > 0 => Some(Duration::from_secs(n)),
+        Some(Value::String(s)) => match s.trim() {
+            // Digits only: a number too large for u64 is still a (huge) lifetime.
+            t if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) => {
+                match t.parse::<u64>() {
+                    Ok(0) => return Err(malformed(status, "expires_in is not a positive number")),
+                    Ok(n) => Some(Duration::from_secs(n).min(MAX_LIFETIME)),
+                    Err(_) => Some(MAX_LIFETIME),
+                }
+            }
             _ => return Err(malformed(status, "expires_in is not a positive number")),
         },
         Some(_) => return Err(malformed(status, "expires_in is not a number")),
@@ -122,14 +132,14 @@ pub fn parse_success(
     let expires_at = match expires_in {
         Some(d) => now + d,
         None => match jwt_exp(&access_token) {
-            Some(exp) if exp > now => exp,
+            Some(exp) if exp > now => exp.min(now + MAX_LIFETIME),
             Some(_) => {
                 return Err(malformed(
                     status,
                     "the token's JWT exp is already past and there is no expires_in",
                 ))
             }
-            None => now + default_lifetime,
+            None => now + default_lifetime.min(MAX_LIFETIME),
         },
     };
     let scope = match obj.remove("scope") {
@@ -151,8 +161,16 @@ pub fn parse_success(
     })
 }
 
+/// `secs` seconds (positive and finite), at most [`MAX_LIFETIME`].
+fn seconds_capped(secs: f64) -> Duration {
+    Duration::try_from_secs_f64(secs)
+        .unwrap_or(MAX_LIFETIME)
+        .min(MAX_LIFETIME)
+}
+
 /// The `exp` claim of a JWT, if the token is one. The signature is not checked: the
-/// claim only tells when to refresh.
+/// claim only tells when to refresh. An `exp` beyond what a `SystemTime` holds, or a
+/// century away, comes back as about a century away; callers cap it further.
 pub fn jwt_exp(token: &str) -> Option<SystemTime> {
     let mut parts = token.split('.');
     let (_, payload, _) = (parts.next()?, parts.next()?, parts.next()?);
@@ -161,12 +179,19 @@ pub fn jwt_exp(token: &str) -> Option<SystemTime> {
         .ok()?;
     let claims: Value = serde_json::from_slice(&bytes).ok()?;
     let exp = claims.get("exp")?.as_f64()?;
-    (exp.is_finite() && exp > 0.0).then(|| SystemTime::UNIX_EPOCH + Duration::from_secs_f64(exp))
+    if !(exp.is_finite() && exp > 0.0) {
+        return None;
+    }
+    // Year 2200 at the latest: far enough to be capped by the caller, near enough that
+    // no arithmetic on it overflows.
+    const LATEST: f64 = 7_258_118_400.0;
+    let secs = Duration::try_from_secs_f64(exp.min(LATEST)).ok()?;
+    SystemTime::UNIX_EPOCH.checked_add(secs)
 }
 
 /// Turns a non-2xx answer into an error, keeping only the RFC 6749 §5.2 fields.
 pub fn parse_error(status: u16, headers: &HeaderMap, body: &[u8], now: SystemTime) -> Error {
-    let retry_after = retry_after(headers, now);
+    let retry_after = retry_after(status, headers, now);
     #[derive(serde::Deserialize)]
     struct Body {
         error: String,
@@ -206,9 +231,15 @@ fn clean_description(s: &str) -> String {
     }
 }
 
-/// When to try again: `Retry-After` (seconds or an HTTP date, RFC 9110 §10.2.3) or Okta's
-/// `X-Rate-Limit-Reset` (epoch seconds), the later of the two.
-pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<SystemTime> {
+/// When to try again, for the answers that ask for it (SPEC §6): a 429's or a 503's
+/// `Retry-After` (seconds or an HTTP date, RFC 9110 §10.2.3) and, on a 429 only, Okta's
+/// `X-Rate-Limit-Reset` (epoch seconds; Okta sends it on every answer, so on a 500 or
+/// an `invalid_scope` it means nothing), the later of the two, capped at
+/// [`RATE_LIMIT_CAP`] from `now`.
+pub fn retry_after(status: u16, headers: &HeaderMap, now: SystemTime) -> Option<SystemTime> {
+    if status != 429 && status != 503 {
+        return None;
+    }
     let text = |name: &str| {
         headers
             .get(name)
@@ -216,18 +247,22 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<SystemTime> {
             .map(str::trim)
     };
     let ra = text("retry-after").and_then(|v| match v.parse::<u64>() {
-        Ok(secs) => Some(now + Duration::from_secs(secs.min(86_400))),
+        Ok(secs) => Some(now + Duration::from_secs(secs).min(RATE_LIMIT_CAP)),
         Err(_) => httpdate::parse_http_date(v).ok(),
     });
     let reset = text("x-rate-limit-reset")
+        .filter(|_| status == 429)
         .and_then(|v| v.parse::<u64>().ok())
-        .map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
-        // A reset a day or more away is a broken header, not a plan.
-        .filter(|t| {
-            t.duration_since(now)
-                .is_ok_and(|d| d < Duration::from_secs(86_400))
+        // Past what the clock holds: as far as anything is obeyed.
+        .map(|secs| {
+            SystemTime::UNIX_EPOCH
+                .checked_add(Duration::from_secs(secs))
+                .unwrap_or(now + RATE_LIMIT_CAP)
         });
-    ra.into_iter().chain(reset).max()
+    ra.into_iter()
+        .chain(reset)
+        .max()
+        .map(|t| cap_rate_limit(t, now))
 }
 
 #[cfg(test)]
@@ -324,19 +359,59 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("retry-after", "120".parse().unwrap());
         assert_eq!(
-            retry_after(&h, now()),
+            retry_after(429, &h, now()),
             Some(now() + Duration::from_secs(120))
         );
+        assert_eq!(
+            retry_after(503, &h, now()),
+            Some(now() + Duration::from_secs(120))
+        );
+        assert_eq!(retry_after(500, &h, now()), None, "only 429 and 503 ask");
         h.insert(
             "retry-after",
-            httpdate::fmt_http_date(now() + HOUR).parse().unwrap(),
+            httpdate::fmt_http_date(now() + HOUR / 2).parse().unwrap(),
         );
-        assert_eq!(retry_after(&h, now()), Some(now() + HOUR));
+        assert_eq!(retry_after(429, &h, now()), Some(now() + HOUR / 2));
         let mut h = HeaderMap::new();
         h.insert("x-rate-limit-reset", "1700000042".parse().unwrap());
         let e = parse_error(429, &h, b"{}", now());
         assert_eq!(e.retry_after(), Some(now() + Duration::from_secs(42)));
-        assert_eq!(retry_after(&HeaderMap::new(), now()), None);
+        assert_eq!(retry_after(429, &HeaderMap::new(), now()), None);
+        // Okta sends the reset on every answer: on a 500 or a 400 it is no rate limit.
+        assert_eq!(parse_error(500, &h, b"{}", now()).retry_after(), None);
+        let e = parse_error(400, &h, br#"{"error":"invalid_scope"}"#, now());
+        assert_eq!(e.retry_after(), None);
+    }
+
+    #[test]
+    fn waits_are_capped_at_an_hour() {
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", "Fri, 31 Dec 9999 23:59:59 GMT".parse().unwrap());
+        assert_eq!(retry_after(429, &h, now()), Some(now() + HOUR));
+        h.insert("retry-after", "18446744073709551615".parse().unwrap());
+        assert_eq!(retry_after(429, &h, now()), Some(now() + HOUR));
+        let mut h = HeaderMap::new();
+        h.insert("x-rate-limit-reset", "99999999999999".parse().unwrap());
+        assert_eq!(retry_after(429, &h, now()), Some(now() + HOUR));
+        h.insert("x-rate-limit-reset", "18446744073709551615".parse().unwrap());
+        assert_eq!(retry_after(429, &h, now()), Some(now() + HOUR));
+    }
+
+    #[test]
+    fn absurd_expiries_are_capped_at_a_year() {
+        let year = MAX_LIFETIME;
+        for body in [
+            r#"{"access_token":"a","expires_in":"18446744073709551615"}"#.to_owned(),
+            r#"{"access_token":"a","expires_in":"99999999999999999999999999"}"#.to_owned(),
+            r#"{"access_token":"a","expires_in":3e11}"#.to_owned(),
+            r#"{"access_token":"a","expires_in":1e308}"#.to_owned(),
+            format!(r#"{{"access_token":"{}"}}"#, jwt(r#"{"exp":1e20}"#)),
+            format!(r#"{{"access_token":"{}"}}"#, jwt(r#"{"exp":253402300800}"#)),
+        ] {
+            let t = ok(&body).unwrap_or_else(|e| panic!("{body}: {e}"));
+            assert_eq!(t.expires_at, now() + year, "{body}");
+            assert_eq!(crate::clock::rfc3339(t.expires_at).len(), 20);
+        }
     }
 
     #[test]

@@ -1,0 +1,579 @@
+//! The one refresh lifecycle of an account (STYLE.md principle 10), used by `run`
+//! (through `task`, which only schedules) and by `once`: take the account's lock in the
+//! state directory, restore its saved state, make an attempt, classify the result by
+//! SPEC §6's table, save, and deliver (outputs, then hooks).
+//!
+//! The engine alone owns an account's saved state, and so the only copy of a rotated
+//! refresh token. Its rules, each a promise of SPEC §6:
+//! - a refresh_token request, once sent, is never abandoned (its answer holds the next
+//!   refresh token); the rotated token is saved, fsynced, before the access token that
+//!   came with it is published;
+//! - a refusal holds the account, and each further refusal in a row doubles the hold;
+//! - a local failure (a write, a secret) never turns into another provider request: a
+//!   fetched token is kept and only its delivery is retried.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use rand::SeedableRng as _;
+use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use std::path::PathBuf;
+
+use super::hooks;
+use super::identity::SiblingKey;
+use super::persist::{self, AccountLock, Locked, Saved, WaitKind};
+use super::schedule::{self, ErrorClass};
+use crate::clock::Clock;
+use crate::config::{Account, Grant};
+use crate::metrics::Metrics;
+use crate::oauth::{Endpoint, Token};
+use crate::output;
+
+/// What every account shares.
+#[derive(Clone)]
+pub struct Shared {
+    /// Bounds concurrent token requests (`max_concurrent_refreshes`).
+    pub semaphore: Arc<Semaphore>,
+    pub clock: Clock,
+    /// Woken whenever any account publishes a new state (readiness, STATUS=).
+    pub changed: Arc<tokio::sync::Notify>,
+    /// Where tokens are kept across restarts (`[daemon] state_dir`).
+    pub state_dir: Option<PathBuf>,
+    /// Rate limits per provider: accounts that share a `token_url` share its limit.
+    pub providers: Arc<Providers>,
+    /// Accounts identical in what they ask for share one request.
+    pub siblings: Arc<Siblings>,
+    pub metrics: Arc<Metrics>,
+    /// refresh_token requests on the wire: shutdown waits for their answers.
+    pub rotations: Arc<watch::Sender<usize>>,
+}
+
+impl Shared {
+    pub fn new(max_concurrent_refreshes: usize, clock: Clock, state_dir: Option<PathBuf>) -> Self {
+        Shared {
+            semaphore: Arc::new(Semaphore::new(max_concurrent_refreshes)),
+            clock,
+            changed: Default::default(),
+            state_dir,
+            providers: Default::default(),
+            siblings: Default::default(),
+            metrics: Default::default(),
+            rotations: Arc::new(watch::Sender::new(0)),
+        }
+    }
+
+    /// The same, recording into `metrics`.
+    pub fn with_metrics(self, metrics: Arc<Metrics>) -> Self {
+        Shared { metrics, ..self }
+    }
+}
+
+/// When each provider may be asked again after a rate limit.
+#[derive(Default)]
+pub struct Providers(Mutex<std::collections::HashMap<String, SystemTime>>);
+
+impl Providers {
+    fn key(url: &url::Url) -> String {
+        crate::oauth::request::redacted_url(url)
+    }
+
+    /// Records that the provider at `url` asked to wait until `until` (or, with no date,
+    /// a short while); never longer than [`schedule::RATE_LIMIT_CAP`].
+    pub fn limit(&self, url: &url::Url, until: Option<SystemTime>, now: SystemTime) {
+        let until = schedule::cap_rate_limit(until.unwrap_or(now + Duration::from_secs(1)), now);
+        let mut m = self
+            .0
+            .lock()
+            .expect("never poisoned: no panics under the lock");
+        let e = m.entry(Self::key(url)).or_insert(until);
+        *e = (*e).max(until);
+    }
+
+    /// Until when the provider at `url` is not to be asked, if that is after `now`.
+    pub fn gate(&self, url: &url::Url, now: SystemTime) -> Option<SystemTime> {
+        self.0
+            .lock()
+            .expect("never poisoned")
+            .get(&Self::key(url))
+            .copied()
+            .filter(|t| *t > now)
+    }
+}
+
+type SiblingCell = Arc<tokio::sync::Mutex<Option<Arc<Token>>>>;
+
+/// The last token fetched for each distinct request, shared by identical accounts.
+#[derive(Default)]
+pub struct Siblings(Mutex<std::collections::HashMap<SiblingKey, SiblingCell>>);
+
+impl Siblings {
+    fn cell(&self, key: &SiblingKey) -> SiblingCell {
+        let mut m = self
+            .0
+            .lock()
+            .expect("never poisoned: no panics under the lock");
+        m.entry(key.clone()).or_default().clone()
+    }
+}
+
+/// An account's state as the engine last left it, shared with whoever starts the
+/// account next in this process (a restart after a panic, a reload): the newer of it
+/// and the state file is where the next engine starts.
+pub type Mirror = Arc<Mutex<Option<Saved>>>;
+
+/// What one attempt came to.
+pub enum Attempt {
+    /// A new token, saved and delivered.
+    Fresh(Arc<Token>),
+    Failed(Failed),
+    /// Cancelled before a request was sent.
+    Cancelled,
+}
+
+pub struct Failed {
+    pub class: ErrorClass,
+    /// Safe to show: no secret, no token.
+    pub message: String,
+    /// How long before the next try: a request for most classes, the delivery for a
+    /// local failure with a fetched token.
+    pub retry_in: Duration,
+    /// A token that was fetched but not (all) delivered: its delivery is retried.
+    pub fetched: Option<Arc<Token>>,
+    /// Whether `fetched` may be served meanwhile (not while its rotated refresh token
+    /// is unsaved).
+    pub publish: bool,
+}
+
+/// Counts a refresh_token request on the wire for as long as it lives.
+struct Rotation<'a>(&'a watch::Sender<usize>);
+
+impl<'a> Rotation<'a> {
+    fn start(tx: &'a watch::Sender<usize>) -> Self {
+        tx.send_modify(|n| *n += 1);
+        Rotation(tx)
+    }
+}
+
+impl Drop for Rotation<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
+/// How `once` found the account.
+pub enum Opened<E> {
+    Ready(Engine<E>),
+    /// Another tokend holds the account's lock; what it said about itself.
+    Busy { holder: String },
+}
+
+pub struct Engine<E> {
+    account: Arc<Account>,
+    endpoint: Arc<E>,
+    shared: Shared,
+    saved: Saved,
+    mirror: Mirror,
+    _lock: Option<AccountLock>,
+    /// A fetched token whose delivery is not complete.
+    undelivered: Option<Arc<Token>>,
+    /// Whether `saved` holds a token not yet on disk.
+    unsaved: bool,
+    /// Local failures in a row (the delivery's own backoff).
+    local_failures: u32,
+    sibling: Option<SiblingKey>,
+    rng: rand::rngs::StdRng,
+}
+
+impl<E: Endpoint> Engine<E> {
+    /// For `run`: waits for the account's lock (a `once` may hold it for a moment),
+    /// then starts from the newer of `mirror` and the state file. None if cancelled
+    /// while waiting.
+    pub async fn open(
+        account: Arc<Account>,
+        endpoint: Arc<E>,
+        shared: Shared,
+        mirror: Mirror,
+        cancel: &CancellationToken,
+    ) -> Option<Self> {
+        let mut lock = None;
+        if let Some(dir) = shared.state_dir.clone() {
+            let mut told = false;
+            loop {
+                let (d, n) = (dir.clone(), account.name.clone());
+                let tried = tokio::task::spawn_blocking(move || persist::try_lock(&d, &n, "run"))
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                match tried {
+                    Ok(Locked::Acquired(l)) => {
+                        lock = Some(l);
+                        break;
+                    }
+                    Ok(Locked::Busy { holder }) => {
+                        if !told {
+                            tracing::info!(account = %account.name, "waiting for {holder}, which holds this account in {}", dir.display());
+                            told = true;
+                        }
+                    }
+                    Err(e) => {
+                        // Without the lock the daemon still works; `once` cannot tell.
+                        tracing::error!(account = %account.name, "{e}; going on without the account lock");
+                        break;
+                    }
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return None,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            }
+        }
+        Some(Self::start(account, endpoint, shared, mirror, lock).await)
+    }
+
+    /// For `once`: takes the account's lock if it is free.
+    pub async fn try_open(
+        account: Arc<Account>,
+        endpoint: Arc<E>,
+        shared: Shared,
+    ) -> std::io::Result<Opened<E>> {
+        let mut lock = None;
+        if let Some(dir) = shared.state_dir.clone() {
+            let n = account.name.clone();
+            match tokio::task::spawn_blocking(move || persist::try_lock(&dir, &n, "once"))
+                .await
+                .map_err(std::io::Error::other)??
+            {
+                Locked::Acquired(l) => lock = Some(l),
+                Locked::Busy { holder } => return Ok(Opened::Busy { holder }),
+            }
+        }
+        Ok(Opened::Ready(
+            Self::start(account, endpoint, shared, Mirror::default(), lock).await,
+        ))
+    }
+
+    async fn start(
+        account: Arc<Account>,
+        endpoint: Arc<E>,
+        shared: Shared,
+        mirror: Mirror,
+        lock: Option<AccountLock>,
+    ) -> Self {
+        let on_disk = match shared.state_dir.clone() {
+            Some(dir) => {
+                let n = account.name.clone();
+                tokio::task::spawn_blocking(move || persist::load(&dir, &n))
+                    .await
+                    .unwrap_or(None)
+            }
+            None => None,
+        };
+        let in_memory = mirror.lock().expect("never poisoned").clone();
+        let mut saved = match (in_memory, on_disk) {
+            (Some(m), Some(d)) if d.generation() > m.generation() => d,
+            (Some(m), _) => m,
+            (None, Some(d)) => d,
+            (None, None) => Saved::new(&account),
+        };
+        saved.prepare_chain(&account);
+        if saved.held_for_other_credentials(&account) {
+            tracing::info!(account = %account.name, "the refused credentials were replaced: the hold ends");
+            saved.end_hold();
+        }
+        *mirror.lock().expect("never poisoned") = Some(saved.clone());
+        Engine {
+            sibling: SiblingKey::of(&account),
+            account,
+            endpoint,
+            shared,
+            saved,
+            mirror,
+            _lock: lock,
+            undelivered: None,
+            unsaved: false,
+            local_failures: 0,
+            rng: rand::rngs::StdRng::from_entropy(),
+        }
+    }
+
+    pub fn account(&self) -> &Arc<Account> {
+        &self.account
+    }
+
+    fn now(&self) -> SystemTime {
+        self.shared.clock.now()
+    }
+
+    fn rotates(&self) -> bool {
+        matches!(self.account.grant, Grant::RefreshToken { .. })
+    }
+
+    /// The saved token, if issued for this request and valid at least `min_valid` more.
+    pub fn saved_token(&self, min_valid: Duration) -> Option<Token> {
+        self.saved
+            .token_valid_for(&self.account, self.now(), min_valid)
+    }
+
+    /// Whether the saved token for this request has expired.
+    pub fn saved_token_expired(&self) -> bool {
+        self.saved
+            .token(&self.account)
+            .is_some_and(|t| !t.is_valid_at(self.now()))
+    }
+
+    /// Until when no request may be made, and why: a saved backoff, hold or rate limit,
+    /// or another account's rate limit on the same provider.
+    pub fn wait(&self) -> Option<(SystemTime, WaitKind)> {
+        let now = self.now();
+        let saved = self.saved.wait(now, &self.account.schedule);
+        let provider = self
+            .shared
+            .providers
+            .gate(&self.account.token_url, now)
+            .map(|t| (t, WaitKind::RateLimit));
+        saved.into_iter().chain(provider).max_by_key(|(t, _)| *t)
+    }
+
+    /// Ends a hold after refused credentials: they changed, or the operator forced a try.
+    pub async fn end_hold(&mut self) {
+        if self.saved.refusals > 0 || self.saved.wait(self.now(), &self.account.schedule).is_some() {
+            self.saved.end_hold();
+            self.save_quietly().await;
+        }
+    }
+
+    /// Whether a fetched token still waits for its delivery.
+    pub fn has_undelivered(&self) -> bool {
+        self.undelivered.is_some()
+    }
+
+    /// Writes the outputs for a token that is already saved (a restored one); runs the
+    /// hooks if `hooks`.
+    pub async fn deliver(&self, token: Arc<Token>, hooks: bool) -> Result<(), String> {
+        deliver(&self.account, token, hooks).await
+    }
+
+    /// One attempt: a token from an identical account or from the provider, classified,
+    /// saved and delivered. Cancellation is honoured until a request is sent, and for
+    /// every grant but refresh_token while it is on the wire.
+    pub async fn attempt(&mut self, cancel: &CancellationToken) -> Attempt {
+        let cell = self.sibling.as_ref().map(|k| self.shared.siblings.cell(k));
+        let mut guard = match &cell {
+            Some(c) => Some(tokio::select! {
+                _ = cancel.cancelled() => return Attempt::Cancelled,
+                g = c.lock() => g,
+            }),
+            None => None,
+        };
+        if let Some(t) = guard.as_ref().and_then(|g| g.as_ref()) {
+            let mine = self.saved.token(&self.account).map(|m| m.issued_at);
+            let due =
+                t.issued_at + schedule::refresh_delay(&self.account.schedule, t.lifetime(), 1.0);
+            if mine.is_none_or(|m| t.issued_at > m) && self.now() < due {
+                tracing::debug!(account = %self.account.name, "reusing the token an identical account just fetched");
+                let t = (**t).clone();
+                drop(guard);
+                return self.accept(t, cancel).await;
+            }
+        }
+        let semaphore = self.shared.semaphore.clone();
+        let started;
+        let result = {
+            let _permit = tokio::select! {
+                _ = cancel.cancelled() => return Attempt::Cancelled,
+                p = semaphore.acquire() => p.expect("the semaphore is never closed"),
+            };
+            self.endpoint
+                .use_refresh_token(self.saved.refresh_token(&self.account));
+            started = Instant::now();
+            if self.rotates() {
+                // Its answer holds the only copy of the next refresh token: never abandoned.
+                let _on_the_wire = Rotation::start(&self.shared.rotations);
+                self.endpoint.fetch().await
+            } else {
+                tokio::select! {
+                    _ = cancel.cancelled() => return Attempt::Cancelled,
+                    r = self.endpoint.fetch() => r,
+                }
+            }
+        };
+        self.shared
+            .metrics
+            .refresh_attempt(&self.account.name, &result, started.elapsed());
+        match result {
+            Ok(token) => {
+                if let Some(g) = guard.as_mut() {
+                    **g = Some(Arc::new(token.clone()));
+                }
+                drop(guard);
+                self.accept(token, cancel).await
+            }
+            Err(e) => Attempt::Failed(self.failed(&e).await),
+        }
+    }
+
+    /// Records a new token (state first), then delivers it.
+    async fn accept(&mut self, token: Token, cancel: &CancellationToken) -> Attempt {
+        let token = Arc::new(token);
+        self.saved.record(&self.account, &token);
+        self.unsaved = true;
+        self.undelivered = Some(token);
+        self.finish_delivery(!cancel.is_cancelled()).await
+    }
+
+    /// Retries the delivery of a fetched token after a local failure (no request).
+    pub async fn retry_delivery(&mut self, cancel: &CancellationToken) -> Attempt {
+        self.finish_delivery(!cancel.is_cancelled()).await
+    }
+
+    /// Saves the state if it holds an unsaved token, then writes the outputs and runs
+    /// the hooks. A rotated refresh token is on disk before its access token is
+    /// published; other grants publish even if the state cannot be saved.
+    async fn finish_delivery(&mut self, run_hooks: bool) -> Attempt {
+        let Some(token) = self.undelivered.clone() else {
+            return Attempt::Cancelled;
+        };
+        let mut problem = None;
+        if self.unsaved {
+            match self.save().await {
+                Ok(()) => self.unsaved = false,
+                Err(e) if self.rotates() => {
+                    return Attempt::Failed(self.local(
+                        format!("{e}; the new token is kept in memory and published once its refresh token is saved"),
+                        Some(token),
+                        false,
+                    ));
+                }
+                Err(e) => problem = Some(e.to_string()),
+            }
+        }
+        if let Err(e) = deliver(&self.account, token.clone(), false).await {
+            return Attempt::Failed(self.local(
+                format!("{e}; the token is kept and only the write is retried"),
+                Some(token),
+                true,
+            ));
+        }
+        if let Some(e) = problem {
+            return Attempt::Failed(self.local(e, Some(token), true));
+        }
+        self.undelivered = None;
+        self.local_failures = 0;
+        if run_hooks {
+            hooks::run(&self.account).await;
+        }
+        Attempt::Fresh(token)
+    }
+
+    fn local(&mut self, message: String, fetched: Option<Arc<Token>>, publish: bool) -> Failed {
+        self.local_failures += 1;
+        Failed {
+            class: ErrorClass::Local,
+            message,
+            retry_in: schedule::backoff(self.local_failures, &mut self.rng),
+            fetched,
+            publish,
+        }
+    }
+
+    /// Classifies a failed request, records the wait it leads to, and saves it.
+    async fn failed(&mut self, e: &crate::oauth::Error) -> Failed {
+        let class = schedule::classify(e);
+        let now = self.now();
+        let policy = self.account.schedule;
+        let kind = match class {
+            ErrorClass::Local => return self.local(e.to_string(), None, false),
+            ErrorClass::Transient => {
+                self.saved.failures += 1;
+                WaitKind::Backoff
+            }
+            ErrorClass::RateLimited(until) => {
+                self.saved.failures += 1;
+                self.shared
+                    .providers
+                    .limit(&self.account.token_url, until, now);
+                WaitKind::RateLimit
+            }
+            ErrorClass::Rejected => {
+                self.saved.refusals += 1;
+                WaitKind::Hold
+            }
+        };
+        let retry_in = schedule::retry_delay(
+            class,
+            self.saved.failures,
+            self.saved.refusals,
+            &policy,
+            now,
+            &mut self.rng,
+        );
+        self.saved.record_wait(kind, now + retry_in, &self.account);
+        self.save_quietly().await;
+        let message = match (self.rotates(), class) {
+            (true, ErrorClass::Rejected) => {
+                format!("{e}; the refresh token was refused: configure a new refresh_token")
+            }
+            _ => e.to_string(),
+        };
+        Failed {
+            class,
+            message,
+            retry_in,
+            fetched: None,
+            publish: false,
+        }
+    }
+
+    /// Saves the state (and updates the mirror), if there is a state directory.
+    async fn save(&self) -> std::io::Result<()> {
+        *self.mirror.lock().expect("never poisoned") = Some(self.saved.clone());
+        let Some(dir) = self.shared.state_dir.clone() else {
+            return Ok(());
+        };
+        let (name, saved) = (self.account.name.clone(), self.saved.clone());
+        tokio::task::spawn_blocking(move || persist::save(&dir, &name, &saved))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+    }
+
+    /// [`Engine::save`] where a failure costs only a request after a restart: logged.
+    async fn save_quietly(&self) {
+        if let Err(e) = self.save().await {
+            tracing::error!(account = %self.account.name, "{e}");
+        }
+    }
+
+    /// Ends the engine: the state is saved one last time, and retired (moved to
+    /// `state_dir/retired/`) if the account was removed. The lock goes with `self`.
+    pub async fn close(self, retire: bool) {
+        if self.unsaved {
+            self.save_quietly().await;
+        } else {
+            *self.mirror.lock().expect("never poisoned") = Some(self.saved.clone());
+        }
+        if let (true, Some(dir)) = (retire, self.shared.state_dir.clone()) {
+            let name = self.account.name.clone();
+            let retired = tokio::task::spawn_blocking(move || persist::retire(&dir, &name))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            if let Err(e) = retired {
+                tracing::error!(account = %self.account.name, "failed to retire the state: {e}");
+            }
+        }
+    }
+}
+
+/// Writes every output of `account` with `token`, then runs its hooks if `hooks`.
+pub async fn deliver(account: &Arc<Account>, token: Arc<Token>, hooks: bool) -> Result<(), String> {
+    let a = account.clone();
+    tokio::task::spawn_blocking(move || output::write_all(&a, &token))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        .map_err(|e| e.to_string())?;
+    if hooks {
+        hooks::run(account).await;
+    }
+    Ok(())
+}

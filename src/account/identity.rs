@@ -1,0 +1,257 @@
+//! Who an account is, for the decisions that depend on "the same": the request a token
+//! was issued for ([`RequestIdentity`]: a saved token is reused only for it), the
+//! accounts that may share one request ([`SiblingKey`]), and the credentials a provider
+//! refused ([`CredentialsDigest`]: a hold ends when they change).
+//!
+//! Each is an explicit list of the fields that matter, never a `Debug` string. What is
+//! written to disk is a salted SHA-256 over a versioned, length-prefixed encoding:
+//! stable across Rust releases, and no offline dictionary on the password (the salt is
+//! random per state file).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Account, BasicEncoding, ClientAuth, Grant, ParamsIn, Secret, SecretSpec};
+
+/// What a token is issued for: endpoint, grant, client, user, scope and parameters.
+/// Holds no secret, so it may be shown and stored as is.
+#[derive(Serialize, Deserialize, PartialEq, Eq, Hash, Debug, Clone)]
+pub struct RequestIdentity {
+    token_url: String,
+    grant_type: String,
+    client_id: String,
+    username: Option<String>,
+    scope: Option<String>,
+    extra_params: Vec<(String, String)>,
+}
+
+impl RequestIdentity {
+    pub fn of(a: &Account) -> Self {
+        RequestIdentity {
+            token_url: a.token_url.to_string(),
+            grant_type: a.grant.as_str().to_owned(),
+            client_id: a.client_id.clone(),
+            username: match &a.grant {
+                Grant::Password { username, .. } => Some(username.clone()),
+                _ => None,
+            },
+            scope: a.scope.clone(),
+            extra_params: a
+                .extra_params
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+    }
+}
+
+/// What makes two accounts' requests identical, so that one request serves both: the
+/// request, how the client authenticates, the headers and proxy it goes through, and
+/// where its secrets come from. Kept in memory only (header values and the proxy may be
+/// credentials); `Debug` shows none of them.
+#[derive(PartialEq, Eq, Hash, Clone)]
+pub struct SiblingKey {
+    request: RequestIdentity,
+    client_auth: ClientAuth,
+    basic_encoding: BasicEncoding,
+    params_in: ParamsIn,
+    extra_headers: BTreeMap<String, Secret>,
+    proxy: Option<Secret>,
+    secrets: Vec<(&'static str, SecretSpec)>,
+}
+
+impl std::fmt::Debug for SiblingKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SiblingKey")
+            .field("request", &self.request)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SiblingKey {
+    /// The key of `a`; none for the refresh_token grant, whose rotation chain is its own.
+    pub fn of(a: &Account) -> Option<Self> {
+        if matches!(a.grant, Grant::RefreshToken { .. }) {
+            return None;
+        }
+        Some(SiblingKey {
+            request: RequestIdentity::of(a),
+            client_auth: a.client_auth,
+            basic_encoding: a.basic_encoding,
+            params_in: a.params_in,
+            extra_headers: a.extra_headers.clone(),
+            proxy: a.proxy.clone(),
+            secrets: a
+                .secrets()
+                .into_iter()
+                .map(|(k, s)| (k, s.clone()))
+                .collect(),
+        })
+    }
+}
+
+/// Version of the encoding hashed by [`CredentialsDigest`]; a new field means a new
+/// version (an old digest then never matches, which ends a hold: the safe direction).
+const CREDENTIALS_V: &[u8] = b"tokend-credentials-v1";
+
+/// A salted SHA-256 of everything a provider judges when it refuses a request: the
+/// request, the client authentication, headers, proxy and the current secret values.
+#[derive(Serialize, Deserialize, PartialEq, Eq, Clone)]
+pub struct CredentialsDigest {
+    salt: String,
+    digest: String,
+}
+
+impl std::fmt::Debug for CredentialsDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CredentialsDigest(..)")
+    }
+}
+
+impl CredentialsDigest {
+    /// The digest of `a`'s credentials now (secret files are read), with a fresh salt.
+    pub fn of(a: &Account) -> Self {
+        let salt: [u8; 16] = rand::random();
+        Self::with_salt(a, &hex(&salt))
+    }
+
+    fn with_salt(a: &Account, salt: &str) -> Self {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut field = |bytes: &[u8]| {
+            ctx.update(&(bytes.len() as u64).to_be_bytes());
+            ctx.update(bytes);
+        };
+        field(CREDENTIALS_V);
+        field(salt.as_bytes());
+        let r = RequestIdentity::of(a);
+        field(r.token_url.as_bytes());
+        field(r.grant_type.as_bytes());
+        field(r.client_id.as_bytes());
+        field(r.username.as_deref().unwrap_or("\0none").as_bytes());
+        field(r.scope.as_deref().unwrap_or("\0none").as_bytes());
+        field(&(r.extra_params.len() as u64).to_be_bytes());
+        for (k, v) in &r.extra_params {
+            field(k.as_bytes());
+            field(v.as_bytes());
+        }
+        field(format!("{:?}/{:?}/{:?}", a.client_auth, a.basic_encoding, a.params_in).as_bytes());
+        field(&(a.extra_headers.len() as u64).to_be_bytes());
+        for (k, v) in &a.extra_headers {
+            field(k.as_bytes());
+            field(v.expose().as_bytes());
+        }
+        field(a.proxy.as_ref().map_or("\0none", |p| p.expose()).as_bytes());
+        for (what, spec) in a.secrets() {
+            field(what.as_bytes());
+            match spec.read() {
+                Ok(v) => field(v.expose().as_bytes()),
+                // Unreadable now: a distinct value, so that reading it again is a change.
+                Err(_) => field(format!("\0unreadable {}", spec.describe()).as_bytes()),
+            }
+        }
+        CredentialsDigest {
+            salt: salt.to_owned(),
+            digest: hex(ctx.finish().as_ref()),
+        }
+    }
+
+    /// Whether `a`'s credentials now are the ones this digest was taken of.
+    pub fn matches(&self, a: &Account) -> bool {
+        Self::with_salt(a, &self.salt).digest == self.digest
+    }
+}
+
+/// A salted SHA-256 of one secret value (the configured seed of a refresh-token chain),
+/// to tell later whether the configuration still names the same one.
+pub fn secret_digest(salt: &str, secret: &Secret) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(b"tokend-secret-v1\0");
+    ctx.update(salt.as_bytes());
+    ctx.update(b"\0");
+    ctx.update(secret.expose().as_bytes());
+    hex(ctx.finish().as_ref())
+}
+
+/// A fresh random salt, as hex.
+pub fn new_salt() -> String {
+    hex(&rand::random::<[u8; 16]>())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_str;
+    use std::path::Path;
+
+    fn account(extra: &str) -> Account {
+        let text = format!(
+            "[[account]]\nname = \"a\"\ntoken_url = \"https://idp.example/t\"\nclient_id = \"id\"\n\
+             client_secret = \"s3cret\"\n{extra}\n[[account.output]]\npath = \"/x\"\n"
+        );
+        parse_str(&text, Path::new("/c.toml"))
+            .unwrap()
+            .accounts
+            .remove(0)
+    }
+
+    #[test]
+    fn credentials_digest_is_salted_stable_and_sees_every_credential() {
+        let a = account("");
+        let d = CredentialsDigest::of(&a);
+        assert!(d.matches(&a), "stable for the same credentials");
+        assert_ne!(
+            CredentialsDigest::of(&a).digest,
+            d.digest,
+            "salted: two digests of one password differ"
+        );
+        for other in [
+            account("scope = \"x\""),
+            account("extra_headers = { \"X-Api-Key\" = \"k\" }"),
+            account("proxy = \"http://proxy.example:3128\""),
+            account("client_auth = \"post\""),
+        ] {
+            assert!(!d.matches(&other));
+        }
+        let mut changed = a.clone();
+        changed.client_secret = Some(SecretSpec::Inline(Secret::new("other")));
+        assert!(!d.matches(&changed), "a new secret value");
+        let json = serde_json::to_string(&d).unwrap();
+        assert!(!json.contains("s3cret") && !format!("{d:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn the_digest_of_fixed_input_does_not_change_between_releases() {
+        // Pinned: a change of the encoding must come with a new CREDENTIALS_V.
+        let d = CredentialsDigest::with_salt(&account(""), "00");
+        assert_eq!(
+            d.digest,
+            "f13cedab304e03179ad5ac72b612c4b27cdf1855924b0d7fc0685561f809b323"
+        );
+        assert_eq!(
+            secret_digest("00", &Secret::new("seed")),
+            "881f704c6fc9c59181ad7ba611b61ac5f03b52b02f47af0ad3780023bbfa99a8"
+        );
+        assert_ne!(
+            secret_digest("00", &Secret::new("seed")),
+            secret_digest("01", &Secret::new("seed"))
+        );
+    }
+
+    #[test]
+    fn siblings_share_only_identical_requests_and_never_refresh_token_chains() {
+        assert_eq!(SiblingKey::of(&account("")), SiblingKey::of(&account("")));
+        assert_ne!(
+            SiblingKey::of(&account("")),
+            SiblingKey::of(&account("extra_headers = { \"X-Api-Key\" = \"k\" }"))
+        );
+        let rt = account("grant_type = \"refresh_token\"\nrefresh_token = { env = \"RT\" }");
+        assert!(SiblingKey::of(&rt).is_none());
+        let dbg = format!("{:?}", SiblingKey::of(&account("proxy = \"http://u:pw@p:1\"")));
+        assert!(!dbg.contains("pw@"), "{dbg}");
+    }
+}
