@@ -207,9 +207,15 @@ async fn once_account(
                 // (it may hold the only valid refresh token).
                 if let Some(dir) = &shared.state_dir {
                     if let Some(t) = persist::load(dir, &account.name).and_then(|s| {
-                        s.token_valid_for(&account, SystemTime::now(), min_valid.unwrap_or_default())
+                        s.token_valid_for(
+                            &account,
+                            SystemTime::now(),
+                            min_valid.unwrap_or_default(),
+                        )
                     }) {
-                        engine::deliver(&account, Arc::new(t), true).await.map_err(anyhow::Error::msg)?;
+                        engine::deliver(&account, Arc::new(t), true)
+                            .await
+                            .map_err(anyhow::Error::msg)?;
                         tracing::info!(account = %account.name, "{holder} runs this account: its token written to {} output(s), provider not asked", account.outputs.len());
                         return Ok(());
                     }
@@ -238,9 +244,7 @@ async fn once_account(
         // A hold or a rate limit recorded by the daemon or an earlier `once` still applies:
         // a cron job or a crash-looping init container is no stream of requests.
         if let Some((until, kind)) = engine.wait() {
-            let left = until
-                .duration_since(SystemTime::now())
-                .unwrap_or_default();
+            let left = until.duration_since(SystemTime::now()).unwrap_or_default();
             let left_text = humantime::format_duration(Duration::from_secs(left.as_secs().max(1)));
             match kind {
                 WaitKind::Hold => anyhow::bail!(

@@ -273,7 +273,8 @@ impl Supervisor {
     /// answered and saved), new ones start, removed ones stop, remove their outputs and
     /// retire their state. If any new or changed account cannot start, nothing changes.
     fn reload(&mut self, config: Config) -> Result<(), String> {
-        let mut wanted: BTreeMap<String, Account> = config
+        let configured: Vec<String> = config.accounts.iter().map(|a| a.name.clone()).collect();
+        let wanted: Vec<Account> = config
             .accounts
             .into_iter()
             .filter(|a| {
@@ -281,36 +282,24 @@ impl Supervisor {
                     .get(&a.name)
                     .is_none_or(|h| *h.view.account != *a)
             })
-            .map(|a| (a.name.clone(), a))
-            .collect();
-        let keep: Vec<String> = self
-            .accounts
-            .keys()
-            .filter(|n| !wanted.contains_key(*n))
-            .cloned()
             .collect();
         // Every account that starts is built first: a reload is taken whole or not at all.
         let mut ready = Vec::new();
         let mut problems = Vec::new();
-        for (name, a) in std::mem::take(&mut wanted) {
+        for a in wanted {
             let a = Arc::new(a);
             match HttpEndpoint::new(a.clone(), self.shared.clock) {
-                Ok(e) => ready.push((name, a, e)),
-                Err(e) => problems.push(format!("account {name} cannot start: {e}")),
+                Ok(e) => ready.push((a.name.clone(), a, e)),
+                Err(e) => problems.push(format!("account {} cannot start: {e}", a.name)),
             }
         }
         if !problems.is_empty() {
             return Err(format!("reload refused: {}", problems.join("; ")));
         }
-        let configured: Vec<&str> = ready
-            .iter()
-            .map(|(n, ..)| n.as_str())
-            .chain(keep.iter().map(String::as_str))
-            .collect();
         let removed: Vec<String> = self
             .accounts
             .keys()
-            .filter(|n| !configured.contains(&n.as_str()))
+            .filter(|n| !configured.contains(n))
             .cloned()
             .collect();
         for name in removed {
@@ -351,10 +340,17 @@ impl Supervisor {
         if stopped.is_err() && *self.shared.rotations.borrow() > 0 {
             // A refresh_token request is on the wire: its answer holds the only copy of
             // the next refresh token.
-            tracing::info!("waiting (up to {ROTATION_GRACE:?}) for a refresh_token request to be answered");
+            tracing::info!(
+                "waiting (up to {ROTATION_GRACE:?}) for a refresh_token request to be answered"
+            );
             let left = ROTATION_GRACE.saturating_sub(SHUTDOWN_GRACE);
-            if tokio::time::timeout(left, self.tracker.wait()).await.is_err() {
-                tracing::warn!("a refresh_token request was not answered within {ROTATION_GRACE:?}");
+            if tokio::time::timeout(left, self.tracker.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "a refresh_token request was not answered within {ROTATION_GRACE:?}"
+                );
             }
         } else if stopped.is_err() {
             tracing::warn!("account tasks did not stop within {SHUTDOWN_GRACE:?}");

@@ -167,7 +167,9 @@ impl Drop for Rotation<'_> {
 pub enum Opened<E> {
     Ready(Engine<E>),
     /// Another tokend holds the account's lock; what it said about itself.
-    Busy { holder: String },
+    Busy {
+        holder: String,
+    },
 }
 
 pub struct Engine<E> {
@@ -338,7 +340,12 @@ impl<E: Endpoint> Engine<E> {
 
     /// Ends a hold after refused credentials: they changed, or the operator forced a try.
     pub async fn end_hold(&mut self) {
-        if self.saved.refusals > 0 || self.saved.wait(self.now(), &self.account.schedule).is_some() {
+        if self.saved.refusals > 0
+            || self
+                .saved
+                .wait(self.now(), &self.account.schedule)
+                .is_some()
+        {
             self.saved.end_hold();
             self.save_quietly().await;
         }
@@ -368,10 +375,15 @@ impl<E: Endpoint> Engine<E> {
             None => None,
         };
         if let Some(t) = guard.as_ref().and_then(|g| g.as_ref()) {
-            let mine = self.saved.token(&self.account).map(|m| m.issued_at);
+            // Newer than this account's own token (the state keeps whole seconds: the
+            // same token read back is not newer), and not yet due itself.
+            let newer = self
+                .saved
+                .token(&self.account)
+                .is_none_or(|m| t.access_token != m.access_token && t.issued_at >= m.issued_at);
             let due =
                 t.issued_at + schedule::refresh_delay(&self.account.schedule, t.lifetime(), 1.0);
-            if mine.is_none_or(|m| t.issued_at > m) && self.now() < due {
+            if newer && self.now() < due {
                 tracing::debug!(account = %self.account.name, "reusing the token an identical account just fetched");
                 let t = (**t).clone();
                 drop(guard);

@@ -135,7 +135,13 @@ impl CredentialsDigest {
             field(k.as_bytes());
             field(v.as_bytes());
         }
-        field(format!("{:?}/{:?}/{:?}", a.client_auth, a.basic_encoding, a.params_in).as_bytes());
+        field(
+            format!(
+                "{:?}/{:?}/{:?}",
+                a.client_auth, a.basic_encoding, a.params_in
+            )
+            .as_bytes(),
+        );
         field(&(a.extra_headers.len() as u64).to_be_bytes());
         for (k, v) in &a.extra_headers {
             field(k.as_bytes());
@@ -251,7 +257,10 @@ mod tests {
         );
         let rt = account("grant_type = \"refresh_token\"\nrefresh_token = { env = \"RT\" }");
         assert!(SiblingKey::of(&rt).is_none());
-        let dbg = format!("{:?}", SiblingKey::of(&account("proxy = \"http://u:pw@p:1\"")));
+        let dbg = format!(
+            "{:?}",
+            SiblingKey::of(&account("proxy = \"http://u:pw@p:1\""))
+        );
         assert!(!dbg.contains("pw@"), "{dbg}");
     }
 }

@@ -326,8 +326,12 @@ pub fn load(dir: &Path, name: &str) -> Option<Saved> {
     let file = path(dir, name);
     if !file.exists() && retired_path(dir, name).exists() {
         match move_file(&retired_path(dir, name), &file) {
-            Ok(()) => tracing::info!(account = %name, "resuming the state this account had when it was removed"),
-            Err(e) => tracing::error!(account = %name, "failed to bring back the retired state: {e}"),
+            Ok(()) => {
+                tracing::info!(account = %name, "resuming the state this account had when it was removed")
+            }
+            Err(e) => {
+                tracing::error!(account = %name, "failed to bring back the retired state: {e}")
+            }
         }
     }
     let bytes = match std::fs::read(&file) {
@@ -344,7 +348,9 @@ pub fn load(dir: &Path, name: &str) -> Option<Saved> {
     }
     let parsed = match serde_json::from_slice::<Version>(&bytes) {
         Ok(Version { version: VERSION }) => serde_json::from_slice::<Saved>(&bytes),
-        Ok(Version { version: 1 }) => serde_json::from_slice::<SavedV1>(&bytes).map(SavedV1::migrate),
+        Ok(Version { version: 1 }) => {
+            serde_json::from_slice::<SavedV1>(&bytes).map(SavedV1::migrate)
+        }
         Ok(Version { version }) => {
             tracing::warn!(account = %name, "ignoring {}: state format {version} is newer than this tokend's", file.display());
             return None;
@@ -434,7 +440,9 @@ pub struct AccountLock {
 pub enum Locked {
     Acquired(AccountLock),
     /// Another process holds the account; what it wrote about itself ("pid 123 run").
-    Busy { holder: String },
+    Busy {
+        holder: String,
+    },
 }
 
 /// Takes the lock of account `name` without waiting. `role` ("run", "once") is written
@@ -563,7 +571,10 @@ mod tests {
         retire_unknown(dir.path(), &["a"]);
         assert!(dir.path().join("a.json").exists());
         assert!(!dir.path().join("gone.json").exists());
-        assert!(dir.path().join("retired/gone.json").exists(), "never deleted");
+        assert!(
+            dir.path().join("retired/gone.json").exists(),
+            "never deleted"
+        );
         let back = load(dir.path(), "gone").expect("brought back");
         assert_eq!(back.generation(), s.generation());
         assert!(dir.path().join("gone.json").exists());
@@ -592,7 +603,10 @@ mod tests {
         s.prepare_chain(&reseeded);
         assert!(s.chain.is_none());
         let json = serde_json::to_string(&s).unwrap();
-        assert!(!json.contains("seed-1"), "the seed is kept as a digest only");
+        assert!(
+            !json.contains("seed-1"),
+            "the seed is kept as a digest only"
+        );
     }
 
     #[test]

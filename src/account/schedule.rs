@@ -231,7 +231,11 @@ mod tests {
             auth_failure_hold: 48 * 60 * MIN,
             ..p
         };
-        assert_eq!(hold(&long, 3), 48 * 60 * MIN, "a longer configured hold stands");
+        assert_eq!(
+            hold(&long, 3),
+            48 * 60 * MIN,
+            "a longer configured hold stands"
+        );
     }
 
     #[test]
@@ -272,14 +276,8 @@ mod tests {
             classify(&oauth(400, "invalid_scope")),
             ErrorClass::Transient
         );
-        assert_eq!(
-            classify(&oauth(403, "access_denied")),
-            ErrorClass::Rejected
-        );
-        assert_eq!(
-            classify(&oauth(400, "access_denied")),
-            ErrorClass::Rejected
-        );
+        assert_eq!(classify(&oauth(403, "access_denied")), ErrorClass::Rejected);
+        assert_eq!(classify(&oauth(400, "access_denied")), ErrorClass::Rejected);
         assert_eq!(
             classify(&Error::Http {
                 status: 403,
@@ -328,7 +326,14 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let p = policy();
         assert_eq!(
-            retry_delay(ErrorClass::RateLimited(Some(later)), 1, 0, &p, now, &mut rng),
+            retry_delay(
+                ErrorClass::RateLimited(Some(later)),
+                1,
+                0,
+                &p,
+                now,
+                &mut rng
+            ),
             60 * MIN,
             "a rate limit is obeyed for an hour at most"
         );

@@ -206,7 +206,11 @@ impl<E> Clone for Parts<E> {
 
 /// Runs the account's task after its predecessor, and again (with backoff) whenever it
 /// dies, until cancelled. `done` is cancelled when it is all over.
-async fn supervise<E: Endpoint>(parts: Parts<E>, after: Option<Predecessor>, done: CancellationToken) {
+async fn supervise<E: Endpoint>(
+    parts: Parts<E>,
+    after: Option<Predecessor>,
+    done: CancellationToken,
+) {
     let _done = done.drop_guard();
     let name = parts.account.name.clone();
     if let Some(p) = after {
@@ -393,7 +397,8 @@ impl<E: Endpoint> Task<E> {
         if let Some(engine) = engine {
             engine.close(retire).await;
         }
-        let remove = std::mem::take(&mut *self.parts.farewell.remove.lock().expect("never poisoned"));
+        let remove =
+            std::mem::take(&mut *self.parts.farewell.remove.lock().expect("never poisoned"));
         if !remove.is_empty() {
             let gone = Account {
                 outputs: remove,
@@ -526,7 +531,10 @@ impl<E: Endpoint> Task<E> {
                         // The token is good: serve it, retry only its delivery, and
                         // refresh when it is due as if the files had been written.
                         // (A token whose refresh token is not saved yet is not served.)
-                        let lifetime = token.expires_at.duration_since(self.now()).unwrap_or_default();
+                        let lifetime = token
+                            .expires_at
+                            .duration_since(self.now())
+                            .unwrap_or_default();
                         if plan.redeliver.is_none() {
                             if f.publish {
                                 let token = token.clone();
@@ -669,4 +677,3 @@ impl<E: Endpoint> Task<E> {
         self.publish(|s| s.next_attempt = Some(at));
     }
 }
-

@@ -118,13 +118,11 @@ pub fn parse_success(
         },
         Some(Value::String(s)) => match s.trim() {
             // Digits only: a number too large for u64 is still a (huge) lifetime.
-            t if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) => {
-                match t.parse::<u64>() {
-                    Ok(0) => return Err(malformed(status, "expires_in is not a positive number")),
-                    Ok(n) => Some(Duration::from_secs(n).min(MAX_LIFETIME)),
-                    Err(_) => Some(MAX_LIFETIME),
-                }
-            }
+            t if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) => match t.parse::<u64>() {
+                Ok(0) => return Err(malformed(status, "expires_in is not a positive number")),
+                Ok(n) => Some(Duration::from_secs(n).min(MAX_LIFETIME)),
+                Err(_) => Some(MAX_LIFETIME),
+            },
             _ => return Err(malformed(status, "expires_in is not a positive number")),
         },
         Some(_) => return Err(malformed(status, "expires_in is not a number")),
@@ -386,14 +384,20 @@ mod tests {
     #[test]
     fn waits_are_capped_at_an_hour() {
         let mut h = HeaderMap::new();
-        h.insert("retry-after", "Fri, 31 Dec 9999 23:59:59 GMT".parse().unwrap());
+        h.insert(
+            "retry-after",
+            "Fri, 31 Dec 9999 23:59:59 GMT".parse().unwrap(),
+        );
         assert_eq!(retry_after(429, &h, now()), Some(now() + HOUR));
         h.insert("retry-after", "18446744073709551615".parse().unwrap());
         assert_eq!(retry_after(429, &h, now()), Some(now() + HOUR));
         let mut h = HeaderMap::new();
         h.insert("x-rate-limit-reset", "99999999999999".parse().unwrap());
         assert_eq!(retry_after(429, &h, now()), Some(now() + HOUR));
-        h.insert("x-rate-limit-reset", "18446744073709551615".parse().unwrap());
+        h.insert(
+            "x-rate-limit-reset",
+            "18446744073709551615".parse().unwrap(),
+        );
         assert_eq!(retry_after(429, &h, now()), Some(now() + HOUR));
     }
 

@@ -36,8 +36,8 @@ use tokio_util::task::TaskTracker;
 pub use listen::{bind_tcp, bind_unix, raise_fd_limit, SocketFile};
 use peer::Peer;
 
-use crate::config::DaemonConfig;
 use crate::account::Accounts;
+use crate::config::DaemonConfig;
 
 /// The bounds of the server. [`Limits::default`] is what the daemon uses; tests pass
 /// shorter times.

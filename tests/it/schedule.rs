@@ -162,14 +162,18 @@ async fn invalid_grant_holds_for_15_minutes() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn invalid_client_holds_for_auth_failure_hold() {
+async fn invalid_client_holds_for_auth_failure_hold_doubled_on_each_further_refusal() {
     let r = Running::start(
         "auth_failure_hold = \"2m\"",
         Step::Token(60 * MIN),
-        [Step::InvalidClient, Step::InvalidClient],
+        [
+            Step::InvalidClient,
+            Step::InvalidClient,
+            Step::InvalidClient,
+        ],
     );
-    let calls = r.endpoint.wait_calls(3).await;
-    assert_eq!(Running::gaps(&calls), [2 * MIN, 2 * MIN]);
+    let calls = r.endpoint.wait_calls(4).await;
+    assert_eq!(Running::gaps(&calls), [2 * MIN, 4 * MIN, 8 * MIN]);
     r.stop().await;
 }
 
