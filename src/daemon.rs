@@ -55,7 +55,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         sup.start(Arc::new(a.clone()), None)?;
     }
     sup.publish();
-    let server = listeners.spawn(sup.views.subscribe())?;
+    let server = listeners.spawn(sup.views.subscribe(), sup.metrics.clone())?;
     if let Some(w) = &mut watcher {
         w.watch_files(sup.watched_files(&path).iter().map(PathBuf::as_path));
     }
@@ -122,6 +122,7 @@ struct Supervisor {
     views: watch::Sender<Accounts>,
     /// Each account's [`persist::credentials_key`], to notice changed secret files.
     credentials: BTreeMap<String, u64>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Supervisor {
@@ -137,6 +138,8 @@ impl Supervisor {
             tracker: TaskTracker::new(),
             views: watch::Sender::new(Accounts::default()),
             credentials: BTreeMap::new(),
+            // TODO(engine): Arc::new(Metrics::new()), also handed to the accounts in Shared.
+            metrics: crate::metrics::global().clone(),
         }
     }
 
@@ -151,11 +154,11 @@ impl Supervisor {
                 self.reload(new);
                 self.publish();
                 tracing::info!("config reloaded: {}", self.summary());
-                crate::metrics::global().config_reload(true);
+                self.metrics.config_reload(true);
             }
             Err(e) => {
                 tracing::error!("{e}; keeping the running config");
-                crate::metrics::global().config_reload(false);
+                self.metrics.config_reload(false);
             }
         }
         notifier.ready(&self.summary());

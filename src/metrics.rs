@@ -3,8 +3,15 @@
 //! read from the published [`TokenState`] at scrape time, so the account task records
 //! only what a state cannot tell: each refresh attempt, its result and its duration.
 //!
-//! The counters live in one process-wide [`Metrics`] ([`global`]); the socket server
-//! renders them with [`Metrics::encode`] for the accounts the caller may see.
+//! The counters live in a [`Metrics`] that whoever runs the daemon creates and hands
+//! around as an `Arc<Metrics>`, like the clock: the socket server gets it as an argument
+//! (`Listeners::spawn`, `serve`), counts its requests in it and renders it with
+//! [`Metrics::encode`] for the accounts the caller may see. Tests hand in their own.
+//!
+//! Transitional: the account task still records its attempts through the crate-private
+//! `global`, and the daemon hands that same instance to the server so that one scrape
+//! shows both. Once the account tasks take the handle (in `Shared`), the daemon creates
+//! it with [`Metrics::new`] and `global` goes.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -70,13 +77,21 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
 }
 
-/// The process-wide metrics.
-pub fn global() -> &'static Metrics {
-    static METRICS: OnceLock<Metrics> = OnceLock::new();
-    METRICS.get_or_init(Metrics::default)
+/// Transitional: the instance the account task records into, until it is handed one.
+/// Nothing new may use it.
+// TODO(engine): pass Shared.metrics to the account task (src/account/task.rs, its one
+// `refresh_attempt` call), create the daemon's handle with `Metrics::new()`, delete this.
+pub(crate) fn global() -> &'static Arc<Metrics> {
+    static METRICS: OnceLock<Arc<Metrics>> = OnceLock::new();
+    METRICS.get_or_init(|| Arc::new(Metrics::new()))
 }
 
 impl Metrics {
+    /// No counts yet.
+    pub fn new() -> Self {
+        Metrics::default()
+    }
+
     /// Records one token request of `account`: its result and how long it took.
     pub fn refresh_attempt(&self, account: &str, result: &Result<Token, Error>, took: Duration) {
         let index = match result {

@@ -1023,6 +1023,7 @@ struct Served {
     _dir: tempfile::TempDir,
     _file: tokend::server::SocketFile,
     socket: PathBuf,
+    metrics: Arc<tokend::metrics::Metrics>,
     cancel: tokio_util::sync::CancellationToken,
 }
 
@@ -1032,9 +1033,11 @@ fn serve(limits: tokend::server::Limits) -> Served {
     let (listener, file) = tokend::server::bind_unix(&socket, 0o600, None).unwrap();
     let (_tx, rx) = tokio::sync::watch::channel(tokend::account::Accounts::default());
     let cancel = tokio_util::sync::CancellationToken::new();
+    let metrics = Arc::new(tokend::metrics::Metrics::new());
     tokio::spawn(tokend::server::serve_with(
         listener,
         rx,
+        metrics.clone(),
         cancel.clone(),
         limits,
     ));
@@ -1042,6 +1045,7 @@ fn serve(limits: tokend::server::Limits) -> Served {
         _dir: dir,
         _file: file,
         socket,
+        metrics,
         cancel,
     }
 }
@@ -1120,6 +1124,26 @@ async fn slow_clients_are_cut_off() {
     .await
     .unwrap();
     s.cancel.cancel();
+}
+
+#[tokio::test]
+async fn requests_are_counted_in_the_metrics_handed_in() {
+    let (a, b) = (serve(short_limits()), serve(short_limits()));
+    let socket = a.socket.clone();
+    let r = tokio::task::spawn_blocking(move || request(&socket, "GET", "/v1/health", &[]))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let counted = |s: &Served| {
+        s.metrics
+            .encode(std::iter::empty(), std::time::SystemTime::now())
+            .contains("tokend_http_requests_total{listener=\"unix\",code=\"200\"} 1")
+    };
+    // Counted before the answer is sent; only by the server that answered.
+    assert!(counted(&a));
+    assert!(!counted(&b));
+    a.cancel.cancel();
+    b.cancel.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,7 +35,8 @@ const POKE_ACK: Duration = Duration::from_secs(1);
 
 pub(super) async fn handle(req: Request<Incoming>, ctx: &Ctx, caller: &Caller) -> Response<Body> {
     let resp = route(req, ctx, caller).await;
-    crate::metrics::global().request(caller.listener(), resp.status().as_u16());
+    ctx.metrics
+        .request(caller.listener(), resp.status().as_u16());
     resp
 }
 
@@ -368,7 +369,7 @@ fn health(ctx: &Ctx, caller: &Caller) -> Response<Body> {
 /// `GET /metrics`.
 fn metrics(ctx: &Ctx, caller: &Caller) -> Response<Body> {
     let accounts = ctx.accounts.borrow().clone();
-    let text = crate::metrics::global().encode(
+    let text = ctx.metrics.encode(
         accounts.values().filter(|v| visible(caller, v)),
         SystemTime::now(),
     );
