@@ -37,6 +37,9 @@ pub enum Command {
     Get(GetArgs),
     /// Show the accounts of the running daemon that you may read
     Status(StatusArgs),
+    /// Ask the running daemon to refresh an account now (no sooner than its
+    /// min_refresh_interval allows)
+    Refresh(RefreshArgs),
 }
 
 #[derive(Args, Debug)]
@@ -59,7 +62,7 @@ pub struct OnceArgs {
     pub min_valid: Option<std::time::Duration>,
 }
 
-/// Where `get` and `status` find the daemon.
+/// Where `get`, `status` and `refresh` find the daemon.
 #[derive(Args, Debug)]
 pub struct SocketArgs {
     /// The config file; only its `[daemon] socket` is read
@@ -92,6 +95,19 @@ pub struct GetArgs {
     /// its last request)
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub min_valid: Option<std::time::Duration>,
+}
+
+#[derive(Args, Debug)]
+pub struct RefreshArgs {
+    #[command(flatten)]
+    pub socket: SocketArgs,
+    /// The account
+    #[arg(value_name = "ACCOUNT")]
+    pub account: String,
+    /// Also end a hold (after refused credentials) or a provider's rate-limit wait, for
+    /// one attempt now: "I fixed it, try now". Only root or the daemon's own user
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Args, Debug)]

@@ -1,4 +1,4 @@
-//! `tokend get` and `tokend status`: a small HTTP/1.1 client (hyper) for the daemon's
+//! `tokend get`, `tokend status` and `tokend refresh`: a small HTTP/1.1 client (hyper) for the daemon's
 //! Unix socket, using the wire types of [`crate::server::api`], and what a person sees,
 //! including when the daemon is not running or the socket refuses them.
 
@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::commands::Failure;
 use crate::config::{DEFAULT_PATH, DEFAULT_SOCKET};
-use crate::server::api::{self, AccountInfo, AccountList, ErrorBody};
+use crate::server::api::{self, AccountInfo, AccountList, ErrorBody, RefreshAccepted};
 
 /// How long a plain request may take.
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -237,13 +237,55 @@ pub async fn get(
                 .and_then(|()| out.flush())
                 .map_err(|e| Failure::Runtime(anyhow::anyhow!("failed to write the token: {e}")))
         }
-        StatusCode::NOT_FOUND => Err(Failure::Runtime(anyhow::anyhow!(
-            "no account {account:?} that you (uid {}) may read on {}: it does not exist, or its \
-             [account.access] names neither your user nor one of your groups",
-            nix::unistd::getuid(),
-            socket.display()
-        ))),
+        StatusCode::NOT_FOUND => Err(no_account(socket, account)),
         _ => Err(Failure::Runtime(anyhow::anyhow!("{}", answer.message()))),
+    }
+}
+
+/// What a 404 for `account` means to the person who asked.
+fn no_account(socket: &Path, account: &str) -> Failure {
+    Failure::Runtime(anyhow::anyhow!(
+        "no account {account:?} that you (uid {}) may read on {}: it does not exist, or its \
+         [account.access] names neither your user nor one of your groups",
+        nix::unistd::getuid(),
+        socket.display()
+    ))
+}
+
+/// `tokend refresh ACCOUNT [--force]`: asks the daemon for a refresh now and says so in
+/// one line; the refresh itself happens in the background (`tokend status` shows it).
+pub async fn refresh(socket: &Path, account: &str, force: bool) -> Result<(), Failure> {
+    let mut path = api::refresh_path(account);
+    if force {
+        path.push_str(&format!("?{}=true", api::FORCE));
+    }
+    let answer = Client::new(socket)
+        .request(Method::POST, &path, TIMEOUT)
+        .await
+        .map_err(runtime_error)?;
+    match answer.status {
+        StatusCode::ACCEPTED => {
+            // The body says nothing the status did not; it is checked all the same, so
+            // that an answer from something that is not tokend is not taken for one.
+            serde_json::from_slice::<RefreshAccepted>(&answer.body).map_err(|e| {
+                Failure::Runtime(anyhow::anyhow!("tokend answered an unexpected body: {e}"))
+            })?;
+            println!("{}", refresh_requested(account, force));
+            Ok(())
+        }
+        StatusCode::NOT_FOUND => Err(no_account(socket, account)),
+        _ => Err(Failure::Runtime(anyhow::anyhow!("{}", answer.message()))),
+    }
+}
+
+/// The line `tokend refresh` prints on success.
+fn refresh_requested(account: &str, force: bool) -> String {
+    if force {
+        format!(
+            "forced refresh of {account} requested: a hold or rate-limit wait is ended for one attempt"
+        )
+    } else {
+        format!("refresh of {account} requested")
     }
 }
 

@@ -58,7 +58,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         sup.start(a, endpoint, TokenState::default());
     }
     sup.publish();
-    let server = listeners.spawn(sup.views.subscribe())?;
+    let server = listeners.spawn(sup.views.subscribe(), sup.shared.metrics.clone())?;
     if let Some(w) = &mut watcher {
         w.watch_files(sup.watched_files(&path).iter().map(PathBuf::as_path));
     }

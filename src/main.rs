@@ -68,5 +68,12 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             )?;
             runtime()?.block_on(client::status(&socket, args.json))
         }
+        Command::Refresh(args) => {
+            let socket = client::resolve_socket(
+                args.socket.socket.as_deref(),
+                args.socket.config.as_deref(),
+            )?;
+            runtime()?.block_on(client::refresh(&socket, &args.account, args.force))
+        }
     }
 }

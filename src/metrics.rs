@@ -3,11 +3,14 @@
 //! read from the published [`TokenState`] at scrape time, so the account task records
 //! only what a state cannot tell: each refresh attempt, its result and its duration.
 //!
-//! The counters live in one process-wide [`Metrics`] ([`global`]); the socket server
-//! renders them with [`Metrics::encode`] for the accounts the caller may see.
+//! The counters live in a [`Metrics`] that whoever runs the daemon creates and hands
+//! around as an `Arc<Metrics>`, like the clock: the socket server gets it as an argument
+//! (`Listeners::spawn`, `serve`), counts its requests in it and renders it with
+//! [`Metrics::encode`] for the accounts the caller may see; the refresh engine records
+//! its attempts in the same handle (`Shared::metrics`). Tests hand in their own.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::collector::Collector;
@@ -70,13 +73,12 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
 }
 
-/// The process-wide metrics.
-pub fn global() -> &'static Metrics {
-    static METRICS: OnceLock<Metrics> = OnceLock::new();
-    METRICS.get_or_init(Metrics::default)
-}
-
 impl Metrics {
+    /// No counts yet.
+    pub fn new() -> Self {
+        Metrics::default()
+    }
+
     /// Records one token request of `account`: its result and how long it took.
     pub fn refresh_attempt(&self, account: &str, result: &Result<Token, Error>, took: Duration) {
         let index = match result {

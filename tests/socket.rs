@@ -1,4 +1,4 @@
-//! The socket API end to end (SPEC §4, and §5 `get` and `status`): a real `tokend run`
+//! The socket API end to end (SPEC §4, and §5 `get`, `status` and `refresh`): a real `tokend run`
 //! against a small fake token endpoint, asked over its real Unix socket, by root and by
 //! test users switched to with `setpriv`; and the server's limits (slow clients,
 //! a thousand connections, garbage) against `tokend::server::serve_with` in-process.
@@ -26,6 +26,7 @@ const SECRET_ENV: &str = "TOKEND_T_SECRET";
 // A fake token endpoint on 127.0.0.1:0. The path says what it answers:
 //   /ok/LIFETIME/NAME  200, token "NAME-N" (N counts every request) living LIFETIME s
 //   /fail              503 temporarily_unavailable
+//   /refuse            400 invalid_grant (the account is held)
 // ---------------------------------------------------------------------------------
 
 struct Idp {
@@ -55,6 +56,10 @@ impl Idp {
 
     fn fail(&self) -> String {
         format!("http://{}/fail", self.addr)
+    }
+
+    fn refuse(&self) -> String {
+        format!("http://{}/refuse", self.addr)
     }
 
     fn requests(&self) -> usize {
@@ -101,6 +106,10 @@ fn idp_answer(mut conn: TcpStream, counter: &AtomicUsize) {
                 "expires_in": life.parse::<u64>().unwrap(),
                 "scope": "full",
             }),
+        ),
+        ["refuse"] => (
+            "400 Bad Request",
+            serde_json::json!({"error": "invalid_grant"}),
         ),
         _ => (
             "503 Service Unavailable",
@@ -401,11 +410,18 @@ fn as_user(user: &TestUser, args: &[&str]) -> Output {
 
 /// `curl` as `user`: (HTTP status, body).
 fn curl_as(user: &TestUser, socket: &Path, path: &str) -> (u16, String) {
+    curl_method_as(user, socket, "GET", path)
+}
+
+/// `curl -X METHOD` as `user`: (HTTP status, body).
+fn curl_method_as(user: &TestUser, socket: &Path, method: &str, path: &str) -> (u16, String) {
     let out = as_user(
         user,
         &[
             "curl",
             "-sS",
+            "-X",
+            method,
             "--max-time",
             "10",
             "-w",
@@ -624,7 +640,7 @@ fn errors_are_json_with_the_right_status() {
     let idp = Idp::start();
     let d = Daemon::start("", &account("a", &idp.ok("a", 3600), ""));
     d.token("a");
-    let cases: [(&str, &str, u16, &str); 9] = [
+    let cases: [(&str, &str, u16, &str); 12] = [
         ("GET", "/", 404, "not_found"),
         ("GET", "/v1/tokens/", 404, "not_found"),
         ("GET", "/v1/tokens/a/raw/more", 404, "not_found"),
@@ -634,6 +650,20 @@ fn errors_are_json_with_the_right_status() {
         ("GET", "/v1/tokens/a/refresh", 405, "method_not_allowed"),
         ("POST", "/v1/health", 405, "method_not_allowed"),
         ("GET", "/v1/tokens/a?min_valid=soon", 400, "bad_request"),
+        (
+            "POST",
+            "/v1/tokens/a/refresh?force=maybe",
+            400,
+            "bad_request",
+        ),
+        ("POST", "/v1/tokens/a/refresh?force=", 400, "bad_request"),
+        // The query is checked before the account: nothing is told about either.
+        (
+            "POST",
+            "/v1/tokens/nope/refresh?force=true",
+            404,
+            "not_found",
+        ),
     ];
     for (method, path, status, error) in cases {
         let r = request(&d.socket, method, path, &[]);
@@ -650,6 +680,17 @@ fn errors_are_json_with_the_right_status() {
     // A small body is fine.
     let r = request(&d.socket, "POST", "/v1/tokens/a/refresh", b"{}");
     assert_eq!(r.status, 202);
+    // The message names the bad value.
+    let r = request(&d.socket, "POST", "/v1/tokens/a/refresh?force=maybe", &[]);
+    let m = r.json()["message"].as_str().unwrap().to_owned();
+    assert!(
+        m.contains("force=\"maybe\"") && m.contains("true nor false"),
+        "{m}"
+    );
+    assert_eq!(
+        request(&d.socket, "POST", "/v1/tokens/a/refresh?force=false", &[]).status,
+        202
+    );
 }
 
 #[test]
@@ -670,6 +711,173 @@ fn refresh_post_is_accepted_and_refreshes() {
     });
     assert!(second.starts_with("a-"));
     assert_eq!(idp.requests(), 2);
+}
+
+/// Waits until `account` is held after refused credentials: failing, its next refresh
+/// more than ten minutes away (`auth_failure_hold` is 15 minutes).
+fn wait_held(d: &Daemon, account: &str) {
+    wait_for(|| {
+        let list = d.get("/v1/tokens").json();
+        let a = list["accounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["account"] == account)
+            .cloned()
+            .unwrap();
+        let next = a["next_refresh"].as_str().map(|t| {
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).unwrap()
+        })?;
+        let held = a["status"] == "failing"
+            && next - time::OffsetDateTime::now_utc() > time::Duration::minutes(10);
+        held.then_some(())
+    });
+}
+
+#[test]
+fn forced_refresh_ends_a_hold_for_one_attempt() {
+    let idp = Idp::start();
+    let d = Daemon::start("", &account("held", &idp.refuse(), ""));
+    let sock = d.socket.to_str().unwrap();
+    // invalid_grant: held, the provider asked once.
+    wait_held(&d, "held");
+    assert_eq!(idp.requests(), 1);
+
+    // Forced (this process is the daemon's user): the hold ends for one attempt, which
+    // a plain refresh cannot do; refused again, the account is held again.
+    let r = request(&d.socket, "POST", "/v1/tokens/held/refresh?force=true", &[]);
+    assert_eq!(r.status, 202, "{r:?}");
+    assert_eq!(
+        r.json(),
+        serde_json::json!({"account": "held", "status": "accepted"})
+    );
+    wait_for(|| (idp.requests() >= 2).then_some(()));
+    wait_held(&d, "held");
+    assert_eq!(idp.requests(), 2, "one attempt");
+
+    // `tokend refresh --force`, the socket from the config.
+    let out = d.tokend(&[
+        "refresh",
+        "-c",
+        d.config.to_str().unwrap(),
+        "--force",
+        "held",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "forced refresh of held requested: a hold or rate-limit wait is ended for one attempt\n"
+    );
+    wait_for(|| (idp.requests() >= 3).then_some(()));
+    wait_held(&d, "held");
+
+    // `tokend refresh`, plain: accepted (the engine declines it while held).
+    let out = d.tokend(&["refresh", "--socket", sock, "held"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "refresh of held requested\n"
+    );
+
+    // Failures: exit 1 and the reason.
+    let out = d.tokend(&["refresh", "--socket", sock, "--force", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no account \"nope\" that you"), "{err}");
+    let missing = d.dir.path().join("missing.sock");
+    let out = d.tokend(&["refresh", "--socket", missing.to_str().unwrap(), "held"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tokend is not running"), "{err}");
+}
+
+#[test]
+fn force_takes_root_or_the_daemons_user() {
+    let users = test_users();
+    let user = |name: &str| users.iter().find(|u| u.name == name).unwrap();
+    let (reader, stranger) = (user("tokend-t-user"), user("tokend-t-stranger"));
+    let idp = Idp::start();
+    let d = Daemon::start(
+        "",
+        &account(
+            "held",
+            &idp.refuse(),
+            "[account.access]\nusers = [\"tokend-t-user\"]",
+        ),
+    );
+    let sock = d.socket.to_str().unwrap();
+    wait_held(&d, "held");
+
+    // A reader may ask for a refresh, not force one.
+    let (code, body) = curl_method_as(
+        reader,
+        &d.socket,
+        "POST",
+        "/v1/tokens/held/refresh?force=true",
+    );
+    assert_eq!(code, 403, "{body}");
+    let e: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(e["error"], "forbidden");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("force=true takes root or the daemon's own user"),
+        "{e}"
+    );
+    let (code, body) = curl_method_as(reader, &d.socket, "POST", "/v1/tokens/held/refresh");
+    assert_eq!(code, 202, "{body}");
+
+    // Who may not read the account learns nothing: the answer for an unknown one.
+    let (_, unknown) = curl_method_as(
+        stranger,
+        &d.socket,
+        "POST",
+        "/v1/tokens/no-such-account/refresh?force=true",
+    );
+    for path in [
+        "/v1/tokens/held/refresh?force=true",
+        "/v1/tokens/held/refresh",
+    ] {
+        let (code, body) = curl_method_as(stranger, &d.socket, "POST", path);
+        assert_eq!(code, 404, "{path}: {body}");
+        assert_eq!(body.replace("held", "no-such-account"), unknown, "{path}");
+    }
+
+    // The same through `tokend refresh`.
+    let out = as_user(
+        reader,
+        &[BIN, "refresh", "--socket", sock, "--force", "held"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("takes root or the daemon's own user"), "{err}");
+    let out = as_user(reader, &[BIN, "refresh", "--socket", sock, "held"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "refresh of held requested\n"
+    );
+    let out = as_user(
+        stranger,
+        &[BIN, "refresh", "--socket", sock, "--force", "held"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no account \"held\" that you"), "{err}");
+
+    // None of that ended the hold; root's force does.
+    assert_eq!(idp.requests(), 1);
+    let out = d.tokend(&["refresh", "--socket", sock, "--force", "held"]);
+    assert_eq!(out.status.code(), Some(0));
+    wait_for(|| (idp.requests() >= 2).then_some(()));
 }
 
 #[test]
@@ -1023,6 +1231,7 @@ struct Served {
     _dir: tempfile::TempDir,
     _file: tokend::server::SocketFile,
     socket: PathBuf,
+    metrics: Arc<tokend::metrics::Metrics>,
     cancel: tokio_util::sync::CancellationToken,
 }
 
@@ -1032,9 +1241,11 @@ fn serve(limits: tokend::server::Limits) -> Served {
     let (listener, file) = tokend::server::bind_unix(&socket, 0o600, None).unwrap();
     let (_tx, rx) = tokio::sync::watch::channel(tokend::account::Accounts::default());
     let cancel = tokio_util::sync::CancellationToken::new();
+    let metrics = Arc::new(tokend::metrics::Metrics::new());
     tokio::spawn(tokend::server::serve_with(
         listener,
         rx,
+        metrics.clone(),
         cancel.clone(),
         limits,
     ));
@@ -1042,6 +1253,7 @@ fn serve(limits: tokend::server::Limits) -> Served {
         _dir: dir,
         _file: file,
         socket,
+        metrics,
         cancel,
     }
 }
@@ -1120,6 +1332,26 @@ async fn slow_clients_are_cut_off() {
     .await
     .unwrap();
     s.cancel.cancel();
+}
+
+#[tokio::test]
+async fn requests_are_counted_in_the_metrics_handed_in() {
+    let (a, b) = (serve(short_limits()), serve(short_limits()));
+    let socket = a.socket.clone();
+    let r = tokio::task::spawn_blocking(move || request(&socket, "GET", "/v1/health", &[]))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let counted = |s: &Served| {
+        s.metrics
+            .encode(std::iter::empty(), std::time::SystemTime::now())
+            .contains("tokend_http_requests_total{listener=\"unix\",code=\"200\"} 1")
+    };
+    // Counted before the answer is sent; only by the server that answered.
+    assert!(counted(&a));
+    assert!(!counted(&b));
+    a.cancel.cancel();
+    b.cancel.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,7 +20,7 @@ pub use validate::parse_str;
 
 /// Where the config is looked for when neither `-c` nor `TOKEND_CONFIG` is given.
 pub const DEFAULT_PATH: &str = "/etc/tokend/config.toml";
-/// The socket `get` and `status` use when the config names none.
+/// The socket `get`, `status` and `refresh` use when the config names none.
 pub const DEFAULT_SOCKET: &str = "/run/tokend/tokend.sock";
 
 #[derive(Debug, Clone, PartialEq)]

@@ -1,5 +1,5 @@
 //! The socket API's wire format (SPEC §4): paths and the JSON bodies, shared by the
-//! server and the `get`/`status` client. A token itself is served in the json output
+//! server and the `get`/`status`/`refresh` client. A token itself is served in the json output
 //! format, [`crate::output::render::TokenJson`], or as plain text.
 
 use std::time::Duration;
@@ -30,6 +30,20 @@ pub fn refresh_path(account: &str) -> String {
     format!("{TOKENS}/{account}/refresh")
 }
 
+/// The query parameter of the refresh `POST`: `force=true` also ends a hold or a
+/// rate-limit wait, for one attempt. Only root or the daemon's own user may ask for it
+/// (else 403, [`code::FORBIDDEN`]).
+pub const FORCE: &str = "force";
+
+/// Parses a `force` value: `true` or `false`, nothing else.
+pub fn parse_force(v: &str) -> Option<bool> {
+    match v {
+        "true" => Some(true),
+        "false" => Some(false),
+        _ => None,
+    }
+}
+
 /// The query parameter of the two token `GET`s: the token must stay valid at least this
 /// long (seconds, or a duration like `5m`); the daemon refreshes first if it would not.
 pub const MIN_VALID: &str = "min_valid";
@@ -52,8 +66,11 @@ pub struct ErrorBody {
 
 /// The `error` values of [`ErrorBody`].
 pub mod code {
-    /// 400: a malformed request (a bad `min_valid`).
+    /// 400: a malformed request (a bad `min_valid` or `force`).
     pub const BAD_REQUEST: &str = "bad_request";
+    /// 403: the caller may read the account but not do what it asked (`force=true`
+    /// takes root or the daemon's own user).
+    pub const FORBIDDEN: &str = "forbidden";
     /// 404: no such endpoint, or no account by that name that the caller may read.
     pub const NOT_FOUND: &str = "not_found";
     /// 405: the endpoint exists, for another method (see `Allow`).
@@ -129,5 +146,14 @@ mod tests {
         assert_eq!(parse_min_valid(""), None);
         assert_eq!(parse_min_valid("-1"), None);
         assert_eq!(parse_min_valid("soon"), None);
+    }
+
+    #[test]
+    fn force_is_true_or_false() {
+        assert_eq!(parse_force("true"), Some(true));
+        assert_eq!(parse_force("false"), Some(false));
+        for bad in ["", "maybe", "1", "TRUE", "yes"] {
+            assert_eq!(parse_force(bad), None, "{bad:?}");
+        }
     }
 }

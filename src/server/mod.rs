@@ -3,8 +3,10 @@
 //!
 //! The server only reads: it holds a `watch::Receiver` of the supervisor's account map
 //! and each account's `watch::Receiver<TokenState>`, and asks for a refresh through
-//! [`AccountView::refresh_now`](crate::account::AccountView::refresh_now). Each
-//! connection is one task; the kernel names its peer (`peer`), `routes` answers.
+//! [`AccountView::refresh_now`](crate::account::AccountView::refresh_now) (or
+//! [`force_refresh`](crate::account::AccountView::force_refresh)). It counts requests in
+//! the [`Metrics`] handed to it, and renders them on `/metrics`. Each connection is one
+//! task; the kernel names its peer (`peer`), `routes` answers.
 //!
 //! Everything is bounded ([`Limits`]): connections (past the limit a connection gets a
 //! 503 and is closed), the request head (8 KiB, hyper's smallest buffer, else 431) and
@@ -38,6 +40,7 @@ use peer::Peer;
 
 use crate::account::Accounts;
 use crate::config::DaemonConfig;
+use crate::metrics::Metrics;
 
 /// The bounds of the server. [`Limits::default`] is what the daemon uses; tests pass
 /// shorter times.
@@ -77,23 +80,26 @@ impl Default for Limits {
 
 /// Serves the socket API on `listener` (non-blocking, as [`bind_unix`] makes it) until
 /// `cancel`; then closes every connection within [`Limits::shutdown_grace`] and returns.
+/// Requests are counted in `metrics`, which `/metrics` renders.
 pub async fn serve(
     listener: std::os::unix::net::UnixListener,
     accounts: watch::Receiver<Accounts>,
+    metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) -> io::Result<()> {
-    serve_with(listener, accounts, cancel, Limits::default()).await
+    serve_with(listener, accounts, metrics, cancel, Limits::default()).await
 }
 
 /// [`serve`] with other limits.
 pub async fn serve_with(
     listener: std::os::unix::net::UnixListener,
     accounts: watch::Receiver<Accounts>,
+    metrics: Arc<Metrics>,
     cancel: CancellationToken,
     limits: Limits,
 ) -> io::Result<()> {
     let listener = UnixListener::from_std(listener)?;
-    run(listener, accounts, cancel, limits).await;
+    run(listener, accounts, metrics, cancel, limits).await;
     Ok(())
 }
 
@@ -103,10 +109,11 @@ pub async fn serve_with(
 pub async fn serve_metrics(
     listener: std::net::TcpListener,
     accounts: watch::Receiver<Accounts>,
+    metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) -> io::Result<()> {
     let listener = TcpListener::from_std(listener)?;
-    run(listener, accounts, cancel, Limits::default()).await;
+    run(listener, accounts, metrics, cancel, Limits::default()).await;
     Ok(())
 }
 
@@ -130,13 +137,18 @@ pub fn bind(daemon: &DaemonConfig) -> anyhow::Result<Listeners> {
 
 impl Listeners {
     /// Starts serving, on a thread of its own with a single-threaded runtime; the
-    /// accounts come from the supervisor's map.
+    /// accounts come from the supervisor's map, the counters from `metrics` (the
+    /// daemon's, shared with its accounts).
     ///
     /// Why a thread of its own: an answer takes microseconds of CPU, so what a request
     /// costs is mostly wake-ups, and one thread that owns its listeners and connections
     /// has the fewest (no hand-offs between worker threads; BENCHMARKS.md). Refreshes
     /// never wait behind the socket, nor the socket behind them.
-    pub fn spawn(self, accounts: watch::Receiver<Accounts>) -> anyhow::Result<Server> {
+    pub fn spawn(
+        self,
+        accounts: watch::Receiver<Accounts>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Server> {
         let cancel = CancellationToken::new();
         let (done_tx, done) = tokio::sync::oneshot::channel();
         let Listeners { unix, tcp } = self;
@@ -161,14 +173,19 @@ impl Listeners {
                 runtime.block_on(async move {
                     let unix = async {
                         if let Some(l) = unix {
-                            if let Err(e) = serve(l, accounts.clone(), stop.clone()).await {
+                            if let Err(e) =
+                                serve(l, accounts.clone(), metrics.clone(), stop.clone()).await
+                            {
                                 tracing::error!("the socket server failed: {e}");
                             }
                         }
                     };
                     let tcp = async {
                         if let Some(l) = tcp {
-                            if let Err(e) = serve_metrics(l, accounts.clone(), stop.clone()).await {
+                            if let Err(e) =
+                                serve_metrics(l, accounts.clone(), metrics.clone(), stop.clone())
+                                    .await
+                            {
                                 tracing::error!("the metrics listener failed: {e}");
                             }
                         }
@@ -275,6 +292,7 @@ impl Listen for TcpListener {
 /// What every connection of a listener shares.
 pub(crate) struct Ctx {
     pub(crate) accounts: watch::Receiver<Accounts>,
+    pub(crate) metrics: Arc<Metrics>,
     pub(crate) limits: Limits,
     http: http1::Builder,
 }
@@ -291,6 +309,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 async fn run<L: Listen>(
     listener: L,
     accounts: watch::Receiver<Accounts>,
+    metrics: Arc<Metrics>,
     cancel: CancellationToken,
     limits: Limits,
 ) {
@@ -303,6 +322,7 @@ async fn run<L: Listen>(
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let ctx = Arc::new(Ctx {
         accounts,
+        metrics,
         limits,
         http,
     });
@@ -336,7 +356,7 @@ async fn run<L: Listen>(
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             L::try_write(&io, BUSY);
-            crate::metrics::global().request(L::NAME, 503);
+            ctx.metrics.request(L::NAME, 503);
             warn(format!(
                 "{} connections open: refusing more until some close",
                 ctx.limits.max_connections

@@ -35,7 +35,8 @@ const POKE_ACK: Duration = Duration::from_secs(1);
 
 pub(super) async fn handle(req: Request<Incoming>, ctx: &Ctx, caller: &Caller) -> Response<Body> {
     let resp = route(req, ctx, caller).await;
-    crate::metrics::global().request(caller.listener(), resp.status().as_u16());
+    ctx.metrics
+        .request(caller.listener(), resp.status().as_u16());
     resp
 }
 
@@ -105,6 +106,24 @@ fn min_valid(query: Option<&str>) -> Result<Option<Duration>, Response<Body>> {
         }
     }
     Ok(None)
+}
+
+/// The `force` query parameter of the refresh `POST`: false when absent.
+#[allow(clippy::result_large_err)]
+fn force(query: Option<&str>) -> Result<bool, Response<Body>> {
+    let Some(q) = query else { return Ok(false) };
+    for (k, v) in url::form_urlencoded::parse(q.as_bytes()) {
+        if k == api::FORCE {
+            return api::parse_force(&v).ok_or_else(|| {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    code::BAD_REQUEST,
+                    format!("force={v:?} is neither true nor false"),
+                )
+            });
+        }
+    }
+    Ok(false)
 }
 
 /// The account `name` if it exists and `peer` may read it.
@@ -368,15 +387,22 @@ fn health(ctx: &Ctx, caller: &Caller) -> Response<Body> {
 /// `GET /metrics`.
 fn metrics(ctx: &Ctx, caller: &Caller) -> Response<Body> {
     let accounts = ctx.accounts.borrow().clone();
-    let text = crate::metrics::global().encode(
+    let text = ctx.metrics.encode(
         accounts.values().filter(|v| visible(caller, v)),
         SystemTime::now(),
     );
     respond(StatusCode::OK, crate::metrics::CONTENT_TYPE, text)
 }
 
-/// `POST /v1/tokens/{account}/refresh`: 202; the account refreshes as soon as its
-/// `min_refresh_interval` allows.
+/// `POST /v1/tokens/{account}/refresh[?force=true]`: 202; the account refreshes as
+/// soon as its `min_refresh_interval` allows, or, forced, at once, ending a hold or a
+/// rate-limit wait for one attempt.
+///
+/// Checked in this order, so that nothing tells a caller more than it may know: the
+/// query (400), the account (404, the same for one the caller may not read), then the
+/// caller's right to force (403). Forcing takes root or the daemon's own user: it
+/// overrides what protects the provider (a hold after refused credentials, its
+/// rate limit), which an account's readers should not be able to do.
 async fn refresh(
     ctx: &Ctx,
     peer: &super::Peer,
@@ -421,11 +447,31 @@ async fn refresh(
             ))
         }
     }
+    let force = match force(parts.uri.query()) {
+        Ok(f) => f,
+        Err(resp) => return resp,
+    };
     let accounts = ctx.accounts.borrow().clone();
     let Some(view) = readable(&accounts, peer, name) else {
         return no_account(name);
     };
-    view.refresh_now();
+    if !force {
+        view.refresh_now();
+    } else if peer.privileged {
+        tracing::info!(account = %name, uid = peer.uid, pid = peer.pid, "forced refresh asked for over the socket");
+        view.force_refresh();
+    } else {
+        return error(
+            StatusCode::FORBIDDEN,
+            code::FORBIDDEN,
+            format!(
+                "force=true takes root or the daemon's own user (uid {}): it ends a hold or \
+                 a rate-limit wait; ask without force, and the account refreshes as soon as \
+                 it may",
+                nix::unistd::geteuid()
+            ),
+        );
+    }
     json(
         StatusCode::ACCEPTED,
         &api::RefreshAccepted {
