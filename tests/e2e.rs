@@ -705,6 +705,35 @@ mode = "{mode}"
             .count()
     }
 
+    /// The lines of each log up to its first invalid_grant (at most 12), and the last
+    /// line of each `once`: what the processes did just before the chain broke.
+    fn lead_up_to_invalid_grant(&self) -> String {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.logs)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        let mut out = String::new();
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let name = f.file_name().unwrap().to_string_lossy().into_owned();
+            if name.starts_with("once-") {
+                // When each `once` got its token (or failed): it may have spent the
+                // refresh token a daemon then sent again.
+                out.push_str(&format!(
+                    "\n--- {name} ends: {}",
+                    lines.last().unwrap_or(&"(nothing yet)")
+                ));
+            }
+            if let Some(at) = lines.iter().position(|l| l.contains("invalid_grant")) {
+                out.push_str(&format!("\n--- {name}, up to its first invalid_grant:\n"));
+                out.push_str(&lines[at.saturating_sub(11)..=at].join("\n"));
+            }
+        }
+        out
+    }
+
     /// What to print when something fails: where the chain broke, if it did, and
     /// the current daemon's last log lines.
     fn diagnosis(&self) -> String {
@@ -720,13 +749,14 @@ mode = "{mode}"
             .rev()
             .collect();
         format!(
-            "\n--- server refused {} token request(s) (HTTP 400); invalid_grant in the logs:\n{}\n--- tail of run-{}.log:\n{}",
+            "\n--- server refused {} token request(s) (HTTP 400); invalid_grant in the logs:\n{}{}\n--- tail of run-{}.log:\n{}",
             self.refusals_at_server(),
             if broken.is_empty() {
                 "(none)".to_owned()
             } else {
                 broken.join("\n")
             },
+            self.lead_up_to_invalid_grant(),
             self.runs,
             tail.join("\n")
         )
@@ -758,7 +788,7 @@ fn refresh_token_chain_survives_reloads_restarts_and_once_beside_the_daemon() {
                 .unwrap()
                 .as_nanos() as u64
         });
-    eprintln!("stress RNG seed {seed} (TOKEND_E2E_SEED={seed} replays the same plan)");
+    eprintln!("stress RNG seed {seed} (TOKEND_E2E_SEED={seed} replays its plan and delays)");
     let mut rng = Rng(seed);
 
     // 3-second tokens, refreshed every second: the chain rotates about once a second.
