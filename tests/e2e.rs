@@ -2,6 +2,10 @@
 //! `scripts/oauth-server`, which installs it on first use): `tokend once` and
 //! `tokend run` with client_credentials (Basic and post) and the password grant, and
 //! each issued token checked as active by the server's own introspection endpoint.
+//! The server revokes a refresh token's whole family when a used one comes back (as
+//! Okta and Auth0 do), so the refresh_token tests fail on any refresh token sent twice;
+//! the stress test holds tokend to SPEC §6's "refresh-token chains are never lost"
+//! through reloads, restarts and `tokend once` beside the daemon.
 
 use std::collections::{BTreeMap, HashSet};
 use std::os::unix::fs::MetadataExt as _;
