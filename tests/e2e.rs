@@ -2,6 +2,10 @@
 //! `scripts/oauth-server`, which installs it on first use): `tokend once` and
 //! `tokend run` with client_credentials (Basic and post) and the password grant, and
 //! each issued token checked as active by the server's own introspection endpoint.
+//! The server revokes a refresh token's whole family when a used one comes back (as
+//! Okta and Auth0 do), so the refresh_token tests fail on any refresh token sent twice;
+//! the stress test holds tokend to SPEC §6's "refresh-token chains are never lost"
+//! through reloads, restarts and `tokend once` beside the daemon.
 
 use std::collections::{BTreeMap, HashSet};
 use std::os::unix::fs::MetadataExt as _;
@@ -275,33 +279,81 @@ fn run_keeps_tokens_fresh_through_five_rotations() {
     assert!(server.tokens().is_some(), "SIGTERM keeps the token files");
 }
 
+/// A token request by pw-client (HTTP Basic) with these form fields, with curl: the
+/// token endpoint's JSON answer, a token or an OAuth error.
+fn pw_client_token_request(server: &Server, form: &[(&str, &str)]) -> serde_json::Value {
+    let mut curl = Command::new("curl");
+    curl.args(["-sS", "-u", "pw-client:pw-secret"]);
+    for (k, v) in form {
+        curl.arg("--data-urlencode").arg(format!("{k}={v}"));
+    }
+    let out = curl.arg(server.url()).output().expect("curl runs");
+    serde_json::from_slice(&out.stdout).expect("the token endpoint answers JSON")
+}
+
+/// Alice's tokens through the password grant: the JSON answer.
+fn password_grant(server: &Server) -> serde_json::Value {
+    pw_client_token_request(
+        server,
+        &[
+            ("grant_type", "password"),
+            ("username", "alice"),
+            ("password", "alice-password"),
+            ("scope", "full"),
+        ],
+    )
+}
+
+/// Uses a refresh token once: the JSON answer.
+fn refresh(server: &Server, refresh_token: &str) -> serde_json::Value {
+    pw_client_token_request(
+        server,
+        &[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh_token),
+        ],
+    )
+}
+
 /// Gets a refresh token for alice through the password grant, with curl.
 fn password_grant_refresh_token(server: &Server) -> String {
-    let out = Command::new("curl")
-        .args([
-            "-sS",
-            "-u",
-            "pw-client:pw-secret",
-            "-d",
-            "grant_type=password",
-        ])
-        .args([
-            "-d",
-            "username=alice",
-            "-d",
-            "password=alice-password",
-            "-d",
-            "scope=full",
-        ])
-        .arg(server.url())
-        .output()
-        .expect("curl runs");
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).expect("the token endpoint answers JSON");
-    v["refresh_token"]
+    password_grant(server)["refresh_token"]
         .as_str()
         .expect("a refresh token")
         .to_owned()
+}
+
+#[test]
+fn server_revokes_the_whole_family_when_a_refresh_token_is_reused() {
+    // What Okta and Auth0 do, and what makes every other refresh_token test here
+    // strict: one refresh token sent twice, and the chain is gone.
+    let server = Server::start(60);
+    let seed = password_grant_refresh_token(&server);
+
+    let first = refresh(&server, &seed);
+    let rotated = first["refresh_token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the first use of a refresh token works: {}", first["error"]));
+    let access = first["access_token"].as_str().expect("an access token");
+    assert_ne!(rotated, seed, "the refresh token rotated");
+    assert!(server.is_active(access));
+
+    let again = refresh(&server, &seed);
+    assert_eq!(
+        again["error"], "invalid_grant",
+        "a used refresh token is refused"
+    );
+    assert!(again.get("access_token").is_none());
+
+    assert!(
+        !server.is_active(access),
+        "reuse revoked the access token of the first use"
+    );
+    let successor = refresh(&server, rotated);
+    assert_eq!(
+        successor["error"], "invalid_grant",
+        "reuse revoked the rotated refresh token too: the whole family is gone"
+    );
 }
 
 #[test]
@@ -382,4 +434,540 @@ path = "out/rt"
     assert!(second
         .iter()
         .all(|t| !first.contains(t) || t == first.last().unwrap()));
+}
+
+/// A small seeded PRNG (SplitMix64): the stress test's disturbances are random but
+/// reproducible from the seed it prints.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `lo..=hi` milliseconds.
+    fn millis(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(lo + self.next() % (hi - lo + 1))
+    }
+
+    fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            v.swap(i, (self.next() % (i as u64 + 1)) as usize);
+        }
+    }
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped, also when a test panics.
+struct Killed(std::process::Child);
+
+impl Killed {
+    fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.0.id() as i32)
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(self.pid(), signal).unwrap();
+    }
+
+    /// Waits (polling) for the process to exit, at most `timeout`.
+    fn wait_for_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Polls `f` every 50 ms until it gives a value, at most `timeout`.
+fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The stress test's world: a refresh_token account run by `tokend run` (restarted
+/// now and then), `tokend once` runs beside it, and every process's log in `logs/`.
+struct Stress<'a> {
+    server: &'a Server,
+    config: PathBuf,
+    logs: PathBuf,
+    daemon: Option<Killed>,
+    /// How many daemons have been started (names their logs).
+    runs: usize,
+    onces: Vec<(PathBuf, Killed)>,
+    start: Instant,
+}
+
+/// The output's `mode` and the account's `timeout`: what config edits change.
+#[derive(Clone, Copy)]
+struct Tunables {
+    mode: &'static str,
+    timeout: &'static str,
+}
+
+impl<'a> Stress<'a> {
+    fn write_config(&self, t: Tunables) {
+        let text = format!(
+            r#"
+[daemon]
+state_dir = "state"
+socket = "tokend.sock"
+log_format = "text"
+[[account]]
+name = "rt"
+token_url = "{url}"
+grant_type = "refresh_token"
+client_id = "pw-client"
+client_secret = {{ file = "pw-secret" }}
+refresh_token = {{ file = "rt" }}
+refresh_every = "1s"
+min_refresh_interval = "1s"
+timeout = "{timeout}"
+[[account.output]]
+path = "out/rt"
+mode = "{mode}"
+"#,
+            url = self.server.url(),
+            timeout = t.timeout,
+            mode = t.mode,
+        );
+        // Atomically, as an editor that renames would: the daemon never reads half a file.
+        let tmp = self.config.with_extension("toml.new");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        std::fs::rename(&tmp, &self.config).unwrap();
+    }
+
+    fn note(&self, what: &str) {
+        eprintln!("[{:>6.2}s] {what}", self.start.elapsed().as_secs_f64());
+    }
+
+    fn daemon_log(&self) -> PathBuf {
+        self.logs.join(format!("run-{}.log", self.runs))
+    }
+
+    fn output(&self) -> Option<String> {
+        std::fs::read_to_string(self.server.path("out/rt"))
+            .ok()
+            .filter(|t| !t.is_empty())
+    }
+
+    /// Starts `tokend run` and waits until it answers on its socket (its signal
+    /// handlers are installed before that).
+    fn start_daemon(&mut self) {
+        assert!(self.daemon.is_none());
+        self.runs += 1;
+        let log = std::fs::File::create(self.daemon_log()).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_tokend"))
+            .args(["run", "-c"])
+            .arg(&self.config)
+            .env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.daemon = Some(Killed(child));
+        let socket = self.server.path("tokend.sock");
+        let up = poll(Duration::from_secs(15), || {
+            if let Some(status) = self.daemon.as_mut().unwrap().0.try_wait().unwrap() {
+                panic!(
+                    "tokend run #{} exited at start ({status}){}",
+                    self.runs,
+                    self.diagnosis()
+                );
+            }
+            std::os::unix::net::UnixStream::connect(&socket).ok()
+        });
+        assert!(
+            up.is_some(),
+            "tokend run #{} did not answer on its socket within 15 s{}",
+            self.runs,
+            self.diagnosis()
+        );
+        self.note(&format!("tokend run #{} is up", self.runs));
+    }
+
+    /// Stops the daemon with `signal` and waits for it; a SIGTERM must end it cleanly.
+    fn stop_daemon(&mut self, signal: nix::sys::signal::Signal) {
+        let mut daemon = self.daemon.take().expect("a daemon runs");
+        daemon.signal(signal);
+        // SIGTERM may wait up to 10 s for a refresh_token request already sent.
+        let status = daemon.wait_for_exit(Duration::from_secs(15));
+        let status = status.unwrap_or_else(|| {
+            panic!(
+                "tokend run #{} still runs 15 s after {signal}{}",
+                self.runs,
+                self.diagnosis()
+            )
+        });
+        if signal == nix::sys::signal::Signal::SIGTERM {
+            assert!(
+                status.success(),
+                "tokend run #{} exited with {status} on SIGTERM{}",
+                self.runs,
+                self.diagnosis()
+            );
+        }
+        self.note(&format!("tokend run #{} stopped by {signal}", self.runs));
+    }
+
+    fn reloads_logged(&self) -> usize {
+        std::fs::read_to_string(self.daemon_log())
+            .unwrap_or_default()
+            .matches("config reloaded")
+            .count()
+    }
+
+    /// SIGHUP, then waits until the daemon logged one more finished reload (a reload
+    /// may wait for a refresh_token request in flight).
+    fn reload(&mut self, what: &str) {
+        let before = self.reloads_logged();
+        self.daemon
+            .as_ref()
+            .unwrap()
+            .signal(nix::sys::signal::Signal::SIGHUP);
+        let done = poll(Duration::from_secs(15), || {
+            (self.reloads_logged() > before).then_some(())
+        });
+        assert!(
+            done.is_some(),
+            "tokend run #{} logged no \"config reloaded\" within 15 s of SIGHUP ({what}){}",
+            self.runs,
+            self.diagnosis()
+        );
+        self.note(&format!("reloaded ({what})"));
+    }
+
+    /// Starts a `tokend once` beside whatever runs now; it is checked at the end.
+    fn spawn_once(&mut self) {
+        let log_path = self.logs.join(format!("once-{}.log", self.onces.len() + 1));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_tokend"))
+            .args(["once", "-c"])
+            .arg(&self.config)
+            .env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.onces.push((log_path, Killed(child)));
+        self.note(&format!("tokend once #{} started", self.onces.len()));
+    }
+
+    /// Every log line (daemons, onces) that names `needle`, with its file.
+    fn grep_logs(&self, needle: &str) -> Vec<String> {
+        let mut found = Vec::new();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.logs)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap_or_default();
+            let name = f.file_name().unwrap().to_string_lossy().into_owned();
+            for line in text.lines().filter(|l| l.contains(needle)) {
+                found.push(format!("{name}: {line}"));
+            }
+        }
+        found
+    }
+
+    /// Token requests the server refused (400: invalid_grant and the like), from its
+    /// access log.
+    fn refusals_at_server(&self) -> usize {
+        std::fs::read_to_string(self.server.path("srv/server.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"POST /o/token/ HTTP/1.1\" 400 "))
+            .count()
+    }
+
+    /// The lines of each log up to its first invalid_grant (at most 12), and the last
+    /// line of each `once`: what the processes did just before the chain broke.
+    fn lead_up_to_invalid_grant(&self) -> String {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.logs)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        let mut out = String::new();
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let name = f.file_name().unwrap().to_string_lossy().into_owned();
+            if name.starts_with("once-") {
+                // When each `once` got its token (or failed): it may have spent the
+                // refresh token a daemon then sent again.
+                out.push_str(&format!(
+                    "\n--- {name} ends: {}",
+                    lines.last().unwrap_or(&"(nothing yet)")
+                ));
+            }
+            if let Some(at) = lines.iter().position(|l| l.contains("invalid_grant")) {
+                out.push_str(&format!("\n--- {name}, up to its first invalid_grant:\n"));
+                out.push_str(&lines[at.saturating_sub(11)..=at].join("\n"));
+            }
+        }
+        out
+    }
+
+    /// What to print when something fails: where the chain broke, if it did, and
+    /// the current daemon's last log lines.
+    fn diagnosis(&self) -> String {
+        let broken = self.grep_logs("invalid_grant");
+        let tail: Vec<String> = std::fs::read_to_string(self.daemon_log())
+            .unwrap_or_default()
+            .lines()
+            .rev()
+            .take(15)
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        format!(
+            "\n--- server refused {} token request(s) (HTTP 400); invalid_grant in the logs:\n{}{}\n--- tail of run-{}.log:\n{}",
+            self.refusals_at_server(),
+            if broken.is_empty() {
+                "(none)".to_owned()
+            } else {
+                broken.join("\n")
+            },
+            self.lead_up_to_invalid_grant(),
+            self.runs,
+            tail.join("\n")
+        )
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Disturbance {
+    /// SIGHUP; with an edit of the output's mode or the account's timeout first.
+    Reload {
+        edit: bool,
+    },
+    Restart(nix::sys::signal::Signal),
+}
+
+#[test]
+fn refresh_token_chain_survives_reloads_restarts_and_once_beside_the_daemon() {
+    // SPEC §6: "Refresh-token chains are never lost." The server revokes the whole
+    // token family when a refresh token is presented twice (Okta's and Auth0's reuse
+    // detection), so a refresh token that tokend sends twice, from `run` and `once` at
+    // once, or again after a reload or restart abandoned a request the server had
+    // already answered, ends the chain for good: invalid_grant from then on.
+    let seed: u64 = std::env::var("TOKEND_E2E_SEED")
+        .ok()
+        .map(|s| s.parse().expect("TOKEND_E2E_SEED is a u64"))
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("stress RNG seed {seed} (TOKEND_E2E_SEED={seed} replays its plan and delays)");
+    let mut rng = Rng(seed);
+
+    // 3-second tokens, refreshed every second: the chain rotates about once a second.
+    let server = Server::start(3);
+    let seed_token = password_grant_refresh_token(&server);
+    server.write("rt", &seed_token);
+    server.write("pw-secret", "pw-secret\n");
+    std::fs::create_dir(server.path("logs")).unwrap();
+    let mut st = Stress {
+        server: &server,
+        config: server.path("config.toml"),
+        logs: server.path("logs"),
+        daemon: None,
+        runs: 0,
+        onces: Vec::new(),
+        start: Instant::now(),
+    };
+    let mut tunables = Tunables {
+        mode: "0600",
+        timeout: "10s",
+    };
+    st.write_config(tunables);
+
+    // The plan: 20 reloads (every other one after a config edit) and 5 restarts (2 of
+    // them SIGKILL) in a random order, and 6 `once` runs started at random points.
+    use nix::sys::signal::Signal::{SIGKILL, SIGTERM};
+    let mut plan: Vec<Disturbance> = (0..20)
+        .map(|i| Disturbance::Reload { edit: i % 2 == 1 })
+        .chain([SIGTERM, SIGTERM, SIGTERM, SIGKILL, SIGKILL].map(Disturbance::Restart))
+        .collect();
+    rng.shuffle(&mut plan);
+    let mut slots: Vec<usize> = (0..plan.len()).collect();
+    rng.shuffle(&mut slots);
+    let once_slots: HashSet<usize> = slots[..6].iter().copied().collect();
+    eprintln!("plan: {plan:?}; `tokend once` before disturbances {once_slots:?}");
+
+    st.start_daemon();
+    let first = poll(Duration::from_secs(15), || st.output());
+    assert!(
+        first.is_some(),
+        "no token from the seed refresh token within 15 s{}",
+        st.diagnosis()
+    );
+    let mut edits = 0;
+    for (i, disturbance) in plan.iter().enumerate() {
+        if once_slots.contains(&i) {
+            std::thread::sleep(rng.millis(0, 500));
+            st.spawn_once();
+        }
+        std::thread::sleep(rng.millis(50, 700));
+        match *disturbance {
+            Disturbance::Reload { edit: false } => st.reload("SIGHUP"),
+            Disturbance::Reload { edit: true } => {
+                edits += 1;
+                let what = if edits % 2 == 1 {
+                    tunables.mode = if tunables.mode == "0600" {
+                        "0640"
+                    } else {
+                        "0600"
+                    };
+                    format!("output mode now {}", tunables.mode)
+                } else {
+                    tunables.timeout = if tunables.timeout == "10s" {
+                        "20s"
+                    } else {
+                        "10s"
+                    };
+                    format!("timeout now {}", tunables.timeout)
+                };
+                st.write_config(tunables);
+                st.reload(&what);
+            }
+            Disturbance::Restart(SIGKILL) => {
+                // A killed process cannot keep the answer to a request the server has
+                // already honoured, and with reuse detection no client survives that;
+                // it is not what this test is about. So SIGKILL lands just after a
+                // refresh was published (its refresh token saved before that), while
+                // min_refresh_interval (1 s) keeps the next request from starting.
+                let now = st.output();
+                let fresh = poll(Duration::from_secs(15), || {
+                    st.output().filter(|t| Some(t) != now.as_ref())
+                });
+                assert!(
+                    fresh.is_some(),
+                    "no new access token within 15 s (before SIGKILL #{i}): the chain is broken or stalled{}",
+                    st.diagnosis()
+                );
+                std::thread::sleep(rng.millis(0, 300));
+                st.stop_daemon(SIGKILL);
+                st.start_daemon();
+            }
+            Disturbance::Restart(signal) => {
+                st.stop_daemon(signal);
+                st.start_daemon();
+            }
+        }
+    }
+    st.note("disturbances done; waiting for the `tokend once` runs");
+
+    let mut onces = std::mem::take(&mut st.onces);
+    for (n, (log, child)) in onces.iter_mut().enumerate() {
+        let status = child.wait_for_exit(Duration::from_secs(30));
+        let text = std::fs::read_to_string(&*log).unwrap_or_default();
+        let status = status.unwrap_or_else(|| {
+            panic!(
+                "tokend once #{} still runs after 30 s:\n{text}{}",
+                n + 1,
+                st.diagnosis()
+            )
+        });
+        assert!(
+            status.success(),
+            "tokend once #{} failed ({status}):\n{text}{}",
+            n + 1,
+            st.diagnosis()
+        );
+    }
+
+    // The daemon still gets fresh tokens: a new one appears, and the server holds it
+    // active (a token seen just before the next rotation may already be revoked: look
+    // again then).
+    let last = st.output();
+    let mut seen_after = Vec::new();
+    let fresh = poll(Duration::from_secs(15), || {
+        let t = st.output().filter(|t| Some(t) != last.as_ref())?;
+        if !seen_after.contains(&t) {
+            seen_after.push(t.clone());
+        }
+        server.is_active(&t).then_some(t)
+    });
+    assert!(
+        fresh.is_some(),
+        "after the stress no new access token the server holds active appeared within 15 s ({} new one(s) seen){}",
+        seen_after.len(),
+        st.diagnosis()
+    );
+    st.note("a new access token appeared after the stress and is active");
+    assert_eq!(
+        mode(&server.path("out/rt")),
+        u32::from_str_radix(tunables.mode, 8).unwrap(),
+        "the output has the mode of the last config"
+    );
+
+    st.stop_daemon(SIGTERM);
+    let broken = st.grep_logs("invalid_grant");
+    assert!(
+        broken.is_empty(),
+        "the chain broke: a refresh token was used twice{}",
+        st.diagnosis()
+    );
+    assert_eq!(
+        st.refusals_at_server(),
+        0,
+        "the server refused token requests{}",
+        st.diagnosis()
+    );
+    // What the last daemon saved is the live end of the chain.
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(server.path("state/rt.json")).unwrap())
+            .unwrap();
+    let saved = state["refresh_token"]
+        .as_str()
+        .expect("the rotated refresh token is saved in state_dir");
+    let answer = refresh(&server, saved);
+    assert!(
+        answer["access_token"].is_string(),
+        "the refresh token saved at the end is the live one: {}",
+        answer["error"]
+    );
+    // No token in any log.
+    let leaked: Vec<String> = [seed_token.as_str(), saved]
+        .into_iter()
+        .chain(seen_after.iter().map(String::as_str))
+        .flat_map(|t| st.grep_logs(t))
+        .collect();
+    assert!(leaked.is_empty(), "tokens in the logs: {leaked:?}");
+    st.note("chain intact");
 }
