@@ -424,7 +424,7 @@ path = "out/rt"
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(server.path("state/rt.json")).unwrap())
             .unwrap();
-    let rotated = state["refresh_token"]
+    let rotated = state["chain"]["refresh_token"]
         .as_str()
         .expect("a rotated refresh token is saved");
     assert_ne!(rotated, seed, "the saved refresh token is the rotated one");
@@ -953,7 +953,7 @@ fn refresh_token_chain_survives_reloads_restarts_and_once_beside_the_daemon() {
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(server.path("state/rt.json")).unwrap())
             .unwrap();
-    let saved = state["refresh_token"]
+    let saved = state["chain"]["refresh_token"]
         .as_str()
         .expect("the rotated refresh token is saved in state_dir");
     let answer = refresh(&server, saved);
