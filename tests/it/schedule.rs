@@ -272,3 +272,30 @@ async fn a_refresh_due_during_a_suspend_happens_on_resume() {
     );
     run.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_account_whose_task_panics_is_restarted_with_backoff_and_serves_again() {
+    let r = Running::start("", Step::Token(HOUR), [Step::Panic]);
+    let failing = r
+        .wait_state("the task's death published", |s| {
+            s.last_error.as_deref().is_some_and(|e| e.contains("restarting"))
+        })
+        .await;
+    assert_eq!(failing.status, Status::Failing);
+    assert!(
+        failing.last_error.unwrap().contains("scripted panic"),
+        "the cause is told"
+    );
+    let fresh = r
+        .wait_state("a token from the restarted task", |s| s.status == Status::Fresh)
+        .await;
+    assert!(fresh.token.is_some());
+    let calls = r.endpoint.calls();
+    assert_eq!(calls.len(), 2, "one request that died, one that served");
+    assert!(
+        calls[1] - calls[0] >= secs(1),
+        "restarted with backoff, not in a hot loop: {:?}",
+        calls[1] - calls[0]
+    );
+    r.stop().await;
+}

@@ -37,6 +37,8 @@ pub enum Step {
     InvalidClient,
     /// Never answers.
     Hang,
+    /// Panics (a bug in whatever handles a request): the account's task dies.
+    Panic,
 }
 
 struct Script {
@@ -130,6 +132,7 @@ impl Endpoint for Scripted {
                 retry_after: None,
             }),
             Step::Hang => std::future::pending().await,
+            Step::Panic => panic!("scripted panic in the token request"),
         }
     }
 }
