@@ -61,7 +61,11 @@ pub fn check(config: &Config) -> Result<(), Failure> {
         for (key, spec) in a.secrets() {
             report(match spec.read() {
                 Ok(_) => Ok(format!("{}: {key} readable ({})", a.name, spec.describe())),
-                Err(e) => Err(format!("{}: {key}: {e}", a.name)),
+                Err(e) => Err(format!(
+                    "{}: {key}: {}",
+                    a.name,
+                    crate::oauth::error_chain(&e)
+                )),
             });
         }
         if let Some(ca) = &a.ca_file {

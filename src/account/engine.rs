@@ -165,7 +165,7 @@ impl Drop for Rotation<'_> {
 
 /// How `once` found the account.
 pub enum Opened<E> {
-    Ready(Engine<E>),
+    Ready(Box<Engine<E>>),
     /// Another tokend holds the account's lock; what it said about itself.
     Busy {
         holder: String,
@@ -251,9 +251,9 @@ impl<E: Endpoint> Engine<E> {
                 Locked::Busy { holder } => return Ok(Opened::Busy { holder }),
             }
         }
-        Ok(Opened::Ready(
+        Ok(Opened::Ready(Box::new(
             Self::start(account, endpoint, shared, Mirror::default(), lock).await,
-        ))
+        )))
     }
 
     async fn start(
@@ -496,7 +496,7 @@ impl<E: Endpoint> Engine<E> {
         let now = self.now();
         let policy = self.account.schedule;
         let kind = match class {
-            ErrorClass::Local => return self.local(e.to_string(), None, false),
+            ErrorClass::Local => return self.local(crate::oauth::error_chain(e), None, false),
             ErrorClass::Transient => {
                 self.saved.failures += 1;
                 WaitKind::Backoff
@@ -523,11 +523,12 @@ impl<E: Endpoint> Engine<E> {
         );
         self.saved.record_wait(kind, now + retry_in, &self.account);
         self.save_quietly().await;
+        let message = crate::oauth::error_chain(e);
         let message = match (self.rotates(), class) {
             (true, ErrorClass::Rejected) => {
-                format!("{e}; the refresh token was refused: configure a new refresh_token")
+                format!("{message}; the refresh token was refused: configure a new refresh_token")
             }
-            _ => e.to_string(),
+            _ => message,
         };
         Failed {
             class,

@@ -468,7 +468,7 @@ pub fn try_lock(dir: &Path, name: &str, role: &str) -> std::io::Result<Locked> {
             // Who holds it, for messages only; a failure to write it changes nothing.
             let _ = lock
                 .set_len(0)
-                .and_then(|()| write!(&*lock, "pid {} {role}\n", std::process::id()));
+                .and_then(|()| writeln!(&*lock, "pid {} {role}", std::process::id()));
             Ok(Locked::Acquired(AccountLock { _lock: lock }))
         }
         Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {

@@ -304,7 +304,6 @@ mod tests {
         assert_eq!(
             classify(&Error::Secret {
                 what: "client secret",
-                source_desc: "file /x".into(),
                 source: crate::config::SecretError::Env("X".into()),
             }),
             ErrorClass::Local

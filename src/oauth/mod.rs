@@ -17,10 +17,11 @@ use crate::config::SecretError;
 /// `error_description`.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("failed to read the {what} from {source_desc}: {source}")]
+    /// The cause names the source (file, variable, credential) and the OS error; show
+    /// it with [`error_chain`].
+    #[error("failed to read the {what}")]
     Secret {
         what: &'static str,
-        source_desc: String,
         #[source]
         source: SecretError,
     },
@@ -86,3 +87,19 @@ pub trait Endpoint: Send + Sync + 'static {
 }
 
 pub use request::HttpEndpoint;
+
+/// An error and its causes, "a: b: c", each cause once (some errors repeat their
+/// source's message in their own). What logs, status and `once` show.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let msg = c.to_string();
+        if !s.contains(&msg) {
+            s.push_str(": ");
+            s.push_str(&msg);
+        }
+        cur = c.source();
+    }
+    s
+}

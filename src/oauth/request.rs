@@ -10,7 +10,7 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT, AUTHORIZATION,
 use url::form_urlencoded;
 
 use super::response::{self, Token};
-use super::{Endpoint, Error};
+use super::{error_chain, Endpoint, Error};
 use crate::clock::Clock;
 use crate::config::{Account, BasicEncoding, ClientAuth, Grant, ParamsIn, Secret, SecretSpec};
 
@@ -29,11 +29,7 @@ impl Credentials {
     /// Reads every secret of `account` now.
     pub fn read(account: &Account) -> Result<Self, Error> {
         let read = |what: &'static str, spec: &SecretSpec| {
-            spec.read().map_err(|source| Error::Secret {
-                what,
-                source_desc: spec.describe(),
-                source,
-            })
+            spec.read().map_err(|source| Error::Secret { what, source })
         };
         let mut c = Credentials::default();
         if let Some(s) = &account.client_secret {
@@ -285,21 +281,6 @@ impl Endpoint for HttpEndpoint {
     }
 }
 
-/// "a: b: c" from an error and its sources (reqwest's Display alone says only the outer).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let msg = c.to_string();
-        if !s.contains(&msg) {
-            s.push_str(": ");
-            s.push_str(&msg);
-        }
-        cur = c.source();
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -429,6 +410,17 @@ mod tests {
             "{dbg}"
         );
         assert_eq!(redacted_url(&req.url), "https://idp.example/t");
+    }
+
+    #[test]
+    fn an_unreadable_secret_names_its_file_and_the_os_error_once() {
+        let a = account("client_secret = { file = \"/nonexistent/tokend-secret\" }");
+        let e = Credentials::read(&a).unwrap_err();
+        assert_eq!(
+            error_chain(&e),
+            "failed to read the client secret: failed to read secret file \
+             /nonexistent/tokend-secret: No such file or directory (os error 2)"
+        );
     }
 
     #[test]

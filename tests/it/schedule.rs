@@ -278,7 +278,9 @@ async fn an_account_whose_task_panics_is_restarted_with_backoff_and_serves_again
     let r = Running::start("", Step::Token(HOUR), [Step::Panic]);
     let failing = r
         .wait_state("the task's death published", |s| {
-            s.last_error.as_deref().is_some_and(|e| e.contains("restarting"))
+            s.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("restarting"))
         })
         .await;
     assert_eq!(failing.status, Status::Failing);
@@ -287,7 +289,9 @@ async fn an_account_whose_task_panics_is_restarted_with_backoff_and_serves_again
         "the cause is told"
     );
     let fresh = r
-        .wait_state("a token from the restarted task", |s| s.status == Status::Fresh)
+        .wait_state("a token from the restarted task", |s| {
+            s.status == Status::Fresh
+        })
         .await;
     assert!(fresh.token.is_some());
     let calls = r.endpoint.calls();
