@@ -414,7 +414,14 @@ pub fn retire_unknown(dir: &Path, keep: &[&str]) {
         };
         if keep.contains(&name) {
             atomic::clean_stale(&e.path());
-        } else if let Err(err) = retire(dir, name) {
+            continue;
+        }
+        // Another tokend (with another config on this state_dir) may run it right now.
+        let _held = match try_lock(dir, name, "run") {
+            Ok(Locked::Acquired(l)) => l,
+            Ok(Locked::Busy { .. }) | Err(_) => continue,
+        };
+        if let Err(err) = retire(dir, name) {
             tracing::error!(account = %name, "failed to retire the state of an account no longer configured: {err}");
         }
     }
@@ -568,7 +575,15 @@ mod tests {
         s.record(&a, &token(SystemTime::now(), 3600));
         save(dir.path(), "a", &s).unwrap();
         save(dir.path(), "gone", &s).unwrap();
+        save(dir.path(), "busy", &s).unwrap();
+        let Locked::Acquired(_busy) = try_lock(dir.path(), "busy", "run").unwrap() else {
+            panic!("a free lock");
+        };
         retire_unknown(dir.path(), &["a"]);
+        assert!(
+            dir.path().join("busy.json").exists(),
+            "another tokend runs it: left alone"
+        );
         assert!(dir.path().join("a.json").exists());
         assert!(!dir.path().join("gone.json").exists());
         assert!(
