@@ -137,8 +137,14 @@ fn rate_limited_siblings_wait(limit: Reply, at_least: Duration) {
         sb.read("out/a").and(sb.read("out/b"))
     });
     idp.push(limit);
-    let n = idp.requests().len();
-    let limited = idp.wait_requests(n + 1, LONG)[n].at;
+    // The request that got the 429 (counting requests would race a rotation that
+    // starts between the push and the count).
+    let limited = d.wait_until("the 429 to go out", LONG, || {
+        idp.requests()
+            .into_iter()
+            .find(|r| r.status == 429)
+            .map(|r| r.at)
+    });
     // A sibling's request already on its way when the 429 went out does not count:
     // look at the first one that started well after.
     let after = d.wait_until("a request after the limit", LONG, || {
