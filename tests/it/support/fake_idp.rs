@@ -341,7 +341,9 @@ impl FakeIdp {
     pub fn current_refresh_token(&self, seed: &str) -> Option<String> {
         let state = self.shared.lock();
         let family = state.families.iter().find(|f| f.tokens[0] == seed)?;
-        (!family.revoked).then(|| family.tokens.last().cloned()).flatten()
+        (!family.revoked)
+            .then(|| family.tokens.last().cloned())
+            .flatten()
     }
 
     /// Whether `seed`'s family was revoked (a used refresh token came back).
@@ -540,8 +542,7 @@ async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
 /// The status and bytes of `reply` (`None` for [`Reply::Hang`]); a token is recorded
 /// as issued here, before it is sent.
 fn render(state: &mut State, reply: Reply, refresh: Option<String>) -> Option<(u16, Vec<u8>)> {
-    let rate_limited =
-        r#"{"errorCode":"E0000047","errorSummary":"API call exceeded rate limit"}"#;
+    let rate_limited = r#"{"errorCode":"E0000047","errorSummary":"API call exceeded rate limit"}"#;
     let (status, headers, body): (u16, Vec<(&str, String)>, String) = match reply {
         Reply::Hang => return None,
         Reply::Slow(_, inner) => return render(state, *inner, refresh),
