@@ -137,8 +137,14 @@ fn rate_limited_siblings_wait(limit: Reply, at_least: Duration) {
         sb.read("out/a").and(sb.read("out/b"))
     });
     idp.push(limit);
-    let n = idp.requests().len();
-    let limited = idp.wait_requests(n + 1, LONG)[n].at;
+    // The request that got the 429 (counting requests would race a rotation that
+    // starts between the push and the count).
+    let limited = d.wait_until("the 429 to go out", LONG, || {
+        idp.requests()
+            .into_iter()
+            .find(|r| r.status == 429)
+            .map(|r| r.at)
+    });
     // A sibling's request already on its way when the 429 went out does not count:
     // look at the first one that started well after.
     let after = d.wait_until("a request after the limit", LONG, || {
@@ -270,17 +276,32 @@ fn kill_9_during_writes_leaves_outputs_and_state_whole() {
     // A last clean run removes whatever temporary files the kills left; stopped cleanly,
     // it leaves none of its own (a rotation may be writing while it runs).
     let d = Daemon::start(&cfg);
-    d.wait_until("a token", SHORT, || sb.read("out/a"));
+    // Wait on this daemon's own state, not on files the killed rounds left behind (an
+    // `out/a` from round 49 is there before this process even parsed its config, and a
+    // SIGTERM before its handlers exist kills it with the default action). "tokend
+    // started" is logged by this process after its signal streams exist; then its
+    // account task must have cleaned the stale temporary files away.
+    d.wait_for_log("tokend started", 1, SHORT);
+    d.wait_until("the new daemon's clean-up and a whole token", SHORT, || {
+        let raw = sb.read("out/a").filter(|t| idp.is_issued(t))?;
+        (tmp_files(&sb).is_empty()).then_some(raw)
+    });
     let (status, _, log) = d.terminate();
     assert!(status.success(), "{log}");
-    let leftovers: Vec<_> = std::fs::read_dir(sb.path("out"))
-        .unwrap()
-        .chain(std::fs::read_dir(sb.path("state")).unwrap())
+    let leftovers = tmp_files(&sb);
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// The temporary files (`*.tokend-tmp`) in `out/` and `state/`.
+fn tmp_files(sb: &Sandbox) -> Vec<String> {
+    ["out", "state"]
+        .iter()
+        .filter_map(|d| std::fs::read_dir(sb.path(d)).ok())
+        .flatten()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.ends_with(".tokend-tmp"))
-        .collect();
-    assert!(leftovers.is_empty(), "{leftovers:?}");
+        .collect()
 }
 
 #[test]

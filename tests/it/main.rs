@@ -10,10 +10,14 @@
 //! - `lifecycle`: reload, rate limits shared per provider, refused credentials held,
 //!   restarts from the state directory, kill -9 during writes, hooks.
 //! - `service`: sd_notify and journald, against sockets standing in for systemd's.
+//! - `faults`: SPEC §6's failure classes reproduced for real: refusals and their holds,
+//!   refresh-token chains against a provider that revokes reused ones, a full disk, a
+//!   chown without privilege, absurd expiries and rate limits, refused reloads.
 //!
 //! Helpers live in `support/`.
 
 mod daemon;
+mod faults;
 mod lifecycle;
 mod once;
 mod schedule;

@@ -6,6 +6,11 @@
 //! binary can use it, and it stops (closing every connection, hanging ones too) when
 //! dropped. One request per connection (`Connection: close`): simpler, and a client
 //! never holds a pooled connection to an endpoint that a test has stopped.
+//!
+//! Besides the scripted replies it can play two provider behaviours that fault tests
+//! need: slow answers ([`Reply::Slow`], for "a request in flight" tests), and refresh
+//! token families as Okta and Auth0 keep them ([`FakeIdp::seed_refresh_token`]): every
+//! refresh token is good once, and one presented a second time revokes its whole family.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -32,6 +37,9 @@ pub enum Expiry {
     Missing,
     /// No `expires_in`; the token is a JWT whose `exp` is this many seconds from now.
     Jwt(u64),
+    /// No `expires_in`; the token is a JWT whose `exp` is this absolute JSON number
+    /// (`1e20`: an absurd one, far past year 9999).
+    JwtExp(f64),
 }
 
 /// One scripted answer.
@@ -49,11 +57,29 @@ pub enum Reply {
     InvalidGrant,
     /// 401 `{"error":"invalid_client"}` with `WWW-Authenticate: Basic`.
     InvalidClient,
+    /// 403 with an empty body, as Glewlwyd answers a wrong password.
+    Forbidden,
+    /// 403 `{"error":"access_denied"}`, as Auth0 answers.
+    AccessDenied,
+    /// 400 `{"error":"invalid_scope"}`.
+    InvalidScope,
+    /// 429 with `Retry-After: <this text>` (an HTTP date, e.g. [`YEAR_9999`]).
+    RetryAfterDate(String),
+    /// `reply`, with Okta's rate-limit headers (`X-Rate-Limit-Limit`, `-Remaining`,
+    /// `-Reset` this many seconds ahead) added, as Okta sends them on every answer.
+    WithOktaReset(u64, Box<Reply>),
     /// 200 with a body that is not JSON.
     Malformed,
     /// Never answers; the connection stays open until the IdP stops.
     Hang,
+    /// Waits this long, then answers `reply`. What the answer holds (a token, a rotated
+    /// refresh token) is decided and recorded when the request arrives, as a provider
+    /// does: a client that gives up waiting loses what the answer carried.
+    Slow(Duration, Box<Reply>),
 }
+
+/// An HTTP date in year 9999, for absurd `Retry-After` values.
+pub const YEAR_9999: &str = "Fri, 31 Dec 9999 23:59:59 GMT";
 
 impl Reply {
     /// A 200 with a 48-character token and `"expires_in": secs`.
@@ -70,6 +96,16 @@ impl Reply {
             len: 48..49,
         }
     }
+
+    /// `reply`, answered after `delay`.
+    pub fn slow(delay: Duration, reply: Reply) -> Reply {
+        Reply::Slow(delay, Box::new(reply))
+    }
+
+    /// `reply` with Okta's `X-Rate-Limit-Reset` this many seconds ahead.
+    pub fn with_okta_reset(secs: u64, reply: Reply) -> Reply {
+        Reply::WithOktaReset(secs, Box::new(reply))
+    }
 }
 
 /// One request as the IdP received it.
@@ -82,6 +118,8 @@ pub struct Request {
     pub headers: Vec<(String, String)>,
     pub body: String,
     pub at: Instant,
+    /// The status the IdP answered (decided on arrival; 0 for [`Reply::Hang`]).
+    pub status: u16,
 }
 
 impl Request {
@@ -105,6 +143,23 @@ impl Request {
     /// The fields of the query string.
     pub fn query(&self) -> BTreeMap<String, String> {
         pairs(self.target.split_once('?').map_or("", |(_, q)| q))
+    }
+
+    /// The `grant_type` field, from the body or the query.
+    pub fn grant_type(&self) -> Option<String> {
+        self.form()
+            .remove("grant_type")
+            .or_else(|| self.query().remove("grant_type"))
+    }
+
+    /// The refresh token presented with the refresh_token grant (body or query).
+    pub fn refresh_token(&self) -> Option<String> {
+        if self.grant_type().as_deref() != Some("refresh_token") {
+            return None;
+        }
+        self.form()
+            .remove("refresh_token")
+            .or_else(|| self.query().remove("refresh_token"))
     }
 
     /// `id:secret` from an `Authorization: Basic` header.
@@ -134,6 +189,53 @@ struct State {
     issued_set: HashSet<String>,
     /// Refresh tokens handed out with tokens for the refresh_token grant (rotation).
     refresh_issued: Vec<String>,
+    /// Refresh-token families; empty until a seed is given, and then every refresh
+    /// token must belong to one.
+    families: Vec<Family>,
+}
+
+/// One chain of refresh tokens, seed first; the last one is the only good one.
+struct Family {
+    tokens: Vec<String>,
+    /// Set when a used refresh token came back: every token of the family is dead.
+    revoked: bool,
+}
+
+/// What the families say about a presented refresh token.
+enum Verdict {
+    /// The current token of family `i`.
+    Current(usize),
+    /// Unknown, from a revoked family, or reused (which revokes the family first).
+    Rejected,
+}
+
+impl State {
+    fn next_reply(&mut self) -> Reply {
+        match self.queue.pop_front() {
+            Some(r) => r,
+            None => self.default.clone(),
+        }
+    }
+
+    fn judge(&mut self, rt: &str) -> Verdict {
+        let Some(i) = self
+            .families
+            .iter()
+            .position(|f| f.tokens.iter().any(|t| t == rt))
+        else {
+            return Verdict::Rejected;
+        };
+        let family = &mut self.families[i];
+        if family.revoked {
+            return Verdict::Rejected;
+        }
+        if family.tokens.last().map(String::as_str) != Some(rt) {
+            // Reuse: an attacker may hold the chain; the provider kills all of it.
+            family.revoked = true;
+            return Verdict::Rejected;
+        }
+        Verdict::Current(i)
+    }
 }
 
 struct Shared {
@@ -178,6 +280,7 @@ impl FakeIdp {
                 issued: Vec::new(),
                 issued_set: HashSet::new(),
                 refresh_issued: Vec::new(),
+                families: Vec::new(),
             }),
             changed: Condvar::new(),
         });
@@ -214,6 +317,65 @@ impl FakeIdp {
     /// The token endpoint's URL.
     pub fn url(&self) -> String {
         format!("http://{}/oauth2/token", self.addr)
+    }
+
+    /// Answers `reply` when the queue is empty, from now on.
+    pub fn set_default(&self, reply: Reply) {
+        self.shared.lock().default = reply;
+    }
+
+    /// Starts a refresh-token family with `seed` (Okta, Auth0): from now on the
+    /// refresh_token grant is judged against the families. The current token of a live
+    /// family gets the scripted reply, and a token answer rotates it (the answer's new
+    /// refresh token becomes the current one). Any other refresh token gets 400
+    /// `invalid_grant` without consuming a scripted reply; a used one presented again
+    /// also revokes its family, so the current one stops working too.
+    pub fn seed_refresh_token(&self, seed: &str) {
+        self.shared.lock().families.push(Family {
+            tokens: vec![seed.to_owned()],
+            revoked: false,
+        });
+    }
+
+    /// The current (good) refresh token of `seed`'s family; `None` once it is revoked.
+    pub fn current_refresh_token(&self, seed: &str) -> Option<String> {
+        let state = self.shared.lock();
+        let family = state.families.iter().find(|f| f.tokens[0] == seed)?;
+        (!family.revoked)
+            .then(|| family.tokens.last().cloned())
+            .flatten()
+    }
+
+    /// Whether `seed`'s family was revoked (a used refresh token came back).
+    pub fn family_revoked(&self, seed: &str) -> bool {
+        self.shared
+            .lock()
+            .families
+            .iter()
+            .any(|f| f.tokens[0] == seed && f.revoked)
+    }
+
+    /// The refresh tokens presented with the refresh_token grant, in order.
+    pub fn refresh_tokens_presented(&self) -> Vec<String> {
+        self.shared
+            .lock()
+            .requests
+            .iter()
+            .filter_map(Request::refresh_token)
+            .collect()
+    }
+
+    /// The refresh tokens presented more than once (each named once, in order of their
+    /// second use): what a chain that is never lost never shows.
+    pub fn reused_refresh_tokens(&self) -> Vec<String> {
+        let mut seen = HashSet::new();
+        let mut reused = Vec::new();
+        for rt in self.refresh_tokens_presented() {
+            if !seen.insert(rt.clone()) && !reused.contains(&rt) {
+                reused.push(rt);
+            }
+        }
+        reused
     }
 
     /// Queues `reply` for a coming request.
@@ -333,70 +495,120 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 
 /// Reads one request, records it, and answers with the next scripted reply.
 async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
-    let Some(req) = read_request(&mut stream).await else {
+    let Some(mut req) = read_request(&mut stream).await else {
         return;
     };
     // The refresh_token grant gets a rotated refresh token with every token.
-    let rotates = req
-        .form()
-        .get("grant_type")
-        .or(req.query().get("grant_type"))
-        == Some(&"refresh_token".to_owned());
-    let reply = {
+    let presented = req.refresh_token();
+    let rotates = req.grant_type().as_deref() == Some("refresh_token");
+    let (delay, answer) = {
         let mut state = shared.lock();
-        state.requests.push(req);
-        let reply = match state.queue.pop_front() {
-            Some(r) => r,
-            None => state.default.clone(),
+        let verdict = match presented.as_deref() {
+            Some(rt) if !state.families.is_empty() => Some(state.judge(rt)),
+            _ => None,
         };
+        // A rejected refresh token consumes no scripted reply.
+        let (family, mut reply) = match verdict {
+            Some(Verdict::Rejected) => (None, Reply::InvalidGrant),
+            Some(Verdict::Current(i)) => (Some(i), state.next_reply()),
+            None => (None, state.next_reply()),
+        };
+        let mut delay = Duration::ZERO;
+        while let Reply::Slow(d, inner) = reply {
+            delay += d;
+            reply = *inner;
+        }
+        let refresh = (rotates && matches!(reply, Reply::Token { .. })).then(|| {
+            let n = state.refresh_issued.len() + 1;
+            format!("rrt-{n}-{}", random_chars(16))
+        });
+        if let (Some(i), Some(rt)) = (family, &refresh) {
+            state.families[i].tokens.push(rt.clone());
+        }
+        let answer = render(&mut state, reply, refresh);
+        req.status = answer.as_ref().map_or(0, |a| a.0);
+        state.requests.push(req);
         shared.changed.notify_all();
-        reply
+        (delay, answer)
     };
-    let response = match reply {
-        Reply::Hang => return std::future::pending().await,
+    tokio::time::sleep(delay).await;
+    let Some((_, bytes)) = answer else {
+        return std::future::pending().await;
+    };
+    let _ = stream.write_all(&bytes).await;
+    let _ = stream.shutdown().await;
+}
+
+/// The status and bytes of `reply` (`None` for [`Reply::Hang`]); a token is recorded
+/// as issued here, before it is sent.
+fn render(state: &mut State, reply: Reply, refresh: Option<String>) -> Option<(u16, Vec<u8>)> {
+    let rate_limited = r#"{"errorCode":"E0000047","errorSummary":"API call exceeded rate limit"}"#;
+    let (status, headers, body): (u16, Vec<(&str, String)>, String) = match reply {
+        Reply::Hang => return None,
+        Reply::Slow(_, inner) => return render(state, *inner, refresh),
+        Reply::WithOktaReset(secs, inner) => {
+            let (status, bytes) = render(state, *inner, refresh)?;
+            return Some((status, with_okta_headers(bytes, secs)));
+        }
         Reply::Token { expiry, len } => {
-            let mut state = shared.lock();
             let n = state.issued.len() + 1;
-            let refresh = rotates.then(|| format!("rrt-{n}-{}", random_chars(16)));
             let (token, body) = token_body(n, &expiry, len, refresh.clone());
             state.issued.push(token.clone());
             state.refresh_issued.extend(refresh);
             state.issued_set.insert(token);
-            shared.changed.notify_all();
-            response(200, &[], &body)
+            (200, vec![], body)
         }
-        Reply::Status(status) => response(status, &[], "<html><body>oops</body></html>"),
-        Reply::RetryAfter(secs) => response(
+        Reply::Status(status) => (status, vec![], "<html><body>oops</body></html>".into()),
+        Reply::RetryAfter(secs) => (
             429,
-            &[("Retry-After", secs.to_string())],
-            r#"{"errorCode":"E0000047","errorSummary":"API call exceeded rate limit"}"#,
+            vec![("Retry-After", secs.to_string())],
+            rate_limited.into(),
         ),
+        Reply::RetryAfterDate(date) => (429, vec![("Retry-After", date)], rate_limited.into()),
         Reply::OktaReset(secs) => {
-            let reset = epoch_secs() + secs;
-            response(
+            return Some((
                 429,
-                &[
-                    ("X-Rate-Limit-Limit", "600".into()),
-                    ("X-Rate-Limit-Remaining", "0".into()),
-                    ("X-Rate-Limit-Reset", reset.to_string()),
-                ],
-                r#"{"errorCode":"E0000047","errorSummary":"API call exceeded rate limit"}"#,
-            )
+                with_okta_headers(response(429, &[], rate_limited), secs),
+            ))
         }
-        Reply::InvalidGrant => response(
+        Reply::InvalidGrant => (
             400,
-            &[],
-            r#"{"error":"invalid_grant","error_description":"The credentials provided were invalid."}"#,
+            vec![],
+            r#"{"error":"invalid_grant","error_description":"The credentials provided were invalid."}"#.into(),
         ),
-        Reply::InvalidClient => response(
+        Reply::InvalidClient => (
             401,
-            &[("WWW-Authenticate", "Basic realm=\"test\"".into())],
-            r#"{"error":"invalid_client","error_description":"Client authentication failed."}"#,
+            vec![("WWW-Authenticate", "Basic realm=\"test\"".into())],
+            r#"{"error":"invalid_client","error_description":"Client authentication failed."}"#.into(),
         ),
-        Reply::Malformed => response(200, &[], r#"{"access_token": "tok-trunc"#),
+        Reply::Forbidden => (403, vec![], String::new()),
+        Reply::AccessDenied => (
+            403,
+            vec![],
+            r#"{"error":"access_denied","error_description":"Unauthorized"}"#.into(),
+        ),
+        Reply::InvalidScope => (
+            400,
+            vec![],
+            r#"{"error":"invalid_scope","error_description":"The authorization server resource does not have any configured default scopes."}"#.into(),
+        ),
+        Reply::Malformed => (200, vec![], r#"{"access_token": "tok-trunc"#.into()),
     };
-    let _ = stream.write_all(&response).await;
-    let _ = stream.shutdown().await;
+    Some((status, response(status, &headers, &body)))
+}
+
+/// `response` with Okta's rate-limit headers added after the status line.
+fn with_okta_headers(response: Vec<u8>, reset_in: u64) -> Vec<u8> {
+    let text = String::from_utf8(response).expect("the fake IdP answers UTF-8");
+    let (status_line, rest) = text
+        .split_once("\r\n")
+        .expect("a response has a status line");
+    let remaining = if status_line.contains(" 429 ") { 0 } else { 42 };
+    format!(
+        "{status_line}\r\nX-Rate-Limit-Limit: 600\r\nX-Rate-Limit-Remaining: {remaining}\r\nX-Rate-Limit-Reset: {}\r\n{rest}",
+        epoch_secs() + reset_in
+    )
+    .into_bytes()
 }
 
 /// The request line, headers and `Content-Length` body; `None` when the client went away
@@ -456,6 +668,7 @@ async fn read_request(stream: &mut TcpStream) -> Option<Request> {
         body: String::from_utf8(body).ok()?,
         headers,
         at,
+        status: 0,
     })
 }
 
@@ -464,6 +677,7 @@ fn response(status: u16, headers: &[(&str, String)], body: &str) -> Vec<u8> {
         200 => "OK",
         400 => "Bad Request",
         401 => "Unauthorized",
+        403 => "Forbidden",
         413 => "Payload Too Large",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
@@ -506,10 +720,14 @@ fn token_body(
 ) -> (String, String) {
     let mut fields = serde_json::Map::new();
     let token = match expiry {
-        Expiry::Jwt(secs) => {
+        Expiry::Jwt(_) | Expiry::JwtExp(_) => {
             let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
-            let claims =
-                serde_json::json!({ "sub": "tokend-test", "jti": n, "exp": epoch_secs() + secs });
+            let exp: serde_json::Value = match expiry {
+                Expiry::Jwt(secs) => (epoch_secs() + secs).into(),
+                Expiry::JwtExp(exp) => (*exp).into(),
+                _ => unreachable!("matched above"),
+            };
+            let claims = serde_json::json!({ "sub": "tokend-test", "jti": n, "exp": exp });
             format!(
                 "{}.{}.c2lnbmF0dXJl",
                 b64(r#"{"alg":"RS256","typ":"JWT"}"#),
@@ -531,7 +749,7 @@ fn token_body(
         Expiry::InString(secs) => {
             fields.insert("expires_in".into(), secs.to_string().into());
         }
-        Expiry::Missing | Expiry::Jwt(_) => {}
+        Expiry::Missing | Expiry::Jwt(_) | Expiry::JwtExp(_) => {}
     }
     if let Some(r) = refresh {
         fields.insert("refresh_token".into(), r.into());

@@ -23,7 +23,19 @@ const POLL: Duration = Duration::from_millis(5);
 
 /// The binary under test.
 pub fn tokend() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tokend"));
+    clean_env(Command::new(env!("CARGO_BIN_EXE_tokend")))
+}
+
+/// The binary under test, started through `wrapper` (e.g. `setpriv --reuid=65534 ...`),
+/// which runs the program named by its last argument.
+pub fn tokend_via(wrapper: &[&str]) -> Command {
+    let (program, args) = wrapper.split_first().expect("a wrapper program");
+    let mut cmd = Command::new(program);
+    cmd.args(args).arg(env!("CARGO_BIN_EXE_tokend"));
+    clean_env(cmd)
+}
+
+fn clean_env(mut cmd: Command) -> Command {
     // What the tests do not set must not come from the environment of `cargo test`.
     for var in [
         "RUST_LOG",
@@ -121,6 +133,7 @@ pub fn read(path: &Path) -> Option<String> {
 /// What a finished `tokend` command did.
 pub struct Finished {
     pub status: ExitStatus,
+    pub stdout: String,
     pub stderr: String,
 }
 
@@ -140,20 +153,70 @@ pub fn once(config: &Path, args: &[&str]) -> Finished {
 /// Runs `cmd` to its end, for at most `timeout` (killed if it takes longer).
 pub fn finish(mut cmd: Command, timeout: Duration) -> Finished {
     let child = cmd
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start tokend");
     let mut child = KillOnDrop(child);
+    let stdout = child.0.stdout.take().expect("stdout is piped");
     let stderr = child.0.stderr.take().expect("stderr is piped");
+    let out_reader =
+        std::thread::spawn(move || std::io::read_to_string(stdout).unwrap_or_default());
     let reader = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
     let status = wait_until("tokend to exit", timeout, || {
         child.0.try_wait().expect("wait for tokend")
     });
     Finished {
         status,
+        stdout: out_reader.join().expect("the stdout reader does not panic"),
         stderr: reader.join().expect("the stderr reader does not panic"),
     }
+}
+
+/// `tokend status --json --socket SOCKET`: the account list, `None` while the daemon
+/// does not answer (not up yet, or gone).
+pub fn status_json(socket: &Path) -> Option<serde_json::Value> {
+    let mut cmd = tokend();
+    cmd.arg("status").arg("--json").arg("--socket").arg(socket);
+    let out = finish(cmd, SHORT);
+    if out.code() != Some(0) {
+        return None;
+    }
+    Some(serde_json::from_str(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "tokend status --json printed no JSON ({e}): {:?}",
+            out.stdout
+        )
+    }))
+}
+
+/// One account's entry of [`status_json`].
+pub fn account_status(socket: &Path, account: &str) -> Option<serde_json::Value> {
+    status_json(socket)?["accounts"]
+        .as_array()?
+        .iter()
+        .find(|a| a["account"] == account)
+        .cloned()
+}
+
+/// `GET path` on the daemon's socket, by hand (HTTP/1.0-style: the answer ends when
+/// the connection closes): the status code and the body, `None` if it does not answer.
+pub fn socket_get(socket: &Path, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut conn = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    conn.set_read_timeout(Some(SHORT)).ok()?;
+    conn.set_write_timeout(Some(SHORT)).ok()?;
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: tokend\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut answer = Vec::new();
+    conn.read_to_end(&mut answer).ok()?;
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let (head, body) = answer.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
 }
 
 /// A child process that does not outlive a failed test.
@@ -193,6 +256,12 @@ impl Daemon {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        Self::spawn(cmd)
+    }
+
+    /// Starts `cmd` (the binary under test with its arguments, perhaps through a
+    /// wrapper that execs it: [`tokend_via`]) as the daemon.
+    pub fn spawn(mut cmd: Command) -> Daemon {
         let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
