@@ -102,6 +102,12 @@ fn secs(t: SystemTime) -> u64 {
         .as_secs()
 }
 
+/// Unix seconds, rounded up: a wait read back is never shorter than planned.
+fn secs_ceil(t: SystemTime) -> u64 {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
 fn time(s: u64) -> SystemTime {
     // Anything a state file says fits: far-future values become about year 2200.
     SystemTime::UNIX_EPOCH + Duration::from_secs(s.min(7_258_118_400))
@@ -204,7 +210,7 @@ impl Saved {
     pub fn record_wait(&mut self, kind: WaitKind, until: SystemTime, account: &Account) {
         self.generation += 1;
         self.wait = Some(Wait {
-            until: secs(until),
+            until: secs_ceil(until),
             kind,
         });
         self.hold_key = (kind == WaitKind::Hold).then(|| CredentialsDigest::of(account));
