@@ -28,7 +28,7 @@ pub enum Command {
     Run(ConfigArg),
     /// Validate the config, and check that every secret is readable and every output
     /// directory writable
-    Check(ConfigArg),
+    Check(CheckArgs),
     /// Fetch tokens once, write every output, and exit: 0 only if all succeeded
     /// (init containers, cron-free one-shots)
     Once(OnceArgs),
@@ -47,6 +47,16 @@ pub struct ConfigArg {
     /// The config file
     #[arg(short = 'c', long = "config", env = "TOKEND_CONFIG", default_value = DEFAULT_PATH, value_name = "PATH")]
     pub config: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Read `{ credential = "NAME" }` secrets from DIR/NAME, as the unit's
+    /// LoadCredential= would provide them (default: $CREDENTIALS_DIRECTORY)
+    #[arg(long, value_name = "DIR")]
+    pub credentials_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

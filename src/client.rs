@@ -179,10 +179,18 @@ pub fn resolve_socket(socket: Option<&Path>, config: Option<&Path>) -> Result<Pa
             )))
         }
     };
-    let table: toml::Table = text.parse().map_err(|e| {
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        // Not `{e}`: toml's Display quotes the offending line, which may hold a secret.
+        let at = e.span().map_or(0, |s| s.start);
+        let line = text.as_bytes()[..at.min(text.len())]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count()
+            + 1;
         Failure::Usage(anyhow::anyhow!(
-            "failed to parse {} for [daemon] socket: {e} (or pass --socket)",
-            path.display()
+            "failed to parse {} for [daemon] socket: line {line}: {} (run `tokend check`, or pass --socket)",
+            path.display(),
+            e.message()
         ))
     })?;
     let socket = table

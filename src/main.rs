@@ -44,7 +44,13 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 .block_on(tokend::daemon::run(config, Default::default()))
                 .map_err(Failure::Runtime)
         }
-        Command::Check(args) => commands::check(&config::load(&args.config)?),
+        Command::Check(args) => {
+            if let Some(dir) = &args.credentials_dir {
+                // Before any thread exists: nothing else reads the environment yet.
+                std::env::set_var("CREDENTIALS_DIRECTORY", dir);
+            }
+            commands::check(&config::load(&args.config.config)?)
+        }
         Command::Once(args) => {
             let config = load(&args.config.config)?;
             runtime()?.block_on(commands::once(&config, &args.accounts, args.min_valid))

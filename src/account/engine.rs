@@ -474,7 +474,7 @@ impl<E: Endpoint> Engine<E> {
         self.undelivered = None;
         self.local_failures = 0;
         if run_hooks {
-            hooks::run(&self.account).await;
+            hooks::run(&self.account, token.expires_at).await;
         }
         Attempt::Fresh(token)
     }
@@ -580,13 +580,13 @@ impl<E: Endpoint> Engine<E> {
 
 /// Writes every output of `account` with `token`, then runs its hooks if `hooks`.
 pub async fn deliver(account: &Arc<Account>, token: Arc<Token>, hooks: bool) -> Result<(), String> {
-    let a = account.clone();
-    tokio::task::spawn_blocking(move || output::write_all(&a, &token))
+    let (a, t) = (account.clone(), token.clone());
+    tokio::task::spawn_blocking(move || output::write_all(&a, &t))
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(e)))
         .map_err(|e| e.to_string())?;
     if hooks {
-        hooks::run(account).await;
+        hooks::run(account, token.expires_at).await;
     }
     Ok(())
 }

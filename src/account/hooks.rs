@@ -2,17 +2,26 @@
 //! named by a pid file). Both run after every output of the account is written, from the
 //! account's own task, so never two at once for one account; both are bounded in time.
 //! A failure is logged and not retried: the next rotation runs the hook again.
+//!
+//! A hook runs with an empty environment but `PATH`, `LANG`, `TOKEND_ACCOUNT` and
+//! `TOKEND_EXPIRES_AT` (SPEC §6): tokend's own environment may hold secrets (`{ env =
+//! ... }`), `CREDENTIALS_DIRECTORY` and `NOTIFY_SOCKET`, none of which a hook may see.
 
 use std::process::Stdio;
+use std::time::SystemTime;
 
 use nix::sys::signal::kill;
 use nix::unistd::Pid;
 
 use crate::config::Account;
 
-pub async fn run(account: &Account) {
+/// The search path a hook gets when tokend has none.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Runs the hooks of `account` for a token that expires at `expires_at`.
+pub async fn run(account: &Account, expires_at: SystemTime) {
     if let Some(argv) = &account.on_refresh {
-        run_command(account, argv).await;
+        run_command(account, argv, expires_at).await;
     }
     if let Some(sig) = &account.on_refresh_signal {
         let result = std::fs::read_to_string(&sig.pid_file)
@@ -39,11 +48,20 @@ pub async fn run(account: &Account) {
     }
 }
 
-async fn run_command(account: &Account, argv: &[String]) {
+async fn run_command(account: &Account, argv: &[String], expires_at: SystemTime) {
     let mut cmd = tokio::process::Command::new(&argv[0]);
     cmd.args(&argv[1..])
+        .env_clear()
+        .env(
+            "PATH",
+            std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into()),
+        )
         .env("TOKEND_ACCOUNT", &account.name)
-        .stdin(Stdio::null())
+        .env("TOKEND_EXPIRES_AT", crate::clock::rfc3339(expires_at));
+    if let Some(lang) = std::env::var_os("LANG") {
+        cmd.env("LANG", lang);
+    }
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .kill_on_drop(true);
     let mut child = match cmd.spawn() {

@@ -96,6 +96,18 @@ pub struct SavedToken {
     scope: Option<String>,
 }
 
+impl Drop for SavedToken {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.access_token);
+    }
+}
+
+impl Drop for Chain {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.refresh_token);
+    }
+}
+
 fn secs(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()
@@ -341,7 +353,7 @@ pub fn load(dir: &Path, name: &str) -> Option<Saved> {
         }
     }
     let bytes = match std::fs::read(&file) {
-        Ok(b) => b,
+        Ok(b) => zeroize::Zeroizing::new(b),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
         Err(e) => {
             tracing::error!(account = %name, "failed to read {}: {e}", file.display());
@@ -383,7 +395,7 @@ pub fn load(dir: &Path, name: &str) -> Option<Saved> {
 /// Saves an account's state atomically and durably (fsynced file and directory), 0600.
 pub fn save(dir: &Path, name: &str, saved: &Saved) -> std::io::Result<()> {
     ensure_dir(dir)?;
-    let json = serde_json::to_vec(saved).expect("state always serializes");
+    let json = zeroize::Zeroizing::new(serde_json::to_vec(saved).expect("state always serializes"));
     atomic::write(&path(dir, name), &json, 0o600, None, None).map_err(|e| {
         std::io::Error::new(
             e.kind(),

@@ -2,8 +2,9 @@
 //! into the typed [`Config`] below). Every error carries file, line, column and key, and
 //! all of them are reported at once.
 //!
-//! Nothing here does I/O beyond reading the file and checking its mode; secrets are read
-//! later, through [`SecretSpec::read`], when a request needs them.
+//! Nothing here does I/O beyond reading the file and checking its mode and the
+//! `state_dir`'s owner and mode; secrets are read later, through [`SecretSpec::read`],
+//! when a request needs them.
 
 mod raw;
 mod secret;
@@ -274,8 +275,8 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     };
     let text = std::fs::read_to_string(path)
         .map_err(|e| located(format!("failed to read the config file: {e}")))?;
-    let config = parse_str(&text, path)?;
-    validate::check_inline_secret_mode(&config, &text, path)?;
+    let (config, located) = validate::parse(&text, path)?;
+    validate::check_files(&config, located, path)?;
     Ok(config)
 }
 

@@ -31,6 +31,7 @@ pub(crate) struct RawDaemon {
 pub(crate) struct RawAccount {
     pub name: Option<S<String>>,
     pub token_url: Option<S<String>>,
+    pub allow_http: Option<S<bool>>,
     pub grant_type: Option<S<String>>,
     pub client_id: Option<S<String>>,
     pub client_secret: Option<S<toml::Value>>,

@@ -10,9 +10,24 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 /// A secret value. `Debug` and `Display` print `<redacted>`; the value is reachable only
-/// through [`Secret::expose`], which makes every use visible in review.
+/// through [`Secret::expose`], which makes every use visible in review. Its memory is
+/// zeroed when it is dropped.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Secret(String);
+
+impl zeroize::Zeroize for Secret {
+    fn zeroize(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(self);
+    }
+}
+
+impl zeroize::ZeroizeOnDrop for Secret {}
 
 impl Secret {
     pub fn new(value: impl Into<String>) -> Self {
@@ -77,7 +92,7 @@ pub enum SecretError {
     },
     #[error("environment variable {0} is not set or not valid UTF-8")]
     Env(String),
-    #[error("credential {name} needs $CREDENTIALS_DIRECTORY (systemd LoadCredential=), which is not set")]
+    #[error("credential {name} needs $CREDENTIALS_DIRECTORY (systemd LoadCredential=), which is not set; outside the unit, `tokend check --credentials-dir DIR` reads credentials from DIR")]
     NoCredentialsDirectory { name: String },
     #[error("secret from {0} is empty")]
     Empty(String),
@@ -150,9 +165,9 @@ impl SecretSpec {
         let value = match self {
             SecretSpec::Inline(s) => return Ok(s.clone()),
             SecretSpec::File(path) => read_file(path)?,
-            SecretSpec::Env(var) => {
-                std::env::var(var).map_err(|_| SecretError::Env(var.clone()))?
-            }
+            SecretSpec::Env(var) => zeroize::Zeroizing::new(
+                std::env::var(var).map_err(|_| SecretError::Env(var.clone()))?,
+            ),
             SecretSpec::Credential(name) => {
                 let dir = credentials_dir()
                     .ok_or_else(|| SecretError::NoCredentialsDirectory { name: name.clone() })?;
@@ -174,12 +189,16 @@ fn credentials_dir() -> Option<PathBuf> {
     std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from)
 }
 
-fn read_file(path: &Path) -> Result<String, SecretError> {
-    let bytes = std::fs::read(path).map_err(|source| SecretError::File {
-        path: path.to_owned(),
-        source,
-    })?;
-    String::from_utf8(bytes).map_err(|_| SecretError::NotUtf8(format!("file {}", path.display())))
+fn read_file(path: &Path) -> Result<zeroize::Zeroizing<String>, SecretError> {
+    let bytes =
+        zeroize::Zeroizing::new(std::fs::read(path).map_err(|source| SecretError::File {
+            path: path.to_owned(),
+            source,
+        })?);
+    match std::str::from_utf8(&bytes) {
+        Ok(s) => Ok(zeroize::Zeroizing::new(s.to_owned())),
+        Err(_) => Err(SecretError::NotUtf8(format!("file {}", path.display()))),
+    }
 }
 
 #[cfg(test)]
@@ -193,6 +212,20 @@ mod tests {
         assert_eq!(format!("{s}"), "<redacted>");
         let spec = SecretSpec::Inline(s);
         assert!(!format!("{spec:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn secrets_are_zeroed() {
+        fn zeroed_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+        zeroed_on_drop::<Secret>();
+        let mut s = Secret::new("hunter2");
+        let ptr = s.0.as_ptr();
+        let len = s.0.len();
+        zeroize::Zeroize::zeroize(&mut s);
+        // The same allocation, still owned by `s`: its bytes are zero now.
+        let bytes = unsafe { std::slice::from_raw_parts(ptr, len) };
+        assert!(bytes.iter().all(|b| *b == 0), "{bytes:?}");
+        assert_eq!(s.expose(), "");
     }
 
     #[test]

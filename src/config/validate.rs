@@ -19,31 +19,82 @@ pub fn parse_str(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
     parse(text, path).map(|(config, _)| config)
 }
 
-/// Refuses a config that holds an inline secret and that group or others can read.
-pub(super) fn check_inline_secret_mode(
-    _config: &Config,
-    text: &str,
+/// Where the keys that the file checks of [`check_files`] report on are.
+pub(super) struct Located {
+    /// Every inline credential (SPEC §2).
+    inline_secrets: Vec<ConfigError>,
+    /// `daemon.state_dir`, if set.
+    state_dir: Option<ConfigError>,
+}
+
+/// The checks that look at files: a config that holds an inline secret must not be
+/// readable by group or others, and a `state_dir` must be owned by this user and not
+/// writable by group or others (like sshd's StrictModes: tokend serves what it reads
+/// from there). Errors name the file, line and key.
+pub(super) fn check_files(
+    config: &Config,
+    located: Located,
     path: &Path,
 ) -> Result<(), ConfigErrors> {
-    let (_, inline) = parse(text, path)?;
-    let Some(first) = inline.into_iter().next() else {
-        return Ok(());
+    let mut errors = Vec::new();
+    if let Some(first) = located.inline_secrets.into_iter().next() {
+        match std::fs::metadata(path) {
+            Err(e) => errors.push(ConfigError {
+                message: format!("failed to stat the config file: {e}"),
+                ..first
+            }),
+            Ok(meta) if meta.mode() & 0o077 != 0 => errors.push(ConfigError {
+                message: format!(
+                    "an inline secret in a config file that group or others can read (mode {:04o}); \
+                     chmod 600 the file or use {{ file = ... }}, {{ env = ... }} or {{ credential = ... }}",
+                    meta.mode() & 0o777
+                ),
+                ..first
+            }),
+            Ok(_) => {}
+        }
+    }
+    if let (Some(dir), Some(at)) = (&config.daemon.state_dir, located.state_dir) {
+        if let Err(message) = state_dir_is_safe(dir) {
+            errors.push(ConfigError { message, ..at });
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// Whether `dir` may hold tokend's state: missing (tokend creates it, 0700), or a
+/// directory owned by this process's user that group and others cannot write.
+pub(crate) fn state_dir_is_safe(dir: &Path) -> Result<(), String> {
+    let meta = match std::fs::metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("failed to stat {}: {e}", dir.display())),
     };
-    let meta = std::fs::metadata(path).map_err(|e| {
-        ConfigErrors(vec![ConfigError {
-            message: format!("failed to stat the config file: {e}"),
-            ..first.clone()
-        }])
-    })?;
-    let mode = meta.mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(ConfigErrors(vec![ConfigError {
-            message: format!(
-                "an inline secret in a config file that group or others can read (mode {mode:04o}); \
-                 chmod 600 the file or use {{ file = ... }}, {{ env = ... }} or {{ credential = ... }}"
-            ),
-            ..first
-        }]));
+    let me = nix::unistd::geteuid().as_raw();
+    let fix = format!(
+        "tokend serves the tokens it reads from there: `chown {me} {0}` and `chmod 0700 {0}`",
+        dir.display()
+    );
+    if !meta.is_dir() {
+        return Err(format!("{} is not a directory", dir.display()));
+    }
+    if meta.uid() != me {
+        return Err(format!(
+            "{} is owned by uid {}, not by tokend's user (uid {me}); {fix}",
+            dir.display(),
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "{} is writable by group or others (mode {:04o}); {fix}",
+            dir.display(),
+            meta.mode() & 0o777
+        ));
     }
     Ok(())
 }
@@ -181,8 +232,7 @@ impl Ctx<'_> {
         match parsed {
             Ok(spec) => {
                 if spec.is_inline() {
-                    let e = self.locate(v.span(), key.to_owned(), String::new());
-                    self.inline_secrets.push(e);
+                    self.inline_secret(v.span(), key.to_owned());
                 }
                 Some(spec)
             }
@@ -191,6 +241,13 @@ impl Ctx<'_> {
                 None
             }
         }
+    }
+
+    /// Notes an inline credential at `span` (SPEC §2: it makes a config readable by group
+    /// or others an error).
+    fn inline_secret(&mut self, span: std::ops::Range<usize>, key: String) {
+        let e = self.locate(span, key, String::new());
+        self.inline_secrets.push(e);
     }
 
     fn user(&mut self, v: &S<toml::Value>, key: &str) -> Option<u32> {
@@ -246,6 +303,16 @@ impl Ctx<'_> {
     }
 }
 
+/// Whether `url` points at this machine: `localhost` or a loopback address.
+fn is_loopback(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
 /// 1-based line and column (in characters) of a byte offset.
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
@@ -255,7 +322,7 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, before[line_start..].chars().count() + 1)
 }
 
-pub(super) fn parse(text: &str, file: &Path) -> Result<(Config, Vec<ConfigError>), ConfigErrors> {
+pub(super) fn parse(text: &str, file: &Path) -> Result<(Config, Located), ConfigErrors> {
     let base = file
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -308,7 +375,12 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<(Config, Vec<ConfigError>
         }
     }
 
-    let daemon = daemon(&mut cx, daemon_raw.unwrap_or_default());
+    let daemon_raw = daemon_raw.unwrap_or_default();
+    let raw_state_dir_at = daemon_raw
+        .state_dir
+        .as_ref()
+        .map(|s| cx.locate(s.span(), "daemon.state_dir".into(), String::new()));
+    let daemon = daemon(&mut cx, daemon_raw);
     let defaults = defaults_raw.unwrap_or_default();
     if let Some(n) = &defaults.name {
         cx.err(n.span(), "defaults.name", "every account has its own name");
@@ -370,7 +442,10 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<(Config, Vec<ConfigError>
                 daemon,
                 accounts,
             },
-            cx.inline_secrets,
+            Located {
+                inline_secrets: cx.inline_secrets,
+                state_dir: raw_state_dir_at,
+            },
         ))
     } else {
         cx.errors.sort_by_key(|e| (e.line, e.column));
@@ -634,9 +709,27 @@ fn account(
         }
     };
 
+    let allow_http = pick!(allow_http).is_some_and(|b| *b.get_ref());
     let token_url = match pick!(token_url) {
         Some(u) => match url::Url::parse(u.get_ref()) {
-            Ok(url) if matches!(url.scheme(), "https" | "http") && url.has_host() => Some(url),
+            Ok(url) if url.scheme() == "http" && !allow_http && !is_loopback(&url) => {
+                cx.err(
+                    u.span(),
+                    k("token_url"),
+                    format!(
+                        "plain http:// to {} would send the credentials in the clear: use https://, \
+                         or set allow_http = true for this account",
+                        url.host_str().unwrap_or_default()
+                    ),
+                );
+                None
+            }
+            Ok(url) if matches!(url.scheme(), "https" | "http") && url.has_host() => {
+                if !url.username().is_empty() || url.password().is_some() {
+                    cx.inline_secret(u.span(), k("token_url"));
+                }
+                Some(url)
+            }
             Ok(_) => {
                 cx.err(
                     u.span(),
@@ -794,6 +887,12 @@ fn account(
         .into_iter()
         .map(|(k, v)| (k, Secret::new(v)))
         .collect();
+    if !extra_headers.is_empty() {
+        // Header values are API keys as often as not.
+        if let Some(h) = pick!(extra_headers) {
+            cx.inline_secret(h.span(), k("extra_headers"));
+        }
+    }
     for h in extra_headers.keys() {
         if reqwest::header::HeaderName::from_bytes(h.as_bytes()).is_err() {
             let s = pick!(extra_headers)
@@ -807,7 +906,14 @@ fn account(
         }
     }
     let proxy = pick!(proxy).and_then(|p| match reqwest::Proxy::all(p.get_ref()) {
-        Ok(_) => Some(Secret::new(p.into_inner())),
+        Ok(_) => {
+            if url::Url::parse(p.get_ref())
+                .is_ok_and(|u| !u.username().is_empty() || u.password().is_some())
+            {
+                cx.inline_secret(p.span(), k("proxy"));
+            }
+            Some(Secret::new(p.into_inner()))
+        }
         Err(_) => {
             cx.err(
                 p.span(),
@@ -1318,5 +1424,116 @@ grant_type = "password"
             cib.schedule.refresh_every,
             Some(Duration::from_secs(25 * 60))
         );
+    }
+
+    /// `load` of `text` written with `mode`.
+    fn load_with_mode(text: &str, mode: u32) -> Result<Config, ConfigErrors> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        crate::config::load(&path)
+    }
+
+    const REF_SECRET: &str = "[[account]]\nname = \"a\"\ntoken_url = \"https://idp.example/t\"\n\
+                              client_id = \"id\"\nclient_secret = { env = \"S\" }\n";
+
+    #[test]
+    fn credentials_in_headers_proxies_and_urls_count_as_inline_secrets() {
+        let out = "[[account.output]]\npath = \"/x\"\n";
+        for (extra, key, line) in [
+            (
+                "extra_headers = { \"X-Api-Key\" = \"k-123\" }\n",
+                "account.a.extra_headers",
+                6,
+            ),
+            (
+                "proxy = \"http://user:pw@proxy.example:3128\"\n",
+                "account.a.proxy",
+                6,
+            ),
+        ] {
+            let text = format!("{REF_SECRET}{extra}{out}");
+            assert!(
+                load_with_mode(&text, 0o600).is_ok(),
+                "{extra}: fine at 0600"
+            );
+            let e = load_with_mode(&text, 0o644).unwrap_err().0.remove(0);
+            assert_eq!((e.key.as_str(), e.line), (key, line), "{e}");
+            assert!(e.message.contains("group or others can read"), "{e}");
+            assert!(!e.to_string().contains("k-123") && !e.to_string().contains("pw@"));
+        }
+        let text = REF_SECRET.replace("https://idp", "https://u:p@idp") + out;
+        let e = load_with_mode(&text, 0o640).unwrap_err().0.remove(0);
+        assert_eq!(e.key, "account.a.token_url");
+        let plain = format!("{REF_SECRET}proxy = \"http://proxy.example:3128\"\n{out}");
+        assert!(
+            load_with_mode(&plain, 0o644).is_ok(),
+            "a proxy without a password is no secret"
+        );
+    }
+
+    #[test]
+    fn plain_http_is_refused_off_loopback_unless_allowed() {
+        let out = "[[account.output]]\npath = \"/x\"\n";
+        let http = REF_SECRET.replace("https://idp.example", "http://idp.example") + out;
+        let e = parse_str(&http, Path::new("/c.toml"))
+            .unwrap_err()
+            .0
+            .remove(0);
+        assert_eq!(
+            (e.key.as_str(), e.line, e.column),
+            ("account.a.token_url", 3, 13)
+        );
+        assert!(
+            e.message.contains("in the clear") && e.message.contains("allow_http"),
+            "{e}"
+        );
+        let allowed = http.replace("client_id", "allow_http = true\nclient_id");
+        assert!(parse_str(&allowed, Path::new("/c.toml")).is_ok());
+        for local in [
+            "http://localhost:8080",
+            "http://127.0.0.1:9",
+            "http://[::1]:9",
+        ] {
+            let text = REF_SECRET.replace("https://idp.example", local) + out;
+            assert!(parse_str(&text, Path::new("/c.toml")).is_ok(), "{local}");
+        }
+    }
+
+    #[test]
+    fn a_state_dir_others_can_write_or_someone_else_owns_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        let text = format!(
+            "[daemon]\nstate_dir = \"state\"\n\n{REF_SECRET}[[account.output]]\npath = \"/x\"\n"
+        );
+        std::fs::write(&path, &text).unwrap();
+        let state = dir.path().join("state");
+        assert!(
+            crate::config::load(&path).is_ok(),
+            "missing: tokend makes it 0700"
+        );
+        std::fs::create_dir(&state).unwrap();
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(crate::config::load(&path).is_ok());
+        for mode in [0o770, 0o702, 0o777] {
+            std::fs::set_permissions(&state, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = crate::config::load(&path).unwrap_err().0.remove(0);
+            assert_eq!(
+                (e.key.as_str(), e.line, e.column),
+                ("daemon.state_dir", 2, 13),
+                "{e}"
+            );
+            assert!(e.message.contains("writable by group or others"), "{e}");
+        }
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+        if nix::unistd::geteuid().is_root() {
+            nix::unistd::chown(&state, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+            let e = crate::config::load(&path).unwrap_err().0.remove(0);
+            assert!(e.message.contains("owned by uid 65534"), "{e}");
+        }
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use url::form_urlencoded;
+use zeroize::Zeroizing;
 
 use super::response::{self, Token};
 use super::{error_chain, Endpoint, Error};
@@ -53,7 +54,8 @@ pub struct TokenRequest {
     pub url: url::Url,
     pub headers: HeaderMap,
     /// `application/x-www-form-urlencoded`; empty when the fields went into the query.
-    pub body: String,
+    /// Zeroed when dropped: it carries the secrets.
+    pub body: Zeroizing<String>,
 }
 
 impl fmt::Debug for TokenRequest {
@@ -106,18 +108,18 @@ pub fn build(account: &Account, creds: &Credentials) -> TokenRequest {
     let secret = creds.client_secret.as_ref().map_or("", |s| s.expose());
     match account.client_auth {
         ClientAuth::Basic => {
-            let pair = match account.basic_encoding {
+            let pair = Zeroizing::new(match account.basic_encoding {
                 BasicEncoding::Raw => format!("{}:{}", account.client_id, secret),
                 BasicEncoding::Form => format!(
                     "{}:{}",
                     form_encode(&account.client_id),
                     form_encode(secret)
                 ),
-            };
-            let value = format!(
+            });
+            let value = Zeroizing::new(format!(
                 "Basic {}",
-                base64::engine::general_purpose::STANDARD.encode(pair)
-            );
+                base64::engine::general_purpose::STANDARD.encode(pair.as_bytes())
+            ));
             let mut value = HeaderValue::from_str(&value).expect("base64 is a valid header value");
             value.set_sensitive(true);
             headers.insert(AUTHORIZATION, value);
@@ -140,9 +142,11 @@ pub fn build(account: &Account, creds: &Credentials) -> TokenRequest {
         }
     }
 
-    let encoded = form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(&form)
-        .finish();
+    let encoded = Zeroizing::new(
+        form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(&form)
+            .finish(),
+    );
     let mut url = account.token_url.clone();
     let body = match account.params_in {
         ParamsIn::Body => {
@@ -153,12 +157,12 @@ pub fn build(account: &Account, creds: &Credentials) -> TokenRequest {
             encoded
         }
         ParamsIn::Query => {
-            let query = match url.query() {
-                Some(q) if !q.is_empty() => format!("{q}&{encoded}"),
-                _ => encoded,
-            };
+            let query = Zeroizing::new(match url.query() {
+                Some(q) if !q.is_empty() => format!("{q}&{}", *encoded),
+                _ => encoded.to_string(),
+            });
             url.set_query(Some(&query));
-            String::new()
+            Zeroizing::new(String::new())
         }
     };
     TokenRequest { url, headers, body }
@@ -238,7 +242,8 @@ impl HttpEndpoint {
             .client
             .post(req.url)
             .headers(req.headers)
-            .body(req.body)
+            // reqwest takes its own copy, which it does not zero: ours is.
+            .body(req.body.as_bytes().to_vec())
             .send()
             .await
             .map_err(transport)?;

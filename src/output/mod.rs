@@ -7,33 +7,37 @@ pub mod render;
 use crate::config::{Account, Format, OnExpiry};
 use crate::oauth::Token;
 
-/// Writes every output of `account` with `token`. Stops at the first failure; each file
-/// is either the old or the new version, never a mix.
+/// Writes every output of `account` with `token`; each file is either the old or the
+/// new version, never a mix. An output that fails (a full disk, a token that cannot be
+/// an env file) does not stop the others; the first failure is returned, naming its path.
 pub fn write_all(account: &Account, token: &Token) -> std::io::Result<()> {
+    let mut first = None;
     for out in &account.outputs {
         let written = match &out.format {
-            Format::Directory { var } => {
-                let files = render::files(var, &account.name, token);
-                let files: Vec<(&str, &[u8])> = files
-                    .iter()
-                    .map(|(n, c)| (*n, c.expose().as_bytes()))
-                    .collect();
-                atomic::write_dir(&out.path, &files, out.mode, out.owner, out.group)
-            }
-            format => {
-                let content = render::render(format, &account.name, token);
-                let bytes = content.expose().as_bytes();
-                atomic::write(&out.path, bytes, out.mode, out.owner, out.group)
-            }
+            Format::Directory { var } => render::files(var, &account.name, token)
+                .map_err(std::io::Error::other)
+                .and_then(|files| {
+                    let files: Vec<(&str, &[u8])> = files
+                        .iter()
+                        .map(|(n, c)| (*n, c.expose().as_bytes()))
+                        .collect();
+                    atomic::write_dir(&out.path, &files, out.mode, out.owner, out.group)
+                }),
+            format => render::render(format, &account.name, token)
+                .map_err(std::io::Error::other)
+                .and_then(|content| {
+                    let bytes = content.expose().as_bytes();
+                    atomic::write(&out.path, bytes, out.mode, out.owner, out.group)
+                }),
         };
-        written.map_err(|e| {
-            std::io::Error::new(
+        if let Err(e) = written {
+            first.get_or_insert(std::io::Error::new(
                 e.kind(),
                 format!("failed to write {}: {e}", out.path.display()),
-            )
-        })?;
+            ));
+        }
     }
-    Ok(())
+    first.map_or(Ok(()), Err)
 }
 
 /// Removes every output of `account` (an expired token with `on_expiry = "remove"`).

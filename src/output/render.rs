@@ -30,28 +30,53 @@ impl<'a> TokenJson<'a> {
     }
 }
 
+/// Why a token cannot be written in a format.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RenderError {
+    /// SPEC §3: an env file is sourced by shells (`. file`), so a token outside RFC
+    /// 6750's b64token characters could run commands there.
+    #[error("the token holds characters outside RFC 6750's b64token set (A-Z a-z 0-9 - . _ ~ + / and trailing =): not written to an env file, where a shell sourcing it could run them")]
+    NotB64Token,
+}
+
+/// Whether `t` is an RFC 6750 §2.1 b64token: `1*( ALPHA / DIGIT / "-" / "." / "_" / "~"
+/// / "+" / "/" ) *"="`. Nothing in it means anything to a shell.
+pub fn is_b64token(t: &str) -> bool {
+    let body = t.trim_end_matches('=');
+    !body.is_empty()
+        && body
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b))
+}
+
 /// The file content for `format`. A `Secret`, since it holds the token.
-pub fn render(format: &Format, account: &str, token: &Token) -> Secret {
+pub fn render(format: &Format, account: &str, token: &Token) -> Result<Secret, RenderError> {
     let t = token.access_token.expose();
-    Secret::new(match format {
+    Ok(Secret::new(match format {
         Format::Raw => t.to_owned(),
         Format::Json => {
             serde_json::to_string(&TokenJson::new(account, token))
                 .expect("string fields always serialize")
                 + "\n"
         }
+        Format::Env { .. } if !is_b64token(t) => return Err(RenderError::NotB64Token),
         Format::Env { var } => format!("{var}={t}\n"),
         Format::Header => format!("Authorization: {} {t}\n", scheme(&token.token_type)),
         // Its files are rendered one by one, by `files`.
         Format::Directory { .. } => String::new(),
-    })
+    }))
 }
 
-/// The files of a `directory` output: each format, named after it.
-pub fn files(var: &str, account: &str, token: &Token) -> Vec<(&'static str, Secret)> {
-    vec![
-        ("raw", render(&Format::Raw, account, token)),
-        ("json", render(&Format::Json, account, token)),
+/// The files of a `directory` output: each format, named after it. All or none: a
+/// token that cannot be an env file leaves the whole directory at its last version.
+pub fn files(
+    var: &str,
+    account: &str,
+    token: &Token,
+) -> Result<Vec<(&'static str, Secret)>, RenderError> {
+    Ok(vec![
+        ("raw", render(&Format::Raw, account, token)?),
+        ("json", render(&Format::Json, account, token)?),
         (
             "env",
             render(
@@ -60,10 +85,10 @@ pub fn files(var: &str, account: &str, token: &Token) -> Vec<(&'static str, Secr
                 },
                 account,
                 token,
-            ),
+            )?,
         ),
-        ("header", render(&Format::Header, account, token)),
-    ]
+        ("header", render(&Format::Header, account, token)?),
+    ])
 }
 
 /// `Bearer` however the provider spelled it (RFC 6750 §5.1.1 registers it that way; Okta
@@ -97,7 +122,10 @@ mod tests {
     #[test]
     fn every_format() {
         let t = token("bearer");
-        assert_eq!(render(&Format::Raw, "msk", &t).expose(), "tok.en-1");
+        assert_eq!(
+            render(&Format::Raw, "msk", &t).unwrap().expose(),
+            "tok.en-1"
+        );
         assert_eq!(
             render(
                 &Format::Env {
@@ -106,19 +134,22 @@ mod tests {
                 "msk",
                 &t
             )
+            .unwrap()
             .expose(),
             "MSK_TOKEN=tok.en-1\n"
         );
         assert_eq!(
-            render(&Format::Header, "msk", &t).expose(),
+            render(&Format::Header, "msk", &t).unwrap().expose(),
             "Authorization: Bearer tok.en-1\n"
         );
         assert_eq!(
-            render(&Format::Header, "msk", &token("DPoP")).expose(),
+            render(&Format::Header, "msk", &token("DPoP"))
+                .unwrap()
+                .expose(),
             "Authorization: DPoP tok.en-1\n"
         );
         let json: serde_json::Value =
-            serde_json::from_str(render(&Format::Json, "msk", &t).expose()).unwrap();
+            serde_json::from_str(render(&Format::Json, "msk", &t).unwrap().expose()).unwrap();
         assert_eq!(
             json,
             serde_json::json!({
@@ -129,6 +160,54 @@ mod tests {
                 "issued_at": "2023-11-14T22:13:20Z",
                 "scope": "full",
             })
+        );
+    }
+
+    #[test]
+    fn a_token_a_shell_would_run_is_never_an_env_file() {
+        let env = Format::Env { var: "T".into() };
+        for bad in [
+            "x;touch${IFS}/tmp/pwned;",
+            "$(id)",
+            "`id`",
+            "a b",
+            "a'b",
+            "a\"b",
+            "a|b",
+            "a&b",
+            "a=b",
+            "==",
+            "a\\b",
+            "a>b",
+        ] {
+            let mut t = token("Bearer");
+            t.access_token = Secret::new(bad);
+            assert_eq!(
+                render(&env, "msk", &t).unwrap_err(),
+                RenderError::NotB64Token,
+                "{bad}"
+            );
+            assert!(
+                files("T", "msk", &t).is_err(),
+                "{bad}: no directory version"
+            );
+            assert!(
+                render(&Format::Raw, "msk", &t).is_ok(),
+                "raw keeps any visible ASCII"
+            );
+        }
+        for good in ["abc", "a-b.c_d~e+f/g", "YWJj==", "eyJ0.eyJ1.c2ln"] {
+            let mut t = token("Bearer");
+            t.access_token = Secret::new(good);
+            assert_eq!(
+                render(&env, "msk", &t).unwrap().expose(),
+                format!("T={good}\n")
+            );
+        }
+        let msg = RenderError::NotB64Token.to_string();
+        assert!(
+            msg.contains("b64token") && msg.contains("env file"),
+            "{msg}"
         );
     }
 }

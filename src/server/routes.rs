@@ -347,28 +347,28 @@ fn info(view: &AccountView, now: SystemTime) -> AccountInfo {
     }
 }
 
-/// `GET /v1/health`: 200 when every account holds a valid token, else 503.
+/// `GET /v1/health`: 200 when every account the caller may read holds a valid token,
+/// else 503 (SPEC §4). Accounts the caller cannot read do not count: an unprivileged
+/// caller learns nothing about them, not even that one fails.
 fn health(ctx: &Ctx, caller: &Caller) -> Response<Body> {
     let accounts = ctx.accounts.borrow().clone();
     let now = SystemTime::now();
     let mut healthy = true;
     let mut not_ready = Vec::new();
-    for view in accounts.values() {
+    for view in accounts.values().filter(|v| visible(caller, v)) {
         let s = view.state.borrow();
         if s.valid_token(now).is_some() {
             continue;
         }
         healthy = false;
-        if visible(caller, view) {
-            not_ready.push(NotReady {
-                account: view.account.name.clone(),
-                status: s.status,
-                last_error: match caller {
-                    Caller::Local(_) => s.last_error.clone(),
-                    Caller::Monitor => None,
-                },
-            });
-        }
+        not_ready.push(NotReady {
+            account: view.account.name.clone(),
+            status: s.status,
+            last_error: match caller {
+                Caller::Local(_) => s.last_error.clone(),
+                Caller::Monitor => None,
+            },
+        });
     }
     let (status, word) = if healthy {
         (StatusCode::OK, "ok")

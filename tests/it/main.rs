@@ -18,6 +18,7 @@
 
 mod daemon;
 mod faults;
+mod hostile;
 mod lifecycle;
 mod once;
 mod schedule;

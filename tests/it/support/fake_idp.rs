@@ -70,6 +70,8 @@ pub enum Reply {
     WithOktaReset(u64, Box<Reply>),
     /// 200 with a body that is not JSON.
     Malformed,
+    /// 200 with this access token (any characters), `expires_in` this many seconds.
+    Literal(String, u64),
     /// Never answers; the connection stays open until the IdP stops.
     Hang,
     /// Waits this long, then answers `reply`. What the answer holds (a token, a rotated
@@ -593,6 +595,12 @@ fn render(state: &mut State, reply: Reply, refresh: Option<String>) -> Option<(u
             r#"{"error":"invalid_scope","error_description":"The authorization server resource does not have any configured default scopes."}"#.into(),
         ),
         Reply::Malformed => (200, vec![], r#"{"access_token": "tok-trunc"#.into()),
+        Reply::Literal(token, secs) => (
+            200,
+            vec![],
+            serde_json::json!({"access_token": token, "token_type": "Bearer", "expires_in": secs})
+                .to_string(),
+        ),
     };
     Some((status, response(status, &headers, &body)))
 }
