@@ -69,7 +69,9 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// `Debug` shows no secret: secret values are [`Secret`]s, and the `token_url` is shown
+/// without a user or password.
+#[derive(Clone, PartialEq)]
 pub struct Account {
     pub name: String,
     pub token_url: url::Url,
@@ -94,6 +96,39 @@ pub struct Account {
     pub hook_timeout: Duration,
     pub outputs: Vec<Output>,
     pub access: Access,
+}
+
+impl fmt::Debug for Account {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut url = self.token_url.clone();
+        if url.password().is_some() || !url.username().is_empty() {
+            let _ = url.set_password(Some("redacted"));
+            let _ = url.set_username("redacted");
+        }
+        f.debug_struct("Account")
+            .field("name", &self.name)
+            .field("token_url", &url.as_str())
+            .field("grant", &self.grant)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &self.client_secret)
+            .field("client_auth", &self.client_auth)
+            .field("basic_encoding", &self.basic_encoding)
+            .field("params_in", &self.params_in)
+            .field("scope", &self.scope)
+            .field("extra_params", &self.extra_params)
+            .field("extra_headers", &self.extra_headers)
+            .field("ca_file", &self.ca_file)
+            .field("proxy", &self.proxy)
+            .field("timeout", &self.timeout)
+            .field("schedule", &self.schedule)
+            .field("on_expiry", &self.on_expiry)
+            .field("on_refresh", &self.on_refresh)
+            .field("on_refresh_signal", &self.on_refresh_signal)
+            .field("hook_timeout", &self.hook_timeout)
+            .field("outputs", &self.outputs)
+            .field("access", &self.access)
+            .finish()
+    }
 }
 
 impl Account {

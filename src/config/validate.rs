@@ -1395,10 +1395,39 @@ grant_type = "password"
         )
         .replace("client_secret_unused = 1\n", "")
         .replace("{ file = \"secrets/msk\" }", "\"inline-secret\"");
+        let text = text.replace("https://", "https://url-user:url-pass@")
+            + "\n[[account]]\nname = \"pw\"\ntoken_url = \"https://idp.example/t\"\n\
+               client_id = \"id\"\nclient_secret = \"inline-secret\"\ngrant_type = \"password\"\n\
+               username = \"u\"\npassword = \"inline-password\"\n[[account.output]]\npath = \"/p\"\n\
+               [[account]]\nname = \"rt\"\ntoken_url = \"https://idp.example/t\"\nclient_id = \"id\"\n\
+               client_auth = \"none\"\ngrant_type = \"refresh_token\"\nrefresh_token = \"inline-rt\"\n\
+               [[account.output]]\npath = \"/r\"\n";
         let c = parse(&text).unwrap();
         let dbg = format!("{c:?}");
-        for s in ["proxy-pass", "api-key-value", "inline-secret"] {
+        let secrets = [
+            "proxy-pass",
+            "api-key-value",
+            "inline-secret",
+            "url-pass",
+            "inline-password",
+            "inline-rt",
+        ];
+        for s in secrets {
             assert!(!dbg.contains(s), "{s} in {dbg}");
+        }
+        // Every type that holds one: the account, its grant, its secret specs, the
+        // credentials read for a request, the request built from them.
+        let creds = crate::oauth::request::Credentials {
+            client_secret: Some(Secret::new("inline-secret")),
+            password: Some(Secret::new("inline-password")),
+            refresh_token: Some(Secret::new("inline-rt")),
+        };
+        for a in &c.accounts {
+            let req = crate::oauth::request::build(a, &creds);
+            let all = format!("{a:?} {:?} {:?} {creds:?} {req:?}", a.grant, a.secrets());
+            for s in secrets {
+                assert!(!all.contains(s), "{s} in {all}");
+            }
         }
         assert_eq!(
             c.accounts[0].extra_headers["X-Api-Key"].expose(),
