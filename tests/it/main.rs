@@ -16,6 +16,7 @@
 //!
 //! Helpers live in `support/`.
 
+mod cluster;
 mod daemon;
 mod faults;
 mod hostile;

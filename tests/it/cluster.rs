@@ -1,0 +1,217 @@
+//! Cluster mode's building blocks against real etcd members (SPEC §8): the etcd client
+//! (leases, guarded transactions as an election uses them, watches, failing over to
+//! another member) and sealed records stored and read back through it.
+
+use std::time::Duration;
+
+use tokend::cluster::etcd::{Compare, Etcd, Event, Op};
+use tokend::cluster::record::{ClusterKey, Record};
+
+use crate::support::etcd::EtcdCluster;
+
+fn client(endpoints: &[String]) -> Etcd {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    Etcd::new(
+        http,
+        endpoints.iter().map(|e| e.parse().unwrap()).collect(),
+        None,
+    )
+}
+
+#[tokio::test]
+async fn an_election_key_has_one_holder_until_its_lease_goes() {
+    let Some(cluster) = EtcdCluster::start(1) else {
+        return;
+    };
+    let etcd = client(&cluster.endpoints());
+    let key = "/t/accounts/a/x/leader";
+    let (la, lb) = (
+        etcd.grant(Duration::from_secs(5)).await.unwrap(),
+        etcd.grant(Duration::from_secs(5)).await.unwrap(),
+    );
+    let campaign = |who: &'static str, lease: i64| {
+        let etcd = &etcd;
+        async move {
+            etcd.txn(
+                &[Compare::CreateRevision(key.into(), 0)],
+                &[Op::Put {
+                    key: key.into(),
+                    value: who.as_bytes().to_vec(),
+                    lease,
+                }],
+                &[Op::Get(key.into())],
+            )
+            .await
+            .unwrap()
+        }
+    };
+    assert!(campaign("a", la).await.succeeded);
+    let lost = campaign("b", lb).await;
+    assert!(!lost.succeeded);
+    assert_eq!(lost.kvs[0].value, b"a", "the loser learns who leads");
+    assert_eq!(lost.kvs[0].lease, la);
+    assert!(etcd.keepalive(la).await.unwrap());
+
+    // A write guarded by the lead fails once the lead is gone.
+    let guarded = |lease: i64| {
+        let etcd = &etcd;
+        async move {
+            etcd.txn(
+                &[Compare::Lease(key.into(), lease)],
+                &[Op::Put {
+                    key: "/t/accounts/a/x/record".into(),
+                    value: b"sealed".to_vec(),
+                    lease: 0,
+                }],
+                &[],
+            )
+            .await
+            .unwrap()
+            .succeeded
+        }
+    };
+    assert!(guarded(la).await);
+    etcd.revoke(la).await.unwrap();
+    assert!(
+        etcd.get(key).await.unwrap().is_none(),
+        "the lease took the key"
+    );
+    assert!(!guarded(la).await, "a deposed leader's write fails");
+    assert!(campaign("b", lb).await.succeeded, "the next one takes over");
+    assert!(
+        !etcd.keepalive(la).await.unwrap(),
+        "a revoked lease stays gone"
+    );
+}
+
+#[tokio::test]
+async fn a_watch_sees_puts_and_deletes_under_its_prefix_only() {
+    let Some(cluster) = EtcdCluster::start(1) else {
+        return;
+    };
+    let etcd = std::sync::Arc::new(client(&cluster.endpoints()));
+    let (_, rev) = etcd.get_prefix("/w/").await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let watcher = tokio::spawn({
+        let etcd = etcd.clone();
+        async move { etcd.watch("/w/", rev + 1, &tx).await }
+    });
+    let put = |k: &'static str| {
+        let etcd = etcd.clone();
+        async move {
+            etcd.txn(
+                &[],
+                &[Op::Put {
+                    key: k.into(),
+                    value: b"v".to_vec(),
+                    lease: 0,
+                }],
+                &[],
+            )
+            .await
+            .unwrap()
+        }
+    };
+    put("/other").await;
+    put("/w/a").await;
+    etcd.txn(&[], &[Op::Delete("/w/a".into())], &[])
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let Event::Put(kv) = first else {
+        panic!("{first:?}")
+    };
+    assert_eq!((kv.key.as_str(), kv.value.as_slice()), ("/w/a", &b"v"[..]));
+    let second = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(second, Event::Delete { ref key, .. } if key == "/w/a"),
+        "{second:?}"
+    );
+    watcher.abort();
+}
+
+#[tokio::test]
+async fn calls_fail_over_to_a_member_that_answers() {
+    let Some(mut cluster) = EtcdCluster::start(3) else {
+        return;
+    };
+    let etcd = client(&cluster.endpoints());
+    etcd.txn(
+        &[],
+        &[Op::Put {
+            key: "/f/k".into(),
+            value: b"1".to_vec(),
+            lease: 0,
+        }],
+        &[],
+    )
+    .await
+    .unwrap();
+    cluster.kill(0);
+    let kv = etcd
+        .get("/f/k")
+        .await
+        .unwrap()
+        .expect("read through another member");
+    assert_eq!(kv.value, b"1");
+    cluster.kill(1);
+    assert!(
+        etcd.get("/f/k").await.is_err(),
+        "one member of three has no quorum: an error, not a stale answer"
+    );
+    cluster.restart(1);
+    cluster.wait_healthy(Duration::from_secs(30));
+    assert_eq!(etcd.get("/f/k").await.unwrap().unwrap().value, b"1");
+}
+
+#[tokio::test]
+async fn a_sealed_record_round_trips_through_etcd_and_shows_no_token() {
+    let Some(cluster) = EtcdCluster::start(1) else {
+        return;
+    };
+    let etcd = client(&cluster.endpoints());
+    let key = ClusterKey::from_hex(&"ab".repeat(32)).unwrap();
+    let at = "/s/accounts/a/x/record";
+    let record = Record {
+        generation: 1,
+        fetched_by: "host-a".into(),
+        access_token: Some("tok-in-etcd".into()),
+        token_type: Some("Bearer".into()),
+        issued_at: Some(1),
+        expires_at: Some(2),
+        scope: None,
+        refresh_token: Some("rt-in-etcd".into()),
+        wait_until: None,
+        wait_kind: None,
+        refusals: 0,
+    };
+    let sealed = key.seal(at, &record);
+    etcd.txn(
+        &[],
+        &[Op::Put {
+            key: at.into(),
+            value: sealed.into_bytes(),
+            lease: 0,
+        }],
+        &[],
+    )
+    .await
+    .unwrap();
+    let stored = etcd.get(at).await.unwrap().unwrap();
+    let raw = String::from_utf8_lossy(&stored.value).into_owned();
+    assert!(!raw.contains("tok-in-etcd") && !raw.contains("rt-in-etcd"));
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(&stored.value)
+        .unwrap();
+    assert!(key.open(at, &bytes).unwrap() == record);
+}
