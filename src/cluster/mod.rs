@@ -3,4 +3,5 @@
 //! (`record`). Leader election and the engine's use of them come next.
 
 pub mod etcd;
+pub mod member;
 pub mod record;

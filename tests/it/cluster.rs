@@ -215,3 +215,170 @@ async fn a_sealed_record_round_trips_through_etcd_and_shows_no_token() {
         .unwrap();
     assert!(key.open(at, &bytes).unwrap() == record);
 }
+
+mod election {
+    use super::*;
+    use tokend::cluster::member::{Lead, Member};
+    use tokio::time::Instant;
+    use tokio_util::sync::CancellationToken;
+
+    const KEY: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn identity() -> tokend::account::identity::RequestIdentity {
+        let text = "[[account]]\nname = \"a\"\ntoken_url = \"https://idp.example/t\"\n\
+                    client_id = \"id\"\nclient_secret = \"s\"\n[[account.output]]\npath = \"/x\"\n";
+        let c = tokend::config::parse_str(text, std::path::Path::new("/c.toml")).unwrap();
+        tokend::account::identity::RequestIdentity::of(&c.accounts[0])
+    }
+
+    fn member(
+        cluster: &EtcdCluster,
+        name: &str,
+        ttl: Duration,
+    ) -> (std::sync::Arc<Member>, CancellationToken) {
+        let cancel = CancellationToken::new();
+        let m = Member::start(
+            client(&cluster.endpoints()),
+            ClusterKey::from_hex(KEY).unwrap(),
+            "/tokend/test",
+            name,
+            ttl,
+            cancel.clone(),
+        );
+        (m, cancel)
+    }
+
+    /// Campaigns until `seat` leads, for at most `limit`; how long it took.
+    async fn lead_within(seat: &tokend::cluster::member::Seat, limit: Duration) -> Duration {
+        let start = Instant::now();
+        loop {
+            if seat.campaign().await.ok() == Some(Lead::Me) {
+                return start.elapsed();
+            }
+            assert!(start.elapsed() < limit, "no lead within {limit:?}");
+            // Bounded poll of a remote state: the watch would do too, this is simpler.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn record(generation: u64, by: &str) -> Record {
+        Record {
+            generation,
+            fetched_by: by.into(),
+            access_token: Some(format!("tok-{generation}")),
+            token_type: Some("Bearer".into()),
+            issued_at: Some(1),
+            expires_at: Some(2),
+            scope: None,
+            refresh_token: None,
+            wait_until: None,
+            wait_kind: None,
+            refusals: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn one_member_leads_the_other_follows_and_sees_each_record() {
+        let Some(cluster) = EtcdCluster::start(1) else {
+            return;
+        };
+        let ttl = Duration::from_secs(2);
+        let (a, _ca) = member(&cluster, "host-a", ttl);
+        let (b, _cb) = member(&cluster, "host-b", ttl);
+        let never = CancellationToken::new();
+        a.wait_for_lease(&never).await;
+        b.wait_for_lease(&never).await;
+        let sa = a.seat("a", &identity());
+        let mut sb = b.seat("a", &identity());
+        assert_eq!(sa.campaign().await.unwrap(), Lead::Me);
+        assert_eq!(sb.campaign().await.unwrap(), Lead::Other("host-a".into()));
+        assert!(sa.publish(&record(1, "host-a")).await.unwrap());
+        assert!(
+            !sb.publish(&record(2, "host-b")).await.unwrap(),
+            "a follower cannot write"
+        );
+        tokio::time::timeout(Duration::from_secs(5), sb.changed())
+            .await
+            .expect("the follower is told");
+        let seen = sb.read().await.unwrap().unwrap();
+        assert_eq!((seen.generation, seen.fetched_by.as_str()), (1, "host-a"));
+    }
+
+    #[tokio::test]
+    async fn a_stopped_leader_hands_over_at_once_and_a_dead_one_within_the_lease() {
+        let Some(cluster) = EtcdCluster::start(1) else {
+            return;
+        };
+        let ttl = Duration::from_secs(2);
+        let never = CancellationToken::new();
+        // Stopped (SIGTERM): the lease is revoked, the lead free at once.
+        let (a, stop_a) = member(&cluster, "host-a", ttl);
+        let (b, stop_b) = member(&cluster, "host-b", ttl);
+        a.wait_for_lease(&never).await;
+        b.wait_for_lease(&never).await;
+        let sa = a.seat("a", &identity());
+        let sb = b.seat("a", &identity());
+        assert_eq!(sa.campaign().await.unwrap(), Lead::Me);
+        stop_a.cancel();
+        let handover = lead_within(&sb, Duration::from_secs(5)).await;
+        println!("handover after a stop: {handover:?}");
+        assert!(
+            handover < ttl,
+            "handover waited for the lease: {handover:?}"
+        );
+
+        // Dead: host-d leads from a runtime of its own that then vanishes, the way a
+        // kill -9 ends a process: its keep-alive stops and nothing is revoked.
+        stop_b.cancel();
+        let (c, _cc) = member(&cluster, "host-c", ttl);
+        c.wait_for_lease(&never).await;
+        let sc = c.seat("a", &identity());
+        let endpoints = cluster.endpoints();
+        let (led_tx, led_rx) = std::sync::mpsc::channel();
+        let (die_tx, die_rx) = std::sync::mpsc::channel::<()>();
+        let dying = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let d = Member::start(
+                    client(&endpoints),
+                    ClusterKey::from_hex(KEY).unwrap(),
+                    "/tokend/test",
+                    "host-d",
+                    ttl,
+                    CancellationToken::new(),
+                );
+                d.wait_for_lease(&CancellationToken::new()).await;
+                let sd = d.seat("a", &identity());
+                // host-b handed over too: host-d campaigns first and leads.
+                led_tx
+                    .send(lead_within(&sd, Duration::from_secs(5)).await)
+                    .unwrap();
+                let _ = tokio::task::spawn_blocking(move || die_rx.recv()).await;
+            });
+            rt.shutdown_background();
+        });
+        // Not blocking this runtime: host-c's keep-alive runs on it.
+        let took = tokio::task::spawn_blocking(move || led_rx.recv().unwrap())
+            .await
+            .unwrap();
+        println!("host-d led after {took:?}");
+        assert_eq!(sc.campaign().await.unwrap(), Lead::Other("host-d".into()));
+        let _ = die_tx.send(());
+        tokio::task::spawn_blocking(move || dying.join().unwrap())
+            .await
+            .unwrap();
+        let failover = lead_within(&sc, ttl * 4).await;
+        println!("failover after a death: {failover:?}");
+        assert!(
+            failover <= ttl + Duration::from_secs(1) + Duration::from_millis(500),
+            "{failover:?}"
+        );
+        assert!(
+            !sa.publish(&record(9, "host-a")).await.unwrap(),
+            "the stopped one cannot write"
+        );
+    }
+}
