@@ -422,6 +422,8 @@ mod tests {
                 last_refresh: Some(at(-470)),
                 last_error: None,
                 next_refresh: Some(at(2400)),
+                leader: None,
+                refreshed_by: None,
             },
             AccountInfo {
                 account: "cibmtr".into(),
@@ -431,6 +433,8 @@ mod tests {
                 last_refresh: None,
                 last_error: Some("token endpoint answered HTTP 401: invalid_client".into()),
                 next_refresh: None,
+                leader: None,
+                refreshed_by: None,
             },
         ];
         assert_eq!(

@@ -50,6 +50,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // provider for anything.
     let listeners = crate::server::bind(&config.daemon)?;
     let mut sup = Supervisor::new(&config);
+    if let Some(c) = &config.cluster {
+        sup.member = Some(crate::cluster::join(
+            c,
+            sup.cancel.child_token(),
+            &sup.tracker,
+        )?);
+        sup.on_cluster_loss = c.on_cluster_loss;
+    }
     sup.retire_unknown(&config);
     for a in &config.accounts {
         let a = Arc::new(a.clone());
@@ -128,6 +136,9 @@ struct Supervisor {
     /// Accounts stopped by a reload whose task may still be finishing (a refresh_token
     /// request on the wire): an account of the same name starts after it.
     stopping: BTreeMap<String, Predecessor>,
+    /// This tokend in its cluster, with `[cluster]`.
+    member: Option<Arc<crate::cluster::member::Member>>,
+    on_cluster_loss: crate::config::OnClusterLoss,
 }
 
 /// How long SIGTERM waits for refresh_token requests on the wire (SPEC §6).
@@ -147,6 +158,8 @@ impl Supervisor {
             views: watch::Sender::new(Accounts::default()),
             credentials: BTreeMap::new(),
             stopping: BTreeMap::new(),
+            member: None,
+            on_cluster_loss: crate::config::OnClusterLoss::Refresh,
         }
     }
 
@@ -254,10 +267,24 @@ impl Supervisor {
     /// readers see `initial` until it publishes.
     fn start(&mut self, account: Arc<Account>, endpoint: HttpEndpoint, initial: TokenState) {
         let after = self.stopping.remove(&account.name);
-        let handle = account::spawn_after(
+        let coordinator = match &self.member {
+            Some(m) if account.cluster => {
+                let seat = m.seat(&account.name, &RequestIdentity::of(&account));
+                let rotates = matches!(account.grant, crate::config::Grant::RefreshToken { .. });
+                Some(Box::new(crate::cluster::coordinate::Seated::new(
+                    seat,
+                    rotates,
+                    self.on_cluster_loss,
+                ))
+                    as Box<dyn account::coordinator::Coordinator>)
+            }
+            _ => None,
+        };
+        let handle = account::spawn_coordinated(
             account.clone(),
             endpoint,
             self.shared.clone(),
+            coordinator,
             after,
             initial,
             self.cancel.child_token(),

@@ -351,6 +351,23 @@ impl<E: Endpoint> Engine<E> {
         }
     }
 
+    /// What other cluster members may take over from this account's state.
+    pub fn portable(&self) -> super::persist::Portable {
+        self.saved.portable()
+    }
+
+    /// Takes over what another member shared (a newer token, the chain's refresh token,
+    /// a hold or rate limit), and saves it. Returns the token if it is new here; the
+    /// caller delivers it.
+    pub async fn adopt(&mut self, shared: &super::persist::Portable) -> Option<Arc<Token>> {
+        let before = self.saved.generation();
+        let token = self.saved.adopt(&self.account, shared).map(Arc::new);
+        if self.saved.generation() != before {
+            self.save_quietly().await;
+        }
+        token
+    }
+
     /// Whether a fetched token still waits for its delivery.
     pub fn has_undelivered(&self) -> bool {
         self.undelivered.is_some()

@@ -4,6 +4,7 @@
 //! (`schedule`), who an account is (`identity`), what is kept across restarts
 //! (`persist`), and what readers see (`state`, `registry`).
 
+pub mod coordinator;
 pub mod engine;
 pub mod hooks;
 pub mod identity;
@@ -16,4 +17,6 @@ pub mod task;
 pub use engine::Shared;
 pub use registry::Accounts;
 pub use state::{Status, TokenState};
-pub use task::{spawn, spawn_after, AccountHandle, AccountView, Poke, Predecessor};
+pub use task::{
+    spawn, spawn_after, spawn_coordinated, AccountHandle, AccountView, Poke, Predecessor,
+};

@@ -52,10 +52,30 @@ impl WaitKind {
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
-struct Wait {
+pub struct Wait {
     /// Unix seconds.
     until: u64,
     kind: WaitKind,
+}
+
+/// What of an account's state travels between cluster members (SPEC §8): the token,
+/// the chain's current refresh token, and the wait with the refusals that make a hold
+/// grow. Never the salt or the seed's digest, which are each member's own. Holds
+/// credentials: `Debug` is not derived.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Default)]
+pub struct Portable {
+    pub token: Option<SavedToken>,
+    pub refresh_token: Option<String>,
+    pub wait: Option<Wait>,
+    pub refusals: u32,
+}
+
+impl Drop for Portable {
+    fn drop(&mut self) {
+        if let Some(rt) = &mut self.refresh_token {
+            zeroize::Zeroize::zeroize(rt);
+        }
+    }
 }
 
 /// A refresh-token chain: the current (rotated) refresh token, and a digest of the
@@ -87,7 +107,7 @@ pub struct Saved {
     hold_key: Option<CredentialsDigest>,
 }
 
-#[derive(Serialize, Deserialize, Clone)]
+#[derive(Serialize, Deserialize, Clone, PartialEq)]
 pub struct SavedToken {
     access_token: String,
     token_type: String,
@@ -126,6 +146,11 @@ fn time(s: u64) -> SystemTime {
 }
 
 impl SavedToken {
+    /// When it was issued, in Unix seconds.
+    pub fn issued_at_secs(&self) -> u64 {
+        self.issued_at
+    }
+
     pub fn from_token(t: &Token) -> Self {
         SavedToken {
             access_token: t.access_token.expose().to_owned(),
@@ -265,6 +290,59 @@ impl Saved {
             // The same seed, or unreadable now: the chain goes on.
             _ => Some(Secret::new(chain.refresh_token.clone())),
         }
+    }
+
+    /// What another cluster member may take over from this state.
+    pub fn portable(&self) -> Portable {
+        Portable {
+            token: self.token.clone(),
+            refresh_token: self.chain.as_ref().map(|c| c.refresh_token.clone()),
+            wait: self.wait,
+            refusals: self.refusals,
+        }
+    }
+
+    /// Takes over what another member shared: its token if it is newer than this one's,
+    /// its refresh token, and its wait and refusals (a hold is the cluster's, not one
+    /// member's). Returns the token if it is new here.
+    pub fn adopt(&mut self, account: &Account, p: &Portable) -> Option<Token> {
+        let mine = self
+            .token(account)
+            .map(|t| (t.issued_at, t.access_token.expose().to_owned()));
+        let newer = p.token.as_ref().filter(|t| {
+            mine.as_ref()
+                .is_none_or(|(at, tok)| time(t.issued_at) >= *at && t.access_token != *tok)
+        });
+        let mut taken = None;
+        if let Some(t) = newer {
+            self.token = Some(t.clone());
+            self.issued_for = RequestIdentity::of(account);
+            taken = Some(t.to_token());
+            if let (Grant::RefreshToken { refresh_token }, Some(rt)) =
+                (&account.grant, &p.refresh_token)
+            {
+                match &mut self.chain {
+                    Some(c) => c.refresh_token = rt.clone(),
+                    None => {
+                        if let Ok(seed) = refresh_token.read() {
+                            self.chain = Some(Chain {
+                                seed: identity::secret_digest(&self.salt, &seed),
+                                refresh_token: rt.clone(),
+                            });
+                        }
+                    }
+                }
+            }
+            self.failures = 0;
+        }
+        if newer.is_some() || p.wait.is_some() || p.refusals > 0 {
+            self.wait = p.wait;
+            self.refusals = p.refusals;
+            self.hold_key = (p.wait.is_some_and(|w| w.kind == WaitKind::Hold))
+                .then(|| CredentialsDigest::of(account));
+            self.generation += 1;
+        }
+        taken
     }
 
     /// Drops a chain whose configured seed was replaced: the new seed starts anew.

@@ -47,6 +47,10 @@ pub struct TokenState {
     pub failures: u32,
     /// Whether the account has had its first try (for readiness).
     pub attempted: bool,
+    /// Cluster mode: the member that refreshes the account now, if known.
+    pub leader: Option<String>,
+    /// Cluster mode: the member that fetched the token served.
+    pub refreshed_by: Option<String>,
 }
 
 impl Default for TokenState {
@@ -59,6 +63,8 @@ impl Default for TokenState {
             next_attempt: None,
             failures: 0,
             attempted: false,
+            leader: None,
+            refreshed_by: None,
         }
     }
 }

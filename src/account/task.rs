@@ -17,6 +17,7 @@ use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::coordinator::{Coordinator, Turn};
 use super::engine::{Attempt, Engine, Failed, Mirror, Shared};
 use super::persist::WaitKind;
 use super::schedule::{self, ErrorClass};
@@ -148,6 +149,24 @@ pub fn spawn_after<E: Endpoint>(
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) -> AccountHandle {
+    spawn_coordinated(
+        account, endpoint, shared, None, after, initial, cancel, tracker,
+    )
+}
+
+/// [`spawn_after`], for an account whose refreshes `coordinator` shares with other
+/// tokend instances (cluster mode).
+#[allow(clippy::too_many_arguments)]
+pub fn spawn_coordinated<E: Endpoint>(
+    account: Arc<Account>,
+    endpoint: E,
+    shared: Shared,
+    coordinator: Option<Box<dyn Coordinator>>,
+    after: Option<Predecessor>,
+    initial: TokenState,
+    cancel: CancellationToken,
+    tracker: &TaskTracker,
+) -> AccountHandle {
     let (state_tx, state_rx) = watch::channel(initial);
     let (refresh_tx, refresh_rx) = mpsc::channel(4);
     let farewell = Arc::new(Farewell::default());
@@ -162,6 +181,7 @@ pub fn spawn_after<E: Endpoint>(
         cancel: cancel.clone(),
         farewell: farewell.clone(),
         mirror: mirror.clone(),
+        coordinator: coordinator.map(|c| Arc::new(tokio::sync::Mutex::new(c))),
     };
     tracker.spawn(supervise(parts, after, done.clone()));
     AccountHandle {
@@ -187,6 +207,7 @@ struct Parts<E> {
     cancel: CancellationToken,
     farewell: Arc<Farewell>,
     mirror: Mirror,
+    coordinator: Option<Arc<tokio::sync::Mutex<Box<dyn Coordinator>>>>,
 }
 
 impl<E> Clone for Parts<E> {
@@ -200,6 +221,7 @@ impl<E> Clone for Parts<E> {
             cancel: self.cancel.clone(),
             farewell: self.farewell.clone(),
             mirror: self.mirror.clone(),
+            coordinator: self.coordinator.clone(),
         }
     }
 }
@@ -244,6 +266,18 @@ async fn supervise<E: Endpoint>(
             _ = parts.cancel.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
+    }
+}
+
+/// How soon a member that does not lead looks again when a refresh is due (the
+/// leader's token normally arrives first, through the watch).
+const CLUSTER_RECHECK: Duration = Duration::from_secs(5);
+
+/// Resolves when the coordinator says shared state changed; never without one.
+async fn changed(c: &mut Option<tokio::sync::MutexGuard<'_, Box<dyn Coordinator>>>) {
+    match c {
+        Some(c) => c.changed().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -318,6 +352,15 @@ impl<E: Endpoint> Task<E> {
         let mut plan = self.restore(&mut engine).await;
         let refresh = self.parts.refresh.clone();
         let mut refresh = refresh.lock().await;
+        let coordinator = self.parts.coordinator.clone();
+        let mut coordinator = match &coordinator {
+            Some(c) => Some(c.lock().await),
+            None => None,
+        };
+        if let Some(c) = coordinator.as_deref() {
+            // Joining or restarting: a fresh shared token costs the provider nothing.
+            self.follow(&mut engine, c.as_ref(), &mut plan).await;
+        }
         loop {
             let wake = self
                 .expiry_instant()
@@ -358,6 +401,20 @@ impl<E: Endpoint> Task<E> {
                         }
                     }
                 }
+                _ = changed(&mut coordinator) => {
+                    if let Some(c) = coordinator.as_deref() {
+                        self.follow(&mut engine, c.as_ref(), &mut plan).await;
+                        // A leader that left frees its key: take the lead now, not when
+                        // the token falls due (failover within the lease's time to live).
+                        let leader = match c.turn().await {
+                            Turn::Lead => Some(c.me().to_owned()),
+                            Turn::Follow(other) => Some(other),
+                            Turn::Alone | Turn::Wait => None,
+                        };
+                        self.publish(|s| s.leader = leader);
+                    }
+                    continue;
+                }
                 _ = sleep_until(wake) => {
                     let now = Instant::now();
                     if plan.redeliver.is_some_and(|r| r <= now) {
@@ -376,6 +433,13 @@ impl<E: Endpoint> Task<E> {
                 }
             }
 
+            let mut leading = false;
+            if let Some(c) = coordinator.as_deref() {
+                match self.turn(&mut engine, c.as_ref(), &mut plan, force).await {
+                    Some(lead) => leading = lead,
+                    None => continue,
+                }
+            }
             if !force && !self.wait_for_provider().await {
                 break;
             }
@@ -385,9 +449,113 @@ impl<E: Endpoint> Task<E> {
             if matches!(outcome, Attempt::Cancelled) {
                 break;
             }
+            let fresh = matches!(outcome, Attempt::Fresh(_));
             self.handle(outcome, &mut plan);
+            if let (true, Some(c)) = (leading, coordinator.as_deref()) {
+                if c.share(engine.portable()).await {
+                    if fresh {
+                        let me = c.me().to_owned();
+                        self.publish(|s| s.refreshed_by = Some(me));
+                    }
+                } else {
+                    tracing::warn!(account = %name, "lost the cluster lead while refreshing: the new leader's token wins");
+                }
+            }
+        }
+        if let Some(c) = coordinator.as_deref() {
+            c.resign().await;
         }
         self.farewell(Some(engine)).await;
+    }
+
+    /// Cluster mode, when a refresh is due: whose turn it is. `Some(true)` when this
+    /// instance leads and should ask the provider, `Some(false)` when it is cut off and
+    /// allowed to on its own, `None` when it does not ask (another leads, a fresher
+    /// shared token came, or the cluster is out of reach): `plan` says when to look again.
+    async fn turn(
+        &mut self,
+        engine: &mut Engine<E>,
+        c: &dyn Coordinator,
+        plan: &mut Plan,
+        force: bool,
+    ) -> Option<bool> {
+        let recheck = Instant::now() + CLUSTER_RECHECK;
+        match c.turn().await {
+            Turn::Lead => {
+                let me = c.me().to_owned();
+                self.publish(|s| s.leader = Some(me));
+                // Taking over: a fresh token another member shared, or its hold, first.
+                self.follow(engine, c, plan).await;
+                let now = Instant::now();
+                if !force && (plan.next > now || plan.hold_until.is_some_and(|h| h > now)) {
+                    self.publish_next(plan.next);
+                    return None;
+                }
+                Some(true)
+            }
+            Turn::Follow(leader) => {
+                if force {
+                    tracing::info!(account = %self.account().name, leader = %leader, "refresh forced, but another member leads this account: ask it there");
+                }
+                self.publish(|s| s.leader = Some(leader));
+                plan.next = recheck;
+                self.publish_next(plan.next);
+                None
+            }
+            Turn::Alone => {
+                tracing::warn!(account = %self.account().name, "cluster unreachable: refreshing on this member alone (on_cluster_loss = \"refresh\")");
+                self.publish(|s| s.leader = None);
+                Some(false)
+            }
+            Turn::Wait => {
+                self.publish(|s| s.leader = None);
+                plan.next = recheck;
+                self.publish_next(plan.next);
+                None
+            }
+        }
+    }
+
+    /// Cluster mode: takes over what other members shared (a newer token is delivered
+    /// and served; a hold or rate limit is honoured here too).
+    async fn follow(&mut self, engine: &mut Engine<E>, c: &dyn Coordinator, plan: &mut Plan) {
+        let Some(shared) = c.shared().await else {
+            return;
+        };
+        if let Some(token) = engine.adopt(&shared.state).await {
+            let by = shared.fetched_by.clone();
+            match engine.deliver(token.clone(), true).await {
+                Ok(()) => {
+                    tracing::info!(account = %self.account().name, refreshed_by = %by, "took the token another member fetched");
+                }
+                Err(e) => {
+                    tracing::error!(account = %self.account().name, "{e}");
+                    plan.redeliver = Some(Instant::now() + Duration::from_secs(1));
+                }
+            }
+            let wall = self.now();
+            let lifetime = token.expires_at.duration_since(wall).unwrap_or_default();
+            let jitter = rand::Rng::gen(&mut self.rng);
+            let delay = schedule::refresh_delay(&self.account().schedule, lifetime, jitter);
+            plan.next = Instant::now() + delay;
+            self.publish(|s| {
+                s.status = Status::Fresh;
+                s.token = Some(token.clone());
+                s.last_refresh = Some(token.issued_at);
+                s.last_error = None;
+                s.failures = 0;
+                s.attempted = true;
+                s.refreshed_by = Some(by);
+            });
+        }
+        if let Some((until, kind)) = engine.wait() {
+            let wait = until.duration_since(self.now()).unwrap_or_default();
+            plan.next = plan.next.max(Instant::now() + wait);
+            if kind == WaitKind::Hold {
+                plan.hold_until = Some(plan.next);
+            }
+        }
+        self.publish_next(plan.next);
     }
 
     /// After the loop: the engine's last save (and retirement), then the outputs the

@@ -15,6 +15,7 @@ use base64::Engine as _;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::etcd::{Compare, Etcd, EtcdError, Event, Op};
 use super::record::{ClusterKey, Record};
@@ -56,7 +57,8 @@ impl std::fmt::Debug for Member {
 
 impl Member {
     /// Joins the cluster at `prefix` as `name`: keeps a lease of `ttl` alive and watches
-    /// the prefix, until `cancel`. Returns at once; etcd may be unreachable for now.
+    /// the prefix, until `cancel` (then hands its leads over), on `tracker`. Returns at
+    /// once; etcd may be unreachable for now.
     pub fn start(
         etcd: Etcd,
         key: ClusterKey,
@@ -64,6 +66,7 @@ impl Member {
         name: &str,
         ttl: Duration,
         cancel: CancellationToken,
+        tracker: &TaskTracker,
     ) -> Arc<Member> {
         let m = Arc::new(Member {
             etcd: Arc::new(etcd),
@@ -75,8 +78,8 @@ impl Member {
             last_contact: Mutex::new(None),
             seats: Mutex::new(HashMap::new()),
         });
-        tokio::spawn(m.clone().keep_alive(cancel.clone()));
-        tokio::spawn(m.clone().watch_prefix(cancel));
+        tracker.spawn(m.clone().keep_alive(cancel.clone()));
+        tracker.spawn(m.clone().watch_prefix(cancel));
         m
     }
 

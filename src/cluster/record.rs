@@ -1,5 +1,6 @@
 //! The shared record of a cluster account (SPEC §8) and how it is sealed: the token, its
-//! expiry, the rotated refresh token, the hold and rate-limit wait, and who fetched it,
+//! expiry, the rotated refresh token, the hold and rate-limit wait (the engine's
+//! [`Portable`] state), and who fetched it,
 //! as JSON sealed with AES-256-GCM under the cluster's `key` (bound to the record's etcd
 //! key, so a record cannot be moved to another account), and the keyed digest that names
 //! an account in etcd without naming any of its settings in the clear.
@@ -14,6 +15,7 @@ use ring::hmac;
 use serde::{Deserialize, Serialize};
 
 use crate::account::identity::RequestIdentity;
+use crate::account::persist::Portable;
 
 /// The cluster's shared key: 32 random bytes, written as 64 hex digits (`openssl rand
 /// -hex 32`). `Debug` shows nothing of it; it is zeroed when dropped.
@@ -121,36 +123,14 @@ pub enum SealError {
     Format(String),
 }
 
-/// What members share about one account. Holds credentials: `Debug` is not derived.
+/// What members share about one account: the engine's portable state, who fetched the
+/// token, and a generation that only grows.
 #[derive(Serialize, Deserialize, Clone, PartialEq)]
 pub struct Record {
-    /// Grows with every write; a newer record never loses to an older one.
     pub generation: u64,
     /// The member that fetched the token.
     pub fetched_by: String,
-    pub access_token: Option<String>,
-    pub token_type: Option<String>,
-    /// Unix seconds.
-    pub issued_at: Option<u64>,
-    pub expires_at: Option<u64>,
-    pub scope: Option<String>,
-    /// The refresh_token grant's current refresh token.
-    pub refresh_token: Option<String>,
-    /// No request before this (Unix seconds), and why: `backoff`, `rate_limit`, `hold`.
-    pub wait_until: Option<u64>,
-    pub wait_kind: Option<String>,
-    pub refusals: u32,
-}
-
-impl Drop for Record {
-    fn drop(&mut self) {
-        for s in [&mut self.access_token, &mut self.refresh_token]
-            .into_iter()
-            .flatten()
-        {
-            zeroize::Zeroize::zeroize(s);
-        }
-    }
+    pub state: Portable,
 }
 
 #[cfg(test)]
@@ -163,15 +143,12 @@ mod tests {
         Record {
             generation: 7,
             fetched_by: "host-a".into(),
-            access_token: Some("tok-secret".into()),
-            token_type: Some("Bearer".into()),
-            issued_at: Some(1_700_000_000),
-            expires_at: Some(1_700_003_600),
-            scope: None,
-            refresh_token: Some("rt-secret".into()),
-            wait_until: None,
-            wait_kind: None,
-            refusals: 0,
+            state: Portable {
+                token: None,
+                refresh_token: Some("tok-secret rt-secret".into()),
+                wait: None,
+                refusals: 0,
+            },
         }
     }
 

@@ -29,7 +29,36 @@ pub struct Config {
     /// The file this was read from; relative paths inside it are relative to its directory.
     pub path: PathBuf,
     pub daemon: DaemonConfig,
+    pub cluster: Option<ClusterConfig>,
     pub accounts: Vec<Account>,
+}
+
+/// `[cluster]` (SPEC §8): members that share an etcd cluster and a `prefix` share their
+/// accounts, one member refreshing each.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterConfig {
+    pub endpoints: Vec<url::Url>,
+    pub prefix: String,
+    pub member: String,
+    pub lease_ttl: Duration,
+    /// 64 hex digits: the AEAD key of the shared records.
+    pub key: SecretSpec,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<SecretSpec>,
+    pub username: Option<String>,
+    pub password: Option<SecretSpec>,
+    pub on_cluster_loss: OnClusterLoss,
+}
+
+/// What a member does when a token is due and etcd has been unreachable for `lease_ttl`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnClusterLoss {
+    /// Refresh on its own (except refresh_token accounts: a second refresher would fork
+    /// the chain).
+    Refresh,
+    /// Never refresh without etcd.
+    Wait,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -96,6 +125,8 @@ pub struct Account {
     pub hook_timeout: Duration,
     pub outputs: Vec<Output>,
     pub access: Access,
+    /// Shared with the cluster (when there is a `[cluster]`); `cluster = false` opts out.
+    pub cluster: bool,
 }
 
 impl fmt::Debug for Account {
@@ -127,6 +158,7 @@ impl fmt::Debug for Account {
             .field("hook_timeout", &self.hook_timeout)
             .field("outputs", &self.outputs)
             .field("access", &self.access)
+            .field("cluster", &self.cluster)
             .finish()
     }
 }

@@ -25,6 +25,24 @@ pub(crate) struct RawDaemon {
     pub metrics_listen: Option<S<String>>,
 }
 
+/// `[cluster]` (SPEC §8).
+#[derive(Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCluster {
+    pub backend: Option<S<String>>,
+    pub endpoints: Option<S<Vec<String>>>,
+    pub prefix: Option<S<String>>,
+    pub member: Option<S<String>>,
+    pub lease_ttl: Option<S<String>>,
+    pub key: Option<S<toml::Value>>,
+    pub ca_file: Option<S<String>>,
+    pub cert_file: Option<S<String>>,
+    pub key_file: Option<S<toml::Value>>,
+    pub username: Option<S<String>>,
+    pub password: Option<S<toml::Value>>,
+    pub on_cluster_loss: Option<S<String>>,
+}
+
 /// One `[[account]]`, and also `[defaults]` (which may not hold `name` or `output`).
 #[derive(Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
@@ -32,6 +50,8 @@ pub(crate) struct RawAccount {
     pub name: Option<S<String>>,
     pub token_url: Option<S<String>>,
     pub allow_http: Option<S<bool>>,
+    /// `false`: not shared with the cluster even when there is a `[cluster]`.
+    pub cluster: Option<S<bool>>,
     pub grant_type: Option<S<String>>,
     pub client_id: Option<S<String>>,
     pub client_secret: Option<S<toml::Value>>,

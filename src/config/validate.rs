@@ -9,7 +9,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
-use super::raw::{field_names, RawAccess, RawAccount, RawDaemon, RawOutput, RawSignal, S};
+use super::raw::{
+    field_names, RawAccess, RawAccount, RawCluster, RawDaemon, RawOutput, RawSignal, S,
+};
 use super::secret::{SecretSource, SecretSpec};
 use super::*;
 
@@ -350,11 +352,13 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<(Config, Located), Config
     let root = root.into_inner();
 
     let mut daemon_raw = None;
+    let mut cluster_raw = None;
     let mut defaults_raw = None;
     let mut accounts_raw = Vec::new();
     for (key, value) in &root {
         match key.get_ref().as_ref() {
             "daemon" => daemon_raw = section::<RawDaemon>(&mut cx, value, "daemon"),
+            "cluster" => cluster_raw = section::<RawCluster>(&mut cx, value, "cluster"),
             "defaults" => defaults_raw = section::<RawAccount>(&mut cx, value, "defaults"),
             "account" => match value.get_ref() {
                 DeValue::Array(items) => {
@@ -370,7 +374,7 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<(Config, Located), Config
             other => cx.err(
                 key.span(),
                 other,
-                "unknown key (expected [daemon], [defaults] or [[account]])",
+                "unknown key (expected [daemon], [cluster], [defaults] or [[account]])",
             ),
         }
     }
@@ -381,6 +385,7 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<(Config, Located), Config
         .as_ref()
         .map(|s| cx.locate(s.span(), "daemon.state_dir".into(), String::new()));
     let daemon = daemon(&mut cx, daemon_raw);
+    let cluster = cluster_raw.and_then(|c| cluster(&mut cx, c));
     let defaults = defaults_raw.unwrap_or_default();
     if let Some(n) = &defaults.name {
         cx.err(n.span(), "defaults.name", "every account has its own name");
@@ -440,7 +445,14 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<(Config, Located), Config
             Config {
                 path: file.to_owned(),
                 daemon,
-                accounts,
+                accounts: accounts
+                    .into_iter()
+                    .map(|a| Account {
+                        cluster: a.cluster && cluster.is_some(),
+                        ..a
+                    })
+                    .collect(),
+                cluster,
             },
             Located {
                 inline_secrets: cx.inline_secrets,
@@ -1059,6 +1071,130 @@ fn account(
         hook_timeout,
         outputs,
         access,
+        cluster: pick!(cluster).is_none_or(|c| *c.get_ref()),
+    })
+}
+
+/// `[cluster]` (SPEC §8); `None` (with errors reported) when it cannot be used.
+fn cluster(cx: &mut Ctx<'_>, raw: RawCluster) -> Option<ClusterConfig> {
+    let at = |s: &Option<S<String>>| s.as_ref().map_or(0..0, |v| v.span());
+    if let Some(b) = &raw.backend {
+        if b.get_ref() != "etcd" {
+            cx.err(b.span(), "cluster.backend", "the only backend is \"etcd\"");
+        }
+    }
+    let mut endpoints = Vec::new();
+    match &raw.endpoints {
+        Some(e) if !e.get_ref().is_empty() => {
+            for u in e.get_ref() {
+                match url::Url::parse(u) {
+                    Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => {
+                        endpoints.push(url)
+                    }
+                    _ => cx.err(
+                        e.span(),
+                        "cluster.endpoints",
+                        format!("{u:?} is not an http:// or https:// URL of an etcd member"),
+                    ),
+                }
+            }
+        }
+        Some(e) => cx.err(
+            e.span(),
+            "cluster.endpoints",
+            "name at least one etcd member",
+        ),
+        None => cx.err(
+            0..0,
+            "cluster.endpoints",
+            "missing key \"endpoints\" (the etcd members' client URLs)",
+        ),
+    }
+    let prefix = match &raw.prefix {
+        Some(p) if p.get_ref().starts_with('/') && p.get_ref().len() > 1 => {
+            p.get_ref().trim_end_matches('/').to_owned()
+        }
+        Some(p) => {
+            cx.err(
+                p.span(),
+                "cluster.prefix",
+                "an etcd key prefix such as \"/tokend/prod\"",
+            );
+            String::new()
+        }
+        None => {
+            cx.err(
+                0..0,
+                "cluster.prefix",
+                "missing key \"prefix\" (members with the same prefix share accounts)",
+            );
+            String::new()
+        }
+    };
+    let member = match &raw.member {
+        Some(m) if valid_name(m.get_ref()) => m.get_ref().clone(),
+        Some(m) => {
+            cx.err(m.span(), "cluster.member", "1 to 64 of A-Z a-z 0-9 . _ -");
+            String::new()
+        }
+        None => nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .filter(|h| valid_name(h))
+            .unwrap_or_else(|| "tokend".into()),
+    };
+    let lease_ttl = cx.duration(&raw.lease_ttl, "cluster.lease_ttl", Duration::from_secs(10));
+    if lease_ttl < Duration::from_secs(2) {
+        cx.err(at(&raw.lease_ttl), "cluster.lease_ttl", "at least 2s");
+    }
+    let key = match &raw.key {
+        Some(k) => {
+            let spec = cx.secret(k, "cluster.key");
+            if let Some(Ok(v)) = spec
+                .as_ref()
+                .filter(|s| s.is_inline())
+                .map(SecretSpec::read)
+            {
+                if let Err(e) = crate::cluster::record::ClusterKey::from_hex(v.expose()) {
+                    cx.err(k.span(), "cluster.key", e.to_string());
+                }
+            }
+            spec
+        }
+        None => {
+            cx.err(0..0, "cluster.key", "missing key \"key\" (64 hex digits, the same on every member: openssl rand -hex 32)");
+            None
+        }
+    };
+    let on_cluster_loss = cx.choice(
+        &raw.on_cluster_loss,
+        "cluster.on_cluster_loss",
+        &[
+            ("refresh", OnClusterLoss::Refresh),
+            ("wait", OnClusterLoss::Wait),
+        ],
+        OnClusterLoss::Refresh,
+    );
+    let key_file = raw
+        .key_file
+        .as_ref()
+        .and_then(|k| cx.secret(k, "cluster.key_file"));
+    let password = raw
+        .password
+        .as_ref()
+        .and_then(|p| cx.secret(p, "cluster.password"));
+    Some(ClusterConfig {
+        endpoints,
+        prefix,
+        member,
+        lease_ttl,
+        key: key?,
+        ca_file: raw.ca_file.as_ref().map(|p| cx.path(p.get_ref())),
+        cert_file: raw.cert_file.as_ref().map(|p| cx.path(p.get_ref())),
+        key_file,
+        username: raw.username.map(|u| u.into_inner()),
+        password,
+        on_cluster_loss,
     })
 }
 

@@ -105,6 +105,12 @@ pub struct AccountInfo {
     pub last_refresh: Option<String>,
     pub last_error: Option<String>,
     pub next_refresh: Option<String>,
+    /// Cluster mode: the member that refreshes the account now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
+    /// Cluster mode: the member that fetched the token served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refreshed_by: Option<String>,
 }
 
 /// `GET /v1/health`.

@@ -344,6 +344,8 @@ fn info(view: &AccountView, now: SystemTime) -> AccountInfo {
         last_refresh: s.last_refresh.map(rfc3339),
         last_error: s.last_error.clone(),
         next_refresh: s.next_attempt.map(rfc3339),
+        leader: s.leader.clone(),
+        refreshed_by: s.refreshed_by.clone(),
     }
 }
 

@@ -9,6 +9,16 @@ use tokend::cluster::record::{ClusterKey, Record};
 
 use crate::support::etcd::EtcdCluster;
 
+/// A portable state holding just a refresh token (opaque to these tests).
+fn portable(rt: &str) -> tokend::account::persist::Portable {
+    tokend::account::persist::Portable {
+        token: None,
+        refresh_token: Some(rt.into()),
+        wait: None,
+        refusals: 0,
+    }
+}
+
 fn client(endpoints: &[String]) -> Etcd {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
@@ -184,15 +194,7 @@ async fn a_sealed_record_round_trips_through_etcd_and_shows_no_token() {
     let record = Record {
         generation: 1,
         fetched_by: "host-a".into(),
-        access_token: Some("tok-in-etcd".into()),
-        token_type: Some("Bearer".into()),
-        issued_at: Some(1),
-        expires_at: Some(2),
-        scope: None,
-        refresh_token: Some("rt-in-etcd".into()),
-        wait_until: None,
-        wait_kind: None,
-        refusals: 0,
+        state: portable("tok-in-etcd rt-in-etcd"),
     };
     let sealed = key.seal(at, &record);
     etcd.txn(
@@ -244,6 +246,7 @@ mod election {
             name,
             ttl,
             cancel.clone(),
+            &tokio_util::task::TaskTracker::new(),
         );
         (m, cancel)
     }
@@ -265,15 +268,7 @@ mod election {
         Record {
             generation,
             fetched_by: by.into(),
-            access_token: Some(format!("tok-{generation}")),
-            token_type: Some("Bearer".into()),
-            issued_at: Some(1),
-            expires_at: Some(2),
-            scope: None,
-            refresh_token: None,
-            wait_until: None,
-            wait_kind: None,
-            refusals: 0,
+            state: portable(&format!("rt-{generation}")),
         }
     }
 
@@ -349,6 +344,7 @@ mod election {
                     "host-d",
                     ttl,
                     CancellationToken::new(),
+                    &tokio_util::task::TaskTracker::new(),
                 );
                 d.wait_for_lease(&CancellationToken::new()).await;
                 let sd = d.seat("a", &identity());
@@ -380,5 +376,188 @@ mod election {
             !sa.publish(&record(9, "host-a")).await.unwrap(),
             "the stopped one cannot write"
         );
+    }
+}
+
+/// `tokend run` members of one cluster against real etcd and the fake IdP.
+mod members {
+    use std::time::Instant;
+
+    use crate::support::fake_idp::{FakeIdp, Reply};
+    use crate::support::{Daemon, Sandbox, LONG, SHORT};
+
+    use super::*;
+
+    const KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+    struct Node {
+        name: String,
+        sb: Sandbox,
+        config: std::path::PathBuf,
+    }
+
+    impl Node {
+        fn token(&self) -> Option<String> {
+            self.sb.read("out/a")
+        }
+    }
+
+    /// `n` members (`m0`, `m1`, ...) sharing account `a` (`extra` lines), each with its
+    /// own sandbox, outputs and state_dir.
+    fn nodes(etcd: &EtcdCluster, idp: &FakeIdp, n: usize, extra: &str) -> Vec<Node> {
+        let endpoints: Vec<String> = etcd
+            .endpoints()
+            .iter()
+            .map(|e| format!("\"{e}\""))
+            .collect();
+        (0..n)
+            .map(|i| {
+                let sb = Sandbox::new();
+                sb.write(&sb.path("secret"), "client-secret\n", 0o600);
+                let name = format!("m{i}");
+                let config = sb.config(&format!(
+                    "[daemon]\nstate_dir = \"state\"\nsocket = \"tokend.sock\"\n\n\
+                     [cluster]\nendpoints = [{}]\nprefix = \"/tokend/test\"\nmember = \"{name}\"\n\
+                     lease_ttl = \"2s\"\nkey = \"{KEY}\"\n\n\
+                     [[account]]\nname = \"a\"\ntoken_url = \"{}\"\nclient_id = \"id\"\n\
+                     client_secret = {{ file = \"secret\" }}\nmin_refresh_interval = \"1s\"\n{extra}\n\
+                     [[account.output]]\npath = \"out/a\"\n",
+                    endpoints.join(", "),
+                    idp.url()
+                ));
+                Node { name, sb, config }
+            })
+            .collect()
+    }
+
+    fn leader_of(node: &Node) -> Option<String> {
+        crate::support::account_status(&node.sb.path("tokend.sock"), "a")?["leader"]
+            .as_str()
+            .map(str::to_owned)
+    }
+
+    #[test]
+    fn one_request_per_cycle_for_the_cluster_and_every_member_serves_it() {
+        let Some(etcd) = EtcdCluster::start(1) else {
+            return;
+        };
+        let idp = FakeIdp::start(Reply::token(4));
+        let nodes = nodes(&etcd, &idp, 3, "");
+        let daemons: Vec<Daemon> = nodes.iter().map(|n| Daemon::start(&n.config)).collect();
+        // Three cycles of 4-second tokens (refreshed at about 3.2 s).
+        let tokens = daemons[0].wait_until("three tokens issued", Duration::from_secs(30), || {
+            (idp.issued().len() >= 3).then(|| idp.issued())
+        });
+        for t in &tokens[..3] {
+            assert!(idp.is_issued(t));
+        }
+        // Every member serves the latest token within a second of its write.
+        let latest = idp.issued().last().cloned().unwrap();
+        for (n, d) in nodes.iter().zip(&daemons) {
+            d.wait_until(
+                &format!("{} serving the latest token", n.name),
+                SHORT,
+                || {
+                    n.token()
+                        .filter(|t| *t == latest || idp.issued().last() == Some(t))
+                },
+            );
+        }
+        let issued = idp.issued().len();
+        let requests = idp.requests().len();
+        assert_eq!(requests, issued, "every request got a token");
+        // Over that time, one member asked: at most one request per cycle.
+        let first = idp.requests()[0].at;
+        let span = idp.requests().last().unwrap().at - first;
+        assert!(
+            (requests as f64) <= span.as_secs_f64() / 3.0 + 1.5,
+            "{requests} requests in {span:?} for 3 members"
+        );
+        let leaders: Vec<String> = nodes.iter().filter_map(leader_of).collect();
+        assert_eq!(
+            leaders.len(),
+            3,
+            "every member knows who leads: {leaders:?}"
+        );
+        assert!(leaders.iter().all(|l| *l == leaders[0]), "{leaders:?}");
+    }
+
+    #[test]
+    fn a_killed_leader_is_replaced_within_the_lease_and_a_stopped_one_at_once() {
+        let Some(etcd) = EtcdCluster::start(1) else {
+            return;
+        };
+        let idp = FakeIdp::start(Reply::token(3600));
+        let nodes = nodes(&etcd, &idp, 3, "refresh_every = \"6s\"");
+        let mut daemons: Vec<Option<Daemon>> = nodes
+            .iter()
+            .map(|n| Some(Daemon::start(&n.config)))
+            .collect();
+        let token = daemons[0].as_ref().unwrap().wait_until(
+            "every member serving one token",
+            SHORT,
+            || {
+                let t = nodes[0].token()?;
+                nodes
+                    .iter()
+                    .all(|n| n.token().as_deref() == Some(t.as_str()))
+                    .then_some(t)
+            },
+        );
+        assert_eq!(idp.requests().len(), 1, "joining members asked nothing");
+        let leader = daemons[0]
+            .as_ref()
+            .unwrap()
+            .wait_until("a leader", SHORT, || leader_of(&nodes[0]));
+        let li: usize = leader[1..].parse().unwrap();
+
+        // kill -9 the leader: another leads within lease_ttl + 1 s.
+        let killed = daemons[li].take().unwrap();
+        nix::sys::signal::kill(killed.pid(), nix::sys::signal::Signal::SIGKILL).unwrap();
+        drop(killed);
+        let other = (li + 1) % 3;
+        let t0 = Instant::now();
+        let (new_leader, took) =
+            daemons[other]
+                .as_ref()
+                .unwrap()
+                .wait_until("a new leader", LONG, || {
+                    leader_of(&nodes[other])
+                        .filter(|l| *l != leader)
+                        .map(|l| (l, t0.elapsed()))
+                });
+        println!("failover after kill -9: {took:?} (lease_ttl 2 s) to {new_leader}");
+        // The inherited token is good: nobody asks before it is due.
+        assert_eq!(
+            idp.requests().len(),
+            1,
+            "the new leader inherited the token"
+        );
+        assert_eq!(nodes[other].token().unwrap(), token);
+
+        // SIGTERM the new leader: handover at once.
+        let ni: usize = new_leader[1..].parse().unwrap();
+        let last = (0..3).find(|i| *i != li && *i != ni).unwrap();
+        let t1 = Instant::now();
+        let (status, _, log) = daemons[ni].take().unwrap().terminate();
+        assert!(status.success(), "{log}");
+        let took =
+            daemons[last]
+                .as_ref()
+                .unwrap()
+                .wait_until("the last member leading", LONG, || {
+                    (leader_of(&nodes[last]).as_deref() == Some(nodes[last].name.as_str()))
+                        .then(|| t1.elapsed())
+                });
+        println!("handover after SIGTERM: {took:?}");
+        assert_eq!(idp.requests().len(), 1);
+        // It refreshes when due (refresh_every 6 s), and only it.
+        daemons[last]
+            .as_ref()
+            .unwrap()
+            .wait_until("the next token", LONG, || {
+                nodes[last].token().filter(|t| *t != token)
+            });
+        assert_eq!(idp.requests().len(), 2);
     }
 }
