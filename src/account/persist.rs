@@ -68,6 +68,9 @@ pub struct Portable {
     pub refresh_token: Option<String>,
     pub wait: Option<Wait>,
     pub refusals: u32,
+    /// Why the last request failed, if it did (safe to show: no secret, no token).
+    #[serde(default)]
+    pub last_error: Option<String>,
 }
 
 impl Drop for Portable {
@@ -299,6 +302,7 @@ impl Saved {
             refresh_token: self.chain.as_ref().map(|c| c.refresh_token.clone()),
             wait: self.wait,
             refusals: self.refusals,
+            last_error: None,
         }
     }
 

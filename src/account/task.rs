@@ -452,7 +452,9 @@ impl<E: Endpoint> Task<E> {
             let fresh = matches!(outcome, Attempt::Fresh(_));
             self.handle(outcome, &mut plan);
             if let (true, Some(c)) = (leading, coordinator.as_deref()) {
-                if c.share(engine.portable()).await {
+                let mut state = engine.portable();
+                state.last_error = self.parts.state.borrow().last_error.clone();
+                if c.share(state).await {
                     if fresh {
                         let me = c.me().to_owned();
                         self.publish(|s| s.refreshed_by = Some(me));
@@ -553,6 +555,19 @@ impl<E: Endpoint> Task<E> {
             plan.next = plan.next.max(Instant::now() + wait);
             if kind == WaitKind::Hold {
                 plan.hold_until = Some(plan.next);
+            }
+            // The leader's failure is the account's: shown here too.
+            if let Some(e) = &shared.state.last_error {
+                let (now, message) = (self.now(), format!("{e} (at {})", shared.fetched_by));
+                self.publish(|s| {
+                    s.last_error = Some(message);
+                    s.attempted = true;
+                    s.status = if s.token.is_some() && s.valid_token(now).is_none() {
+                        Status::Expired
+                    } else {
+                        Status::Failing
+                    };
+                });
             }
         }
         self.publish_next(plan.next);

@@ -148,6 +148,7 @@ mod tests {
                 refresh_token: Some("tok-secret rt-secret".into()),
                 wait: None,
                 refusals: 0,
+                last_error: None,
             },
         }
     }

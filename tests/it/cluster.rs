@@ -16,6 +16,7 @@ fn portable(rt: &str) -> tokend::account::persist::Portable {
         refresh_token: Some(rt.into()),
         wait: None,
         refusals: 0,
+        last_error: None,
     }
 }
 
@@ -559,5 +560,113 @@ mod members {
                 nodes[last].token().filter(|t| *t != token)
             });
         assert_eq!(idp.requests().len(), 2);
+    }
+
+    #[test]
+    fn a_wrong_password_is_tried_once_per_hold_for_the_whole_cluster_also_across_a_leader_kill() {
+        let Some(etcd) = EtcdCluster::start(1) else {
+            return;
+        };
+        let idp = FakeIdp::start(Reply::InvalidGrant);
+        let extra = "grant_type = \"password\"\nusername = \"svc\"\npassword = \"wrong\"\n\
+                     auth_failure_hold = \"3s\"";
+        let nodes = nodes(&etcd, &idp, 3, extra);
+        let mut daemons: Vec<Option<Daemon>> = nodes
+            .iter()
+            .map(|n| Some(Daemon::start(&n.config)))
+            .collect();
+        let leader = {
+            let d0 = daemons[0].as_ref().unwrap();
+            d0.wait_until("the first refusal", SHORT, || {
+                idp.requests().first().map(|_| ())
+            });
+            let leader = d0.wait_until("a leader", SHORT, || leader_of(&nodes[0]));
+            // Every member holds (the hold is the cluster's).
+            for n in &nodes {
+                d0.wait_until(&format!("{} failing", n.name), SHORT, || {
+                    let s = crate::support::account_status(&n.sb.path("tokend.sock"), "a")?;
+                    (s["status"] == "failing").then_some(())
+                });
+            }
+            leader
+        };
+        // Kill the leader: its successor honours the hold.
+        let li: usize = leader[1..].parse().unwrap();
+        let killed = daemons[li].take().unwrap();
+        nix::sys::signal::kill(killed.pid(), nix::sys::signal::Signal::SIGKILL).unwrap();
+        drop(killed);
+        let live = daemons.iter().flatten().next().unwrap();
+        let reqs = live.wait_until("the third refusal", Duration::from_secs(30), || {
+            let r = idp.requests();
+            (r.len() >= 3).then_some(r)
+        });
+        let gaps: Vec<Duration> = reqs.windows(2).map(|w| w[1].at - w[0].at).collect();
+        println!("gaps between the cluster's login attempts: {gaps:?}");
+        let tolerance = Duration::from_millis(300);
+        assert!(gaps[0] >= Duration::from_secs(3) - tolerance, "{gaps:?}");
+        assert!(
+            gaps[1] >= Duration::from_secs(6) - tolerance,
+            "the hold doubled: {gaps:?}"
+        );
+    }
+
+    #[test]
+    fn a_refresh_token_chain_survives_leader_kills_with_no_token_sent_twice() {
+        let Some(etcd) = EtcdCluster::start(1) else {
+            return;
+        };
+        let idp = FakeIdp::start(Reply::token(3));
+        idp.seed_refresh_token("rt-seed");
+        let extra =
+            "grant_type = \"refresh_token\"\nrefresh_token = \"rt-seed\"\nclient_auth = \"none\"";
+        let nodes = nodes(&etcd, &idp, 3, extra);
+        for n in &nodes {
+            let text = std::fs::read_to_string(&n.config).unwrap();
+            n.sb.write(
+                &n.config,
+                &text.replace("client_secret = { file = \"secret\" }\n", ""),
+                0o600,
+            );
+        }
+        let mut daemons: Vec<Option<Daemon>> = nodes
+            .iter()
+            .map(|n| Some(Daemon::start(&n.config)))
+            .collect();
+        for round in 0..3 {
+            let live = daemons.iter().position(Option::is_some).unwrap();
+            let d = daemons[live].as_ref().unwrap();
+            let seen = idp.issued().len();
+            // A new token arrived and every live member serves it: no request is on the
+            // wire now (the next comes at 80% of 3 s), so a kill loses nothing.
+            let latest = d.wait_until("a new token everywhere", LONG, || {
+                let issued = idp.issued();
+                let t = issued.last().filter(|_| issued.len() > seen)?.clone();
+                nodes
+                    .iter()
+                    .zip(&daemons)
+                    .filter(|(_, d)| d.is_some())
+                    .all(|(n, _)| n.token().as_deref() == Some(t.as_str()))
+                    .then_some(t)
+            });
+            let leader = d.wait_until("a leader", SHORT, || leader_of(&nodes[live]));
+            let li: usize = leader[1..].parse().unwrap();
+            println!("round {round}: {leader} leads, serving {}", &latest[..8]);
+            let killed = daemons[li].take().unwrap();
+            nix::sys::signal::kill(killed.pid(), nix::sys::signal::Signal::SIGKILL).unwrap();
+            drop(killed);
+            // Restarted at once: it comes back as a follower (or leader) of the same chain.
+            daemons[li] = Some(Daemon::start(&nodes[li].config));
+        }
+        let d = daemons[0].as_ref().unwrap();
+        let before = idp.issued().len();
+        d.wait_until("two more rotations", LONG, || {
+            (idp.issued().len() >= before + 2).then_some(())
+        });
+        assert!(
+            idp.reused_refresh_tokens().is_empty(),
+            "a refresh token was sent twice: {:?}",
+            idp.reused_refresh_tokens()
+        );
+        assert!(!idp.family_revoked("rt-seed"));
     }
 }
