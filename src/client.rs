@@ -424,6 +424,7 @@ mod tests {
                 next_refresh: Some(at(2400)),
                 leader: None,
                 refreshed_by: None,
+                degraded: false,
             },
             AccountInfo {
                 account: "cibmtr".into(),
@@ -435,6 +436,7 @@ mod tests {
                 next_refresh: None,
                 leader: None,
                 refreshed_by: None,
+                degraded: false,
             },
         ];
         assert_eq!(

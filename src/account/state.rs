@@ -51,6 +51,8 @@ pub struct TokenState {
     pub leader: Option<String>,
     /// Cluster mode: the member that fetched the token served.
     pub refreshed_by: Option<String>,
+    /// Cluster mode: cut off from the cluster (refreshing alone, or waiting for it).
+    pub degraded: bool,
 }
 
 impl Default for TokenState {
@@ -65,6 +67,7 @@ impl Default for TokenState {
             attempted: false,
             leader: None,
             refreshed_by: None,
+            degraded: false,
         }
     }
 }

@@ -406,12 +406,19 @@ impl<E: Endpoint> Task<E> {
                         self.follow(&mut engine, c.as_ref(), &mut plan).await;
                         // A leader that left frees its key: take the lead now, not when
                         // the token falls due (failover within the lease's time to live).
-                        let leader = match c.turn().await {
+                        let turn = tokio::select! {
+                            _ = cancel.cancelled() => break,
+                            t = c.turn() => t,
+                        };
+                        let leader = match turn {
                             Turn::Lead => Some(c.me().to_owned()),
                             Turn::Follow(other) => Some(other),
                             Turn::Alone | Turn::Wait => None,
                         };
-                        self.publish(|s| s.leader = leader);
+                        self.publish(|s| {
+                            s.degraded = leader.is_none();
+                            s.leader = leader;
+                        });
                     }
                     continue;
                 }
@@ -482,10 +489,18 @@ impl<E: Endpoint> Task<E> {
         force: bool,
     ) -> Option<bool> {
         let recheck = Instant::now() + CLUSTER_RECHECK;
-        match c.turn().await {
+        let turn = tokio::select! {
+            // etcd may be slow to say it is out of reach: stopping does not wait for it.
+            _ = self.parts.cancel.cancelled() => return None,
+            t = c.turn() => t,
+        };
+        match turn {
             Turn::Lead => {
                 let me = c.me().to_owned();
-                self.publish(|s| s.leader = Some(me));
+                self.publish(|s| {
+                    s.leader = Some(me);
+                    s.degraded = false;
+                });
                 // Taking over: a fresh token another member shared, or its hold, first.
                 self.follow(engine, c, plan).await;
                 let now = Instant::now();
@@ -499,18 +514,27 @@ impl<E: Endpoint> Task<E> {
                 if force {
                     tracing::info!(account = %self.account().name, leader = %leader, "refresh forced, but another member leads this account: ask it there");
                 }
-                self.publish(|s| s.leader = Some(leader));
+                self.publish(|s| {
+                    s.leader = Some(leader);
+                    s.degraded = false;
+                });
                 plan.next = recheck;
                 self.publish_next(plan.next);
                 None
             }
             Turn::Alone => {
                 tracing::warn!(account = %self.account().name, "cluster unreachable: refreshing on this member alone (on_cluster_loss = \"refresh\")");
-                self.publish(|s| s.leader = None);
+                self.publish(|s| {
+                    s.leader = None;
+                    s.degraded = true;
+                });
                 Some(false)
             }
             Turn::Wait => {
-                self.publish(|s| s.leader = None);
+                self.publish(|s| {
+                    s.leader = None;
+                    s.degraded = true;
+                });
                 plan.next = recheck;
                 self.publish_next(plan.next);
                 None
@@ -521,7 +545,11 @@ impl<E: Endpoint> Task<E> {
     /// Cluster mode: takes over what other members shared (a newer token is delivered
     /// and served; a hold or rate limit is honoured here too).
     async fn follow(&mut self, engine: &mut Engine<E>, c: &dyn Coordinator, plan: &mut Plan) {
-        let Some(shared) = c.shared().await else {
+        let shared = tokio::select! {
+            _ = self.parts.cancel.cancelled() => return,
+            s = c.shared() => s,
+        };
+        let Some(shared) = shared else {
             return;
         };
         if let Some(token) = engine.adopt(&shared.state).await {

@@ -20,8 +20,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::ClusterConfig;
 
-/// How long one etcd call may take before the next member is tried.
-const ETCD_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long one etcd call may take before the next member is tried: a member without
+/// quorum does not answer, and an account waits on these calls.
+const ETCD_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// Joins the cluster `config` describes, until `cancel`.
 pub fn join(
@@ -37,7 +38,7 @@ pub fn join(
         .with_context(|| format!("cluster.key from {}", config.key.describe()))?;
     let mut b = reqwest::Client::builder()
         .timeout(ETCD_TIMEOUT)
-        .connect_timeout(Duration::from_secs(1))
+        .connect_timeout(Duration::from_millis(500))
         .user_agent(concat!("tokend/", env!("CARGO_PKG_VERSION")));
     if let Some(ca) = &config.ca_file {
         let pem = std::fs::read(ca)

@@ -111,6 +111,10 @@ pub struct AccountInfo {
     /// Cluster mode: the member that fetched the token served.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refreshed_by: Option<String>,
+    /// Cluster mode: this member is cut off from the cluster (it serves its last token,
+    /// and refreshes alone only as `on_cluster_loss` allows).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub degraded: bool,
 }
 
 /// `GET /v1/health`.

@@ -346,6 +346,7 @@ fn info(view: &AccountView, now: SystemTime) -> AccountInfo {
         next_refresh: s.next_attempt.map(rfc3339),
         leader: s.leader.clone(),
         refreshed_by: s.refreshed_by.clone(),
+        degraded: s.degraded,
     }
 }
 

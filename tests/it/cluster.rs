@@ -669,4 +669,69 @@ mod members {
         );
         assert!(!idp.family_revoked("rt-seed"));
     }
+
+    #[test]
+    fn without_etcd_quorum_members_serve_on_and_refresh_alone_then_converge_again() {
+        let Some(mut etcd) = EtcdCluster::start(3) else {
+            return;
+        };
+        let idp = FakeIdp::start(Reply::token(8));
+        let nodes = nodes(&etcd, &idp, 3, "");
+        let daemons: Vec<Daemon> = nodes.iter().map(|n| Daemon::start(&n.config)).collect();
+        let d0 = &daemons[0];
+        let first = d0.wait_until("every member serving one token", SHORT, || {
+            let t = nodes[0].token()?;
+            nodes
+                .iter()
+                .all(|n| n.token().as_deref() == Some(t.as_str()))
+                .then_some(t)
+        });
+        d0.wait_until("a leader", SHORT, || leader_of(&nodes[0]));
+        let (before, lost_at) = (idp.requests().len(), Instant::now());
+        // Two of three etcd members die: no quorum.
+        etcd.kill(1);
+        etcd.kill(2);
+        for n in &nodes {
+            d0.wait_until(&format!("{} degraded", n.name), LONG, || {
+                let s = crate::support::account_status(&n.sb.path("tokend.sock"), "a")?;
+                (s["degraded"] == true).then_some(())
+            });
+        }
+        // Tokens keep being served; when due (8 s tokens, at about 6.4 s), each member
+        // refreshes on its own: at most one request per member per cycle.
+        d0.wait_until("tokens refreshed alone", LONG, || {
+            nodes
+                .iter()
+                .all(|n| n.token().is_some_and(|t| t != first))
+                .then_some(())
+        });
+        let alone = idp.requests().len() - before;
+        let cycles = lost_at.elapsed().as_secs_f64() / 6.0;
+        println!(
+            "without quorum: {alone} requests in {:?}",
+            lost_at.elapsed()
+        );
+        assert!(
+            alone as f64 <= 3.0 * (cycles + 1.0),
+            "{alone} requests for 3 members in {cycles:.1} cycles"
+        );
+        // Quorum back: one leader again, and one request per cycle.
+        etcd.restart(1);
+        etcd.restart(2);
+        etcd.wait_healthy(Duration::from_secs(30));
+        d0.wait_until("one leader again, known to all", LONG, || {
+            let leaders: Vec<String> = nodes.iter().filter_map(leader_of).collect();
+            (leaders.len() == 3 && leaders.iter().all(|l| *l == leaders[0])).then_some(())
+        });
+        let (mark, at) = (idp.requests().len(), Instant::now());
+        d0.wait_until("two more cycles", Duration::from_secs(40), || {
+            (at.elapsed() > Duration::from_secs(14)).then_some(())
+        });
+        let after = idp.requests().len() - mark;
+        println!("with quorum again: {after} requests in {:?}", at.elapsed());
+        assert!(after <= 3, "{after} requests in two to three cycles");
+        for n in &nodes {
+            assert!(n.token().is_some());
+        }
+    }
 }
