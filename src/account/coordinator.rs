@@ -43,4 +43,14 @@ pub trait Coordinator: Send + Sync + 'static {
     fn resign(&self) -> BoxFuture<'_, ()>;
     /// This instance's name, for `refreshed_by`.
     fn me(&self) -> &str;
+    /// This instance's place in its cluster, for readers.
+    fn status(&self) -> std::sync::Arc<dyn ClusterStatus>;
+}
+
+/// What readers may know about this instance's place in its cluster (`/v1/cluster`).
+pub trait ClusterStatus: Send + Sync + 'static {
+    /// This member's name.
+    fn member(&self) -> &str;
+    /// Whether etcd answered within the lease's time to live.
+    fn reachable(&self) -> bool;
 }

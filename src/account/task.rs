@@ -48,6 +48,8 @@ pub enum Poke {
 pub struct AccountView {
     pub account: Arc<Account>,
     pub state: watch::Receiver<TokenState>,
+    /// Cluster mode: this member's place in its cluster.
+    pub cluster: Option<Arc<dyn super::coordinator::ClusterStatus>>,
     refresh: mpsc::Sender<Poke>,
 }
 
@@ -172,6 +174,7 @@ pub fn spawn_coordinated<E: Endpoint>(
     let farewell = Arc::new(Farewell::default());
     let done = CancellationToken::new();
     let mirror = Mirror::default();
+    let cluster = coordinator.as_ref().map(|c| c.status());
     let parts = Parts {
         account: account.clone(),
         endpoint: Arc::new(endpoint),
@@ -188,6 +191,7 @@ pub fn spawn_coordinated<E: Endpoint>(
         view: AccountView {
             account,
             state: state_rx,
+            cluster,
             refresh: refresh_tx,
         },
         cancel,

@@ -124,4 +124,8 @@ impl Coordinator for Seated {
     fn me(&self) -> &str {
         self.seat.member().name()
     }
+
+    fn status(&self) -> std::sync::Arc<dyn crate::account::coordinator::ClusterStatus> {
+        self.seat.member().clone()
+    }
 }

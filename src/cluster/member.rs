@@ -255,6 +255,16 @@ impl Member {
     }
 }
 
+impl crate::account::coordinator::ClusterStatus for Member {
+    fn member(&self) -> &str {
+        &self.name
+    }
+
+    fn reachable(&self) -> bool {
+        Member::reachable(self)
+    }
+}
+
 /// One account's place in the cluster.
 pub struct Seat {
     member: Arc<Member>,

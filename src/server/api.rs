@@ -12,6 +12,7 @@ use crate::account::Status;
 pub const TOKENS: &str = "/v1/tokens";
 /// `GET`: 200 when every account holds a valid token, else 503: [`Health`].
 pub const HEALTH: &str = "/v1/health";
+pub const CLUSTER: &str = "/v1/cluster";
 /// `GET`: OpenMetrics text.
 pub const METRICS: &str = "/metrics";
 
@@ -114,6 +115,27 @@ pub struct AccountInfo {
     /// Cluster mode: this member is cut off from the cluster (it serves its last token,
     /// and refreshes alone only as `on_cluster_loss` allows).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub degraded: bool,
+}
+
+/// `GET /v1/cluster` (cluster mode only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    /// This member's name.
+    pub member: String,
+    /// Whether it reaches etcd.
+    pub reachable: bool,
+    /// The accounts the caller may read that this member shares with the cluster.
+    pub accounts: Vec<ClusterAccount>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterAccount {
+    pub account: String,
+    /// The member that refreshes it now, if known.
+    pub leader: Option<String>,
+    /// The member that fetched the token served.
+    pub refreshed_by: Option<String>,
     pub degraded: bool,
 }
 

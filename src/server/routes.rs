@@ -68,6 +68,13 @@ async fn route(req: Request<Incoming>, ctx: &Ctx, caller: &Caller) -> Response<B
             not_allowed("GET, HEAD")
         };
     }
+    if path == api::CLUSTER {
+        return if get {
+            cluster(ctx, peer)
+        } else {
+            not_allowed("GET, HEAD")
+        };
+    }
     let Some(rest) = path
         .strip_prefix(api::TOKENS)
         .and_then(|r| r.strip_prefix('/'))
@@ -348,6 +355,38 @@ fn info(view: &AccountView, now: SystemTime) -> AccountInfo {
         refreshed_by: s.refreshed_by.clone(),
         degraded: s.degraded,
     }
+}
+
+/// `GET /v1/cluster` (SPEC §4, §8): this member, whether it reaches etcd, and who
+/// refreshes each shared account the caller may read. 404 without `[cluster]`.
+fn cluster(ctx: &Ctx, peer: &super::Peer) -> Response<Body> {
+    let accounts = ctx.accounts.borrow().clone();
+    let Some(status) = accounts.values().find_map(|v| v.cluster.clone()) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            code::NOT_FOUND,
+            "not in cluster mode: the config has no [cluster] (or no account shared with it)"
+                .into(),
+        );
+    };
+    let info = api::ClusterInfo {
+        member: status.member().to_owned(),
+        reachable: status.reachable(),
+        accounts: accounts
+            .values()
+            .filter(|v| v.cluster.is_some() && peer.may_read(&v.account.access))
+            .map(|v| {
+                let s = v.state.borrow();
+                api::ClusterAccount {
+                    account: v.account.name.clone(),
+                    leader: s.leader.clone(),
+                    refreshed_by: s.refreshed_by.clone(),
+                    degraded: s.degraded,
+                }
+            })
+            .collect(),
+    };
+    json(StatusCode::OK, &info)
 }
 
 /// `GET /v1/health`: 200 when every account the caller may read holds a valid token,

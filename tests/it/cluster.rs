@@ -481,6 +481,16 @@ mod members {
             "every member knows who leads: {leaders:?}"
         );
         assert!(leaders.iter().all(|l| *l == leaders[0]), "{leaders:?}");
+        for n in &nodes {
+            let (code, body) =
+                crate::support::socket_get(&n.sb.path("tokend.sock"), "/v1/cluster").unwrap();
+            assert_eq!(code, 200, "{body}");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["member"], n.name.as_str());
+            assert_eq!(v["reachable"], true);
+            assert_eq!(v["accounts"][0]["account"], "a");
+            assert_eq!(v["accounts"][0]["leader"], leaders[0].as_str());
+        }
     }
 
     #[test]
