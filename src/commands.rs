@@ -95,6 +95,17 @@ pub fn check(config: &Config) -> Result<(), Failure> {
             }
         }
     }
+    if let Some(c) = &config.cluster {
+        let probed = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(crate::cluster::probe(c)));
+        report(match probed {
+            Ok(line) => Ok(format!("cluster member {}: {line}", c.member)),
+            Err(e) => Err(format!("cluster member {}: {e:#}", c.member)),
+        });
+    }
     if let Some(dir) = &config.daemon.state_dir {
         report(match dir_takes_files(dir) {
             Ok(()) => Ok(format!("state_dir {} writable", dir.display())),

@@ -30,6 +30,35 @@ pub fn join(
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) -> anyhow::Result<Arc<member::Member>> {
+    let (etcd, key) = connect(config)?;
+    tracing::info!(member = %config.member, prefix = %config.prefix, "joining the cluster");
+    Ok(member::Member::start(
+        etcd,
+        key,
+        &config.prefix,
+        &config.member,
+        config.lease_ttl,
+        cancel,
+        tracker,
+    ))
+}
+
+/// For `tokend check`: reads the cluster's prefix once. Says how many accounts the
+/// cluster shares, or why etcd cannot be reached.
+pub async fn probe(config: &ClusterConfig) -> anyhow::Result<String> {
+    let (etcd, _) = connect(config)?;
+    let (kvs, _) = etcd
+        .get_prefix(&format!("{}/accounts/", config.prefix))
+        .await?;
+    let leaders = kvs.iter().filter(|kv| kv.key.ends_with("/leader")).count();
+    Ok(format!(
+        "etcd reachable; {leaders} shared account(s) have a leader under {}",
+        config.prefix
+    ))
+}
+
+/// The etcd client and the record key `config` describes.
+fn connect(config: &ClusterConfig) -> anyhow::Result<(etcd::Etcd, record::ClusterKey)> {
     let key_text = config
         .key
         .read()
@@ -83,15 +112,5 @@ pub fn join(
         (None, None) => None,
         _ => anyhow::bail!("cluster.username and cluster.password go together"),
     };
-    let etcd = etcd::Etcd::new(client, config.endpoints.clone(), auth);
-    tracing::info!(member = %config.member, prefix = %config.prefix, "joining the cluster");
-    Ok(member::Member::start(
-        etcd,
-        key,
-        &config.prefix,
-        &config.member,
-        config.lease_ttl,
-        cancel,
-        tracker,
-    ))
+    Ok((etcd::Etcd::new(client, config.endpoints.clone(), auth), key))
 }
