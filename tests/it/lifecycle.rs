@@ -2,12 +2,17 @@
 //! real time: reload by rename-over, in-place write and SIGHUP; a broken config keeps
 //! the running one; rate limits shared per provider; refused credentials held until
 //! the secret file changes; a restart served from the state directory; kill -9 during
-//! writes; hooks after every rotation.
+//! writes; hooks after every rotation. Waits are on outputs, or on the account as the
+//! daemon's socket shows it; on the log only where the log is what is checked (a
+//! refused reload, SIGHUP, a killed hook: none of them has a state of its own).
 
 use std::time::{Duration, Instant};
 
 use crate::support::fake_idp::{FakeIdp, Reply};
-use crate::support::{Daemon, Sandbox, LONG, SHORT};
+use crate::support::{account_status, socket_get, Daemon, Sandbox, LONG, SHORT};
+
+/// The `[daemon]` keys that serve the socket `tokend.sock` beside the config.
+const SOCKET: &str = "socket = \"tokend.sock\"\n";
 
 fn account(name: &str, url: &str, client_id: &str, extra: &str) -> String {
     format!(
@@ -179,8 +184,25 @@ fn invalid_grant_holds_the_account_until_the_password_file_changes() {
     let extra =
         "grant_type = \"password\"\nusername = \"svc\"\npassword = { file = \"password\" }\n\
                  min_refresh_interval = \"1s\"";
-    let d = Daemon::start(&sb.config(&account("okta", &idp.url(), "id", extra)));
-    d.wait_for_log("retry_in=900", 1, SHORT);
+    let d = Daemon::start(&sb.config(&format!(
+        "[daemon]\n{SOCKET}{}",
+        account("okta", &idp.url(), "id", extra)
+    )));
+    // Held: failing, the next attempt about 15 minutes (auth_failure_hold) away.
+    let socket = sb.path("tokend.sock");
+    d.wait_until("okta to be held", SHORT, || {
+        let a = account_status(&socket, "okta")?;
+        let next = time::OffsetDateTime::parse(
+            a["next_refresh"].as_str()?,
+            &time::format_description::well_known::Rfc3339,
+        )
+        .expect("next_refresh is RFC 3339");
+        let left = next - time::OffsetDateTime::now_utc();
+        let held = a["status"] == "failing"
+            && left > time::Duration::minutes(14)
+            && left <= time::Duration::seconds(905);
+        held.then_some(())
+    });
     assert_eq!(idp.requests().len(), 1);
     // Not a stream of logins: nothing more for a while (bounded look for absence).
     std::thread::sleep(Duration::from_secs(2));
@@ -196,7 +218,10 @@ fn invalid_grant_holds_the_account_until_the_password_file_changes() {
     let reqs = idp.wait_requests(2, SHORT);
     assert_eq!(reqs[1].form()["password"], "right-password");
     d.wait_until("the token", SHORT, || sb.read("out/okta"));
-    assert!(!d.log().contains("wrong-password") && !d.log().contains("right-password"));
+    let (status, _, log) = d.terminate();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("retry_in=900"), "the hold is logged:\n{log}");
+    assert!(!log.contains("wrong-password") && !log.contains("right-password"));
 }
 
 #[test]
@@ -204,9 +229,10 @@ fn a_restart_serves_the_saved_token_without_a_request() {
     let idp = FakeIdp::start(Reply::token(3600));
     let sb = sandbox();
     let cfg = sb.config(&format!(
-        "[daemon]\nstate_dir = \"state\"\n{}",
+        "[daemon]\nstate_dir = \"state\"\n{SOCKET}{}",
         account("a", &idp.url(), "id", "")
     ));
+    let socket = sb.path("tokend.sock");
     let d = Daemon::start(&cfg);
     let token = d.wait_until("a's token", SHORT, || sb.read("out/a"));
     assert_eq!(sb.mode("state/a.json"), 0o600);
@@ -217,10 +243,14 @@ fn a_restart_serves_the_saved_token_without_a_request() {
     std::fs::remove_file(sb.path("out/a")).unwrap();
     for _ in 0..3 {
         let d = Daemon::start(&cfg);
-        d.wait_for_log("serving the saved token", 1, SHORT);
+        let served = d.wait_until("this daemon to serve a's token", SHORT, || {
+            socket_get(&socket, "/v1/tokens/a/raw").and_then(|(code, t)| (code == 200).then_some(t))
+        });
+        assert_eq!(served, token);
         assert_eq!(d.wait_until("a's token", SHORT, || sb.read("out/a")), token);
-        let (status, _, _) = d.terminate();
-        assert!(status.success());
+        let (status, _, log) = d.terminate();
+        assert!(status.success(), "{log}");
+        assert!(log.contains("serving the saved token"), "{log}");
     }
     assert_eq!(idp.requests().len(), 1, "three restarts, zero requests");
 
@@ -243,7 +273,7 @@ fn kill_9_during_writes_leaves_outputs_and_state_whole() {
     let sb = sandbox();
     let extra = "min_refresh_interval = \"1s\"\n[[account.output]]\npath = \"out/a.json\"\nformat = \"json\"";
     let cfg = sb.config(&format!(
-        "[daemon]\nstate_dir = \"state\"\n{}",
+        "[daemon]\nstate_dir = \"state\"\n{SOCKET}{}",
         account("a", &idp.url(), "id", extra)
     ));
     let started = Instant::now();
@@ -278,16 +308,21 @@ fn kill_9_during_writes_leaves_outputs_and_state_whole() {
     let d = Daemon::start(&cfg);
     // Wait on this daemon's own state, not on files the killed rounds left behind (an
     // `out/a` from round 49 is there before this process even parsed its config, and a
-    // SIGTERM before its handlers exist kills it with the default action). "tokend
-    // started" is logged by this process after its signal streams exist; then its
-    // account task must have cleaned the stale temporary files away.
-    d.wait_for_log("tokend started", 1, SHORT);
+    // SIGTERM before its handlers exist kills it with the default action). Every killed
+    // round was reaped, so whoever answers on the socket is this process, and it binds
+    // the socket after its signal streams exist; then its account task must have
+    // cleaned the stale temporary files away.
+    let socket = sb.path("tokend.sock");
+    d.wait_until("the new daemon to answer on its socket", SHORT, || {
+        account_status(&socket, "a")
+    });
     d.wait_until("the new daemon's clean-up and a whole token", SHORT, || {
         let raw = sb.read("out/a").filter(|t| idp.is_issued(t))?;
         (tmp_files(&sb).is_empty()).then_some(raw)
     });
     let (status, _, log) = d.terminate();
     assert!(status.success(), "{log}");
+    assert!(log.contains("tokend started"), "{log}");
     let leftovers = tmp_files(&sb);
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
