@@ -601,7 +601,11 @@ fn an_absurd_expiry_is_capped(expiry: Expiry) {
         at <= cap,
         "{expiry:?}: expires_at {json} is more than a year away"
     );
-    let status = wait_for_socket(&d, &sb, "a");
+    // Published after the outputs are written: wait until the attempt is over.
+    let status = d.wait_until("the attempt to be published", SHORT, || {
+        account_status(&socket(&sb), "a")
+            .filter(|s| s["status"] != "refreshing" && s["status"] != "pending")
+    });
     assert_eq!(status["status"], "fresh", "{expiry:?}: {status}");
     let health = socket_get(&socket(&sb), "/v1/health");
     assert_eq!(

@@ -11,8 +11,30 @@ use std::time::{Duration, Instant};
 use crate::support::fake_idp::{FakeIdp, Reply};
 use crate::support::{account_status, socket_get, Daemon, Sandbox, LONG, SHORT};
 
-/// The `[daemon]` keys that serve the socket `tokend.sock` beside the config.
-const SOCKET: &str = "socket = \"tokend.sock\"\n";
+/// The `[daemon]` key that serves the socket `tokend.sock` in the sandbox.
+fn socket_key(sb: &Sandbox) -> String {
+    format!("socket = \"{}\"\n", sb.path("tokend.sock").display())
+}
+
+/// A config of `accounts` served on the sandbox's socket.
+fn with_socket(sb: &Sandbox, accounts: &str) -> String {
+    format!("[daemon]\n{}{accounts}", socket_key(sb))
+}
+
+/// Waits until every account of `names` is fresh, as the daemon's socket shows it.
+///
+/// A test that edits the config right after waits on this, not on the outputs: the
+/// daemon watches its files only once it serves (the outputs may be written before),
+/// and an edit it does not see is never applied.
+fn wait_fresh(d: &Daemon, sb: &Sandbox, names: &[&str]) {
+    let socket = sb.path("tokend.sock");
+    for name in names {
+        d.wait_until(&format!("{name} to be fresh on the socket"), SHORT, || {
+            let a = account_status(&socket, name)?;
+            (a["status"] == "fresh").then_some(())
+        });
+    }
+}
 
 fn account(name: &str, url: &str, client_id: &str, extra: &str) -> String {
     format!(
@@ -52,7 +74,8 @@ fn reload_adds_removes_and_keeps_unchanged_accounts_without_new_requests() {
     let url = idp.url();
     let a = account("a", &url, "id-a", "");
     let b = account("b", &url, "id-b", "");
-    let d = Daemon::start(&sb.config(&format!("{a}\n{b}")));
+    let d = Daemon::start(&sb.config(&with_socket(&sb, &format!("{a}\n{b}"))));
+    wait_fresh(&d, &sb, &["a", "b"]);
     d.wait_until("both tokens", SHORT, || {
         sb.read("out/a").and(sb.read("out/b"))
     });
@@ -60,7 +83,7 @@ fn reload_adds_removes_and_keeps_unchanged_accounts_without_new_requests() {
 
     // Rename-over: b goes, c comes, a stays as it was.
     let c = account("c", &url, "id-c", "");
-    rename_over(&sb, &format!("{a}\n{c}"));
+    rename_over(&sb, &with_socket(&sb, &format!("{a}\n{c}")));
     d.wait_until("c's token", SHORT, || sb.read("out/c"));
     d.wait_until("b's output removed", SHORT, || {
         sb.read("out/b").is_none().then_some(())
@@ -75,7 +98,11 @@ fn reload_adds_removes_and_keeps_unchanged_accounts_without_new_requests() {
     // In place (truncate and write), an output-only change: a's token moves to a new
     // path with a new mode, without asking the provider.
     let a2 = a.replace("path = \"out/a\"", "path = \"out/a2\"\nmode = \"0640\"");
-    std::fs::write(sb.path("config.toml"), format!("{a2}\n{c}")).unwrap();
+    std::fs::write(
+        sb.path("config.toml"),
+        with_socket(&sb, &format!("{a2}\n{c}")),
+    )
+    .unwrap();
     d.wait_until("a's token at its new path", SHORT, || sb.read("out/a2"));
     assert_eq!(sb.read("out/a2").unwrap(), token_a);
     assert_eq!(sb.mode("out/a2"), 0o640);
@@ -90,7 +117,7 @@ fn reload_adds_removes_and_keeps_unchanged_accounts_without_new_requests() {
 
     // A changed request restarts the account: a new token.
     let a3 = a2.replace("client_id = \"id-a\"", "client_id = \"id-a3\"");
-    rename_over(&sb, &format!("{a3}\n{c}"));
+    rename_over(&sb, &with_socket(&sb, &format!("{a3}\n{c}")));
     d.wait_until("a's new token", SHORT, || {
         sb.read("out/a2").filter(|t| *t != token_a)
     });
@@ -103,16 +130,17 @@ fn a_broken_config_keeps_the_running_one_and_sighup_reloads() {
     let sb = sandbox();
     let url = idp.url();
     let a = account("a", &url, "id-a", "");
-    let d = Daemon::start(&sb.config(&a));
+    let d = Daemon::start(&sb.config(&with_socket(&sb, &a)));
+    wait_fresh(&d, &sb, &["a"]);
     d.wait_until("a's token", SHORT, || sb.read("out/a"));
 
-    rename_over(&sb, &format!("{a}\ntokne_url = 1\n"));
+    rename_over(&sb, &with_socket(&sb, &format!("{a}\ntokne_url = 1\n")));
     d.wait_for_log("keeping the running config", 1, SHORT);
     assert!(d.log().contains("tokne_url"), "the error names the key");
 
     // SIGHUP with a valid config: applied.
     let b = account("b", &url, "id-b", "");
-    let text = format!("{a}\n{b}");
+    let text = with_socket(&sb, &format!("{a}\n{b}"));
     // Written where the watcher would also see it; SIGHUP must reload by itself too.
     std::fs::write(sb.path("config.toml"), &text).unwrap();
     nix::sys::signal::kill(d.pid(), nix::sys::signal::Signal::SIGHUP).unwrap();
@@ -185,7 +213,8 @@ fn invalid_grant_holds_the_account_until_the_password_file_changes() {
         "grant_type = \"password\"\nusername = \"svc\"\npassword = { file = \"password\" }\n\
                  min_refresh_interval = \"1s\"";
     let d = Daemon::start(&sb.config(&format!(
-        "[daemon]\n{SOCKET}{}",
+        "[daemon]\n{}{}",
+        socket_key(&sb),
         account("okta", &idp.url(), "id", extra)
     )));
     // Held: failing, the next attempt about 15 minutes (auth_failure_hold) away.
@@ -229,7 +258,8 @@ fn a_restart_serves_the_saved_token_without_a_request() {
     let idp = FakeIdp::start(Reply::token(3600));
     let sb = sandbox();
     let cfg = sb.config(&format!(
-        "[daemon]\nstate_dir = \"state\"\n{SOCKET}{}",
+        "[daemon]\nstate_dir = \"state\"\n{}{}",
+        socket_key(&sb),
         account("a", &idp.url(), "id", "")
     ));
     let socket = sb.path("tokend.sock");
@@ -273,7 +303,8 @@ fn kill_9_during_writes_leaves_outputs_and_state_whole() {
     let sb = sandbox();
     let extra = "min_refresh_interval = \"1s\"\n[[account.output]]\npath = \"out/a.json\"\nformat = \"json\"";
     let cfg = sb.config(&format!(
-        "[daemon]\nstate_dir = \"state\"\n{SOCKET}{}",
+        "[daemon]\nstate_dir = \"state\"\n{}{}",
+        socket_key(&sb),
         account("a", &idp.url(), "id", extra)
     ));
     let started = Instant::now();
@@ -394,9 +425,13 @@ fn a_configmap_symlink_swap_reloads() {
         &format!("file = \"{}\"", secret.display()),
     );
     let out = |n: &str| format!("path = \"{}\"", sb.path(&format!("out/{n}")).display());
-    version(1, &a.replace("path = \"out/a\"", &out("a")));
+    version(
+        1,
+        &with_socket(&sb, &a.replace("path = \"out/a\"", &out("a"))),
+    );
     std::os::unix::fs::symlink("..data/config.toml", dir.join("config.toml")).unwrap();
     let d = Daemon::start(&dir.join("config.toml"));
+    wait_fresh(&d, &sb, &["a"]);
     d.wait_until("a's token", SHORT, || sb.read("out/a"));
 
     let b = account("b", &url, "id-b", "").replace(
@@ -405,10 +440,13 @@ fn a_configmap_symlink_swap_reloads() {
     );
     version(
         2,
-        &format!(
-            "{}\n{}",
-            a.replace("path = \"out/a\"", &out("a")),
-            b.replace("path = \"out/b\"", &out("b"))
+        &with_socket(
+            &sb,
+            &format!(
+                "{}\n{}",
+                a.replace("path = \"out/a\"", &out("a")),
+                b.replace("path = \"out/b\"", &out("b"))
+            ),
         ),
     );
     d.wait_until("b's token after the swap", SHORT, || sb.read("out/b"));
