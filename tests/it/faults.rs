@@ -217,6 +217,18 @@ fn refusal_holds_double_survive_a_restart_and_end_when_the_secret_changes() {
         let r = idp.requests();
         (r.len() >= 3).then_some(r)
     });
+    // The IdP records a request when it arrives; the daemon saves the third hold (4 s)
+    // when the answer came, and publishes it after: wait for that before stopping it.
+    d.wait_until("the third hold to be published", SHORT, || {
+        let a = account_status(&socket(&sb), "a")?;
+        let next = time::OffsetDateTime::parse(
+            a["next_refresh"].as_str()?,
+            &time::format_description::well_known::Rfc3339,
+        )
+        .expect("next_refresh is RFC 3339");
+        // The second hold (2 s) ended when the third request went out.
+        (next - time::OffsetDateTime::now_utc() > time::Duration::milliseconds(2500)).then_some(())
+    });
     for n in 1..3 {
         let gap = reqs[n].at - reqs[n - 1].at;
         let least = hold * 2u32.pow(n as u32 - 1);

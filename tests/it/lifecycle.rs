@@ -347,10 +347,15 @@ fn kill_9_during_writes_leaves_outputs_and_state_whole() {
     d.wait_until("the new daemon to answer on its socket", SHORT, || {
         account_status(&socket, "a")
     });
-    d.wait_until("the new daemon's clean-up and a whole token", SHORT, || {
-        let raw = sb.read("out/a").filter(|t| idp.is_issued(t))?;
-        (tmp_files(&sb).is_empty()).then_some(raw)
-    });
+    let mut left = Vec::new();
+    let whole = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        d.wait_until("the new daemon's clean-up and a whole token", SHORT, || {
+            let raw = sb.read("out/a").filter(|t| idp.is_issued(t))?;
+            left = tmp_files(&sb);
+            left.is_empty().then_some(raw)
+        })
+    }));
+    assert!(whole.is_ok(), "temporary files left: {left:?}");
     let (status, _, log) = d.terminate();
     assert!(status.success(), "{log}");
     assert!(log.contains("tokend started"), "{log}");
