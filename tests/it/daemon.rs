@@ -1,7 +1,9 @@
 //! `tokend run` against the fake IdP, in real time: outputs rewritten on every rotation,
 //! failures that leave the last token in place, expiry, SIGTERM, torn reads, secrets
 //! kept out of the log, stale temporary files. Schedules are shortened through the
-//! config (`refresh_every`, `min_refresh_interval`); every wait is for a state.
+//! config (`refresh_every`, `min_refresh_interval`); every wait is for a state: the
+//! outputs, or the account on the daemon's socket (`/v1/tokens`). The log is waited on
+//! only where it is what the test checks.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,15 +12,30 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 
 use crate::support::fake_idp::{Expiry, FakeIdp, Reply};
-use crate::support::{read, Daemon, Sandbox, LONG, SHORT};
+use crate::support::{account_status, read, Daemon, Sandbox, LONG, SHORT};
 
-/// One account `a` with `extra` config lines and a raw output `tok`.
+/// One account `a` with `extra` config lines and a raw output `tok`, served on the
+/// socket `tokend.sock` beside the config.
 fn config(url: &str, extra: &str) -> String {
     format!(
-        "[daemon]\nlog_level = \"debug\"\n\n[[account]]\nname = \"a\"\ntoken_url = \"{url}\"\n\
+        "[daemon]\nlog_level = \"debug\"\nsocket = \"tokend.sock\"\n\n\
+         [[account]]\nname = \"a\"\ntoken_url = \"{url}\"\n\
          client_id = \"id\"\nclient_secret = \"secret\"\n{extra}\n\
          [[account.output]]\npath = \"tok\"\n"
     )
+}
+
+/// Waits until account `a`, as `GET /v1/tokens` on the daemon's socket shows it, is
+/// what `f` looks for; returns what `f` returned.
+fn wait_for_account<T>(
+    d: &Daemon,
+    sandbox: &Sandbox,
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut(&serde_json::Value) -> Option<T>,
+) -> T {
+    let socket = sandbox.path("tokend.sock");
+    d.wait_until(what, timeout, || f(&account_status(&socket, "a")?))
 }
 
 /// Waits until the output `name` holds its first token, and returns it.
@@ -103,10 +120,14 @@ fn run_keeps_the_last_token_while_the_idp_fails_then_recovers() {
     for w in requests[1..].windows(2) {
         assert!(w[1].at - w[0].at >= Duration::from_millis(90));
     }
-    // Logged after the outputs are written.
-    d.wait_for_log("(recovered)", 1, SHORT);
-    let log = d.log();
-    for what in ["HTTP 500", "malformed", "timed out after 1s"] {
+    // The socket serves it too, and the failures are forgotten. The recovery is logged
+    // before it is published: the whole log, once the daemon stopped, tells all of it.
+    wait_for_account(&d, &sandbox, "a fresh account again", SHORT, |a| {
+        (a["status"] == "fresh" && a["last_error"].is_null()).then_some(())
+    });
+    let (status, _, log) = d.terminate();
+    assert!(status.success(), "{status:?}\n{log}");
+    for what in ["(recovered)", "HTTP 500", "malformed", "timed out after 1s"] {
         assert!(log.contains(what), "{what:?} not in the log:\n{log}");
     }
 }
@@ -120,11 +141,13 @@ fn run_backs_off_on_a_refused_connection_and_recovers_when_the_idp_returns() {
     let t1 = first_token(&d, &sandbox, "tok");
 
     let closed = idp.stop();
-    d.wait_for_log("failed to reach", 1, LONG);
+    let error = wait_for_account(&d, &sandbox, "a failure to reach the IdP", LONG, |a| {
+        let error = a["last_error"].as_str()?;
+        (a["status"] == "failing").then(|| error.to_owned())
+    });
     assert!(
-        d.log().contains("Connection refused"),
-        "refused, not some other failure:\n{}",
-        d.log()
+        error.contains("failed to reach") && error.contains("Connection refused"),
+        "refused, not some other failure: {error}"
     );
     assert_eq!(
         sandbox.read("tok"),
@@ -142,6 +165,12 @@ fn run_backs_off_on_a_refused_connection_and_recovers_when_the_idp_returns() {
     assert!(
         back.is_issued(&t2),
         "{t2:?} comes from the IdP that came back"
+    );
+    let (status, _, log) = d.terminate();
+    assert!(status.success(), "{status:?}\n{log}");
+    assert!(
+        log.contains("failed to reach") && log.contains("Connection refused"),
+        "the log tells the refusal:\n{log}"
     );
 }
 
@@ -212,12 +241,17 @@ fn expired_token_outputs_are_removed_with_on_expiry_remove() {
             (None, Some(_)) => None,
         },
     );
-    // Logged after the outputs are removed.
-    d.wait_for_log("token expired without renewal", 1, SHORT);
+    // Published (and logged before that) after the outputs are removed.
+    wait_for_account(&d, &sandbox, "the account to show expired", SHORT, |a| {
+        (a["status"] == "expired" && a["valid"] == false).then_some(())
+    });
     assert!(
         idp.requests().len() >= 2,
         "a refresh was tried before the token expired"
     );
+    let (status, _, log) = d.terminate();
+    assert!(status.success(), "{status:?}\n{log}");
+    assert!(log.contains("token expired without renewal"), "{log}");
 }
 
 #[test]
@@ -229,6 +263,11 @@ fn expired_token_outputs_stay_with_on_expiry_keep() {
     let d = Daemon::start(&sandbox.config(&config(&idp.url(), extra)));
     let t1 = first_token(&d, &sandbox, "tok");
 
+    wait_for_account(&d, &sandbox, "the account to show expired", LONG, |a| {
+        (a["status"] == "expired" && a["valid"] == false).then_some(())
+    });
+    // `expired` is also what a failed attempt after the expiry publishes; only the
+    // log tells that the expiry itself was handled, and its outputs kept.
     d.wait_for_log("token expired without renewal", 1, LONG);
     assert_eq!(sandbox.read("tok"), Some(t1), "kept after expiry");
 }

@@ -217,6 +217,18 @@ fn refusal_holds_double_survive_a_restart_and_end_when_the_secret_changes() {
         let r = idp.requests();
         (r.len() >= 3).then_some(r)
     });
+    // The IdP records a request when it arrives; the daemon saves the third hold (4 s)
+    // when the answer came, and publishes it after: wait for that before stopping it.
+    d.wait_until("the third hold to be published", SHORT, || {
+        let a = account_status(&socket(&sb), "a")?;
+        let next = time::OffsetDateTime::parse(
+            a["next_refresh"].as_str()?,
+            &time::format_description::well_known::Rfc3339,
+        )
+        .expect("next_refresh is RFC 3339");
+        // The second hold (2 s) ended when the third request went out.
+        (next - time::OffsetDateTime::now_utc() > time::Duration::milliseconds(2500)).then_some(())
+    });
     for n in 1..3 {
         let gap = reqs[n].at - reqs[n - 1].at;
         let least = hold * 2u32.pow(n as u32 - 1);
@@ -601,7 +613,11 @@ fn an_absurd_expiry_is_capped(expiry: Expiry) {
         at <= cap,
         "{expiry:?}: expires_at {json} is more than a year away"
     );
-    let status = wait_for_socket(&d, &sb, "a");
+    // Published after the outputs are written: wait until the attempt is over.
+    let status = d.wait_until("the attempt to be published", SHORT, || {
+        account_status(&socket(&sb), "a")
+            .filter(|s| s["status"] != "refreshing" && s["status"] != "pending")
+    });
     assert_eq!(status["status"], "fresh", "{expiry:?}: {status}");
     let health = socket_get(&socket(&sb), "/v1/health");
     assert_eq!(

@@ -2,12 +2,39 @@
 //! real time: reload by rename-over, in-place write and SIGHUP; a broken config keeps
 //! the running one; rate limits shared per provider; refused credentials held until
 //! the secret file changes; a restart served from the state directory; kill -9 during
-//! writes; hooks after every rotation.
+//! writes; hooks after every rotation. Waits are on outputs, or on the account as the
+//! daemon's socket shows it; on the log only where the log is what is checked (a
+//! refused reload, SIGHUP, a killed hook: none of them has a state of its own).
 
 use std::time::{Duration, Instant};
 
 use crate::support::fake_idp::{FakeIdp, Reply};
-use crate::support::{Daemon, Sandbox, LONG, SHORT};
+use crate::support::{account_status, socket_get, Daemon, Sandbox, LONG, SHORT};
+
+/// The `[daemon]` key that serves the socket `tokend.sock` in the sandbox.
+fn socket_key(sb: &Sandbox) -> String {
+    format!("socket = \"{}\"\n", sb.path("tokend.sock").display())
+}
+
+/// A config of `accounts` served on the sandbox's socket.
+fn with_socket(sb: &Sandbox, accounts: &str) -> String {
+    format!("[daemon]\n{}{accounts}", socket_key(sb))
+}
+
+/// Waits until every account of `names` is fresh, as the daemon's socket shows it.
+///
+/// A test that edits the config right after waits on this, not on the outputs: the
+/// daemon watches its files only once it serves (the outputs may be written before),
+/// and an edit it does not see is never applied.
+fn wait_fresh(d: &Daemon, sb: &Sandbox, names: &[&str]) {
+    let socket = sb.path("tokend.sock");
+    for name in names {
+        d.wait_until(&format!("{name} to be fresh on the socket"), SHORT, || {
+            let a = account_status(&socket, name)?;
+            (a["status"] == "fresh").then_some(())
+        });
+    }
+}
 
 fn account(name: &str, url: &str, client_id: &str, extra: &str) -> String {
     format!(
@@ -47,7 +74,8 @@ fn reload_adds_removes_and_keeps_unchanged_accounts_without_new_requests() {
     let url = idp.url();
     let a = account("a", &url, "id-a", "");
     let b = account("b", &url, "id-b", "");
-    let d = Daemon::start(&sb.config(&format!("{a}\n{b}")));
+    let d = Daemon::start(&sb.config(&with_socket(&sb, &format!("{a}\n{b}"))));
+    wait_fresh(&d, &sb, &["a", "b"]);
     d.wait_until("both tokens", SHORT, || {
         sb.read("out/a").and(sb.read("out/b"))
     });
@@ -55,7 +83,7 @@ fn reload_adds_removes_and_keeps_unchanged_accounts_without_new_requests() {
 
     // Rename-over: b goes, c comes, a stays as it was.
     let c = account("c", &url, "id-c", "");
-    rename_over(&sb, &format!("{a}\n{c}"));
+    rename_over(&sb, &with_socket(&sb, &format!("{a}\n{c}")));
     d.wait_until("c's token", SHORT, || sb.read("out/c"));
     d.wait_until("b's output removed", SHORT, || {
         sb.read("out/b").is_none().then_some(())
@@ -70,7 +98,11 @@ fn reload_adds_removes_and_keeps_unchanged_accounts_without_new_requests() {
     // In place (truncate and write), an output-only change: a's token moves to a new
     // path with a new mode, without asking the provider.
     let a2 = a.replace("path = \"out/a\"", "path = \"out/a2\"\nmode = \"0640\"");
-    std::fs::write(sb.path("config.toml"), format!("{a2}\n{c}")).unwrap();
+    std::fs::write(
+        sb.path("config.toml"),
+        with_socket(&sb, &format!("{a2}\n{c}")),
+    )
+    .unwrap();
     d.wait_until("a's token at its new path", SHORT, || sb.read("out/a2"));
     assert_eq!(sb.read("out/a2").unwrap(), token_a);
     assert_eq!(sb.mode("out/a2"), 0o640);
@@ -85,7 +117,7 @@ fn reload_adds_removes_and_keeps_unchanged_accounts_without_new_requests() {
 
     // A changed request restarts the account: a new token.
     let a3 = a2.replace("client_id = \"id-a\"", "client_id = \"id-a3\"");
-    rename_over(&sb, &format!("{a3}\n{c}"));
+    rename_over(&sb, &with_socket(&sb, &format!("{a3}\n{c}")));
     d.wait_until("a's new token", SHORT, || {
         sb.read("out/a2").filter(|t| *t != token_a)
     });
@@ -98,16 +130,17 @@ fn a_broken_config_keeps_the_running_one_and_sighup_reloads() {
     let sb = sandbox();
     let url = idp.url();
     let a = account("a", &url, "id-a", "");
-    let d = Daemon::start(&sb.config(&a));
+    let d = Daemon::start(&sb.config(&with_socket(&sb, &a)));
+    wait_fresh(&d, &sb, &["a"]);
     d.wait_until("a's token", SHORT, || sb.read("out/a"));
 
-    rename_over(&sb, &format!("{a}\ntokne_url = 1\n"));
+    rename_over(&sb, &with_socket(&sb, &format!("{a}\ntokne_url = 1\n")));
     d.wait_for_log("keeping the running config", 1, SHORT);
     assert!(d.log().contains("tokne_url"), "the error names the key");
 
     // SIGHUP with a valid config: applied.
     let b = account("b", &url, "id-b", "");
-    let text = format!("{a}\n{b}");
+    let text = with_socket(&sb, &format!("{a}\n{b}"));
     // Written where the watcher would also see it; SIGHUP must reload by itself too.
     std::fs::write(sb.path("config.toml"), &text).unwrap();
     nix::sys::signal::kill(d.pid(), nix::sys::signal::Signal::SIGHUP).unwrap();
@@ -179,8 +212,26 @@ fn invalid_grant_holds_the_account_until_the_password_file_changes() {
     let extra =
         "grant_type = \"password\"\nusername = \"svc\"\npassword = { file = \"password\" }\n\
                  min_refresh_interval = \"1s\"";
-    let d = Daemon::start(&sb.config(&account("okta", &idp.url(), "id", extra)));
-    d.wait_for_log("retry_in=900", 1, SHORT);
+    let d = Daemon::start(&sb.config(&format!(
+        "[daemon]\n{}{}",
+        socket_key(&sb),
+        account("okta", &idp.url(), "id", extra)
+    )));
+    // Held: failing, the next attempt about 15 minutes (auth_failure_hold) away.
+    let socket = sb.path("tokend.sock");
+    d.wait_until("okta to be held", SHORT, || {
+        let a = account_status(&socket, "okta")?;
+        let next = time::OffsetDateTime::parse(
+            a["next_refresh"].as_str()?,
+            &time::format_description::well_known::Rfc3339,
+        )
+        .expect("next_refresh is RFC 3339");
+        let left = next - time::OffsetDateTime::now_utc();
+        let held = a["status"] == "failing"
+            && left > time::Duration::minutes(14)
+            && left <= time::Duration::seconds(905);
+        held.then_some(())
+    });
     assert_eq!(idp.requests().len(), 1);
     // Not a stream of logins: nothing more for a while (bounded look for absence).
     std::thread::sleep(Duration::from_secs(2));
@@ -196,7 +247,10 @@ fn invalid_grant_holds_the_account_until_the_password_file_changes() {
     let reqs = idp.wait_requests(2, SHORT);
     assert_eq!(reqs[1].form()["password"], "right-password");
     d.wait_until("the token", SHORT, || sb.read("out/okta"));
-    assert!(!d.log().contains("wrong-password") && !d.log().contains("right-password"));
+    let (status, _, log) = d.terminate();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("retry_in=900"), "the hold is logged:\n{log}");
+    assert!(!log.contains("wrong-password") && !log.contains("right-password"));
 }
 
 #[test]
@@ -204,9 +258,11 @@ fn a_restart_serves_the_saved_token_without_a_request() {
     let idp = FakeIdp::start(Reply::token(3600));
     let sb = sandbox();
     let cfg = sb.config(&format!(
-        "[daemon]\nstate_dir = \"state\"\n{}",
+        "[daemon]\nstate_dir = \"state\"\n{}{}",
+        socket_key(&sb),
         account("a", &idp.url(), "id", "")
     ));
+    let socket = sb.path("tokend.sock");
     let d = Daemon::start(&cfg);
     let token = d.wait_until("a's token", SHORT, || sb.read("out/a"));
     assert_eq!(sb.mode("state/a.json"), 0o600);
@@ -217,10 +273,14 @@ fn a_restart_serves_the_saved_token_without_a_request() {
     std::fs::remove_file(sb.path("out/a")).unwrap();
     for _ in 0..3 {
         let d = Daemon::start(&cfg);
-        d.wait_for_log("serving the saved token", 1, SHORT);
+        let served = d.wait_until("this daemon to serve a's token", SHORT, || {
+            socket_get(&socket, "/v1/tokens/a/raw").and_then(|(code, t)| (code == 200).then_some(t))
+        });
+        assert_eq!(served, token);
         assert_eq!(d.wait_until("a's token", SHORT, || sb.read("out/a")), token);
-        let (status, _, _) = d.terminate();
-        assert!(status.success());
+        let (status, _, log) = d.terminate();
+        assert!(status.success(), "{log}");
+        assert!(log.contains("serving the saved token"), "{log}");
     }
     assert_eq!(idp.requests().len(), 1, "three restarts, zero requests");
 
@@ -243,7 +303,8 @@ fn kill_9_during_writes_leaves_outputs_and_state_whole() {
     let sb = sandbox();
     let extra = "min_refresh_interval = \"1s\"\n[[account.output]]\npath = \"out/a.json\"\nformat = \"json\"";
     let cfg = sb.config(&format!(
-        "[daemon]\nstate_dir = \"state\"\n{}",
+        "[daemon]\nstate_dir = \"state\"\n{}{}",
+        socket_key(&sb),
         account("a", &idp.url(), "id", extra)
     ));
     let started = Instant::now();
@@ -278,16 +339,26 @@ fn kill_9_during_writes_leaves_outputs_and_state_whole() {
     let d = Daemon::start(&cfg);
     // Wait on this daemon's own state, not on files the killed rounds left behind (an
     // `out/a` from round 49 is there before this process even parsed its config, and a
-    // SIGTERM before its handlers exist kills it with the default action). "tokend
-    // started" is logged by this process after its signal streams exist; then its
-    // account task must have cleaned the stale temporary files away.
-    d.wait_for_log("tokend started", 1, SHORT);
-    d.wait_until("the new daemon's clean-up and a whole token", SHORT, || {
-        let raw = sb.read("out/a").filter(|t| idp.is_issued(t))?;
-        (tmp_files(&sb).is_empty()).then_some(raw)
+    // SIGTERM before its handlers exist kills it with the default action). Every killed
+    // round was reaped, so whoever answers on the socket is this process, and it binds
+    // the socket after its signal streams exist; then its account task must have
+    // cleaned the stale temporary files away.
+    let socket = sb.path("tokend.sock");
+    d.wait_until("the new daemon to answer on its socket", SHORT, || {
+        account_status(&socket, "a")
     });
+    let mut left = Vec::new();
+    let whole = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        d.wait_until("the new daemon's clean-up and a whole token", SHORT, || {
+            let raw = sb.read("out/a").filter(|t| idp.is_issued(t))?;
+            left = tmp_files(&sb);
+            left.is_empty().then_some(raw)
+        })
+    }));
+    assert!(whole.is_ok(), "temporary files left: {left:?}");
     let (status, _, log) = d.terminate();
     assert!(status.success(), "{log}");
+    assert!(log.contains("tokend started"), "{log}");
     let leftovers = tmp_files(&sb);
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
@@ -359,9 +430,13 @@ fn a_configmap_symlink_swap_reloads() {
         &format!("file = \"{}\"", secret.display()),
     );
     let out = |n: &str| format!("path = \"{}\"", sb.path(&format!("out/{n}")).display());
-    version(1, &a.replace("path = \"out/a\"", &out("a")));
+    version(
+        1,
+        &with_socket(&sb, &a.replace("path = \"out/a\"", &out("a"))),
+    );
     std::os::unix::fs::symlink("..data/config.toml", dir.join("config.toml")).unwrap();
     let d = Daemon::start(&dir.join("config.toml"));
+    wait_fresh(&d, &sb, &["a"]);
     d.wait_until("a's token", SHORT, || sb.read("out/a"));
 
     let b = account("b", &url, "id-b", "").replace(
@@ -370,10 +445,13 @@ fn a_configmap_symlink_swap_reloads() {
     );
     version(
         2,
-        &format!(
-            "{}\n{}",
-            a.replace("path = \"out/a\"", &out("a")),
-            b.replace("path = \"out/b\"", &out("b"))
+        &with_socket(
+            &sb,
+            &format!(
+                "{}\n{}",
+                a.replace("path = \"out/a\"", &out("a")),
+                b.replace("path = \"out/b\"", &out("b"))
+            ),
         ),
     );
     d.wait_until("b's token after the swap", SHORT, || sb.read("out/b"));

@@ -6,15 +6,23 @@
 //!   recovery, expiry, SIGTERM, torn reads, secrets in the log, stale temporary files.
 //! - `schedule`: the refresh schedule through the library API, on tokio's paused clock,
 //!   against a scripted endpoint (no sockets).
-//!
 //! - `lifecycle`: reload, rate limits shared per provider, refused credentials held,
 //!   restarts from the state directory, kill -9 during writes, hooks.
 //! - `service`: sd_notify and journald, against sockets standing in for systemd's.
+//! - `socket`: the socket API, `get`, `status` and `refresh` end to end (by root and, for
+//!   the access matrix, by test users it creates: needs root), and the server's limits
+//!   against `serve_with` in-process.
 //! - `faults`: SPEC §6's failure classes reproduced for real: refusals and their holds,
 //!   refresh-token chains against a provider that revokes reused ones, a full disk, a
 //!   chown without privilege, absurd expiries and rate limits, refused reloads.
+//! - `hostile`: hostile input and least privilege: provider tokens a shell would run,
+//!   hook environments, config lines never echoed, per-caller health, unsafe state_dirs.
+//! - `cluster`: cluster mode's building blocks against real etcd members.
 //!
-//! Helpers live in `support/`.
+//! Helpers live in `support/`: the fake IdP, the daemon runner and bounded waits, a
+//! plain HTTP client for the socket, the scripted endpoint, etcd members. Daemon tests
+//! wait on the daemon's state (its outputs, or `/v1/tokens` on its socket), and on its
+//! log only where the log itself is under test.
 
 mod cluster;
 mod daemon;
@@ -24,4 +32,5 @@ mod lifecycle;
 mod once;
 mod schedule;
 mod service;
+mod socket;
 mod support;

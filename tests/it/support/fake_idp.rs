@@ -186,6 +186,8 @@ fn pairs(s: &str) -> BTreeMap<String, String> {
 struct State {
     queue: VecDeque<Reply>,
     default: Reply,
+    /// What issued opaque tokens start with: `tok`, or a name ([`FakeIdp::name_tokens`]).
+    prefix: String,
     requests: Vec<Request>,
     issued: Vec<String>,
     issued_set: HashSet<String>,
@@ -278,6 +280,7 @@ impl FakeIdp {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 default,
+                prefix: "tok".to_owned(),
                 requests: Vec::new(),
                 issued: Vec::new(),
                 issued_set: HashSet::new(),
@@ -324,6 +327,12 @@ impl FakeIdp {
     /// Answers `reply` when the queue is empty, from now on.
     pub fn set_default(&self, reply: Reply) {
         self.shared.lock().default = reply;
+    }
+
+    /// Issues opaque tokens as `NAME-<n>-...` instead of `tok-<n>-...` from now on: with
+    /// one IdP per account, a token read back shows whose it is.
+    pub fn name_tokens(&self, name: &str) {
+        self.shared.lock().prefix = name.to_owned();
     }
 
     /// Starts a refresh-token family with `seed` (Okta, Auth0): from now on the
@@ -554,7 +563,7 @@ fn render(state: &mut State, reply: Reply, refresh: Option<String>) -> Option<(u
         }
         Reply::Token { expiry, len } => {
             let n = state.issued.len() + 1;
-            let (token, body) = token_body(n, &expiry, len, refresh.clone());
+            let (token, body) = token_body(&state.prefix, n, &expiry, len, refresh.clone());
             state.issued.push(token.clone());
             state.refresh_issued.extend(refresh);
             state.issued_set.insert(token);
@@ -718,9 +727,11 @@ fn epoch_secs() -> u64 {
         .as_secs()
 }
 
-/// The `n`-th token and the JSON answer that carries it. Tokens are `tok-<n>-` padded
-/// with random letters to a length in `len`, or a JWT with `"jti": n`: unique either way.
+/// The `n`-th token and the JSON answer that carries it. Tokens are `<prefix>-<n>-`
+/// padded with random letters to a length in `len`, or a JWT with `"jti": n`: unique
+/// either way.
 fn token_body(
+    prefix: &str,
     n: usize,
     expiry: &Expiry,
     len: Range<usize>,
@@ -743,7 +754,7 @@ fn token_body(
             )
         }
         _ => {
-            let prefix = format!("tok-{n}-");
+            let prefix = format!("{prefix}-{n}-");
             let want = rand::thread_rng().gen_range(len);
             prefix.clone() + &random_chars(want.saturating_sub(prefix.len()))
         }

@@ -1,12 +1,14 @@
 //! Helpers for the integration tests: a [`Sandbox`] directory for configs and outputs,
 //! the real binary run once ([`once`]) or as a daemon ([`Daemon`], stderr captured),
-//! bounded waiting on state ([`wait_until`]), and the fake IdP ([`fake_idp`]).
+//! bounded waiting on state ([`wait_until`]), the fake IdP ([`fake_idp`]), and a plain
+//! HTTP client for the daemon's socket ([`http`]).
 //!
 //! Nothing here sleeps to wait for a state: it polls the state itself, inside a timeout
 //! that only bounds a failure.
 
 pub mod etcd;
 pub mod fake_idp;
+pub mod http;
 pub mod scripted;
 
 use std::os::unix::fs::PermissionsExt as _;
@@ -41,6 +43,7 @@ fn clean_env(mut cmd: Command) -> Command {
     for var in [
         "RUST_LOG",
         "TOKEND_CONFIG",
+        "TOKEND_SOCKET",
         "JOURNAL_STREAM",
         "NOTIFY_SOCKET",
         "CREDENTIALS_DIRECTORY",
@@ -203,21 +206,11 @@ pub fn account_status(socket: &Path, account: &str) -> Option<serde_json::Value>
 /// `GET path` on the daemon's socket, by hand (HTTP/1.0-style: the answer ends when
 /// the connection closes): the status code and the body, `None` if it does not answer.
 pub fn socket_get(socket: &Path, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read as _, Write as _};
-    let mut conn = std::os::unix::net::UnixStream::connect(socket).ok()?;
-    conn.set_read_timeout(Some(SHORT)).ok()?;
-    conn.set_write_timeout(Some(SHORT)).ok()?;
-    write!(
-        conn,
-        "GET {path} HTTP/1.1\r\nHost: tokend\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut answer = Vec::new();
-    conn.read_to_end(&mut answer).ok()?;
-    let answer = String::from_utf8_lossy(&answer).into_owned();
-    let (head, body) = answer.split_once("\r\n\r\n")?;
-    let status = head.split(' ').nth(1)?.parse().ok()?;
-    Some((status, body.to_owned()))
+    let answer = http::try_request(socket, "GET", path, &[], SHORT)?;
+    Some((
+        answer.status,
+        String::from_utf8_lossy(&answer.body).into_owned(),
+    ))
 }
 
 /// A child process that does not outlive a failed test.

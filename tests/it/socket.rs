@@ -1,136 +1,41 @@
-//! The socket API end to end (SPEC §4, and §5 `get`, `status` and `refresh`): a real `tokend run`
-//! against a small fake token endpoint, asked over its real Unix socket, by root and by
-//! test users switched to with `setpriv`; and the server's limits (slow clients,
-//! a thousand connections, garbage) against `tokend::server::serve_with` in-process.
+//! The socket API end to end (SPEC §4, and §5 `get`, `status` and `refresh`): a real
+//! `tokend run` against the fake IdP (one per account, issuing tokens named after it),
+//! asked over its real Unix socket, by root and by test users switched to with
+//! `setpriv`; and the server's limits (slow clients, a thousand connections, garbage)
+//! against `tokend::server::serve_with` in-process.
 //!
 //! The access matrix needs root to create users and switch to them; CI runs as root.
-//! Run elsewhere, that test fails with "needs root" rather than passing unseen.
+//! Run elsewhere, those tests fail with "needs root" rather than passing unseen.
 
-use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _, PermissionsExt as _};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tokend");
+use crate::support::fake_idp::{FakeIdp, Reply};
+use crate::support::http::{parse_answer, request, Answer};
+use crate::support::{
+    finish, socket_get, tokend, tokend_via, wait_until, Daemon, Finished, Sandbox, LONG, SHORT,
+};
+
 const SECRET_ENV: &str = "TOKEND_T_SECRET";
 
 // ---------------------------------------------------------------------------------
-// A fake token endpoint on 127.0.0.1:0. The path says what it answers:
-//   /ok/LIFETIME/NAME  200, token "NAME-N" (N counts every request) living LIFETIME s
-//   /fail              503 temporarily_unavailable
-//   /refuse            400 invalid_grant (the account is held)
+// A daemon serving a socket anyone may connect to, against one fake IdP per account.
 // ---------------------------------------------------------------------------------
 
-struct Idp {
-    addr: SocketAddr,
-    requests: Arc<AtomicUsize>,
+/// A fake IdP for `account`: tokens `ACCOUNT-<n>-...` that live `lifetime` seconds.
+fn idp_for(account: &str, lifetime: u64) -> FakeIdp {
+    let idp = FakeIdp::start(Reply::token(lifetime));
+    idp.name_tokens(account);
+    idp
 }
-
-impl Idp {
-    fn start() -> Idp {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let requests = Arc::new(AtomicUsize::new(0));
-        let counter = requests.clone();
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(conn) = conn else { continue };
-                let counter = counter.clone();
-                std::thread::spawn(move || idp_answer(conn, &counter));
-            }
-        });
-        Idp { addr, requests }
-    }
-
-    fn ok(&self, name: &str, lifetime: u32) -> String {
-        format!("http://{}/ok/{lifetime}/{name}", self.addr)
-    }
-
-    fn fail(&self) -> String {
-        format!("http://{}/fail", self.addr)
-    }
-
-    fn refuse(&self) -> String {
-        format!("http://{}/refuse", self.addr)
-    }
-
-    fn requests(&self) -> usize {
-        self.requests.load(Ordering::SeqCst)
-    }
-}
-
-fn idp_answer(mut conn: TcpStream, counter: &AtomicUsize) {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        match conn.read(&mut chunk) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-        if let Some(p) = find(&buf, b"\r\n\r\n") {
-            break p + 4;
-        }
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().ok())?
-        })
-        .unwrap_or(0);
-    while buf.len() < head_end + len {
-        match conn.read(&mut chunk) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-    let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
-    let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
-    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let (status, body) = match parts.as_slice() {
-        ["ok", life, name] => (
-            "200 OK",
-            serde_json::json!({
-                "access_token": format!("{name}-{n}"),
-                "token_type": "Bearer",
-                "expires_in": life.parse::<u64>().unwrap(),
-                "scope": "full",
-            }),
-        ),
-        ["refuse"] => (
-            "400 Bad Request",
-            serde_json::json!({"error": "invalid_grant"}),
-        ),
-        _ => (
-            "503 Service Unavailable",
-            serde_json::json!({"error": "temporarily_unavailable"}),
-        ),
-    };
-    let body = body.to_string();
-    let _ = write!(
-        conn,
-        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
-// ---------------------------------------------------------------------------------
-// A daemon: `tokend run` with a config written for the test; stopped when dropped.
-// ---------------------------------------------------------------------------------
 
 /// One `[[account]]` table. `extra` goes last (so it may open `[account.access]`).
 fn account(name: &str, url: &str, extra: &str) -> String {
@@ -145,186 +50,69 @@ fn account(name: &str, url: &str, extra: &str) -> String {
     )
 }
 
-struct Daemon {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
+/// `tokend run` and the sandbox holding its config and socket; killed when dropped.
+struct Running {
+    daemon: Daemon,
+    sb: Sandbox,
     socket: PathBuf,
     config: PathBuf,
 }
 
-impl Daemon {
+impl Running {
     /// Starts a daemon serving `accounts` on a socket anyone may connect to; `daemon`
     /// adds `[daemon]` keys.
-    fn start(daemon: &str, accounts: &str) -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
+    fn start(daemon: &str, accounts: &str) -> Running {
+        let sb = Sandbox::new();
         // Test users must reach the socket inside.
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let socket = dir.path().join("tokend.sock");
-        let config = dir.path().join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[daemon]\nsocket = \"{}\"\nsocket_mode = \"0666\"\nlog_format = \"text\"\n{daemon}\n\n{accounts}",
-                socket.display()
-            ),
-        )
-        .unwrap();
-        let mut d = Daemon {
-            child: None,
-            dir,
-            socket,
-            config,
-        };
-        d.spawn();
-        d
+        std::fs::set_permissions(sb.path(""), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let socket = sb.path("tokend.sock");
+        let text = format!(
+            "[daemon]\nsocket = \"{}\"\nsocket_mode = \"0666\"\nlog_format = \"text\"\n{daemon}\n\n{accounts}",
+            socket.display()
+        );
+        Running::spawn(sb, socket, &text)
     }
 
-    fn spawn(&mut self) {
-        let log = std::fs::File::create(self.dir.path().join("log")).unwrap();
-        let child = Command::new(BIN)
-            .args(["run", "-c"])
-            .arg(&self.config)
-            .env(SECRET_ENV, "s3cret")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(&self.socket).is_err() {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("tokend exited with {status}:\n{}", self.log());
-            }
-            assert!(Instant::now() < deadline, "no socket:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(10));
+    /// Starts `tokend run` on the config `text`, which serves `socket`, and waits until
+    /// it answers there.
+    fn spawn(sb: Sandbox, socket: PathBuf, text: &str) -> Running {
+        let config = sb.config(text);
+        let daemon = Daemon::start_with_env(&config, &[(SECRET_ENV, "s3cret")]);
+        daemon.wait_until("the daemon to answer on its socket", LONG, || {
+            socket_get(&socket, "/v1/health")
+        });
+        Running {
+            daemon,
+            sb,
+            socket,
+            config,
         }
     }
 
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
-    }
-
-    fn get(&self, path: &str) -> Reply {
+    fn get(&self, path: &str) -> Answer {
         request(&self.socket, "GET", path, &[])
     }
 
     /// Waits until `account` serves a token, and returns it.
     fn token(&self, account: &str) -> String {
-        let r = wait_for(|| {
+        self.wait(&format!("{account}'s token"), || {
             let r = self.get(&format!("/v1/tokens/{account}/raw"));
-            (r.status == 200).then_some(r)
-        });
-        r.text()
+            (r.status == 200).then(|| r.text())
+        })
     }
 
-    /// SIGTERM, and the exit status.
-    fn stop(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("running");
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        wait_for(|| child.try_wait().unwrap())
+    /// Waits (bounded by [`LONG`]) until `f` finds what it looks for; the daemon's log
+    /// is in the panic message when it does not.
+    fn wait<T>(&self, what: &str, f: impl FnMut() -> Option<T>) -> T {
+        self.daemon.wait_until(what, LONG, f)
     }
 
-    fn tokend(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .args(args)
-            .env_remove("TOKEND_CONFIG")
-            .env_remove("TOKEND_SOCKET")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
+    /// `tokend ARGS` as this process's user (root, or the daemon's own user).
+    fn tokend(&self, args: &[&str]) -> Finished {
+        let mut cmd = tokend();
+        cmd.args(args);
+        finish(cmd, SHORT)
     }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Polls `f` until it gives a value; the timeout only bounds a failure.
-fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-// ---------------------------------------------------------------------------------
-// A plain HTTP/1.1 client on a std UnixStream, one request per connection.
-// ---------------------------------------------------------------------------------
-
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    headers: BTreeMap<String, String>,
-    body: Vec<u8>,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).map(String::as_str)
-    }
-    fn text(&self) -> String {
-        String::from_utf8(self.body.clone()).unwrap()
-    }
-    fn json(&self) -> Value {
-        assert_eq!(
-            self.header("content-type"),
-            Some("application/json"),
-            "{self:?}"
-        );
-        serde_json::from_slice(&self.body).unwrap()
-    }
-    /// An error answer: checks its shape, returns its `error`.
-    fn error(&self) -> String {
-        let v = self.json();
-        assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
-        v["error"].as_str().unwrap().to_owned()
-    }
-}
-
-fn request(socket: &Path, method: &str, path: &str, body: &[u8]) -> Reply {
-    let mut s = UnixStream::connect(socket).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nhost: t\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
-    s.write_all(body).unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    parse_reply(&raw)
-        .unwrap_or_else(|| panic!("no HTTP answer: {:?}", String::from_utf8_lossy(&raw)))
-}
-
-fn parse_reply(raw: &[u8]) -> Option<Reply> {
-    let end = find(raw, b"\r\n\r\n")?;
-    let head = std::str::from_utf8(&raw[..end]).ok()?;
-    let mut lines = head.split("\r\n");
-    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    Some(Reply {
-        status,
-        headers,
-        body: raw[end + 4..].to_vec(),
-    })
 }
 
 // ---------------------------------------------------------------------------------
@@ -393,19 +181,25 @@ fn run_ok(cmd: &mut Command) {
     );
 }
 
-/// Runs `args` as `user`, with the groups the user database gives them.
-fn as_user(user: &TestUser, args: &[&str]) -> Output {
-    Command::new("setpriv")
-        .arg(format!("--reuid={}", user.uid))
-        .arg(format!("--regid={}", user.gid))
-        .arg("--init-groups")
-        .arg("--")
-        .args(args)
-        .env_remove("TOKEND_CONFIG")
-        .env_remove("TOKEND_SOCKET")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
+/// The wrapper that runs a program as `user`, with the groups the user database gives
+/// them.
+fn setpriv(user: &TestUser) -> [String; 5] {
+    [
+        "setpriv".to_owned(),
+        format!("--reuid={}", user.uid),
+        format!("--regid={}", user.gid),
+        "--init-groups".to_owned(),
+        "--".to_owned(),
+    ]
+}
+
+/// `tokend ARGS` as `user`.
+fn tokend_as(user: &TestUser, args: &[&str]) -> Finished {
+    let wrapper = setpriv(user);
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let mut cmd = tokend_via(&wrapper);
+    cmd.args(args);
+    finish(cmd, SHORT)
 }
 
 /// `curl` as `user`: (HTTP status, body).
@@ -415,9 +209,10 @@ fn curl_as(user: &TestUser, socket: &Path, path: &str) -> (u16, String) {
 
 /// `curl -X METHOD` as `user`: (HTTP status, body).
 fn curl_method_as(user: &TestUser, socket: &Path, method: &str, path: &str) -> (u16, String) {
-    let out = as_user(
-        user,
-        &[
+    let [program, wrapper @ ..] = setpriv(user);
+    let out = Command::new(program)
+        .args(wrapper)
+        .args([
             "curl",
             "-sS",
             "-X",
@@ -429,8 +224,10 @@ fn curl_method_as(user: &TestUser, socket: &Path, method: &str, path: &str) -> (
             "--unix-socket",
             socket.to_str().unwrap(),
             &format!("http://localhost{path}"),
-        ],
-    );
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
     let (body, code) = text.rsplit_once('\n').unwrap();
     (code.parse().unwrap(), body.to_owned())
@@ -443,27 +240,18 @@ fn curl_method_as(user: &TestUser, socket: &Path, method: &str, path: &str) -> (
 #[test]
 fn access_matrix_over_the_socket() {
     let users = test_users();
-    let idp = Idp::start();
-    let accounts = [
-        account(
-            "by-user",
-            &idp.ok("by-user", 3600),
-            "[account.access]\nusers = [\"tokend-t-user\"]",
-        ),
-        account(
-            "by-primary",
-            &idp.ok("by-primary", 3600),
-            &format!("[account.access]\ngroups = [\"{G_PRIMARY}\"]"),
-        ),
-        account(
-            "by-supp",
-            &idp.ok("by-supp", 3600),
-            &format!("[account.access]\ngroups = [\"{G_SUPP}\"]"),
-        ),
-        account("nobody", &idp.ok("nobody", 3600), ""),
-    ]
-    .concat();
-    let d = Daemon::start("", &accounts);
+    let names = ["by-user", "by-primary", "by-supp", "nobody"];
+    let idps = names.map(|a| idp_for(a, 3600));
+    let access = [
+        "[account.access]\nusers = [\"tokend-t-user\"]".to_owned(),
+        format!("[account.access]\ngroups = [\"{G_PRIMARY}\"]"),
+        format!("[account.access]\ngroups = [\"{G_SUPP}\"]"),
+        String::new(),
+    ];
+    let accounts: String = (0..names.len())
+        .map(|i| account(names[i], &idps[i].url(), &access[i]))
+        .collect();
+    let d = Running::start("", &accounts);
     for a in ["by-user", "by-primary", "by-supp", "nobody"] {
         d.token(a);
     }
@@ -512,18 +300,18 @@ fn access_matrix_over_the_socket() {
 
         // The same through `tokend get` and `tokend status`.
         let sock = d.socket.to_str().unwrap();
-        let out = as_user(u, &[BIN, "get", "--socket", sock, "by-supp"]);
+        let out = tokend_as(u, &["get", "--socket", sock, "by-supp"]);
         if may.contains(&"by-supp") {
             assert!(out.status.success());
-            assert!(String::from_utf8_lossy(&out.stdout).starts_with("by-supp-"));
+            assert!(out.stdout.starts_with("by-supp-"));
         } else {
-            assert_eq!(out.status.code(), Some(1));
-            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.code(), Some(1));
+            let err = &out.stderr;
             assert!(err.contains("no account \"by-supp\" that you"), "{err}");
         }
-        let out = as_user(u, &[BIN, "status", "--socket", sock]);
+        let out = tokend_as(u, &["status", "--socket", sock]);
         assert!(out.status.success());
-        let table = String::from_utf8_lossy(&out.stdout);
+        let table = &out.stdout;
         for a in ["by-user", "by-primary", "by-supp", "nobody"] {
             assert_eq!(table.contains(a), may.contains(&a), "{user}: {table}");
         }
@@ -534,14 +322,15 @@ fn access_matrix_over_the_socket() {
     assert_eq!(d.get("/v1/tokens/nobody/raw").status, 200);
 
     // A socket the user may not open: a clear message.
-    let closed = Daemon::start("", &account("x", &idp.ok("x", 3600), ""));
+    let idp = idp_for("x", 3600);
+    let closed = Running::start("", &account("x", &idp.url(), ""));
     std::fs::set_permissions(&closed.socket, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let out = as_user(
+    let out = tokend_as(
         &users[3],
-        &[BIN, "status", "--socket", closed.socket.to_str().unwrap()],
+        &["status", "--socket", closed.socket.to_str().unwrap()],
     );
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.code(), Some(1));
+    let err = &out.stderr;
     assert!(
         err.contains("permission denied on") && err.contains("mode 0600"),
         "{err}"
@@ -550,11 +339,8 @@ fn access_matrix_over_the_socket() {
 
 #[test]
 fn token_endpoints_serve_json_raw_and_list() {
-    let idp = Idp::start();
-    let d = Daemon::start(
-        "",
-        &account("msk", &idp.ok("msk", 3600), "scope = \"full\""),
-    );
+    let idp = idp_for("msk", 3600);
+    let d = Running::start("", &account("msk", &idp.url(), "scope = \"full\""));
     let raw = d.token("msk");
     assert!(raw.starts_with("msk-"), "{raw}");
 
@@ -570,7 +356,8 @@ fn token_endpoints_serve_json_raw_and_list() {
     let j = r.json();
     assert_eq!(j["account"], "msk");
     assert_eq!(j["access_token"], raw.as_str());
-    assert_eq!(j["token_type"], "Bearer");
+    // As the provider sent it (the fake IdP says "bearer").
+    assert_eq!(j["token_type"], "bearer");
     assert_eq!(j["scope"], "full");
     for k in ["expires_at", "issued_at"] {
         assert!(j[k].as_str().unwrap().ends_with('Z'), "{k}: {j}");
@@ -595,18 +382,18 @@ fn token_endpoints_serve_json_raw_and_list() {
 
 #[test]
 fn account_without_a_token_answers_503_with_retry_after() {
-    let idp = Idp::start();
-    let d = Daemon::start(
+    let (up, down) = (idp_for("up", 3600), FakeIdp::start(Reply::Status(503)));
+    let d = Running::start(
         "",
         &[
-            account("up", &idp.ok("up", 3600), ""),
-            account("down", &idp.fail(), ""),
+            account("up", &up.url(), ""),
+            account("down", &down.url(), ""),
         ]
         .concat(),
     );
     d.token("up");
     // Wait for the first failure to be recorded.
-    let list = wait_for(|| {
+    let list = d.wait("down's first failure", || {
         let l = d.get("/v1/tokens").json();
         (l["accounts"][0]["status"] == "failing").then_some(l)
     });
@@ -637,8 +424,8 @@ fn account_without_a_token_answers_503_with_retry_after() {
 
 #[test]
 fn errors_are_json_with_the_right_status() {
-    let idp = Idp::start();
-    let d = Daemon::start("", &account("a", &idp.ok("a", 3600), ""));
+    let idp = idp_for("a", 3600);
+    let d = Running::start("", &account("a", &idp.url(), ""));
     d.token("a");
     let cases: [(&str, &str, u16, &str); 12] = [
         ("GET", "/", 404, "not_found"),
@@ -695,8 +482,8 @@ fn errors_are_json_with_the_right_status() {
 
 #[test]
 fn refresh_post_is_accepted_and_refreshes() {
-    let idp = Idp::start();
-    let d = Daemon::start("", &account("a", &idp.ok("a", 3600), ""));
+    let idp = idp_for("a", 3600);
+    let d = Running::start("", &account("a", &idp.url(), ""));
     let first = d.token("a");
     let r = request(&d.socket, "POST", "/v1/tokens/a/refresh", &[]);
     assert_eq!(r.status, 202);
@@ -705,18 +492,18 @@ fn refresh_post_is_accepted_and_refreshes() {
         serde_json::json!({"account": "a", "status": "accepted"})
     );
     // A new token comes, no sooner than min_refresh_interval (1 s) after the first.
-    let second = wait_for(|| {
+    let second = d.wait("a new token", || {
         let t = d.get("/v1/tokens/a/raw").text();
         (t != first).then_some(t)
     });
     assert!(second.starts_with("a-"));
-    assert_eq!(idp.requests(), 2);
+    assert_eq!(idp.requests().len(), 2);
 }
 
 /// Waits until `account` is held after refused credentials: failing, its next refresh
 /// more than ten minutes away (`auth_failure_hold` is 15 minutes).
-fn wait_held(d: &Daemon, account: &str) {
-    wait_for(|| {
+fn wait_held(d: &Running, account: &str) {
+    d.wait(&format!("{account} to be held"), || {
         let list = d.get("/v1/tokens").json();
         let a = list["accounts"]
             .as_array()
@@ -736,12 +523,12 @@ fn wait_held(d: &Daemon, account: &str) {
 
 #[test]
 fn forced_refresh_ends_a_hold_for_one_attempt() {
-    let idp = Idp::start();
-    let d = Daemon::start("", &account("held", &idp.refuse(), ""));
+    let idp = FakeIdp::start(Reply::InvalidGrant);
+    let d = Running::start("", &account("held", &idp.url(), ""));
     let sock = d.socket.to_str().unwrap();
     // invalid_grant: held, the provider asked once.
     wait_held(&d, "held");
-    assert_eq!(idp.requests(), 1);
+    assert_eq!(idp.requests().len(), 1);
 
     // Forced (this process is the daemon's user): the hold ends for one attempt, which
     // a plain refresh cannot do; refused again, the account is held again.
@@ -751,9 +538,9 @@ fn forced_refresh_ends_a_hold_for_one_attempt() {
         r.json(),
         serde_json::json!({"account": "held", "status": "accepted"})
     );
-    wait_for(|| (idp.requests() >= 2).then_some(()));
+    idp.wait_requests(2, LONG);
     wait_held(&d, "held");
-    assert_eq!(idp.requests(), 2, "one attempt");
+    assert_eq!(idp.requests().len(), 2, "one attempt");
 
     // `tokend refresh --force`, the socket from the config.
     let out = d.tokend(&[
@@ -763,37 +550,29 @@ fn forced_refresh_ends_a_hold_for_one_attempt() {
         "--force",
         "held",
     ]);
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
     assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8(out.stdout).unwrap(),
+        out.stdout,
         "forced refresh of held requested: a hold or rate-limit wait is ended for one attempt\n"
     );
-    wait_for(|| (idp.requests() >= 3).then_some(()));
+    idp.wait_requests(3, LONG);
     wait_held(&d, "held");
 
     // `tokend refresh`, plain: accepted (the engine declines it while held).
     let out = d.tokend(&["refresh", "--socket", sock, "held"]);
-    assert_eq!(out.status.code(), Some(0));
-    assert_eq!(
-        String::from_utf8(out.stdout).unwrap(),
-        "refresh of held requested\n"
-    );
+    assert_eq!(out.code(), Some(0));
+    assert_eq!(out.stdout, "refresh of held requested\n");
 
     // Failures: exit 1 and the reason.
     let out = d.tokend(&["refresh", "--socket", sock, "--force", "nope"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.code(), Some(1));
     assert!(out.stdout.is_empty());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = &out.stderr;
     assert!(err.contains("no account \"nope\" that you"), "{err}");
-    let missing = d.dir.path().join("missing.sock");
+    let missing = d.sb.path("missing.sock");
     let out = d.tokend(&["refresh", "--socket", missing.to_str().unwrap(), "held"]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.code(), Some(1));
+    let err = &out.stderr;
     assert!(err.contains("tokend is not running"), "{err}");
 }
 
@@ -802,12 +581,12 @@ fn force_takes_root_or_the_daemons_user() {
     let users = test_users();
     let user = |name: &str| users.iter().find(|u| u.name == name).unwrap();
     let (reader, stranger) = (user("tokend-t-user"), user("tokend-t-stranger"));
-    let idp = Idp::start();
-    let d = Daemon::start(
+    let idp = FakeIdp::start(Reply::InvalidGrant);
+    let d = Running::start(
         "",
         &account(
             "held",
-            &idp.refuse(),
+            &idp.url(),
             "[account.access]\nusers = [\"tokend-t-user\"]",
         ),
     );
@@ -851,47 +630,34 @@ fn force_takes_root_or_the_daemons_user() {
     }
 
     // The same through `tokend refresh`.
-    let out = as_user(
-        reader,
-        &[BIN, "refresh", "--socket", sock, "--force", "held"],
-    );
-    assert_eq!(out.status.code(), Some(1));
+    let out = tokend_as(reader, &["refresh", "--socket", sock, "--force", "held"]);
+    assert_eq!(out.code(), Some(1));
     assert!(out.stdout.is_empty());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = &out.stderr;
     assert!(err.contains("takes root or the daemon's own user"), "{err}");
-    let out = as_user(reader, &[BIN, "refresh", "--socket", sock, "held"]);
-    assert_eq!(out.status.code(), Some(0));
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "refresh of held requested\n"
-    );
-    let out = as_user(
-        stranger,
-        &[BIN, "refresh", "--socket", sock, "--force", "held"],
-    );
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let out = tokend_as(reader, &["refresh", "--socket", sock, "held"]);
+    assert_eq!(out.code(), Some(0));
+    assert_eq!(out.stdout, "refresh of held requested\n");
+    let out = tokend_as(stranger, &["refresh", "--socket", sock, "--force", "held"]);
+    assert_eq!(out.code(), Some(1));
+    let err = &out.stderr;
     assert!(err.contains("no account \"held\" that you"), "{err}");
 
     // None of that ended the hold; root's force does.
-    assert_eq!(idp.requests(), 1);
+    assert_eq!(idp.requests().len(), 1);
     let out = d.tokend(&["refresh", "--socket", sock, "--force", "held"]);
-    assert_eq!(out.status.code(), Some(0));
-    wait_for(|| (idp.requests() >= 2).then_some(()));
+    assert_eq!(out.code(), Some(0));
+    idp.wait_requests(2, LONG);
 }
 
 #[test]
 fn min_valid_refreshes_first_within_min_refresh_interval() {
-    let idp = Idp::start();
-    let d = Daemon::start(
+    let (short, held) = (idp_for("short", 100), idp_for("held", 100));
+    let d = Running::start(
         "",
         &[
-            account("short", &idp.ok("short", 100), ""),
-            account(
-                "held",
-                &idp.ok("held", 100),
-                "min_refresh_interval = \"1h\"",
-            ),
+            account("short", &short.url(), ""),
+            account("held", &held.url(), "min_refresh_interval = \"1h\""),
         ]
         .concat(),
     );
@@ -901,7 +667,7 @@ fn min_valid_refreshes_first_within_min_refresh_interval() {
     let r = d.get("/v1/tokens/short/raw?min_valid=30");
     assert_eq!((r.status, r.text()), (200, first.clone()));
     // Wait until fewer than 99 s are left, then ask for 99: the daemon refreshes first.
-    wait_for(|| {
+    d.wait("short's token to have less than 98 s left", || {
         let j = d.get("/v1/tokens/short").json();
         let exp = time::OffsetDateTime::parse(
             j["expires_at"].as_str().unwrap(),
@@ -918,21 +684,18 @@ fn min_valid_refreshes_first_within_min_refresh_interval() {
         "99s",
         "short",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let second = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{}", out.stderr);
+    let second = out.stdout;
     assert!(second.starts_with("short-") && second != first, "{second}");
 
     // Longer than the provider's tokens live: refused at once, the provider not asked.
-    let before = idp.requests();
+    let asked = || (short.requests().len(), held.requests().len());
+    let before = asked();
     let r = d.get("/v1/tokens/short?min_valid=2h");
     assert_eq!(r.status, 503);
     assert_eq!(r.error(), "expires_too_soon");
     assert!(r.header("retry-after").is_some());
-    assert_eq!(idp.requests(), before);
+    assert_eq!(asked(), before);
 
     // Within min_refresh_interval (1 h) no refresh can come: 503 at once, Retry-After
     // says when.
@@ -947,22 +710,21 @@ fn min_valid_refreshes_first_within_min_refresh_interval() {
 
 #[test]
 fn health_and_metrics_on_the_socket_and_the_tcp_listener() {
-    let idp = Idp::start();
+    let (idp_a, idp_b) = (idp_for("a", 3600), idp_for("b", 3600));
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let d = Daemon::start(
+    let d = Running::start(
         &format!("metrics_listen = \"127.0.0.1:{port}\""),
         &[
-            account("a", &idp.ok("a", 3600), ""),
-            account("b", &idp.ok("b", 3600), ""),
+            account("a", &idp_a.url(), ""),
+            account("b", &idp_b.url(), ""),
         ]
         .concat(),
     );
-    d.token("a");
-    d.token("b");
+    let tokens = [d.token("a"), d.token("b")];
     let r = d.get("/v1/health");
     assert_eq!(r.status, 200);
     assert_eq!(
@@ -993,14 +755,13 @@ fn health_and_metrics_on_the_socket_and_the_tcp_listener() {
         !m.contains("a-1") && !m.contains("b-"),
         "no token in the metrics"
     );
+    for t in &tokens {
+        assert!(!m.contains(t.as_str()), "no token in the metrics");
+    }
 
     // A reload is counted.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(d.child.as_ref().unwrap().id() as i32),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .unwrap();
-    wait_for(|| {
+    nix::sys::signal::kill(d.daemon.pid(), nix::sys::signal::Signal::SIGHUP).unwrap();
+    d.wait("the reload to be counted", || {
         d.get("/metrics")
             .text()
             .contains("tokend_config_reloads_total{result=\"success\"} 1")
@@ -1017,7 +778,7 @@ fn health_and_metrics_on_the_socket_and_the_tcp_listener() {
         .unwrap();
         let mut raw = Vec::new();
         s.read_to_end(&mut raw).unwrap();
-        parse_reply(&raw).unwrap()
+        parse_answer(&raw).unwrap()
     };
     let r = tcp("/metrics");
     assert_eq!(r.status, 200);
@@ -1031,9 +792,9 @@ fn health_and_metrics_on_the_socket_and_the_tcp_listener() {
 
 #[test]
 fn socket_file_lifecycle() {
-    let idp = Idp::start();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("t.sock");
+    let idp = idp_for("a", 3600);
+    let sb = Sandbox::new();
+    let socket = sb.path("t.sock");
     // A stale socket file from a daemon that was killed.
     drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
     let gid = if nix::unistd::geteuid().is_root() {
@@ -1041,20 +802,16 @@ fn socket_file_lifecycle() {
     } else {
         nix::unistd::getegid().as_raw()
     };
-    let accounts = account("a", &idp.ok("a", 3600), "");
+    let accounts = account("a", &idp.url(), "");
     let daemon_keys = format!(
         "socket = \"{}\"\nsocket_mode = \"0660\"\nsocket_group = \"{gid}\"",
         socket.display()
     );
-    let config = dir.path().join("c.toml");
-    std::fs::write(&config, format!("[daemon]\n{daemon_keys}\n\n{accounts}")).unwrap();
-    let mut d = Daemon {
-        child: None,
-        dir,
-        socket: socket.clone(),
-        config: config.clone(),
-    };
-    d.spawn();
+    let d = Running::spawn(
+        sb,
+        socket.clone(),
+        &format!("[daemon]\n{daemon_keys}\n\n{accounts}"),
+    );
     d.token("a");
     let meta = std::fs::metadata(&socket).unwrap();
     assert!(meta.file_type().is_socket());
@@ -1062,40 +819,38 @@ fn socket_file_lifecycle() {
     assert_eq!(meta.gid(), gid);
 
     // A second daemon on the same socket: refused, clearly, and the first unharmed.
-    let out = Command::new(BIN)
+    let mut second = tokend();
+    second
         .args(["run", "-c"])
-        .arg(&config)
-        .env(SECRET_ENV, "x")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+        .arg(&d.config)
+        .env(SECRET_ENV, "x");
+    let out = finish(second, SHORT);
+    assert_eq!(out.code(), Some(1));
+    let err = &out.stderr;
     assert!(
         err.contains("another tokend is already serving on"),
         "{err}"
     );
     assert_eq!(d.get("/v1/tokens/a/raw").status, 200);
 
-    // SIGTERM: stops within a second, removes the socket.
-    let t = Instant::now();
-    let status = d.stop();
-    assert!(status.success(), "{status}");
-    assert!(
-        t.elapsed() < Duration::from_millis(1500),
-        "{:?}",
-        t.elapsed()
-    );
+    // SIGTERM: stops within a second, removes the socket (the sandbox stays until the
+    // end, so a socket left behind would be seen).
+    let Running { daemon, sb, .. } = d;
+    let (status, took, log) = daemon.terminate();
+    assert!(status.success(), "{status}\n{log}");
+    assert!(took < Duration::from_millis(1500), "{took:?}");
     assert!(!socket.exists());
+    drop(sb);
 }
 
 #[test]
 fn get_and_status_end_to_end() {
-    let idp = Idp::start();
-    let d = Daemon::start(
+    let (msk, down) = (idp_for("msk", 3600), FakeIdp::start(Reply::Status(503)));
+    let d = Running::start(
         "",
         &[
-            account("msk", &idp.ok("msk", 3600), "scope = \"full\""),
-            account("down", &idp.fail(), ""),
+            account("msk", &msk.url(), "scope = \"full\""),
+            account("down", &down.url(), ""),
         ]
         .concat(),
     );
@@ -1105,49 +860,46 @@ fn get_and_status_end_to_end() {
     // Raw: exactly the token, no newline (stdout is no terminal here).
     let out = d.tokend(&["get", "--socket", sock, "msk"]);
     assert!(out.status.success());
-    assert_eq!(String::from_utf8(out.stdout).unwrap(), token);
+    assert_eq!(out.stdout, token);
     // The socket from the config, from -c and from TOKEND_CONFIG.
     let out = d.tokend(&["get", "-c", d.config.to_str().unwrap(), "msk"]);
-    assert_eq!(String::from_utf8(out.stdout).unwrap(), token);
-    let out = Command::new(BIN)
-        .args(["get", "msk"])
-        .env("TOKEND_CONFIG", &d.config)
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8(out.stdout).unwrap(), token);
+    assert_eq!(out.stdout, token);
+    let mut cmd = tokend();
+    cmd.args(["get", "msk"]).env("TOKEND_CONFIG", &d.config);
+    assert_eq!(finish(cmd, SHORT).stdout, token);
     // --json: the json output format.
     let out = d.tokend(&["get", "--socket", sock, "--json", "msk"]);
     assert!(out.status.success());
-    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let j: Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(j["access_token"], token.as_str());
     assert_eq!(j["account"], "msk");
     assert_eq!(j["scope"], "full");
 
     // Failures: exit 1 and a clear message.
     let out = d.tokend(&["get", "--socket", sock, "nope"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no account \"nope\""));
-    wait_for(|| {
+    assert_eq!(out.code(), Some(1));
+    assert!(out.stderr.contains("no account \"nope\""));
+    d.wait("down's first failure", || {
         let l = d.get("/v1/tokens").json();
         (l["accounts"][0]["status"] == "failing").then_some(())
     });
     let out = d.tokend(&["get", "--socket", sock, "down"]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.code(), Some(1));
+    let err = &out.stderr;
     assert!(
         err.contains("account \"down\" has no valid token (failing:"),
         "{err}"
     );
-    let missing = d.dir.path().join("missing.sock");
+    let missing = d.sb.path("missing.sock");
     let out = d.tokend(&["status", "--socket", missing.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.code(), Some(1));
+    let err = &out.stderr;
     assert!(err.contains("tokend is not running"), "{err}");
 
     // status: a table, or the JSON list.
     let out = d.tokend(&["status", "--socket", sock]);
     assert!(out.status.success());
-    let table = String::from_utf8(out.stdout).unwrap();
+    let table = out.stdout;
     let lines: Vec<&str> = table.lines().collect();
     assert_eq!(lines.len(), 3, "{table}");
     assert!(
@@ -1165,7 +917,7 @@ fn get_and_status_end_to_end() {
         "{table}"
     );
     let out = d.tokend(&["status", "--socket", sock, "--json"]);
-    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let j: Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(j["accounts"].as_array().unwrap().len(), 2);
 }
 
@@ -1179,15 +931,15 @@ fn docs_curl_examples_work() {
         .expect("the README has a socket section");
     let rest = &readme[start + 2..];
     let doc = &rest[..rest.find("\n## ").unwrap_or(rest.len())];
-    let idp = Idp::start();
+    let idp = idp_for("msk", 3600);
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let d = Daemon::start(
+    let d = Running::start(
         &format!("metrics_listen = \"127.0.0.1:{port}\""),
-        &account("msk", &idp.ok("msk", 3600), ""),
+        &account("msk", &idp.url(), ""),
     );
     d.token("msk");
     let mut ran = 0;
@@ -1199,7 +951,7 @@ fn docs_curl_examples_work() {
             .replace("/run/tokend/tokend.sock", d.socket.to_str().unwrap())
             .replace("127.0.0.1:9464", &format!("127.0.0.1:{port}"));
         // `tokend` is this build, and finds the socket through TOKEND_SOCKET.
-        let bin_dir = Path::new(BIN).parent().unwrap();
+        let bin_dir = Path::new(env!("CARGO_BIN_EXE_tokend")).parent().unwrap();
         let path = format!(
             "{}:{}",
             bin_dir.display(),
@@ -1316,7 +1068,7 @@ async fn slow_clients_are_cut_off() {
         c.write_all(b"POST /v1/tokens/a/refresh HTTP/1.1\r\nhost: t\r\ncontent-length: 100\r\n\r\n0123456789")
             .unwrap();
         let (got, took) = read_until_closed(&mut c, Duration::from_secs(5));
-        let r = parse_reply(&got).unwrap();
+        let r = parse_answer(&got).unwrap();
         assert_eq!(r.status, 408);
         assert_eq!(r.error(), "request_timeout");
         assert!(took < Duration::from_secs(2), "{took:?}");
@@ -1374,7 +1126,7 @@ async fn a_thousand_concurrent_connections_leave_the_daemon_serving() {
                 .unwrap();
             let mut buf = vec![0u8; 1024];
             let mut got = 0;
-            while !buf[..got].ends_with(b"\n") || find(&buf[..got], b"\r\n\r\n").is_none() {
+            while !buf[..got].ends_with(b"\n") || !buf[..got].windows(4).any(|w| w == b"\r\n\r\n") {
                 let n = c.read(&mut buf[got..]).await.unwrap();
                 assert!(n > 0, "closed early");
                 got += n;
@@ -1425,13 +1177,13 @@ async fn connections_past_the_limit_get_503_busy() {
         }
         let mut c = UnixStream::connect(&socket).unwrap();
         let (got, _) = read_until_closed(&mut c, Duration::from_secs(5));
-        let r = parse_reply(&got).unwrap();
+        let r = parse_answer(&got).unwrap();
         assert_eq!(r.status, 503);
         assert_eq!(r.header("retry-after"), Some("1"));
         assert_eq!(r.error(), "busy");
         // One closes: served again.
         held.pop();
-        wait_for(|| {
+        wait_until("a connection to be served again", LONG, || {
             let mut c = UnixStream::connect(&socket).unwrap();
             c.write_all(b"GET /v1/health HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
                 .unwrap();
@@ -1512,7 +1264,7 @@ async fn garbage_requests_get_400_never_a_crash() {
             // The server may close before it read everything; that is fine.
             let _ = c.write_all(&bytes);
             let (got, _) = read_until_closed(&mut c, Duration::from_secs(5));
-            let status = match parse_reply(&got) {
+            let status = match parse_answer(&got) {
                 Some(r) => r.status,
                 None if got.is_empty() => 0,
                 None => panic!(
