@@ -38,13 +38,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let watchdog = systemd::watchdog_interval();
     let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
 
-    // The config file and the secret files are watched; a failed watch leaves SIGHUP.
+    // The config file and the secret files are watched, from before any account starts
+    // or the socket answers: an edit made once tokend answers is never missed. A failed
+    // watch leaves SIGHUP.
     let path = config.path.clone();
-    let mut config_text = std::fs::read(&path).ok();
     let (watch_tx, mut watch_rx) = mpsc::channel(1);
     let mut watcher = Watcher::new(watch_tx)
         .map_err(|e| tracing::warn!("failed to watch files for changes ({e}); reload with SIGHUP"))
         .ok();
+    if let Some(w) = &mut watcher {
+        let secrets = config
+            .accounts
+            .iter()
+            .flat_map(|a| a.secrets().into_iter().filter_map(|(_, s)| s.path()));
+        let files: Vec<PathBuf> = std::iter::once(path.clone()).chain(secrets).collect();
+        w.watch_files(files.iter().map(PathBuf::as_path));
+    }
+    let mut config_text = std::fs::read(&path).ok();
 
     // Bound before any account starts: a second daemon fails here, before it asks a
     // provider for anything.
@@ -67,9 +77,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     sup.publish();
     let server = listeners.spawn(sup.views.subscribe(), sup.shared.metrics.clone())?;
-    if let Some(w) = &mut watcher {
-        w.watch_files(sup.watched_files(&path).iter().map(PathBuf::as_path));
-    }
     tracing::info!(accounts = config.accounts.len(), config = %path.display(), "tokend started");
 
     // READY=1 once every account had its first try, or at startup_timeout.
