@@ -146,6 +146,8 @@ struct Supervisor {
     /// This tokend in its cluster, with `[cluster]`.
     member: Option<Arc<crate::cluster::member::Member>>,
     on_cluster_loss: crate::config::OnClusterLoss,
+    /// The `[cluster]` joined at start (changes take effect at a restart).
+    cluster: Option<crate::config::ClusterConfig>,
 }
 
 /// How long SIGTERM waits for refresh_token requests on the wire (SPEC §6).
@@ -167,6 +169,7 @@ impl Supervisor {
             stopping: BTreeMap::new(),
             member: None,
             on_cluster_loss: crate::config::OnClusterLoss::Refresh,
+            cluster: config.cluster.clone(),
         }
     }
 
@@ -307,6 +310,9 @@ impl Supervisor {
     /// answered and saved), new ones start, removed ones stop, remove their outputs and
     /// retire their state. If any new or changed account cannot start, nothing changes.
     fn reload(&mut self, config: Config) -> Result<(), String> {
+        if config.cluster != self.cluster {
+            tracing::warn!("[cluster] changed: that takes effect at the next restart");
+        }
         let configured: Vec<String> = config.accounts.iter().map(|a| a.name.clone()).collect();
         let wanted: Vec<Account> = config
             .accounts
