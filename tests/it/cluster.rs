@@ -406,13 +406,25 @@ mod members {
     /// `n` members (`m0`, `m1`, ...) sharing account `a` (`extra` lines), each with its
     /// own sandbox, outputs and state_dir.
     fn nodes(etcd: &EtcdCluster, idp: &FakeIdp, n: usize, extra: &str) -> Vec<Node> {
-        let endpoints: Vec<String> = etcd
-            .endpoints()
-            .iter()
-            .map(|e| format!("\"{e}\""))
-            .collect();
+        nodes_via(etcd.endpoints(), idp, n, extra, None)
+    }
+
+    /// [`nodes`] on the etcd members at `direct`, the last member reaching etcd through
+    /// `last_via` instead when given.
+    fn nodes_via(
+        direct: Vec<String>,
+        idp: &FakeIdp,
+        n: usize,
+        extra: &str,
+        last_via: Option<String>,
+    ) -> Vec<Node> {
         (0..n)
             .map(|i| {
+                let mine: Vec<String> = match (&last_via, i + 1 == n) {
+                    (Some(via), true) => vec![via.clone()],
+                    _ => direct.clone(),
+                };
+                let endpoints: Vec<String> = mine.iter().map(|e| format!("\"{e}\"")).collect();
                 let sb = Sandbox::new();
                 sb.write(&sb.path("secret"), "client-secret\n", 0o600);
                 let name = format!("m{i}");
@@ -743,5 +755,97 @@ mod members {
         for n in &nodes {
             assert!(n.token().is_some());
         }
+    }
+
+    #[test]
+    fn a_member_cut_off_from_etcd_serves_on_refreshes_alone_and_rejoins() {
+        let Some(etcd) = EtcdCluster::start(1) else {
+            return;
+        };
+        let target: std::net::SocketAddr = etcd.endpoints()[0]
+            .trim_start_matches("http://")
+            .parse()
+            .unwrap();
+        let proxy = crate::support::proxy::Proxy::start(target);
+        let idp = FakeIdp::start(Reply::token(6));
+        let nodes = nodes_via(etcd.endpoints(), &idp, 3, "", Some(proxy.url()));
+        let daemons: Vec<Daemon> = nodes.iter().map(|n| Daemon::start(&n.config)).collect();
+        let d0 = &daemons[0];
+        d0.wait_until("every member serving one token", SHORT, || {
+            let t = nodes[0].token()?;
+            nodes
+                .iter()
+                .all(|n| n.token().as_deref() == Some(t.as_str()))
+                .then_some(t)
+        });
+        d0.wait_until("one leader known to all", SHORT, || {
+            let l: Vec<String> = nodes.iter().filter_map(leader_of).collect();
+            (l.len() == 3 && l.iter().all(|x| *x == l[0]) && l[0] != "m2").then_some(())
+        });
+        let cut_off = &nodes[2];
+        let (mark, at, before) = (idp.requests().len(), Instant::now(), cut_off.token());
+        proxy.cut();
+        d0.wait_until("m2 degraded, m0 not", LONG, || {
+            let s2 = crate::support::account_status(&cut_off.sb.path("tokend.sock"), "a")?;
+            let s0 = crate::support::account_status(&nodes[0].sb.path("tokend.sock"), "a")?;
+            (s2["degraded"] == true && s0["degraded"].is_null()).then_some(())
+        });
+        // m2 refreshes on its own when due; the others go on with their leader.
+        let alone = d0.wait_until("m2 with a token it fetched alone", LONG, || {
+            // Cut off, it can have a new token only by asking the provider itself.
+            cut_off.token().filter(|t| Some(t) != before.as_ref())
+        });
+        assert!(idp.is_issued(&alone));
+        let cycles = at.elapsed().as_secs_f64() / 4.8;
+        let during = idp.requests().len() - mark;
+        println!(
+            "while m2 was cut off: {during} requests in {:?}",
+            at.elapsed()
+        );
+        assert!(
+            during as f64 <= 2.0 * (cycles + 1.0),
+            "{during} requests in {cycles:.1} cycles: one for the cluster, one for m2"
+        );
+        // Back: m2 follows the leader again and serves the cluster's token.
+        proxy.restore();
+        d0.wait_until("m2 following and serving the cluster's token", LONG, || {
+            let s2 = crate::support::account_status(&cut_off.sb.path("tokend.sock"), "a")?;
+            let t0 = nodes[0].token()?;
+            (s2["degraded"].is_null()
+                && s2["leader"].as_str().is_some()
+                && cut_off.token().as_deref() == Some(t0.as_str()))
+            .then_some(())
+        });
+    }
+
+    #[test]
+    fn killing_etcds_raft_leader_costs_no_provider_request() {
+        let Some(mut etcd) = EtcdCluster::start(3) else {
+            return;
+        };
+        let idp = FakeIdp::start(Reply::token(3600));
+        let nodes = nodes(&etcd, &idp, 3, "refresh_every = \"8s\"");
+        let daemons: Vec<Daemon> = nodes.iter().map(|n| Daemon::start(&n.config)).collect();
+        let d0 = &daemons[0];
+        d0.wait_until("one leader known to all", SHORT, || {
+            let l: Vec<String> = nodes.iter().filter_map(leader_of).collect();
+            (l.len() == 3 && l.iter().all(|x| *x == l[0])).then_some(())
+        });
+        let raft = d0.wait_until("etcd's Raft leader", SHORT, || etcd.raft_leader());
+        let first = idp.requests()[0].at;
+        etcd.kill(raft);
+        // Two refresh cycles (8 s) on the remaining two etcd members: one request each.
+        d0.wait_until("two more tokens", Duration::from_secs(30), || {
+            (idp.requests().len() >= 3).then_some(())
+        });
+        let reqs = idp.requests();
+        let gaps: Vec<Duration> = reqs.windows(2).map(|w| w[1].at - w[0].at).collect();
+        println!("requests after killing etcd's Raft leader: gaps {gaps:?}");
+        for g in &gaps {
+            assert!(*g >= Duration::from_secs(7), "an extra request: {gaps:?}");
+        }
+        assert!(reqs[0].at == first);
+        let l: Vec<String> = nodes.iter().filter_map(leader_of).collect();
+        assert!(l.len() == 3 && l.iter().all(|x| *x == l[0]), "{l:?}");
     }
 }

@@ -101,6 +101,25 @@ impl EtcdCluster {
             .collect()
     }
 
+    /// The index of the member that is etcd's Raft leader now, if one says so.
+    pub fn raft_leader(&self) -> Option<usize> {
+        for (i, e) in self.endpoints().iter().enumerate() {
+            let out = Command::new("curl")
+                .args(["-sf", "-m", "1", "-d", "{}"])
+                .arg(format!("{e}/v3/maintenance/status"))
+                .output()
+                .ok()?;
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+                continue;
+            };
+            let me = v["header"]["member_id"].as_str().map(str::to_owned);
+            if me.is_some() && me.as_deref() == v["leader"].as_str() {
+                return Some(i);
+            }
+        }
+        None
+    }
+
     /// Kills member `i` (SIGKILL).
     pub fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.members[i].child.take() {
