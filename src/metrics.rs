@@ -162,6 +162,10 @@ struct Row {
     expires_at: Option<f64>,
     last_success: Option<f64>,
     recorded: Option<Arc<AccountMetrics>>,
+    /// Cluster mode: 1 when this member leads the account, 0 when another does, none
+    /// outside cluster mode; and whether this member is cut off.
+    leading: Option<f64>,
+    degraded: Option<f64>,
 }
 
 impl Row {
@@ -174,6 +178,14 @@ impl Row {
             expires_at: state.token.as_ref().map(|t| unix_seconds(t.expires_at)),
             last_success: state.last_refresh.map(unix_seconds),
             recorded,
+            leading: view
+                .cluster
+                .as_ref()
+                .map(|c| f64::from(u8::from(state.leader.as_deref() == Some(c.member())))),
+            degraded: view
+                .cluster
+                .as_ref()
+                .map(|_| f64::from(u8::from(state.degraded))),
         }
     }
 }
@@ -241,6 +253,23 @@ impl Collector for AccountsCollector {
             None,
             |r| Some(if r.valid { 1.0 } else { 0.0 }),
         )?;
+        // Only in cluster mode.
+        if self.rows.iter().any(|r| r.leading.is_some()) {
+            self.gauge(
+                &mut encoder,
+                "cluster_leader",
+                "Cluster mode: 1 while this member refreshes the account, else 0",
+                None,
+                |r| r.leading,
+            )?;
+            self.gauge(
+                &mut encoder,
+                "cluster_degraded",
+                "Cluster mode: 1 while this member is cut off from etcd, else 0",
+                None,
+                |r| r.degraded,
+            )?;
+        }
         {
             let mut metric = encoder.encode_descriptor(
                 "account_status",

@@ -1701,4 +1701,65 @@ grant_type = "password"
             assert!(e.message.contains("owned by uid 65534"), "{e}");
         }
     }
+
+    #[test]
+    fn cluster_section_is_checked_with_line_and_key() {
+        let out = "[[account.output]]\npath = \"/x\"\n";
+        let good = format!(
+            "[cluster]\nendpoints = [\"http://127.0.0.1:2379\"]\nprefix = \"/tokend/t\"\n\
+             member = \"m1\"\nkey = \"{}\"\n\n{REF_SECRET}{out}",
+            "ab".repeat(32)
+        );
+        let c = parse_str(&good, Path::new("/c.toml")).unwrap();
+        let cl = c.cluster.as_ref().unwrap();
+        assert_eq!(
+            (cl.member.as_str(), cl.prefix.as_str()),
+            ("m1", "/tokend/t")
+        );
+        assert_eq!(cl.lease_ttl, Duration::from_secs(10));
+        assert!(c.accounts[0].cluster, "accounts take part by default");
+        let opted_out = good.replace("client_id = \"id\"", "client_id = \"id\"\ncluster = false");
+        assert!(
+            !parse_str(&opted_out, Path::new("/c.toml"))
+                .unwrap()
+                .accounts[0]
+                .cluster
+        );
+        assert!(
+            !parse_str(&format!("{REF_SECRET}{out}"), Path::new("/c.toml"))
+                .unwrap()
+                .accounts[0]
+                .cluster
+        );
+
+        let short_key = good.replace(&"ab".repeat(32), "abcd");
+        let e = parse_str(&short_key, Path::new("/c.toml"))
+            .unwrap_err()
+            .0
+            .remove(0);
+        assert_eq!(
+            (e.key.as_str(), e.line, e.column),
+            ("cluster.key", 5, 7),
+            "{e}"
+        );
+        assert!(e.message.contains("64 hex digits"), "{e}");
+        assert!(!e.to_string().contains("abcd"), "the key is a secret: {e}");
+        let bad = good
+            .replace("http://127.0.0.1:2379", "etcd:2379")
+            .replace("\"/tokend/t\"", "\"tokend\"")
+            .replace(
+                "member = \"m1\"\n",
+                "member = \"m 1\"\nlease_ttl = \"1s\"\n",
+            );
+        let errs = parse_str(&bad, Path::new("/c.toml")).unwrap_err().0;
+        let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+        for k in [
+            "cluster.endpoints",
+            "cluster.prefix",
+            "cluster.member",
+            "cluster.lease_ttl",
+        ] {
+            assert!(keys.contains(&k), "{k} in {keys:?}");
+        }
+    }
 }

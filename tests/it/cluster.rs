@@ -502,6 +502,23 @@ mod members {
             assert_eq!(v["reachable"], true);
             assert_eq!(v["accounts"][0]["account"], "a");
             assert_eq!(v["accounts"][0]["leader"], leaders[0].as_str());
+            let (_, metrics) =
+                crate::support::socket_get(&n.sb.path("tokend.sock"), "/metrics").unwrap();
+            let leading = if n.name == leaders[0] { 1 } else { 0 };
+            assert!(
+                metrics.contains(&format!("tokend_cluster_leader{{account=\"a\"}} {leading}")),
+                "{metrics}"
+            );
+            assert!(metrics.contains("tokend_cluster_degraded{account=\"a\"} 0"));
+            let check = crate::support::finish(
+                {
+                    let mut c = crate::support::tokend();
+                    c.arg("check").arg("-c").arg(&n.config);
+                    c
+                },
+                SHORT,
+            );
+            assert!(check.stdout.contains("etcd reachable"), "{}", check.stdout);
         }
     }
 
