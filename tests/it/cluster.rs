@@ -865,4 +865,51 @@ mod members {
         let l: Vec<String> = nodes.iter().filter_map(leader_of).collect();
         assert!(l.len() == 3 && l.iter().all(|x| *x == l[0]), "{l:?}");
     }
+
+    #[test]
+    fn a_rate_limit_is_the_clusters_also_across_a_leader_kill() {
+        let Some(etcd) = EtcdCluster::start(1) else {
+            return;
+        };
+        let idp = FakeIdp::start(Reply::token(4));
+        let nodes = nodes(&etcd, &idp, 3, "");
+        let mut daemons: Vec<Option<Daemon>> = nodes
+            .iter()
+            .map(|n| Some(Daemon::start(&n.config)))
+            .collect();
+        let leader = {
+            let d0 = daemons[0].as_ref().unwrap();
+            d0.wait_until("every member serving one token", SHORT, || {
+                let t = nodes[0].token()?;
+                nodes
+                    .iter()
+                    .all(|n| n.token().as_deref() == Some(t.as_str()))
+                    .then_some(())
+            });
+            idp.push(Reply::RetryAfter(6));
+            d0.wait_until("the 429", LONG, || {
+                (idp.requests().len() >= 2).then_some(())
+            });
+            // Every member learns the wait before the leader goes.
+            for n in &nodes {
+                d0.wait_until(&format!("{} failing", n.name), SHORT, || {
+                    let s = crate::support::account_status(&n.sb.path("tokend.sock"), "a")?;
+                    (s["status"] == "failing").then_some(())
+                });
+            }
+            d0.wait_until("a leader", SHORT, || leader_of(&nodes[0]))
+        };
+        let li: usize = leader[1..].parse().unwrap();
+        let killed = daemons[li].take().unwrap();
+        nix::sys::signal::kill(killed.pid(), nix::sys::signal::Signal::SIGKILL).unwrap();
+        drop(killed);
+        let live = daemons.iter().flatten().next().unwrap();
+        let reqs = live.wait_until("the request after the wait", LONG, || {
+            let r = idp.requests();
+            (r.len() >= 3).then_some(r)
+        });
+        let gap = reqs[2].at - reqs[1].at;
+        println!("after a 429 with Retry-After 6 and a leader kill: next request {gap:?} later");
+        assert!(gap >= Duration::from_millis(5700), "{gap:?}");
+    }
 }
