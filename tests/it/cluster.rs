@@ -912,4 +912,56 @@ mod members {
         println!("after a 429 with Retry-After 6 and a leader kill: next request {gap:?} later");
         assert!(gap >= Duration::from_millis(5700), "{gap:?}");
     }
+
+    #[test]
+    fn members_reach_etcd_over_tls_with_client_certificates() {
+        let Some(etcd) = EtcdCluster::start_tls(1) else {
+            return;
+        };
+        let tls = etcd.tls().unwrap().clone();
+        let idp = FakeIdp::start(Reply::token(3600));
+        let nodes = nodes(&etcd, &idp, 2, "");
+        for n in &nodes {
+            let text = std::fs::read_to_string(&n.config).unwrap().replace(
+                "lease_ttl = \"2s\"\n",
+                &format!(
+                    "lease_ttl = \"2s\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = {{ file = \"{}\" }}\n",
+                    tls.ca.display(),
+                    tls.client_cert.display(),
+                    tls.client_key.display()
+                ),
+            );
+            n.sb.write(&n.config, &text, 0o600);
+        }
+        let daemons: Vec<Daemon> = nodes.iter().map(|n| Daemon::start(&n.config)).collect();
+        daemons[0].wait_until("one leader known to both, one token", SHORT, || {
+            let l: Vec<String> = nodes.iter().filter_map(leader_of).collect();
+            let t = nodes[0].token()?;
+            (l.len() == 2 && l[0] == l[1] && nodes[1].token().as_deref() == Some(t.as_str()))
+                .then_some(())
+        });
+        assert_eq!(idp.requests().len(), 1);
+        // Without the client certificate etcd refuses: check says so.
+        let text = std::fs::read_to_string(&nodes[0].config).unwrap();
+        let no_cert: String = text
+            .lines()
+            .filter(|l| !l.starts_with("cert_file") && !l.starts_with("key_file"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        nodes[0].sb.write(&nodes[0].config, &no_cert, 0o600);
+        let check = crate::support::finish(
+            {
+                let mut c = crate::support::tokend();
+                c.arg("check").arg("-c").arg(&nodes[0].config);
+                c
+            },
+            SHORT,
+        );
+        assert_eq!(check.code(), Some(1), "{}", check.stdout);
+        assert!(
+            check.stdout.contains("FAIL  cluster member m0"),
+            "{}",
+            check.stdout
+        );
+    }
 }

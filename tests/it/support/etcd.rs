@@ -25,11 +25,108 @@ struct Member {
 pub struct EtcdCluster {
     dir: tempfile::TempDir,
     members: Vec<Member>,
+    /// With TLS: the CA, the client certificate and key (PEM files in `dir`).
+    tls: Option<Tls>,
+}
+
+/// Files of a TLS setup made with openssl: a CA, etcd's server certificate (for
+/// 127.0.0.1), and a client certificate etcd requires.
+#[derive(Clone)]
+pub struct Tls {
+    pub ca: std::path::PathBuf,
+    pub client_cert: std::path::PathBuf,
+    pub client_key: std::path::PathBuf,
+    server_cert: std::path::PathBuf,
+    server_key: std::path::PathBuf,
+}
+
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn make_tls(dir: &std::path::Path) -> Tls {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509", "-days", "2", "-subj", "/CN=tokend-test-ca"];
+    ca.extend(ec);
+    ca.extend(["-keyout", "ca.key", "-out", "ca.pem"]);
+    openssl(dir, &ca);
+    // etcd's JSON gateway calls its own gRPC side with the server certificate as a
+    // client certificate: it needs both usages.
+    for (name, ext) in [
+        (
+            "server",
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+        ),
+        ("client", "extendedKeyUsage=clientAuth\n"),
+    ] {
+        std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+        let (key, csr, pem) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+        );
+        let mut req = vec!["req", "-subj", "/CN=tokend-test"];
+        req.extend(ec);
+        req.extend(["-keyout", &key, "-out", &csr]);
+        openssl(dir, &req);
+        let ext = format!("{name}.ext");
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+                "-out",
+                &pem,
+            ],
+        );
+    }
+    Tls {
+        ca: dir.join("ca.pem"),
+        client_cert: dir.join("client.pem"),
+        client_key: dir.join("client.key"),
+        server_cert: dir.join("server.pem"),
+        server_key: dir.join("server.key"),
+    }
 }
 
 impl EtcdCluster {
     /// Starts `n` members and waits until the cluster answers; `None` without etcd.
     pub fn start(n: usize) -> Option<EtcdCluster> {
+        Self::start_with(n, false)
+    }
+
+    /// [`EtcdCluster::start`], clients speaking TLS and authenticated by certificate.
+    pub fn start_tls(n: usize) -> Option<EtcdCluster> {
+        Self::start_with(n, true)
+    }
+
+    fn start_with(n: usize, tls: bool) -> Option<EtcdCluster> {
         if Command::new("etcd")
             .arg("--version")
             .stdout(Stdio::null())
@@ -49,7 +146,8 @@ impl EtcdCluster {
                 child: None,
             })
             .collect();
-        let mut c = EtcdCluster { dir, members };
+        let tls = tls.then(|| make_tls(dir.path()));
+        let mut c = EtcdCluster { dir, members, tls };
         for i in 0..n {
             c.launch(i);
         }
@@ -64,18 +162,29 @@ impl EtcdCluster {
             .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer))
             .collect();
         let m = &self.members[i];
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         let data = self.dir.path().join(&m.name);
         let log = std::fs::File::create(self.dir.path().join(format!("{}.log", m.name)))
             .expect("an etcd log file");
-        let child = Command::new("etcd")
+        let mut cmd = Command::new("etcd");
+        if let Some(t) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&t.server_cert)
+                .arg("--key-file")
+                .arg(&t.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .arg("--name")
             .arg(&m.name)
             .arg("--data-dir")
             .arg(&data)
             .arg("--listen-client-urls")
-            .arg(format!("http://127.0.0.1:{}", m.client))
+            .arg(format!("{scheme}://127.0.0.1:{}", m.client))
             .arg("--advertise-client-urls")
-            .arg(format!("http://127.0.0.1:{}", m.client))
+            .arg(format!("{scheme}://127.0.0.1:{}", m.client))
             .arg("--listen-peer-urls")
             .arg(format!("http://127.0.0.1:{}", m.peer))
             .arg("--initial-advertise-peer-urls")
@@ -95,10 +204,16 @@ impl EtcdCluster {
 
     /// The client URLs of every member.
     pub fn endpoints(&self) -> Vec<String> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         self.members
             .iter()
-            .map(|m| format!("http://127.0.0.1:{}", m.client))
+            .map(|m| format!("{scheme}://127.0.0.1:{}", m.client))
             .collect()
+    }
+
+    /// The TLS files, when started with [`EtcdCluster::start_tls`].
+    pub fn tls(&self) -> Option<&Tls> {
+        self.tls.as_ref()
     }
 
     /// The index of the member that is etcd's Raft leader now, if one says so.
@@ -139,7 +254,16 @@ impl EtcdCluster {
         let deadline = Instant::now() + timeout;
         loop {
             for e in self.endpoints() {
-                let ok = Command::new("curl")
+                let mut curl = Command::new("curl");
+                if let Some(t) = &self.tls {
+                    curl.arg("--cacert")
+                        .arg(&t.ca)
+                        .arg("--cert")
+                        .arg(&t.client_cert)
+                        .arg("--key")
+                        .arg(&t.client_key);
+                }
+                let ok = curl
                     .args(["-sf", "-m", "1", "-d", "{\"key\":\"AA==\"}"])
                     .arg(format!("{e}/v3/kv/range"))
                     .stdout(Stdio::null())
