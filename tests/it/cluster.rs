@@ -443,6 +443,31 @@ mod members {
             .collect()
     }
 
+    /// Waits until every member serves one token; that token.
+    fn serving_one_token(d: &Daemon, nodes: &[Node]) -> String {
+        d.wait_until("every member serving one token", SHORT, || {
+            let t = nodes[0].token()?;
+            nodes
+                .iter()
+                .all(|n| n.token().as_deref() == Some(t.as_str()))
+                .then_some(t)
+        })
+    }
+
+    /// Waits until every member names the same leader; its name.
+    fn one_leader(d: &Daemon, nodes: &[Node]) -> String {
+        d.wait_until("one leader known to all", SHORT, || {
+            let l: Vec<String> = nodes.iter().filter_map(leader_of).collect();
+            (l.len() == nodes.len() && l.iter().all(|x| *x == l[0])).then(|| l[0].clone())
+        })
+    }
+
+    /// kill -9 of member `i`.
+    fn kill_9(daemons: &mut [Option<Daemon>], i: usize) {
+        let d = daemons[i].take().expect("a running member");
+        nix::sys::signal::kill(d.pid(), nix::sys::signal::Signal::SIGKILL).unwrap();
+    }
+
     fn leader_of(node: &Node) -> Option<String> {
         crate::support::account_status(&node.sb.path("tokend.sock"), "a")?["leader"]
             .as_str()
@@ -533,17 +558,7 @@ mod members {
             .iter()
             .map(|n| Some(Daemon::start(&n.config)))
             .collect();
-        let token = daemons[0].as_ref().unwrap().wait_until(
-            "every member serving one token",
-            SHORT,
-            || {
-                let t = nodes[0].token()?;
-                nodes
-                    .iter()
-                    .all(|n| n.token().as_deref() == Some(t.as_str()))
-                    .then_some(t)
-            },
-        );
+        let token = serving_one_token(daemons[0].as_ref().unwrap(), &nodes);
         assert_eq!(idp.requests().len(), 1, "joining members asked nothing");
         let leader = daemons[0]
             .as_ref()
@@ -552,9 +567,7 @@ mod members {
         let li: usize = leader[1..].parse().unwrap();
 
         // kill -9 the leader: another leads within lease_ttl + 1 s.
-        let killed = daemons[li].take().unwrap();
-        nix::sys::signal::kill(killed.pid(), nix::sys::signal::Signal::SIGKILL).unwrap();
-        drop(killed);
+        kill_9(&mut daemons, li);
         let other = (li + 1) % 3;
         let t0 = Instant::now();
         let (new_leader, took) =
@@ -631,9 +644,7 @@ mod members {
         };
         // Kill the leader: its successor honours the hold.
         let li: usize = leader[1..].parse().unwrap();
-        let killed = daemons[li].take().unwrap();
-        nix::sys::signal::kill(killed.pid(), nix::sys::signal::Signal::SIGKILL).unwrap();
-        drop(killed);
+        kill_9(&mut daemons, li);
         let live = daemons.iter().flatten().next().unwrap();
         let reqs = live.wait_until("the third refusal", Duration::from_secs(30), || {
             let r = idp.requests();
@@ -690,9 +701,7 @@ mod members {
             let leader = d.wait_until("a leader", SHORT, || leader_of(&nodes[live]));
             let li: usize = leader[1..].parse().unwrap();
             println!("round {round}: {leader} leads, serving {}", &latest[..8]);
-            let killed = daemons[li].take().unwrap();
-            nix::sys::signal::kill(killed.pid(), nix::sys::signal::Signal::SIGKILL).unwrap();
-            drop(killed);
+            kill_9(&mut daemons, li);
             // Restarted at once: it comes back as a follower (or leader) of the same chain.
             daemons[li] = Some(Daemon::start(&nodes[li].config));
         }
@@ -718,13 +727,7 @@ mod members {
         let nodes = nodes(&etcd, &idp, 3, "");
         let daemons: Vec<Daemon> = nodes.iter().map(|n| Daemon::start(&n.config)).collect();
         let d0 = &daemons[0];
-        let first = d0.wait_until("every member serving one token", SHORT, || {
-            let t = nodes[0].token()?;
-            nodes
-                .iter()
-                .all(|n| n.token().as_deref() == Some(t.as_str()))
-                .then_some(t)
-        });
+        let first = serving_one_token(d0, &nodes);
         d0.wait_until("a leader", SHORT, || leader_of(&nodes[0]));
         let (before, lost_at) = (idp.requests().len(), Instant::now());
         // Two of three etcd members die: no quorum.
@@ -786,19 +789,17 @@ mod members {
         let proxy = crate::support::proxy::Proxy::start(target);
         let idp = FakeIdp::start(Reply::token(6));
         let nodes = nodes_via(etcd.endpoints(), &idp, 3, "", Some(proxy.url()));
-        let daemons: Vec<Daemon> = nodes.iter().map(|n| Daemon::start(&n.config)).collect();
+        // m2 joins once m0 and m1 have a leader: it follows, and its cut is no failover.
+        let mut daemons: Vec<Daemon> = nodes[..2]
+            .iter()
+            .map(|n| Daemon::start(&n.config))
+            .collect();
+        one_leader(&daemons[0], &nodes[..2]);
+        daemons.push(Daemon::start(&nodes[2].config));
         let d0 = &daemons[0];
-        d0.wait_until("every member serving one token", SHORT, || {
-            let t = nodes[0].token()?;
-            nodes
-                .iter()
-                .all(|n| n.token().as_deref() == Some(t.as_str()))
-                .then_some(t)
-        });
-        d0.wait_until("one leader known to all", SHORT, || {
-            let l: Vec<String> = nodes.iter().filter_map(leader_of).collect();
-            (l.len() == 3 && l.iter().all(|x| *x == l[0]) && l[0] != "m2").then_some(())
-        });
+        serving_one_token(d0, &nodes);
+        let first_leader = one_leader(d0, &nodes);
+        assert_ne!(first_leader, "m2");
         let cut_off = &nodes[2];
         let (mark, at, before) = (idp.requests().len(), Instant::now(), cut_off.token());
         proxy.cut();
@@ -844,10 +845,7 @@ mod members {
         let nodes = nodes(&etcd, &idp, 3, "refresh_every = \"8s\"");
         let daemons: Vec<Daemon> = nodes.iter().map(|n| Daemon::start(&n.config)).collect();
         let d0 = &daemons[0];
-        d0.wait_until("one leader known to all", SHORT, || {
-            let l: Vec<String> = nodes.iter().filter_map(leader_of).collect();
-            (l.len() == 3 && l.iter().all(|x| *x == l[0])).then_some(())
-        });
+        one_leader(d0, &nodes);
         let raft = d0.wait_until("etcd's Raft leader", SHORT, || etcd.raft_leader());
         let first = idp.requests()[0].at;
         etcd.kill(raft);
@@ -879,13 +877,7 @@ mod members {
             .collect();
         let leader = {
             let d0 = daemons[0].as_ref().unwrap();
-            d0.wait_until("every member serving one token", SHORT, || {
-                let t = nodes[0].token()?;
-                nodes
-                    .iter()
-                    .all(|n| n.token().as_deref() == Some(t.as_str()))
-                    .then_some(())
-            });
+            serving_one_token(d0, &nodes);
             idp.push(Reply::RetryAfter(6));
             d0.wait_until("the 429", LONG, || {
                 (idp.requests().len() >= 2).then_some(())
@@ -900,9 +892,7 @@ mod members {
             d0.wait_until("a leader", SHORT, || leader_of(&nodes[0]))
         };
         let li: usize = leader[1..].parse().unwrap();
-        let killed = daemons[li].take().unwrap();
-        nix::sys::signal::kill(killed.pid(), nix::sys::signal::Signal::SIGKILL).unwrap();
-        drop(killed);
+        kill_9(&mut daemons, li);
         let live = daemons.iter().flatten().next().unwrap();
         let reqs = live.wait_until("the request after the wait", LONG, || {
             let r = idp.requests();
