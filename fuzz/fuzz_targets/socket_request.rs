@@ -379,7 +379,7 @@ fn check_answers(mut bytes: &[u8]) -> usize {
             });
         let rest = &bytes[head..];
         bytes = match length {
-            _ if rest.starts_with(b"HTTP/") => rest,
+            _ if rest.is_empty() || rest.starts_with(b"HTTP/") => rest,
             Some(n) => {
                 assert!(n <= rest.len(), "an answer shorter than its content-length");
                 &rest[n..]
