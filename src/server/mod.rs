@@ -600,4 +600,28 @@ mod tests {
         let e: api::ErrorBody = serde_json::from_str(body).unwrap();
         assert_eq!(e.error, api::code::BUSY);
     }
+
+    /// The fuzz target's entry point answers pipelined requests in order, then closes
+    /// the idle connection after `header_timeout` (at once, on the paused clock).
+    #[tokio::test(start_paused = true)]
+    async fn answer_bytes_serves_a_connection_without_a_socket() {
+        let (_tx, accounts) = watch::channel(Accounts::default());
+        let peer = Peer {
+            uid: 0,
+            gid: 0,
+            pid: 1,
+            groups: Vec::new(),
+            privileged: true,
+        };
+        let request = b"GET /v1/tokens HTTP/1.1\r\nhost: x\r\n\r\n\
+                        DELETE /v1/health HTTP/1.1\r\nhost: x\r\n\r\n";
+        let answer = answer_bytes(request, accounts, peer, Limits::default()).await;
+        let text = String::from_utf8(answer).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.contains("{\"accounts\":[]}\n"), "{text}");
+        assert!(
+            text.contains("HTTP/1.1 405 Method Not Allowed\r\n"),
+            "{text}"
+        );
+    }
 }
