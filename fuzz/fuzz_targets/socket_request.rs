@@ -189,6 +189,8 @@ struct Request {
     query: Vec<(QueryKey, QueryValue)>,
     http10: bool,
     headers: Vec<(HeaderName, String)>,
+    /// The length of an `x-pad` header: past 8 KiB, the head is too large (431).
+    pad: Option<u16>,
     body: Vec<u8>,
 }
 
@@ -330,6 +332,11 @@ fn render(requests: &[Request], tail: &[u8]) -> Vec<u8> {
                 HeaderName::Any(s) => s,
             };
             out.extend_from_slice(format!("{n}: {v}\r\n").as_bytes());
+        }
+        if let Some(n) = r.pad {
+            out.extend_from_slice(b"x-pad: ");
+            out.resize(out.len() + n as usize, b'a');
+            out.extend_from_slice(b"\r\n");
         }
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(&r.body);
