@@ -72,6 +72,18 @@ impl AccountView {
     pub fn credentials_changed(&self) {
         let _ = self.refresh.try_send(Poke::CredentialsChanged);
     }
+
+    /// A view with no task behind it: its refresh requests go nowhere. For the socket
+    /// API's fuzz target (`fuzz/`), which answers requests without running accounts.
+    #[doc(hidden)]
+    pub fn detached(account: Arc<Account>, state: watch::Receiver<TokenState>) -> Self {
+        let (refresh, _) = mpsc::channel(1);
+        AccountView {
+            account,
+            state,
+            refresh,
+        }
+    }
 }
 
 /// What the task does once it stops.

@@ -314,10 +314,7 @@ async fn run<L: Listen>(
     limits: Limits,
 ) {
     raise_fd_limit(2 * limits.max_connections as u64 + 256);
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
-        .max_buf_size(8192);
+    let http = http_builder(&limits);
     let daemon_uid = nix::unistd::geteuid().as_raw();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let ctx = Arc::new(Ctx {
@@ -375,6 +372,55 @@ async fn run<L: Listen>(
     conns.close();
     let wait = ctx.limits.shutdown_grace + Duration::from_millis(50);
     let _ = tokio::time::timeout(wait, conns.wait()).await;
+}
+
+/// How every connection speaks HTTP/1.1: the head's size and time bounds of [`Limits`].
+fn http_builder(limits: &Limits) -> http1::Builder {
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(8192);
+    http
+}
+
+/// Serves `request`, the bytes a client sends on one connection, to `peer` exactly as
+/// the socket does, and returns every byte written back until the server closed the
+/// connection (the client never closes its side: a limit or the end of the
+/// conversation does). For the socket API's fuzz target (`fuzz/`): no socket, no
+/// account task; `accounts` holds views such as [`AccountView::detached`] makes.
+///
+/// [`AccountView::detached`]: crate::account::AccountView::detached
+#[doc(hidden)]
+pub async fn answer_bytes(
+    request: &[u8],
+    accounts: watch::Receiver<Accounts>,
+    peer: Peer,
+    limits: Limits,
+) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let ctx = Arc::new(Ctx {
+        accounts,
+        metrics: Arc::new(Metrics::new()),
+        http: http_builder(&limits),
+        limits,
+    });
+    let cancel = CancellationToken::new();
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    let (mut from_server, mut to_server) = tokio::io::split(client);
+    let serve = async {
+        connection(server, false, Caller::Local(Arc::new(peer)), &ctx, &cancel).await;
+    };
+    let send = async {
+        // Fails once the server closed the connection before reading everything.
+        let _ = to_server.write_all(request).await;
+        // Kept open: the client waits for its answers.
+        to_server
+    };
+    let mut answer = Vec::new();
+    let receive = from_server.read_to_end(&mut answer);
+    let (_, _to_server, _) = tokio::join!(serve, send, receive);
+    answer
 }
 
 /// Serves one connection until the client closes it, a limit closes it, or shutdown.
@@ -553,5 +599,29 @@ mod tests {
         assert_eq!(len, body.len());
         let e: api::ErrorBody = serde_json::from_str(body).unwrap();
         assert_eq!(e.error, api::code::BUSY);
+    }
+
+    /// The fuzz target's entry point answers pipelined requests in order, then closes
+    /// the idle connection after `header_timeout` (at once, on the paused clock).
+    #[tokio::test(start_paused = true)]
+    async fn answer_bytes_serves_a_connection_without_a_socket() {
+        let (_tx, accounts) = watch::channel(Accounts::default());
+        let peer = Peer {
+            uid: 0,
+            gid: 0,
+            pid: 1,
+            groups: Vec::new(),
+            privileged: true,
+        };
+        let request = b"GET /v1/tokens HTTP/1.1\r\nhost: x\r\n\r\n\
+                        DELETE /v1/health HTTP/1.1\r\nhost: x\r\n\r\n";
+        let answer = answer_bytes(request, accounts, peer, Limits::default()).await;
+        let text = String::from_utf8(answer).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.contains("{\"accounts\":[]}\n"), "{text}");
+        assert!(
+            text.contains("HTTP/1.1 405 Method Not Allowed\r\n"),
+            "{text}"
+        );
     }
 }
