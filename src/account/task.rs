@@ -81,6 +81,7 @@ impl AccountView {
         AccountView {
             account,
             state,
+            cluster: None,
             refresh,
         }
     }
