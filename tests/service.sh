@@ -21,7 +21,7 @@
 # rotates. Then `podman kube play` of packaging/kubernetes/tokend-sidecar.yaml, rewritten
 # where podman lacks a part (printed as it runs).
 #
-# Installs what it lacks with apt-get: debootstrap, systemd-container, podman, runc.
+# Installs what it lacks with apt-get: debootstrap, systemd-container, podman, runc, catatonit.
 # podman runs with --runtime runc (crun refuses cgroup v1/v2 hybrids) and explicit ulimits.
 # Where nspawn or podman cannot run (not root, no tools), the part is skipped with the
 # reason; with CI set, that is a failure instead. Stops the machine and removes the
@@ -86,6 +86,13 @@ in_machine() {
         PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "$@"
 }
 pm() { timeout 180 podman --runtime runc "$@"; }
+# Containers started by `podman kube play` take their ulimits from here: runc cannot
+# raise them past this machine's hard limits.
+export CONTAINERS_CONF=$work/containers.conf
+cat >"$CONTAINERS_CONF" <<'EOF'
+[containers]
+default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
+EOF
 
 stop_machine() {
     [ -n "$nspawn_pid" ] || return 0
@@ -100,7 +107,10 @@ stop_machine() {
 remove_containers() {
     command -v podman >/dev/null || return 0
     if [ -n "$kube" ]; then pm kube down "$kube" >/dev/null 2>&1; fi
-    local c v
+    local c v p
+    for p in $(podman pod ps --format '{{.Name}}' | grep "^$prefix" || true); do
+        pm pod rm -f -t 2 "$p" >/dev/null 2>&1
+    done
     for c in $(podman ps -a --format '{{.Names}}' | grep "^$prefix" || true); do
         pm rm -f -t 2 "$c" >/dev/null 2>&1
     done
@@ -137,6 +147,8 @@ command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v systemd-nspawn >/dev/null || need+=(systemd-container)
 command -v podman >/dev/null || need+=(podman)
 command -v runc >/dev/null || need+=(runc)
+# The pause process of a pod (podman kube play builds its pause image from it locally).
+command -v catatonit >/dev/null || need+=(catatonit)
 if ((${#need[@]})); then
     t0=$SECONDS
     # uidmap, fuse-overlayfs, slirp4netns: what podman recommends; the build's RUN needs
@@ -194,7 +206,8 @@ wait "$rootfs_job" || rootfs_ok=0
 wait "$basefs_job" || basefs_ok=0
 printf 'root file systems ready in %d s\n' $((SECONDS - t0))
 
-scripts/oauth-server start --dir "$oauth" --lifetime 300 >"$work/oauth.env"
+# 10 minutes: longer than the Kubernetes example's `once --min-valid 5m`.
+scripts/oauth-server start --dir "$oauth" --lifetime 600 >"$work/oauth.env"
 # shellcheck disable=SC1091
 . "$work/oauth.env"
 tokens_asked() { grep -c 'POST /o/token/' "$oauth/server.log" || true; }
@@ -500,10 +513,11 @@ if [ "$image_ok" -eq 1 ]; then
     metrics_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     # The example as it is, but for what podman does not do or this machine does not have;
     # each such rewrite is printed as "podman: ..." and is not exercised here.
+    kube_etc=$work/kube-etc
     python3 - packaging/kubernetes/tokend-sidecar.yaml "$kube" "$image" "$TOKEN_URL" \
-        "$CC_CLIENT_ID" "$CC_CLIENT_SECRET" "$metrics_port" <<'PY'
-import re, sys, yaml
-src, dst, image, url, client_id, secret, port = sys.argv[1:]
+        "$CC_CLIENT_ID" "$CC_CLIENT_SECRET" "$metrics_port" "$kube_etc" "$prefix" <<'PY'
+import os, re, sys, yaml
+src, dst, image, url, client_id, secret, port, etc, prefix = sys.argv[1:]
 docs = [d for d in yaml.safe_load_all(open(src)) if d]
 kind = {d["kind"]: d for d in docs}
 def note(s): print("podman: " + s)
@@ -525,22 +539,87 @@ for c in sidecars:
     del c["restartPolicy"]
     del c["readinessProbe"]
 pod["containers"] = sidecars + pod["containers"]
+pod["restartPolicy"] = "OnFailure"
+note("pod restartPolicy OnFailure: podman 4.3 applies a Deployment's Always to init containers too and reruns tokend-once forever")
 note("native sidecar (init container with restartPolicy: Always) run as an ordinary container: podman runs init containers to completion, so ordering sidecar-before-app and restart are not exercised")
 note("readinessProbe not played (podman has no readiness); this test asks /v1/health itself, as the kubelet would")
 for c in pod["initContainers"] + pod["containers"]:
+    if c.pop("ports", None):
+        note(f"{c['name']}: no port list (the pod uses the host's network, to reach the OAuth2 server)")
     if c["image"].startswith("tokend:"):
         c["image"] = image
 app = pod["containers"][-1]
 app["image"] = image
 app["command"] = ["/bin/sh", "-c",
                   "while :; do cat /run/tokend/tokens/msk.header; sleep 1; done"]
+# podman 4.3 ignores fsGroup: the app gets the group another way.
+fs_group = pod["securityContext"]["fsGroup"]
+app["securityContext"]["runAsGroup"] = fs_group
+note(f"app: runAsGroup {fs_group} (podman ignores fsGroup, which would make it a supplementary group)")
 note("the app is the tokend image reading the header file each second (no curl image without a registry)")
+# The projected volume: its files, as the kubelet would make them (root:fsGroup, the
+# defaultMode), in a hostPath directory.
+vols = {v["name"]: v for v in pod["volumes"]}
+for name, v in vols.items():
+    if "projected" not in v:
+        continue
+    mode = v["projected"].get("defaultMode", 0o644)
+    for source in v["projected"]["sources"]:
+        obj = kind["ConfigMap"] if "configMap" in source else kind["Secret"]
+        data = obj.get("data") or obj.get("stringData")
+        spec = source.get("configMap") or source.get("secret")
+        items = spec.get("items") or [{"key": k, "path": k} for k in data]
+        for item in items:
+            path = os.path.join(etc, item["path"])
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(data[item["key"]])
+            os.chmod(path, mode)
+    del v["projected"]
+    v["hostPath"] = {"path": etc, "type": "Directory"}
+    note(f"volume {name!r}: podman 4.3 plays no projected (nor secret) volumes; the same files "
+         "(root:fsGroup, defaultMode) come from a hostPath directory made from the ConfigMap and the Secret")
+# Names this test can clean up after: podman makes each emptyDir a named volume.
+kind["Deployment"]["metadata"]["name"] = f"{prefix}-example"
+for v in pod["volumes"]:
+    v["name"] = f"{prefix}-{v['name']}"
+for c in pod["initContainers"] + pod["containers"]:
+    for m in c.get("volumeMounts", []):
+        m["name"] = f"{prefix}-{m['name']}"
+note(f"the Deployment and its volumes renamed with the prefix {prefix}- (removed afterwards)")
 yaml.safe_dump_all(docs, open(dst, "w"), sort_keys=False)
 PY
+    fs_group=$(python3 -c 'import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+print(next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["securityContext"]["fsGroup"])' "$kube")
+    chown -R "root:$fs_group" "$kube_etc"
+    chmod -R g+X "$kube_etc"
+    asked=$(tokens_asked)
+    out_ok=0
     if out=$(pm kube play --network host --start=true "$kube" 2>&1); then
         ok "podman kube play"
+        out_ok=1
     else
+        for c in $(podman ps -a --format '{{.Names}}' | grep "^$prefix-example" || true); do
+            out+=$'\n'"--- $c: $(podman logs "$c" 2>&1 | tail -n 5)"
+        done
         not_ok "podman kube play" "$out"
     fi
-    printf '%s\n' "$out" | sed 's/^/     /'
+    if [ "$out_ok" -eq 1 ]; then
+        pod=$(podman pod ps --format '{{.Name}}' | grep "^$prefix-example" | head -n 1)
+        app_read() { pm logs "$pod-app" 2>&1 | grep -q '^Authorization: Bearer '; }
+        if wait_for 30 app_read; then
+            ok "the app container reads the header file from the shared emptyDir"
+        else
+            not_ok "the app container reads the header file from the shared emptyDir" \
+                "$(pm logs "$pod-app" 2>&1 | tail -n 5)"
+        fi
+        kube_fresh() { pm exec "$pod-tokend" tokend status | grep -Eq '^msk +fresh'; }
+        check "kubectl exec ... tokend status: msk fresh (as in the example's comment)" wait_for 30 kube_fresh
+        expect "tokend-once asked the provider, the sidecar reused its token" \
+            $((asked + 1)) "$(tokens_asked)"
+        expect "GET /v1/health on metrics_listen (what the readiness probe asks): 200" 200 \
+            "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$metrics_port/v1/health" || true)"
+        check "podman kube down" pm kube down "$kube"
+    fi
 fi

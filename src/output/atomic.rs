@@ -308,7 +308,11 @@ mod tests {
         }
         assert_eq!(mode_of(&path), 0o644);
         assert_eq!(mode_of(&out.join(&version).join("raw")), 0o640);
-        assert_eq!(mode_of(dir.path()), 0o700, "an existing directory is left alone");
+        assert_eq!(
+            mode_of(dir.path()),
+            0o700,
+            "an existing directory is left alone"
+        );
     }
 
     #[test]
