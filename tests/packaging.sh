@@ -313,12 +313,14 @@ fi
 # ---------------------------------------------------------------------------------------
 step "the container image recipe"
 cf=packaging/container/Containerfile
-check "Containerfile: multi-stage, non-root numeric USER, tokend as entrypoint, run by default" bash -c '
+check "Containerfile: multi-stage (built from source by default), non-root numeric USER, tokend as entrypoint, run by default" bash -c '
     test "$(grep -c "^FROM " "$1")" -ge 2 &&
     grep -Eq "^USER [1-9][0-9]*(:[0-9]+)?$" "$1" &&
     grep -qxF "ENTRYPOINT [\"/usr/bin/tokend\"]" "$1" &&
     grep -qxF "CMD [\"run\"]" "$1" &&
-    grep -q "^COPY --from=build .*/release/tokend /usr/bin/tokend$" "$1"' _ "$cf"
+    grep -qxF "ARG BINARY_STAGE=build" "$1" &&
+    grep -qxF "FROM \${BINARY_STAGE} AS binary" "$1" &&
+    grep -q "^COPY --from=binary .*/release/tokend /usr/bin/tokend$" "$1"' _ "$cf"
 if command -v hadolint >/dev/null 2>&1; then
     check "Containerfile: hadolint" hadolint "$cf"
 else
