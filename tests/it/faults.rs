@@ -344,6 +344,8 @@ fn once_next_to_run_takes_the_daemons_token_without_asking() {
     let cfg = sb.config(&chain_setup(&idp, &sb, ""));
     let d = Daemon::start(&cfg);
     let token = d.wait_until("the daemon's token", SHORT, || sb.read("out/chain"));
+    // Both outputs: they are written one after the other.
+    d.wait_until("the json output", SHORT, || sb.read("out/chain.json"));
     // Outputs in /run vanish; an init container runs `once` while the daemon runs.
     std::fs::remove_file(sb.path("out/chain")).expect("remove the output");
     std::fs::remove_file(sb.path("out/chain.json")).expect("remove the json output");
