@@ -2,10 +2,14 @@
 //! in the target's directory, created with its final mode and owner, written, fsynced,
 //! renamed over the target, and the directory fsynced. Readers see the old file or the
 //! new one, never a partial, empty or mixed one, even if the daemon is killed mid-write.
+//! Directories made for an output get their mode and group here too, set explicitly
+//! rather than left to the process umask (the unit runs with `UMask=0077`).
 
 use std::fs::{File, Permissions};
 use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::{
+    DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _,
+};
 use std::path::Path;
 
 const TEMP_SUFFIX: &str = ".tokend-tmp";
@@ -30,12 +34,7 @@ pub fn write(
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    if !dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(dir)?;
-    }
+    create_dirs(dir, mode, owner, group)?;
     let mut tmp = tempfile::Builder::new()
         .prefix(&temp_prefix(path))
         .suffix(TEMP_SUFFIX)
@@ -59,6 +58,67 @@ pub fn write(
     File::open(dir)?.sync_all()
 }
 
+/// The mode of a directory that holds files of `mode` (SPEC §3): the owner (tokend, which
+/// keeps writing there) gets rwx; the group and others get r-x when the files' mode lets
+/// them read, never write (that would let them replace a token). When the files belong
+/// to another owner, who is neither tokend nor necessarily in the group, others get search
+/// (x) alone: that user can reach its file by name, and the file's own 0600-style mode
+/// keeps everyone else out.
+fn dir_mode(mode: u32, owner: Option<u32>) -> u32 {
+    let mut dir = 0o700;
+    if mode & 0o040 != 0 {
+        dir |= 0o050;
+    }
+    if mode & 0o004 != 0 {
+        dir |= 0o005;
+    }
+    if owner.is_some_and(|o| o != nix::unistd::geteuid().as_raw()) {
+        dir |= 0o001;
+    }
+    dir
+}
+
+/// Gives a directory tokend made the output's group and [`dir_mode`]. The owner stays
+/// tokend: it must keep renaming files in there. Explicit chown and chmod, not the mode
+/// given to mkdir, which the umask narrows.
+fn set_dir_access(
+    dir: &Path,
+    mode: u32,
+    owner: Option<u32>,
+    group: Option<u32>,
+) -> std::io::Result<()> {
+    if let Some(group) = group {
+        nix::unistd::chown(dir, None, Some(nix::unistd::Gid::from_raw(group)))
+            .map_err(std::io::Error::from)?;
+    }
+    std::fs::set_permissions(dir, Permissions::from_mode(dir_mode(mode, owner)))
+}
+
+/// Creates `dir` and its missing ancestors, each with [`set_dir_access`]. Directories
+/// that exist already are left as they are: they are the operator's.
+fn create_dirs(
+    dir: &Path,
+    mode: u32,
+    owner: Option<u32>,
+    group: Option<u32>,
+) -> std::io::Result<()> {
+    let mut missing = Vec::new();
+    let mut at = Some(dir);
+    while let Some(d) = at.filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        missing.push(d);
+        at = d.parent();
+    }
+    for d in missing.into_iter().rev() {
+        match std::fs::DirBuilder::new().mode(0o700).create(d) {
+            Ok(()) => set_dir_access(d, mode, owner, group)?,
+            // Made by someone else meanwhile (another account's output): theirs.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// The symlink a `directory` output's files resolve through, as kubelet names it.
 const DATA: &str = "..data";
 const DATA_TMP: &str = "..data_tmp";
@@ -74,12 +134,14 @@ pub fn write_dir(
     owner: Option<u32>,
     group: Option<u32>,
 ) -> std::io::Result<()> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(dir)?;
+    create_dirs(dir, mode, owner, group)?;
+    // The output's directory is tokend's own, also when an earlier tokend (or an earlier
+    // mode) made it: it gets the current mode and group.
+    if std::fs::metadata(dir)?.uid() == nix::unistd::geteuid().as_raw() {
+        set_dir_access(dir, mode, owner, group)?;
+    }
     let version = tempfile::Builder::new().prefix("..").tempdir_in(dir)?;
-    std::fs::set_permissions(version.path(), Permissions::from_mode(0o755))?;
+    set_dir_access(version.path(), mode, owner, group)?;
     for (name, content) in files {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -196,7 +258,72 @@ pub fn clean_stale(path: &Path) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::MetadataExt as _;
+
+    fn mode_of(path: &Path) -> u32 {
+        std::fs::symlink_metadata(path).unwrap().mode() & 0o7777
+    }
+
+    #[test]
+    fn directory_modes_follow_who_may_read() {
+        assert_eq!(dir_mode(0o600, None), 0o700);
+        assert_eq!(dir_mode(0o640, None), 0o750);
+        assert_eq!(dir_mode(0o644, None), 0o755);
+        assert_eq!(dir_mode(0o660, None), 0o750, "never group write");
+        assert_eq!(dir_mode(0o604, None), 0o705);
+        let me = nix::unistd::geteuid().as_raw();
+        assert_eq!(dir_mode(0o600, Some(me)), 0o700);
+        assert_eq!(dir_mode(0o600, Some(me + 1)), 0o701, "the owner can search");
+    }
+
+    /// The unit runs with `UMask=0077`; made directories must not inherit it (SPEC §3).
+    /// The umask is per process, and only ever narrower here, so other tests running
+    /// meanwhile at most make files more private than asked, never less.
+    #[test]
+    fn made_directories_get_the_outputs_mode_and_group_whatever_the_umask() {
+        use nix::sys::stat::{umask, Mode};
+        let before = umask(Mode::from_bits_truncate(0o077));
+        let dir = tempfile::tempdir().unwrap();
+        // A group tokend belongs to: its own.
+        let gid = nix::unistd::getegid().as_raw();
+
+        let path = dir.path().join("a/b/tok");
+        write(&path, b"one", 0o644, None, Some(gid)).unwrap();
+        let out = dir.path().join("c/msk.d");
+        write_dir(&out, &[("raw", b"one")], 0o640, None, Some(gid)).unwrap();
+        let version = std::fs::read_link(out.join(DATA)).unwrap();
+        let private = dir.path().join("p/tok");
+        write(&private, b"one", 0o600, None, None).unwrap();
+        umask(before);
+
+        for (d, want) in [
+            (dir.path().join("a"), 0o755),
+            (dir.path().join("a/b"), 0o755),
+            (dir.path().join("c"), 0o750),
+            (out.clone(), 0o750),
+            (out.join(&version), 0o750),
+            (dir.path().join("p"), 0o700),
+        ] {
+            assert_eq!(mode_of(&d), want, "{}", d.display());
+            assert_eq!(std::fs::metadata(&d).unwrap().gid(), gid);
+        }
+        assert_eq!(mode_of(&path), 0o644);
+        assert_eq!(mode_of(&out.join(&version).join("raw")), 0o640);
+        assert_eq!(
+            mode_of(dir.path()),
+            0o700,
+            "an existing directory is left alone"
+        );
+    }
+
+    #[test]
+    fn a_directory_output_made_too_private_is_opened_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("msk.d");
+        std::fs::create_dir(&out).unwrap();
+        std::fs::set_permissions(&out, Permissions::from_mode(0o700)).unwrap();
+        write_dir(&out, &[("raw", b"one")], 0o644, None, None).unwrap();
+        assert_eq!(mode_of(&out), 0o755);
+    }
 
     #[test]
     fn writes_with_the_mode_and_replaces() {

@@ -237,6 +237,11 @@ fn refusal_holds_double_survive_a_restart_and_end_when_the_secret_changes() {
             "gap {n} is {gap:?}, less than {least:?}"
         );
     }
+    // The third hold is saved after the provider's answer arrives: stop only then.
+    d.wait_until("the third refusal saved", LONG, || {
+        sb.read("state/a.json")
+            .filter(|s| s.contains("\"refusals\":3"))
+    });
     let (status, _, log) = d.terminate();
     assert!(status.success(), "{log}");
     let third = reqs[2].at;
