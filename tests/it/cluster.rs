@@ -954,4 +954,48 @@ mod members {
             check.stdout
         );
     }
+
+    #[test]
+    fn members_authenticate_to_etcd_with_a_user_and_password() {
+        let Some(etcd) = EtcdCluster::start(1) else {
+            return;
+        };
+        etcd.enable_auth("tokend", "etcd-s3cret", "/tokend/test/");
+        let idp = FakeIdp::start(Reply::token(3600));
+        let nodes = nodes(&etcd, &idp, 2, "");
+        for n in &nodes {
+            let text = std::fs::read_to_string(&n.config).unwrap().replace(
+                "lease_ttl = \"2s\"\n",
+                "lease_ttl = \"2s\"\nusername = \"tokend\"\npassword = { file = \"etcd-password\" }\n",
+            );
+            n.sb.write(&n.config, &text, 0o600);
+            n.sb.write(&n.sb.path("etcd-password"), "etcd-s3cret\n", 0o600);
+        }
+        let daemons: Vec<Daemon> = nodes.iter().map(|n| Daemon::start(&n.config)).collect();
+        one_leader(&daemons[0], &nodes);
+        serving_one_token(&daemons[0], &nodes);
+        assert_eq!(idp.requests().len(), 1);
+        for d in &daemons {
+            assert!(!d.log().contains("etcd-s3cret"));
+        }
+        // A wrong password: check says so, and names no secret.
+        nodes[0]
+            .sb
+            .write(&nodes[0].sb.path("etcd-password"), "wrong\n", 0o600);
+        let check = crate::support::finish(
+            {
+                let mut c = crate::support::tokend();
+                c.arg("check").arg("-c").arg(&nodes[0].config);
+                c
+            },
+            SHORT,
+        );
+        assert_eq!(check.code(), Some(1), "{}", check.stdout);
+        assert!(
+            check.stdout.contains("authentication failed"),
+            "{}",
+            check.stdout
+        );
+        assert!(!check.stdout.contains("wrong"));
+    }
 }

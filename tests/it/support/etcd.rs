@@ -235,6 +235,38 @@ impl EtcdCluster {
         None
     }
 
+    /// Turns on etcd's authentication: a `root` user, and `user` with `password` allowed
+    /// to read and write under `prefix` only.
+    pub fn enable_auth(&self, user: &str, password: &str, prefix: &str) {
+        let endpoints = self.endpoints().join(",");
+        let run = |args: &[&str]| {
+            let out = Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .arg(format!("--endpoints={endpoints}"))
+                .args(args)
+                .output()
+                .expect("etcdctl runs");
+            assert!(
+                out.status.success(),
+                "etcdctl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&["user", "add", "root:root-password"]);
+        run(&["user", "add", &format!("{user}:{password}")]);
+        run(&["role", "add", "tokend"]);
+        run(&[
+            "role",
+            "grant-permission",
+            "tokend",
+            "--prefix=true",
+            "readwrite",
+            prefix,
+        ]);
+        run(&["user", "grant-role", user, "tokend"]);
+        run(&["auth", "enable"]);
+    }
+
     /// Kills member `i` (SIGKILL).
     pub fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.members[i].child.take() {
