@@ -17,7 +17,7 @@ use crate::account::identity::{CredentialsDigest, RequestIdentity};
 use crate::account::{self, persist, AccountHandle, Accounts, Predecessor, Shared, TokenState};
 use crate::clock::Clock;
 use crate::config::{Account, Config, Output};
-use crate::oauth::HttpEndpoint;
+use crate::oauth::{HttpEndpoint, Transports};
 use crate::systemd::{self, Notifier};
 use crate::watch::Watcher;
 
@@ -53,7 +53,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     sup.retire_unknown(&config);
     for a in &config.accounts {
         let a = Arc::new(a.clone());
-        let endpoint = HttpEndpoint::new(a.clone(), sup.shared.clock)
+        let endpoint = HttpEndpoint::new(a.clone(), sup.shared.clock, &sup.transports)
             .with_context(|| format!("account {}", a.name))?;
         sup.start(a, endpoint, TokenState::default());
     }
@@ -128,6 +128,8 @@ struct Supervisor {
     /// Accounts stopped by a reload whose task may still be finishing (a refresh_token
     /// request on the wire): an account of the same name starts after it.
     stopping: BTreeMap<String, Predecessor>,
+    /// HTTP clients, shared by accounts that connect the same way.
+    transports: Transports,
 }
 
 /// How long SIGTERM waits for refresh_token requests on the wire (SPEC §6).
@@ -147,6 +149,7 @@ impl Supervisor {
             views: watch::Sender::new(Accounts::default()),
             credentials: BTreeMap::new(),
             stopping: BTreeMap::new(),
+            transports: Transports::default(),
         }
     }
 
@@ -288,7 +291,7 @@ impl Supervisor {
         let mut problems = Vec::new();
         for a in wanted {
             let a = Arc::new(a);
-            match HttpEndpoint::new(a.clone(), self.shared.clock) {
+            match HttpEndpoint::new(a.clone(), self.shared.clock, &self.transports) {
                 Ok(e) => ready.push((a.name.clone(), a, e)),
                 Err(e) => problems.push(format!("account {} cannot start: {e}", a.name)),
             }

@@ -26,7 +26,7 @@ use super::hooks;
 use super::identity::SiblingKey;
 use super::persist::{self, AccountLock, Locked, Saved, WaitKind};
 use super::schedule::{self, ErrorClass};
-use crate::clock::Clock;
+use crate::clock::{Clock, WallJumps};
 use crate::config::{Account, Grant};
 use crate::metrics::Metrics;
 use crate::oauth::{Endpoint, Token};
@@ -49,6 +49,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// refresh_token requests on the wire: shutdown waits for their answers.
     pub rotations: Arc<watch::Sender<usize>>,
+    /// Tells waiting accounts when the wall clock jumped (a suspend).
+    pub wall_jumps: Arc<WallJumps>,
 }
 
 impl Shared {
@@ -62,6 +64,7 @@ impl Shared {
             siblings: Default::default(),
             metrics: Default::default(),
             rotations: Arc::new(watch::Sender::new(0)),
+            wall_jumps: Default::default(),
         }
     }
 

@@ -25,9 +25,6 @@ use crate::config::{Account, Output};
 use crate::oauth::Endpoint;
 use crate::output;
 
-/// How often a waiting task compares the wall clock with its plan (see `run`).
-const WALL_CHECK: Duration = Duration::from_secs(30);
-
 /// Why a task is poked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Poke {
@@ -318,15 +315,27 @@ impl<E: Endpoint> Task<E> {
         let mut plan = self.restore(&mut engine).await;
         let refresh = self.parts.refresh.clone();
         let mut refresh = refresh.lock().await;
+        // The monotonic clock stops while the machine sleeps: when the wall clock jumps,
+        // the plan is looked at again, so a refresh that fell due during a suspend
+        // happens on resume. One watcher for all accounts; no timer of our own.
+        let mut jumps = self
+            .parts
+            .shared
+            .wall_jumps
+            .subscribe(self.parts.shared.clock);
+        jumps.mark_unchanged();
         loop {
             let wake = self
                 .expiry_instant()
                 .map_or(plan.next, |e| e.min(plan.next));
             let wake = plan.redeliver.map_or(wake, |r| r.min(wake));
-            // The monotonic clock stops while the machine sleeps: look at the wall clock
-            // now and then, so a refresh that fell due during a suspend happens on resume.
             let next_wall = self.wall(plan.next);
-            let wake = wake.min(Instant::now() + WALL_CHECK);
+            let woke = async {
+                tokio::select! {
+                    _ = sleep_until(wake) => {}
+                    Ok(()) = jumps.changed() => {}
+                }
+            };
             let mut force = false;
             tokio::select! {
                 biased;
@@ -358,7 +367,7 @@ impl<E: Endpoint> Task<E> {
                         }
                     }
                 }
-                _ = sleep_until(wake) => {
+                _ = woke => {
                     let now = Instant::now();
                     if plan.redeliver.is_some_and(|r| r <= now) {
                         plan.redeliver = None;
