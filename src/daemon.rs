@@ -1,7 +1,7 @@
 //! The supervisor: owns the map of running accounts, starts their tasks, and turns
 //! signals into shutdown. Everyone else reads account state through `watch` receivers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,11 +24,15 @@ use crate::watch::Watcher;
 /// How long a burst of file events may last before it is looked at.
 const WATCH_SETTLE: Duration = Duration::from_millis(200);
 
+/// How often, at most, the supervisor looks at every account's state for READY and
+/// STATUS= (issue #11: at start every account publishes, and each look costs O(accounts)).
+const SUMMARY_EVERY: Duration = Duration::from_millis(50);
+
 /// How long shutdown waits for account tasks (SPEC §6: stop within a second).
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(800);
 
 /// Runs the daemon until SIGTERM or SIGINT (or `shutdown` is cancelled).
-pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     // Signal streams exist before anything starts, so an early signal is not lost.
     let mut sigterm = signal(SignalKind::terminate()).context("failed to listen for SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("failed to listen for SIGINT")?;
@@ -51,8 +55,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let listeners = crate::server::bind(&config.daemon)?;
     let mut sup = Supervisor::new(&config);
     sup.retire_unknown(&config);
-    for a in &config.accounts {
-        let a = Arc::new(a.clone());
+    let count = config.accounts.len();
+    // Each account's config is kept once, behind its Arc (issue #11: not also here).
+    for a in std::mem::take(&mut config.accounts) {
+        let a = Arc::new(a);
         let endpoint = HttpEndpoint::new(a.clone(), sup.shared.clock, &sup.transports)
             .with_context(|| format!("account {}", a.name))?;
         sup.start(a, endpoint, TokenState::default());
@@ -62,7 +68,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     if let Some(w) = &mut watcher {
         w.watch_files(sup.watched_files(&path).iter().map(PathBuf::as_path));
     }
-    tracing::info!(accounts = config.accounts.len(), config = %path.display(), "tokend started");
+    tracing::info!(accounts = count, config = %path.display(), "tokend started");
 
     // READY=1 once every account had its first try, or at startup_timeout.
     let startup_deadline = Instant::now() + config.daemon.startup_timeout;
@@ -70,6 +76,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let mut status = String::new();
     loop {
         let summary = sup.summary();
+        let summarized = Instant::now();
         if !ready && (sup.all_attempted() || Instant::now() >= startup_deadline) {
             ready = true;
             tracing::info!("ready: {summary}");
@@ -106,7 +113,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 }
                 sup.check_secrets();
             }
-            _ = sup.shared.changed.notified() => {}
+            _ = sup.shared.changed.notified() => {
+                // The summary looks at every account: with thousands of accounts
+                // publishing at start, it is made at most every SUMMARY_EVERY.
+                tokio::time::sleep_until(summarized + SUMMARY_EVERY).await;
+            }
             _ = tokio::time::sleep_until(startup_deadline), if !ready => {}
             _ = watchdog_tick.tick(), if watchdog.is_some() => notifier.watchdog(),
         }
@@ -276,7 +287,7 @@ impl Supervisor {
     /// answered and saved), new ones start, removed ones stop, remove their outputs and
     /// retire their state. If any new or changed account cannot start, nothing changes.
     fn reload(&mut self, config: Config) -> Result<(), String> {
-        let configured: Vec<String> = config.accounts.iter().map(|a| a.name.clone()).collect();
+        let configured: HashSet<String> = config.accounts.iter().map(|a| a.name.clone()).collect();
         let wanted: Vec<Account> = config
             .accounts
             .into_iter()
@@ -302,7 +313,7 @@ impl Supervisor {
         let removed: Vec<String> = self
             .accounts
             .keys()
-            .filter(|n| !configured.contains(n))
+            .filter(|n| !configured.contains(*n))
             .cloned()
             .collect();
         for name in removed {
@@ -333,6 +344,7 @@ impl Supervisor {
             }
             self.start(new, endpoint, initial);
         }
+        self.transports.prune();
         Ok(())
     }
 
