@@ -58,6 +58,8 @@ pub fn check(config: &Config) -> Result<(), Failure> {
         config.accounts.len()
     )));
     let transports = Transports::default();
+    // Many outputs share a directory: each is tried once (issue #11).
+    let mut dirs: std::collections::HashMap<&Path, Result<(), String>> = Default::default();
     for a in &config.accounts {
         for (key, spec) in a.secrets() {
             report(match spec.read() {
@@ -77,7 +79,8 @@ pub fn check(config: &Config) -> Result<(), Failure> {
         }
         for o in &a.outputs {
             let dir = o.path.parent().unwrap_or(Path::new("."));
-            report(match dir_takes_files(dir) {
+            let takes = dirs.entry(dir).or_insert_with(|| dir_takes_files(dir));
+            report(match takes.clone() {
                 Ok(()) => Ok(format!(
                     "{}: output directory {} writable",
                     a.name,

@@ -15,7 +15,6 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use rand::SeedableRng as _;
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -189,7 +188,6 @@ pub struct Engine<E> {
     /// Local failures in a row (the delivery's own backoff).
     local_failures: u32,
     sibling: Option<SiblingKey>,
-    rng: rand::rngs::StdRng,
 }
 
 impl<E: Endpoint> Engine<E> {
@@ -299,7 +297,6 @@ impl<E: Endpoint> Engine<E> {
             undelivered: None,
             unsaved: false,
             local_failures: 0,
-            rng: rand::rngs::StdRng::from_entropy(),
         }
     }
 
@@ -487,7 +484,7 @@ impl<E: Endpoint> Engine<E> {
         Failed {
             class: ErrorClass::Local,
             message,
-            retry_in: schedule::backoff(self.local_failures, &mut self.rng),
+            retry_in: schedule::backoff(self.local_failures, &mut rand::thread_rng()),
             fetched,
             publish,
         }
@@ -522,7 +519,7 @@ impl<E: Endpoint> Engine<E> {
             self.saved.refusals,
             &policy,
             now,
-            &mut self.rng,
+            &mut rand::thread_rng(),
         );
         self.saved.record_wait(kind, now + retry_in, &self.account);
         self.save_quietly().await;

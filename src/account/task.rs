@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use rand::SeedableRng as _;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
@@ -219,7 +218,6 @@ async fn supervise<E: Endpoint>(
         let last = p.mirror.lock().expect("never poisoned").clone();
         *parts.mirror.lock().expect("never poisoned") = last;
     }
-    let mut rng = rand::rngs::StdRng::from_entropy();
     let mut deaths = 0u32;
     loop {
         let task = Task::new(parts.clone());
@@ -229,7 +227,7 @@ async fn supervise<E: Endpoint>(
             Err(_) => return,
         };
         deaths += 1;
-        let wait = schedule::backoff(deaths, &mut rng).max(Duration::from_secs(1));
+        let wait = schedule::backoff(deaths, &mut rand::thread_rng()).max(Duration::from_secs(1));
         tracing::error!(account = %name, restart_in = wait.as_secs(), "account task died ({died}): restarting it");
         parts.state.send_modify(|s| {
             s.status = Status::Failing;
@@ -255,7 +253,6 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
 
 struct Task<E> {
     parts: Parts<E>,
-    rng: rand::rngs::StdRng,
     /// The expiry already acted on, so an expired token is expired once.
     expired: Option<SystemTime>,
 }
@@ -276,7 +273,6 @@ impl<E: Endpoint> Task<E> {
     fn new(parts: Parts<E>) -> Self {
         Task {
             parts,
-            rng: rand::rngs::StdRng::from_entropy(),
             expired: None,
         }
     }
@@ -301,18 +297,21 @@ impl<E: Endpoint> Task<E> {
             tracing::info!(account = %name, removed, "removed stale temporary files");
         }
         let cancel = self.parts.cancel.clone();
-        let Some(mut engine) = Engine::open(
+        // The futures of what the loop awaits now and then (an attempt holds a whole
+        // HTTP request) are boxed: a waiting task then holds only its own few hundred
+        // bytes, not the largest of them (issue #11: thousands of idle accounts).
+        let Some(mut engine) = Box::pin(Engine::open(
             self.parts.account.clone(),
             self.parts.endpoint.clone(),
             self.parts.shared.clone(),
             self.parts.mirror.clone(),
             &cancel,
-        )
+        ))
         .await
         else {
-            return self.farewell(None).await;
+            return Box::pin(self.farewell(None)).await;
         };
-        let mut plan = self.restore(&mut engine).await;
+        let mut plan = Box::pin(self.restore(&mut engine)).await;
         let refresh = self.parts.refresh.clone();
         let mut refresh = refresh.lock().await;
         // The monotonic clock stops while the machine sleeps: when the wall clock jumps,
@@ -349,7 +348,7 @@ impl<E: Endpoint> Task<E> {
                             } else {
                                 "credentials changed: asking the provider now"
                             });
-                            engine.end_hold().await;
+                            Box::pin(engine.end_hold()).await;
                             plan.hold_until = None;
                             force = poke == Poke::Force;
                         }
@@ -371,7 +370,7 @@ impl<E: Endpoint> Task<E> {
                     let now = Instant::now();
                     if plan.redeliver.is_some_and(|r| r <= now) {
                         plan.redeliver = None;
-                        let outcome = engine.retry_delivery(&cancel).await;
+                        let outcome = Box::pin(engine.retry_delivery(&cancel)).await;
                         self.handle(outcome, &mut plan);
                         continue;
                     }
@@ -385,18 +384,18 @@ impl<E: Endpoint> Task<E> {
                 }
             }
 
-            if !force && !self.wait_for_provider().await {
+            if !force && !Box::pin(self.wait_for_provider()).await {
                 break;
             }
             plan.last_attempt = Some(Instant::now());
             self.publish(|s| s.status = Status::Refreshing);
-            let outcome = engine.attempt(&cancel).await;
+            let outcome = Box::pin(engine.attempt(&cancel)).await;
             if matches!(outcome, Attempt::Cancelled) {
                 break;
             }
             self.handle(outcome, &mut plan);
         }
-        self.farewell(Some(engine)).await;
+        Box::pin(self.farewell(Some(engine))).await;
     }
 
     /// After the loop: the engine's last save (and retirement), then the outputs the
@@ -433,7 +432,7 @@ impl<E: Endpoint> Task<E> {
         };
         if let Some(token) = engine.saved_token(Duration::ZERO) {
             let token = Arc::new(token);
-            let jitter = rand::Rng::gen(&mut self.rng);
+            let jitter = rand::Rng::gen(&mut rand::thread_rng());
             let due = token.issued_at
                 + schedule::refresh_delay(&self.account().schedule, token.lifetime(), jitter);
             let wait = due.duration_since(now).unwrap_or_default();
@@ -462,7 +461,7 @@ impl<E: Endpoint> Task<E> {
                     let f = Failed {
                         class: ErrorClass::Local,
                         message: e,
-                        retry_in: schedule::backoff(1, &mut self.rng),
+                        retry_in: schedule::backoff(1, &mut rand::thread_rng()),
                         fetched: Some(token),
                         publish: true,
                     };
@@ -510,7 +509,7 @@ impl<E: Endpoint> Task<E> {
             Attempt::Fresh(token) => {
                 let wall = self.now();
                 let lifetime = token.expires_at.duration_since(wall).unwrap_or_default();
-                let jitter = rand::Rng::gen(&mut self.rng);
+                let jitter = rand::Rng::gen(&mut rand::thread_rng());
                 let delay = schedule::refresh_delay(&self.account().schedule, lifetime, jitter);
                 let recovered = self.parts.state.borrow().failures > 0;
                 tracing::info!(
@@ -553,7 +552,7 @@ impl<E: Endpoint> Task<E> {
                                     s.last_refresh = Some(wall);
                                 });
                             }
-                            let jitter = rand::Rng::gen(&mut self.rng);
+                            let jitter = rand::Rng::gen(&mut rand::thread_rng());
                             plan.next = now
                                 + schedule::refresh_delay(
                                     &self.account().schedule,
