@@ -335,6 +335,8 @@ fn measure(args: &Args, endpoint: &Endpoint, n: usize) -> Row {
     }
     row.first_tokens = started.elapsed();
     assert_eq!(endpoint.requests() - requests_before, n as u64);
+    // A second for the daemon to see it is ready (READY=1) and settle.
+    std::thread::sleep(Duration::from_secs(1));
     row.rss_first = status(pid, "VmRSS");
 
     let cpu = cpu_ms(pid);
