@@ -1,7 +1,8 @@
 //! Scale benchmark (issue #11): `tokend run` with N accounts against a local constant
 //! token endpoint. For each N it prints the time until every account's output exists
 //! ("first tokens"), the resident memory then and after an idle minute, the CPU used in
-//! that minute, how long `tokend check` takes (and its peak memory), and what a reload
+//! that minute (RSS is read a second after the last output appeared, and again after
+//! the minute), how long `tokend check` takes (and its peak memory), and what a reload
 //! that changes one of the N accounts costs: its CPU, and that it made exactly one
 //! request and rewrote no other account's output.
 //!
@@ -289,6 +290,7 @@ fn measure(args: &Args, endpoint: &Endpoint, n: usize) -> Row {
 
     // `tokend check`: wall time and peak RSS (from wait4).
     let started = Instant::now();
+    #[allow(clippy::zombie_processes)] // wait4 below reaps it (and reads its peak RSS)
     let child = Command::new(&args.bin)
         .args(["check", "-c"])
         .arg(&path)

@@ -1100,7 +1100,7 @@ fn schedule(cx: &mut Ctx<'_>, at: &At<'_>) -> SchedulePolicy {
         }
         None => defaults.refresh_ratio,
     };
-    let schedule = SchedulePolicy {
+    SchedulePolicy {
         refresh_ratio,
         refresh_every: cx.opt_duration(&pick!(a, d, refresh_every), &at.k("refresh_every")),
         min_refresh_interval: cx.duration(
@@ -1118,8 +1118,7 @@ fn schedule(cx: &mut Ctx<'_>, at: &At<'_>) -> SchedulePolicy {
             &at.k("auth_failure_hold"),
             defaults.auth_failure_hold,
         ),
-    };
-    schedule
+    }
 }
 
 fn on_refresh(cx: &mut Ctx<'_>, at: &At<'_>) -> Option<Vec<String>> {
