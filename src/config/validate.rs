@@ -1491,7 +1491,7 @@ grant_type = "password"
         assert_eq!(lines.line_col(text, 0), (1, 1));
         assert_eq!(lines.line_col(text, 6), (2, 1));
         let eq = text.find(" = \"x").unwrap() + 1;
-        assert_eq!(lines.line_col(text, eq), (2, 6), "characters, not bytes");
+        assert_eq!(lines.line_col(text, eq), (2, 5), "characters, not bytes");
         // Inside a multi-byte character: the character's own column.
         assert_eq!(lines.line_col(text, 7), (2, 1));
         assert_eq!(lines.line_col(text, text.len()), (4, 5));
