@@ -3,8 +3,10 @@
 //! clock can make wall time follow it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, SystemTime};
 
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 #[derive(Clone, Copy, Debug)]
@@ -46,6 +48,64 @@ impl Clock {
     }
 }
 
+/// How often the one watcher compares the wall clock with tokio's.
+const JUMP_CHECK: Duration = Duration::from_secs(30);
+/// A change of the difference smaller than this is drift, not a suspend or a clock set.
+const JUMP_MIN: Duration = Duration::from_secs(2);
+
+/// Tells whoever waits when the wall clock jumped against tokio's monotonic clock: a
+/// suspend (the monotonic clock stood still while the wall clock ran on) or the clock
+/// being set. Accounts plan on tokio's clock, so a refresh that fell due during a
+/// suspend would otherwise wait for the time the machine slept.
+///
+/// One task checks, every 30 s, for the whole process (issue #11: it was one timer per
+/// account); accounts wait on a `watch` and sleep otherwise. The task starts with the
+/// first subscriber and ends when this is dropped.
+#[derive(Default)]
+pub struct WallJumps {
+    tx: watch::Sender<u64>,
+    running: OnceLock<()>,
+}
+
+impl WallJumps {
+    /// A receiver that changes after every jump of `clock` against tokio's clock. Needs
+    /// a tokio runtime (it starts the watcher).
+    pub fn subscribe(self: &Arc<Self>, clock: Clock) -> watch::Receiver<u64> {
+        self.running.get_or_init(|| {
+            tokio::spawn(watch_jumps(Arc::downgrade(self), clock));
+        });
+        self.tx.subscribe()
+    }
+}
+
+/// Compares `clock` with tokio's every [`JUMP_CHECK`]; tells `jumps` when the
+/// difference moved by [`JUMP_MIN`] or more.
+async fn watch_jumps(jumps: Weak<WallJumps>, clock: Clock) {
+    let (wall0, at0) = (clock.now(), Instant::now());
+    // Wall time gone by minus tokio time gone by, in milliseconds.
+    let offset = || {
+        let wall = match clock.now().duration_since(wall0) {
+            Ok(d) => d.as_millis() as i128,
+            Err(e) => -(e.duration().as_millis() as i128),
+        };
+        wall - at0.elapsed().as_millis() as i128
+    };
+    let mut last = offset();
+    loop {
+        tokio::time::sleep(JUMP_CHECK).await;
+        let Some(jumps) = jumps.upgrade() else { return };
+        let now = offset();
+        if (now - last).unsigned_abs() >= JUMP_MIN.as_millis() {
+            tracing::info!(
+                by_ms = now - last,
+                "the wall clock jumped (a suspend, or the clock was set): accounts look at their plans"
+            );
+            last = now;
+            jumps.tx.send_modify(|n| *n += 1);
+        }
+    }
+}
+
 /// The latest time RFC 3339 can write: 9999-12-31T23:59:59Z.
 const LATEST_RFC3339: u64 = 253_402_300_799;
 
@@ -75,6 +135,37 @@ mod tests {
         assert_eq!(rfc3339(far), "9999-12-31T23:59:59Z");
         let before = SystemTime::UNIX_EPOCH - Duration::from_secs(5);
         assert_eq!(rfc3339(before), "1970-01-01T00:00:00Z");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wall_clock_jump_is_told_once_and_drift_is_not() {
+        static SKEW: AtomicU64 = AtomicU64::new(0);
+        let jumps = Arc::new(WallJumps::default());
+        let mut rx = jumps.subscribe(Clock::tokio_with_skew(&SKEW));
+        let mut rx2 = jumps.subscribe(Clock::System);
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        assert!(!rx.has_changed().unwrap(), "no jump, no news");
+        SKEW.store(1000, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        assert!(!rx.has_changed().unwrap(), "a second is drift");
+        SKEW.store(3_600_000, Ordering::Relaxed);
+        tokio::time::timeout(Duration::from_secs(31), rx.changed())
+            .await
+            .expect("told within one check")
+            .unwrap();
+        assert!(
+            rx2.has_changed().unwrap(),
+            "one watcher for every subscriber"
+        );
+        rx2.mark_unchanged();
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        assert!(!rx.has_changed().unwrap(), "told once");
+        drop(jumps);
+        tokio::time::sleep(Duration::from_secs(31)).await;
+        assert!(
+            rx.changed().await.is_err(),
+            "the watcher ends with its owner"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -13,7 +13,7 @@ use crate::account::persist::{self, WaitKind};
 use crate::account::schedule::ErrorClass;
 use crate::clock::Clock;
 use crate::config::{Account, Config, ConfigErrors};
-use crate::oauth::HttpEndpoint;
+use crate::oauth::{HttpEndpoint, Transports};
 use crate::output;
 
 /// Why a command failed, and so its exit status.
@@ -57,6 +57,9 @@ pub fn check(config: &Config) -> Result<(), Failure> {
         config.path.display(),
         config.accounts.len()
     )));
+    let transports = Transports::default();
+    // Many outputs share a directory: each is tried once (issue #11).
+    let mut dirs: std::collections::HashMap<&Path, Result<(), String>> = Default::default();
     for a in &config.accounts {
         for (key, spec) in a.secrets() {
             report(match spec.read() {
@@ -69,16 +72,15 @@ pub fn check(config: &Config) -> Result<(), Failure> {
             });
         }
         if let Some(ca) = &a.ca_file {
-            report(
-                match HttpEndpoint::new(Arc::new(a.clone()), Clock::System) {
-                    Ok(_) => Ok(format!("{}: ca_file {} loads", a.name, ca.display())),
-                    Err(e) => Err(format!("{}: {e}", a.name)),
-                },
-            );
+            report(match transports.client(a) {
+                Ok(_) => Ok(format!("{}: ca_file {} loads", a.name, ca.display())),
+                Err(e) => Err(format!("{}: {e}", a.name)),
+            });
         }
         for o in &a.outputs {
             let dir = o.path.parent().unwrap_or(Path::new("."));
-            report(match dir_takes_files(dir) {
+            let takes = dirs.entry(dir).or_insert_with(|| dir_takes_files(dir));
+            report(match takes.clone() {
                 Ok(()) => Ok(format!(
                     "{}: output directory {} writable",
                     a.name,
@@ -175,16 +177,17 @@ pub async fn once(
         Clock::System,
         config.daemon.state_dir.clone(),
     );
+    let transports = Arc::new(Transports::default());
     let mut set = tokio::task::JoinSet::new();
     for a in config
         .accounts
         .iter()
         .filter(|a| names.is_empty() || names.contains(&a.name))
     {
-        let (a, shared) = (Arc::new(a.clone()), shared.clone());
+        let (a, shared, transports) = (Arc::new(a.clone()), shared.clone(), transports.clone());
         set.spawn(async move {
             let name = a.name.clone();
-            (name, once_account(a, shared, min_valid).await)
+            (name, once_account(a, shared, &transports, min_valid).await)
         });
     }
     let mut failed = Vec::new();
@@ -209,10 +212,15 @@ pub async fn once(
 async fn once_account(
     account: Arc<Account>,
     shared: Shared,
+    transports: &Transports,
     min_valid: Option<Duration>,
 ) -> anyhow::Result<()> {
     output::clean_stale(&account);
-    let endpoint = Arc::new(HttpEndpoint::new(account.clone(), Clock::System)?);
+    let endpoint = Arc::new(HttpEndpoint::new(
+        account.clone(),
+        Clock::System,
+        transports,
+    )?);
     let deadline = tokio::time::Instant::now() + account.timeout + Duration::from_secs(5);
     let mut engine = loop {
         match Engine::try_open(account.clone(), endpoint.clone(), shared.clone()).await? {

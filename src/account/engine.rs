@@ -15,7 +15,6 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use rand::SeedableRng as _;
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -26,7 +25,7 @@ use super::hooks;
 use super::identity::SiblingKey;
 use super::persist::{self, AccountLock, Locked, Saved, WaitKind};
 use super::schedule::{self, ErrorClass};
-use crate::clock::Clock;
+use crate::clock::{Clock, WallJumps};
 use crate::config::{Account, Grant};
 use crate::metrics::Metrics;
 use crate::oauth::{Endpoint, Token};
@@ -49,6 +48,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// refresh_token requests on the wire: shutdown waits for their answers.
     pub rotations: Arc<watch::Sender<usize>>,
+    /// Tells waiting accounts when the wall clock jumped (a suspend).
+    pub wall_jumps: Arc<WallJumps>,
 }
 
 impl Shared {
@@ -62,6 +63,7 @@ impl Shared {
             siblings: Default::default(),
             metrics: Default::default(),
             rotations: Arc::new(watch::Sender::new(0)),
+            wall_jumps: Default::default(),
         }
     }
 
@@ -186,7 +188,6 @@ pub struct Engine<E> {
     /// Local failures in a row (the delivery's own backoff).
     local_failures: u32,
     sibling: Option<SiblingKey>,
-    rng: rand::rngs::StdRng,
 }
 
 impl<E: Endpoint> Engine<E> {
@@ -296,7 +297,6 @@ impl<E: Endpoint> Engine<E> {
             undelivered: None,
             unsaved: false,
             local_failures: 0,
-            rng: rand::rngs::StdRng::from_entropy(),
         }
     }
 
@@ -501,7 +501,7 @@ impl<E: Endpoint> Engine<E> {
         Failed {
             class: ErrorClass::Local,
             message,
-            retry_in: schedule::backoff(self.local_failures, &mut self.rng),
+            retry_in: schedule::backoff(self.local_failures, &mut rand::thread_rng()),
             fetched,
             publish,
         }
@@ -536,7 +536,7 @@ impl<E: Endpoint> Engine<E> {
             self.saved.refusals,
             &policy,
             now,
-            &mut self.rng,
+            &mut rand::thread_rng(),
         );
         self.saved.record_wait(kind, now + retry_in, &self.account);
         self.save_quietly().await;

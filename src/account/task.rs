@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use rand::SeedableRng as _;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
@@ -25,9 +24,6 @@ use super::state::{Status, TokenState};
 use crate::config::{Account, Output};
 use crate::oauth::Endpoint;
 use crate::output;
-
-/// How often a waiting task compares the wall clock with its plan (see `run`).
-const WALL_CHECK: Duration = Duration::from_secs(30);
 
 /// Why a task is poked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -261,7 +257,6 @@ async fn supervise<E: Endpoint>(
         let last = p.mirror.lock().expect("never poisoned").clone();
         *parts.mirror.lock().expect("never poisoned") = last;
     }
-    let mut rng = rand::rngs::StdRng::from_entropy();
     let mut deaths = 0u32;
     loop {
         let task = Task::new(parts.clone());
@@ -271,7 +266,7 @@ async fn supervise<E: Endpoint>(
             Err(_) => return,
         };
         deaths += 1;
-        let wait = schedule::backoff(deaths, &mut rng).max(Duration::from_secs(1));
+        let wait = schedule::backoff(deaths, &mut rand::thread_rng()).max(Duration::from_secs(1));
         tracing::error!(account = %name, restart_in = wait.as_secs(), "account task died ({died}): restarting it");
         parts.state.send_modify(|s| {
             s.status = Status::Failing;
@@ -309,7 +304,6 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
 
 struct Task<E> {
     parts: Parts<E>,
-    rng: rand::rngs::StdRng,
     /// The expiry already acted on, so an expired token is expired once.
     expired: Option<SystemTime>,
 }
@@ -330,7 +324,6 @@ impl<E: Endpoint> Task<E> {
     fn new(parts: Parts<E>) -> Self {
         Task {
             parts,
-            rng: rand::rngs::StdRng::from_entropy(),
             expired: None,
         }
     }
@@ -355,18 +348,21 @@ impl<E: Endpoint> Task<E> {
             tracing::info!(account = %name, removed, "removed stale temporary files");
         }
         let cancel = self.parts.cancel.clone();
-        let Some(mut engine) = Engine::open(
+        // The futures of what the loop awaits now and then (an attempt holds a whole
+        // HTTP request) are boxed: a waiting task then holds only its own few hundred
+        // bytes, not the largest of them (issue #11: thousands of idle accounts).
+        let Some(mut engine) = Box::pin(Engine::open(
             self.parts.account.clone(),
             self.parts.endpoint.clone(),
             self.parts.shared.clone(),
             self.parts.mirror.clone(),
             &cancel,
-        )
+        ))
         .await
         else {
-            return self.farewell(None).await;
+            return Box::pin(self.farewell(None)).await;
         };
-        let mut plan = self.restore(&mut engine).await;
+        let mut plan = Box::pin(self.restore(&mut engine)).await;
         let refresh = self.parts.refresh.clone();
         let mut refresh = refresh.lock().await;
         let coordinator = self.parts.coordinator.clone();
@@ -378,15 +374,27 @@ impl<E: Endpoint> Task<E> {
             // Joining or restarting: a fresh shared token costs the provider nothing.
             self.follow(&mut engine, c.as_ref(), &mut plan).await;
         }
+        // The monotonic clock stops while the machine sleeps: when the wall clock jumps,
+        // the plan is looked at again, so a refresh that fell due during a suspend
+        // happens on resume. One watcher for all accounts; no timer of our own.
+        let mut jumps = self
+            .parts
+            .shared
+            .wall_jumps
+            .subscribe(self.parts.shared.clock);
+        jumps.mark_unchanged();
         loop {
             let wake = self
                 .expiry_instant()
                 .map_or(plan.next, |e| e.min(plan.next));
             let wake = plan.redeliver.map_or(wake, |r| r.min(wake));
-            // The monotonic clock stops while the machine sleeps: look at the wall clock
-            // now and then, so a refresh that fell due during a suspend happens on resume.
             let next_wall = self.wall(plan.next);
-            let wake = wake.min(Instant::now() + WALL_CHECK);
+            let woke = async {
+                tokio::select! {
+                    _ = sleep_until(wake) => {}
+                    Ok(()) = jumps.changed() => {}
+                }
+            };
             let mut force = false;
             tokio::select! {
                 biased;
@@ -400,7 +408,7 @@ impl<E: Endpoint> Task<E> {
                             } else {
                                 "credentials changed: asking the provider now"
                             });
-                            engine.end_hold().await;
+                            Box::pin(engine.end_hold()).await;
                             plan.hold_until = None;
                             force = poke == Poke::Force;
                         }
@@ -439,11 +447,11 @@ impl<E: Endpoint> Task<E> {
                     }
                     continue;
                 }
-                _ = sleep_until(wake) => {
+                _ = woke => {
                     let now = Instant::now();
                     if plan.redeliver.is_some_and(|r| r <= now) {
                         plan.redeliver = None;
-                        let outcome = engine.retry_delivery(&cancel).await;
+                        let outcome = Box::pin(engine.retry_delivery(&cancel)).await;
                         self.handle(outcome, &mut plan);
                         continue;
                     }
@@ -464,12 +472,12 @@ impl<E: Endpoint> Task<E> {
                     None => continue,
                 }
             }
-            if !force && !self.wait_for_provider().await {
+            if !force && !Box::pin(self.wait_for_provider()).await {
                 break;
             }
             plan.last_attempt = Some(Instant::now());
             self.publish(|s| s.status = Status::Refreshing);
-            let outcome = engine.attempt(&cancel).await;
+            let outcome = Box::pin(engine.attempt(&cancel)).await;
             if matches!(outcome, Attempt::Cancelled) {
                 break;
             }
@@ -491,7 +499,7 @@ impl<E: Endpoint> Task<E> {
         if let Some(c) = coordinator.as_deref() {
             c.resign().await;
         }
-        self.farewell(Some(engine)).await;
+        Box::pin(self.farewell(Some(engine))).await;
     }
 
     /// Cluster mode, when a refresh is due: whose turn it is. `Some(true)` when this
@@ -582,7 +590,7 @@ impl<E: Endpoint> Task<E> {
             }
             let wall = self.now();
             let lifetime = token.expires_at.duration_since(wall).unwrap_or_default();
-            let jitter = rand::Rng::gen(&mut self.rng);
+            let jitter = rand::Rng::gen(&mut rand::thread_rng());
             let delay = schedule::refresh_delay(&self.account().schedule, lifetime, jitter);
             plan.next = Instant::now() + delay;
             self.publish(|s| {
@@ -652,7 +660,7 @@ impl<E: Endpoint> Task<E> {
         };
         if let Some(token) = engine.saved_token(Duration::ZERO) {
             let token = Arc::new(token);
-            let jitter = rand::Rng::gen(&mut self.rng);
+            let jitter = rand::Rng::gen(&mut rand::thread_rng());
             let due = token.issued_at
                 + schedule::refresh_delay(&self.account().schedule, token.lifetime(), jitter);
             let wait = due.duration_since(now).unwrap_or_default();
@@ -681,7 +689,7 @@ impl<E: Endpoint> Task<E> {
                     let f = Failed {
                         class: ErrorClass::Local,
                         message: e,
-                        retry_in: schedule::backoff(1, &mut self.rng),
+                        retry_in: schedule::backoff(1, &mut rand::thread_rng()),
                         fetched: Some(token),
                         publish: true,
                     };
@@ -729,7 +737,7 @@ impl<E: Endpoint> Task<E> {
             Attempt::Fresh(token) => {
                 let wall = self.now();
                 let lifetime = token.expires_at.duration_since(wall).unwrap_or_default();
-                let jitter = rand::Rng::gen(&mut self.rng);
+                let jitter = rand::Rng::gen(&mut rand::thread_rng());
                 let delay = schedule::refresh_delay(&self.account().schedule, lifetime, jitter);
                 let recovered = self.parts.state.borrow().failures > 0;
                 tracing::info!(
@@ -772,7 +780,7 @@ impl<E: Endpoint> Task<E> {
                                     s.last_refresh = Some(wall);
                                 });
                             }
-                            let jitter = rand::Rng::gen(&mut self.rng);
+                            let jitter = rand::Rng::gen(&mut rand::thread_rng());
                             plan.next = now
                                 + schedule::refresh_delay(
                                     &self.account().schedule,

@@ -103,6 +103,7 @@ pub(crate) fn state_dir_is_safe(dir: &Path) -> Result<(), String> {
 
 struct Ctx<'a> {
     text: &'a str,
+    lines: Lines,
     file: &'a Path,
     base: PathBuf,
     errors: Vec<ConfigError>,
@@ -123,7 +124,7 @@ impl Ctx<'_> {
     }
 
     fn locate(&self, span: std::ops::Range<usize>, key: String, message: String) -> ConfigError {
-        let (line, column) = line_col(self.text, span.start);
+        let (line, column) = self.lines.line_col(self.text, span.start);
         ConfigError {
             file: self.file.to_owned(),
             line,
@@ -315,13 +316,29 @@ fn is_loopback(url: &url::Url) -> bool {
     }
 }
 
-/// 1-based line and column (in characters) of a byte offset.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(text.len());
-    let before = &text[..offset];
-    let line = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    (line, before[line_start..].chars().count() + 1)
+/// Where each line of a text starts, so that locating an offset costs a binary search
+/// and not a scan from the top (issue #11: with one scan per account and per error,
+/// validating 10,000 accounts took time in the square of the file's size).
+struct Lines(Vec<usize>);
+
+impl Lines {
+    fn new(text: &str) -> Self {
+        let starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
+        Lines(starts)
+    }
+
+    /// 1-based line and column (in characters) of a byte offset.
+    fn line_col(&self, text: &str, offset: usize) -> (usize, usize) {
+        let mut offset = offset.min(text.len());
+        while !text.is_char_boundary(offset) {
+            offset -= 1;
+        }
+        let line = self.0.partition_point(|&start| start <= offset);
+        let start = self.0[line - 1];
+        (line, text[start..offset].chars().count() + 1)
+    }
 }
 
 pub(super) fn parse(text: &str, file: &Path) -> Result<(Config, Located), ConfigErrors> {
@@ -332,6 +349,7 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<(Config, Located), Config
         .unwrap_or_else(|| PathBuf::from("."));
     let mut cx = Ctx {
         text,
+        lines: Lines::new(text),
         file,
         base,
         errors: Vec::new(),
@@ -396,7 +414,15 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<(Config, Located), Config
 
     let mut accounts = Vec::new();
     let mut names: HashMap<String, usize> = HashMap::new();
+    // Each output path, and the account and place that first named it.
+    let mut seen: HashMap<PathBuf, String> = HashMap::new();
     for (label, raw, span) in accounts_raw {
+        let paths: Vec<std::ops::Range<usize>> = raw
+            .output
+            .iter()
+            .flatten()
+            .map(|o| o.get_ref().path.as_ref().map_or(o.span(), |p| p.span()))
+            .collect();
         if let Some(a) = account(
             &mut cx,
             &label,
@@ -415,27 +441,21 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<(Config, Located), Config
                     ),
                 );
             } else {
-                names.insert(a.name.clone(), line_col(text, span.start).0);
+                names.insert(a.name.clone(), cx.lines.line_col(text, span.start).0);
+                // An account that validated has one output per [[account.output]].
+                for (i, (o, at)) in a.outputs.iter().zip(paths).enumerate() {
+                    if let Some(first) = seen.get(&o.path) {
+                        let message = format!(
+                            "{} is already the output of account {first}",
+                            o.path.display()
+                        );
+                        cx.err(at, format!("{label}.output[{}].path", i + 1), message);
+                    } else {
+                        let (line, _) = cx.lines.line_col(text, at.start);
+                        seen.insert(o.path.clone(), format!("{:?} (line {line})", a.name));
+                    }
+                }
                 accounts.push(a);
-            }
-        }
-    }
-
-    let mut seen: HashMap<PathBuf, String> = HashMap::new();
-    for a in &accounts {
-        for (i, o) in a.outputs.iter().enumerate() {
-            if let Some(first) = seen.insert(o.path.clone(), a.name.clone()) {
-                let e = ConfigError {
-                    file: file.to_owned(),
-                    line: 0,
-                    column: 0,
-                    key: format!("account.{}.output[{}].path", a.name, i + 1),
-                    message: format!(
-                        "{} is already the output of account {first:?}",
-                        o.path.display()
-                    ),
-                };
-                cx.errors.push(e);
             }
         }
     }
@@ -686,6 +706,48 @@ fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
+/// An account's key as written, or else as `[defaults]` has it.
+macro_rules! pick {
+    ($a:expr, $d:expr, $f:ident) => {
+        $a.$f.clone().or_else(|| $d.$f.clone())
+    };
+}
+
+/// What one `[[account]]` is validated with: its raw keys, the `[defaults]`, where it
+/// is (for errors about a missing key) and its label (`account.msk`) for key paths.
+struct At<'r> {
+    a: &'r RawAccount,
+    d: &'r RawAccount,
+    label: &'r str,
+    span: std::ops::Range<usize>,
+}
+
+impl At<'_> {
+    /// The key path of `key` in this account (`account.msk.scope`).
+    fn k(&self, key: &str) -> String {
+        format!("{}.{key}", self.label)
+    }
+}
+
+/// `grant_type`, before the keys each grant needs are looked at.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum GrantKind {
+    ClientCredentials,
+    Password,
+    RefreshToken,
+}
+
+/// An output's `format`, before `env_var` is looked at.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FormatKind {
+    Raw,
+    Json,
+    Env,
+    Header,
+    Directory,
+}
+
+/// Validates one account; None (and errors in `cx`) if anything about it is wrong.
 fn account(
     cx: &mut Ctx<'_>,
     label: &str,
@@ -695,356 +757,56 @@ fn account(
     has_socket: bool,
 ) -> Option<Account> {
     let before = cx.errors.len();
-    let k = |key: &str| format!("{label}.{key}");
-    macro_rules! pick {
-        ($f:ident) => {
-            a.$f.clone().or_else(|| d.$f.clone())
-        };
-    }
-
-    let name = match &a.name {
-        Some(n) if valid_name(n.get_ref()) => n.get_ref().clone(),
-        Some(n) => {
-            cx.err(
-                n.span(),
-                k("name"),
-                format!(
-                    "{:?} is not a valid name: 1 to 64 of A-Z a-z 0-9 . _ -",
-                    n.get_ref()
-                ),
-            );
-            String::new()
-        }
-        None => {
-            cx.missing(span.clone(), label, "name", "");
-            String::new()
-        }
+    let at = At {
+        a: &a,
+        d,
+        label,
+        span: span.clone(),
     };
-
-    let allow_http = pick!(allow_http).is_some_and(|b| *b.get_ref());
-    let token_url = match pick!(token_url) {
-        Some(u) => match url::Url::parse(u.get_ref()) {
-            Ok(url) if url.scheme() == "http" && !allow_http && !is_loopback(&url) => {
-                cx.err(
-                    u.span(),
-                    k("token_url"),
-                    format!(
-                        "plain http:// to {} would send the credentials in the clear: use https://, \
-                         or set allow_http = true for this account",
-                        url.host_str().unwrap_or_default()
-                    ),
-                );
-                None
-            }
-            Ok(url) if matches!(url.scheme(), "https" | "http") && url.has_host() => {
-                if !url.username().is_empty() || url.password().is_some() {
-                    cx.inline_secret(u.span(), k("token_url"));
-                }
-                Some(url)
-            }
-            Ok(_) => {
-                cx.err(
-                    u.span(),
-                    k("token_url"),
-                    "must be an http:// or https:// URL",
-                );
-                None
-            }
-            Err(e) => {
-                cx.err(u.span(), k("token_url"), format!("not a URL: {e}"));
-                None
-            }
-        },
-        None => {
-            cx.missing(span.clone(), label, "token_url", "");
-            None
-        }
-    };
-
-    let client_id = match pick!(client_id) {
-        Some(c) if !c.get_ref().is_empty() => c.into_inner(),
-        Some(c) => {
-            cx.err(c.span(), k("client_id"), "must not be empty");
-            String::new()
-        }
-        None => {
-            cx.missing(span.clone(), label, "client_id", "");
-            String::new()
-        }
-    };
-    let client_auth = cx.choice(
-        &pick!(client_auth),
-        &k("client_auth"),
-        &[
-            ("basic", ClientAuth::Basic),
-            ("post", ClientAuth::Post),
-            ("none", ClientAuth::None),
-        ],
-        ClientAuth::Basic,
-    );
-    let client_secret = pick!(client_secret).and_then(|s| cx.secret(&s, &k("client_secret")));
-    match (client_auth, &client_secret) {
-        (ClientAuth::None, Some(_)) => {
-            let s = pick!(client_secret)
-                .map(|s| s.span())
-                .unwrap_or(span.clone());
-            cx.err(
-                s,
-                k("client_secret"),
-                "client_auth = \"none\" sends no secret; remove it or choose basic or post",
-            );
-        }
-        (ClientAuth::Basic | ClientAuth::Post, None) if pick!(client_secret).is_none() => {
-            cx.missing(
-                span.clone(),
-                label,
-                "client_secret",
-                " (or set client_auth = \"none\" for a public client)",
-            );
-        }
-        _ => {}
-    }
+    let name = name(cx, &at);
+    let token_url = token_url(cx, &at);
+    let client_id = client_id(cx, &at);
+    let (client_auth, client_secret) = client_auth(cx, &at);
     let basic_encoding = cx.choice(
-        &pick!(basic_encoding),
-        &k("basic_encoding"),
+        &pick!(a, d, basic_encoding),
+        &at.k("basic_encoding"),
         &[("raw", BasicEncoding::Raw), ("form", BasicEncoding::Form)],
         BasicEncoding::Raw,
     );
     let params_in = cx.choice(
-        &pick!(params_in),
-        &k("params_in"),
+        &pick!(a, d, params_in),
+        &at.k("params_in"),
         &[("body", ParamsIn::Body), ("query", ParamsIn::Query)],
         ParamsIn::Body,
     );
-
-    let grant_kind = cx.choice(
-        &pick!(grant_type),
-        &k("grant_type"),
-        &[
-            ("client_credentials", 0u8),
-            ("password", 1),
-            ("refresh_token", 2),
-        ],
-        0,
-    );
-    let username = pick!(username);
-    let password = pick!(password);
-    let refresh_token = pick!(refresh_token);
-    let grant = match grant_kind {
-        1 => {
-            if username.is_none() {
-                cx.err(
-                    span.clone(),
-                    label,
-                    "grant_type = \"password\" needs \"username\"",
-                );
-            }
-            if password.is_none() {
-                cx.err(
-                    span.clone(),
-                    label,
-                    "grant_type = \"password\" needs \"password\"",
-                );
-            }
-            let pw = password.as_ref().and_then(|p| cx.secret(p, &k("password")));
-            match (username.clone(), pw) {
-                (Some(u), Some(p)) => Some(Grant::Password {
-                    username: u.into_inner(),
-                    password: p,
-                }),
-                _ => None,
-            }
-        }
-        2 => match &refresh_token {
-            Some(r) => cx
-                .secret(r, &k("refresh_token"))
-                .map(|refresh_token| Grant::RefreshToken { refresh_token }),
-            None => {
-                cx.err(
-                    span.clone(),
-                    label,
-                    "grant_type = \"refresh_token\" needs \"refresh_token\"",
-                );
-                None
-            }
-        },
-        _ => Some(Grant::ClientCredentials),
-    };
-    if grant_kind != 1 {
-        for (key, v) in [
-            ("username", username.map(|u| u.span())),
-            ("password", password.map(|p| p.span())),
-        ] {
-            if let Some(s) = v {
-                cx.err(s, k(key), "only used with grant_type = \"password\"");
-            }
-        }
-    }
-    if grant_kind != 2 {
-        if let Some(r) = refresh_token {
-            cx.err(
-                r.span(),
-                k("refresh_token"),
-                "only used with grant_type = \"refresh_token\"",
-            );
-        }
-    }
-
-    let extra_params = pick!(extra_params)
+    let grant = grant(cx, &at);
+    let extra_params = pick!(a, d, extra_params)
         .map(|p| p.into_inner())
         .unwrap_or_default();
-    let extra_headers: BTreeMap<String, Secret> = pick!(extra_headers)
-        .map(|p| p.into_inner())
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, v)| (k, Secret::new(v)))
-        .collect();
-    if !extra_headers.is_empty() {
-        // Header values are API keys as often as not.
-        if let Some(h) = pick!(extra_headers) {
-            cx.inline_secret(h.span(), k("extra_headers"));
-        }
-    }
-    for h in extra_headers.keys() {
-        if reqwest::header::HeaderName::from_bytes(h.as_bytes()).is_err() {
-            let s = pick!(extra_headers)
-                .map(|p| p.span())
-                .unwrap_or(span.clone());
-            cx.err(
-                s,
-                k("extra_headers"),
-                format!("{h:?} is not a valid header name"),
-            );
-        }
-    }
-    let proxy = pick!(proxy).and_then(|p| match reqwest::Proxy::all(p.get_ref()) {
-        Ok(_) => {
-            if url::Url::parse(p.get_ref())
-                .is_ok_and(|u| !u.username().is_empty() || u.password().is_some())
-            {
-                cx.inline_secret(p.span(), k("proxy"));
-            }
-            Some(Secret::new(p.into_inner()))
-        }
-        Err(_) => {
-            cx.err(
-                p.span(),
-                k("proxy"),
-                "not a proxy URL (e.g. \"http://proxy.internal:3128\")",
-            );
-            None
-        }
-    });
-
-    let defaults = SchedulePolicy::default();
-    let refresh_ratio = match pick!(refresh_ratio) {
-        Some(r) if *r.get_ref() > 0.0 && *r.get_ref() <= 1.0 => *r.get_ref(),
-        Some(r) => {
-            cx.err(
-                r.span(),
-                k("refresh_ratio"),
-                "must be above 0 and at most 1",
-            );
-            defaults.refresh_ratio
-        }
-        None => defaults.refresh_ratio,
-    };
-    let schedule = SchedulePolicy {
-        refresh_ratio,
-        refresh_every: cx.opt_duration(&pick!(refresh_every), &k("refresh_every")),
-        min_refresh_interval: cx.duration(
-            &pick!(min_refresh_interval),
-            &k("min_refresh_interval"),
-            defaults.min_refresh_interval,
-        ),
-        default_lifetime: cx.duration(
-            &pick!(default_lifetime),
-            &k("default_lifetime"),
-            defaults.default_lifetime,
-        ),
-        auth_failure_hold: cx.duration(
-            &pick!(auth_failure_hold),
-            &k("auth_failure_hold"),
-            defaults.auth_failure_hold,
-        ),
-    };
+    let extra_headers = extra_headers(cx, &at);
+    let proxy = proxy(cx, &at);
+    let schedule = schedule(cx, &at);
     let on_expiry = cx.choice(
-        &pick!(on_expiry),
-        &k("on_expiry"),
+        &pick!(a, d, on_expiry),
+        &at.k("on_expiry"),
         &[("remove", OnExpiry::Remove), ("keep", OnExpiry::Keep)],
         OnExpiry::Remove,
     );
-    let on_refresh = match pick!(on_refresh) {
-        Some(v) if v.get_ref().is_empty() || v.get_ref()[0].is_empty() => {
-            cx.err(
-                v.span(),
-                k("on_refresh"),
-                "expected a command and its arguments, as [\"systemctl\", \"reload\", \"app\"]",
-            );
-            None
-        }
-        v => v.map(|v| v.into_inner()),
-    };
-    let on_refresh_signal = pick!(on_refresh_signal).and_then(|s| {
-        let s = s.into_inner();
-        let signal = match &s.signal {
-            Some(name) => match name.get_ref().parse::<nix::sys::signal::Signal>() {
-                Ok(sig) => sig,
-                Err(_) => {
-                    cx.err(
-                        name.span(),
-                        k("on_refresh_signal.signal"),
-                        format!(
-                            "{:?} is not a signal name such as \"SIGHUP\"",
-                            name.get_ref()
-                        ),
-                    );
-                    return None;
-                }
-            },
-            None => nix::sys::signal::Signal::SIGHUP,
-        };
-        Some(SignalHook {
-            pid_file: cx.path(s.pid_file.get_ref()),
-            signal,
-        })
-    });
+    let on_refresh = on_refresh(cx, &at);
+    let on_refresh_signal = on_refresh_signal(cx, &at);
     let hook_timeout = cx.duration(
-        &pick!(hook_timeout),
-        &k("hook_timeout"),
+        &pick!(a, d, hook_timeout),
+        &at.k("hook_timeout"),
         Duration::from_secs(30),
     );
-    let timeout = cx.duration(&pick!(timeout), &k("timeout"), Duration::from_secs(30));
-    let ca_file = pick!(ca_file).map(|c| cx.path(c.get_ref()));
-
-    let mut outputs = Vec::new();
-    for (i, o) in a.output.iter().flatten().enumerate() {
-        if let Some(out) = output(cx, &format!("{label}.output[{}]", i + 1), o, &name) {
-            outputs.push(out);
-        }
-    }
-    if outputs.is_empty() && a.output.is_none() && !has_socket {
-        cx.err(
-            span.clone(),
-            label,
-            "no [[account.output]] and no [daemon] socket: the token would go nowhere",
-        );
-    }
-
-    let mut access = Access::default();
-    if let Some(acc) = pick!(access) {
-        let acc = acc.into_inner();
-        for u in &acc.users {
-            if let Some(uid) = cx.user(u, &k("access.users")) {
-                access.users.push(uid);
-            }
-        }
-        for g in &acc.groups {
-            if let Some(gid) = cx.group(g, &k("access.groups")) {
-                access.groups.push(gid);
-            }
-        }
-    }
+    let timeout = cx.duration(
+        &pick!(a, d, timeout),
+        &at.k("timeout"),
+        Duration::from_secs(30),
+    );
+    let ca_file = pick!(a, d, ca_file).map(|c| cx.path(c.get_ref()));
+    let outputs = outputs(cx, &at, &name, has_socket);
+    let access = access(cx, &at);
 
     if cx.errors.len() > before {
         return None;
@@ -1058,7 +820,7 @@ fn account(
         client_auth,
         basic_encoding,
         params_in,
-        scope: pick!(scope).map(|s| s.into_inner()),
+        scope: pick!(a, d, scope).map(|s| s.into_inner()),
         extra_params,
         extra_headers,
         ca_file,
@@ -1071,7 +833,7 @@ fn account(
         hook_timeout,
         outputs,
         access,
-        cluster: pick!(cluster).is_none_or(|c| *c.get_ref()),
+        cluster: pick!(a, d, cluster).is_none_or(|c| *c.get_ref()),
     })
 }
 
@@ -1198,6 +960,386 @@ fn cluster(cx: &mut Ctx<'_>, raw: RawCluster) -> Option<ClusterConfig> {
     })
 }
 
+/// `name`: 1 to 64 of `[A-Za-z0-9._-]`.
+fn name(cx: &mut Ctx<'_>, at: &At<'_>) -> String {
+    let a = at.a;
+    let name = match &a.name {
+        Some(n) if valid_name(n.get_ref()) => n.get_ref().clone(),
+        Some(n) => {
+            cx.err(
+                n.span(),
+                at.k("name"),
+                format!(
+                    "{:?} is not a valid name: 1 to 64 of A-Z a-z 0-9 . _ -",
+                    n.get_ref()
+                ),
+            );
+            String::new()
+        }
+        None => {
+            cx.missing(at.span.clone(), at.label, "name", "");
+            String::new()
+        }
+    };
+
+    name
+}
+
+/// `token_url`: http(s), and plain http only to loopback unless `allow_http`.
+fn token_url(cx: &mut Ctx<'_>, at: &At<'_>) -> Option<url::Url> {
+    let (a, d) = (at.a, at.d);
+    let allow_http = pick!(a, d, allow_http).is_some_and(|b| *b.get_ref());
+    let token_url = match pick!(a, d, token_url) {
+        Some(u) => match url::Url::parse(u.get_ref()) {
+            Ok(url) if url.scheme() == "http" && !allow_http && !is_loopback(&url) => {
+                cx.err(
+                    u.span(),
+                    at.k("token_url"),
+                    format!(
+                        "plain http:// to {} would send the credentials in the clear: use https://, \
+                         or set allow_http = true for this account",
+                        url.host_str().unwrap_or_default()
+                    ),
+                );
+                None
+            }
+            Ok(url) if matches!(url.scheme(), "https" | "http") && url.has_host() => {
+                if !url.username().is_empty() || url.password().is_some() {
+                    cx.inline_secret(u.span(), at.k("token_url"));
+                }
+                Some(url)
+            }
+            Ok(_) => {
+                cx.err(
+                    u.span(),
+                    at.k("token_url"),
+                    "must be an http:// or https:// URL",
+                );
+                None
+            }
+            Err(e) => {
+                cx.err(u.span(), at.k("token_url"), format!("not a URL: {e}"));
+                None
+            }
+        },
+        None => {
+            cx.missing(at.span.clone(), at.label, "token_url", "");
+            None
+        }
+    };
+
+    token_url
+}
+
+fn client_id(cx: &mut Ctx<'_>, at: &At<'_>) -> String {
+    let (a, d) = (at.a, at.d);
+    let client_id = match pick!(a, d, client_id) {
+        Some(c) if !c.get_ref().is_empty() => c.into_inner(),
+        Some(c) => {
+            cx.err(c.span(), at.k("client_id"), "must not be empty");
+            String::new()
+        }
+        None => {
+            cx.missing(at.span.clone(), at.label, "client_id", "");
+            String::new()
+        }
+    };
+    client_id
+}
+
+/// `client_auth` and the `client_secret` it needs (or must not have).
+fn client_auth(cx: &mut Ctx<'_>, at: &At<'_>) -> (ClientAuth, Option<SecretSpec>) {
+    let (a, d) = (at.a, at.d);
+    let client_auth = cx.choice(
+        &pick!(a, d, client_auth),
+        &at.k("client_auth"),
+        &[
+            ("basic", ClientAuth::Basic),
+            ("post", ClientAuth::Post),
+            ("none", ClientAuth::None),
+        ],
+        ClientAuth::Basic,
+    );
+    let client_secret =
+        pick!(a, d, client_secret).and_then(|s| cx.secret(&s, &at.k("client_secret")));
+    match (client_auth, &client_secret) {
+        (ClientAuth::None, Some(_)) => {
+            let s = pick!(a, d, client_secret)
+                .map(|s| s.span())
+                .unwrap_or(at.span.clone());
+            cx.err(
+                s,
+                at.k("client_secret"),
+                "client_auth = \"none\" sends no secret; remove it or choose basic or post",
+            );
+        }
+        (ClientAuth::Basic | ClientAuth::Post, None) if pick!(a, d, client_secret).is_none() => {
+            cx.missing(
+                at.span.clone(),
+                at.label,
+                "client_secret",
+                " (or set client_auth = \"none\" for a public client)",
+            );
+        }
+        _ => {}
+    }
+    (client_auth, client_secret)
+}
+
+/// `grant_type` and the keys of that grant (and no other grant's).
+fn grant(cx: &mut Ctx<'_>, at: &At<'_>) -> Option<Grant> {
+    let (a, d) = (at.a, at.d);
+    let grant_kind = cx.choice(
+        &pick!(a, d, grant_type),
+        &at.k("grant_type"),
+        &[
+            ("client_credentials", GrantKind::ClientCredentials),
+            ("password", GrantKind::Password),
+            ("refresh_token", GrantKind::RefreshToken),
+        ],
+        GrantKind::ClientCredentials,
+    );
+    let username = pick!(a, d, username);
+    let password = pick!(a, d, password);
+    let refresh_token = pick!(a, d, refresh_token);
+    let grant = match grant_kind {
+        GrantKind::Password => {
+            if username.is_none() {
+                cx.err(
+                    at.span.clone(),
+                    at.label,
+                    "grant_type = \"password\" needs \"username\"",
+                );
+            }
+            if password.is_none() {
+                cx.err(
+                    at.span.clone(),
+                    at.label,
+                    "grant_type = \"password\" needs \"password\"",
+                );
+            }
+            let pw = password
+                .as_ref()
+                .and_then(|p| cx.secret(p, &at.k("password")));
+            match (username.clone(), pw) {
+                (Some(u), Some(p)) => Some(Grant::Password {
+                    username: u.into_inner(),
+                    password: p,
+                }),
+                _ => None,
+            }
+        }
+        GrantKind::RefreshToken => match &refresh_token {
+            Some(r) => cx
+                .secret(r, &at.k("refresh_token"))
+                .map(|refresh_token| Grant::RefreshToken { refresh_token }),
+            None => {
+                cx.err(
+                    at.span.clone(),
+                    at.label,
+                    "grant_type = \"refresh_token\" needs \"refresh_token\"",
+                );
+                None
+            }
+        },
+        GrantKind::ClientCredentials => Some(Grant::ClientCredentials),
+    };
+    if grant_kind != GrantKind::Password {
+        for (key, v) in [
+            ("username", username.map(|u| u.span())),
+            ("password", password.map(|p| p.span())),
+        ] {
+            if let Some(s) = v {
+                cx.err(s, at.k(key), "only used with grant_type = \"password\"");
+            }
+        }
+    }
+    if grant_kind != GrantKind::RefreshToken {
+        if let Some(r) = refresh_token {
+            cx.err(
+                r.span(),
+                at.k("refresh_token"),
+                "only used with grant_type = \"refresh_token\"",
+            );
+        }
+    }
+
+    grant
+}
+
+/// `extra_headers`: valid names; values count as inline secrets.
+fn extra_headers(cx: &mut Ctx<'_>, at: &At<'_>) -> BTreeMap<String, Secret> {
+    let (a, d) = (at.a, at.d);
+    let extra_headers: BTreeMap<String, Secret> = pick!(a, d, extra_headers)
+        .map(|p| p.into_inner())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, Secret::new(v)))
+        .collect();
+    if !extra_headers.is_empty() {
+        // Header values are API keys as often as not.
+        if let Some(h) = pick!(a, d, extra_headers) {
+            cx.inline_secret(h.span(), at.k("extra_headers"));
+        }
+    }
+    for h in extra_headers.keys() {
+        if reqwest::header::HeaderName::from_bytes(h.as_bytes()).is_err() {
+            let s = pick!(a, d, extra_headers)
+                .map(|p| p.span())
+                .unwrap_or(at.span.clone());
+            cx.err(
+                s,
+                at.k("extra_headers"),
+                format!("{h:?} is not a valid header name"),
+            );
+        }
+    }
+    extra_headers
+}
+
+fn proxy(cx: &mut Ctx<'_>, at: &At<'_>) -> Option<Secret> {
+    let (a, d) = (at.a, at.d);
+    let proxy = pick!(a, d, proxy).and_then(|p| match reqwest::Proxy::all(p.get_ref()) {
+        Ok(_) => {
+            if url::Url::parse(p.get_ref())
+                .is_ok_and(|u| !u.username().is_empty() || u.password().is_some())
+            {
+                cx.inline_secret(p.span(), at.k("proxy"));
+            }
+            Some(Secret::new(p.into_inner()))
+        }
+        Err(_) => {
+            cx.err(
+                p.span(),
+                at.k("proxy"),
+                "not a proxy URL (e.g. \"http://proxy.internal:3128\")",
+            );
+            None
+        }
+    });
+
+    proxy
+}
+
+fn schedule(cx: &mut Ctx<'_>, at: &At<'_>) -> SchedulePolicy {
+    let (a, d) = (at.a, at.d);
+    let defaults = SchedulePolicy::default();
+    let refresh_ratio = match pick!(a, d, refresh_ratio) {
+        Some(r) if *r.get_ref() > 0.0 && *r.get_ref() <= 1.0 => *r.get_ref(),
+        Some(r) => {
+            cx.err(
+                r.span(),
+                at.k("refresh_ratio"),
+                "must be above 0 and at most 1",
+            );
+            defaults.refresh_ratio
+        }
+        None => defaults.refresh_ratio,
+    };
+    SchedulePolicy {
+        refresh_ratio,
+        refresh_every: cx.opt_duration(&pick!(a, d, refresh_every), &at.k("refresh_every")),
+        min_refresh_interval: cx.duration(
+            &pick!(a, d, min_refresh_interval),
+            &at.k("min_refresh_interval"),
+            defaults.min_refresh_interval,
+        ),
+        default_lifetime: cx.duration(
+            &pick!(a, d, default_lifetime),
+            &at.k("default_lifetime"),
+            defaults.default_lifetime,
+        ),
+        auth_failure_hold: cx.duration(
+            &pick!(a, d, auth_failure_hold),
+            &at.k("auth_failure_hold"),
+            defaults.auth_failure_hold,
+        ),
+    }
+}
+
+fn on_refresh(cx: &mut Ctx<'_>, at: &At<'_>) -> Option<Vec<String>> {
+    let (a, d) = (at.a, at.d);
+    let on_refresh = match pick!(a, d, on_refresh) {
+        Some(v) if v.get_ref().is_empty() || v.get_ref()[0].is_empty() => {
+            cx.err(
+                v.span(),
+                at.k("on_refresh"),
+                "expected a command and its arguments, as [\"systemctl\", \"reload\", \"app\"]",
+            );
+            None
+        }
+        v => v.map(|v| v.into_inner()),
+    };
+    on_refresh
+}
+
+fn on_refresh_signal(cx: &mut Ctx<'_>, at: &At<'_>) -> Option<SignalHook> {
+    let (a, d) = (at.a, at.d);
+    let on_refresh_signal = pick!(a, d, on_refresh_signal).and_then(|s| {
+        let s = s.into_inner();
+        let signal = match &s.signal {
+            Some(name) => match name.get_ref().parse::<nix::sys::signal::Signal>() {
+                Ok(sig) => sig,
+                Err(_) => {
+                    cx.err(
+                        name.span(),
+                        at.k("on_refresh_signal.signal"),
+                        format!(
+                            "{:?} is not a signal name such as \"SIGHUP\"",
+                            name.get_ref()
+                        ),
+                    );
+                    return None;
+                }
+            },
+            None => nix::sys::signal::Signal::SIGHUP,
+        };
+        Some(SignalHook {
+            pid_file: cx.path(s.pid_file.get_ref()),
+            signal,
+        })
+    });
+    on_refresh_signal
+}
+
+fn access(cx: &mut Ctx<'_>, at: &At<'_>) -> Access {
+    let (a, d) = (at.a, at.d);
+    let mut access = Access::default();
+    if let Some(acc) = pick!(a, d, access) {
+        let acc = acc.into_inner();
+        for u in &acc.users {
+            if let Some(uid) = cx.user(u, &at.k("access.users")) {
+                access.users.push(uid);
+            }
+        }
+        for g in &acc.groups {
+            if let Some(gid) = cx.group(g, &at.k("access.groups")) {
+                access.groups.push(gid);
+            }
+        }
+    }
+
+    access
+}
+
+/// The `[[account.output]]`s; an account must have one, or a socket must serve it.
+fn outputs(cx: &mut Ctx<'_>, at: &At<'_>, name: &str, has_socket: bool) -> Vec<Output> {
+    let mut outputs = Vec::new();
+    for (i, o) in at.a.output.iter().flatten().enumerate() {
+        if let Some(out) = output(cx, &format!("{}.output[{}]", at.label, i + 1), o, name) {
+            outputs.push(out);
+        }
+    }
+    if outputs.is_empty() && at.a.output.is_none() && !has_socket {
+        cx.err(
+            at.span.clone(),
+            at.label,
+            "no [[account.output]] and no [daemon] socket: the token would go nowhere",
+        );
+    }
+    outputs
+}
+
 fn output(cx: &mut Ctx<'_>, label: &str, o: &S<RawOutput>, account: &str) -> Option<Output> {
     let k = |key: &str| format!("{label}.{key}");
     let raw = o.get_ref();
@@ -1218,17 +1360,17 @@ fn output(cx: &mut Ctx<'_>, label: &str, o: &S<RawOutput>, account: &str) -> Opt
         &raw.format,
         &k("format"),
         &[
-            ("raw", 0u8),
-            ("json", 1),
-            ("env", 2),
-            ("header", 3),
-            ("directory", 4),
+            ("raw", FormatKind::Raw),
+            ("json", FormatKind::Json),
+            ("env", FormatKind::Env),
+            ("header", FormatKind::Header),
+            ("directory", FormatKind::Directory),
         ],
-        0,
+        FormatKind::Raw,
     );
     let format = match kind {
-        1 => Format::Json,
-        2 | 4 => {
+        FormatKind::Json => Format::Json,
+        FormatKind::Env | FormatKind::Directory => {
             let var = match &raw.env_var {
                 Some(v) => v.get_ref().clone(),
                 None => default_env_var(account),
@@ -1246,16 +1388,16 @@ fn output(cx: &mut Ctx<'_>, label: &str, o: &S<RawOutput>, account: &str) -> Opt
                     format!("{var:?} is not a shell variable name"),
                 );
             }
-            if kind == 4 {
+            if kind == FormatKind::Directory {
                 Format::Directory { var }
             } else {
                 Format::Env { var }
             }
         }
-        3 => Format::Header,
-        _ => Format::Raw,
+        FormatKind::Header => Format::Header,
+        FormatKind::Raw => Format::Raw,
     };
-    if kind != 2 && kind != 4 {
+    if !matches!(kind, FormatKind::Env | FormatKind::Directory) {
         if let Some(v) = &raw.env_var {
             cx.err(
                 v.span(),
@@ -1460,11 +1602,37 @@ grant_type = "password"
         );
         let text = format!("{MINIMAL}\n{}", MINIMAL.replace("\"msk\"", "\"other\""));
         let errs = errors(&text);
+        let dup = errs
+            .iter()
+            .find(|e| e.message.contains("already the output of account \"msk\""))
+            .unwrap_or_else(|| panic!("{errs:#?}"));
+        // The second account's output path, where it is written, and the first's line.
+        let line = MINIMAL.lines().count()
+            + 1
+            + MINIMAL.lines().position(|l| l.starts_with("path")).unwrap()
+            + 1;
+        assert_eq!((dup.line, dup.column), (line, 8), "{dup}");
+        assert_eq!(dup.key, "account.other.output[1].path");
+        let first = MINIMAL.lines().position(|l| l.starts_with("path")).unwrap() + 1;
         assert!(
-            errs.iter()
-                .any(|e| e.message.contains("already the output of account \"msk\"")),
-            "{errs:#?}"
+            dup.message.ends_with(&format!("\"msk\" (line {first})")),
+            "{dup}"
         );
+    }
+
+    #[test]
+    fn line_and_column_count_characters_and_survive_any_offset() {
+        let text = "a = 1\n\u{e9}t\u{e9} = \"x\"\n\nlast";
+        let lines = Lines::new(text);
+        assert_eq!(lines.line_col(text, 0), (1, 1));
+        assert_eq!(lines.line_col(text, 6), (2, 1));
+        let eq = text.find(" = \"x").unwrap() + 1;
+        assert_eq!(lines.line_col(text, eq), (2, 5), "characters, not bytes");
+        // Inside a multi-byte character: the character's own column.
+        assert_eq!(lines.line_col(text, 7), (2, 1));
+        assert_eq!(lines.line_col(text, text.len()), (4, 5));
+        assert_eq!(lines.line_col(text, text.len() + 10), (4, 5));
+        assert_eq!(lines.line_col("", 0), (1, 1));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 pub mod request;
 pub mod response;
+pub mod transport;
 
 use std::future::Future;
 use std::time::{Duration, SystemTime};
@@ -87,6 +88,7 @@ pub trait Endpoint: Send + Sync + 'static {
 }
 
 pub use request::HttpEndpoint;
+pub use transport::Transports;
 
 /// An error and its causes, "a: b: c", each cause once (some errors repeat their
 /// source's message in their own). What logs, status and `once` show.

@@ -3,7 +3,6 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
 
 use base64::Engine as _;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
@@ -11,7 +10,7 @@ use url::form_urlencoded;
 use zeroize::Zeroizing;
 
 use super::response::{self, Token};
-use super::{error_chain, Endpoint, Error};
+use super::{error_chain, Endpoint, Error, Transports};
 use crate::clock::Clock;
 use crate::config::{Account, BasicEncoding, ClientAuth, Grant, ParamsIn, Secret, SecretSpec};
 
@@ -175,7 +174,8 @@ fn form_encode(s: &str) -> String {
 /// Fetches tokens for one account over HTTP(S).
 pub struct HttpEndpoint {
     account: Arc<Account>,
-    client: reqwest::Client,
+    /// Shared with the accounts that connect the same way ([`Transports`]).
+    client: Arc<reqwest::Client>,
     clock: Clock,
     /// The refresh_token grant's current refresh token, as the refresh engine set it;
     /// the configured one when none.
@@ -183,38 +183,14 @@ pub struct HttpEndpoint {
 }
 
 impl HttpEndpoint {
-    pub fn new(account: Arc<Account>, clock: Clock) -> Result<Self, Error> {
-        let mut b = reqwest::Client::builder()
-            .timeout(account.timeout)
-            .connect_timeout(account.timeout.min(Duration::from_secs(10)))
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("tokend/", env!("CARGO_PKG_VERSION")))
-            .pool_idle_timeout(Duration::from_secs(60));
-        if let Some(ca) = &account.ca_file {
-            let pem = std::fs::read(ca).map_err(|e| {
-                Error::Client(format!("failed to read ca_file {}: {e}", ca.display()))
-            })?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| Error::Client(format!("ca_file {}: {e}", ca.display())))?;
-            if certs.is_empty() {
-                return Err(Error::Client(format!(
-                    "ca_file {} holds no PEM certificate",
-                    ca.display()
-                )));
-            }
-            for c in certs {
-                b = b.add_root_certificate(c);
-            }
-        }
-        if let Some(p) = &account.proxy {
-            let proxy = reqwest::Proxy::all(p.expose())
-                // Not the URL: it may carry the proxy's password.
-                .map_err(|_| Error::Client("proxy is not a valid URL".into()))?;
-            b = b.proxy(proxy);
-        }
-        let client = b
-            .build()
-            .map_err(|e| Error::Client(e.without_url().to_string()))?;
+    /// An endpoint for `account` whose HTTP client comes from `transports`: shared with
+    /// every account that connects the same way.
+    pub fn new(
+        account: Arc<Account>,
+        clock: Clock,
+        transports: &Transports,
+    ) -> Result<Self, Error> {
+        let client = transports.client(&account)?;
         Ok(HttpEndpoint {
             account,
             client,
@@ -241,6 +217,7 @@ impl HttpEndpoint {
         let mut resp = self
             .client
             .post(req.url)
+            .timeout(self.account.timeout)
             .headers(req.headers)
             // reqwest takes its own copy, which it does not zero: ours is.
             .body(req.body.as_bytes().to_vec())

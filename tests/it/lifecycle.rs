@@ -125,6 +125,54 @@ fn reload_adds_removes_and_keeps_unchanged_accounts_without_new_requests() {
 }
 
 #[test]
+fn a_reload_that_changes_one_of_200_accounts_asks_once_and_rewrites_no_other_output() {
+    // Issue #11: a reload touches only what changed, however many accounts there are.
+    use std::os::unix::fs::MetadataExt as _;
+    const N: usize = 200;
+    let idp = FakeIdp::start(Reply::token(3600));
+    let sb = sandbox();
+    let url = idp.url();
+    let config = |changed: Option<usize>| {
+        (0..N)
+            .map(|i| {
+                let scope = match changed {
+                    Some(c) if c == i => format!("scope = \"s{i}-changed\""),
+                    _ => format!("scope = \"s{i}\""),
+                };
+                account(&format!("a{i}"), &url, &format!("id-{i}"), &scope)
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let d = Daemon::start(&sb.config(&config(None)));
+    let stamp = |i: usize| {
+        std::fs::metadata(sb.path(&format!("out/a{i}")))
+            .ok()
+            .map(|m| (m.ino(), m.mtime(), m.mtime_nsec()))
+    };
+    d.wait_until("every account's token", LONG, || {
+        (0..N).all(|i| stamp(i).is_some()).then_some(())
+    });
+    let before: Vec<_> = (0..N).map(stamp).collect();
+    let asked = idp.requests().len();
+    assert_eq!(asked, N, "one request per account");
+
+    rename_over(&sb, &config(Some(7)));
+    d.wait_for_log("config reloaded", 1, SHORT);
+    d.wait_until("a7's new token", SHORT, || {
+        (stamp(7) != before[7]).then_some(())
+    });
+    // Whatever the reload wrongly set off would show within this.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(idp.requests().len(), asked + 1, "exactly one request: a7's");
+    assert_eq!(requests_from(&idp, "id-7"), 2);
+    let rewritten: Vec<usize> = (0..N)
+        .filter(|&i| i != 7 && stamp(i) != before[i])
+        .collect();
+    assert!(rewritten.is_empty(), "outputs rewritten: {rewritten:?}");
+}
+
+#[test]
 fn a_broken_config_keeps_the_running_one_and_sighup_reloads() {
     let idp = FakeIdp::start(Reply::token(3600));
     let sb = sandbox();

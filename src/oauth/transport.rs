@@ -1,0 +1,215 @@
+//! HTTP clients shared by every account with the same transport settings (issue #11).
+//!
+//! A `reqwest::Client` carries its own TLS configuration (the system's root store, read
+//! and parsed when it is built: most of its memory) and its own connection pool. One per
+//! account cost about 130 KiB each and a TLS handshake per account; accounts that agree
+//! on everything that shapes a connection now share one client, so thousands of accounts
+//! on one provider hold one root store and one small pool. What differs per request
+//! (headers, body, the request timeout) is set on the request, not on the client.
+//!
+//! Owned by whoever starts endpoints (the daemon, `once`, `check`) and handed to
+//! [`HttpEndpoint::new`](super::HttpEndpoint::new); nothing here is global.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::Error;
+use crate::config::{Account, Secret};
+
+/// Everything that shapes a connection. Two accounts with equal keys share a client.
+/// A client certificate (RFC 8705 `tls_client_auth`) belongs here when it comes.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct TransportKey {
+    /// The `ca_file`'s content, not its path: a reload after the file changed builds a
+    /// new client for the accounts that restart, and the others keep theirs.
+    ca_pem: Option<Vec<u8>>,
+    /// May hold the proxy's password; this type has no `Debug`.
+    proxy: Option<Secret>,
+    connect_timeout: Duration,
+}
+
+/// The clients built so far, by transport settings.
+#[derive(Default)]
+pub struct Transports {
+    clients: Mutex<HashMap<TransportKey, Arc<reqwest::Client>>>,
+    built: AtomicUsize,
+}
+
+impl Transports {
+    /// The client for `account`'s transport settings: a shared one if another account
+    /// with the same settings has one, else a new one. Reads `ca_file` (small; its
+    /// content is part of the key).
+    pub fn client(&self, account: &Account) -> Result<Arc<reqwest::Client>, Error> {
+        let ca_pem = match &account.ca_file {
+            Some(ca) => Some(std::fs::read(ca).map_err(|e| {
+                Error::Client(format!("failed to read ca_file {}: {e}", ca.display()))
+            })?),
+            None => None,
+        };
+        let key = TransportKey {
+            ca_pem,
+            proxy: account.proxy.clone(),
+            connect_timeout: connect_timeout(account.timeout),
+        };
+        let mut clients = self
+            .clients
+            .lock()
+            .expect("never poisoned: no panics under the lock");
+        if let Some(c) = clients.get(&key) {
+            return Ok(c.clone());
+        }
+        let client = Arc::new(build(&key, account)?);
+        self.built.fetch_add(1, Ordering::Relaxed);
+        clients.insert(key, client.clone());
+        Ok(client)
+    }
+
+    /// How many clients were built (tests: sharing works).
+    pub fn built(&self) -> usize {
+        self.built.load(Ordering::Relaxed)
+    }
+
+    /// Forgets clients no endpoint uses any more (after a reload changed settings).
+    pub fn prune(&self) {
+        self.clients
+            .lock()
+            .expect("never poisoned")
+            .retain(|_, c| Arc::strong_count(c) > 1);
+    }
+}
+
+/// Connecting never takes longer than the whole request may, nor than 10 s.
+fn connect_timeout(timeout: Duration) -> Duration {
+    timeout.min(Duration::from_secs(10))
+}
+
+fn build(key: &TransportKey, account: &Account) -> Result<reqwest::Client, Error> {
+    let mut b = reqwest::Client::builder()
+        .connect_timeout(key.connect_timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("tokend/", env!("CARGO_PKG_VERSION")))
+        .pool_idle_timeout(Duration::from_secs(60));
+    if let (Some(pem), Some(ca)) = (&key.ca_pem, &account.ca_file) {
+        let certs = reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| Error::Client(format!("ca_file {}: {e}", ca.display())))?;
+        if certs.is_empty() {
+            return Err(Error::Client(format!(
+                "ca_file {} holds no PEM certificate",
+                ca.display()
+            )));
+        }
+        for c in certs {
+            b = b.add_root_certificate(c);
+        }
+    }
+    if let Some(p) = &key.proxy {
+        let proxy = reqwest::Proxy::all(p.expose())
+            // Not the URL: it may carry the proxy's password.
+            .map_err(|_| Error::Client("proxy is not a valid URL".into()))?;
+        b = b.proxy(proxy);
+    }
+    b.build()
+        .map_err(|e| Error::Client(e.without_url().to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_str;
+    use std::path::Path;
+
+    /// Two self-signed test CAs (P-256, no key kept).
+    const CA_ONE: &str = "-----BEGIN CERTIFICATE-----
+MIIBizCCATGgAwIBAgIUYQrkA6FOebY0SBJSf8quz0LzbGEwCgYIKoZIzj0EAwIw
+GjEYMBYGA1UEAwwPdG9rZW5kLXRlc3Qtb25lMCAXDTI2MTEyOTAxNTYyNVoYDzIx
+MjYxMTA1MDE1NjI1WjAaMRgwFgYDVQQDDA90b2tlbmQtdGVzdC1vbmUwWTATBgcq
+hkjOPQIBBggqhkjOPQMBBwNCAAREyJ2j6dXYy4tvo0AVljxCuEg/mQaRf1/HPaCU
+KuGRvZyeYdj5U81Hf/6r19tykgxZ7xdTNDDvOD1cOZqdGzJAo1MwUTAdBgNVHQ4E
+FgQUtT/11EUl31/foRSCxi8ivH7nEw0wHwYDVR0jBBgwFoAUtT/11EUl31/foRSC
+xi8ivH7nEw0wDwYDVR0TAQH/BAUwAwEB/zAKBggqhkjOPQQDAgNIADBFAiEA3RXH
++VAiNsyzwFT8X1AItuaVbF8l6DnnH9hlK9Zv3NICICeM5M3af9Lyxg38yP4CyIKG
+sOwgmZs+Fgn0D+BP7hi6
+-----END CERTIFICATE-----
+";
+    const CA_TWO: &str = "-----BEGIN CERTIFICATE-----
+MIIBijCCATGgAwIBAgIUKk0/S5HFchptVZ1qUKXBa2C6eFQwCgYIKoZIzj0EAwIw
+GjEYMBYGA1UEAwwPdG9rZW5kLXRlc3QtdHdvMCAXDTI2MTEyOTAxNTYyNVoYDzIx
+MjYxMTA1MDE1NjI1WjAaMRgwFgYDVQQDDA90b2tlbmQtdGVzdC10d28wWTATBgcq
+hkjOPQIBBggqhkjOPQMBBwNCAAQ8Xy9FTxi9QQZ5qAII3RJDlkgwyy6a2X/IgLR2
+0fgtvVrJHc61xoB/fhxkrXTombAFxE9bKdQrFgYrff85+A/Go1MwUTAdBgNVHQ4E
+FgQUADzAQX1rnskfPpuulpxlEsPpauEwHwYDVR0jBBgwFoAUADzAQX1rnskfPpuu
+lpxlEsPpauEwDwYDVR0TAQH/BAUwAwEB/zAKBggqhkjOPQQDAgNHADBEAiBr9rj/
+SOYGCPwsvdIQukn92q7cFeniDO7bYS/IOITaUgIgX4t2/LWFYH+hc4n7SrwMgOq6
+lwpNFpz1XdAez9ZFzsE=
+-----END CERTIFICATE-----
+";
+
+    fn accounts(extra: [&str; 4]) -> Vec<Account> {
+        let mut text = String::new();
+        for (i, e) in extra.iter().enumerate() {
+            text.push_str(&format!(
+                "[[account]]\nname = \"a{i}\"\ntoken_url = \"https://idp.example/t\"\n\
+                 client_id = \"id{i}\"\nclient_secret = {{ env = \"S\" }}\nscope = \"s{i}\"\n{e}\n\
+                 [[account.output]]\npath = \"/out/a{i}\"\n"
+            ));
+        }
+        parse_str(&text, Path::new("/c.toml")).unwrap().accounts
+    }
+
+    #[test]
+    fn accounts_with_the_same_transport_share_a_client() {
+        let t = Transports::default();
+        let a = accounts([
+            "",
+            "timeout = \"20s\"",
+            "",
+            "proxy = \"http://p.internal:3128\"",
+        ]);
+        let c0 = t.client(&a[0]).unwrap();
+        // A different request timeout is set per request: the client is shared.
+        let c1 = t.client(&a[1]).unwrap();
+        let c2 = t.client(&a[2]).unwrap();
+        assert!(Arc::ptr_eq(&c0, &c1) && Arc::ptr_eq(&c0, &c2));
+        assert_eq!(t.built(), 1);
+        let c3 = t.client(&a[3]).unwrap();
+        assert!(!Arc::ptr_eq(&c0, &c3), "another proxy, another client");
+        assert_eq!(t.built(), 2);
+    }
+
+    #[test]
+    fn another_ca_file_gets_another_client_and_unused_ones_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let (one, two) = (dir.path().join("one.pem"), dir.path().join("two.pem"));
+        std::fs::write(&one, CA_ONE).unwrap();
+        std::fs::write(&two, CA_TWO).unwrap();
+        let a = accounts([
+            &format!("ca_file = \"{}\"", one.display()),
+            &format!("ca_file = \"{}\"", one.display()),
+            &format!("ca_file = \"{}\"", two.display()),
+            "",
+        ]);
+        let t = Transports::default();
+        let c: Vec<_> = a.iter().map(|a| t.client(a)).collect();
+        let (x, y, z) = (
+            c[0].as_ref().unwrap(),
+            c[1].as_ref().unwrap(),
+            c[2].as_ref().unwrap(),
+        );
+        assert!(Arc::ptr_eq(x, y), "the same ca_file: one client");
+        assert!(!Arc::ptr_eq(x, z), "another ca_file: another client");
+        let plain = c[3].as_ref().unwrap();
+        assert!(!Arc::ptr_eq(x, plain), "no ca_file: another client");
+        assert_eq!(t.built(), 3);
+        let plain = plain.clone();
+        drop(c);
+        t.prune();
+        assert_eq!(
+            t.clients.lock().unwrap().len(),
+            1,
+            "only the one in use is kept"
+        );
+        drop(plain);
+    }
+}
