@@ -347,9 +347,15 @@ pub fn table(accounts: &[AccountInfo], now: SystemTime) -> String {
             Some(t) => format!("{} ago", human(now.duration_since(t).unwrap_or_default())),
             None => "never".to_owned(),
         };
+        // Cluster mode: who refreshes it, or that this member is cut off.
+        let status = match (&a.leader, a.degraded) {
+            (_, true) => format!("{}, degraded", a.status.as_str()),
+            (Some(l), false) => format!("{}, led by {l}", a.status.as_str()),
+            (None, false) => a.status.as_str().to_owned(),
+        };
         rows.push([
             a.account.clone(),
-            a.status.as_str().to_owned(),
+            status,
             expires,
             last,
             a.last_error.clone().unwrap_or_else(|| "-".to_owned()),

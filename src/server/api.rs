@@ -146,6 +146,10 @@ pub struct Health {
     pub status: String,
     /// Accounts without a valid token (on the socket, those the caller may read).
     pub not_ready: Vec<NotReady>,
+    /// Cluster mode: accounts for which this member is cut off from the cluster (it
+    /// serves its last token; healthy while that is valid).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub degraded: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

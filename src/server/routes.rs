@@ -397,8 +397,12 @@ fn health(ctx: &Ctx, caller: &Caller) -> Response<Body> {
     let now = SystemTime::now();
     let mut healthy = true;
     let mut not_ready = Vec::new();
+    let mut degraded = Vec::new();
     for view in accounts.values().filter(|v| visible(caller, v)) {
         let s = view.state.borrow();
+        if s.degraded {
+            degraded.push(view.account.name.clone());
+        }
         if s.valid_token(now).is_some() {
             continue;
         }
@@ -422,6 +426,7 @@ fn health(ctx: &Ctx, caller: &Caller) -> Response<Body> {
         &Health {
             status: word.into(),
             not_ready,
+            degraded,
         },
     )
 }

@@ -746,6 +746,24 @@ mod members {
                 (s["degraded"] == true).then_some(())
             });
         }
+        // Said by health (still 200: the token is valid) and by `tokend status`.
+        let sock = nodes[0].sb.path("tokend.sock");
+        let (code, body) = crate::support::socket_get(&sock, "/v1/health").unwrap();
+        assert_eq!(code, 200, "{body}");
+        assert!(body.contains("\"degraded\":[\"a\"]"), "{body}");
+        let status = crate::support::finish(
+            {
+                let mut c = crate::support::tokend();
+                c.arg("status").arg("--socket").arg(&sock);
+                c
+            },
+            SHORT,
+        );
+        assert!(
+            status.stdout.contains("fresh, degraded"),
+            "{}",
+            status.stdout
+        );
         // Tokens keep being served; when due (8 s tokens, at about 6.4 s), each member
         // refreshes on its own: at most one request per member per cycle.
         d0.wait_until("tokens refreshed alone", LONG, || {
