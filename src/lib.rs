@@ -5,7 +5,10 @@
 //! through an [`oauth::Endpoint`] (request building and response parsing live in
 //! [`oauth`]), writes every output atomically through [`output`], runs its hooks, and
 //! publishes its state on a `watch` channel for readers. [`account::schedule`] decides,
-//! purely, when to ask again and what a failure means.
+//! purely, when to ask again and what a failure means; [`account::engine`] is the one
+//! lifecycle (lock, restore, attempt, classify, save, deliver) that `run` and `once`
+//! share. With `[cluster]`, [`cluster`] decides which tokend of many refreshes each
+//! account and carries the result to the others over etcd.
 
 pub mod account;
 pub mod cli;

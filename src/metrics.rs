@@ -1,7 +1,8 @@
 //! Prometheus metrics (prometheus-client, OpenMetrics text): what the daemon counts and
 //! how a scrape is rendered. Per-account gauges (token expiry, last success, status) are
-//! read from the published [`TokenState`] at scrape time, so the account task records
-//! only what a state cannot tell: each refresh attempt, its result and its duration.
+//! read from the published [`TokenState`](crate::account::TokenState) at scrape time, so
+//! the account task records only what a state cannot tell: each refresh attempt, its
+//! result and its duration.
 //!
 //! The counters live in a [`Metrics`] that whoever runs the daemon creates and hands
 //! around as an `Arc<Metrics>`, like the clock: the socket server gets it as an argument

@@ -468,6 +468,13 @@ mod members {
         nix::sys::signal::kill(d.pid(), nix::sys::signal::Signal::SIGKILL).unwrap();
     }
 
+    /// `tokend COMMAND FLAG PATH` (`check -c CONFIG`, `status --socket SOCKET`), to its end.
+    fn tokend_cmd(command: &str, flag: &str, path: &std::path::Path) -> crate::support::Finished {
+        let mut c = crate::support::tokend();
+        c.arg(command).arg(flag).arg(path);
+        crate::support::finish(c, SHORT)
+    }
+
     fn leader_of(node: &Node) -> Option<String> {
         crate::support::account_status(&node.sb.path("tokend.sock"), "a")?["leader"]
             .as_str()
@@ -535,14 +542,7 @@ mod members {
                 "{metrics}"
             );
             assert!(metrics.contains("tokend_cluster_degraded{account=\"a\"} 0"));
-            let check = crate::support::finish(
-                {
-                    let mut c = crate::support::tokend();
-                    c.arg("check").arg("-c").arg(&n.config);
-                    c
-                },
-                SHORT,
-            );
+            let check = tokend_cmd("check", "-c", &n.config);
             assert!(check.stdout.contains("etcd reachable"), "{}", check.stdout);
         }
     }
@@ -751,14 +751,7 @@ mod members {
         let (code, body) = crate::support::socket_get(&sock, "/v1/health").unwrap();
         assert_eq!(code, 200, "{body}");
         assert!(body.contains("\"degraded\":[\"a\"]"), "{body}");
-        let status = crate::support::finish(
-            {
-                let mut c = crate::support::tokend();
-                c.arg("status").arg("--socket").arg(&sock);
-                c
-            },
-            SHORT,
-        );
+        let status = tokend_cmd("status", "--socket", &sock);
         assert!(
             status.stdout.contains("fresh, degraded"),
             "{}",
@@ -964,14 +957,7 @@ mod members {
             .map(|l| format!("{l}\n"))
             .collect();
         nodes[0].sb.write(&nodes[0].config, &no_cert, 0o600);
-        let check = crate::support::finish(
-            {
-                let mut c = crate::support::tokend();
-                c.arg("check").arg("-c").arg(&nodes[0].config);
-                c
-            },
-            SHORT,
-        );
+        let check = tokend_cmd("check", "-c", &nodes[0].config);
         assert_eq!(check.code(), Some(1), "{}", check.stdout);
         assert!(
             check.stdout.contains("FAIL  cluster member m0"),
@@ -1007,14 +993,7 @@ mod members {
         nodes[0]
             .sb
             .write(&nodes[0].sb.path("etcd-password"), "wrong\n", 0o600);
-        let check = crate::support::finish(
-            {
-                let mut c = crate::support::tokend();
-                c.arg("check").arg("-c").arg(&nodes[0].config);
-                c
-            },
-            SHORT,
-        );
+        let check = tokend_cmd("check", "-c", &nodes[0].config);
         assert_eq!(check.code(), Some(1), "{}", check.stdout);
         assert!(
             check.stdout.contains("authentication failed"),
