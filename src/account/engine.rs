@@ -66,11 +66,6 @@ impl Shared {
             wall_jumps: Default::default(),
         }
     }
-
-    /// The same, recording into `metrics`.
-    pub fn with_metrics(self, metrics: Arc<Metrics>) -> Self {
-        Shared { metrics, ..self }
-    }
 }
 
 /// When each provider may be asked again after a rate limit.

@@ -462,6 +462,17 @@ mod members {
         })
     }
 
+    /// Waits until every member shows the account failing (the leader's failure is the
+    /// cluster's).
+    fn all_failing(d: &Daemon, nodes: &[Node]) {
+        for n in nodes {
+            d.wait_until(&format!("{} failing", n.name), LONG, || {
+                let s = crate::support::account_status(&n.sb.path("tokend.sock"), "a")?;
+                (s["status"] == "failing").then_some(())
+            });
+        }
+    }
+
     /// kill -9 of member `i`.
     fn kill_9(daemons: &mut [Option<Daemon>], i: usize) {
         let d = daemons[i].take().expect("a running member");
@@ -634,12 +645,7 @@ mod members {
             });
             let leader = d0.wait_until("a leader", SHORT, || leader_of(&nodes[0]));
             // Every member holds (the hold is the cluster's).
-            for n in &nodes {
-                d0.wait_until(&format!("{} failing", n.name), LONG, || {
-                    let s = crate::support::account_status(&n.sb.path("tokend.sock"), "a")?;
-                    (s["status"] == "failing").then_some(())
-                });
-            }
+            all_failing(d0, &nodes);
             leader
         };
         // Kill the leader: its successor honours the hold.
@@ -901,12 +907,7 @@ mod members {
                 (idp.requests().len() >= 2).then_some(())
             });
             // Every member learns the wait before the leader goes.
-            for n in &nodes {
-                d0.wait_until(&format!("{} failing", n.name), LONG, || {
-                    let s = crate::support::account_status(&n.sb.path("tokend.sock"), "a")?;
-                    (s["status"] == "failing").then_some(())
-                });
-            }
+            all_failing(d0, &nodes);
             d0.wait_until("a leader", SHORT, || leader_of(&nodes[0]))
         };
         let li: usize = leader[1..].parse().unwrap();
