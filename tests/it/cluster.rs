@@ -462,13 +462,14 @@ mod members {
         })
     }
 
-    /// Waits until every member shows the account failing (the leader's failure is the
-    /// cluster's).
+    /// Waits until every member shows the leader's failure (the leader's failure is the
+    /// cluster's): `failing`, or `expired` once a short test token ran out, with the error.
     fn all_failing(d: &Daemon, nodes: &[Node]) {
         for n in nodes {
             d.wait_until(&format!("{} failing", n.name), LONG, || {
                 let s = crate::support::account_status(&n.sb.path("tokend.sock"), "a")?;
-                (s["status"] == "failing").then_some(())
+                let failed = s["status"] == "failing" || s["status"] == "expired";
+                (failed && s["last_error"].is_string()).then_some(())
             });
         }
     }
@@ -902,7 +903,8 @@ mod members {
         let leader = {
             let d0 = daemons[0].as_ref().unwrap();
             serving_one_token(d0, &nodes);
-            idp.push(Reply::RetryAfter(6));
+            // Long enough that every member is seen waiting before it ends, under load too.
+            idp.push(Reply::RetryAfter(12));
             d0.wait_until("the 429", LONG, || {
                 (idp.requests().len() >= 2).then_some(())
             });
@@ -913,13 +915,17 @@ mod members {
         let li: usize = leader[1..].parse().unwrap();
         kill_9(&mut daemons, li);
         let live = daemons.iter().flatten().next().unwrap();
-        let reqs = live.wait_until("the request after the wait", LONG, || {
-            let r = idp.requests();
-            (r.len() >= 3).then_some(r)
-        });
+        let reqs = live.wait_until(
+            "the request after the wait",
+            Duration::from_secs(30),
+            || {
+                let r = idp.requests();
+                (r.len() >= 3).then_some(r)
+            },
+        );
         let gap = reqs[2].at - reqs[1].at;
-        println!("after a 429 with Retry-After 6 and a leader kill: next request {gap:?} later");
-        assert!(gap >= Duration::from_millis(5700), "{gap:?}");
+        println!("after a 429 with Retry-After 12 and a leader kill: next request {gap:?} later");
+        assert!(gap >= Duration::from_millis(11_700), "{gap:?}");
     }
 
     #[test]
