@@ -565,7 +565,7 @@ mod members {
             return;
         };
         let idp = FakeIdp::start(Reply::token(3600));
-        let nodes = nodes(&etcd, &idp, 3, "refresh_every = \"6s\"");
+        let nodes = nodes(&etcd, &idp, 3, "refresh_every = \"12s\"");
         let mut daemons: Vec<Option<Daemon>> = nodes
             .iter()
             .map(|n| Some(Daemon::start(&n.config)))
@@ -616,7 +616,7 @@ mod members {
                 });
         println!("handover after SIGTERM: {took:?}");
         assert_eq!(idp.requests().len(), 1);
-        // It refreshes when due (refresh_every 6 s), and only it.
+        // It refreshes when due (refresh_every 12 s), and only it.
         daemons[last]
             .as_ref()
             .unwrap()
