@@ -871,8 +871,11 @@ mod members {
         let daemons: Vec<Daemon> = nodes.iter().map(|n| Daemon::start(&n.config)).collect();
         let d0 = &daemons[0];
         one_leader(d0, &nodes);
+        // A leader can be known before its first request is on the wire.
+        let first = d0.wait_until("the first request", SHORT, || {
+            idp.requests().first().map(|r| r.at)
+        });
         let raft = d0.wait_until("etcd's Raft leader", SHORT, || etcd.raft_leader());
-        let first = idp.requests()[0].at;
         etcd.kill(raft);
         // Two refresh cycles (8 s) on the remaining two etcd members: one request each.
         d0.wait_until("two more tokens", Duration::from_secs(30), || {
