@@ -7,19 +7,27 @@
 //! on one provider hold one root store and one small pool. What differs per request
 //! (headers, body, the request timeout) is set on the request, not on the client.
 //!
+//! A client certificate (RFC 8705 mutual TLS) is part of a connection: accounts with
+//! different certificates or keys never share a client. The key of the cache holds a
+//! digest of the certificate and key, never the key itself; the key lives only in the
+//! client built with it.
+//!
+//! Also here, because every endpoint shares it: the discovery epoch, which a reload
+//! moves on so that each `issuer` / `fhir_base` account discovers its token endpoint
+//! again before its next request.
+//!
 //! Owned by whoever starts endpoints (the daemon, `once`, `check`) and handed to
 //! [`HttpEndpoint::new`](super::HttpEndpoint::new); nothing here is global.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::Error;
+use super::{error_chain, Error};
 use crate::config::{Account, Secret};
 
 /// Everything that shapes a connection. Two accounts with equal keys share a client.
-/// A client certificate (RFC 8705 `tls_client_auth`) belongs here when it comes.
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct TransportKey {
     /// The `ca_file`'s content, not its path: a reload after the file changed builds a
@@ -28,6 +36,9 @@ struct TransportKey {
     /// May hold the proxy's password; this type has no `Debug`.
     proxy: Option<Secret>,
     connect_timeout: Duration,
+    /// SHA-256 of the client certificate chain and key (RFC 8705): another certificate
+    /// or key, another client.
+    identity: Option<[u8; 32]>,
 }
 
 /// The clients built so far, by transport settings.
@@ -35,12 +46,40 @@ struct TransportKey {
 pub struct Transports {
     clients: Mutex<HashMap<TransportKey, Arc<reqwest::Client>>>,
     built: AtomicUsize,
+    discovery_epoch: AtomicU64,
+}
+
+/// A client certificate chain and its key, as PEM, read for one client; zeroed when
+/// dropped.
+struct Identity(zeroize::Zeroizing<String>);
+
+impl Identity {
+    fn read(account: &Account) -> Result<Option<Self>, Error> {
+        let Some(c) = &account.client_cert else {
+            return Ok(None);
+        };
+        let read = |what: &'static str, spec: &crate::config::SecretSpec| {
+            spec.read().map_err(|source| Error::Secret { what, source })
+        };
+        let cert = read("client certificate", &c.cert)?;
+        let key = read("client key", &c.key)?;
+        Ok(Some(Identity(zeroize::Zeroizing::new(format!(
+            "{}\n{}\n",
+            cert.expose(),
+            key.expose()
+        )))))
+    }
+
+    fn digest(&self) -> [u8; 32] {
+        let d = ring::digest::digest(&ring::digest::SHA256, self.0.as_bytes());
+        d.as_ref().try_into().expect("SHA-256 is 32 bytes")
+    }
 }
 
 impl Transports {
     /// The client for `account`'s transport settings: a shared one if another account
-    /// with the same settings has one, else a new one. Reads `ca_file` (small; its
-    /// content is part of the key).
+    /// with the same settings has one, else a new one. Reads `ca_file`, and the client
+    /// certificate and key (small; their content is part of the key).
     pub fn client(&self, account: &Account) -> Result<Arc<reqwest::Client>, Error> {
         let ca_pem = match &account.ca_file {
             Some(ca) => Some(std::fs::read(ca).map_err(|e| {
@@ -48,10 +87,12 @@ impl Transports {
             })?),
             None => None,
         };
+        let identity = Identity::read(account)?;
         let key = TransportKey {
             ca_pem,
             proxy: account.proxy.clone(),
             connect_timeout: connect_timeout(account.timeout),
+            identity: identity.as_ref().map(Identity::digest),
         };
         let mut clients = self
             .clients
@@ -60,10 +101,21 @@ impl Transports {
         if let Some(c) = clients.get(&key) {
             return Ok(c.clone());
         }
-        let client = Arc::new(build(&key, account)?);
+        let client = Arc::new(build(&key, account, identity.as_ref())?);
         self.built.fetch_add(1, Ordering::Relaxed);
         clients.insert(key, client.clone());
         Ok(client)
+    }
+
+    /// Moves the discovery epoch on (a reload): every endpoint discovers its token
+    /// endpoint again before its next request.
+    pub fn rediscover(&self) {
+        self.discovery_epoch.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The current discovery epoch (see [`Transports::rediscover`]).
+    pub fn discovery_epoch(&self) -> u64 {
+        self.discovery_epoch.load(Ordering::Relaxed)
     }
 
     /// How many clients were built (tests: sharing works).
@@ -85,7 +137,11 @@ fn connect_timeout(timeout: Duration) -> Duration {
     timeout.min(Duration::from_secs(10))
 }
 
-fn build(key: &TransportKey, account: &Account) -> Result<reqwest::Client, Error> {
+fn build(
+    key: &TransportKey,
+    account: &Account,
+    identity: Option<&Identity>,
+) -> Result<reqwest::Client, Error> {
     let mut b = reqwest::Client::builder()
         .connect_timeout(key.connect_timeout)
         .redirect(reqwest::redirect::Policy::none())
@@ -104,6 +160,16 @@ fn build(key: &TransportKey, account: &Account) -> Result<reqwest::Client, Error
             b = b.add_root_certificate(c);
         }
     }
+    if let Some(id) = identity {
+        // reqwest's message names what is missing or wrong, never the key.
+        let id = reqwest::Identity::from_pem(id.0.as_bytes()).map_err(|e| {
+            Error::Client(format!(
+                "client_cert / client_key: {}",
+                error_chain(&e.without_url())
+            ))
+        })?;
+        b = b.identity(id);
+    }
     if let Some(p) = &key.proxy {
         let proxy = reqwest::Proxy::all(p.expose())
             // Not the URL: it may carry the proxy's password.
@@ -111,7 +177,7 @@ fn build(key: &TransportKey, account: &Account) -> Result<reqwest::Client, Error
         b = b.proxy(proxy);
     }
     b.build()
-        .map_err(|e| Error::Client(e.without_url().to_string()))
+        .map_err(|e| Error::Client(error_chain(&e.without_url())))
 }
 
 #[cfg(test)]
