@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
+#[cfg(test)]
+use url::form_urlencoded;
 
 use super::keys;
 use super::raw::{
@@ -2273,5 +2275,338 @@ grant_type = "password"
         ] {
             assert!(keys.contains(&k), "{k} in {keys:?}");
         }
+    }
+
+    const KEYED: &str = "[[account]]\nname = \"k\"\nfhir_base = \"https://ehr.example/fhir/R4\"\n\
+                         client_id = \"id\"\nclient_auth = \"private_key_jwt\"\n\
+                         private_key = { file = \"key.pem\" }\n";
+    const OUT: &str = "[[account.output]]\npath = \"/x\"\n";
+
+    #[test]
+    fn exactly_one_of_token_url_issuer_and_fhir_base() {
+        let c = parse(&format!("{KEYED}key_id = \"2026-11\"\n{OUT}")).unwrap();
+        let a = &c.accounts[0];
+        assert_eq!(
+            a.token_url,
+            TokenUrl::FhirBase(url::Url::parse("https://ehr.example/fhir/R4").unwrap())
+        );
+        let asrt = a.assertion.as_ref().unwrap();
+        assert_eq!(asrt.key_id.as_deref(), Some("2026-11"));
+        assert_eq!(
+            (asrt.alg, asrt.audience.as_deref(), asrt.lifetime),
+            (None, None, Duration::from_secs(300))
+        );
+        assert_eq!(
+            asrt.private_key,
+            SecretSpec::File("/etc/tokend/key.pem".into())
+        );
+        let both = KEYED.replace("fhir_base", "issuer = \"https://idp.example\"\nfhir_base");
+        let e = &errors(&format!("{both}{OUT}"))[0];
+        assert_eq!(
+            (e.key.as_str(), e.line, e.column),
+            ("account.k.fhir_base", 4, 13),
+            "{e}"
+        );
+        assert!(
+            e.message
+                .contains("exactly one of token_url, issuer and fhir_base"),
+            "{e}"
+        );
+        let none = KEYED.replace("fhir_base = \"https://ehr.example/fhir/R4\"\n", "");
+        let e = &errors(&format!("{none}{OUT}"))[0];
+        assert!(
+            e.message
+                .contains("missing key \"token_url\" (or \"issuer\" or \"fhir_base\""),
+            "{e}"
+        );
+        // An account's own issuer wins over a token_url in [defaults].
+        let text = format!(
+            "[defaults]\ntoken_url = \"https://idp.example/t\"\n{}{OUT}",
+            KEYED.replace(
+                "fhir_base = \"https://ehr.example/fhir/R4\"",
+                "issuer = \"https://idp.example\""
+            )
+        );
+        assert!(matches!(
+            parse(&text).unwrap().accounts[0].token_url,
+            TokenUrl::Issuer(_)
+        ));
+        // The http:// rule and the discovery rules.
+        for (value, want) in [
+            ("issuer = \"http://idp.example\"", "in the clear"),
+            (
+                "issuer = \"https://idp.example?x=1\"",
+                "no query or fragment",
+            ),
+            ("fhir_base = \"https://ehr.example/fhir#x\"", "no fragment"),
+            ("fhir_base = \"ftp://ehr.example\"", "http:// or https://"),
+        ] {
+            let text = KEYED.replace("fhir_base = \"https://ehr.example/fhir/R4\"", value);
+            let e = &errors(&format!("{text}{OUT}"))[0];
+            assert_eq!(e.line, 3, "{e}");
+            assert!(e.message.contains(want), "{want} in {e}");
+        }
+        let allowed = KEYED.replace(
+            "fhir_base = \"https://ehr.example/fhir/R4\"",
+            "issuer = \"http://idp.example\"\nallow_http = true",
+        );
+        assert!(parse(&format!("{allowed}{OUT}")).unwrap().accounts[0].allow_http);
+    }
+
+    #[test]
+    fn private_key_jwt_keys_are_checked_where_they_are_written() {
+        for (extra, key, want) in [
+            (
+                "assertion_alg = \"HS256\"\n",
+                "account.k.assertion_alg",
+                "not one of RS256 | RS384 | ES256 | ES384",
+            ),
+            (
+                "assertion_lifetime = \"6m\"\n",
+                "account.k.assertion_lifetime",
+                "at most 5m",
+            ),
+            ("key_id = \"\"\n", "account.k.key_id", "non-empty"),
+            (
+                "assertion_audience = \" \"\n",
+                "account.k.assertion_audience",
+                "must not be empty",
+            ),
+            (
+                "client_secret = \"s\"\n",
+                "account.k.client_secret",
+                "signs with private_key and sends no secret",
+            ),
+        ] {
+            let e = &errors(&format!("{KEYED}{extra}{OUT}"))[0];
+            assert_eq!((e.key.as_str(), e.line), (key, 7), "{e}");
+            assert!(e.message.contains(want), "{want} in {e}");
+        }
+        let e = &errors(&format!(
+            "{}{OUT}",
+            KEYED.replace("private_key = { file = \"key.pem\" }\n", "")
+        ))[0];
+        assert!(e.message.contains("missing key \"private_key\""), "{e}");
+        // Keys of private_key_jwt with another client_auth are mistakes.
+        let basic = KEYED.replace(
+            "client_auth = \"private_key_jwt\"",
+            "client_secret = { env = \"S\" }",
+        );
+        let e = &errors(&format!("{basic}key_id = \"x\"\n{OUT}"))[0];
+        assert!(
+            e.message
+                .contains("only used with client_auth = \"private_key_jwt\""),
+            "{e}"
+        );
+        let c = parse(&format!(
+            "{KEYED}assertion_alg = \"ES384\"\nassertion_audience = \"https://ehr.example\"\nassertion_lifetime = \"1m\"\n{OUT}"
+        ))
+        .unwrap();
+        let asrt = c.accounts[0].assertion.clone().unwrap();
+        assert_eq!(asrt.alg, Some(AssertionAlg::Es384));
+        assert_eq!(asrt.audience.as_deref(), Some("https://ehr.example"));
+        assert_eq!(asrt.lifetime, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn tls_client_auth_needs_a_certificate_and_its_key() {
+        let mtls = "[[account]]\nname = \"m\"\ntoken_url = \"https://idp.example/t\"\n\
+                    client_id = \"id\"\nclient_auth = \"tls_client_auth\"\n";
+        let e = &errors(&format!("{mtls}{OUT}"))[0];
+        assert!(
+            e.message
+                .contains("missing key \"client_cert\" and \"client_key\""),
+            "{e}"
+        );
+        let e = &errors(&format!(
+            "{mtls}client_cert = {{ file = \"c.pem\" }}\n{OUT}"
+        ))[0];
+        assert_eq!(
+            (e.key.as_str(), e.line),
+            ("account.m.client_cert", 6),
+            "{e}"
+        );
+        assert!(e.message.contains("needs \"client_key\""), "{e}");
+        let c = parse(&format!(
+            "{mtls}client_cert = \"-----BEGIN CERTIFICATE-----\"\nclient_key = {{ credential = \"m-key\" }}\n{OUT}"
+        ))
+        .unwrap();
+        let cc = c.accounts[0].client_cert.clone().unwrap();
+        assert_eq!(cc.key, SecretSpec::Credential("m-key".into()));
+        // An inline certificate is no secret; an inline key is.
+        let cert = include_str!("../../tests/keys/p256-cert.pem");
+        let text = format!(
+            "{mtls}client_cert = \"\"\"\n{cert}\"\"\"\nclient_key = {{ env = \"K\" }}\n{OUT}"
+        );
+        assert!(load_with_mode(&text, 0o644).is_ok());
+        let text = format!(
+            "{mtls}client_cert = {{ env = \"C\" }}\nclient_key = \"-----BEGIN PRIVATE KEY-----\"\n{OUT}"
+        );
+        let e = load_with_mode(&text, 0o644).unwrap_err().0.remove(0);
+        assert_eq!(e.key, "account.m.client_key");
+        // A client certificate may go with any client_auth (a gateway that wants one).
+        let basic = format!(
+            "{}client_secret = {{ env = \"S\" }}\nclient_cert = {{ env = \"C\" }}\nclient_key = {{ env = \"K\" }}\n{OUT}",
+            mtls.replace("client_auth = \"tls_client_auth\"\n", "")
+        );
+        assert!(parse(&basic).unwrap().accounts[0].client_cert.is_some());
+    }
+
+    /// Writes `files` and a config `text` into a directory; `load`s or `load_checked`s it.
+    fn load_in(
+        text: &str,
+        files: &[(&str, &str, u32)],
+        full: bool,
+    ) -> Result<Config, ConfigErrors> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        for (name, content, mode) in files {
+            let p = dir.path().join(name);
+            std::fs::write(&p, content).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode)).unwrap();
+        }
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, text).unwrap();
+        if full {
+            crate::config::load_checked(&path)
+        } else {
+            crate::config::load(&path)
+        }
+    }
+
+    #[test]
+    fn a_private_key_must_parse_fit_its_algorithm_and_be_tokend_s_alone() {
+        use crate::config::keys::tests::{P256_SEC1, RSA_PKCS1};
+        let text = format!("{KEYED}{OUT}");
+        assert!(load_in(&text, &[("key.pem", P256_SEC1, 0o600)], false).is_ok());
+        assert!(
+            load_in(&text, &[], false).is_ok(),
+            "a missing key is left to check and to the request"
+        );
+        let e = load_in(&text, &[("key.pem", P256_SEC1, 0o640)], false)
+            .unwrap_err()
+            .0
+            .remove(0);
+        assert_eq!(
+            (e.key.as_str(), e.line, e.column),
+            ("account.k.private_key", 6, 15),
+            "{e}"
+        );
+        assert!(
+            e.message.contains("group or others can read (mode 0640)")
+                && e.message.contains("chmod 600"),
+            "{e}"
+        );
+        let e = load_in(&text, &[("key.pem", "junk", 0o600)], false)
+            .unwrap_err()
+            .0
+            .remove(0);
+        assert_eq!(e.key, "account.k.private_key");
+        assert!(
+            e.message.contains("key.pem holds no PEM private key"),
+            "{e}"
+        );
+        let wrong = format!("{KEYED}assertion_alg = \"ES384\"\n{OUT}");
+        let e = load_in(&wrong, &[("key.pem", P256_SEC1, 0o600)], false)
+            .unwrap_err()
+            .0
+            .remove(0);
+        assert_eq!(
+            (e.key.as_str(), e.line, e.column),
+            ("account.k.assertion_alg", 7, 17),
+            "{e}"
+        );
+        assert!(
+            e.message.contains(
+                "holds an EC P-256 key, but assertion_alg = \"ES384\" needs an EC P-384 key"
+            ),
+            "{e}"
+        );
+        let rsa = format!("{KEYED}assertion_alg = \"RS256\"\n{OUT}");
+        let ok = load_in(&rsa, &[("key.pem", RSA_PKCS1, 0o600)], false).unwrap();
+        assert!(!format!("{ok:?}").contains(&RSA_PKCS1.lines().nth(1).unwrap()[..20]));
+    }
+
+    #[test]
+    fn check_refuses_an_expired_certificate_that_run_still_starts_with() {
+        use crate::config::keys::tests::P256_SEC1;
+        let text = format!(
+            "[[account]]\nname = \"m\"\ntoken_url = \"https://idp.example/t\"\nclient_id = \"id\"\n\
+             client_auth = \"tls_client_auth\"\nclient_cert = {{ file = \"c.pem\" }}\n\
+             client_key = {{ file = \"k.pem\" }}\n{OUT}"
+        );
+        let good = include_str!("../../tests/keys/p256-cert.pem");
+        let expired = include_str!("../../tests/keys/p256-expired-cert.pem");
+        let other = include_str!("../../tests/keys/rsa-cert.pem");
+        let files = |cert: &'static str| [("c.pem", cert, 0o644), ("k.pem", P256_SEC1, 0o600)];
+        assert!(load_in(&text, &files(good), true).is_ok());
+        assert!(
+            load_in(&text, &files(expired), false).is_ok(),
+            "run starts (and serves the others)"
+        );
+        let e = load_in(&text, &files(expired), true)
+            .unwrap_err()
+            .0
+            .remove(0);
+        assert_eq!(
+            (e.key.as_str(), e.line, e.column),
+            ("account.m.client_cert", 6, 15),
+            "{e}"
+        );
+        assert!(
+            e.message
+                .contains("(CN=tokend-expired) expired at 2020-01-02T00:00:00Z"),
+            "{e}"
+        );
+        let e = load_in(&text, &files(other), true).unwrap_err().0.remove(0);
+        assert!(e.message.contains("is not for the key in file"), "{e}");
+        let e = load_in(&text, &files("no cert"), false)
+            .unwrap_err()
+            .0
+            .remove(0);
+        assert!(e.message.contains("holds no PEM certificate"), "{e}");
+        let open_key = [("c.pem", good, 0o644), ("k.pem", P256_SEC1, 0o604)];
+        let e = load_in(&text, &open_key, false).unwrap_err().0.remove(0);
+        assert_eq!(e.key, "account.m.client_key");
+    }
+
+    #[test]
+    fn debug_shows_no_private_key_client_key_or_assertion() {
+        use crate::config::keys::tests::{P256_SEC1, RSA_PKCS8};
+        let text = format!(
+            "[[account]]\nname = \"k\"\ntoken_url = \"https://idp.example/t\"\nclient_id = \"id\"\n\
+             client_auth = \"private_key_jwt\"\nprivate_key = \"\"\"\n{RSA_PKCS8}\"\"\"\n\
+             client_cert = {{ env = \"C\" }}\nclient_key = \"\"\"\n{P256_SEC1}\"\"\"\n{OUT}"
+        );
+        let c = parse(&text).unwrap();
+        let a = &c.accounts[0];
+        let pem = |p: &str| Secret::new(p.trim_end());
+        let jws = crate::oauth::assertion::client_assertion(
+            a,
+            &pem(RSA_PKCS8),
+            a.token_url.configured(),
+            std::time::SystemTime::now(),
+        )
+        .unwrap();
+        let creds = crate::oauth::request::Credentials {
+            private_key: Some(pem(RSA_PKCS8)),
+            client_assertion: Some(jws.clone()),
+            ..Default::default()
+        };
+        let req = crate::oauth::request::build(a, a.token_url.configured(), &creds);
+        assert!(req.body.contains(
+            &form_urlencoded::byte_serialize(jws.expose().as_bytes()).collect::<String>()
+        ));
+        let key = crate::config::keys::PrivateKey::from_pem(&pem(RSA_PKCS8)).unwrap();
+        let all = format!(
+            "{c:?} {a:?} {:?} {creds:?} {req:?} {key:?} {jws:?}",
+            a.secrets()
+        );
+        for pem in [RSA_PKCS8, P256_SEC1] {
+            for line in pem.lines().filter(|l| !l.starts_with("-----")) {
+                assert!(!all.contains(line), "{line} in {all}");
+            }
+        }
+        assert!(!all.contains(&jws.expose()[..40]), "the assertion in {all}");
     }
 }

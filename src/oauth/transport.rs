@@ -176,8 +176,15 @@ fn build(
             .map_err(|_| Error::Client("proxy is not a valid URL".into()))?;
         b = b.proxy(proxy);
     }
-    b.build()
-        .map_err(|e| Error::Client(error_chain(&e.without_url())))
+    b.build().map_err(|e| {
+        let why = error_chain(&e.without_url());
+        Error::Client(match identity {
+            // rustls checks the pair when the client is built: a key that does not parse,
+            // or is not the certificate's.
+            Some(_) => format!("client_cert / client_key: {why}"),
+            None => why,
+        })
+    })
 }
 
 #[cfg(test)]
@@ -277,5 +284,72 @@ lwpNFpz1XdAez9ZFzsE=
             "only the one in use is kept"
         );
         drop(plain);
+    }
+
+    #[test]
+    fn clients_with_different_certificates_are_kept_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p.display().to_string()
+        };
+        let (ec_cert, ec_key) = (
+            write("ec.crt", include_str!("../../tests/keys/p256-cert.pem")),
+            write("ec.key", include_str!("../../tests/keys/p256-sec1.pem")),
+        );
+        let (rsa_cert, rsa_key) = (
+            write("rsa.crt", include_str!("../../tests/keys/rsa-cert.pem")),
+            write("rsa.key", include_str!("../../tests/keys/rsa-pkcs8.pem")),
+        );
+        let mtls = |c: &str, k: &str| {
+            format!("client_cert = {{ file = \"{c}\" }}\nclient_key = {{ file = \"{k}\" }}")
+        };
+        let a = accounts([
+            &mtls(&ec_cert, &ec_key),
+            &mtls(&ec_cert, &ec_key),
+            &mtls(&rsa_cert, &rsa_key),
+            "",
+        ]);
+        let t = Transports::default();
+        let c: Vec<_> = a.iter().map(|a| t.client(a).unwrap()).collect();
+        assert!(
+            Arc::ptr_eq(&c[0], &c[1]),
+            "the same certificate and key: one client"
+        );
+        assert!(
+            !Arc::ptr_eq(&c[0], &c[2]),
+            "another certificate: another client"
+        );
+        assert!(!Arc::ptr_eq(&c[0], &c[3]) && !Arc::ptr_eq(&c[2], &c[3]));
+        assert_eq!(t.built(), 3);
+        // A key that is not the certificate's: refused when the client is built.
+        let mismatched = accounts([&mtls(&ec_cert, &rsa_key), "", "", ""]);
+        let e = t.client(&mismatched[0]).unwrap_err().to_string();
+        assert!(e.contains("client_cert / client_key"), "{e}");
+        // A renewed certificate in the same file: the next call builds a new client.
+        std::fs::write(
+            dir.path().join("ec.crt"),
+            include_str!("../../tests/keys/p256-expired-cert.pem"),
+        )
+        .unwrap();
+        let renewed = t.client(&a[0]).unwrap();
+        assert!(!Arc::ptr_eq(&renewed, &c[0]));
+        assert_eq!(t.built(), 4);
+        // A key that is no key: a clear error, nothing of the file in it.
+        std::fs::write(
+            dir.path().join("ec.key"),
+            "-----BEGIN PRIVATE KEY-----\nc2VjcmV0LWJ5dGVz\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let e = t.client(&a[0]).unwrap_err().to_string();
+        assert!(e.contains("client_cert / client_key"), "{e}");
+        assert!(!e.contains("c2VjcmV0"), "{e}");
+        std::fs::remove_file(dir.path().join("ec.key")).unwrap();
+        let e = crate::oauth::error_chain(&t.client(&a[0]).unwrap_err());
+        assert!(
+            e.contains("failed to read the client key") && e.contains("ec.key"),
+            "{e}"
+        );
     }
 }
