@@ -1223,6 +1223,15 @@ fn client_id(cx: &mut Ctx<'_>, at: &At<'_>) -> String {
 /// `client_auth` and the `client_secret` it needs (or must not have).
 fn client_auth(cx: &mut Ctx<'_>, at: &At<'_>) -> (ClientAuth, Option<SecretSpec>) {
     let (a, d) = (at.a, at.d);
+    // Unset, it follows from the credential the account names: a private key signs
+    // assertions, a client certificate alone proves the client, else a secret.
+    let default = if pick!(a, d, private_key).is_some() {
+        ClientAuth::PrivateKeyJwt
+    } else if pick!(a, d, client_cert).is_some() && pick!(a, d, client_secret).is_none() {
+        ClientAuth::TlsClientAuth
+    } else {
+        ClientAuth::Basic
+    };
     let client_auth = cx.choice(
         &pick!(a, d, client_auth),
         &at.k("client_auth"),
@@ -1233,7 +1242,7 @@ fn client_auth(cx: &mut Ctx<'_>, at: &At<'_>) -> (ClientAuth, Option<SecretSpec>
             ("private_key_jwt", ClientAuth::PrivateKeyJwt),
             ("tls_client_auth", ClientAuth::TlsClientAuth),
         ],
-        ClientAuth::Basic,
+        default,
     );
     let client_secret =
         pick!(a, d, client_secret).and_then(|s| cx.secret(&s, &at.k("client_secret")));
@@ -2354,6 +2363,27 @@ grant_type = "password"
     }
 
     #[test]
+    fn client_auth_follows_the_credential_when_unset() {
+        let key_only = KEYED.replace("client_auth = \"private_key_jwt\"\n", "");
+        let c = parse(&format!("{key_only}{OUT}")).unwrap();
+        assert_eq!(c.accounts[0].client_auth, ClientAuth::PrivateKeyJwt);
+        let cert_only = format!(
+            "[[account]]\nname = \"m\"\ntoken_url = \"https://idp.example/t\"\nclient_id = \"id\"\n\
+             client_cert = {{ env = \"C\" }}\nclient_key = {{ env = \"K\" }}\n{OUT}"
+        );
+        let c = parse(&cert_only).unwrap();
+        assert_eq!(c.accounts[0].client_auth, ClientAuth::TlsClientAuth);
+        let both = cert_only.replace(
+            "client_id = \"id\"",
+            "client_id = \"id\"\nclient_secret = { env = \"S\" }",
+        );
+        assert_eq!(
+            parse(&both).unwrap().accounts[0].client_auth,
+            ClientAuth::Basic
+        );
+    }
+
+    #[test]
     fn private_key_jwt_keys_are_checked_where_they_are_written() {
         for (extra, key, want) in [
             (
@@ -2390,7 +2420,7 @@ grant_type = "password"
         // Keys of private_key_jwt with another client_auth are mistakes.
         let basic = KEYED.replace(
             "client_auth = \"private_key_jwt\"",
-            "client_secret = { env = \"S\" }",
+            "client_auth = \"post\"\nclient_secret = { env = \"S\" }",
         );
         let e = &errors(&format!("{basic}key_id = \"x\"\n{OUT}"))[0];
         assert!(
