@@ -152,10 +152,11 @@ pub async fn discover(
     source: &TokenUrl,
     allow_http: bool,
     timeout: Duration,
+    has_client_cert: bool,
 ) -> Result<url::Url, Error> {
     let mut problems = Vec::new();
     for url in document_urls(source) {
-        match fetch_one(client, &url, timeout).await {
+        match fetch_one(client, &url, timeout, has_client_cert).await {
             Ok(body) => match parse(&body, source, allow_http) {
                 Ok(endpoint) => return Ok(endpoint),
                 Err(why) => problems.push(format!("{} {why}", redacted_url(&url))),
@@ -174,14 +175,16 @@ async fn fetch_one(
     client: &reqwest::Client,
     url: &url::Url,
     timeout: Duration,
+    has_client_cert: bool,
 ) -> Result<Vec<u8>, String> {
+    let describe = |e: reqwest::Error| describe(e, timeout, has_client_cert);
     let mut resp = client
         .get(url.clone())
         .header(ACCEPT, "application/json")
         .timeout(timeout)
         .send()
         .await
-        .map_err(|e| describe(e, timeout))?;
+        .map_err(describe)?;
     let status = resp.status();
     if !status.is_success() {
         return Err(format!("answered HTTP {}", status.as_u16()));
@@ -196,7 +199,7 @@ async fn fetch_one(
         ));
     }
     let mut body = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|e| describe(e, timeout))? {
+    while let Some(chunk) = resp.chunk().await.map_err(describe)? {
         if body.len() + chunk.len() > MAX_DOCUMENT_BYTES {
             return Err(format!(
                 "a document larger than {} KiB",
@@ -208,11 +211,13 @@ async fn fetch_one(
     Ok(body)
 }
 
-fn describe(e: reqwest::Error, timeout: Duration) -> String {
+fn describe(e: reqwest::Error, timeout: Duration, has_client_cert: bool) -> String {
     if e.is_timeout() {
         format!("timed out after {timeout:?}")
     } else {
-        format!("failed to reach it: {}", error_chain(&e.without_url()))
+        let why = error_chain(&e.without_url());
+        let hint = super::transport::tls_hint(has_client_cert, &why);
+        format!("failed to reach it: {why}{hint}")
     }
 }
 

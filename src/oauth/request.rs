@@ -278,6 +278,7 @@ impl HttpEndpoint {
             &self.account.token_url,
             self.account.allow_http,
             self.account.timeout,
+            self.account.client_cert.is_some(),
         )
         .await;
         let mut d = self.discovered.lock().expect("never poisoned");
@@ -309,9 +310,11 @@ impl HttpEndpoint {
                     after: self.account.timeout,
                 }
             } else {
+                let why = error_chain(&e.without_url());
+                let hint = super::transport::tls_hint(self.account.client_cert.is_some(), &why);
                 Error::Transport {
                     url: url.clone(),
-                    reason: error_chain(&e.without_url()),
+                    reason: format!("{why}{hint}"),
                 }
             }
         };

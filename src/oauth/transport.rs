@@ -132,6 +132,28 @@ impl Transports {
     }
 }
 
+/// What to add to a connection error that a client certificate may explain. A server
+/// that refuses a client certificate often just closes the connection during the
+/// handshake (Node, nginx with TLS 1.3), which says nothing about certificates.
+pub fn tls_hint(has_client_cert: bool, reason: &str) -> &'static str {
+    let lower = reason.to_ascii_lowercase();
+    if lower.contains("certificaterequired") || lower.contains("certificate required") {
+        return if has_client_cert {
+            " (the server asked for a client certificate and did not take client_cert)"
+        } else {
+            " (the server asks for a client certificate: set client_cert and client_key)"
+        };
+    }
+    let dropped = ["close_notify", "reset by peer", "alert", "handshake"]
+        .iter()
+        .any(|w| lower.contains(w));
+    if dropped && has_client_cert {
+        " (the server ended the TLS connection: it may not accept client_cert, e.g. one its CA did not sign)"
+    } else {
+        ""
+    }
+}
+
 /// Connecting never takes longer than the whole request may, nor than 10 s.
 fn connect_timeout(timeout: Duration) -> Duration {
     timeout.min(Duration::from_secs(10))

@@ -169,13 +169,51 @@ pub fn make_key(dir: &Path, name: &str, kind: &str) -> PathBuf {
         "rsa" => openssl(dir, &["genrsa", "-traditional", "-out", name, "2048"]),
         "rsa-pkcs8" => openssl(
             dir,
-            &["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", name],
+            &[
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+                "-out",
+                name,
+            ],
         ),
-        "p256" => openssl(dir, &["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", name]),
-        "p384" => openssl(dir, &["ecparam", "-name", "secp384r1", "-genkey", "-noout", "-out", name]),
+        "p256" => openssl(
+            dir,
+            &[
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out",
+                name,
+            ],
+        ),
+        "p384" => openssl(
+            dir,
+            &[
+                "ecparam",
+                "-name",
+                "secp384r1",
+                "-genkey",
+                "-noout",
+                "-out",
+                name,
+            ],
+        ),
         "p384-pkcs8" => openssl(
             dir,
-            &["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-384", "-out", name],
+            &[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-384",
+                "-out",
+                name,
+            ],
         ),
         other => panic!("no key kind {other}"),
     }
@@ -197,7 +235,19 @@ impl Pki {
         };
         pki.ca("ca");
         make_key(dir, "server.key", "p256");
-        openssl(dir, &["req", "-new", "-key", "server.key", "-subj", "/CN=127.0.0.1", "-out", "server.csr"]);
+        openssl(
+            dir,
+            &[
+                "req",
+                "-new",
+                "-key",
+                "server.key",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-out",
+                "server.csr",
+            ],
+        );
         std::fs::write(
             dir.join("server.ext"),
             "subjectAltName = IP:127.0.0.1\nextendedKeyUsage = serverAuth\nbasicConstraints = CA:FALSE\n",
@@ -206,8 +256,21 @@ impl Pki {
         openssl(
             dir,
             &[
-                "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                "-CAcreateserial", "-days", "2", "-extfile", "server.ext", "-out", "server.crt",
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                "server.ext",
+                "-out",
+                "server.crt",
             ],
         );
         pki
@@ -219,8 +282,17 @@ impl Pki {
         openssl(
             &self.dir,
             &[
-                "req", "-new", "-x509", "-key", &format!("{name}.key"), "-subj",
-                &format!("/CN=tokend test {name}"), "-days", "2", "-out", &format!("{name}.crt"),
+                "req",
+                "-new",
+                "-x509",
+                "-key",
+                &format!("{name}.key"),
+                "-subj",
+                &format!("/CN=tokend test {name}"),
+                "-days",
+                "2",
+                "-out",
+                &format!("{name}.crt"),
             ],
         );
     }
@@ -232,7 +304,16 @@ impl Pki {
         let key = make_key(dir, &format!("{name}.key"), kind);
         openssl(
             dir,
-            &["req", "-new", "-key", &format!("{name}.key"), "-subj", &format!("/CN={cn}"), "-out", &format!("{name}.csr")],
+            &[
+                "req",
+                "-new",
+                "-key",
+                &format!("{name}.key"),
+                "-subj",
+                &format!("/CN={cn}"),
+                "-out",
+                &format!("{name}.csr"),
+            ],
         );
         std::fs::write(
             dir.join(format!("{name}.ext")),
@@ -242,9 +323,21 @@ impl Pki {
         openssl(
             dir,
             &[
-                "x509", "-req", "-in", &format!("{name}.csr"), "-CA", &format!("{ca}.crt"),
-                "-CAkey", &format!("{ca}.key"), "-CAcreateserial", "-days", "2", "-extfile",
-                &format!("{name}.ext"), "-out", &format!("{name}.crt"),
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                &format!("{ca}.crt"),
+                "-CAkey",
+                &format!("{ca}.key"),
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &format!("{name}.ext"),
+                "-out",
+                &format!("{name}.crt"),
             ],
         );
         (dir.join(format!("{name}.crt")), key)
