@@ -2112,6 +2112,27 @@ grant_type = "password"
             cib.schedule.refresh_every,
             Some(Duration::from_secs(25 * 60))
         );
+        // The commented SMART Backend Services account parses once uncommented.
+        let ehr: String = text
+            .split("#[[account]]\n#name = \"ehr\"")
+            .nth(1)
+            .expect("the example has the SMART account")
+            .lines()
+            .map(|l| l.strip_prefix('#').unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = parse_str(
+            &format!("[[account]]\nname = \"ehr\"{ehr}"),
+            Path::new("config.example.toml"),
+        )
+        .unwrap();
+        let ehr = &c.accounts[0];
+        assert_eq!(ehr.client_auth, ClientAuth::PrivateKeyJwt);
+        assert!(matches!(ehr.token_url, TokenUrl::FhirBase(_)));
+        assert_eq!(
+            ehr.assertion.as_ref().unwrap().alg,
+            Some(AssertionAlg::Rs384)
+        );
     }
 
     /// `load` of `text` written with `mode`.
