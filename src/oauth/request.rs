@@ -227,7 +227,14 @@ impl HttpEndpoint {
         clock: Clock,
         transports: &Arc<Transports>,
     ) -> Result<Self, Error> {
-        let client = transports.client(&account)?;
+        let client = match transports.client(&account) {
+            Ok(c) => c,
+            // A certificate or key not there (yet): the account starts, and each request
+            // fails with the read error until it is there. One that is there but does not
+            // load (a bad ca_file, a key that is not the certificate's) stops it here.
+            Err(Error::Secret { .. }) => transports.client_without_identity(&account)?,
+            Err(e) => return Err(e),
+        };
         Ok(HttpEndpoint {
             account,
             transports: transports.clone(),
@@ -561,5 +568,39 @@ mod tests {
             build(&a, a.token_url.fixed().unwrap(), &creds()).headers["x-api-key"],
             "k"
         );
+    }
+
+    #[tokio::test]
+    async fn an_account_whose_client_key_is_not_there_yet_starts_and_fails_locally() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("c.pem");
+        std::fs::write(&cert, include_str!("../../tests/keys/p256-cert.pem")).unwrap();
+        let key = dir.path().join("k.pem");
+        let a = Arc::new(account(&format!(
+            "client_cert = {{ file = \"{}\" }}\nclient_key = {{ file = \"{}\" }}",
+            cert.display(),
+            key.display()
+        )));
+        let transports = Arc::new(Transports::default());
+        let endpoint = HttpEndpoint::new(a.clone(), Clock::System, &transports).unwrap();
+        let e = endpoint.fetch().await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Secret {
+                    what: "client key",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(
+            crate::account::schedule::classify(&e),
+            crate::account::schedule::ErrorClass::Local
+        );
+        // A key that is there but not the certificate's stops the account from starting
+        // (a reload with it is refused).
+        std::fs::write(&key, include_str!("../../tests/keys/rsa-pkcs8.pem")).unwrap();
+        assert!(HttpEndpoint::new(a, Clock::System, &transports).is_err());
     }
 }

@@ -81,13 +81,35 @@ impl Transports {
     /// with the same settings has one, else a new one. Reads `ca_file`, and the client
     /// certificate and key (small; their content is part of the key).
     pub fn client(&self, account: &Account) -> Result<Arc<reqwest::Client>, Error> {
+        self.client_with(account, true)
+    }
+
+    /// [`Transports::client`] without the client certificate: what an account whose
+    /// certificate or key cannot be read yet starts with (its requests fail, locally,
+    /// until they can be read, like those of an account whose secret is missing).
+    pub fn client_without_identity(
+        &self,
+        account: &Account,
+    ) -> Result<Arc<reqwest::Client>, Error> {
+        self.client_with(account, false)
+    }
+
+    fn client_with(
+        &self,
+        account: &Account,
+        identity: bool,
+    ) -> Result<Arc<reqwest::Client>, Error> {
         let ca_pem = match &account.ca_file {
             Some(ca) => Some(std::fs::read(ca).map_err(|e| {
                 Error::Client(format!("failed to read ca_file {}: {e}", ca.display()))
             })?),
             None => None,
         };
-        let identity = Identity::read(account)?;
+        let identity = if identity {
+            Identity::read(account)?
+        } else {
+            None
+        };
         let key = TransportKey {
             ca_pem,
             proxy: account.proxy.clone(),
