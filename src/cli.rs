@@ -40,6 +40,18 @@ pub enum Command {
     /// Ask the running daemon to refresh an account now (no sooner than its
     /// min_refresh_interval allows)
     Refresh(RefreshArgs),
+    /// Print the public JSON Web Key Set (with kid and alg) of the accounts'
+    /// private_key_jwt keys, to register with a provider
+    Jwks(JwksArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct JwksArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Only these accounts (default: every account with client_auth = "private_key_jwt")
+    #[arg(value_name = "ACCOUNT")]
+    pub accounts: Vec<String>,
 }
 
 #[derive(Args, Debug)]

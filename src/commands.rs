@@ -1,5 +1,5 @@
-//! The one-shot commands: `check` and `once`. They print for a person and return a
-//! [`Failure`] that `main` maps to an exit code.
+//! The one-shot commands: `check`, `once` and `jwks`. They print for a person (or, for
+//! `jwks`, for a provider) and return a [`Failure`] that `main` maps to an exit code.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -77,6 +77,28 @@ pub fn check(config: &Config) -> Result<(), Failure> {
                 Err(e) => Err(format!("{}: {e}", a.name)),
             });
         }
+        if let Some(line) = private_key_line(a) {
+            report(line);
+        }
+        // An unreadable certificate or key is reported with the secrets above.
+        if let Some(Ok(pem)) = a.client_cert.as_ref().map(|c| c.cert.read()) {
+            report(
+                crate::config::keys::certificate_info(pem.expose().as_bytes())
+                    .map_err(|e| format!("{}: client_cert {e}", a.name))
+                    .and_then(|info| {
+                        transports
+                            .client(a)
+                            .map_err(|e| format!("{}: {}", a.name, crate::oauth::error_chain(&e)))?;
+                        Ok(format!(
+                            "{}: client_cert {} ({} certificate(s)) valid until {}, loads with its key",
+                            a.name,
+                            info.subject,
+                            info.chain_len,
+                            crate::clock::rfc3339(info.not_after)
+                        ))
+                    }),
+            );
+        }
         for o in &a.outputs {
             let dir = o.path.parent().unwrap_or(Path::new("."));
             let takes = dirs.entry(dir).or_insert_with(|| dir_takes_files(dir));
@@ -119,6 +141,102 @@ pub fn check(config: &Config) -> Result<(), Failure> {
             "{problems} check(s) failed"
         )));
     }
+    Ok(())
+}
+
+/// The `check` line of an account's private_key_jwt key: its kind, `kid` and `alg`.
+/// The config's own checks (it parses, fits `assertion_alg`, is tokend's alone) ran when
+/// it was loaded; an unreadable key is reported with the other secrets.
+fn private_key_line(a: &Account) -> Option<Result<String, String>> {
+    let pem = a.assertion.as_ref()?.private_key.read().ok()?;
+    Some(
+        crate::config::keys::PrivateKey::from_pem(&pem)
+            .and_then(|k| {
+                let (kid, alg) = crate::oauth::assertion::kid_and_alg(a, &k)?;
+                Ok(format!(
+                    "{}: private_key is {}, signs {alg} assertions with kid {kid:?}",
+                    a.name,
+                    k.kind()
+                ))
+            })
+            .map_err(|e| format!("{}: private_key {e}", a.name)),
+    )
+}
+
+/// `tokend jwks [ACCOUNT...]`: the JSON Web Key Set (RFC 7517 §5) of the accounts'
+/// private_key_jwt public keys, with `kid`, `alg` and `use`, on stdout. The same key
+/// under the same `kid` is listed once; one `kid` for two different keys is an error
+/// (a provider could not tell which one signed).
+pub fn jwks(config: &Config, names: &[String]) -> Result<(), Failure> {
+    for n in names {
+        match config.accounts.iter().find(|a| &a.name == n) {
+            None => {
+                return Err(Failure::Usage(anyhow::anyhow!(
+                    "no account named {n:?} in {}",
+                    config.path.display()
+                )))
+            }
+            Some(a) if a.assertion.is_none() => {
+                return Err(Failure::Usage(anyhow::anyhow!(
+                    "account {n:?} does not use client_auth = \"private_key_jwt\": it has no key to publish"
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    let selected: Vec<&Account> = config
+        .accounts
+        .iter()
+        .filter(|a| a.assertion.is_some() && (names.is_empty() || names.contains(&a.name)))
+        .collect();
+    if selected.is_empty() {
+        return Err(Failure::Usage(anyhow::anyhow!(
+            "no account in {} uses client_auth = \"private_key_jwt\"",
+            config.path.display()
+        )));
+    }
+    // kid -> (the account that first used it, its JWK)
+    let mut keys: Vec<(String, String, serde_json::Value)> = Vec::new();
+    for a in selected {
+        let spec = &a.assertion.as_ref().expect("selected for it").private_key;
+        let pem = spec.read().map_err(|e| {
+            Failure::Runtime(anyhow::anyhow!(
+                "account {}: {}",
+                a.name,
+                crate::oauth::error_chain(&e)
+            ))
+        })?;
+        let jwk = crate::config::keys::PrivateKey::from_pem(&pem)
+            .and_then(|k| {
+                let (kid, alg) = crate::oauth::assertion::kid_and_alg(a, &k)?;
+                Ok((kid.clone(), k.public_jwk(&kid, alg)))
+            })
+            .map_err(|e| {
+                Failure::Runtime(anyhow::anyhow!(
+                    "account {}: the private key from {} {e}",
+                    a.name,
+                    spec.describe()
+                ))
+            })?;
+        let (kid, jwk) = jwk;
+        match keys.iter().find(|(k, _, _)| *k == kid) {
+            Some((_, _, same)) if *same == jwk => {}
+            Some((_, first, _)) => {
+                return Err(Failure::Usage(anyhow::anyhow!(
+                    "accounts {first} and {} use the kid {kid:?} for different keys; \
+                     give them different key_id values, or print them one at a time",
+                    a.name
+                )))
+            }
+            None => keys.push((kid, a.name.clone(), jwk)),
+        }
+    }
+    let set =
+        serde_json::json!({ "keys": keys.into_iter().map(|(_, _, j)| j).collect::<Vec<_>>() });
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&set).expect("a JWK set serializes")
+    );
     Ok(())
 }
 
@@ -212,7 +330,7 @@ pub async fn once(
 async fn once_account(
     account: Arc<Account>,
     shared: Shared,
-    transports: &Transports,
+    transports: &Arc<Transports>,
     min_valid: Option<Duration>,
 ) -> anyhow::Result<()> {
     output::clean_stale(&account);

@@ -174,7 +174,7 @@ struct Supervisor {
     /// The `[cluster]` joined at start (changes take effect at a restart).
     cluster: Option<crate::config::ClusterConfig>,
     /// HTTP clients, shared by accounts that connect the same way.
-    transports: Transports,
+    transports: Arc<Transports>,
 }
 
 /// How long SIGTERM waits for refresh_token requests on the wire (SPEC §6).
@@ -197,7 +197,7 @@ impl Supervisor {
             member: None,
             on_cluster_loss: crate::config::OnClusterLoss::Refresh,
             cluster: config.cluster.clone(),
-            transports: Transports::default(),
+            transports: Arc::new(Transports::default()),
         }
     }
 
@@ -400,6 +400,9 @@ impl Supervisor {
             self.start(new, endpoint, initial);
         }
         self.transports.prune();
+        // Accounts that discover their token endpoint do so again before their next
+        // request (SPEC §1: discovery at start and reload).
+        self.transports.rediscover();
         Ok(())
     }
 

@@ -49,7 +49,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 // Before any thread exists: nothing else reads the environment yet.
                 std::env::set_var("CREDENTIALS_DIRECTORY", dir);
             }
-            commands::check(&config::load(&args.config.config)?)
+            commands::check(&config::load_checked(&args.config.config)?)
         }
         Command::Once(args) => {
             let config = load(&args.config.config)?;
@@ -74,6 +74,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             )?;
             runtime()?.block_on(client::status(&socket, args.json))
         }
+        Command::Jwks(args) => commands::jwks(&config::load(&args.config.config)?, &args.accounts),
         Command::Refresh(args) => {
             let socket = client::resolve_socket(
                 args.socket.socket.as_deref(),

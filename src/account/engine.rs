@@ -328,7 +328,7 @@ impl<E: Endpoint> Engine<E> {
         let provider = self
             .shared
             .providers
-            .gate(&self.account.token_url, now)
+            .gate(self.account.token_url.configured(), now)
             .map(|t| (t, WaitKind::RateLimit));
         saved.into_iter().chain(provider).max_by_key(|(t, _)| *t)
     }
@@ -411,6 +411,9 @@ impl<E: Endpoint> Engine<E> {
             };
             self.endpoint
                 .use_refresh_token(self.saved.refresh_token(&self.account));
+            if let Some(url) = self.saved.known_token_url(&self.account) {
+                self.endpoint.use_known_token_url(url);
+            }
             started = Instant::now();
             if self.rotates() {
                 // Its answer holds the only copy of the next refresh token: never abandoned.
@@ -426,6 +429,10 @@ impl<E: Endpoint> Engine<E> {
         self.shared
             .metrics
             .refresh_attempt(&self.account.name, &result, started.elapsed());
+        if let Some(url) = self.endpoint.discovered_token_url() {
+            // Saved with what follows (the token, or the wait after a failure).
+            self.saved.record_token_url(&self.account, &url, self.now());
+        }
         match result {
             Ok(token) => {
                 if let Some(g) = guard.as_mut() {
@@ -517,7 +524,7 @@ impl<E: Endpoint> Engine<E> {
                 self.saved.failures += 1;
                 self.shared
                     .providers
-                    .limit(&self.account.token_url, until, now);
+                    .limit(self.account.token_url.configured(), until, now);
                 WaitKind::RateLimit
             }
             ErrorClass::Rejected => {

@@ -12,7 +12,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Account, BasicEncoding, ClientAuth, Grant, ParamsIn, Secret, SecretSpec};
+use crate::config::{
+    Account, AssertionConfig, BasicEncoding, ClientAuth, Grant, ParamsIn, Secret, SecretSpec,
+};
 
 /// What a token is issued for: endpoint, grant, client, user, scope and parameters.
 /// Holds no secret, so it may be shown and stored as is.
@@ -29,7 +31,7 @@ pub struct RequestIdentity {
 impl RequestIdentity {
     pub fn of(a: &Account) -> Self {
         RequestIdentity {
-            token_url: a.token_url.to_string(),
+            token_url: a.token_url.identity(),
             grant_type: a.grant.as_str().to_owned(),
             client_id: a.client_id.clone(),
             username: match &a.grant {
@@ -59,6 +61,9 @@ pub struct SiblingKey {
     extra_headers: BTreeMap<String, Secret>,
     proxy: Option<Secret>,
     secrets: Vec<(&'static str, SecretSpec)>,
+    /// `private_key_jwt`: the key's source and the assertion's settings.
+    assertion: Option<AssertionConfig>,
+    allow_http: bool,
 }
 
 impl std::fmt::Debug for SiblingKey {
@@ -87,6 +92,8 @@ impl SiblingKey {
                 .into_iter()
                 .map(|(k, s)| (k, s.clone()))
                 .collect(),
+            assertion: a.assertion.clone(),
+            allow_http: a.allow_http,
         })
     }
 }
@@ -148,6 +155,15 @@ impl CredentialsDigest {
             field(v.expose().as_bytes());
         }
         field(a.proxy.as_ref().map_or("\0none", |p| p.expose()).as_bytes());
+        // Only accounts with an assertion have these fields: the digest of every other
+        // account stays what it was (a hold survives the upgrade that added them), and
+        // the client_auth above already tells the two encodings apart.
+        if let Some(c) = &a.assertion {
+            field(c.key_id.as_deref().unwrap_or("\0none").as_bytes());
+            field(c.alg.map_or("\0none", |alg| alg.as_str()).as_bytes());
+            field(c.audience.as_deref().unwrap_or("\0none").as_bytes());
+            field(&c.lifetime.as_secs().to_be_bytes());
+        }
         for (what, spec) in a.secrets() {
             field(what.as_bytes());
             match spec.read() {

@@ -108,6 +108,20 @@ pub struct Saved {
     pub refusals: u32,
     /// The credentials that were refused; other credentials end the hold.
     hold_key: Option<CredentialsDigest>,
+    /// The token endpoint last discovered (`issuer`, `fhir_base`): used while discovery
+    /// fails, also after a restart. Absent from files written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    discovered: Option<DiscoveredEndpoint>,
+}
+
+/// A discovered token endpoint, and what it was discovered from.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
+struct DiscoveredEndpoint {
+    /// [`TokenUrl::identity`](crate::config::TokenUrl::identity) of the issuer or FHIR base.
+    from: String,
+    token_endpoint: String,
+    /// Unix seconds.
+    at: u64,
 }
 
 #[derive(Serialize, Deserialize, Clone, PartialEq)]
@@ -192,6 +206,7 @@ impl Saved {
             failures: 0,
             refusals: 0,
             hold_key: None,
+            discovered: None,
         }
     }
 
@@ -244,6 +259,31 @@ impl Saved {
         self.failures = 0;
         self.refusals = 0;
         self.hold_key = None;
+    }
+
+    /// The token endpoint discovered before for `account`'s issuer or FHIR base, if any.
+    pub fn known_token_url(&self, account: &Account) -> Option<url::Url> {
+        let d = self.discovered.as_ref()?;
+        if d.from != account.token_url.identity() || account.token_url.fixed().is_some() {
+            return None;
+        }
+        url::Url::parse(&d.token_endpoint)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "https" | "http"))
+    }
+
+    /// Records the token endpoint discovered for `account`; whether that is news.
+    pub fn record_token_url(&mut self, account: &Account, url: &url::Url, now: SystemTime) -> bool {
+        if self.known_token_url(account).as_ref() == Some(url) {
+            return false;
+        }
+        self.discovered = Some(DiscoveredEndpoint {
+            from: account.token_url.identity(),
+            token_endpoint: url.to_string(),
+            at: secs(now),
+        });
+        self.generation += 1;
+        true
     }
 
     /// Records a failed request and the wait it leads to.
@@ -399,6 +439,7 @@ impl SavedV1 {
             failures: 0,
             refusals: u32::from(held),
             hold_key: None,
+            discovered: None,
         }
     }
 }

@@ -71,7 +71,10 @@ const REFUSED_CODES: [&str; 4] = [
 ];
 
 pub fn classify(e: &Error) -> ErrorClass {
-    if matches!(e, Error::Secret { .. } | Error::Client(_)) {
+    if matches!(
+        e,
+        Error::Secret { .. } | Error::Key { .. } | Error::Client(_)
+    ) {
         return ErrorClass::Local;
     }
     let status = e.status();

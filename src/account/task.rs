@@ -809,7 +809,7 @@ impl<E: Endpoint> Task<E> {
             .parts
             .shared
             .providers
-            .gate(&self.account().token_url, now)
+            .gate(self.account().token_url.configured(), now)
         else {
             return true;
         };

@@ -6,6 +6,7 @@
 //! `state_dir`'s owner and mode; secrets are read later, through [`SecretSpec::read`],
 //! when a request needs them.
 
+pub mod keys;
 mod raw;
 mod secret;
 mod validate;
@@ -16,6 +17,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use keys::AssertionAlg;
 pub use secret::{Secret, SecretError, SecretSpec};
 pub use validate::parse_str;
 
@@ -103,11 +105,20 @@ pub enum LogFormat {
 #[derive(Clone, PartialEq)]
 pub struct Account {
     pub name: String,
-    pub token_url: url::Url,
+    /// Where the token endpoint is: configured, or discovered from an issuer or a FHIR base.
+    pub token_url: TokenUrl,
+    /// Plain http:// to a host other than loopback is allowed (also for a discovered
+    /// token endpoint).
+    pub allow_http: bool,
     pub grant: Grant,
     pub client_id: String,
     pub client_secret: Option<SecretSpec>,
     pub client_auth: ClientAuth,
+    /// `client_auth = "private_key_jwt"`: how the client assertion is made.
+    pub assertion: Option<AssertionConfig>,
+    /// A client certificate on the account's HTTP client (`client_auth =
+    /// "tls_client_auth"` needs one).
+    pub client_cert: Option<ClientCert>,
     pub basic_encoding: BasicEncoding,
     pub params_in: ParamsIn,
     pub scope: Option<String>,
@@ -131,18 +142,21 @@ pub struct Account {
 
 impl fmt::Debug for Account {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut url = self.token_url.clone();
+        let mut url = self.token_url.configured().clone();
         if url.password().is_some() || !url.username().is_empty() {
             let _ = url.set_password(Some("redacted"));
             let _ = url.set_username("redacted");
         }
         f.debug_struct("Account")
             .field("name", &self.name)
-            .field("token_url", &url.as_str())
+            .field(self.token_url.key(), &url.as_str())
+            .field("allow_http", &self.allow_http)
             .field("grant", &self.grant)
             .field("client_id", &self.client_id)
             .field("client_secret", &self.client_secret)
             .field("client_auth", &self.client_auth)
+            .field("assertion", &self.assertion)
+            .field("client_cert", &self.client_cert)
             .field("basic_encoding", &self.basic_encoding)
             .field("params_in", &self.params_in)
             .field("scope", &self.scope)
@@ -175,8 +189,93 @@ impl Account {
             Grant::RefreshToken { refresh_token } => v.push(("refresh_token", refresh_token)),
             Grant::ClientCredentials => {}
         }
+        if let Some(a) = &self.assertion {
+            v.push(("private_key", &a.private_key));
+        }
+        if let Some(c) = &self.client_cert {
+            // The certificate is no secret, but it is read like one, and a new one (a
+            // renewal) ends a hold like a new secret does.
+            v.push(("client_cert", &c.cert));
+            v.push(("client_key", &c.key));
+        }
         v
     }
+}
+
+/// Where an account's token endpoint is (SPEC §1): written in the config, or read from
+/// a discovery document at start and reload.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum TokenUrl {
+    /// `token_url`.
+    Fixed(url::Url),
+    /// `issuer`: `{issuer}/.well-known/openid-configuration`, or RFC 8414's
+    /// `/.well-known/oauth-authorization-server`.
+    Issuer(url::Url),
+    /// `fhir_base`: `{fhir_base}/.well-known/smart-configuration` (SMART App Launch 2.x).
+    FhirBase(url::Url),
+}
+
+impl TokenUrl {
+    /// The URL as configured (the token endpoint itself only for [`TokenUrl::Fixed`]).
+    pub fn configured(&self) -> &url::Url {
+        match self {
+            TokenUrl::Fixed(u) | TokenUrl::Issuer(u) | TokenUrl::FhirBase(u) => u,
+        }
+    }
+
+    /// The config key it was written as.
+    pub fn key(&self) -> &'static str {
+        match self {
+            TokenUrl::Fixed(_) => "token_url",
+            TokenUrl::Issuer(_) => "issuer",
+            TokenUrl::FhirBase(_) => "fhir_base",
+        }
+    }
+
+    /// The configured token endpoint, when there is no discovery to do.
+    pub fn fixed(&self) -> Option<&url::Url> {
+        match self {
+            TokenUrl::Fixed(u) => Some(u),
+            _ => None,
+        }
+    }
+
+    /// What identifies the endpoint in state files and the cluster: the token_url as
+    /// it always was, the others with their key in front (a token from an issuer is
+    /// not one from a token_url that happens to be the same).
+    pub fn identity(&self) -> String {
+        match self {
+            TokenUrl::Fixed(u) => u.to_string(),
+            other => format!("{} {}", other.key(), other.configured()),
+        }
+    }
+}
+
+/// `client_auth = "private_key_jwt"` (RFC 7523 §2.2): the key and the assertion's
+/// settings. `Debug` shows where the key comes from, never the key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct AssertionConfig {
+    pub private_key: SecretSpec,
+    /// The JWT header's `kid`; none configured: the key's RFC 7638 thumbprint.
+    pub key_id: Option<String>,
+    /// None: RS384 for an RSA key, ES256 or ES384 by an EC key's curve.
+    pub alg: Option<AssertionAlg>,
+    /// The `aud` claim; none: the token endpoint's URL.
+    pub audience: Option<String>,
+    /// `exp` = `iat` + this (at most 5 minutes).
+    pub lifetime: Duration,
+}
+
+/// The longest `assertion_lifetime` (SMART Backend Services: exp no more than five
+/// minutes in the future).
+pub const MAX_ASSERTION_LIFETIME: Duration = Duration::from_secs(300);
+
+/// A client certificate chain and its key (RFC 8705 mutual TLS).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ClientCert {
+    /// PEM, the leaf first.
+    pub cert: SecretSpec,
+    pub key: SecretSpec,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -201,12 +300,16 @@ impl Grant {
     }
 }
 
-/// RFC 6749 §2.3.1 client authentication.
+/// Client authentication: RFC 6749 §2.3.1 (`basic`, `post`), a public client (`none`),
+/// a signed assertion (RFC 7523 §2.2, `private_key_jwt`) or mutual TLS (RFC 8705 §2.1,
+/// `tls_client_auth`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ClientAuth {
     Basic,
     Post,
     None,
+    PrivateKeyJwt,
+    TlsClientAuth,
 }
 
 /// How the client id and secret go into the Basic header: `raw` as curl -u and most
@@ -329,8 +432,18 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
-/// Reads and validates the config at `path`.
+/// Reads and validates the config at `path`: what `run`, reload and `once` use.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    load_with(path, validate::Checks::Load)
+}
+
+/// [`load`], and also what changes with time (a client certificate that expired, or is
+/// not for its key): `tokend check`.
+pub fn load_checked(path: &Path) -> Result<Config, ConfigErrors> {
+    load_with(path, validate::Checks::Full)
+}
+
+fn load_with(path: &Path, checks: validate::Checks) -> Result<Config, ConfigErrors> {
     let located = |message: String| {
         ConfigErrors(vec![ConfigError {
             file: path.to_owned(),
@@ -343,7 +456,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| located(format!("failed to read the config file: {e}")))?;
     let (config, located) = validate::parse(&text, path)?;
-    validate::check_files(&config, located, path)?;
+    validate::check_files(&config, located, path, checks)?;
     Ok(config)
 }
 

@@ -49,6 +49,10 @@ pub(crate) struct RawCluster {
 pub(crate) struct RawAccount {
     pub name: Option<S<String>>,
     pub token_url: Option<S<String>>,
+    /// Instead of `token_url`: discovery from an OpenID / RFC 8414 issuer...
+    pub issuer: Option<S<String>>,
+    /// ...or from a FHIR server's SMART configuration.
+    pub fhir_base: Option<S<String>>,
     pub allow_http: Option<S<bool>>,
     /// `false`: not shared with the cluster even when there is a `[cluster]`.
     pub cluster: Option<S<bool>>,
@@ -56,6 +60,13 @@ pub(crate) struct RawAccount {
     pub client_id: Option<S<String>>,
     pub client_secret: Option<S<toml::Value>>,
     pub client_auth: Option<S<String>>,
+    pub private_key: Option<S<toml::Value>>,
+    pub key_id: Option<S<String>>,
+    pub assertion_alg: Option<S<String>>,
+    pub assertion_audience: Option<S<String>>,
+    pub assertion_lifetime: Option<S<String>>,
+    pub client_cert: Option<S<toml::Value>>,
+    pub client_key: Option<S<toml::Value>>,
     pub basic_encoding: Option<S<String>>,
     pub params_in: Option<S<String>>,
     pub scope: Option<S<String>>,

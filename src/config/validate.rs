@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
+#[cfg(test)]
+use url::form_urlencoded;
 
+use super::keys;
 use super::raw::{
     field_names, RawAccess, RawAccount, RawCluster, RawDaemon, RawOutput, RawSignal, S,
 };
@@ -27,6 +30,40 @@ pub(super) struct Located {
     inline_secrets: Vec<ConfigError>,
     /// `daemon.state_dir`, if set.
     state_dir: Option<ConfigError>,
+    /// Every private key and client certificate, with where it is written.
+    key_files: Vec<KeyFile>,
+}
+
+/// A `private_key`, `client_key` or `client_cert`, for the checks that read it.
+struct KeyFile {
+    spec: SecretSpec,
+    /// Where it is written (the message left empty).
+    at: ConfigError,
+    what: KeyUse,
+}
+
+enum KeyUse {
+    /// Signs client assertions with this algorithm (None: the key's default).
+    Assertion {
+        alg: Option<AssertionAlg>,
+        alg_at: Option<ConfigError>,
+    },
+    /// The key of a client certificate.
+    ClientKey,
+    /// A client certificate, and the key that goes with it.
+    ClientCert { key: SecretSpec },
+}
+
+/// How much [`check_files`] looks at.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Checks {
+    /// What decides whether a config may run, whenever it is loaded: the same answer
+    /// tomorrow as today.
+    Load,
+    /// Also what changes with time (a certificate that expired): `tokend check`. A
+    /// daemon that restarts after a certificate expired still starts, and serves its
+    /// other accounts.
+    Full,
 }
 
 /// The checks that look at files: a config that holds an inline secret must not be
@@ -37,8 +74,14 @@ pub(super) fn check_files(
     config: &Config,
     located: Located,
     path: &Path,
+    checks: Checks,
 ) -> Result<(), ConfigErrors> {
     let mut errors = Vec::new();
+    for k in located.key_files {
+        if let Err(e) = check_key_file(&k, checks) {
+            errors.push(e);
+        }
+    }
     if let Some(first) = located.inline_secrets.into_iter().next() {
         match std::fs::metadata(path) {
             Err(e) => errors.push(ConfigError {
@@ -66,6 +109,82 @@ pub(super) fn check_files(
     } else {
         Err(ConfigErrors(errors))
     }
+}
+
+/// A private key must be tokend's alone, parse, and fit its `assertion_alg`; a client
+/// certificate must parse (and, for `tokend check`, be valid now and belong to its key).
+/// A file that cannot be read yet is left to `tokend check` and to the request that
+/// needs it (a local failure then): it may be provisioned after tokend starts.
+fn check_key_file(k: &KeyFile, checks: Checks) -> Result<(), ConfigError> {
+    let err = |message: String| ConfigError {
+        message,
+        ..k.at.clone()
+    };
+    let secret = !matches!(k.what, KeyUse::ClientCert { .. });
+    if let (true, Some(path)) = (secret, k.spec.path()) {
+        if let Ok(meta) = std::fs::metadata(&path) {
+            if meta.mode() & 0o077 != 0 {
+                return Err(err(format!(
+                    "{} holds a private key that group or others can read (mode {:04o}): \
+                     chmod 600 it, owned by tokend's user",
+                    path.display(),
+                    meta.mode() & 0o777
+                )));
+            }
+        }
+    }
+    let Ok(pem) = k.spec.read() else {
+        return Ok(());
+    };
+    let source = k.spec.describe();
+    match &k.what {
+        KeyUse::Assertion { alg, alg_at } => {
+            let key = keys::PrivateKey::from_pem(&pem).map_err(|e| err(format!("{source} {e}")))?;
+            if let Some(alg) = alg {
+                key.check_alg(*alg).map_err(|e| ConfigError {
+                    message: format!("{source} {e}"),
+                    ..alg_at.clone().unwrap_or_else(|| k.at.clone())
+                })?;
+            }
+        }
+        KeyUse::ClientKey => {}
+        KeyUse::ClientCert { key } => {
+            let info = keys::certificate_info(pem.expose().as_bytes())
+                .map_err(|e| err(format!("{source} {e}")))?;
+            if checks == Checks::Full {
+                let now = std::time::SystemTime::now();
+                if info.not_after <= now {
+                    return Err(err(format!(
+                        "{source}: the certificate ({}) expired at {}",
+                        info.subject,
+                        crate::clock::rfc3339(info.not_after)
+                    )));
+                }
+                if info.not_before > now {
+                    return Err(err(format!(
+                        "{source}: the certificate ({}) is not valid before {}",
+                        info.subject,
+                        crate::clock::rfc3339(info.not_before)
+                    )));
+                }
+                // Keys of the kinds tokend signs with are compared; TLS takes others too.
+                if let Some(k) = key
+                    .read()
+                    .ok()
+                    .and_then(|p| keys::PrivateKey::from_pem(&p).ok())
+                {
+                    if k.spki_bits() != info.public_key {
+                        return Err(err(format!(
+                            "{source}: the certificate ({}) is not for the key in {}",
+                            info.subject,
+                            key.describe()
+                        )));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Whether `dir` may hold tokend's state: missing (tokend creates it, 0700), or a
@@ -110,6 +229,7 @@ struct Ctx<'a> {
     inline_secrets: Vec<ConfigError>,
     /// Keys whose values were dropped for a type error: not reported again as missing.
     dropped: Vec<String>,
+    key_files: Vec<KeyFile>,
 }
 
 impl Ctx<'_> {
@@ -226,6 +346,12 @@ impl Ctx<'_> {
     }
 
     fn secret(&mut self, v: &S<toml::Value>, key: &str) -> Option<SecretSpec> {
+        self.source(v, key, true)
+    }
+
+    /// A value read like a secret (inline, file, env, credential); an inline one counts
+    /// as an inline secret if `secret`.
+    fn source(&mut self, v: &S<toml::Value>, key: &str, secret: bool) -> Option<SecretSpec> {
         let parsed = SecretSource::deserialize(v.get_ref().clone())
             .map_err(|_| {
                 "expected a string or one of { file = \"...\" }, { env = \"...\" }, { credential = \"...\" }"
@@ -234,7 +360,7 @@ impl Ctx<'_> {
             .and_then(|s| s.to_spec(&self.base));
         match parsed {
             Ok(spec) => {
-                if spec.is_inline() {
+                if secret && spec.is_inline() {
                     self.inline_secret(v.span(), key.to_owned());
                 }
                 Some(spec)
@@ -355,6 +481,7 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<(Config, Located), Config
         errors: Vec::new(),
         inline_secrets: Vec::new(),
         dropped: Vec::new(),
+        key_files: Vec::new(),
     };
 
     let (root, syntax) = DeTable::parse_recoverable(text);
@@ -477,6 +604,7 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<(Config, Located), Config
             Located {
                 inline_secrets: cx.inline_secrets,
                 state_dir: raw_state_dir_at,
+                key_files: cx.key_files,
             },
         ))
     } else {
@@ -764,9 +892,11 @@ fn account(
         span: span.clone(),
     };
     let name = name(cx, &at);
-    let token_url = token_url(cx, &at);
+    let (token_url, allow_http) = token_url(cx, &at);
     let client_id = client_id(cx, &at);
     let (client_auth, client_secret) = client_auth(cx, &at);
+    let assertion = assertion(cx, &at, client_auth);
+    let client_cert = client_cert(cx, &at, client_auth);
     let basic_encoding = cx.choice(
         &pick!(a, d, basic_encoding),
         &at.k("basic_encoding"),
@@ -814,10 +944,13 @@ fn account(
     Some(Account {
         name,
         token_url: token_url?,
+        allow_http,
         grant: grant?,
         client_id,
         client_secret,
         client_auth,
+        assertion,
+        client_cert,
         basic_encoding,
         params_in,
         scope: pick!(a, d, scope).map(|s| s.into_inner()),
@@ -985,50 +1118,90 @@ fn name(cx: &mut Ctx<'_>, at: &At<'_>) -> String {
     name
 }
 
-/// `token_url`: http(s), and plain http only to loopback unless `allow_http`.
-fn token_url(cx: &mut Ctx<'_>, at: &At<'_>) -> Option<url::Url> {
+/// `token_url`, `issuer` or `fhir_base`, exactly one: http(s), and plain http only to
+/// loopback unless `allow_http` (also for an issuer or FHIR base: the token endpoint
+/// found there is held to the same rule when it is discovered). An account that writes
+/// any of the three inherits none of them from `[defaults]`.
+fn token_url(cx: &mut Ctx<'_>, at: &At<'_>) -> (Option<TokenUrl>, bool) {
     let (a, d) = (at.a, at.d);
     let allow_http = pick!(a, d, allow_http).is_some_and(|b| *b.get_ref());
-    let token_url = match pick!(a, d, token_url) {
-        Some(u) => match url::Url::parse(u.get_ref()) {
-            Ok(url) if url.scheme() == "http" && !allow_http && !is_loopback(&url) => {
-                cx.err(
-                    u.span(),
-                    at.k("token_url"),
-                    format!(
-                        "plain http:// to {} would send the credentials in the clear: use https://, \
-                         or set allow_http = true for this account",
-                        url.host_str().unwrap_or_default()
-                    ),
-                );
-                None
+    let own = a.token_url.is_some() || a.issuer.is_some() || a.fhir_base.is_some();
+    let from = if own { a } else { d };
+    let given: Vec<(&str, &S<String>)> = [
+        ("token_url", &from.token_url),
+        ("issuer", &from.issuer),
+        ("fhir_base", &from.fhir_base),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| v.as_ref().map(|v| (k, v)))
+    .collect();
+    let Some(&(key, u)) = given.first() else {
+        cx.missing(
+            at.span.clone(),
+            at.label,
+            "token_url",
+            " (or \"issuer\" or \"fhir_base\", to discover it)",
+        );
+        return (None, allow_http);
+    };
+    if let Some((other, v)) = given.get(1) {
+        cx.err(
+            v.span(),
+            at.k(other),
+            format!("{key} is set already: an account names exactly one of token_url, issuer and fhir_base"),
+        );
+        return (None, allow_http);
+    }
+    let url = match url::Url::parse(u.get_ref()) {
+        Ok(url) if url.scheme() == "http" && !allow_http && !is_loopback(&url) => {
+            cx.err(
+                u.span(),
+                at.k(key),
+                format!(
+                    "plain http:// to {} would send the credentials in the clear: use https://, \
+                     or set allow_http = true for this account",
+                    url.host_str().unwrap_or_default()
+                ),
+            );
+            return (None, allow_http);
+        }
+        Ok(url) if matches!(url.scheme(), "https" | "http") && url.has_host() => {
+            if !url.username().is_empty() || url.password().is_some() {
+                cx.inline_secret(u.span(), at.k(key));
             }
-            Ok(url) if matches!(url.scheme(), "https" | "http") && url.has_host() => {
-                if !url.username().is_empty() || url.password().is_some() {
-                    cx.inline_secret(u.span(), at.k("token_url"));
-                }
-                Some(url)
-            }
-            Ok(_) => {
-                cx.err(
-                    u.span(),
-                    at.k("token_url"),
-                    "must be an http:// or https:// URL",
-                );
-                None
-            }
-            Err(e) => {
-                cx.err(u.span(), at.k("token_url"), format!("not a URL: {e}"));
-                None
-            }
-        },
-        None => {
-            cx.missing(at.span.clone(), at.label, "token_url", "");
-            None
+            url
+        }
+        Ok(_) => {
+            cx.err(u.span(), at.k(key), "must be an http:// or https:// URL");
+            return (None, allow_http);
+        }
+        Err(e) => {
+            cx.err(u.span(), at.k(key), format!("not a URL: {e}"));
+            return (None, allow_http);
         }
     };
-
-    token_url
+    let discovery = key != "token_url";
+    if discovery && (url.fragment().is_some() || (key == "issuer" && url.query().is_some())) {
+        cx.err(
+            u.span(),
+            at.k(key),
+            format!(
+                "the discovery document's address is made from it: a {key} has no {}",
+                if key == "issuer" {
+                    "query or fragment (RFC 8414 §2)"
+                } else {
+                    "fragment"
+                }
+            ),
+        );
+        return (None, allow_http);
+    }
+    let token_url = match key {
+        "issuer" => TokenUrl::Issuer(url),
+        "fhir_base" => TokenUrl::FhirBase(url),
+        _ => TokenUrl::Fixed(url),
+    };
+    (Some(token_url), allow_http)
 }
 
 fn client_id(cx: &mut Ctx<'_>, at: &At<'_>) -> String {
@@ -1050,6 +1223,15 @@ fn client_id(cx: &mut Ctx<'_>, at: &At<'_>) -> String {
 /// `client_auth` and the `client_secret` it needs (or must not have).
 fn client_auth(cx: &mut Ctx<'_>, at: &At<'_>) -> (ClientAuth, Option<SecretSpec>) {
     let (a, d) = (at.a, at.d);
+    // Unset, it follows from the credential the account names: a private key signs
+    // assertions, a client certificate alone proves the client, else a secret.
+    let default = if pick!(a, d, private_key).is_some() {
+        ClientAuth::PrivateKeyJwt
+    } else if pick!(a, d, client_cert).is_some() && pick!(a, d, client_secret).is_none() {
+        ClientAuth::TlsClientAuth
+    } else {
+        ClientAuth::Basic
+    };
     let client_auth = cx.choice(
         &pick!(a, d, client_auth),
         &at.k("client_auth"),
@@ -1057,33 +1239,205 @@ fn client_auth(cx: &mut Ctx<'_>, at: &At<'_>) -> (ClientAuth, Option<SecretSpec>
             ("basic", ClientAuth::Basic),
             ("post", ClientAuth::Post),
             ("none", ClientAuth::None),
+            ("private_key_jwt", ClientAuth::PrivateKeyJwt),
+            ("tls_client_auth", ClientAuth::TlsClientAuth),
         ],
-        ClientAuth::Basic,
+        default,
     );
     let client_secret =
         pick!(a, d, client_secret).and_then(|s| cx.secret(&s, &at.k("client_secret")));
-    match (client_auth, &client_secret) {
-        (ClientAuth::None, Some(_)) => {
+    let no_secret = match client_auth {
+        ClientAuth::None => Some("\"none\" sends no secret; remove it or choose basic or post"),
+        ClientAuth::PrivateKeyJwt => {
+            Some("\"private_key_jwt\" signs with private_key and sends no secret; remove it")
+        }
+        ClientAuth::TlsClientAuth => {
+            Some("\"tls_client_auth\" proves the client with its certificate and sends no secret; remove it")
+        }
+        ClientAuth::Basic | ClientAuth::Post => None,
+    };
+    match (no_secret, &client_secret) {
+        (Some(why), Some(_)) => {
             let s = pick!(a, d, client_secret)
                 .map(|s| s.span())
                 .unwrap_or(at.span.clone());
-            cx.err(
-                s,
-                at.k("client_secret"),
-                "client_auth = \"none\" sends no secret; remove it or choose basic or post",
-            );
+            cx.err(s, at.k("client_secret"), format!("client_auth = {why}"));
         }
-        (ClientAuth::Basic | ClientAuth::Post, None) if pick!(a, d, client_secret).is_none() => {
+        (None, None) if pick!(a, d, client_secret).is_none() => {
             cx.missing(
                 at.span.clone(),
                 at.label,
                 "client_secret",
-                " (or set client_auth = \"none\" for a public client)",
+                " (or set client_auth = \"none\" for a public client, \"private_key_jwt\" or \"tls_client_auth\")",
             );
         }
         _ => {}
     }
     (client_auth, client_secret)
+}
+
+/// `client_auth = "private_key_jwt"`: `private_key` (required), `key_id`,
+/// `assertion_alg`, `assertion_audience`, `assertion_lifetime`; with any other
+/// client_auth, none of them.
+fn assertion(cx: &mut Ctx<'_>, at: &At<'_>, client_auth: ClientAuth) -> Option<AssertionConfig> {
+    let (a, d) = (at.a, at.d);
+    let private_key = pick!(a, d, private_key);
+    let key_id = pick!(a, d, key_id);
+    let alg = pick!(a, d, assertion_alg);
+    let audience = pick!(a, d, assertion_audience);
+    let lifetime = pick!(a, d, assertion_lifetime);
+    if client_auth != ClientAuth::PrivateKeyJwt {
+        let spans = [
+            ("private_key", private_key.map(|v| v.span())),
+            ("key_id", key_id.map(|v| v.span())),
+            ("assertion_alg", alg.map(|v| v.span())),
+            ("assertion_audience", audience.map(|v| v.span())),
+            ("assertion_lifetime", lifetime.map(|v| v.span())),
+        ];
+        for (key, span) in spans {
+            if let Some(span) = span {
+                cx.err(
+                    span,
+                    at.k(key),
+                    "only used with client_auth = \"private_key_jwt\"",
+                );
+            }
+        }
+        return None;
+    }
+    let Some(pk) = &private_key else {
+        cx.missing(
+            at.span.clone(),
+            at.label,
+            "private_key",
+            " (client_auth = \"private_key_jwt\" signs its client assertion with it)",
+        );
+        return None;
+    };
+    let spec = cx.secret(pk, &at.k("private_key"));
+    let mut ok = spec.is_some();
+    let key_id = match key_id {
+        Some(k) if k.get_ref().is_empty() || k.get_ref().chars().any(char::is_control) => {
+            cx.err(
+                k.span(),
+                at.k("key_id"),
+                "a key id is a non-empty string without control characters",
+            );
+            ok = false;
+            None
+        }
+        k => k.map(|k| k.into_inner()),
+    };
+    let alg_at = alg
+        .as_ref()
+        .map(|v| cx.locate(v.span(), at.k("assertion_alg"), String::new()));
+    let alg = match &alg {
+        Some(v) => match AssertionAlg::ALL.iter().find(|(n, _)| n == v.get_ref()) {
+            Some((_, alg)) => Some(*alg),
+            None => {
+                let names: Vec<_> = AssertionAlg::ALL.iter().map(|(n, _)| *n).collect();
+                cx.err(
+                    v.span(),
+                    at.k("assertion_alg"),
+                    format!("{:?} is not one of {}", v.get_ref(), names.join(" | ")),
+                );
+                ok = false;
+                None
+            }
+        },
+        None => None,
+    };
+    let audience = match audience {
+        Some(v) if v.get_ref().trim().is_empty() => {
+            cx.err(v.span(), at.k("assertion_audience"), "must not be empty");
+            ok = false;
+            None
+        }
+        v => v.map(|v| v.into_inner()),
+    };
+    let lifetime_at = lifetime.as_ref().map(|v| v.span());
+    let lifetime = cx.duration(
+        &lifetime,
+        &at.k("assertion_lifetime"),
+        MAX_ASSERTION_LIFETIME,
+    );
+    if lifetime > MAX_ASSERTION_LIFETIME {
+        cx.err(
+            lifetime_at.unwrap_or(at.span.clone()),
+            at.k("assertion_lifetime"),
+            "at most 5m: a client assertion may not be valid longer (SMART Backend Services)",
+        );
+        ok = false;
+    }
+    let spec = spec?;
+    let at_key = cx.locate(pk.span(), at.k("private_key"), String::new());
+    cx.key_files.push(KeyFile {
+        spec: spec.clone(),
+        at: at_key,
+        what: KeyUse::Assertion { alg, alg_at },
+    });
+    ok.then_some(AssertionConfig {
+        private_key: spec,
+        key_id,
+        alg,
+        audience,
+        lifetime,
+    })
+}
+
+/// `client_cert` and `client_key`, together or not at all; `client_auth =
+/// "tls_client_auth"` needs them. With another client_auth they still go on the HTTP
+/// client (a gateway that asks for a client certificate as well as a secret).
+fn client_cert(cx: &mut Ctx<'_>, at: &At<'_>, client_auth: ClientAuth) -> Option<ClientCert> {
+    let (a, d) = (at.a, at.d);
+    match (pick!(a, d, client_cert), pick!(a, d, client_key)) {
+        (Some(c), Some(k)) => {
+            // A certificate is public: inline, it does not make the config a secret.
+            let cert = cx.source(&c, &at.k("client_cert"), false);
+            let key = cx.secret(&k, &at.k("client_key"));
+            let (cert, key) = (cert?, key?);
+            let key_at = cx.locate(k.span(), at.k("client_key"), String::new());
+            let cert_at = cx.locate(c.span(), at.k("client_cert"), String::new());
+            cx.key_files.push(KeyFile {
+                spec: key.clone(),
+                at: key_at,
+                what: KeyUse::ClientKey,
+            });
+            cx.key_files.push(KeyFile {
+                spec: cert.clone(),
+                at: cert_at,
+                what: KeyUse::ClientCert { key: key.clone() },
+            });
+            Some(ClientCert { cert, key })
+        }
+        (Some(c), None) => {
+            cx.err(
+                c.span(),
+                at.k("client_cert"),
+                "needs \"client_key\", the certificate's private key",
+            );
+            None
+        }
+        (None, Some(k)) => {
+            cx.err(
+                k.span(),
+                at.k("client_key"),
+                "needs \"client_cert\", the certificate (chain) of this key",
+            );
+            None
+        }
+        (None, None) => {
+            if client_auth == ClientAuth::TlsClientAuth {
+                cx.missing(
+                    at.span.clone(),
+                    at.label,
+                    "client_cert",
+                    " and \"client_key\" (client_auth = \"tls_client_auth\" proves the client with them)",
+                );
+            }
+            None
+        }
+    }
 }
 
 /// `grant_type` and the keys of that grant (and no other grant's).
@@ -1725,9 +2079,10 @@ grant_type = "password"
             client_secret: Some(Secret::new("inline-secret")),
             password: Some(Secret::new("inline-password")),
             refresh_token: Some(Secret::new("inline-rt")),
+            ..Default::default()
         };
         for a in &c.accounts {
-            let req = crate::oauth::request::build(a, &creds);
+            let req = crate::oauth::request::build(a, a.token_url.configured(), &creds);
             let all = format!("{a:?} {:?} {:?} {creds:?} {req:?}", a.grant, a.secrets());
             for s in secrets {
                 assert!(!all.contains(s), "{s} in {all}");
@@ -1756,6 +2111,27 @@ grant_type = "password"
         assert_eq!(
             cib.schedule.refresh_every,
             Some(Duration::from_secs(25 * 60))
+        );
+        // The commented SMART Backend Services account parses once uncommented.
+        let ehr: String = text
+            .split("#[[account]]\n#name = \"ehr\"")
+            .nth(1)
+            .expect("the example has the SMART account")
+            .lines()
+            .map(|l| l.strip_prefix('#').unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = parse_str(
+            &format!("[[account]]\nname = \"ehr\"{ehr}"),
+            Path::new("config.example.toml"),
+        )
+        .unwrap();
+        let ehr = &c.accounts[0];
+        assert_eq!(ehr.client_auth, ClientAuth::PrivateKeyJwt);
+        assert!(matches!(ehr.token_url, TokenUrl::FhirBase(_)));
+        assert_eq!(
+            ehr.assertion.as_ref().unwrap().alg,
+            Some(AssertionAlg::Rs384)
         );
     }
 
@@ -1929,5 +2305,359 @@ grant_type = "password"
         ] {
             assert!(keys.contains(&k), "{k} in {keys:?}");
         }
+    }
+
+    const KEYED: &str = "[[account]]\nname = \"k\"\nfhir_base = \"https://ehr.example/fhir/R4\"\n\
+                         client_id = \"id\"\nclient_auth = \"private_key_jwt\"\n\
+                         private_key = { file = \"key.pem\" }\n";
+    const OUT: &str = "[[account.output]]\npath = \"/x\"\n";
+
+    #[test]
+    fn exactly_one_of_token_url_issuer_and_fhir_base() {
+        let c = parse(&format!("{KEYED}key_id = \"2026-11\"\n{OUT}")).unwrap();
+        let a = &c.accounts[0];
+        assert_eq!(
+            a.token_url,
+            TokenUrl::FhirBase(url::Url::parse("https://ehr.example/fhir/R4").unwrap())
+        );
+        let asrt = a.assertion.as_ref().unwrap();
+        assert_eq!(asrt.key_id.as_deref(), Some("2026-11"));
+        assert_eq!(
+            (asrt.alg, asrt.audience.as_deref(), asrt.lifetime),
+            (None, None, Duration::from_secs(300))
+        );
+        assert_eq!(
+            asrt.private_key,
+            SecretSpec::File("/etc/tokend/key.pem".into())
+        );
+        let both = KEYED.replace("fhir_base", "issuer = \"https://idp.example\"\nfhir_base");
+        let e = &errors(&format!("{both}{OUT}"))[0];
+        assert_eq!(
+            (e.key.as_str(), e.line, e.column),
+            ("account.k.fhir_base", 4, 13),
+            "{e}"
+        );
+        assert!(
+            e.message
+                .contains("exactly one of token_url, issuer and fhir_base"),
+            "{e}"
+        );
+        let none = KEYED.replace("fhir_base = \"https://ehr.example/fhir/R4\"\n", "");
+        let e = &errors(&format!("{none}{OUT}"))[0];
+        assert!(
+            e.message
+                .contains("missing key \"token_url\" (or \"issuer\" or \"fhir_base\""),
+            "{e}"
+        );
+        // An account's own issuer wins over a token_url in [defaults].
+        let text = format!(
+            "[defaults]\ntoken_url = \"https://idp.example/t\"\n{}{OUT}",
+            KEYED.replace(
+                "fhir_base = \"https://ehr.example/fhir/R4\"",
+                "issuer = \"https://idp.example\""
+            )
+        );
+        assert!(matches!(
+            parse(&text).unwrap().accounts[0].token_url,
+            TokenUrl::Issuer(_)
+        ));
+        // The http:// rule and the discovery rules.
+        for (value, want) in [
+            ("issuer = \"http://idp.example\"", "in the clear"),
+            (
+                "issuer = \"https://idp.example?x=1\"",
+                "no query or fragment",
+            ),
+            ("fhir_base = \"https://ehr.example/fhir#x\"", "no fragment"),
+            ("fhir_base = \"ftp://ehr.example\"", "http:// or https://"),
+        ] {
+            let text = KEYED.replace("fhir_base = \"https://ehr.example/fhir/R4\"", value);
+            let e = &errors(&format!("{text}{OUT}"))[0];
+            assert_eq!(e.line, 3, "{e}");
+            assert!(e.message.contains(want), "{want} in {e}");
+        }
+        let allowed = KEYED.replace(
+            "fhir_base = \"https://ehr.example/fhir/R4\"",
+            "issuer = \"http://idp.example\"\nallow_http = true",
+        );
+        assert!(parse(&format!("{allowed}{OUT}")).unwrap().accounts[0].allow_http);
+    }
+
+    #[test]
+    fn client_auth_follows_the_credential_when_unset() {
+        let key_only = KEYED.replace("client_auth = \"private_key_jwt\"\n", "");
+        let c = parse(&format!("{key_only}{OUT}")).unwrap();
+        assert_eq!(c.accounts[0].client_auth, ClientAuth::PrivateKeyJwt);
+        let cert_only = format!(
+            "[[account]]\nname = \"m\"\ntoken_url = \"https://idp.example/t\"\nclient_id = \"id\"\n\
+             client_cert = {{ env = \"C\" }}\nclient_key = {{ env = \"K\" }}\n{OUT}"
+        );
+        let c = parse(&cert_only).unwrap();
+        assert_eq!(c.accounts[0].client_auth, ClientAuth::TlsClientAuth);
+        let both = cert_only.replace(
+            "client_id = \"id\"",
+            "client_id = \"id\"\nclient_secret = { env = \"S\" }",
+        );
+        assert_eq!(
+            parse(&both).unwrap().accounts[0].client_auth,
+            ClientAuth::Basic
+        );
+    }
+
+    #[test]
+    fn private_key_jwt_keys_are_checked_where_they_are_written() {
+        for (extra, key, want) in [
+            (
+                "assertion_alg = \"HS256\"\n",
+                "account.k.assertion_alg",
+                "not one of RS256 | RS384 | ES256 | ES384",
+            ),
+            (
+                "assertion_lifetime = \"6m\"\n",
+                "account.k.assertion_lifetime",
+                "at most 5m",
+            ),
+            ("key_id = \"\"\n", "account.k.key_id", "non-empty"),
+            (
+                "assertion_audience = \" \"\n",
+                "account.k.assertion_audience",
+                "must not be empty",
+            ),
+            (
+                "client_secret = \"s\"\n",
+                "account.k.client_secret",
+                "signs with private_key and sends no secret",
+            ),
+        ] {
+            let e = &errors(&format!("{KEYED}{extra}{OUT}"))[0];
+            assert_eq!((e.key.as_str(), e.line), (key, 7), "{e}");
+            assert!(e.message.contains(want), "{want} in {e}");
+        }
+        let e = &errors(&format!(
+            "{}{OUT}",
+            KEYED.replace("private_key = { file = \"key.pem\" }\n", "")
+        ))[0];
+        assert!(e.message.contains("missing key \"private_key\""), "{e}");
+        // Keys of private_key_jwt with another client_auth are mistakes.
+        let basic = KEYED.replace(
+            "client_auth = \"private_key_jwt\"",
+            "client_auth = \"post\"\nclient_secret = { env = \"S\" }",
+        );
+        let e = &errors(&format!("{basic}key_id = \"x\"\n{OUT}"))[0];
+        assert!(
+            e.message
+                .contains("only used with client_auth = \"private_key_jwt\""),
+            "{e}"
+        );
+        let c = parse(&format!(
+            "{KEYED}assertion_alg = \"ES384\"\nassertion_audience = \"https://ehr.example\"\nassertion_lifetime = \"1m\"\n{OUT}"
+        ))
+        .unwrap();
+        let asrt = c.accounts[0].assertion.clone().unwrap();
+        assert_eq!(asrt.alg, Some(AssertionAlg::Es384));
+        assert_eq!(asrt.audience.as_deref(), Some("https://ehr.example"));
+        assert_eq!(asrt.lifetime, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn tls_client_auth_needs_a_certificate_and_its_key() {
+        let mtls = "[[account]]\nname = \"m\"\ntoken_url = \"https://idp.example/t\"\n\
+                    client_id = \"id\"\nclient_auth = \"tls_client_auth\"\n";
+        let e = &errors(&format!("{mtls}{OUT}"))[0];
+        assert!(
+            e.message
+                .contains("missing key \"client_cert\" and \"client_key\""),
+            "{e}"
+        );
+        let e = &errors(&format!(
+            "{mtls}client_cert = {{ file = \"c.pem\" }}\n{OUT}"
+        ))[0];
+        assert_eq!(
+            (e.key.as_str(), e.line),
+            ("account.m.client_cert", 6),
+            "{e}"
+        );
+        assert!(e.message.contains("needs \"client_key\""), "{e}");
+        let c = parse(&format!(
+            "{mtls}client_cert = \"-----BEGIN CERTIFICATE-----\"\nclient_key = {{ credential = \"m-key\" }}\n{OUT}"
+        ))
+        .unwrap();
+        let cc = c.accounts[0].client_cert.clone().unwrap();
+        assert_eq!(cc.key, SecretSpec::Credential("m-key".into()));
+        // An inline certificate is no secret; an inline key is.
+        let cert = include_str!("../../tests/keys/p256-cert.pem");
+        let text = format!(
+            "{mtls}client_cert = \"\"\"\n{cert}\"\"\"\nclient_key = {{ env = \"K\" }}\n{OUT}"
+        );
+        assert!(load_with_mode(&text, 0o644).is_ok());
+        let text = format!(
+            "{mtls}client_cert = {{ env = \"C\" }}\nclient_key = \"-----BEGIN PRIVATE KEY-----\"\n{OUT}"
+        );
+        let e = load_with_mode(&text, 0o644).unwrap_err().0.remove(0);
+        assert_eq!(e.key, "account.m.client_key");
+        // A client certificate may go with any client_auth (a gateway that wants one).
+        let basic = format!(
+            "{}client_secret = {{ env = \"S\" }}\nclient_cert = {{ env = \"C\" }}\nclient_key = {{ env = \"K\" }}\n{OUT}",
+            mtls.replace("client_auth = \"tls_client_auth\"\n", "")
+        );
+        assert!(parse(&basic).unwrap().accounts[0].client_cert.is_some());
+    }
+
+    /// Writes `files` and a config `text` into a directory; `load`s or `load_checked`s it.
+    fn load_in(
+        text: &str,
+        files: &[(&str, &str, u32)],
+        full: bool,
+    ) -> Result<Config, ConfigErrors> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        for (name, content, mode) in files {
+            let p = dir.path().join(name);
+            std::fs::write(&p, content).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode)).unwrap();
+        }
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, text).unwrap();
+        if full {
+            crate::config::load_checked(&path)
+        } else {
+            crate::config::load(&path)
+        }
+    }
+
+    #[test]
+    fn a_private_key_must_parse_fit_its_algorithm_and_be_tokend_s_alone() {
+        use crate::config::keys::tests::{P256_SEC1, RSA_PKCS1};
+        let text = format!("{KEYED}{OUT}");
+        assert!(load_in(&text, &[("key.pem", P256_SEC1, 0o600)], false).is_ok());
+        assert!(
+            load_in(&text, &[], false).is_ok(),
+            "a missing key is left to check and to the request"
+        );
+        let e = load_in(&text, &[("key.pem", P256_SEC1, 0o640)], false)
+            .unwrap_err()
+            .0
+            .remove(0);
+        assert_eq!(
+            (e.key.as_str(), e.line, e.column),
+            ("account.k.private_key", 6, 15),
+            "{e}"
+        );
+        assert!(
+            e.message.contains("group or others can read (mode 0640)")
+                && e.message.contains("chmod 600"),
+            "{e}"
+        );
+        let e = load_in(&text, &[("key.pem", "junk", 0o600)], false)
+            .unwrap_err()
+            .0
+            .remove(0);
+        assert_eq!(e.key, "account.k.private_key");
+        assert!(
+            e.message.contains("key.pem holds no PEM private key"),
+            "{e}"
+        );
+        let wrong = format!("{KEYED}assertion_alg = \"ES384\"\n{OUT}");
+        let e = load_in(&wrong, &[("key.pem", P256_SEC1, 0o600)], false)
+            .unwrap_err()
+            .0
+            .remove(0);
+        assert_eq!(
+            (e.key.as_str(), e.line, e.column),
+            ("account.k.assertion_alg", 7, 17),
+            "{e}"
+        );
+        assert!(
+            e.message.contains(
+                "holds an EC P-256 key, but assertion_alg = \"ES384\" needs an EC P-384 key"
+            ),
+            "{e}"
+        );
+        let rsa = format!("{KEYED}assertion_alg = \"RS256\"\n{OUT}");
+        let ok = load_in(&rsa, &[("key.pem", RSA_PKCS1, 0o600)], false).unwrap();
+        assert!(!format!("{ok:?}").contains(&RSA_PKCS1.lines().nth(1).unwrap()[..20]));
+    }
+
+    #[test]
+    fn check_refuses_an_expired_certificate_that_run_still_starts_with() {
+        use crate::config::keys::tests::P256_SEC1;
+        let text = format!(
+            "[[account]]\nname = \"m\"\ntoken_url = \"https://idp.example/t\"\nclient_id = \"id\"\n\
+             client_auth = \"tls_client_auth\"\nclient_cert = {{ file = \"c.pem\" }}\n\
+             client_key = {{ file = \"k.pem\" }}\n{OUT}"
+        );
+        let good = include_str!("../../tests/keys/p256-cert.pem");
+        let expired = include_str!("../../tests/keys/p256-expired-cert.pem");
+        let other = include_str!("../../tests/keys/rsa-cert.pem");
+        let files = |cert: &'static str| [("c.pem", cert, 0o644), ("k.pem", P256_SEC1, 0o600)];
+        assert!(load_in(&text, &files(good), true).is_ok());
+        assert!(
+            load_in(&text, &files(expired), false).is_ok(),
+            "run starts (and serves the others)"
+        );
+        let e = load_in(&text, &files(expired), true)
+            .unwrap_err()
+            .0
+            .remove(0);
+        assert_eq!(
+            (e.key.as_str(), e.line, e.column),
+            ("account.m.client_cert", 6, 15),
+            "{e}"
+        );
+        assert!(
+            e.message
+                .contains("(CN=tokend-expired) expired at 2020-01-02T00:00:00Z"),
+            "{e}"
+        );
+        let e = load_in(&text, &files(other), true).unwrap_err().0.remove(0);
+        assert!(e.message.contains("is not for the key in file"), "{e}");
+        let e = load_in(&text, &files("no cert"), false)
+            .unwrap_err()
+            .0
+            .remove(0);
+        assert!(e.message.contains("holds no PEM certificate"), "{e}");
+        let open_key = [("c.pem", good, 0o644), ("k.pem", P256_SEC1, 0o604)];
+        let e = load_in(&text, &open_key, false).unwrap_err().0.remove(0);
+        assert_eq!(e.key, "account.m.client_key");
+    }
+
+    #[test]
+    fn debug_shows_no_private_key_client_key_or_assertion() {
+        use crate::config::keys::tests::{P256_SEC1, RSA_PKCS8};
+        let text = format!(
+            "[[account]]\nname = \"k\"\ntoken_url = \"https://idp.example/t\"\nclient_id = \"id\"\n\
+             client_auth = \"private_key_jwt\"\nprivate_key = \"\"\"\n{RSA_PKCS8}\"\"\"\n\
+             client_cert = {{ env = \"C\" }}\nclient_key = \"\"\"\n{P256_SEC1}\"\"\"\n{OUT}"
+        );
+        let c = parse(&text).unwrap();
+        let a = &c.accounts[0];
+        let pem = |p: &str| Secret::new(p.trim_end());
+        let jws = crate::oauth::assertion::client_assertion(
+            a,
+            &pem(RSA_PKCS8),
+            a.token_url.configured(),
+            std::time::SystemTime::now(),
+        )
+        .unwrap();
+        let creds = crate::oauth::request::Credentials {
+            private_key: Some(pem(RSA_PKCS8)),
+            client_assertion: Some(jws.clone()),
+            ..Default::default()
+        };
+        let req = crate::oauth::request::build(a, a.token_url.configured(), &creds);
+        assert!(req.body.contains(
+            &form_urlencoded::byte_serialize(jws.expose().as_bytes()).collect::<String>()
+        ));
+        let key = crate::config::keys::PrivateKey::from_pem(&pem(RSA_PKCS8)).unwrap();
+        let all = format!(
+            "{c:?} {a:?} {:?} {creds:?} {req:?} {key:?} {jws:?}",
+            a.secrets()
+        );
+        for pem in [RSA_PKCS8, P256_SEC1] {
+            for line in pem.lines().filter(|l| !l.starts_with("-----")) {
+                assert!(!all.contains(line), "{line} in {all}");
+            }
+        }
+        assert!(!all.contains(&jws.expose()[..40]), "the assertion in {all}");
     }
 }

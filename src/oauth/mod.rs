@@ -2,6 +2,8 @@
 //! (`response`), and the [`Endpoint`] seam the account task fetches through, so that
 //! scheduling tests can script answers without sockets.
 
+pub mod assertion;
+pub mod discovery;
 pub mod request;
 pub mod response;
 pub mod transport;
@@ -11,6 +13,7 @@ use std::time::{Duration, SystemTime};
 
 pub use response::Token;
 
+use crate::config::keys::KeyError;
 use crate::config::SecretError;
 
 /// Why a token request failed. Messages never hold a secret or a token: only the
@@ -26,6 +29,17 @@ pub enum Error {
         #[source]
         source: SecretError,
     },
+    /// A private key that was read but cannot sign (the cause says why, never the key).
+    #[error("failed to use the {what} from {from}")]
+    Key {
+        what: &'static str,
+        from: String,
+        #[source]
+        source: KeyError,
+    },
+    /// No discovery document named a usable token endpoint, and none is known.
+    #[error("failed to discover the token endpoint ({from}): {reason}")]
+    Discovery { from: &'static str, reason: String },
     #[error("failed to reach {url}: {reason}")]
     Transport { url: String, reason: String },
     #[error("token request to {url} timed out after {after:?}")]
@@ -85,6 +99,16 @@ pub trait Endpoint: Send + Sync + 'static {
     /// the refresh engine owns the chain and sets it before every request; `None`
     /// means the configured one.
     fn use_refresh_token(&self, _rt: Option<crate::config::Secret>) {}
+
+    /// A token endpoint discovered before (kept in the state directory by the refresh
+    /// engine): used while discovery fails. The engine sets it before every request.
+    fn use_known_token_url(&self, _url: url::Url) {}
+
+    /// The token endpoint discovered last, for the engine to keep; `None` when the
+    /// account configures its `token_url` or nothing was discovered yet.
+    fn discovered_token_url(&self) -> Option<url::Url> {
+        None
+    }
 }
 
 pub use request::HttpEndpoint;

@@ -1,5 +1,7 @@
 //! Building a token request from an account (grant x client_auth x params_in x
-//! basic_encoding, a pure function) and sending it ([`HttpEndpoint`]).
+//! basic_encoding, a pure function) and sending it ([`HttpEndpoint`]), to the configured
+//! token endpoint or to the one discovered (`discovery`), with a client assertion
+//! (`assertion`) or a client certificate (`transport`) where the account says so.
 
 use std::fmt;
 use std::sync::Arc;
@@ -10,7 +12,7 @@ use url::form_urlencoded;
 use zeroize::Zeroizing;
 
 use super::response::{self, Token};
-use super::{error_chain, Endpoint, Error, Transports};
+use super::{assertion, discovery, error_chain, Endpoint, Error, Transports};
 use crate::clock::Clock;
 use crate::config::{Account, BasicEncoding, ClientAuth, Grant, ParamsIn, Secret, SecretSpec};
 
@@ -23,6 +25,11 @@ pub struct Credentials {
     pub client_secret: Option<Secret>,
     pub password: Option<Secret>,
     pub refresh_token: Option<Secret>,
+    /// `private_key_jwt`: the key (PEM), read for every request (key rotation needs no
+    /// restart)...
+    pub private_key: Option<Secret>,
+    /// ...and the assertion signed with it for this request.
+    pub client_assertion: Option<Secret>,
 }
 
 impl Credentials {
@@ -41,6 +48,9 @@ impl Credentials {
                 c.refresh_token = Some(read("refresh token", refresh_token)?)
             }
             Grant::ClientCredentials => {}
+        }
+        if let Some(a) = &account.assertion {
+            c.private_key = Some(read("private key", &a.private_key)?);
         }
         Ok(c)
     }
@@ -76,8 +86,9 @@ pub fn redacted_url(url: &url::Url) -> String {
     u.to_string()
 }
 
-/// Builds the request for `account` with `creds` (RFC 6749 §4.3, §4.4, §6, §2.3.1).
-pub fn build(account: &Account, creds: &Credentials) -> TokenRequest {
+/// Builds the request for `account` to `token_url` with `creds` (RFC 6749 §4.3, §4.4, §6,
+/// §2.3.1; RFC 7523 §2.2; RFC 8705 §2.1).
+pub fn build(account: &Account, token_url: &url::Url, creds: &Credentials) -> TokenRequest {
     let mut form: Vec<(&str, &str)> = vec![("grant_type", account.grant.as_str())];
     match &account.grant {
         Grant::ClientCredentials => {}
@@ -127,7 +138,20 @@ pub fn build(account: &Account, creds: &Credentials) -> TokenRequest {
             form.push(("client_id", &account.client_id));
             form.push(("client_secret", secret));
         }
-        ClientAuth::None => form.push(("client_id", &account.client_id)),
+        // RFC 8705 §2.1: the certificate authenticates; client_id says whose it is.
+        ClientAuth::None | ClientAuth::TlsClientAuth => {
+            form.push(("client_id", &account.client_id))
+        }
+        // RFC 7523 §2.2. client_id is optional beside an assertion (RFC 7523 §3.1), and
+        // some servers (Azure AD) want it.
+        ClientAuth::PrivateKeyJwt => {
+            form.push(("client_id", &account.client_id));
+            form.push(("client_assertion_type", assertion::ASSERTION_TYPE));
+            form.push((
+                "client_assertion",
+                creds.client_assertion.as_ref().map_or("", |a| a.expose()),
+            ));
+        }
     }
     for (k, v) in &account.extra_headers {
         // Names were checked when the config was validated; a value that is not a valid
@@ -146,7 +170,7 @@ pub fn build(account: &Account, creds: &Credentials) -> TokenRequest {
             .extend_pairs(&form)
             .finish(),
     );
-    let mut url = account.token_url.clone();
+    let mut url = token_url.clone();
     let body = match account.params_in {
         ParamsIn::Body => {
             headers.insert(
@@ -174,32 +198,117 @@ fn form_encode(s: &str) -> String {
 /// Fetches tokens for one account over HTTP(S).
 pub struct HttpEndpoint {
     account: Arc<Account>,
-    /// Shared with the accounts that connect the same way ([`Transports`]).
-    client: Arc<reqwest::Client>,
+    transports: Arc<Transports>,
+    /// Shared with the accounts that connect the same way ([`Transports`]); replaced
+    /// when the account's client certificate or key file changes.
+    client: std::sync::Mutex<Arc<reqwest::Client>>,
     clock: Clock,
     /// The refresh_token grant's current refresh token, as the refresh engine set it;
     /// the configured one when none.
     refresh_token: std::sync::Mutex<Option<Secret>>,
+    /// `issuer` / `fhir_base`: the token endpoint as last discovered (or known from the
+    /// state directory), and whether it is to be discovered again before the next request.
+    discovered: std::sync::Mutex<Discovered>,
+}
+
+#[derive(Default)]
+struct Discovered {
+    url: Option<url::Url>,
+    /// The [`Transports::discovery_epoch`] of the last discovery; `None`: discover first.
+    epoch: Option<u64>,
 }
 
 impl HttpEndpoint {
     /// An endpoint for `account` whose HTTP client comes from `transports`: shared with
-    /// every account that connects the same way.
+    /// every account that connects the same way. Fails if the client cannot be built
+    /// (a bad `ca_file`, client certificate or key).
     pub fn new(
         account: Arc<Account>,
         clock: Clock,
-        transports: &Transports,
+        transports: &Arc<Transports>,
     ) -> Result<Self, Error> {
-        let client = transports.client(&account)?;
+        let client = match transports.client(&account) {
+            Ok(c) => c,
+            // A certificate or key not there (yet): the account starts, and each request
+            // fails with the read error until it is there. One that is there but does not
+            // load (a bad ca_file, a key that is not the certificate's) stops it here.
+            Err(Error::Secret { .. }) => transports.client_without_identity(&account)?,
+            Err(e) => return Err(e),
+        };
         Ok(HttpEndpoint {
             account,
-            client,
+            transports: transports.clone(),
+            client: std::sync::Mutex::new(client),
             clock,
             refresh_token: Default::default(),
+            discovered: Default::default(),
         })
     }
 
-    async fn send(&self, req: TokenRequest) -> Result<Token, Error> {
+    /// The client for this request: with a client certificate, the one for the
+    /// certificate and key in their files now (a renewed certificate needs no restart).
+    fn client(&self) -> Result<Arc<reqwest::Client>, Error> {
+        let mut current = self.client.lock().expect("never poisoned");
+        if self.account.client_cert.is_some() {
+            let now = self.transports.client(&self.account)?;
+            if !Arc::ptr_eq(&now, &current) {
+                tracing::info!(account = %self.account.name, "using the new client certificate");
+                *current = now;
+                drop(current);
+                self.transports.prune();
+                return Ok(self.client.lock().expect("never poisoned").clone());
+            }
+        }
+        Ok(current.clone())
+    }
+
+    /// Where to send the request: the configured token_url, or the discovered one
+    /// (discovered again after a start, a reload or a failed request). While discovery
+    /// fails, an endpoint known from before is used; without one, the failure is the
+    /// attempt's (transient).
+    async fn token_url(&self, client: &reqwest::Client) -> Result<url::Url, Error> {
+        if let Some(u) = self.account.token_url.fixed() {
+            return Ok(u.clone());
+        }
+        let epoch = self.transports.discovery_epoch();
+        let known = {
+            let d = self.discovered.lock().expect("never poisoned");
+            if d.epoch == Some(epoch) {
+                if let Some(u) = &d.url {
+                    return Ok(u.clone());
+                }
+            }
+            d.url.clone()
+        };
+        let found = discovery::discover(
+            client,
+            &self.account.token_url,
+            self.account.allow_http,
+            self.account.timeout,
+            self.account.client_cert.is_some(),
+        )
+        .await;
+        let mut d = self.discovered.lock().expect("never poisoned");
+        match found {
+            Ok(url) => {
+                if d.url.as_ref() != Some(&url) {
+                    tracing::info!(account = %self.account.name, token_endpoint = %redacted_url(&url), "discovered the token endpoint");
+                }
+                d.url = Some(url.clone());
+                d.epoch = Some(epoch);
+                Ok(url)
+            }
+            Err(e) => match known {
+                Some(url) => {
+                    tracing::warn!(account = %self.account.name, "{}; using the token endpoint found before, {}", error_chain(&e), redacted_url(&url));
+                    Ok(url)
+                }
+                None => Err(e),
+            },
+        }
+    }
+
+    async fn send(&self, client: &reqwest::Client, req: TokenRequest) -> Result<Token, Error> {
         let url = redacted_url(&req.url);
         let transport = |e: reqwest::Error| {
             if e.is_timeout() {
@@ -208,14 +317,15 @@ impl HttpEndpoint {
                     after: self.account.timeout,
                 }
             } else {
+                let why = error_chain(&e.without_url());
+                let hint = super::transport::tls_hint(self.account.client_cert.is_some(), &why);
                 Error::Transport {
                     url: url.clone(),
-                    reason: error_chain(&e.without_url()),
+                    reason: format!("{why}{hint}"),
                 }
             }
         };
-        let mut resp = self
-            .client
+        let mut resp = client
             .post(req.url)
             .timeout(self.account.timeout)
             .headers(req.headers)
@@ -252,7 +362,33 @@ impl Endpoint for HttpEndpoint {
         if rotated.is_some() {
             creds.refresh_token = rotated;
         }
-        self.send(build(&self.account, &creds)).await
+        let client = self.client()?;
+        let token_url = self.token_url(&client).await?;
+        if let Some(pem) = &creds.private_key {
+            let signed =
+                assertion::client_assertion(&self.account, pem, &token_url, self.clock.now())
+                    .map_err(|source| Error::Key {
+                        what: "private key",
+                        from: self
+                            .account
+                            .assertion
+                            .as_ref()
+                            .map_or_else(String::new, |a| a.private_key.describe()),
+                        source,
+                    })?;
+            creds.client_assertion = Some(signed);
+        }
+        let result = self
+            .send(&client, build(&self.account, &token_url, &creds))
+            .await;
+        if let Err(e) = &result {
+            // The endpoint may have moved: discover again before the next request. Not
+            // for an answer of the server's own (a refusal, a rate limit, an OAuth error).
+            if e.oauth_code().is_none() && !matches!(e.status(), Some(400 | 401 | 403 | 429)) {
+                self.discovered.lock().expect("never poisoned").epoch = None;
+            }
+        }
+        result
     }
 
     fn use_refresh_token(&self, rt: Option<Secret>) {
@@ -260,6 +396,24 @@ impl Endpoint for HttpEndpoint {
             .refresh_token
             .lock()
             .expect("never poisoned: no panics under the lock") = rt;
+    }
+
+    fn use_known_token_url(&self, url: url::Url) {
+        let mut d = self.discovered.lock().expect("never poisoned");
+        // Held to today's allow_http, whatever it was when the endpoint was found.
+        if d.url.is_none()
+            && self.account.token_url.fixed().is_none()
+            && discovery::allowed(&url, self.account.allow_http)
+        {
+            d.url = Some(url);
+        }
+    }
+
+    fn discovered_token_url(&self) -> Option<url::Url> {
+        if self.account.token_url.fixed().is_some() {
+            return None;
+        }
+        self.discovered.lock().expect("never poisoned").url.clone()
     }
 }
 
@@ -284,6 +438,7 @@ mod tests {
             client_secret: Some(Secret::new("s&cret:1")),
             password: Some(Secret::new("p@ss word")),
             refresh_token: Some(Secret::new("rt-1")),
+            ..Default::default()
         }
     }
 
@@ -334,7 +489,7 @@ mod tests {
                 let a = account(&format!(
                     "{grant}\nclient_auth = \"{auth}\"\n{secret}\nscope = \"full read\""
                 ));
-                let req = build(&a, &creds());
+                let req = build(&a, a.token_url.fixed().unwrap(), &creds());
                 let mut want = pairs(&fields);
                 want.push(("scope".into(), "full read".into()));
                 match auth {
@@ -364,7 +519,7 @@ mod tests {
     fn basic_encoding_form_encodes_first() {
         let a = account("client_secret = { env = \"S\" }\nbasic_encoding = \"form\"");
         assert_eq!(
-            basic(&build(&a, &creds())).as_deref(),
+            basic(&build(&a, a.token_url.fixed().unwrap(), &creds())).as_deref(),
             Some("my+id:s%26cret%3A1")
         );
     }
@@ -372,7 +527,7 @@ mod tests {
     #[test]
     fn params_in_query_moves_fields_to_the_url() {
         let a = account("client_secret = { env = \"S\" }\nclient_auth = \"post\"\nparams_in = \"query\"\nextra_params = { audience = \"api\" }");
-        let req = build(&a, &creds());
+        let req = build(&a, a.token_url.fixed().unwrap(), &creds());
         assert!(req.body.is_empty());
         assert!(req.headers.get(CONTENT_TYPE).is_none());
         let q: Vec<_> = req.url.query_pairs().into_owned().collect();
@@ -409,6 +564,43 @@ mod tests {
     fn extra_headers_are_sent() {
         let a =
             account("client_secret = { env = \"S\" }\nextra_headers = { \"X-Api-Key\" = \"k\" }");
-        assert_eq!(build(&a, &creds()).headers["x-api-key"], "k");
+        assert_eq!(
+            build(&a, a.token_url.fixed().unwrap(), &creds()).headers["x-api-key"],
+            "k"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_account_whose_client_key_is_not_there_yet_starts_and_fails_locally() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("c.pem");
+        std::fs::write(&cert, include_str!("../../tests/keys/p256-cert.pem")).unwrap();
+        let key = dir.path().join("k.pem");
+        let a = Arc::new(account(&format!(
+            "client_cert = {{ file = \"{}\" }}\nclient_key = {{ file = \"{}\" }}",
+            cert.display(),
+            key.display()
+        )));
+        let transports = Arc::new(Transports::default());
+        let endpoint = HttpEndpoint::new(a.clone(), Clock::System, &transports).unwrap();
+        let e = endpoint.fetch().await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Secret {
+                    what: "client key",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(
+            crate::account::schedule::classify(&e),
+            crate::account::schedule::ErrorClass::Local
+        );
+        // A key that is there but not the certificate's stops the account from starting
+        // (a reload with it is refused).
+        std::fs::write(&key, include_str!("../../tests/keys/rsa-pkcs8.pem")).unwrap();
+        assert!(HttpEndpoint::new(a, Clock::System, &transports).is_err());
     }
 }

@@ -7,19 +7,27 @@
 //! on one provider hold one root store and one small pool. What differs per request
 //! (headers, body, the request timeout) is set on the request, not on the client.
 //!
+//! A client certificate (RFC 8705 mutual TLS) is part of a connection: accounts with
+//! different certificates or keys never share a client. The key of the cache holds a
+//! digest of the certificate and key, never the key itself; the key lives only in the
+//! client built with it.
+//!
+//! Also here, because every endpoint shares it: the discovery epoch, which a reload
+//! moves on so that each `issuer` / `fhir_base` account discovers its token endpoint
+//! again before its next request.
+//!
 //! Owned by whoever starts endpoints (the daemon, `once`, `check`) and handed to
 //! [`HttpEndpoint::new`](super::HttpEndpoint::new); nothing here is global.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::Error;
+use super::{error_chain, Error};
 use crate::config::{Account, Secret};
 
 /// Everything that shapes a connection. Two accounts with equal keys share a client.
-/// A client certificate (RFC 8705 `tls_client_auth`) belongs here when it comes.
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct TransportKey {
     /// The `ca_file`'s content, not its path: a reload after the file changed builds a
@@ -28,6 +36,9 @@ struct TransportKey {
     /// May hold the proxy's password; this type has no `Debug`.
     proxy: Option<Secret>,
     connect_timeout: Duration,
+    /// SHA-256 of the client certificate chain and key (RFC 8705): another certificate
+    /// or key, another client.
+    identity: Option<[u8; 32]>,
 }
 
 /// The clients built so far, by transport settings.
@@ -35,23 +46,75 @@ struct TransportKey {
 pub struct Transports {
     clients: Mutex<HashMap<TransportKey, Arc<reqwest::Client>>>,
     built: AtomicUsize,
+    discovery_epoch: AtomicU64,
+}
+
+/// A client certificate chain and its key, as PEM, read for one client; zeroed when
+/// dropped.
+struct Identity(zeroize::Zeroizing<String>);
+
+impl Identity {
+    fn read(account: &Account) -> Result<Option<Self>, Error> {
+        let Some(c) = &account.client_cert else {
+            return Ok(None);
+        };
+        let read = |what: &'static str, spec: &crate::config::SecretSpec| {
+            spec.read().map_err(|source| Error::Secret { what, source })
+        };
+        let cert = read("client certificate", &c.cert)?;
+        let key = read("client key", &c.key)?;
+        Ok(Some(Identity(zeroize::Zeroizing::new(format!(
+            "{}\n{}\n",
+            cert.expose(),
+            key.expose()
+        )))))
+    }
+
+    fn digest(&self) -> [u8; 32] {
+        let d = ring::digest::digest(&ring::digest::SHA256, self.0.as_bytes());
+        d.as_ref().try_into().expect("SHA-256 is 32 bytes")
+    }
 }
 
 impl Transports {
     /// The client for `account`'s transport settings: a shared one if another account
-    /// with the same settings has one, else a new one. Reads `ca_file` (small; its
-    /// content is part of the key).
+    /// with the same settings has one, else a new one. Reads `ca_file`, and the client
+    /// certificate and key (small; their content is part of the key).
     pub fn client(&self, account: &Account) -> Result<Arc<reqwest::Client>, Error> {
+        self.client_with(account, true)
+    }
+
+    /// [`Transports::client`] without the client certificate: what an account whose
+    /// certificate or key cannot be read yet starts with (its requests fail, locally,
+    /// until they can be read, like those of an account whose secret is missing).
+    pub fn client_without_identity(
+        &self,
+        account: &Account,
+    ) -> Result<Arc<reqwest::Client>, Error> {
+        self.client_with(account, false)
+    }
+
+    fn client_with(
+        &self,
+        account: &Account,
+        identity: bool,
+    ) -> Result<Arc<reqwest::Client>, Error> {
         let ca_pem = match &account.ca_file {
             Some(ca) => Some(std::fs::read(ca).map_err(|e| {
                 Error::Client(format!("failed to read ca_file {}: {e}", ca.display()))
             })?),
             None => None,
         };
+        let identity = if identity {
+            Identity::read(account)?
+        } else {
+            None
+        };
         let key = TransportKey {
             ca_pem,
             proxy: account.proxy.clone(),
             connect_timeout: connect_timeout(account.timeout),
+            identity: identity.as_ref().map(Identity::digest),
         };
         let mut clients = self
             .clients
@@ -60,10 +123,21 @@ impl Transports {
         if let Some(c) = clients.get(&key) {
             return Ok(c.clone());
         }
-        let client = Arc::new(build(&key, account)?);
+        let client = Arc::new(build(&key, account, identity.as_ref())?);
         self.built.fetch_add(1, Ordering::Relaxed);
         clients.insert(key, client.clone());
         Ok(client)
+    }
+
+    /// Moves the discovery epoch on (a reload): every endpoint discovers its token
+    /// endpoint again before its next request.
+    pub fn rediscover(&self) {
+        self.discovery_epoch.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The current discovery epoch (see [`Transports::rediscover`]).
+    pub fn discovery_epoch(&self) -> u64 {
+        self.discovery_epoch.load(Ordering::Relaxed)
     }
 
     /// How many clients were built (tests: sharing works).
@@ -80,12 +154,38 @@ impl Transports {
     }
 }
 
+/// What to add to a connection error that a client certificate may explain. A server
+/// that refuses a client certificate often just closes the connection during the
+/// handshake (Node, nginx with TLS 1.3), which says nothing about certificates.
+pub fn tls_hint(has_client_cert: bool, reason: &str) -> &'static str {
+    let lower = reason.to_ascii_lowercase();
+    if lower.contains("certificaterequired") || lower.contains("certificate required") {
+        return if has_client_cert {
+            " (the server asked for a client certificate and did not take client_cert)"
+        } else {
+            " (the server asks for a client certificate: set client_cert and client_key)"
+        };
+    }
+    let dropped = ["close_notify", "reset by peer", "alert", "handshake"]
+        .iter()
+        .any(|w| lower.contains(w));
+    if dropped && has_client_cert {
+        " (the server ended the TLS connection: it may not accept client_cert, e.g. one its CA did not sign)"
+    } else {
+        ""
+    }
+}
+
 /// Connecting never takes longer than the whole request may, nor than 10 s.
 fn connect_timeout(timeout: Duration) -> Duration {
     timeout.min(Duration::from_secs(10))
 }
 
-fn build(key: &TransportKey, account: &Account) -> Result<reqwest::Client, Error> {
+fn build(
+    key: &TransportKey,
+    account: &Account,
+    identity: Option<&Identity>,
+) -> Result<reqwest::Client, Error> {
     let mut b = reqwest::Client::builder()
         .connect_timeout(key.connect_timeout)
         .redirect(reqwest::redirect::Policy::none())
@@ -104,14 +204,31 @@ fn build(key: &TransportKey, account: &Account) -> Result<reqwest::Client, Error
             b = b.add_root_certificate(c);
         }
     }
+    if let Some(id) = identity {
+        // reqwest's message names what is missing or wrong, never the key.
+        let id = reqwest::Identity::from_pem(id.0.as_bytes()).map_err(|e| {
+            Error::Client(format!(
+                "client_cert / client_key: {}",
+                error_chain(&e.without_url())
+            ))
+        })?;
+        b = b.identity(id);
+    }
     if let Some(p) = &key.proxy {
         let proxy = reqwest::Proxy::all(p.expose())
             // Not the URL: it may carry the proxy's password.
             .map_err(|_| Error::Client("proxy is not a valid URL".into()))?;
         b = b.proxy(proxy);
     }
-    b.build()
-        .map_err(|e| Error::Client(e.without_url().to_string()))
+    b.build().map_err(|e| {
+        let why = error_chain(&e.without_url());
+        Error::Client(match identity {
+            // rustls checks the pair when the client is built: a key that does not parse,
+            // or is not the certificate's.
+            Some(_) => format!("client_cert / client_key: {why}"),
+            None => why,
+        })
+    })
 }
 
 #[cfg(test)]
@@ -211,5 +328,72 @@ lwpNFpz1XdAez9ZFzsE=
             "only the one in use is kept"
         );
         drop(plain);
+    }
+
+    #[test]
+    fn clients_with_different_certificates_are_kept_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p.display().to_string()
+        };
+        let (ec_cert, ec_key) = (
+            write("ec.crt", include_str!("../../tests/keys/p256-cert.pem")),
+            write("ec.key", include_str!("../../tests/keys/p256-sec1.pem")),
+        );
+        let (rsa_cert, rsa_key) = (
+            write("rsa.crt", include_str!("../../tests/keys/rsa-cert.pem")),
+            write("rsa.key", include_str!("../../tests/keys/rsa-pkcs8.pem")),
+        );
+        let mtls = |c: &str, k: &str| {
+            format!("client_cert = {{ file = \"{c}\" }}\nclient_key = {{ file = \"{k}\" }}")
+        };
+        let a = accounts([
+            &mtls(&ec_cert, &ec_key),
+            &mtls(&ec_cert, &ec_key),
+            &mtls(&rsa_cert, &rsa_key),
+            "",
+        ]);
+        let t = Transports::default();
+        let c: Vec<_> = a.iter().map(|a| t.client(a).unwrap()).collect();
+        assert!(
+            Arc::ptr_eq(&c[0], &c[1]),
+            "the same certificate and key: one client"
+        );
+        assert!(
+            !Arc::ptr_eq(&c[0], &c[2]),
+            "another certificate: another client"
+        );
+        assert!(!Arc::ptr_eq(&c[0], &c[3]) && !Arc::ptr_eq(&c[2], &c[3]));
+        assert_eq!(t.built(), 3);
+        // A key that is not the certificate's: refused when the client is built.
+        let mismatched = accounts([&mtls(&ec_cert, &rsa_key), "", "", ""]);
+        let e = t.client(&mismatched[0]).unwrap_err().to_string();
+        assert!(e.contains("client_cert / client_key"), "{e}");
+        // A renewed certificate in the same file: the next call builds a new client.
+        std::fs::write(
+            dir.path().join("ec.crt"),
+            include_str!("../../tests/keys/p256-expired-cert.pem"),
+        )
+        .unwrap();
+        let renewed = t.client(&a[0]).unwrap();
+        assert!(!Arc::ptr_eq(&renewed, &c[0]));
+        assert_eq!(t.built(), 4);
+        // A key that is no key: a clear error, nothing of the file in it.
+        std::fs::write(
+            dir.path().join("ec.key"),
+            "-----BEGIN PRIVATE KEY-----\nc2VjcmV0LWJ5dGVz\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let e = t.client(&a[0]).unwrap_err().to_string();
+        assert!(e.contains("client_cert / client_key"), "{e}");
+        assert!(!e.contains("c2VjcmV0"), "{e}");
+        std::fs::remove_file(dir.path().join("ec.key")).unwrap();
+        let e = crate::oauth::error_chain(&t.client(&a[0]).unwrap_err());
+        assert!(
+            e.contains("failed to read the client key") && e.contains("ec.key"),
+            "{e}"
+        );
     }
 }

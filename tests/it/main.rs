@@ -18,9 +18,13 @@
 //! - `hostile`: hostile input and least privilege: provider tokens a shell would run,
 //!   hook environments, config lines never echoed, per-caller health, unsafe state_dirs.
 //! - `cluster`: cluster mode's building blocks against real etcd members.
+//! - `keys`: private_key_jwt and tls_client_auth against a real authorization server
+//!   (oidc-provider), discovery (issuer, RFC 8414, fhir_base), `tokend jwks` and the
+//!   key checks of `tokend check`.
 //!
 //! Helpers live in `support/`: the fake IdP, the daemon runner and bounded waits, a
-//! plain HTTP client for the socket, the scripted endpoint, etcd members. Daemon tests
+//! plain HTTP client for the socket, the scripted endpoint, etcd members, oidc-provider
+//! and the keys and certificates made for it. Daemon tests
 //! wait on the daemon's state (its outputs, or `/v1/tokens` on its socket), and on its
 //! log only where the log itself is under test.
 
@@ -28,6 +32,7 @@ mod cluster;
 mod daemon;
 mod faults;
 mod hostile;
+mod keys;
 mod lifecycle;
 mod once;
 mod schedule;

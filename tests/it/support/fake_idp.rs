@@ -72,6 +72,8 @@ pub enum Reply {
     Malformed,
     /// 200 with this access token (any characters), `expires_in` this many seconds.
     Literal(String, u64),
+    /// This status with this body as it is (a discovery document, a hostile one).
+    Body(u16, String),
     /// Never answers; the connection stays open until the IdP stops.
     Hang,
     /// Waits this long, then answers `reply`. What the answer holds (a token, a rotated
@@ -604,6 +606,7 @@ fn render(state: &mut State, reply: Reply, refresh: Option<String>) -> Option<(u
             r#"{"error":"invalid_scope","error_description":"The authorization server resource does not have any configured default scopes."}"#.into(),
         ),
         Reply::Malformed => (200, vec![], r#"{"access_token": "tok-trunc"#.into()),
+        Reply::Body(status, body) => (status, vec![], body),
         Reply::Literal(token, secs) => (
             200,
             vec![],

@@ -1,0 +1,349 @@
+//! A real authorization server for the key tests: panva's oidc-provider, pinned in
+//! `tests/oidc-provider/` and installed once into the cache by its `install.sh` (node
+//! and npm must be there: scripts/test installs Debian's when node is missing), run by
+//! `tests/oidc-provider/server.mjs` on loopback ports, killed when dropped.
+//!
+//! Also here: keys and certificates made with openssl for a test (a CA, a server
+//! certificate for 127.0.0.1, client certificates), and a plain HTTP GET for the
+//! server's test routes (`/test/log`, `/test/issued`).
+
+use std::io::{BufRead as _, Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// How long the server may take to install (first use) and to start.
+const START: Duration = Duration::from_secs(300);
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The installed node_modules, installed on first use (once per test binary).
+fn modules() -> &'static Path {
+    static MODULES: OnceLock<PathBuf> = OnceLock::new();
+    MODULES.get_or_init(|| {
+        let out = Command::new("bash")
+            .arg(repo().join("tests/oidc-provider/install.sh"))
+            .stdin(Stdio::null())
+            .output()
+            .expect("run tests/oidc-provider/install.sh");
+        assert!(
+            out.status.success(),
+            "installing oidc-provider failed (node and npm are needed: apt-get install nodejs npm):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()).join("node_modules")
+    })
+}
+
+/// A running oidc-provider.
+pub struct OidcProvider {
+    child: Child,
+    pub port: u16,
+    /// The mutual-TLS port (0 without `tls` in the config).
+    pub tls_port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl OidcProvider {
+    /// Starts a server with `config` (see server.mjs: `ttl`, `clients`, `tls`).
+    pub fn start(config: serde_json::Value) -> OidcProvider {
+        let modules = modules();
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("config.json");
+        std::fs::write(&conf, config.to_string()).unwrap();
+        let mut child = Command::new("node")
+            .arg(repo().join("tests/oidc-provider/server.mjs"))
+            .arg(&conf)
+            .env("OIDC_PROVIDER_MODULES", modules)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start node (apt-get install nodejs)");
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        // Drained so that a chatty server never blocks; shown if it does not start.
+        let (etx, erx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::BufReader::new(stderr).read_to_string(&mut text);
+            let _ = etx.send(text);
+        });
+        let line = rx.recv_timeout(START).unwrap_or_default();
+        let mut words = line.split_whitespace();
+        let (port, tls_port) = match (words.next(), words.next(), words.next()) {
+            (Some("READY"), Some(p), Some(q)) => (p.parse().unwrap(), q.parse().unwrap()),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "oidc-provider did not start ({line:?}):\n{}",
+                    erx.recv_timeout(Duration::from_secs(5)).unwrap_or_default()
+                );
+            }
+        };
+        OidcProvider {
+            child,
+            port,
+            tls_port,
+            _dir: dir,
+        }
+    }
+
+    /// The issuer: `http://127.0.0.1:P`.
+    pub fn issuer(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The mutual-TLS side: `https://127.0.0.1:Q`.
+    pub fn tls_base(&self) -> String {
+        format!("https://127.0.0.1:{}", self.tls_port)
+    }
+
+    /// Every token request so far: `client_id`, `status`, `error`, `tls`.
+    pub fn log(&self) -> Vec<serde_json::Value> {
+        serde_json::from_str(&get(self.port, "/test/log")).expect("the log is JSON")
+    }
+
+    /// The token requests of `client_id` so far.
+    pub fn requests_of(&self, client_id: &str) -> Vec<serde_json::Value> {
+        self.log()
+            .into_iter()
+            .filter(|r| r["client_id"] == client_id)
+            .collect()
+    }
+
+    /// The access tokens the server issued so far.
+    pub fn issued(&self) -> Vec<String> {
+        serde_json::from_str(&get(self.port, "/test/issued")).expect("the list is JSON")
+    }
+}
+
+impl Drop for OidcProvider {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// GET `path` from 127.0.0.1:`port` (HTTP/1.0: the answer ends with the connection).
+fn get(port: u16, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the server");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("read the answer");
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
+    body.to_owned()
+}
+
+/// Runs openssl with `args` in `dir`; panics with its stderr if it fails.
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run openssl (apt-get install openssl)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Makes a private key `name` in `dir` with mode 0600: "rsa" (PKCS#1, 2048 bits),
+/// "p256" or "p384" (SEC1), or "rsa-pkcs8" / "p384-pkcs8".
+pub fn make_key(dir: &Path, name: &str, kind: &str) -> PathBuf {
+    match kind {
+        "rsa" => openssl(dir, &["genrsa", "-traditional", "-out", name, "2048"]),
+        "rsa-pkcs8" => openssl(
+            dir,
+            &[
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+                "-out",
+                name,
+            ],
+        ),
+        "p256" => openssl(
+            dir,
+            &[
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out",
+                name,
+            ],
+        ),
+        "p384" => openssl(
+            dir,
+            &[
+                "ecparam",
+                "-name",
+                "secp384r1",
+                "-genkey",
+                "-noout",
+                "-out",
+                name,
+            ],
+        ),
+        "p384-pkcs8" => openssl(
+            dir,
+            &[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-384",
+                "-out",
+                name,
+            ],
+        ),
+        other => panic!("no key kind {other}"),
+    }
+    let path = dir.join(name);
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    path
+}
+
+/// A CA, a server certificate for 127.0.0.1, and client certificates, in one directory.
+pub struct Pki {
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    /// A CA `ca.crt` (key `ca.key`) and the server's `server.crt` / `server.key`.
+    pub fn new(dir: &Path) -> Pki {
+        let pki = Pki {
+            dir: dir.to_owned(),
+        };
+        pki.ca("ca");
+        make_key(dir, "server.key", "p256");
+        openssl(
+            dir,
+            &[
+                "req",
+                "-new",
+                "-key",
+                "server.key",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-out",
+                "server.csr",
+            ],
+        );
+        std::fs::write(
+            dir.join("server.ext"),
+            "subjectAltName = IP:127.0.0.1\nextendedKeyUsage = serverAuth\nbasicConstraints = CA:FALSE\n",
+        )
+        .unwrap();
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                "server.ext",
+                "-out",
+                "server.crt",
+            ],
+        );
+        pki
+    }
+
+    /// Another CA `name.crt` / `name.key`.
+    pub fn ca(&self, name: &str) {
+        make_key(&self.dir, &format!("{name}.key"), "p256");
+        openssl(
+            &self.dir,
+            &[
+                "req",
+                "-new",
+                "-x509",
+                "-key",
+                &format!("{name}.key"),
+                "-subj",
+                &format!("/CN=tokend test {name}"),
+                "-days",
+                "2",
+                "-out",
+                &format!("{name}.crt"),
+            ],
+        );
+    }
+
+    /// A client certificate `name.crt` with key `name.key` (kind as [`make_key`]) for the
+    /// subject `CN=cn`, signed by the CA `ca`.
+    pub fn client(&self, name: &str, cn: &str, kind: &str, ca: &str) -> (PathBuf, PathBuf) {
+        let dir = &self.dir;
+        let key = make_key(dir, &format!("{name}.key"), kind);
+        openssl(
+            dir,
+            &[
+                "req",
+                "-new",
+                "-key",
+                &format!("{name}.key"),
+                "-subj",
+                &format!("/CN={cn}"),
+                "-out",
+                &format!("{name}.csr"),
+            ],
+        );
+        std::fs::write(
+            dir.join(format!("{name}.ext")),
+            "extendedKeyUsage = clientAuth\nbasicConstraints = CA:FALSE\n",
+        )
+        .unwrap();
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                &format!("{ca}.crt"),
+                "-CAkey",
+                &format!("{ca}.key"),
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &format!("{name}.ext"),
+                "-out",
+                &format!("{name}.crt"),
+            ],
+        );
+        (dir.join(format!("{name}.crt")), key)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
