@@ -31,40 +31,52 @@ use crate::metrics::Metrics;
 use crate::oauth::{Endpoint, Token};
 use crate::output;
 
-/// What every account shares.
+/// What every account shares: a handle (one pointer) to [`Common`], so that each of
+/// thousands of accounts holds eight bytes of it, not a copy (issue #11).
 #[derive(Clone)]
-pub struct Shared {
+pub struct Shared(Arc<Common>);
+
+/// What every account shares, behind [`Shared`].
+pub struct Common {
     /// Bounds concurrent token requests (`max_concurrent_refreshes`).
-    pub semaphore: Arc<Semaphore>,
+    pub semaphore: Semaphore,
     pub clock: Clock,
     /// Woken whenever any account publishes a new state (readiness, STATUS=).
-    pub changed: Arc<tokio::sync::Notify>,
+    pub changed: tokio::sync::Notify,
     /// Where tokens are kept across restarts (`[daemon] state_dir`).
     pub state_dir: Option<PathBuf>,
     /// Rate limits per provider: accounts that share a `token_url` share its limit.
-    pub providers: Arc<Providers>,
+    pub providers: Providers,
     /// Accounts identical in what they ask for share one request.
-    pub siblings: Arc<Siblings>,
+    pub siblings: Siblings,
     pub metrics: Arc<Metrics>,
     /// refresh_token requests on the wire: shutdown waits for their answers.
-    pub rotations: Arc<watch::Sender<usize>>,
+    pub rotations: watch::Sender<usize>,
     /// Tells waiting accounts when the wall clock jumped (a suspend).
     pub wall_jumps: Arc<WallJumps>,
 }
 
+impl std::ops::Deref for Shared {
+    type Target = Common;
+
+    fn deref(&self) -> &Common {
+        &self.0
+    }
+}
+
 impl Shared {
     pub fn new(max_concurrent_refreshes: usize, clock: Clock, state_dir: Option<PathBuf>) -> Self {
-        Shared {
-            semaphore: Arc::new(Semaphore::new(max_concurrent_refreshes)),
+        Shared(Arc::new(Common {
+            semaphore: Semaphore::new(max_concurrent_refreshes),
             clock,
             changed: Default::default(),
             state_dir,
             providers: Default::default(),
             siblings: Default::default(),
             metrics: Default::default(),
-            rotations: Arc::new(watch::Sender::new(0)),
+            rotations: watch::Sender::new(0),
             wall_jumps: Default::default(),
-        }
+        }))
     }
 }
 
@@ -402,12 +414,12 @@ impl<E: Endpoint> Engine<E> {
                 return self.accept(t, cancel).await;
             }
         }
-        let semaphore = self.shared.semaphore.clone();
+        let shared = self.shared.clone();
         let started;
         let result = {
             let _permit = tokio::select! {
                 _ = cancel.cancelled() => return Attempt::Cancelled,
-                p = semaphore.acquire() => p.expect("the semaphore is never closed"),
+                p = shared.semaphore.acquire() => p.expect("the semaphore is never closed"),
             };
             self.endpoint
                 .use_refresh_token(self.saved.refresh_token(&self.account));
