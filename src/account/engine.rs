@@ -112,11 +112,23 @@ impl Providers {
     }
 }
 
+/// The last token fetched for one distinct request, shared by identical accounts.
 type SiblingCell = Arc<tokio::sync::Mutex<Option<Arc<Token>>>>;
 
-/// The last token fetched for each distinct request, shared by identical accounts.
+/// The cells of the distinct requests, by the digest of their [`SiblingKey`]; each
+/// engine holds its cell, the map only finds it (issue #11: not a copy of every key).
 #[derive(Default)]
-pub struct Siblings(Mutex<std::collections::HashMap<SiblingKey, SiblingCell>>);
+pub struct Siblings(Mutex<SiblingMap>);
+
+#[derive(Default)]
+struct SiblingMap {
+    cells: std::collections::HashMap<
+        [u8; 32],
+        std::sync::Weak<tokio::sync::Mutex<Option<Arc<Token>>>>,
+    >,
+    /// The map's size after the last sweep of cells no engine holds any more.
+    swept: usize,
+}
 
 impl Siblings {
     fn cell(&self, key: &SiblingKey) -> SiblingCell {
@@ -124,14 +136,19 @@ impl Siblings {
             .0
             .lock()
             .expect("never poisoned: no panics under the lock");
-        m.entry(key.clone()).or_default().clone()
+        if m.cells.len() >= 2 * m.swept.max(64) {
+            m.cells.retain(|_, c| c.strong_count() > 0);
+            m.swept = m.cells.len();
+        }
+        let slot = m.cells.entry(key.digest()).or_default();
+        if let Some(c) = slot.upgrade() {
+            return c;
+        }
+        let c = SiblingCell::default();
+        *slot = Arc::downgrade(&c);
+        c
     }
 }
-
-/// An account's state as the engine last left it, shared with whoever starts the
-/// account next in this process (a restart after a panic, a reload): the newer of it
-/// and the state file is where the next engine starts.
-pub type Mirror = Arc<Mutex<Option<Saved>>>;
 
 /// What one attempt came to.
 pub enum Attempt {
@@ -186,7 +203,6 @@ pub struct Engine<E> {
     endpoint: Arc<E>,
     shared: Shared,
     saved: Saved,
-    mirror: Mirror,
     _lock: Option<AccountLock>,
     /// A fetched token whose delivery is not complete.
     undelivered: Option<Arc<Token>>,
@@ -194,18 +210,20 @@ pub struct Engine<E> {
     unsaved: bool,
     /// Local failures in a row (the delivery's own backoff).
     local_failures: u32,
-    sibling: Option<SiblingKey>,
+    /// Where accounts that ask for exactly the same share their last token.
+    sibling: Option<SiblingCell>,
 }
 
 impl<E: Endpoint> Engine<E> {
     /// For `run`: waits for the account's lock (a `once` may hold it for a moment),
-    /// then starts from the newer of `mirror` and the state file. None if cancelled
-    /// while waiting.
+    /// then starts from the newer of `in_memory` (what the account's previous engine in
+    /// this process left, after a reload) and the state file. None if cancelled while
+    /// waiting.
     pub async fn open(
         account: Arc<Account>,
         endpoint: Arc<E>,
         shared: Shared,
-        mirror: Mirror,
+        in_memory: Option<Saved>,
         cancel: &CancellationToken,
     ) -> Option<Self> {
         let mut lock = None;
@@ -239,7 +257,7 @@ impl<E: Endpoint> Engine<E> {
                 }
             }
         }
-        Some(Self::start(account, endpoint, shared, mirror, lock).await)
+        Some(Self::start(account, endpoint, shared, in_memory, lock).await)
     }
 
     /// For `once`: takes the account's lock if it is free.
@@ -260,7 +278,7 @@ impl<E: Endpoint> Engine<E> {
             }
         }
         Ok(Opened::Ready(Box::new(
-            Self::start(account, endpoint, shared, Mirror::default(), lock).await,
+            Self::start(account, endpoint, shared, None, lock).await,
         )))
     }
 
@@ -268,7 +286,7 @@ impl<E: Endpoint> Engine<E> {
         account: Arc<Account>,
         endpoint: Arc<E>,
         shared: Shared,
-        mirror: Mirror,
+        in_memory: Option<Saved>,
         lock: Option<AccountLock>,
     ) -> Self {
         let on_disk = match shared.state_dir.clone() {
@@ -280,7 +298,6 @@ impl<E: Endpoint> Engine<E> {
             }
             None => None,
         };
-        let in_memory = mirror.lock().expect("never poisoned").clone();
         let mut saved = match (in_memory, on_disk) {
             (Some(m), Some(d)) if d.generation() > m.generation() => d,
             (Some(m), _) => m,
@@ -292,14 +309,12 @@ impl<E: Endpoint> Engine<E> {
             tracing::info!(account = %account.name, "the refused credentials were replaced: the hold ends");
             saved.end_hold();
         }
-        *mirror.lock().expect("never poisoned") = Some(saved.clone());
         Engine {
-            sibling: SiblingKey::of(&account),
+            sibling: SiblingKey::of(&account).map(|k| shared.siblings.cell(&k)),
             account,
             endpoint,
             shared,
             saved,
-            mirror,
             _lock: lock,
             undelivered: None,
             unsaved: false,
@@ -390,7 +405,7 @@ impl<E: Endpoint> Engine<E> {
     /// saved and delivered. Cancellation is honoured until a request is sent, and for
     /// every grant but refresh_token while it is on the wire.
     pub async fn attempt(&mut self, cancel: &CancellationToken) -> Attempt {
-        let cell = self.sibling.as_ref().map(|k| self.shared.siblings.cell(k));
+        let cell = self.sibling.clone();
         let mut guard = match &cell {
             Some(c) => Some(tokio::select! {
                 _ = cancel.cancelled() => return Attempt::Cancelled,
@@ -409,7 +424,7 @@ impl<E: Endpoint> Engine<E> {
                 t.issued_at + schedule::refresh_delay(&self.account.schedule, t.lifetime(), 1.0);
             if newer && self.now() < due {
                 tracing::debug!(account = %self.account.name, "reusing the token an identical account just fetched");
-                let t = (**t).clone();
+                let t = t.clone();
                 drop(guard);
                 return self.accept(t, cancel).await;
             }
@@ -440,8 +455,9 @@ impl<E: Endpoint> Engine<E> {
             .refresh_attempt(&self.account.name, &result, started.elapsed());
         match result {
             Ok(token) => {
+                let token = Arc::new(token);
                 if let Some(g) = guard.as_mut() {
-                    **g = Some(Arc::new(token.clone()));
+                    **g = Some(token.clone());
                 }
                 drop(guard);
                 self.accept(token, cancel).await
@@ -451,8 +467,7 @@ impl<E: Endpoint> Engine<E> {
     }
 
     /// Records a new token (state first), then delivers it.
-    async fn accept(&mut self, token: Token, cancel: &CancellationToken) -> Attempt {
-        let token = Arc::new(token);
+    async fn accept(&mut self, token: Arc<Token>, cancel: &CancellationToken) -> Attempt {
         self.saved.record(&self.account, &token);
         self.unsaved = true;
         self.undelivered = Some(token);
@@ -563,9 +578,8 @@ impl<E: Endpoint> Engine<E> {
         }
     }
 
-    /// Saves the state (and updates the mirror), if there is a state directory.
+    /// Saves the state, if there is a state directory.
     async fn save(&self) -> std::io::Result<()> {
-        *self.mirror.lock().expect("never poisoned") = Some(self.saved.clone());
         let Some(dir) = self.shared.state_dir.clone() else {
             return Ok(());
         };
@@ -584,11 +598,10 @@ impl<E: Endpoint> Engine<E> {
 
     /// Ends the engine: the state is saved one last time, and retired (moved to
     /// `state_dir/retired/`) if the account was removed. The lock goes with `self`.
-    pub async fn close(self, retire: bool) {
+    /// Returns the state, for the account's next engine in this process (a reload).
+    pub async fn close(self, retire: bool) -> Saved {
         if self.unsaved {
             self.save_quietly().await;
-        } else {
-            *self.mirror.lock().expect("never poisoned") = Some(self.saved.clone());
         }
         if let (true, Some(dir)) = (retire, self.shared.state_dir.clone()) {
             let name = self.account.name.clone();
@@ -599,6 +612,7 @@ impl<E: Endpoint> Engine<E> {
                 tracing::error!(account = %self.account.name, "failed to retire the state: {e}");
             }
         }
+        self.saved
     }
 }
 

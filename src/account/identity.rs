@@ -91,6 +91,29 @@ impl SiblingKey {
     }
 }
 
+impl SiblingKey {
+    /// A SHA-256 of the whole key (its derived `Hash`, which is prefix-free: strings end
+    /// in a marker, sequences start with their length), to find identical accounts
+    /// without keeping a copy of each key (issue #11). Kept in memory only.
+    pub fn digest(&self) -> [u8; 32] {
+        struct Sha256(ring::digest::Context);
+        impl std::hash::Hasher for Sha256 {
+            fn write(&mut self, bytes: &[u8]) {
+                self.0.update(bytes);
+            }
+            fn finish(&self) -> u64 {
+                unreachable!("only the SHA-256 below is taken")
+            }
+        }
+        let mut h = Sha256(ring::digest::Context::new(&ring::digest::SHA256));
+        std::hash::Hash::hash(self, &mut h);
+        h.0.finish()
+            .as_ref()
+            .try_into()
+            .expect("SHA-256 is 32 bytes")
+    }
+}
+
 /// Version of the encoding hashed by [`CredentialsDigest`]; a new field means a new
 /// version (an old digest then never matches, which ends a hold: the safe direction).
 const CREDENTIALS_V: &[u8] = b"tokend-credentials-v1";
