@@ -58,7 +58,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
         let files: Vec<PathBuf> = std::iter::once(path.clone()).chain(secrets).collect();
         w.watch_files(files.iter().map(PathBuf::as_path));
     }
-    let mut config_text = std::fs::read(&path).ok();
+    let mut config_text = read_digest(&path);
 
     // Bound before any account starts: a second daemon fails here, before it asks a
     // provider for anything.
@@ -117,7 +117,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
                 // Let a burst of events (write, rename, chmod, symlink swap) settle.
                 tokio::time::sleep(WATCH_SETTLE).await;
                 while watch_rx.try_recv().is_ok() {}
-                if std::fs::read(&path).ok() != config_text {
+                if read_digest(&path) != config_text {
                     tracing::info!("{} changed: reloading", path.display());
                     config_text = sup.reload_from(&path, &notifier);
                     if let Some(w) = &mut watcher {
@@ -142,6 +142,15 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
     server.shutdown().await;
     sup.shutdown().await;
     Ok(())
+}
+
+/// The SHA-256 of the file at `path`, if it can be read: what tells a change of the
+/// config from other events in its directory (kept rather than the text, which is
+/// megabytes with thousands of accounts: issue #11).
+fn read_digest(path: &Path) -> Option<[u8; 32]> {
+    let text = std::fs::read(path).ok()?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, &text);
+    Some(digest.as_ref().try_into().expect("SHA-256 is 32 bytes"))
 }
 
 /// Gives the heap's free pages back to the kernel. At start every account's first
@@ -203,11 +212,11 @@ impl Supervisor {
 
     /// Reads, validates and applies the config at `path`, between systemd's
     /// RELOADING=1 and READY=1; an invalid config, or one with an account that cannot
-    /// start, is logged and changes nothing. Returns the file's content as read, to
+    /// start, is logged and changes nothing. Returns the digest of the file as read, to
     /// tell later whether it changed.
-    fn reload_from(&mut self, path: &Path, notifier: &Notifier) -> Option<Vec<u8>> {
+    fn reload_from(&mut self, path: &Path, notifier: &Notifier) -> Option<[u8; 32]> {
         notifier.reloading();
-        let text = std::fs::read(path).ok();
+        let text = read_digest(path);
         let applied = crate::config::load(path)
             .map_err(|e| format!("{e}"))
             .and_then(|new| self.reload(new));

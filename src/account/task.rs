@@ -156,10 +156,9 @@ impl Predecessor {
     }
 
     /// Waits until the task is over; the state its engine left, if any.
-    async fn finished(mut self) -> Option<Saved> {
+    async fn finished(mut self) -> Option<Box<Saved>> {
         while self.state.changed().await.is_ok() {}
-        let last = self.inbox.last.lock().expect("never poisoned").take();
-        last.map(|s| *s)
+        self.inbox.last.lock().expect("never poisoned").take()
     }
 }
 
@@ -384,7 +383,7 @@ impl<'a, E: Endpoint> Task<'a, E> {
     async fn run(
         &mut self,
         engine: &mut Option<Engine<E>>,
-        in_memory: &mut Option<Saved>,
+        in_memory: &mut Option<Box<Saved>>,
         coordinator: &mut Option<Box<dyn Coordinator>>,
     ) {
         let parts = self.parts;
@@ -431,7 +430,7 @@ impl<'a, E: Endpoint> Task<'a, E> {
 
     /// Cleans stale temporary files, then waits for the account's lock and opens its
     /// engine. None if cancelled meanwhile.
-    async fn open(&self, in_memory: Option<Saved>) -> Option<Engine<E>> {
+    async fn open(&self, in_memory: Option<Box<Saved>>) -> Option<Engine<E>> {
         let parts = self.parts;
         let removed = tokio::task::spawn_blocking({
             let a = parts.account.clone();
@@ -446,7 +445,7 @@ impl<'a, E: Endpoint> Task<'a, E> {
             parts.account.clone(),
             parts.endpoint.clone(),
             parts.shared.clone(),
-            in_memory,
+            in_memory.map(|s| *s),
             &parts.cancel,
         )
         .await
