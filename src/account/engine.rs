@@ -15,7 +15,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -405,6 +405,23 @@ impl<E: Endpoint> Engine<E> {
     /// saved and delivered. Cancellation is honoured until a request is sent, and for
     /// every grant but refresh_token while it is on the wire.
     pub async fn attempt(&mut self, cancel: &CancellationToken) -> Attempt {
+        let shared = self.shared.clone();
+        let permit = tokio::select! {
+            _ = cancel.cancelled() => return Attempt::Cancelled,
+            p = shared.semaphore.acquire() => p.expect("the semaphore is never closed"),
+        };
+        self.attempt_with(permit, cancel).await
+    }
+
+    /// [`Engine::attempt`] with a permit of [`Common::semaphore`] already taken: `run`
+    /// waits for it before it builds an attempt, so that thousands of accounts due at
+    /// once wait with a few bytes each, not a whole request each (issue #11). The
+    /// permit goes once the provider answered.
+    pub async fn attempt_with(
+        &mut self,
+        permit: SemaphorePermit<'_>,
+        cancel: &CancellationToken,
+    ) -> Attempt {
         let cell = self.sibling.clone();
         let mut guard = match &cell {
             Some(c) => Some(tokio::select! {
@@ -425,17 +442,13 @@ impl<E: Endpoint> Engine<E> {
             if newer && self.now() < due {
                 tracing::debug!(account = %self.account.name, "reusing the token an identical account just fetched");
                 let t = t.clone();
-                drop(guard);
+                drop((guard, permit));
                 return self.accept(t, cancel).await;
             }
         }
-        let shared = self.shared.clone();
         let started;
         let result = {
-            let _permit = tokio::select! {
-                _ = cancel.cancelled() => return Attempt::Cancelled,
-                p = shared.semaphore.acquire() => p.expect("the semaphore is never closed"),
-            };
+            let _permit = permit;
             self.endpoint
                 .use_refresh_token(self.saved.refresh_token(&self.account));
             started = Instant::now();

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use futures_util::FutureExt as _;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{watch, Notify, SemaphorePermit};
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -366,6 +366,12 @@ enum Woke {
 enum Then {
     Wait,
     Stop,
+    /// Ask the provider (or take an identical account's token): `force` when the
+    /// operator forced it, `leading` when this member leads the account's cluster.
+    Attempt {
+        force: bool,
+        leading: bool,
+    },
 }
 
 impl<'a, E: Endpoint> Task<'a, E> {
@@ -422,7 +428,29 @@ impl<'a, E: Endpoint> Task<'a, E> {
             };
             let then =
                 Box::pin(self.woke(woke, engine, coordinator.as_deref(), &mut plan, next_wall));
-            if let Then::Stop = then.await {
+            let leading = match then.await {
+                Then::Wait => continue,
+                Then::Stop => break,
+                Then::Attempt { force, leading } => {
+                    if !force && !self.wait_for_provider().await {
+                        break;
+                    }
+                    leading
+                }
+            };
+            plan.last_attempt = Some(Instant::now());
+            self.publish(|s| s.status = Status::Refreshing);
+            // The permit first, in this small loop, then the attempt's state (issue #11:
+            // at start every account is due at once, and the heap keeps the shape of
+            // the largest crowd it held).
+            let permit = tokio::select! {
+                biased;
+                _ = parts.cancel.cancelled() => break,
+                p = parts.shared.semaphore.acquire() => p.expect("the semaphore is never closed"),
+            };
+            let attempt =
+                Box::pin(self.attempt(engine, coordinator.as_deref(), &mut plan, leading, permit));
+            if let Then::Stop = attempt.await {
                 break;
             }
         }
@@ -451,8 +479,8 @@ impl<'a, E: Endpoint> Task<'a, E> {
         .await
     }
 
-    /// Handles what woke the loop: a poke, news from the cluster, or a timer; and
-    /// makes an attempt if one is due.
+    /// Handles what woke the loop: a poke, news from the cluster, or a timer; says
+    /// whether an attempt is due.
     async fn woke(
         &mut self,
         woke: Woke,
@@ -541,12 +569,21 @@ impl<'a, E: Endpoint> Task<'a, E> {
                 None => return Then::Wait,
             }
         }
-        if !force && !self.wait_for_provider().await {
-            return Then::Stop;
-        }
-        plan.last_attempt = Some(Instant::now());
-        self.publish(|s| s.status = Status::Refreshing);
-        let outcome = engine.attempt(cancel).await;
+        Then::Attempt { force, leading }
+    }
+
+    /// One attempt with `permit`, planned and published; shared with the cluster when
+    /// this member `leading`.
+    async fn attempt(
+        &mut self,
+        engine: &mut Engine<E>,
+        coordinator: Option<&dyn Coordinator>,
+        plan: &mut Plan,
+        leading: bool,
+        permit: SemaphorePermit<'_>,
+    ) -> Then {
+        let name = &self.account().name;
+        let outcome = engine.attempt_with(permit, &self.parts.cancel).await;
         if matches!(outcome, Attempt::Cancelled) {
             return Then::Stop;
         }
