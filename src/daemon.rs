@@ -75,11 +75,25 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
     sup.retire_unknown(&config);
     let count = config.accounts.len();
     // Each account's config is kept once, behind its Arc (issue #11: not also here).
-    for a in std::mem::take(&mut config.accounts) {
-        let a = Arc::new(a);
+    let accounts: Vec<Arc<Account>> = std::mem::take(&mut config.accounts)
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    // Temporary files a killed tokend left, for every account at once before any
+    // writes: one read of each directory (issue #11).
+    let accounts = tokio::task::spawn_blocking(move || {
+        let removed = crate::output::clean_stale_all(&accounts);
+        for (a, removed) in accounts.iter().zip(removed).filter(|(_, n)| *n > 0) {
+            tracing::info!(account = %a.name, removed, "removed stale temporary files");
+        }
+        accounts
+    })
+    .await
+    .context("failed to look for stale temporary files")?;
+    for a in accounts {
         let endpoint = HttpEndpoint::new(a.clone(), sup.shared.clock, &sup.transports)
             .with_context(|| format!("account {}", a.name))?;
-        sup.start(a, endpoint, TokenState::default());
+        sup.start(a, endpoint, TokenState::default(), false);
     }
     sup.publish();
     let server = listeners.spawn(sup.views.subscribe(), sup.shared.metrics.clone())?;
@@ -166,14 +180,27 @@ fn trim_heap() {
     }
 }
 
+/// A running account, as the supervisor keeps it.
+struct Running {
+    handle: AccountHandle,
+    /// Its credentials as last looked at, to notice changed secret files.
+    credentials: [u8; 32],
+}
+
+impl std::ops::Deref for Running {
+    type Target = AccountHandle;
+
+    fn deref(&self) -> &AccountHandle {
+        &self.handle
+    }
+}
+
 struct Supervisor {
-    accounts: BTreeMap<String, AccountHandle>,
+    accounts: BTreeMap<String, Running>,
     shared: Shared,
     cancel: CancellationToken,
     tracker: TaskTracker,
     views: watch::Sender<Accounts>,
-    /// Each account's credentials as last looked at, to notice changed secret files.
-    credentials: BTreeMap<String, CredentialsDigest>,
     /// Accounts stopped by a reload whose task may still be finishing (a refresh_token
     /// request on the wire): an account of the same name starts after it.
     stopping: BTreeMap<String, Predecessor>,
@@ -201,7 +228,6 @@ impl Supervisor {
             cancel: CancellationToken::new(),
             tracker: TaskTracker::new(),
             views: watch::Sender::new(Accounts::default()),
-            credentials: BTreeMap::new(),
             stopping: BTreeMap::new(),
             member: None,
             on_cluster_loss: crate::config::OnClusterLoss::Refresh,
@@ -253,16 +279,11 @@ impl Supervisor {
 
     /// Pokes every account whose credentials changed since last looked at.
     fn check_secrets(&mut self) {
-        for (name, h) in &self.accounts {
-            let account = &h.view.account;
-            if self
-                .credentials
-                .get(name)
-                .is_none_or(|d| !d.matches(account))
-            {
+        for (name, h) in &mut self.accounts {
+            let now = CredentialsDigest::in_memory(&h.view.account);
+            if now != h.credentials {
                 tracing::info!(account = %name, "a secret changed");
-                self.credentials
-                    .insert(name.clone(), CredentialsDigest::of(account));
+                h.credentials = now;
                 h.view.credentials_changed();
             }
         }
@@ -312,8 +333,15 @@ impl Supervisor {
     }
 
     /// Starts an account: after its previous instance, if one is still finishing;
-    /// readers see `initial` until it publishes.
-    fn start(&mut self, account: Arc<Account>, endpoint: HttpEndpoint, initial: TokenState) {
+    /// readers see `initial` until it publishes. With `clean_stale` it first removes
+    /// temporary files a killed writer left beside its outputs.
+    fn start(
+        &mut self,
+        account: Arc<Account>,
+        endpoint: HttpEndpoint,
+        initial: TokenState,
+        clean_stale: bool,
+    ) {
         let after = self.stopping.remove(&account.name);
         let coordinator = match &self.member {
             Some(m) if account.cluster => {
@@ -335,12 +363,18 @@ impl Supervisor {
             coordinator,
             after,
             initial,
+            clean_stale,
             self.cancel.child_token(),
             &self.tracker,
         );
-        self.credentials
-            .insert(account.name.clone(), CredentialsDigest::of(&account));
-        self.accounts.insert(account.name.clone(), handle);
+        let credentials = CredentialsDigest::in_memory(&account);
+        self.accounts.insert(
+            account.name.clone(),
+            Running {
+                handle,
+                credentials,
+            },
+        );
     }
 
     /// Applies a new, already validated config: unchanged accounts keep their token and
@@ -383,7 +417,6 @@ impl Supervisor {
         for name in removed {
             tracing::info!(account = %name, "account removed");
             let old = self.accounts.remove(&name).expect("name came from the map");
-            self.credentials.remove(&name);
             let p = old.stop(true, old.view.account.outputs.clone());
             self.stopping.insert(name, p);
         }
@@ -406,7 +439,7 @@ impl Supervisor {
                 let p = old.stop(false, gone);
                 self.stopping.insert(name.clone(), p);
             }
-            self.start(new, endpoint, initial);
+            self.start(new, endpoint, initial, true);
         }
         self.transports.prune();
         Ok(())

@@ -139,7 +139,24 @@ impl CredentialsDigest {
         Self::with_salt(a, &hex(&salt))
     }
 
+    /// The digest of `a`'s credentials now, unsalted, as bytes: for comparisons in
+    /// memory only (the daemon noticing a changed secret file), where neither a salt
+    /// nor hex strings are worth their bytes for each of thousands of accounts.
+    pub fn in_memory(a: &Account) -> [u8; 32] {
+        Self::hash(a, "")
+            .as_ref()
+            .try_into()
+            .expect("SHA-256 is 32 bytes")
+    }
+
     fn with_salt(a: &Account, salt: &str) -> Self {
+        CredentialsDigest {
+            salt: salt.to_owned(),
+            digest: hex(Self::hash(a, salt).as_ref()),
+        }
+    }
+
+    fn hash(a: &Account, salt: &str) -> ring::digest::Digest {
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
         let mut field = |bytes: &[u8]| {
             ctx.update(&(bytes.len() as u64).to_be_bytes());
@@ -179,10 +196,7 @@ impl CredentialsDigest {
                 Err(_) => field(format!("\0unreadable {}", spec.describe()).as_bytes()),
             }
         }
-        CredentialsDigest {
-            salt: salt.to_owned(),
-            digest: hex(ctx.finish().as_ref()),
-        }
+        ctx.finish()
     }
 
     /// Whether `a`'s credentials now are the ones this digest was taken of.

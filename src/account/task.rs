@@ -193,12 +193,14 @@ pub fn spawn_after<E: Endpoint>(
     tracker: &TaskTracker,
 ) -> AccountHandle {
     spawn_coordinated(
-        account, endpoint, shared, None, after, initial, cancel, tracker,
+        account, endpoint, shared, None, after, initial, true, cancel, tracker,
     )
 }
 
 /// [`spawn_after`], for an account whose refreshes `coordinator` shares with other
-/// tokend instances (cluster mode).
+/// tokend instances (cluster mode). Without `clean_stale` the account does not look for
+/// temporary files a killed writer left beside its outputs (the daemon's start does that
+/// for all accounts at once: [`output::clean_stale_all`]).
 #[allow(clippy::too_many_arguments)]
 pub fn spawn_coordinated<E: Endpoint>(
     account: Arc<Account>,
@@ -207,6 +209,7 @@ pub fn spawn_coordinated<E: Endpoint>(
     coordinator: Option<Box<dyn Coordinator>>,
     after: Option<Predecessor>,
     initial: TokenState,
+    clean_stale: bool,
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) -> AccountHandle {
@@ -220,6 +223,7 @@ pub fn spawn_coordinated<E: Endpoint>(
         state: state_tx,
         inbox: inbox.clone(),
         cancel: cancel.clone(),
+        clean_stale,
     };
     tracker.spawn(supervise(parts, coordinator, after));
     AccountHandle {
@@ -241,6 +245,8 @@ struct Parts<E> {
     state: watch::Sender<TokenState>,
     inbox: Arc<Inbox>,
     cancel: CancellationToken,
+    /// Look for stale temporary files beside the outputs first.
+    clean_stale: bool,
 }
 
 /// The account's task: runs its loop after its predecessor, and again (with backoff)
@@ -456,18 +462,20 @@ impl<'a, E: Endpoint> Task<'a, E> {
         }
     }
 
-    /// Cleans stale temporary files, then waits for the account's lock and opens its
-    /// engine. None if cancelled meanwhile.
+    /// Cleans stale temporary files (if asked to), then waits for the account's lock and
+    /// opens its engine. None if cancelled meanwhile.
     async fn open(&self, in_memory: Option<Box<Saved>>) -> Option<Engine<E>> {
         let parts = self.parts;
-        let removed = tokio::task::spawn_blocking({
-            let a = parts.account.clone();
-            move || output::clean_stale(&a)
-        })
-        .await
-        .unwrap_or(0);
-        if removed > 0 {
-            tracing::info!(account = %parts.account.name, removed, "removed stale temporary files");
+        if parts.clean_stale {
+            let removed = tokio::task::spawn_blocking({
+                let a = parts.account.clone();
+                move || output::clean_stale(&a)
+            })
+            .await
+            .unwrap_or(0);
+            if removed > 0 {
+                tracing::info!(account = %parts.account.name, removed, "removed stale temporary files");
+            }
         }
         Engine::open(
             parts.account.clone(),
