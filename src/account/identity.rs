@@ -19,7 +19,8 @@ use crate::config::{Account, BasicEncoding, ClientAuth, Grant, ParamsIn, Secret,
 #[derive(Serialize, Deserialize, PartialEq, Eq, Hash, Debug, Clone)]
 pub struct RequestIdentity {
     token_url: String,
-    grant_type: String,
+    /// One of three words: not an allocation of its own unless read from a file.
+    grant_type: std::borrow::Cow<'static, str>,
     client_id: String,
     username: Option<String>,
     scope: Option<String>,
@@ -30,7 +31,7 @@ impl RequestIdentity {
     pub fn of(a: &Account) -> Self {
         RequestIdentity {
             token_url: a.token_url.to_string(),
-            grant_type: a.grant.as_str().to_owned(),
+            grant_type: a.grant.as_str().into(),
             client_id: a.client_id.clone(),
             username: match &a.grant {
                 Grant::Password { username, .. } => Some(username.clone()),
