@@ -167,6 +167,20 @@ fn read_digest(path: &Path) -> Option<[u8; 32]> {
     Some(digest.as_ref().try_into().expect("SHA-256 is 32 bytes"))
 }
 
+/// Sets the allocator up for a daemon that lives long with many small objects: glibc
+/// gives each thread that allocates an arena of its own (up to eight per core), and
+/// what an arena keeps for its thread's next allocations stays resident; two arenas
+/// (the runtime's two workers share them with the rest) keep less lying about (issue
+/// #11: 2-3 MiB less with 10,000 accounts, 0.2 MiB with 10). Call before any thread
+/// starts.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt takes no pointers; called before other threads exist.
+    unsafe {
+        nix::libc::mallopt(nix::libc::M_ARENA_MAX, 2);
+    }
+}
+
 /// Gives the heap's free pages back to the kernel. At start every account's first
 /// request is in flight at once (waiting for a permit), and glibc keeps what they freed
 /// as resident memory otherwise: with 10,000 accounts, most of the daemon's RSS

@@ -46,6 +46,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 fn dispatch(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Run(args) => {
+            tokend::daemon::tune_allocator();
             let config = load(&args.config)?;
             runtime()?
                 .block_on(tokend::daemon::run(config, Default::default()))

@@ -113,7 +113,8 @@ impl Providers {
 }
 
 /// The last token fetched for one distinct request, shared by identical accounts.
-type SiblingCell = Arc<tokio::sync::Mutex<Option<Arc<Token>>>>;
+type SiblingSlot = tokio::sync::Mutex<Option<Arc<Token>>>;
+type SiblingCell = Arc<SiblingSlot>;
 
 /// The cells of the distinct requests, by the digest of their [`SiblingKey`]; each
 /// engine holds its cell, the map only finds it (issue #11: not a copy of every key).
@@ -122,10 +123,7 @@ pub struct Siblings(Mutex<SiblingMap>);
 
 #[derive(Default)]
 struct SiblingMap {
-    cells: std::collections::HashMap<
-        [u8; 32],
-        std::sync::Weak<tokio::sync::Mutex<Option<Arc<Token>>>>,
-    >,
+    cells: std::collections::HashMap<[u8; 32], std::sync::Weak<SiblingSlot>>,
     /// The map's size after the last sweep of cells no engine holds any more.
     swept: usize,
 }
