@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use futures_util::FutureExt as _;
-use tokio::sync::{watch, Notify, SemaphorePermit};
+use tokio::sync::{Notify, SemaphorePermit};
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -24,7 +24,7 @@ use super::coordinator::{Coordinator, Turn};
 use super::engine::{Attempt, Engine, Failed, Shared};
 use super::persist::{Saved, WaitKind};
 use super::schedule::{self, ErrorClass};
-use super::state::{Status, TokenState};
+use super::state::{published, Status, TokenState};
 use crate::config::{Account, Output};
 use crate::oauth::Endpoint;
 use crate::output;
@@ -80,7 +80,7 @@ impl Inbox {
 #[derive(Clone)]
 pub struct AccountView {
     pub account: Arc<Account>,
-    pub state: watch::Receiver<TokenState>,
+    pub state: published::Receiver<TokenState>,
     /// Cluster mode: this member's place in its cluster.
     pub cluster: Option<Arc<dyn super::coordinator::ClusterStatus>>,
     inbox: Arc<Inbox>,
@@ -109,7 +109,7 @@ impl AccountView {
     /// A view with no task behind it: its refresh requests go nowhere. For the socket
     /// API's fuzz target (`fuzz/`), which answers requests without running accounts.
     #[doc(hidden)]
-    pub fn detached(account: Arc<Account>, state: watch::Receiver<TokenState>) -> Self {
+    pub fn detached(account: Arc<Account>, state: published::Receiver<TokenState>) -> Self {
         AccountView {
             account,
             state,
@@ -146,7 +146,7 @@ impl AccountHandle {
 /// sender of its state is gone.
 #[derive(Clone)]
 pub struct Predecessor {
-    state: watch::Receiver<TokenState>,
+    state: published::Receiver<TokenState>,
     inbox: Arc<Inbox>,
 }
 
@@ -213,7 +213,7 @@ pub fn spawn_coordinated<E: Endpoint>(
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) -> AccountHandle {
-    let (state_tx, state_rx) = watch::channel(initial);
+    let (state_tx, state_rx) = published::channel(initial);
     let inbox = Arc::new(Inbox::default());
     let cluster = coordinator.as_ref().map(|c| c.status());
     let parts = Parts {
@@ -242,7 +242,7 @@ struct Parts<E> {
     account: Arc<Account>,
     endpoint: Arc<E>,
     shared: Shared,
-    state: watch::Sender<TokenState>,
+    state: published::Sender<TokenState>,
     inbox: Arc<Inbox>,
     cancel: CancellationToken,
     /// Look for stale temporary files beside the outputs first.
