@@ -26,7 +26,7 @@ use super::persist::{Saved, WaitKind};
 use super::schedule::{self, ErrorClass};
 use super::state::{published, Status, TokenState};
 use crate::config::{Account, Output};
-use crate::oauth::Endpoint;
+use crate::oauth::{Endpoint, Token};
 use crate::output;
 
 /// Why a task is poked.
@@ -66,6 +66,8 @@ struct Inbox {
     remove: Mutex<Vec<Output>>,
     /// The engine's state once the task ended, for the account's next instance.
     last: Mutex<Option<Box<Saved>>>,
+    /// Look for stale temporary files beside the outputs before the engine opens.
+    clean_stale: AtomicBool,
 }
 
 impl Inbox {
@@ -214,7 +216,10 @@ pub fn spawn_coordinated<E: Endpoint>(
     tracker: &TaskTracker,
 ) -> AccountHandle {
     let (state_tx, state_rx) = published::channel(initial);
-    let inbox = Arc::new(Inbox::default());
+    let inbox = Arc::new(Inbox {
+        clean_stale: AtomicBool::new(clean_stale),
+        ..Inbox::default()
+    });
     let cluster = coordinator.as_ref().map(|c| c.status());
     let parts = Parts {
         account: account.clone(),
@@ -223,7 +228,6 @@ pub fn spawn_coordinated<E: Endpoint>(
         state: state_tx,
         inbox: inbox.clone(),
         cancel: cancel.clone(),
-        clean_stale,
     };
     tracker.spawn(supervise(parts, coordinator, after));
     AccountHandle {
@@ -245,8 +249,6 @@ struct Parts<E> {
     state: published::Sender<TokenState>,
     inbox: Arc<Inbox>,
     cancel: CancellationToken,
-    /// Look for stale temporary files beside the outputs first.
-    clean_stale: bool,
 }
 
 /// The account's task: runs its loop after its predecessor, and again (with backoff)
@@ -257,22 +259,21 @@ async fn supervise<E: Endpoint>(
     mut coordinator: Option<Box<dyn Coordinator>>,
     after: Option<Predecessor>,
 ) {
-    let mut in_memory = None;
+    let mut engine = Slot::Closed(None);
     if let Some(p) = after {
         if !p.is_done() {
             tracing::info!(account = %parts.account.name, "waiting for the account's previous configuration to finish its request");
         }
         // Not cancellable: a successor that gave up here could hand an older state on.
-        in_memory = Box::pin(p.finished()).await;
+        engine = Slot::Closed(Box::pin(p.finished()).await);
     }
-    let mut engine = None;
     let mut deaths = 0u32;
     loop {
         let mut task = Task {
             parts: &parts,
             expired: None,
         };
-        let run = task.run(&mut engine, &mut in_memory, &mut coordinator);
+        let run = task.run(&mut engine, &mut coordinator);
         let died = match AssertUnwindSafe(run).catch_unwind().await {
             Ok(()) => break,
             Err(payload) => panic_message(payload),
@@ -301,11 +302,20 @@ async fn supervise<E: Endpoint>(
     Box::pin(farewell(&parts, engine)).await;
 }
 
+/// The account's engine, or, until it opens, the state its predecessor left. Not
+/// boxed: the engine is the one thing the task holds for its whole life, and one
+/// enum for both keeps the task under a 128-byte step of its allocation (issue #11).
+#[allow(clippy::large_enum_variant)]
+enum Slot<E> {
+    Closed(Option<Box<Saved>>),
+    Open(Engine<E>),
+}
+
 /// After the loop: the engine's last save (and retirement), kept for the account's
 /// next instance; then the outputs the supervisor asked to remove.
-async fn farewell<E: Endpoint>(parts: &Parts<E>, engine: Option<Engine<E>>) {
+async fn farewell<E: Endpoint>(parts: &Parts<E>, engine: Slot<E>) {
     let retire = parts.inbox.retire.load(Ordering::SeqCst);
-    if let Some(engine) = engine {
+    if let Slot::Open(engine) = engine {
         let saved = engine.close(retire).await;
         *parts.inbox.last.lock().expect("never poisoned") = Some(Box::new(saved));
     }
@@ -344,8 +354,9 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
 
 struct Task<'a, E> {
     parts: &'a Parts<E>,
-    /// The expiry already acted on, so an expired token is expired once.
-    expired: Option<SystemTime>,
+    /// The token whose expiry was already acted on, so an expired token is expired
+    /// once (a pointer: what a waiting task holds is counted, issue #11).
+    expired: Option<Arc<Token>>,
 }
 
 /// What the loop waits for next.
@@ -392,21 +403,16 @@ impl<'a, E: Endpoint> Task<'a, E> {
     /// The loop. Everything but the wait itself runs in boxed futures: a waiting task
     /// then holds only its plan and what it waits on, not the largest of what it does
     /// now and then (an attempt holds a whole HTTP request).
-    async fn run(
-        &mut self,
-        engine: &mut Option<Engine<E>>,
-        in_memory: &mut Option<Box<Saved>>,
-        coordinator: &mut Option<Box<dyn Coordinator>>,
-    ) {
+    async fn run(&mut self, slot: &mut Slot<E>, coordinator: &mut Option<Box<dyn Coordinator>>) {
         let parts = self.parts;
-        let engine = match engine {
-            Some(e) => e,
-            None => {
-                let Some(e) = Box::pin(self.open(in_memory.take())).await else {
-                    return;
-                };
-                engine.insert(e)
-            }
+        if let Slot::Closed(in_memory) = slot {
+            let Some(e) = Box::pin(self.open(in_memory.take())).await else {
+                return;
+            };
+            *slot = Slot::Open(e);
+        }
+        let Slot::Open(engine) = slot else {
+            unreachable!("the engine was opened just above")
         };
         let mut plan = Box::pin(self.restore(engine)).await;
         if let Some(c) = coordinator.as_deref() {
@@ -416,8 +422,7 @@ impl<'a, E: Endpoint> Task<'a, E> {
         // The monotonic clock stops while the machine sleeps: when the wall clock jumps,
         // the plan is looked at again, so a refresh that fell due during a suspend
         // happens on resume. One watcher for all accounts; no timer of our own.
-        let mut jumps = parts.shared.wall_jumps.subscribe(parts.shared.clock);
-        jumps.mark_unchanged();
+        let mut jumps = parts.shared.wall_jumps.seen(parts.shared.clock);
         loop {
             let wake = self
                 .expiry_instant()
@@ -430,7 +435,10 @@ impl<'a, E: Endpoint> Task<'a, E> {
                 _ = parts.inbox.wake.notified() => Woke::Poked,
                 _ = changed(coordinator) => Woke::Cluster,
                 _ = sleep_until(wake) => Woke::Timer,
-                Ok(()) = jumps.changed() => Woke::Timer,
+                now = parts.shared.wall_jumps.after(jumps) => {
+                    jumps = now;
+                    Woke::Timer
+                }
             };
             let then =
                 Box::pin(self.woke(woke, engine, coordinator.as_deref(), &mut plan, next_wall));
@@ -466,7 +474,7 @@ impl<'a, E: Endpoint> Task<'a, E> {
     /// opens its engine. None if cancelled meanwhile.
     async fn open(&self, in_memory: Option<Box<Saved>>) -> Option<Engine<E>> {
         let parts = self.parts;
-        if parts.clean_stale {
+        if parts.inbox.clean_stale.swap(false, Ordering::SeqCst) {
             let removed = tokio::task::spawn_blocking({
                 let a = parts.account.clone();
                 move || output::clean_stale(&a)
@@ -916,12 +924,19 @@ impl<'a, E: Endpoint> Task<'a, E> {
         self.now() + at.saturating_duration_since(Instant::now())
     }
 
+    /// Whether the expiry of `t` was acted on already.
+    fn expiry_handled(&self, t: &Token) -> bool {
+        self.expired
+            .as_ref()
+            .is_some_and(|e| e.expires_at == t.expires_at)
+    }
+
     /// Whether the held token has expired by the wall clock and was not yet acted on.
     fn token_expired(&self) -> bool {
         let s = self.parts.state.borrow();
         s.token
             .as_ref()
-            .is_some_and(|t| self.expired != Some(t.expires_at) && !t.is_valid_at(self.now()))
+            .is_some_and(|t| !self.expiry_handled(t) && !t.is_valid_at(self.now()))
     }
 
     fn fail(&mut self, f: &Failed, failures: u32) {
@@ -966,13 +981,7 @@ impl<'a, E: Endpoint> Task<'a, E> {
     /// The token expired before a new one came: readers stop getting it, and outputs go
     /// (unless `on_expiry = "keep"`).
     fn expire(&mut self) {
-        self.expired = self
-            .parts
-            .state
-            .borrow()
-            .token
-            .as_ref()
-            .map(|t| t.expires_at);
+        self.expired = self.parts.state.borrow().token.clone();
         let removed = output::remove_all(self.account());
         tracing::warn!(account = %self.account().name, status = "expired", "token expired without renewal");
         if let Err(e) = removed {
@@ -985,7 +994,7 @@ impl<'a, E: Endpoint> Task<'a, E> {
     fn expiry_instant(&self) -> Option<Instant> {
         let s = self.parts.state.borrow();
         let t = s.token.as_ref()?;
-        if self.expired == Some(t.expires_at) {
+        if self.expiry_handled(t) {
             return None;
         }
         let left = t.expires_at.duration_since(self.now()).unwrap_or_default();
