@@ -2,11 +2,12 @@
 //! (issued_at, expires_at, Retry-After dates) come from here, so tests that pause tokio's
 //! clock can make wall time follow it.
 
+use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::watch;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 #[derive(Clone, Copy, Debug)]
@@ -59,27 +60,44 @@ const JUMP_MIN: Duration = Duration::from_secs(2);
 /// suspend would otherwise wait for the time the machine slept.
 ///
 /// One task checks, every 30 s, for the whole process (issue #11: it was one timer per
-/// account); accounts wait on a `watch` and sleep otherwise. The task starts with the
-/// first subscriber and ends when this is dropped.
+/// account); accounts wait on a count of jumps and sleep otherwise (waiting costs an
+/// account about 80 bytes, where a `watch` receiver cost 136). The task starts with the
+/// first look and ends when this is dropped.
 #[derive(Default)]
 pub struct WallJumps {
-    tx: watch::Sender<u64>,
+    /// Jumps told so far.
+    count: AtomicU64,
+    jumped: Notify,
     running: OnceLock<()>,
 }
 
 impl WallJumps {
-    /// A receiver that changes after every jump of `clock` against tokio's clock. Needs
-    /// a tokio runtime (it starts the watcher).
-    pub fn subscribe(self: &Arc<Self>, clock: Clock) -> watch::Receiver<u64> {
+    /// How many jumps of `clock` against tokio's clock were told so far, for
+    /// [`WallJumps::after`]. Needs a tokio runtime (it starts the watcher).
+    pub fn seen(self: &Arc<Self>, clock: Clock) -> u64 {
         self.running.get_or_init(|| {
             tokio::spawn(watch_jumps(Arc::downgrade(self), clock));
         });
-        self.tx.subscribe()
+        self.count.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once a jump was told after `seen` of them; returns how many now.
+    pub async fn after(&self, seen: u64) -> u64 {
+        loop {
+            // Registered before the count is looked at: no jump slips between.
+            let mut jumped = pin!(self.jumped.notified());
+            jumped.as_mut().enable();
+            let now = self.count.load(Ordering::SeqCst);
+            if now != seen {
+                return now;
+            }
+            jumped.await;
+        }
     }
 }
 
 /// Compares `clock` with tokio's every [`JUMP_CHECK`]; tells `jumps` when the
-/// difference moved by [`JUMP_MIN`] or more.
+/// difference moved by [`JUMP_MIN`] or more. Ends once `jumps` is gone.
 async fn watch_jumps(jumps: Weak<WallJumps>, clock: Clock) {
     let (wall0, at0) = (clock.now(), Instant::now());
     // Wall time gone by minus tokio time gone by, in milliseconds.
@@ -101,7 +119,8 @@ async fn watch_jumps(jumps: Weak<WallJumps>, clock: Clock) {
                 "the wall clock jumped (a suspend, or the clock was set): accounts look at their plans"
             );
             last = now;
-            jumps.tx.send_modify(|n| *n += 1);
+            jumps.count.fetch_add(1, Ordering::SeqCst);
+            jumps.jumped.notify_waiters();
         }
     }
 }
@@ -141,31 +160,36 @@ mod tests {
     async fn a_wall_clock_jump_is_told_once_and_drift_is_not() {
         static SKEW: AtomicU64 = AtomicU64::new(0);
         let jumps = Arc::new(WallJumps::default());
-        let mut rx = jumps.subscribe(Clock::tokio_with_skew(&SKEW));
-        let mut rx2 = jumps.subscribe(Clock::System);
-        tokio::time::sleep(Duration::from_secs(100)).await;
-        assert!(!rx.has_changed().unwrap(), "no jump, no news");
-        SKEW.store(1000, Ordering::Relaxed);
-        tokio::time::sleep(Duration::from_secs(100)).await;
-        assert!(!rx.has_changed().unwrap(), "a second is drift");
-        SKEW.store(3_600_000, Ordering::Relaxed);
-        tokio::time::timeout(Duration::from_secs(31), rx.changed())
-            .await
-            .expect("told within one check")
-            .unwrap();
-        assert!(
-            rx2.has_changed().unwrap(),
-            "one watcher for every subscriber"
+        let seen = jumps.seen(Clock::tokio_with_skew(&SKEW));
+        assert_eq!(
+            jumps.seen(Clock::System),
+            seen,
+            "one watcher for every account"
         );
-        rx2.mark_unchanged();
-        tokio::time::sleep(Duration::from_secs(100)).await;
-        assert!(!rx.has_changed().unwrap(), "told once");
+        let quiet = |jumps: Arc<WallJumps>| async move {
+            tokio::time::timeout(Duration::from_secs(100), jumps.after(seen))
+                .await
+                .is_err()
+        };
+        assert!(quiet(jumps.clone()).await, "no jump, no news");
+        SKEW.store(1000, Ordering::Relaxed);
+        assert!(quiet(jumps.clone()).await, "a second is drift");
+        SKEW.store(3_600_000, Ordering::Relaxed);
+        let now = tokio::time::timeout(Duration::from_secs(31), jumps.after(seen))
+            .await
+            .expect("told within one check");
+        assert_eq!(now, seen + 1);
+        let told_once = tokio::time::timeout(Duration::from_secs(100), jumps.after(now)).await;
+        assert!(told_once.is_err(), "told once");
+        let tasks = || {
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks()
+        };
+        assert_eq!(tasks(), 1, "the watcher");
         drop(jumps);
         tokio::time::sleep(Duration::from_secs(31)).await;
-        assert!(
-            rx.changed().await.is_err(),
-            "the watcher ends with its owner"
-        );
+        assert_eq!(tasks(), 0, "the watcher ends with its owner");
     }
 
     #[tokio::test(start_paused = true)]

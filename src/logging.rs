@@ -2,16 +2,28 @@
 //! The level comes from `RUST_LOG` when set, else from the config (for tokend's own
 //! events; other crates stay at `warn`, so no library's trace output can carry a
 //! request body).
+//!
+//! `RUST_LOG` takes levels and targets (`debug`, `warn,tokend=trace`): tracing's
+//! `Targets`, not its `EnvFilter`, whose span and field filters need a regex engine
+//! (about 0.5 MiB of the binary, resident in every tokend: issue #11).
 
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::prelude::*;
-use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
 pub fn init(format: LogFormat, level: &str) {
+    let configured = || {
+        format!("warn,tokend={level}")
+            .parse::<Targets>()
+            .unwrap_or_else(|_| Targets::new().with_default(tracing::Level::INFO))
+    };
     let filter = match std::env::var("RUST_LOG") {
-        Ok(v) if !v.is_empty() => EnvFilter::new(v),
-        _ => EnvFilter::new(format!("warn,tokend={level}")),
+        Ok(v) if !v.is_empty() => v.parse().unwrap_or_else(|e| {
+            eprintln!("tokend: ignoring RUST_LOG ({e}): it takes levels and targets, such as \"warn,tokend=debug\"");
+            configured()
+        }),
+        _ => configured(),
     };
     let format = match format {
         LogFormat::Auto if stderr_is_journal() => LogFormat::Journald,

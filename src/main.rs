@@ -27,9 +27,16 @@ fn load(path: &std::path::Path) -> Result<Config, Failure> {
     Ok(config)
 }
 
+/// Threads for blocking work (file I/O).
+const MAX_BLOCKING_THREADS: usize = 16;
+
 fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // File writes, state saves and name lookups: short, and bounded by the refresh
+        // semaphore, except at start, when every account looks for stale files at once
+        // (tokio's default of 512 threads then costs tens of MiB: issue #11).
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
         .build()
         .map_err(|e| {
             Failure::Runtime(anyhow::Error::new(e).context("failed to start the async runtime"))
@@ -39,6 +46,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 fn dispatch(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Run(args) => {
+            tokend::daemon::tune_allocator();
             let config = load(&args.config)?;
             runtime()?
                 .block_on(tokend::daemon::run(config, Default::default()))

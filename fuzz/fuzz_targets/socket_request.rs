@@ -65,7 +65,10 @@ struct World {
     runtime: tokio::runtime::Runtime,
     accounts: watch::Receiver<Accounts>,
     // Kept so that the receivers see no closed channel.
-    _senders: (watch::Sender<Accounts>, Vec<watch::Sender<TokenState>>),
+    _senders: (
+        watch::Sender<Accounts>,
+        Vec<tokend::account::state::published::Sender<TokenState>>,
+    ),
 }
 
 fn world() -> &'static World {
@@ -132,7 +135,7 @@ fn world() -> &'static World {
                     ..TokenState::default()
                 },
             };
-            let (tx, rx) = watch::channel(state);
+            let (tx, rx) = tokend::account::state::published::channel(state);
             senders.push(tx);
             let name = account.name.clone();
             map.insert(name, AccountView::detached(Arc::new(account), rx));

@@ -15,7 +15,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -31,40 +31,52 @@ use crate::metrics::Metrics;
 use crate::oauth::{Endpoint, Token};
 use crate::output;
 
-/// What every account shares.
+/// What every account shares: a handle (one pointer) to [`Common`], so that each of
+/// thousands of accounts holds eight bytes of it, not a copy (issue #11).
 #[derive(Clone)]
-pub struct Shared {
+pub struct Shared(Arc<Common>);
+
+/// What every account shares, behind [`Shared`].
+pub struct Common {
     /// Bounds concurrent token requests (`max_concurrent_refreshes`).
-    pub semaphore: Arc<Semaphore>,
+    pub semaphore: Semaphore,
     pub clock: Clock,
     /// Woken whenever any account publishes a new state (readiness, STATUS=).
-    pub changed: Arc<tokio::sync::Notify>,
+    pub changed: tokio::sync::Notify,
     /// Where tokens are kept across restarts (`[daemon] state_dir`).
     pub state_dir: Option<PathBuf>,
     /// Rate limits per provider: accounts that share a `token_url` share its limit.
-    pub providers: Arc<Providers>,
+    pub providers: Providers,
     /// Accounts identical in what they ask for share one request.
-    pub siblings: Arc<Siblings>,
+    pub siblings: Siblings,
     pub metrics: Arc<Metrics>,
     /// refresh_token requests on the wire: shutdown waits for their answers.
-    pub rotations: Arc<watch::Sender<usize>>,
+    pub rotations: watch::Sender<usize>,
     /// Tells waiting accounts when the wall clock jumped (a suspend).
     pub wall_jumps: Arc<WallJumps>,
 }
 
+impl std::ops::Deref for Shared {
+    type Target = Common;
+
+    fn deref(&self) -> &Common {
+        &self.0
+    }
+}
+
 impl Shared {
     pub fn new(max_concurrent_refreshes: usize, clock: Clock, state_dir: Option<PathBuf>) -> Self {
-        Shared {
-            semaphore: Arc::new(Semaphore::new(max_concurrent_refreshes)),
+        Shared(Arc::new(Common {
+            semaphore: Semaphore::new(max_concurrent_refreshes),
             clock,
             changed: Default::default(),
             state_dir,
             providers: Default::default(),
             siblings: Default::default(),
             metrics: Default::default(),
-            rotations: Arc::new(watch::Sender::new(0)),
+            rotations: watch::Sender::new(0),
             wall_jumps: Default::default(),
-        }
+        }))
     }
 }
 
@@ -100,11 +112,21 @@ impl Providers {
     }
 }
 
-type SiblingCell = Arc<tokio::sync::Mutex<Option<Arc<Token>>>>;
+/// The last token fetched for one distinct request, shared by identical accounts.
+type SiblingSlot = tokio::sync::Mutex<Option<Arc<Token>>>;
+type SiblingCell = Arc<SiblingSlot>;
 
-/// The last token fetched for each distinct request, shared by identical accounts.
+/// The cells of the distinct requests, by the digest of their [`SiblingKey`]; each
+/// engine holds its cell, the map only finds it (issue #11: not a copy of every key).
 #[derive(Default)]
-pub struct Siblings(Mutex<std::collections::HashMap<SiblingKey, SiblingCell>>);
+pub struct Siblings(Mutex<SiblingMap>);
+
+#[derive(Default)]
+struct SiblingMap {
+    cells: std::collections::HashMap<[u8; 32], std::sync::Weak<SiblingSlot>>,
+    /// The map's size after the last sweep of cells no engine holds any more.
+    swept: usize,
+}
 
 impl Siblings {
     fn cell(&self, key: &SiblingKey) -> SiblingCell {
@@ -112,14 +134,19 @@ impl Siblings {
             .0
             .lock()
             .expect("never poisoned: no panics under the lock");
-        m.entry(key.clone()).or_default().clone()
+        if m.cells.len() >= 2 * m.swept.max(64) {
+            m.cells.retain(|_, c| c.strong_count() > 0);
+            m.swept = m.cells.len();
+        }
+        let slot = m.cells.entry(key.digest()).or_default();
+        if let Some(c) = slot.upgrade() {
+            return c;
+        }
+        let c = SiblingCell::default();
+        *slot = Arc::downgrade(&c);
+        c
     }
 }
-
-/// An account's state as the engine last left it, shared with whoever starts the
-/// account next in this process (a restart after a panic, a reload): the newer of it
-/// and the state file is where the next engine starts.
-pub type Mirror = Arc<Mutex<Option<Saved>>>;
 
 /// What one attempt came to.
 pub enum Attempt {
@@ -174,7 +201,6 @@ pub struct Engine<E> {
     endpoint: Arc<E>,
     shared: Shared,
     saved: Saved,
-    mirror: Mirror,
     _lock: Option<AccountLock>,
     /// A fetched token whose delivery is not complete.
     undelivered: Option<Arc<Token>>,
@@ -182,18 +208,20 @@ pub struct Engine<E> {
     unsaved: bool,
     /// Local failures in a row (the delivery's own backoff).
     local_failures: u32,
-    sibling: Option<SiblingKey>,
+    /// Where accounts that ask for exactly the same share their last token.
+    sibling: Option<SiblingCell>,
 }
 
 impl<E: Endpoint> Engine<E> {
     /// For `run`: waits for the account's lock (a `once` may hold it for a moment),
-    /// then starts from the newer of `mirror` and the state file. None if cancelled
-    /// while waiting.
+    /// then starts from the newer of `in_memory` (what the account's previous engine in
+    /// this process left, after a reload) and the state file. None if cancelled while
+    /// waiting.
     pub async fn open(
         account: Arc<Account>,
         endpoint: Arc<E>,
         shared: Shared,
-        mirror: Mirror,
+        in_memory: Option<Saved>,
         cancel: &CancellationToken,
     ) -> Option<Self> {
         let mut lock = None;
@@ -227,7 +255,7 @@ impl<E: Endpoint> Engine<E> {
                 }
             }
         }
-        Some(Self::start(account, endpoint, shared, mirror, lock).await)
+        Some(Self::start(account, endpoint, shared, in_memory, lock).await)
     }
 
     /// For `once`: takes the account's lock if it is free.
@@ -248,7 +276,7 @@ impl<E: Endpoint> Engine<E> {
             }
         }
         Ok(Opened::Ready(Box::new(
-            Self::start(account, endpoint, shared, Mirror::default(), lock).await,
+            Self::start(account, endpoint, shared, None, lock).await,
         )))
     }
 
@@ -256,7 +284,7 @@ impl<E: Endpoint> Engine<E> {
         account: Arc<Account>,
         endpoint: Arc<E>,
         shared: Shared,
-        mirror: Mirror,
+        in_memory: Option<Saved>,
         lock: Option<AccountLock>,
     ) -> Self {
         let on_disk = match shared.state_dir.clone() {
@@ -268,7 +296,6 @@ impl<E: Endpoint> Engine<E> {
             }
             None => None,
         };
-        let in_memory = mirror.lock().expect("never poisoned").clone();
         let mut saved = match (in_memory, on_disk) {
             (Some(m), Some(d)) if d.generation() > m.generation() => d,
             (Some(m), _) => m,
@@ -280,14 +307,12 @@ impl<E: Endpoint> Engine<E> {
             tracing::info!(account = %account.name, "the refused credentials were replaced: the hold ends");
             saved.end_hold();
         }
-        *mirror.lock().expect("never poisoned") = Some(saved.clone());
         Engine {
-            sibling: SiblingKey::of(&account),
+            sibling: SiblingKey::of(&account).map(|k| shared.siblings.cell(&k)),
             account,
             endpoint,
             shared,
             saved,
-            mirror,
             _lock: lock,
             undelivered: None,
             unsaved: false,
@@ -378,7 +403,24 @@ impl<E: Endpoint> Engine<E> {
     /// saved and delivered. Cancellation is honoured until a request is sent, and for
     /// every grant but refresh_token while it is on the wire.
     pub async fn attempt(&mut self, cancel: &CancellationToken) -> Attempt {
-        let cell = self.sibling.as_ref().map(|k| self.shared.siblings.cell(k));
+        let shared = self.shared.clone();
+        let permit = tokio::select! {
+            _ = cancel.cancelled() => return Attempt::Cancelled,
+            p = shared.semaphore.acquire() => p.expect("the semaphore is never closed"),
+        };
+        self.attempt_with(permit, cancel).await
+    }
+
+    /// [`Engine::attempt`] with a permit of [`Common::semaphore`] already taken: `run`
+    /// waits for it before it builds an attempt, so that thousands of accounts due at
+    /// once wait with a few bytes each, not a whole request each (issue #11). The
+    /// permit goes once the provider answered.
+    pub async fn attempt_with(
+        &mut self,
+        permit: SemaphorePermit<'_>,
+        cancel: &CancellationToken,
+    ) -> Attempt {
+        let cell = self.sibling.clone();
         let mut guard = match &cell {
             Some(c) => Some(tokio::select! {
                 _ = cancel.cancelled() => return Attempt::Cancelled,
@@ -397,18 +439,14 @@ impl<E: Endpoint> Engine<E> {
                 t.issued_at + schedule::refresh_delay(&self.account.schedule, t.lifetime(), 1.0);
             if newer && self.now() < due {
                 tracing::debug!(account = %self.account.name, "reusing the token an identical account just fetched");
-                let t = (**t).clone();
-                drop(guard);
+                let t = t.clone();
+                drop((guard, permit));
                 return self.accept(t, cancel).await;
             }
         }
-        let semaphore = self.shared.semaphore.clone();
         let started;
         let result = {
-            let _permit = tokio::select! {
-                _ = cancel.cancelled() => return Attempt::Cancelled,
-                p = semaphore.acquire() => p.expect("the semaphore is never closed"),
-            };
+            let _permit = permit;
             self.endpoint
                 .use_refresh_token(self.saved.refresh_token(&self.account));
             if let Some(url) = self.saved.known_token_url(&self.account) {
@@ -435,8 +473,9 @@ impl<E: Endpoint> Engine<E> {
         }
         match result {
             Ok(token) => {
+                let token = Arc::new(token);
                 if let Some(g) = guard.as_mut() {
-                    **g = Some(Arc::new(token.clone()));
+                    **g = Some(token.clone());
                 }
                 drop(guard);
                 self.accept(token, cancel).await
@@ -446,8 +485,7 @@ impl<E: Endpoint> Engine<E> {
     }
 
     /// Records a new token (state first), then delivers it.
-    async fn accept(&mut self, token: Token, cancel: &CancellationToken) -> Attempt {
-        let token = Arc::new(token);
+    async fn accept(&mut self, token: Arc<Token>, cancel: &CancellationToken) -> Attempt {
         self.saved.record(&self.account, &token);
         self.unsaved = true;
         self.undelivered = Some(token);
@@ -558,9 +596,8 @@ impl<E: Endpoint> Engine<E> {
         }
     }
 
-    /// Saves the state (and updates the mirror), if there is a state directory.
+    /// Saves the state, if there is a state directory.
     async fn save(&self) -> std::io::Result<()> {
-        *self.mirror.lock().expect("never poisoned") = Some(self.saved.clone());
         let Some(dir) = self.shared.state_dir.clone() else {
             return Ok(());
         };
@@ -579,11 +616,10 @@ impl<E: Endpoint> Engine<E> {
 
     /// Ends the engine: the state is saved one last time, and retired (moved to
     /// `state_dir/retired/`) if the account was removed. The lock goes with `self`.
-    pub async fn close(self, retire: bool) {
+    /// Returns the state, for the account's next engine in this process (a reload).
+    pub async fn close(self, retire: bool) -> Saved {
         if self.unsaved {
             self.save_quietly().await;
-        } else {
-            *self.mirror.lock().expect("never poisoned") = Some(self.saved.clone());
         }
         if let (true, Some(dir)) = (retire, self.shared.state_dir.clone()) {
             let name = self.account.name.clone();
@@ -594,6 +630,7 @@ impl<E: Endpoint> Engine<E> {
                 tracing::error!(account = %self.account.name, "failed to retire the state: {e}");
             }
         }
+        self.saved
     }
 }
 

@@ -21,7 +21,8 @@ use crate::config::{
 #[derive(Serialize, Deserialize, PartialEq, Eq, Hash, Debug, Clone)]
 pub struct RequestIdentity {
     token_url: String,
-    grant_type: String,
+    /// One of three words: not an allocation of its own unless read from a file.
+    grant_type: std::borrow::Cow<'static, str>,
     client_id: String,
     username: Option<String>,
     scope: Option<String>,
@@ -32,7 +33,7 @@ impl RequestIdentity {
     pub fn of(a: &Account) -> Self {
         RequestIdentity {
             token_url: a.token_url.identity(),
-            grant_type: a.grant.as_str().to_owned(),
+            grant_type: a.grant.as_str().into(),
             client_id: a.client_id.clone(),
             username: match &a.grant {
                 Grant::Password { username, .. } => Some(username.clone()),
@@ -98,6 +99,29 @@ impl SiblingKey {
     }
 }
 
+impl SiblingKey {
+    /// A SHA-256 of the whole key (its derived `Hash`, which is prefix-free: strings end
+    /// in a marker, sequences start with their length), to find identical accounts
+    /// without keeping a copy of each key (issue #11). Kept in memory only.
+    pub fn digest(&self) -> [u8; 32] {
+        struct Sha256(ring::digest::Context);
+        impl std::hash::Hasher for Sha256 {
+            fn write(&mut self, bytes: &[u8]) {
+                self.0.update(bytes);
+            }
+            fn finish(&self) -> u64 {
+                unreachable!("only the SHA-256 below is taken")
+            }
+        }
+        let mut h = Sha256(ring::digest::Context::new(&ring::digest::SHA256));
+        std::hash::Hash::hash(self, &mut h);
+        h.0.finish()
+            .as_ref()
+            .try_into()
+            .expect("SHA-256 is 32 bytes")
+    }
+}
+
 /// Version of the encoding hashed by [`CredentialsDigest`]; a new field means a new
 /// version (an old digest then never matches, which ends a hold: the safe direction).
 const CREDENTIALS_V: &[u8] = b"tokend-credentials-v1";
@@ -123,7 +147,24 @@ impl CredentialsDigest {
         Self::with_salt(a, &hex(&salt))
     }
 
+    /// The digest of `a`'s credentials now, unsalted, as bytes: for comparisons in
+    /// memory only (the daemon noticing a changed secret file), where neither a salt
+    /// nor hex strings are worth their bytes for each of thousands of accounts.
+    pub fn in_memory(a: &Account) -> [u8; 32] {
+        Self::hash(a, "")
+            .as_ref()
+            .try_into()
+            .expect("SHA-256 is 32 bytes")
+    }
+
     fn with_salt(a: &Account, salt: &str) -> Self {
+        CredentialsDigest {
+            salt: salt.to_owned(),
+            digest: hex(Self::hash(a, salt).as_ref()),
+        }
+    }
+
+    fn hash(a: &Account, salt: &str) -> ring::digest::Digest {
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
         let mut field = |bytes: &[u8]| {
             ctx.update(&(bytes.len() as u64).to_be_bytes());
@@ -172,10 +213,7 @@ impl CredentialsDigest {
                 Err(_) => field(format!("\0unreadable {}", spec.describe()).as_bytes()),
             }
         }
-        CredentialsDigest {
-            salt: salt.to_owned(),
-            digest: hex(ctx.finish().as_ref()),
-        }
+        ctx.finish()
     }
 
     /// Whether `a`'s credentials now are the ones this digest was taken of.

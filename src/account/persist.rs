@@ -89,29 +89,31 @@ struct Chain {
     refresh_token: String,
 }
 
-/// One account's saved state. Holds credentials: `Debug` is not derived.
+/// One account's saved state. Holds credentials: `Debug` is not derived. What only some
+/// accounts have (a chain, a hold) is boxed: every account keeps one of these for the
+/// daemon's life (issue #11); the file's format does not change.
 #[derive(Serialize, Deserialize, Clone)]
 pub struct Saved {
     version: u32,
     /// Grows with every change; of two copies (memory and disk) the larger is newer.
     generation: u64,
     /// For the digests below.
-    salt: String,
+    salt: Box<str>,
     /// What the token was issued for: it is reused only for the same request.
     issued_for: RequestIdentity,
     token: Option<SavedToken>,
-    chain: Option<Chain>,
+    chain: Option<Box<Chain>>,
     wait: Option<Wait>,
     /// Transient failures in a row (backoff grows with them, also across restarts).
     pub failures: u32,
     /// Refusals in a row (the hold doubles with each).
     pub refusals: u32,
     /// The credentials that were refused; other credentials end the hold.
-    hold_key: Option<CredentialsDigest>,
+    hold_key: Option<Box<CredentialsDigest>>,
     /// The token endpoint last discovered (`issuer`, `fhir_base`): used while discovery
     /// fails, also after a restart. Absent from files written before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    discovered: Option<DiscoveredEndpoint>,
+    discovered: Option<Box<DiscoveredEndpoint>>,
 }
 
 /// A discovered token endpoint, and what it was discovered from.
@@ -198,7 +200,7 @@ impl Saved {
         Saved {
             version: VERSION,
             generation: 0,
-            salt: identity::new_salt(),
+            salt: identity::new_salt().into(),
             issued_for: RequestIdentity::of(account),
             token: None,
             chain: None,
@@ -249,10 +251,10 @@ impl Saved {
         {
             // The first rotation of a chain: remember which configured token it grew from.
             if let Ok(seed) = refresh_token.read() {
-                self.chain = Some(Chain {
+                self.chain = Some(Box::new(Chain {
                     seed: identity::secret_digest(&self.salt, &seed),
                     refresh_token: rt.expose().to_owned(),
-                });
+                }));
             }
         }
         self.wait = None;
@@ -277,11 +279,11 @@ impl Saved {
         if self.known_token_url(account).as_ref() == Some(url) {
             return false;
         }
-        self.discovered = Some(DiscoveredEndpoint {
+        self.discovered = Some(Box::new(DiscoveredEndpoint {
             from: account.token_url.identity(),
             token_endpoint: url.to_string(),
             at: secs(now),
-        });
+        }));
         self.generation += 1;
         true
     }
@@ -293,7 +295,7 @@ impl Saved {
             until: secs_ceil(until),
             kind,
         });
-        self.hold_key = (kind == WaitKind::Hold).then(|| CredentialsDigest::of(account));
+        self.hold_key = (kind == WaitKind::Hold).then(|| Box::new(CredentialsDigest::of(account)));
     }
 
     /// The wait before the next request, if it is not over at `now`; each kind capped
@@ -369,10 +371,10 @@ impl Saved {
                     Some(c) => c.refresh_token = rt.clone(),
                     None => {
                         if let Ok(seed) = refresh_token.read() {
-                            self.chain = Some(Chain {
+                            self.chain = Some(Box::new(Chain {
                                 seed: identity::secret_digest(&self.salt, &seed),
                                 refresh_token: rt.clone(),
-                            });
+                            }));
                         }
                     }
                 }
@@ -383,7 +385,7 @@ impl Saved {
             self.wait = p.wait;
             self.refusals = p.refusals;
             self.hold_key = (p.wait.is_some_and(|w| w.kind == WaitKind::Hold))
-                .then(|| CredentialsDigest::of(account));
+                .then(|| Box::new(CredentialsDigest::of(account)));
             self.generation += 1;
         }
         taken
@@ -419,13 +421,13 @@ impl SavedV1 {
             version: VERSION,
             generation: 1,
             chain: match (self.seed_refresh_token, self.refresh_token) {
-                (Some(seed), Some(rt)) => Some(Chain {
+                (Some(seed), Some(rt)) => Some(Box::new(Chain {
                     seed: identity::secret_digest(&salt, &Secret::new(seed)),
                     refresh_token: rt,
-                }),
+                })),
                 _ => None,
             },
-            salt,
+            salt: salt.into(),
             issued_for: self.fingerprint,
             token: self.token,
             wait: self.not_before.map(|until| Wait {

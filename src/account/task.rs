@@ -4,25 +4,29 @@
 //! state for readers. What an attempt does (lock, save, classify, deliver) lives in the
 //! engine, not here.
 //!
-//! Every account runs supervised: if its task dies (a panic), the error is logged and
-//! the account restarts with backoff, from the state its engine last left.
+//! Every account is one task that catches its own panics: the error is logged and the
+//! loop starts again with backoff, from the state its engine last left (the engine
+//! lives outside the loop that died). One task, and a small one while it waits, because
+//! a daemon may hold ten thousand of them (issue #11).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{mpsc, watch};
+use futures_util::FutureExt as _;
+use tokio::sync::{Notify, SemaphorePermit};
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::coordinator::{Coordinator, Turn};
-use super::engine::{Attempt, Engine, Failed, Mirror, Shared};
-use super::persist::WaitKind;
+use super::engine::{Attempt, Engine, Failed, Shared};
+use super::persist::{Saved, WaitKind};
 use super::schedule::{self, ErrorClass};
-use super::state::{Status, TokenState};
+use super::state::{published, Status, TokenState};
 use crate::config::{Account, Output};
-use crate::oauth::Endpoint;
+use crate::oauth::{Endpoint, Token};
 use crate::output;
 
 /// Why a task is poked.
@@ -38,15 +42,50 @@ pub enum Poke {
     Force,
 }
 
+impl Poke {
+    fn bit(self) -> u8 {
+        match self {
+            Poke::Refresh => 1,
+            Poke::CredentialsChanged => 2,
+            Poke::Force => 4,
+        }
+    }
+}
+
+/// What an account's task shares with its handle and its readers: the pokes (a set:
+/// pokes that arrive while one is handled coalesce), what to do once stopped, and the
+/// state the stopped engine left for its successor. One small allocation per account.
+#[derive(Default)]
+struct Inbox {
+    wake: Notify,
+    /// [`Poke::bit`]s not yet looked at.
+    pokes: AtomicU8,
+    /// Move the saved state to `retired/` (the account was removed).
+    retire: AtomicBool,
+    /// Outputs to remove (the account's, or those a new config no longer has).
+    remove: Mutex<Vec<Output>>,
+    /// The engine's state once the task ended, for the account's next instance.
+    last: Mutex<Option<Box<Saved>>>,
+    /// Look for stale temporary files beside the outputs before the engine opens.
+    clean_stale: AtomicBool,
+}
+
+impl Inbox {
+    fn poke(&self, poke: Poke) {
+        self.pokes.fetch_or(poke.bit(), Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+}
+
 /// A reader's view of a running account (the socket server, readiness, status): its
 /// config, its published state, and a way to ask for a refresh. Cheap to clone.
 #[derive(Clone)]
 pub struct AccountView {
     pub account: Arc<Account>,
-    pub state: watch::Receiver<TokenState>,
+    pub state: published::Receiver<TokenState>,
     /// Cluster mode: this member's place in its cluster.
     pub cluster: Option<Arc<dyn super::coordinator::ClusterStatus>>,
-    refresh: mpsc::Sender<Poke>,
+    inbox: Arc<Inbox>,
 }
 
 impl AccountView {
@@ -54,51 +93,38 @@ impl AccountView {
     /// last request, and not while the account is held after a refused credential).
     /// Pokes coalesce.
     pub fn refresh_now(&self) {
-        let _ = self.refresh.try_send(Poke::Refresh);
+        self.inbox.poke(Poke::Refresh);
     }
 
     /// Asks for one attempt now, ending a hold or a rate-limit wait (SPEC §4
     /// `?force=true`; only for root or the daemon's own user: the caller checks).
     pub fn force_refresh(&self) {
-        let _ = self.refresh.try_send(Poke::Force);
+        self.inbox.poke(Poke::Force);
     }
 
     /// Tells the account one of its secret files changed: a hold after refused
     /// credentials ends, and the provider is asked now.
     pub fn credentials_changed(&self) {
-        let _ = self.refresh.try_send(Poke::CredentialsChanged);
+        self.inbox.poke(Poke::CredentialsChanged);
     }
 
     /// A view with no task behind it: its refresh requests go nowhere. For the socket
     /// API's fuzz target (`fuzz/`), which answers requests without running accounts.
     #[doc(hidden)]
-    pub fn detached(account: Arc<Account>, state: watch::Receiver<TokenState>) -> Self {
-        let (refresh, _) = mpsc::channel(1);
+    pub fn detached(account: Arc<Account>, state: published::Receiver<TokenState>) -> Self {
         AccountView {
             account,
             state,
             cluster: None,
-            refresh,
+            inbox: Default::default(),
         }
     }
-}
-
-/// What the task does once it stops.
-#[derive(Default)]
-struct Farewell {
-    /// Move the saved state to `retired/` (the account was removed).
-    retire: AtomicBool,
-    /// Outputs to remove (the account's, or those a new config no longer has).
-    remove: Mutex<Vec<Output>>,
 }
 
 /// The supervisor's end of a running account.
 pub struct AccountHandle {
     pub view: AccountView,
     cancel: CancellationToken,
-    farewell: Arc<Farewell>,
-    done: CancellationToken,
-    mirror: Mirror,
 }
 
 impl AccountHandle {
@@ -106,27 +132,35 @@ impl AccountHandle {
     /// answer saved; then `remove` outputs go, and with `retire` the saved state moves
     /// to `retired/`. Returns what a successor must wait for.
     pub fn stop(&self, retire: bool, remove: Vec<Output>) -> Predecessor {
-        self.farewell.retire.store(retire, Ordering::SeqCst);
-        *self.farewell.remove.lock().expect("never poisoned") = remove;
+        let inbox = &self.view.inbox;
+        inbox.retire.store(retire, Ordering::SeqCst);
+        *inbox.remove.lock().expect("never poisoned") = remove;
         self.cancel.cancel();
         Predecessor {
-            done: self.done.clone(),
-            mirror: self.mirror.clone(),
+            state: self.view.state.clone(),
+            inbox: inbox.clone(),
         }
     }
 }
 
 /// A stopped (or stopping) account that a new one of the same name starts after: its
-/// last request answered and saved, its lock released.
+/// last request answered and saved, its lock released. Its task is over when the
+/// sender of its state is gone.
 #[derive(Clone)]
 pub struct Predecessor {
-    done: CancellationToken,
-    mirror: Mirror,
+    state: published::Receiver<TokenState>,
+    inbox: Arc<Inbox>,
 }
 
 impl Predecessor {
     pub fn is_done(&self) -> bool {
-        self.done.is_cancelled()
+        self.state.has_changed().is_err()
+    }
+
+    /// Waits until the task is over; the state its engine left, if any.
+    async fn finished(mut self) -> Option<Box<Saved>> {
+        while self.state.changed().await.is_ok() {}
+        self.inbox.last.lock().expect("never poisoned").take()
     }
 }
 
@@ -161,12 +195,14 @@ pub fn spawn_after<E: Endpoint>(
     tracker: &TaskTracker,
 ) -> AccountHandle {
     spawn_coordinated(
-        account, endpoint, shared, None, after, initial, cancel, tracker,
+        account, endpoint, shared, None, after, initial, true, cancel, tracker,
     )
 }
 
 /// [`spawn_after`], for an account whose refreshes `coordinator` shares with other
-/// tokend instances (cluster mode).
+/// tokend instances (cluster mode). Without `clean_stale` the account does not look for
+/// temporary files a killed writer left beside its outputs (the daemon's start does that
+/// for all accounts at once: [`output::clean_stale_all`]).
 #[allow(clippy::too_many_arguments)]
 pub fn spawn_coordinated<E: Endpoint>(
     account: Arc<Account>,
@@ -175,108 +211,122 @@ pub fn spawn_coordinated<E: Endpoint>(
     coordinator: Option<Box<dyn Coordinator>>,
     after: Option<Predecessor>,
     initial: TokenState,
+    clean_stale: bool,
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) -> AccountHandle {
-    let (state_tx, state_rx) = watch::channel(initial);
-    let (refresh_tx, refresh_rx) = mpsc::channel(4);
-    let farewell = Arc::new(Farewell::default());
-    let done = CancellationToken::new();
-    let mirror = Mirror::default();
+    let (state_tx, state_rx) = published::channel(initial);
+    let inbox = Arc::new(Inbox {
+        clean_stale: AtomicBool::new(clean_stale),
+        ..Inbox::default()
+    });
     let cluster = coordinator.as_ref().map(|c| c.status());
     let parts = Parts {
         account: account.clone(),
         endpoint: Arc::new(endpoint),
         shared,
-        state: Arc::new(state_tx),
-        refresh: Arc::new(tokio::sync::Mutex::new(refresh_rx)),
+        state: state_tx,
+        inbox: inbox.clone(),
         cancel: cancel.clone(),
-        farewell: farewell.clone(),
-        mirror: mirror.clone(),
-        coordinator: coordinator.map(|c| Arc::new(tokio::sync::Mutex::new(c))),
     };
-    tracker.spawn(supervise(parts, after, done.clone()));
+    tracker.spawn(supervise(parts, coordinator, after));
     AccountHandle {
         view: AccountView {
             account,
             state: state_rx,
             cluster,
-            refresh: refresh_tx,
+            inbox,
         },
         cancel,
-        farewell,
-        done,
-        mirror,
     }
 }
 
-/// What a task is made of; all of it outlives a task that dies.
+/// What an account's task is made of; all of it outlives a loop that dies.
 struct Parts<E> {
     account: Arc<Account>,
     endpoint: Arc<E>,
     shared: Shared,
-    state: Arc<watch::Sender<TokenState>>,
-    refresh: Arc<tokio::sync::Mutex<mpsc::Receiver<Poke>>>,
+    state: published::Sender<TokenState>,
+    inbox: Arc<Inbox>,
     cancel: CancellationToken,
-    farewell: Arc<Farewell>,
-    mirror: Mirror,
-    coordinator: Option<Arc<tokio::sync::Mutex<Box<dyn Coordinator>>>>,
 }
 
-impl<E> Clone for Parts<E> {
-    fn clone(&self) -> Self {
-        Parts {
-            account: self.account.clone(),
-            endpoint: self.endpoint.clone(),
-            shared: self.shared.clone(),
-            state: self.state.clone(),
-            refresh: self.refresh.clone(),
-            cancel: self.cancel.clone(),
-            farewell: self.farewell.clone(),
-            mirror: self.mirror.clone(),
-            coordinator: self.coordinator.clone(),
-        }
-    }
-}
-
-/// Runs the account's task after its predecessor, and again (with backoff) whenever it
-/// dies, until cancelled. `done` is cancelled when it is all over.
+/// The account's task: runs its loop after its predecessor, and again (with backoff)
+/// whenever the loop panics, until cancelled; then the farewell. The engine lives here,
+/// so a restarted loop goes on from the state the dead one left, lock included.
 async fn supervise<E: Endpoint>(
     parts: Parts<E>,
+    mut coordinator: Option<Box<dyn Coordinator>>,
     after: Option<Predecessor>,
-    done: CancellationToken,
 ) {
-    let _done = done.drop_guard();
-    let name = parts.account.name.clone();
+    let mut engine = Slot::Closed(None);
     if let Some(p) = after {
         if !p.is_done() {
-            tracing::info!(account = %name, "waiting for the account's previous configuration to finish its request");
+            tracing::info!(account = %parts.account.name, "waiting for the account's previous configuration to finish its request");
         }
         // Not cancellable: a successor that gave up here could hand an older state on.
-        p.done.cancelled().await;
-        let last = p.mirror.lock().expect("never poisoned").clone();
-        *parts.mirror.lock().expect("never poisoned") = last;
+        engine = Slot::Closed(Box::pin(p.finished()).await);
     }
     let mut deaths = 0u32;
     loop {
-        let task = Task::new(parts.clone());
-        let died = match tokio::spawn(task.run()).await {
-            Ok(()) => return,
-            Err(e) if e.is_panic() => panic_message(e.into_panic()),
-            Err(_) => return,
+        let mut task = Task {
+            parts: &parts,
+            expired: None,
+        };
+        let run = task.run(&mut engine, &mut coordinator);
+        let died = match AssertUnwindSafe(run).catch_unwind().await {
+            Ok(()) => break,
+            Err(payload) => panic_message(payload),
         };
         deaths += 1;
         let wait = schedule::backoff(deaths, &mut rand::thread_rng()).max(Duration::from_secs(1));
-        tracing::error!(account = %name, restart_in = wait.as_secs(), "account task died ({died}): restarting it");
-        parts.state.send_modify(|s| {
+        tracing::error!(account = %parts.account.name, restart_in = wait.as_secs(), "account task died ({died}): restarting it");
+        task.publish(|s| {
             s.status = Status::Failing;
             s.last_error = Some(format!("internal error ({died}); restarting"));
             s.attempted = true;
         });
-        parts.shared.changed.notify_one();
-        tokio::select! {
-            _ = parts.cancel.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
+        let cancelled = Box::pin(async {
+            tokio::select! {
+                _ = parts.cancel.cancelled() => true,
+                _ = tokio::time::sleep(wait) => false,
+            }
+        });
+        if cancelled.await {
+            break;
+        }
+    }
+    if let Some(c) = &coordinator {
+        c.resign().await;
+    }
+    Box::pin(farewell(&parts, engine)).await;
+}
+
+/// The account's engine, or, until it opens, the state its predecessor left. Not
+/// boxed: the engine is the one thing the task holds for its whole life, and one
+/// enum for both keeps the task under a 128-byte step of its allocation (issue #11).
+#[allow(clippy::large_enum_variant)]
+enum Slot<E> {
+    Closed(Option<Box<Saved>>),
+    Open(Engine<E>),
+}
+
+/// After the loop: the engine's last save (and retirement), kept for the account's
+/// next instance; then the outputs the supervisor asked to remove.
+async fn farewell<E: Endpoint>(parts: &Parts<E>, engine: Slot<E>) {
+    let retire = parts.inbox.retire.load(Ordering::SeqCst);
+    if let Slot::Open(engine) = engine {
+        let saved = engine.close(retire).await;
+        *parts.inbox.last.lock().expect("never poisoned") = Some(Box::new(saved));
+    }
+    let remove = std::mem::take(&mut *parts.inbox.remove.lock().expect("never poisoned"));
+    if !remove.is_empty() {
+        let gone = Account {
+            outputs: remove,
+            ..(*parts.account).clone()
+        };
+        if let Err(e) = output::remove_all(&gone) {
+            tracing::error!(account = %gone.name, "{e}");
         }
     }
 }
@@ -286,7 +336,7 @@ async fn supervise<E: Endpoint>(
 const CLUSTER_RECHECK: Duration = Duration::from_secs(5);
 
 /// Resolves when the coordinator says shared state changed; never without one.
-async fn changed(c: &mut Option<tokio::sync::MutexGuard<'_, Box<dyn Coordinator>>>) {
+async fn changed(c: &mut Option<Box<dyn Coordinator>>) {
     match c {
         Some(c) => c.changed().await,
         None => std::future::pending().await,
@@ -302,10 +352,11 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "a panic".into())
 }
 
-struct Task<E> {
-    parts: Parts<E>,
-    /// The expiry already acted on, so an expired token is expired once.
-    expired: Option<SystemTime>,
+struct Task<'a, E> {
+    parts: &'a Parts<E>,
+    /// The token whose expiry was already acted on, so an expired token is expired
+    /// once (a pointer: what a waiting task holds is counted, issue #11).
+    expired: Option<Arc<Token>>,
 }
 
 /// What the loop waits for next.
@@ -320,15 +371,28 @@ struct Plan {
     last_attempt: Option<Instant>,
 }
 
-impl<E: Endpoint> Task<E> {
-    fn new(parts: Parts<E>) -> Self {
-        Task {
-            parts,
-            expired: None,
-        }
-    }
+/// What woke a waiting account.
+enum Woke {
+    Cancelled,
+    Poked,
+    Cluster,
+    Timer,
+}
 
-    fn account(&self) -> &Account {
+/// What the loop does after handling a wake-up.
+enum Then {
+    Wait,
+    Stop,
+    /// Ask the provider (or take an identical account's token): `force` when the
+    /// operator forced it, `leading` when this member leads the account's cluster.
+    Attempt {
+        force: bool,
+        leading: bool,
+    },
+}
+
+impl<'a, E: Endpoint> Task<'a, E> {
+    fn account(&self) -> &'a Account {
         &self.parts.account
     }
 
@@ -336,170 +400,224 @@ impl<E: Endpoint> Task<E> {
         self.parts.shared.clock.now()
     }
 
-    async fn run(mut self) {
-        let name = self.parts.account.name.clone();
-        let removed = tokio::task::spawn_blocking({
-            let a = self.parts.account.clone();
-            move || output::clean_stale(&a)
-        })
-        .await
-        .unwrap_or(0);
-        if removed > 0 {
-            tracing::info!(account = %name, removed, "removed stale temporary files");
+    /// The loop. Everything but the wait itself runs in boxed futures: a waiting task
+    /// then holds only its plan and what it waits on, not the largest of what it does
+    /// now and then (an attempt holds a whole HTTP request).
+    async fn run(&mut self, slot: &mut Slot<E>, coordinator: &mut Option<Box<dyn Coordinator>>) {
+        let parts = self.parts;
+        if let Slot::Closed(in_memory) = slot {
+            let Some(e) = Box::pin(self.open(in_memory.take())).await else {
+                return;
+            };
+            *slot = Slot::Open(e);
         }
-        let cancel = self.parts.cancel.clone();
-        // The futures of what the loop awaits now and then (an attempt holds a whole
-        // HTTP request) are boxed: a waiting task then holds only its own few hundred
-        // bytes, not the largest of them (issue #11: thousands of idle accounts).
-        let Some(mut engine) = Box::pin(Engine::open(
-            self.parts.account.clone(),
-            self.parts.endpoint.clone(),
-            self.parts.shared.clone(),
-            self.parts.mirror.clone(),
-            &cancel,
-        ))
-        .await
-        else {
-            return Box::pin(self.farewell(None)).await;
+        let Slot::Open(engine) = slot else {
+            unreachable!("the engine was opened just above")
         };
-        let mut plan = Box::pin(self.restore(&mut engine)).await;
-        let refresh = self.parts.refresh.clone();
-        let mut refresh = refresh.lock().await;
-        let coordinator = self.parts.coordinator.clone();
-        let mut coordinator = match &coordinator {
-            Some(c) => Some(c.lock().await),
-            None => None,
-        };
+        let mut plan = Box::pin(self.restore(engine)).await;
         if let Some(c) = coordinator.as_deref() {
             // Joining or restarting: a fresh shared token costs the provider nothing.
-            self.follow(&mut engine, c.as_ref(), &mut plan).await;
+            Box::pin(self.follow(engine, c, &mut plan)).await;
         }
         // The monotonic clock stops while the machine sleeps: when the wall clock jumps,
         // the plan is looked at again, so a refresh that fell due during a suspend
         // happens on resume. One watcher for all accounts; no timer of our own.
-        let mut jumps = self
-            .parts
-            .shared
-            .wall_jumps
-            .subscribe(self.parts.shared.clock);
-        jumps.mark_unchanged();
+        let mut jumps = parts.shared.wall_jumps.seen(parts.shared.clock);
         loop {
             let wake = self
                 .expiry_instant()
                 .map_or(plan.next, |e| e.min(plan.next));
             let wake = plan.redeliver.map_or(wake, |r| r.min(wake));
             let next_wall = self.wall(plan.next);
-            let woke = async {
-                tokio::select! {
-                    _ = sleep_until(wake) => {}
-                    Ok(()) = jumps.changed() => {}
+            let woke = tokio::select! {
+                biased;
+                _ = parts.cancel.cancelled() => Woke::Cancelled,
+                _ = parts.inbox.wake.notified() => Woke::Poked,
+                _ = changed(coordinator) => Woke::Cluster,
+                _ = sleep_until(wake) => Woke::Timer,
+                now = parts.shared.wall_jumps.after(jumps) => {
+                    jumps = now;
+                    Woke::Timer
                 }
             };
-            let mut force = false;
-            tokio::select! {
-                biased;
-                _ = cancel.cancelled() => break,
-                Some(poke) = refresh.recv() => {
-                    let now = Instant::now();
-                    match poke {
-                        Poke::CredentialsChanged | Poke::Force => {
-                            tracing::info!(account = %name, "{}", if poke == Poke::Force {
-                                "refresh forced: any hold or rate-limit wait ends for one attempt"
-                            } else {
-                                "credentials changed: asking the provider now"
-                            });
-                            Box::pin(engine.end_hold()).await;
-                            plan.hold_until = None;
-                            force = poke == Poke::Force;
-                        }
-                        Poke::Refresh if plan.hold_until.is_some_and(|h| h > now) => {
-                            tracing::info!(account = %name, "refresh asked for, but the account is held after the provider refused its credentials");
-                            continue;
-                        }
-                        Poke::Refresh => {
-                            let earliest = plan.last_attempt.map_or(now, |l| l + self.account().schedule.min_refresh_interval);
-                            if earliest > now {
-                                plan.next = plan.next.min(earliest);
-                                self.publish_next(plan.next);
-                                continue;
-                            }
-                        }
+            let then =
+                Box::pin(self.woke(woke, engine, coordinator.as_deref(), &mut plan, next_wall));
+            let leading = match then.await {
+                Then::Wait => continue,
+                Then::Stop => break,
+                Then::Attempt { force, leading } => {
+                    if !force && !self.wait_for_provider().await {
+                        break;
                     }
+                    leading
                 }
-                _ = changed(&mut coordinator) => {
-                    if let Some(c) = coordinator.as_deref() {
-                        self.follow(&mut engine, c.as_ref(), &mut plan).await;
-                        // A leader that left frees its key: take the lead now, not when
-                        // the token falls due (failover within the lease's time to live).
-                        let turn = tokio::select! {
-                            _ = cancel.cancelled() => break,
-                            t = c.turn() => t,
-                        };
-                        let leader = match turn {
-                            Turn::Lead => Some(c.me().to_owned()),
-                            Turn::Follow(other) => Some(other),
-                            Turn::Alone | Turn::Wait => None,
-                        };
-                        self.publish(|s| {
-                            s.degraded = leader.is_none();
-                            s.leader = leader;
-                        });
-                    }
-                    continue;
-                }
-                _ = woke => {
-                    let now = Instant::now();
-                    if plan.redeliver.is_some_and(|r| r <= now) {
-                        plan.redeliver = None;
-                        let outcome = Box::pin(engine.retry_delivery(&cancel)).await;
-                        self.handle(outcome, &mut plan);
-                        continue;
-                    }
-                    let due = now >= plan.next || self.now() >= next_wall;
-                    if !due {
-                        if self.token_expired() {
-                            self.expire();
-                        }
-                        continue;
-                    }
-                }
-            }
-
-            let mut leading = false;
-            if let Some(c) = coordinator.as_deref() {
-                match self.turn(&mut engine, c.as_ref(), &mut plan, force).await {
-                    Some(lead) => leading = lead,
-                    None => continue,
-                }
-            }
-            if !force && !Box::pin(self.wait_for_provider()).await {
-                break;
-            }
+            };
             plan.last_attempt = Some(Instant::now());
             self.publish(|s| s.status = Status::Refreshing);
-            let outcome = Box::pin(engine.attempt(&cancel)).await;
-            if matches!(outcome, Attempt::Cancelled) {
+            // The permit first, in this small loop, then the attempt's state (issue #11:
+            // at start every account is due at once, and the heap keeps the shape of
+            // the largest crowd it held).
+            let permit = tokio::select! {
+                biased;
+                _ = parts.cancel.cancelled() => break,
+                p = parts.shared.semaphore.acquire() => p.expect("the semaphore is never closed"),
+            };
+            let attempt =
+                Box::pin(self.attempt(engine, coordinator.as_deref(), &mut plan, leading, permit));
+            if let Then::Stop = attempt.await {
                 break;
             }
-            let fresh = matches!(outcome, Attempt::Fresh(_));
-            self.handle(outcome, &mut plan);
-            if let (true, Some(c)) = (leading, coordinator.as_deref()) {
-                let mut state = engine.portable();
-                state.last_error = self.parts.state.borrow().last_error.clone();
-                if c.share(state).await {
-                    if fresh {
-                        let me = c.me().to_owned();
-                        self.publish(|s| s.refreshed_by = Some(me));
-                    }
+        }
+    }
+
+    /// Cleans stale temporary files (if asked to), then waits for the account's lock and
+    /// opens its engine. None if cancelled meanwhile.
+    async fn open(&self, in_memory: Option<Box<Saved>>) -> Option<Engine<E>> {
+        let parts = self.parts;
+        if parts.inbox.clean_stale.swap(false, Ordering::SeqCst) {
+            let removed = tokio::task::spawn_blocking({
+                let a = parts.account.clone();
+                move || output::clean_stale(&a)
+            })
+            .await
+            .unwrap_or(0);
+            if removed > 0 {
+                tracing::info!(account = %parts.account.name, removed, "removed stale temporary files");
+            }
+        }
+        Engine::open(
+            parts.account.clone(),
+            parts.endpoint.clone(),
+            parts.shared.clone(),
+            in_memory.map(|s| *s),
+            &parts.cancel,
+        )
+        .await
+    }
+
+    /// Handles what woke the loop: a poke, news from the cluster, or a timer; says
+    /// whether an attempt is due.
+    async fn woke(
+        &mut self,
+        woke: Woke,
+        engine: &mut Engine<E>,
+        coordinator: Option<&dyn Coordinator>,
+        plan: &mut Plan,
+        next_wall: SystemTime,
+    ) -> Then {
+        let name = &self.account().name;
+        let cancel = &self.parts.cancel;
+        let mut force = false;
+        match woke {
+            Woke::Cancelled => return Then::Stop,
+            Woke::Poked => {
+                let pokes = self.parts.inbox.pokes.swap(0, Ordering::SeqCst);
+                let now = Instant::now();
+                if pokes & (Poke::CredentialsChanged.bit() | Poke::Force.bit()) != 0 {
+                    force = pokes & Poke::Force.bit() != 0;
+                    tracing::info!(account = %name, "{}", if force {
+                        "refresh forced: any hold or rate-limit wait ends for one attempt"
+                    } else {
+                        "credentials changed: asking the provider now"
+                    });
+                    engine.end_hold().await;
+                    plan.hold_until = None;
+                } else if pokes == 0 {
+                    // Pokes that came while the last were handled, already taken.
+                    return Then::Wait;
+                } else if plan.hold_until.is_some_and(|h| h > now) {
+                    tracing::info!(account = %name, "refresh asked for, but the account is held after the provider refused its credentials");
+                    return Then::Wait;
                 } else {
-                    tracing::warn!(account = %name, "lost the cluster lead while refreshing: the new leader's token wins");
+                    let earliest = plan
+                        .last_attempt
+                        .map_or(now, |l| l + self.account().schedule.min_refresh_interval);
+                    if earliest > now {
+                        plan.next = plan.next.min(earliest);
+                        self.publish_next(plan.next);
+                        return Then::Wait;
+                    }
+                }
+            }
+            Woke::Cluster => {
+                if let Some(c) = coordinator {
+                    self.follow(engine, c, plan).await;
+                    // A leader that left frees its key: take the lead now, not when
+                    // the token falls due (failover within the lease's time to live).
+                    let turn = tokio::select! {
+                        _ = cancel.cancelled() => return Then::Stop,
+                        t = c.turn() => t,
+                    };
+                    let leader = match turn {
+                        Turn::Lead => Some(c.me().to_owned()),
+                        Turn::Follow(other) => Some(other),
+                        Turn::Alone | Turn::Wait => None,
+                    };
+                    self.publish(|s| {
+                        s.degraded = leader.is_none();
+                        s.leader = leader;
+                    });
+                }
+                return Then::Wait;
+            }
+            Woke::Timer => {
+                let now = Instant::now();
+                if plan.redeliver.is_some_and(|r| r <= now) {
+                    plan.redeliver = None;
+                    let outcome = engine.retry_delivery(cancel).await;
+                    self.handle(outcome, plan);
+                    return Then::Wait;
+                }
+                let due = now >= plan.next || self.now() >= next_wall;
+                if !due {
+                    if self.token_expired() {
+                        self.expire();
+                    }
+                    return Then::Wait;
                 }
             }
         }
-        if let Some(c) = coordinator.as_deref() {
-            c.resign().await;
+
+        let mut leading = false;
+        if let Some(c) = coordinator {
+            match self.turn(engine, c, plan, force).await {
+                Some(lead) => leading = lead,
+                None => return Then::Wait,
+            }
         }
-        Box::pin(self.farewell(Some(engine))).await;
+        Then::Attempt { force, leading }
+    }
+
+    /// One attempt with `permit`, planned and published; shared with the cluster when
+    /// this member `leading`.
+    async fn attempt(
+        &mut self,
+        engine: &mut Engine<E>,
+        coordinator: Option<&dyn Coordinator>,
+        plan: &mut Plan,
+        leading: bool,
+        permit: SemaphorePermit<'_>,
+    ) -> Then {
+        let name = &self.account().name;
+        let outcome = engine.attempt_with(permit, &self.parts.cancel).await;
+        if matches!(outcome, Attempt::Cancelled) {
+            return Then::Stop;
+        }
+        let fresh = matches!(outcome, Attempt::Fresh(_));
+        self.handle(outcome, plan);
+        if let (true, Some(c)) = (leading, coordinator) {
+            let mut state = engine.portable();
+            state.last_error = self.parts.state.borrow().last_error.clone();
+            if c.share(state).await {
+                if fresh {
+                    let me = c.me().to_owned();
+                    self.publish(|s| s.refreshed_by = Some(me));
+                }
+            } else {
+                tracing::warn!(account = %name, "lost the cluster lead while refreshing: the new leader's token wins");
+            }
+        }
+        Then::Wait
     }
 
     /// Cluster mode, when a refresh is due: whose turn it is. `Some(true)` when this
@@ -624,26 +742,6 @@ impl<E: Endpoint> Task<E> {
             }
         }
         self.publish_next(plan.next);
-    }
-
-    /// After the loop: the engine's last save (and retirement), then the outputs the
-    /// supervisor asked to remove.
-    async fn farewell(&mut self, engine: Option<Engine<E>>) {
-        let retire = self.parts.farewell.retire.load(Ordering::SeqCst);
-        if let Some(engine) = engine {
-            engine.close(retire).await;
-        }
-        let remove =
-            std::mem::take(&mut *self.parts.farewell.remove.lock().expect("never poisoned"));
-        if !remove.is_empty() {
-            let gone = Account {
-                outputs: remove,
-                ..(*self.parts.account).clone()
-            };
-            if let Err(e) = output::remove_all(&gone) {
-                tracing::error!(account = %gone.name, "{e}");
-            }
-        }
     }
 
     /// Publishes a saved token that is still valid, without asking the provider, and
@@ -826,12 +924,19 @@ impl<E: Endpoint> Task<E> {
         self.now() + at.saturating_duration_since(Instant::now())
     }
 
+    /// Whether the expiry of `t` was acted on already.
+    fn expiry_handled(&self, t: &Token) -> bool {
+        self.expired
+            .as_ref()
+            .is_some_and(|e| e.expires_at == t.expires_at)
+    }
+
     /// Whether the held token has expired by the wall clock and was not yet acted on.
     fn token_expired(&self) -> bool {
         let s = self.parts.state.borrow();
         s.token
             .as_ref()
-            .is_some_and(|t| self.expired != Some(t.expires_at) && !t.is_valid_at(self.now()))
+            .is_some_and(|t| !self.expiry_handled(t) && !t.is_valid_at(self.now()))
     }
 
     fn fail(&mut self, f: &Failed, failures: u32) {
@@ -876,13 +981,7 @@ impl<E: Endpoint> Task<E> {
     /// The token expired before a new one came: readers stop getting it, and outputs go
     /// (unless `on_expiry = "keep"`).
     fn expire(&mut self) {
-        self.expired = self
-            .parts
-            .state
-            .borrow()
-            .token
-            .as_ref()
-            .map(|t| t.expires_at);
+        self.expired = self.parts.state.borrow().token.clone();
         let removed = output::remove_all(self.account());
         tracing::warn!(account = %self.account().name, status = "expired", "token expired without renewal");
         if let Err(e) = removed {
@@ -895,7 +994,7 @@ impl<E: Endpoint> Task<E> {
     fn expiry_instant(&self) -> Option<Instant> {
         let s = self.parts.state.borrow();
         let t = s.token.as_ref()?;
-        if self.expired == Some(t.expires_at) {
+        if self.expiry_handled(t) {
             return None;
         }
         let left = t.expires_at.duration_since(self.now()).unwrap_or_default();

@@ -1684,6 +1684,8 @@ fn outputs(cx: &mut Ctx<'_>, at: &At<'_>, name: &str, has_socket: bool) -> Vec<O
             outputs.push(out);
         }
     }
+    // Kept for the daemon's life, once per account (issue #11).
+    outputs.shrink_to_fit();
     if outputs.is_empty() && at.a.output.is_none() && !has_socket {
         cx.err(
             at.span.clone(),

@@ -5,6 +5,7 @@
 //! Directories made for an output get their mode and group here too, set explicitly
 //! rather than left to the process umask (the unit runs with `UMask=0077`).
 
+use std::collections::HashMap;
 use std::fs::{File, Permissions};
 use std::io::Write as _;
 use std::os::unix::fs::{
@@ -231,6 +232,37 @@ pub fn clean_stale_dir(dir: &Path) -> usize {
         .count()
 }
 
+/// [`clean_stale`] for every output in `dir` at once, by file name (mapped to whose
+/// output it is): the directory is read once. Returns the owner of each file removed.
+pub fn clean_stale_among<T: Copy>(dir: &Path, names: &HashMap<String, T>) -> Vec<T> {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for e in entries.flatten() {
+        let n = e.file_name();
+        let n = n.to_string_lossy();
+        if !n.starts_with('.') || !n.ends_with(TEMP_SUFFIX) {
+            continue;
+        }
+        // `.{name}.{random}.tokend-tmp`, and a name may hold dots: each one is tried.
+        let owner = n[1..]
+            .match_indices('.')
+            .find_map(|(at, _)| names.get(&n[1..1 + at]));
+        if let Some(owner) = owner {
+            if std::fs::remove_file(e.path()).is_ok() {
+                removed.push(*owner);
+            }
+        }
+    }
+    removed
+}
+
 /// Removes temporary files a killed writer left beside `path`; returns how many.
 pub fn clean_stale(path: &Path) -> usize {
     let (Some(dir), prefix) = (path.parent(), temp_prefix(path)) else {
@@ -261,6 +293,38 @@ mod tests {
 
     fn mode_of(path: &Path) -> u32 {
         std::fs::symlink_metadata(path).unwrap().mode() & 0o7777
+    }
+
+    #[test]
+    fn one_read_of_a_directory_finds_every_outputs_stale_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let names: HashMap<String, usize> = [("tok".to_owned(), 1), ("a.b".to_owned(), 2)].into();
+        let stale = [
+            ".tok.abc.tokend-tmp",
+            ".a.b.x1.tokend-tmp",
+            ".tok.tokend-tmp",
+        ];
+        let kept = [
+            "tok",
+            ".other.abc.tokend-tmp",
+            "tok.abc.tokend-tmp",
+            ".a.abc.tokend-tmp",
+            ".tok.abc",
+        ];
+        for n in stale.iter().chain(&kept) {
+            std::fs::write(dir.path().join(n), "x").unwrap();
+        }
+        let mut removed = clean_stale_among(dir.path(), &names);
+        removed.sort();
+        assert_eq!(removed, [1, 1, 2]);
+        for n in kept {
+            assert!(dir.path().join(n).exists(), "{n} kept");
+        }
+        // The same verdicts as one account's own look.
+        for n in stale {
+            std::fs::write(dir.path().join(n), "x").unwrap();
+        }
+        assert_eq!(clean_stale(&dir.path().join("tok")), 2);
     }
 
     #[test]

@@ -4,6 +4,10 @@
 pub mod atomic;
 pub mod render;
 
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
 use crate::config::{Account, Format, OnExpiry};
 use crate::oauth::Token;
 
@@ -62,6 +66,34 @@ pub fn remove_all(account: &Account) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// [`clean_stale`] for many accounts at once (the daemon's start): each directory is
+/// read once, not once for each account with an output in it (issue #11: ten thousand
+/// outputs in one directory made that 10^8 entries read). Returns how many files were
+/// removed for each account, in the order of `accounts`.
+pub fn clean_stale_all(accounts: &[Arc<Account>]) -> Vec<usize> {
+    let mut removed = vec![0; accounts.len()];
+    let mut dirs: HashMap<&Path, HashMap<String, usize>> = HashMap::new();
+    for (i, a) in accounts.iter().enumerate() {
+        for o in &a.outputs {
+            match (&o.format, o.path.parent(), o.path.file_name()) {
+                (Format::Directory { .. }, _, _) => removed[i] += atomic::clean_stale_dir(&o.path),
+                (_, Some(dir), Some(name)) => {
+                    dirs.entry(dir)
+                        .or_default()
+                        .insert(name.to_string_lossy().into_owned(), i);
+                }
+                _ => {}
+            }
+        }
+    }
+    for (dir, names) in dirs {
+        for i in atomic::clean_stale_among(dir, &names) {
+            removed[i] += 1;
+        }
+    }
+    removed
 }
 
 /// Removes temporary files a killed daemon left next to (or inside) `account`'s outputs.

@@ -2,7 +2,7 @@
 //! TCP `metrics_listen` listener that serves only `/metrics` and `/v1/health`.
 //!
 //! The server only reads: it holds a `watch::Receiver` of the supervisor's account map
-//! and each account's `watch::Receiver<TokenState>`, and asks for a refresh through
+//! and each account's published `TokenState`, and asks for a refresh through
 //! [`AccountView::refresh_now`](crate::account::AccountView::refresh_now) (or
 //! [`force_refresh`](crate::account::AccountView::force_refresh)). It counts requests in
 //! the [`Metrics`] handed to it, and renders them on `/metrics`. Each connection is one
