@@ -759,11 +759,8 @@ mod members {
         assert_eq!(code, 200, "{body}");
         assert!(body.contains("\"degraded\":[\"a\"]"), "{body}");
         let status = tokend_cmd("status", "--socket", &sock);
-        assert!(
-            status.stdout.contains("fresh, degraded"),
-            "{}",
-            status.stdout
-        );
+        // "fresh, degraded", or "refreshing, degraded" when the 8 s token falls due now.
+        assert!(status.stdout.contains(", degraded"), "{}", status.stdout);
         // Tokens keep being served; when due (8 s tokens, at about 6.4 s), each member
         // refreshes on its own: at most one request per member per cycle.
         d0.wait_until("tokens refreshed alone", LONG, || {
