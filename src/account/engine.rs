@@ -38,7 +38,8 @@ pub struct Shared(Arc<Common>);
 
 /// What every account shares, behind [`Shared`].
 pub struct Common {
-    /// Bounds concurrent token requests (`max_concurrent_refreshes`).
+    /// Bounds concurrent refreshes (`max_concurrent_refreshes`): a token request and the
+    /// saving and writing of what it brought.
     pub semaphore: Semaphore,
     pub clock: Clock,
     /// Woken whenever any account publishes a new state (readiness, STATUS=).
@@ -440,28 +441,24 @@ impl<E: Endpoint> Engine<E> {
             if newer && self.now() < due {
                 tracing::debug!(account = %self.account.name, "reusing the token an identical account just fetched");
                 let t = t.clone();
-                drop((guard, permit));
-                return self.accept(t, cancel).await;
+                drop(guard);
+                return self.accept(t, cancel, Some(permit)).await;
             }
         }
-        let started;
-        let result = {
-            let _permit = permit;
-            self.endpoint
-                .use_refresh_token(self.saved.refresh_token(&self.account));
-            if let Some(url) = self.saved.known_token_url(&self.account) {
-                self.endpoint.use_known_token_url(url);
-            }
-            started = Instant::now();
-            if self.rotates() {
-                // Its answer holds the only copy of the next refresh token: never abandoned.
-                let _on_the_wire = Rotation::start(&self.shared.rotations);
-                self.endpoint.fetch().await
-            } else {
-                tokio::select! {
-                    _ = cancel.cancelled() => return Attempt::Cancelled,
-                    r = self.endpoint.fetch() => r,
-                }
+        self.endpoint
+            .use_refresh_token(self.saved.refresh_token(&self.account));
+        if let Some(url) = self.saved.known_token_url(&self.account) {
+            self.endpoint.use_known_token_url(url);
+        }
+        let started = Instant::now();
+        let result = if self.rotates() {
+            // Its answer holds the only copy of the next refresh token: never abandoned.
+            let _on_the_wire = Rotation::start(&self.shared.rotations);
+            self.endpoint.fetch().await
+        } else {
+            tokio::select! {
+                _ = cancel.cancelled() => return Attempt::Cancelled,
+                r = self.endpoint.fetch() => r,
             }
         };
         self.shared
@@ -478,29 +475,45 @@ impl<E: Endpoint> Engine<E> {
                     **g = Some(token.clone());
                 }
                 drop(guard);
-                self.accept(token, cancel).await
+                self.accept(token, cancel, Some(permit)).await
             }
-            Err(e) => Attempt::Failed(self.failed(&e).await),
+            Err(e) => {
+                drop(permit);
+                Attempt::Failed(self.failed(&e).await)
+            }
         }
     }
 
     /// Records a new token (state first), then delivers it.
-    async fn accept(&mut self, token: Arc<Token>, cancel: &CancellationToken) -> Attempt {
+    async fn accept(
+        &mut self,
+        token: Arc<Token>,
+        cancel: &CancellationToken,
+        permit: Option<SemaphorePermit<'_>>,
+    ) -> Attempt {
         self.saved.record(&self.account, &token);
         self.unsaved = true;
         self.undelivered = Some(token);
-        self.finish_delivery(!cancel.is_cancelled()).await
+        self.finish_delivery(!cancel.is_cancelled(), permit).await
     }
 
     /// Retries the delivery of a fetched token after a local failure (no request).
     pub async fn retry_delivery(&mut self, cancel: &CancellationToken) -> Attempt {
-        self.finish_delivery(!cancel.is_cancelled()).await
+        self.finish_delivery(!cancel.is_cancelled(), None).await
     }
 
     /// Saves the state if it holds an unsaved token, then writes the outputs and runs
     /// the hooks. A rotated refresh token is on disk before its access token is
-    /// published; other grants publish even if the state cannot be saved.
-    async fn finish_delivery(&mut self, run_hooks: bool) -> Attempt {
+    /// published; other grants publish even if the state cannot be saved. The refresh
+    /// `permit`, if any, is held until the files are written (not through the hooks):
+    /// an attempt in flight holds a few KiB, and with the permit released at the answer,
+    /// accounts waiting for the blocking threads that write files piled up by the
+    /// thousand at start (issue #11).
+    async fn finish_delivery(
+        &mut self,
+        run_hooks: bool,
+        permit: Option<SemaphorePermit<'_>>,
+    ) -> Attempt {
         let Some(token) = self.undelivered.clone() else {
             return Attempt::Cancelled;
         };
@@ -530,6 +543,7 @@ impl<E: Endpoint> Engine<E> {
         }
         self.undelivered = None;
         self.local_failures = 0;
+        drop(permit);
         if run_hooks {
             hooks::run(&self.account, token.expires_at).await;
         }
