@@ -445,7 +445,7 @@ mod members {
 
     /// Waits until every member serves one token; that token.
     fn serving_one_token(d: &Daemon, nodes: &[Node]) -> String {
-        d.wait_until("every member serving one token", SHORT, || {
+        d.wait_until("every member serving one token", LONG, || {
             let t = nodes[0].token()?;
             nodes
                 .iter()
@@ -456,7 +456,7 @@ mod members {
 
     /// Waits until every member names the same leader; its name.
     fn one_leader(d: &Daemon, nodes: &[Node]) -> String {
-        d.wait_until("one leader known to all", SHORT, || {
+        d.wait_until("one leader known to all", LONG, || {
             let l: Vec<String> = nodes.iter().filter_map(leader_of).collect();
             (l.len() == nodes.len() && l.iter().all(|x| *x == l[0])).then(|| l[0].clone())
         })

@@ -153,7 +153,9 @@ impl Finished {
 pub fn once(config: &Path, args: &[&str]) -> Finished {
     let mut cmd = tokend();
     cmd.arg("once").arg("-c").arg(config).args(args);
-    finish(cmd, SHORT)
+    // A bound, not a measure: `once` makes up to three attempts with up to 5 s between
+    // them when they fail transiently, which on a loaded machine can pass 10 s.
+    finish(cmd, 3 * LONG)
 }
 
 /// Runs `cmd` to its end, for at most `timeout` (killed if it takes longer).
