@@ -137,7 +137,8 @@ impl fmt::Debug for PrivateKey {
     }
 }
 
-fn b64url(bytes: &[u8]) -> String {
+/// base64url without padding (RFC 7515 §2), as JWS and JWK want it.
+pub(crate) fn b64url(bytes: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 

@@ -11,10 +11,9 @@
 
 use std::time::SystemTime;
 
-use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
-use crate::config::keys::{KeyError, PrivateKey};
+use crate::config::keys::{b64url, KeyError, PrivateKey};
 use crate::config::{Account, AssertionAlg, Secret};
 
 /// RFC 7523 §2.2's `client_assertion_type`.
@@ -37,10 +36,6 @@ pub struct Header {
     pub alg: String,
     pub kid: String,
     pub typ: String,
-}
-
-fn b64url(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -127,6 +122,8 @@ mod tests {
     use ring::signature::{self, UnparsedPublicKey};
     use std::path::Path;
     use std::time::Duration;
+
+    use base64::Engine as _;
 
     fn account(extra: &str) -> Account {
         let text = format!(

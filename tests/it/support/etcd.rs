@@ -7,6 +7,8 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::oidc::openssl;
+
 /// A loopback port free right now (bound and released; etcd binds it next).
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -38,19 +40,6 @@ pub struct Tls {
     pub client_key: std::path::PathBuf,
     server_cert: std::path::PathBuf,
     server_key: std::path::PathBuf,
-}
-
-fn openssl(dir: &std::path::Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl runs");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn make_tls(dir: &std::path::Path) -> Tls {
