@@ -464,6 +464,10 @@ impl Supervisor {
 
     async fn shutdown(self) {
         self.cancel.cancel();
+        // Parked accounts have no task to notice: each is woken to finish.
+        for running in self.accounts.values() {
+            running.halt();
+        }
         self.tracker.close();
         let stopped = tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait()).await;
         if stopped.is_err() && *self.shared.rotations.borrow() > 0 {

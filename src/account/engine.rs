@@ -55,6 +55,8 @@ pub struct Common {
     pub rotations: watch::Sender<usize>,
     /// Tells waiting accounts when the wall clock jumped (a suspend).
     pub wall_jumps: Arc<WallJumps>,
+    /// Wakes parked accounts when their plans fall due.
+    pub alarms: Arc<super::alarms::Alarms>,
 }
 
 impl std::ops::Deref for Shared {
@@ -77,6 +79,7 @@ impl Shared {
             metrics: Default::default(),
             rotations: watch::Sender::new(0),
             wall_jumps: Default::default(),
+            alarms: Default::default(),
         }))
     }
 }

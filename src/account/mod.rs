@@ -4,6 +4,7 @@
 //! (`schedule`), who an account is (`identity`), what is kept across restarts
 //! (`persist`), and what readers see (`state`, `registry`).
 
+pub mod alarms;
 pub mod coordinator;
 pub mod engine;
 pub mod hooks;

@@ -4,10 +4,13 @@
 //! state for readers. What an attempt does (lock, save, classify, deliver) lives in the
 //! engine, not here.
 //!
-//! Every account is one task that catches its own panics: the error is logged and the
+//! An account runs as a task that catches its own panics: the error is logged and the
 //! loop starts again with backoff, from the state its engine last left (the engine
-//! lives outside the loop that died). One task, and a small one while it waits, because
-//! a daemon may hold ten thousand of them (issue #11).
+//! lives outside the loop that died). A daemon may hold ten thousand accounts (issue
+//! #11), and one that waits has no task: its state is parked in its inbox, with an
+//! [`alarm`](super::alarms) for when its plan falls due, and whatever wakes it (the
+//! alarm, a poke, a stop) spawns its task again. Accounts of a cluster keep their task
+//! (they also wait for news from the cluster).
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -20,6 +23,7 @@ use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::alarms::{AlarmKey, Sleeper};
 use super::coordinator::{Coordinator, Turn};
 use super::engine::{Attempt, Engine, Failed, Shared};
 use super::persist::{Saved, WaitKind};
@@ -53,10 +57,13 @@ impl Poke {
 }
 
 /// What an account's task shares with its handle and its readers: the pokes (a set:
-/// pokes that arrive while one is handled coalesce), what to do once stopped, and the
-/// state the stopped engine left for its successor. One small allocation per account.
+/// pokes that arrive while one is handled coalesce), what to do once stopped, the
+/// state the stopped engine left for its successor, and the account itself while it
+/// waits without a task. One small allocation per account.
 #[derive(Default)]
 struct Inbox {
+    /// The account while it waits without a task.
+    parked: Mutex<Option<Box<dyn Parked>>>,
     wake: Notify,
     /// [`Poke::bit`]s not yet looked at.
     pokes: AtomicU8,
@@ -74,7 +81,38 @@ impl Inbox {
     fn poke(&self, poke: Poke) {
         self.pokes.fetch_or(poke.bit(), Ordering::SeqCst);
         self.wake.notify_one();
+        self.unpark(None, Woke::Poked);
     }
+
+    /// Starts the parked account's task again, if it is parked (with `alarm`: if it is
+    /// parked on that alarm). Whoever parks looks at the pokes and the cancellation
+    /// under the same lock, after they were set: no wake-up is lost.
+    fn unpark(&self, alarm: Option<AlarmKey>, woke: Woke) {
+        let parked = {
+            let mut slot = self.parked.lock().expect("never poisoned");
+            if alarm.is_some() && slot.as_ref().map(|p| p.alarm()) != Some(alarm) {
+                return;
+            }
+            slot.take()
+        };
+        if let Some(p) = parked {
+            p.resume(woke);
+        }
+    }
+}
+
+impl Sleeper for Inbox {
+    fn ring(&self, key: AlarmKey) {
+        self.unpark(Some(key), Woke::Timer);
+    }
+}
+
+/// An account parked in its inbox: what wakes it starts its task again.
+trait Parked: Send {
+    /// The alarm set for it.
+    fn alarm(&self) -> Option<AlarmKey>;
+    /// Spawns its task, to handle `woke`.
+    fn resume(self: Box<Self>, woke: Woke);
 }
 
 /// A reader's view of a running account (the socket server, readiness, status): its
@@ -136,10 +174,18 @@ impl AccountHandle {
         inbox.retire.store(retire, Ordering::SeqCst);
         *inbox.remove.lock().expect("never poisoned") = remove;
         self.cancel.cancel();
+        inbox.unpark(None, Woke::Cancelled);
         Predecessor {
             state: self.view.state.clone(),
             inbox: inbox.clone(),
         }
+    }
+
+    /// Stops the account for the daemon's shutdown (its token was cancelled with all
+    /// others'): its last request is answered and its state saved; nothing is removed.
+    pub fn halt(&self) {
+        self.cancel.cancel();
+        self.view.inbox.unpark(None, Woke::Cancelled);
     }
 }
 
@@ -221,15 +267,25 @@ pub fn spawn_coordinated<E: Endpoint>(
         ..Inbox::default()
     });
     let cluster = coordinator.as_ref().map(|c| c.status());
-    let parts = Parts {
-        account: account.clone(),
-        endpoint: Arc::new(endpoint),
-        shared,
-        state: state_tx,
-        inbox: inbox.clone(),
-        cancel: cancel.clone(),
-    };
-    tracker.spawn(supervise(parts, coordinator, after));
+    let live = Box::new(Live {
+        parts: Parts {
+            account: account.clone(),
+            endpoint: Arc::new(endpoint),
+            shared,
+            state: state_tx,
+            inbox: inbox.clone(),
+            cancel: cancel.clone(),
+            tracker: tracker.clone(),
+        },
+        engine: Slot::Closed(None),
+        coordinator,
+        plan: None,
+        expired: None,
+        deaths: 0,
+        alarm: None,
+        next_wall: SystemTime::UNIX_EPOCH,
+    });
+    tracker.spawn(supervise(live, after, None));
     AccountHandle {
         view: AccountView {
             account,
@@ -249,36 +305,114 @@ struct Parts<E> {
     state: published::Sender<TokenState>,
     inbox: Arc<Inbox>,
     cancel: CancellationToken,
+    /// Where the account's task is spawned again when it wakes.
+    tracker: TaskTracker,
 }
 
-/// The account's task: runs its loop after its predecessor, and again (with backoff)
-/// whenever the loop panics, until cancelled; then the farewell. The engine lives here,
-/// so a restarted loop goes on from the state the dead one left, lock included.
-async fn supervise<E: Endpoint>(
+/// An account: what its task works with, kept whole between its tasks (boxed: a parked
+/// account is this one allocation and its alarm).
+struct Live<E> {
     parts: Parts<E>,
-    mut coordinator: Option<Box<dyn Coordinator>>,
+    engine: Slot<E>,
+    coordinator: Option<Box<dyn Coordinator>>,
+    /// None until the loop has restored (again after a panic).
+    plan: Option<Plan>,
+    /// The token whose expiry was already acted on.
+    expired: Option<Arc<Token>>,
+    /// Panics so far (the restart's backoff grows with them).
+    deaths: u32,
+    /// While parked: its alarm, and when its next request is due on the wall clock.
+    alarm: Option<AlarmKey>,
+    next_wall: SystemTime,
+}
+
+impl<E: Endpoint> Parked for Live<E> {
+    fn alarm(&self) -> Option<AlarmKey> {
+        self.alarm
+    }
+
+    fn resume(self: Box<Self>, woke: Woke) {
+        let tracker = self.parts.tracker.clone();
+        tracker.spawn(supervise(self, None, Some(woke)));
+    }
+}
+
+/// Parks `live` in its inbox with an alarm at `wake`; it is the inbox's now. Unless it
+/// was poked or stopped meanwhile: then it is handed back, with what woke it.
+fn park<E: Endpoint>(mut live: Box<Live<E>>, wake: Instant) -> Option<(Box<Live<E>>, Woke)> {
+    let inbox = live.parts.inbox.clone();
+    let mut slot = inbox.parked.lock().expect("never poisoned");
+    if live.parts.cancel.is_cancelled() {
+        return Some((live, Woke::Cancelled));
+    }
+    if inbox.pokes.load(Ordering::SeqCst) != 0 {
+        return Some((live, Woke::Poked));
+    }
+    let shared = &live.parts.shared;
+    let sleeper: Arc<dyn Sleeper> = inbox.clone();
+    live.alarm = Some(
+        shared
+            .alarms
+            .set(wake, sleeper, &shared.wall_jumps, shared.clock),
+    );
+    *slot = Some(live);
+    None
+}
+
+/// The account's task: runs its loop (after its predecessor, at the first start), and
+/// again (with backoff) whenever the loop panics, until the account parks or is
+/// cancelled; then the farewell. The engine lives in `live`, so a restarted loop goes
+/// on from the state the dead one left, lock included.
+async fn supervise<E: Endpoint>(
+    mut live: Box<Live<E>>,
     after: Option<Predecessor>,
+    woke: Option<Woke>,
 ) {
-    let mut engine = Slot::Closed(None);
     if let Some(p) = after {
         if !p.is_done() {
-            tracing::info!(account = %parts.account.name, "waiting for the account's previous configuration to finish its request");
+            tracing::info!(account = %live.parts.account.name, "waiting for the account's previous configuration to finish its request");
         }
         // Not cancellable: a successor that gave up here could hand an older state on.
-        engine = Slot::Closed(Box::pin(p.finished()).await);
+        live.engine = Slot::Closed(Box::pin(p.finished()).await);
     }
-    let mut deaths = 0u32;
+    if let Some(key) = live.alarm.take() {
+        live.parts.shared.alarms.unset(key);
+    }
+    let mut woke = woke.map(|w| (w, live.next_wall));
     loop {
+        let live_ = &mut *live;
         let mut task = Task {
-            parts: &parts,
-            expired: None,
+            parts: &live_.parts,
+            expired: live_.expired.take(),
         };
-        let run = task.run(&mut engine, &mut coordinator);
-        let died = match AssertUnwindSafe(run).catch_unwind().await {
-            Ok(()) => break,
+        let run = task.run(
+            &mut live_.engine,
+            &mut live_.coordinator,
+            &mut live_.plan,
+            woke.take(),
+        );
+        let outcome = AssertUnwindSafe(run).catch_unwind().await;
+        live_.expired = task.expired.take();
+        let died = match outcome {
+            Ok(Exit::Stop) => break,
+            Ok(Exit::Park { wake, next_wall }) => {
+                live.next_wall = next_wall;
+                match park(live, wake) {
+                    None => return,
+                    Some((back, w)) => {
+                        live = back;
+                        woke = Some((w, next_wall));
+                        continue;
+                    }
+                }
+            }
             Err(payload) => panic_message(payload),
         };
-        deaths += 1;
+        // Restored again: the loop that died may have left its plan half made.
+        live_.plan = None;
+        live_.deaths += 1;
+        let deaths = live_.deaths;
+        let parts = &live_.parts;
         let wait = schedule::backoff(deaths, &mut rand::thread_rng()).max(Duration::from_secs(1));
         tracing::error!(account = %parts.account.name, restart_in = wait.as_secs(), "account task died ({died}): restarting it");
         task.publish(|s| {
@@ -296,9 +430,10 @@ async fn supervise<E: Endpoint>(
             break;
         }
     }
-    if let Some(c) = &coordinator {
+    if let Some(c) = &live.coordinator {
         c.resign().await;
     }
+    let Live { parts, engine, .. } = *live;
     Box::pin(farewell(&parts, engine)).await;
 }
 
@@ -372,11 +507,23 @@ struct Plan {
 }
 
 /// What woke a waiting account.
+#[derive(Clone, Copy)]
 enum Woke {
     Cancelled,
     Poked,
     Cluster,
     Timer,
+}
+
+/// How the loop ends.
+enum Exit {
+    Stop,
+    /// Nothing to do until `wake` (or a poke): park (the plan's next request is due at
+    /// `next_wall` on the wall clock).
+    Park {
+        wake: Instant,
+        next_wall: SystemTime,
+    },
 }
 
 /// What the loop does after handling a wake-up.
@@ -403,22 +550,37 @@ impl<'a, E: Endpoint> Task<'a, E> {
     /// The loop. Everything but the wait itself runs in boxed futures: a waiting task
     /// then holds only its plan and what it waits on, not the largest of what it does
     /// now and then (an attempt holds a whole HTTP request).
-    async fn run(&mut self, slot: &mut Slot<E>, coordinator: &mut Option<Box<dyn Coordinator>>) {
+    /// Without a coordinator the loop does not wait: it returns to be parked, and goes
+    /// on from `resumed` (what woke it) in its next task.
+    async fn run(
+        &mut self,
+        slot: &mut Slot<E>,
+        coordinator: &mut Option<Box<dyn Coordinator>>,
+        plan: &mut Option<Plan>,
+        mut resumed: Option<(Woke, SystemTime)>,
+    ) -> Exit {
         let parts = self.parts;
         if let Slot::Closed(in_memory) = slot {
             let Some(e) = Box::pin(self.open(in_memory.take())).await else {
-                return;
+                return Exit::Stop;
             };
             *slot = Slot::Open(e);
         }
         let Slot::Open(engine) = slot else {
             unreachable!("the engine was opened just above")
         };
-        let mut plan = Box::pin(self.restore(engine)).await;
-        if let Some(c) = coordinator.as_deref() {
-            // Joining or restarting: a fresh shared token costs the provider nothing.
-            Box::pin(self.follow(engine, c, &mut plan)).await;
-        }
+        let plan = match plan {
+            Some(p) => p,
+            None => {
+                resumed = None;
+                let mut p = Box::pin(self.restore(engine)).await;
+                if let Some(c) = coordinator.as_deref() {
+                    // Joining or restarting: a fresh shared token costs the provider nothing.
+                    Box::pin(self.follow(engine, c, &mut p)).await;
+                }
+                plan.insert(p)
+            }
+        };
         // The monotonic clock stops while the machine sleeps: when the wall clock jumps,
         // the plan is looked at again, so a refresh that fell due during a suspend
         // happens on resume. One watcher for all accounts; no timer of our own.
@@ -428,26 +590,37 @@ impl<'a, E: Endpoint> Task<'a, E> {
                 .expiry_instant()
                 .map_or(plan.next, |e| e.min(plan.next));
             let wake = plan.redeliver.map_or(wake, |r| r.min(wake));
-            let next_wall = self.wall(plan.next);
-            let woke = tokio::select! {
-                biased;
-                _ = parts.cancel.cancelled() => Woke::Cancelled,
-                _ = parts.inbox.wake.notified() => Woke::Poked,
-                _ = changed(coordinator) => Woke::Cluster,
-                _ = sleep_until(wake) => Woke::Timer,
-                now = parts.shared.wall_jumps.after(jumps) => {
-                    jumps = now;
-                    Woke::Timer
+            let (woke, next_wall) = match resumed.take() {
+                Some(r) => r,
+                None if coordinator.is_none() => {
+                    return Exit::Park {
+                        wake,
+                        next_wall: self.wall(plan.next),
+                    }
+                }
+                None => {
+                    let next_wall = self.wall(plan.next);
+                    let woke = tokio::select! {
+                        biased;
+                        _ = parts.cancel.cancelled() => Woke::Cancelled,
+                        _ = parts.inbox.wake.notified() => Woke::Poked,
+                        _ = changed(coordinator) => Woke::Cluster,
+                        _ = sleep_until(wake) => Woke::Timer,
+                        now = parts.shared.wall_jumps.after(jumps) => {
+                            jumps = now;
+                            Woke::Timer
+                        }
+                    };
+                    (woke, next_wall)
                 }
             };
-            let then =
-                Box::pin(self.woke(woke, engine, coordinator.as_deref(), &mut plan, next_wall));
+            let then = Box::pin(self.woke(woke, engine, coordinator.as_deref(), plan, next_wall));
             let leading = match then.await {
                 Then::Wait => continue,
-                Then::Stop => break,
+                Then::Stop => return Exit::Stop,
                 Then::Attempt { force, leading } => {
                     if !force && !self.wait_for_provider().await {
-                        break;
+                        return Exit::Stop;
                     }
                     leading
                 }
@@ -459,13 +632,13 @@ impl<'a, E: Endpoint> Task<'a, E> {
             // the largest crowd it held).
             let permit = tokio::select! {
                 biased;
-                _ = parts.cancel.cancelled() => break,
+                _ = parts.cancel.cancelled() => return Exit::Stop,
                 p = parts.shared.semaphore.acquire() => p.expect("the semaphore is never closed"),
             };
             let attempt =
-                Box::pin(self.attempt(engine, coordinator.as_deref(), &mut plan, leading, permit));
+                Box::pin(self.attempt(engine, coordinator.as_deref(), plan, leading, permit));
             if let Then::Stop = attempt.await {
-                break;
+                return Exit::Stop;
             }
         }
     }

@@ -1,0 +1,109 @@
+//! One timer for every waiting account (issue #11). An account with nothing to do has
+//! no task: its state is parked in its inbox (see [`task`](super::task)), and an alarm
+//! here wakes it when its plan falls due. One task rings the alarms, and rings all of
+//! them when the wall clock jumps (a suspend: the monotonic clock stopped meanwhile, so
+//! every plan is looked at again).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use tokio::sync::Notify;
+use tokio::time::{sleep_until, Instant};
+
+use crate::clock::{Clock, WallJumps};
+
+/// What an alarm wakes.
+pub trait Sleeper: Send + Sync {
+    /// The alarm `key` rang (its time came, or the wall clock jumped).
+    fn ring(&self, key: AlarmKey);
+}
+
+/// One alarm: its time, and a number that tells alarms of the same time apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AlarmKey(Instant, u64);
+
+/// The alarms of every parked account, in the order they ring.
+#[derive(Default)]
+pub struct Alarms {
+    queue: Mutex<BTreeMap<AlarmKey, Arc<dyn Sleeper>>>,
+    next_id: AtomicU64,
+    /// Told when an alarm earlier than all others was set.
+    rearm: Notify,
+    running: OnceLock<()>,
+}
+
+impl Alarms {
+    /// Sets an alarm that rings `sleeper` at `at`. Needs a tokio runtime (the first
+    /// alarm starts the task that rings them).
+    pub fn set(
+        self: &Arc<Self>,
+        at: Instant,
+        sleeper: Arc<dyn Sleeper>,
+        jumps: &Arc<WallJumps>,
+        clock: Clock,
+    ) -> AlarmKey {
+        self.running.get_or_init(|| {
+            let seen = jumps.seen(clock);
+            tokio::spawn(ring_alarms(self.clone(), jumps.clone(), seen));
+        });
+        let key = AlarmKey(at, self.next_id.fetch_add(1, Ordering::Relaxed));
+        let mut q = self.queue.lock().expect("never poisoned: no panics under the lock");
+        let first = q.first_key_value().is_none_or(|(k, _)| key < *k);
+        q.insert(key, sleeper);
+        drop(q);
+        if first {
+            self.rearm.notify_one();
+        }
+        key
+    }
+
+    /// Takes an alarm back (one that rang already is gone: nothing happens).
+    pub fn unset(&self, key: AlarmKey) {
+        self.queue.lock().expect("never poisoned").remove(&key);
+    }
+
+    /// How many alarms are set.
+    pub fn len(&self) -> usize {
+        self.queue.lock().expect("never poisoned").len()
+    }
+
+    /// Takes the alarms due at `now` (all of them with `all`), and the time of the next.
+    fn take_due(&self, now: Instant, all: bool) -> (Vec<(AlarmKey, Arc<dyn Sleeper>)>, Option<Instant>) {
+        let mut q = self.queue.lock().expect("never poisoned");
+        let mut due = Vec::new();
+        while let Some(entry) = q.first_entry() {
+            if !all && entry.key().0 > now {
+                break;
+            }
+            due.push(entry.remove_entry());
+        }
+        (due, q.first_key_value().map(|(k, _)| k.0))
+    }
+}
+
+/// Rings alarms as they fall due, and all of them when the wall clock jumps. Lives as
+/// long as the runtime.
+async fn ring_alarms(alarms: Arc<Alarms>, jumps: Arc<WallJumps>, mut seen: u64) {
+    let mut all = false;
+    loop {
+        // Rung outside the lock: a sleeper may set its next alarm at once. An alarm set
+        // meanwhile leaves a permit in `rearm`: none is missed.
+        let (due, next) = alarms.take_due(Instant::now(), all);
+        for (key, sleeper) in due {
+            sleeper.ring(key);
+        }
+        let next = next.unwrap_or_else(|| Instant::now() + IDLE);
+        all = tokio::select! {
+            _ = alarms.rearm.notified() => false,
+            _ = sleep_until(next) => false,
+            now = jumps.after(seen) => {
+                seen = now;
+                true
+            }
+        };
+    }
+}
+
+/// How long the ringer sleeps with no alarm set.
+const IDLE: std::time::Duration = std::time::Duration::from_secs(86_400);
