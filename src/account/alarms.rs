@@ -48,7 +48,10 @@ impl Alarms {
             tokio::spawn(ring_alarms(self.clone(), jumps.clone(), seen));
         });
         let key = AlarmKey(at, self.next_id.fetch_add(1, Ordering::Relaxed));
-        let mut q = self.queue.lock().expect("never poisoned: no panics under the lock");
+        let mut q = self
+            .queue
+            .lock()
+            .expect("never poisoned: no panics under the lock");
         let first = q.first_key_value().is_none_or(|(k, _)| key < *k);
         q.insert(key, sleeper);
         drop(q);
@@ -69,7 +72,11 @@ impl Alarms {
     }
 
     /// Takes the alarms due at `now` (all of them with `all`), and the time of the next.
-    fn take_due(&self, now: Instant, all: bool) -> (Vec<(AlarmKey, Arc<dyn Sleeper>)>, Option<Instant>) {
+    fn take_due(
+        &self,
+        now: Instant,
+        all: bool,
+    ) -> (Vec<(AlarmKey, Arc<dyn Sleeper>)>, Option<Instant>) {
         let mut q = self.queue.lock().expect("never poisoned");
         let mut due = Vec::new();
         while let Some(entry) = q.first_entry() {

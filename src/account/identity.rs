@@ -63,7 +63,7 @@ pub struct SiblingKey {
     proxy: Option<Secret>,
     secrets: Vec<(&'static str, SecretSpec)>,
     /// `private_key_jwt`: the key's source and the assertion's settings.
-    assertion: Option<AssertionConfig>,
+    assertion: Option<Box<AssertionConfig>>,
     allow_http: bool,
 }
 

@@ -285,7 +285,19 @@ pub fn spawn_coordinated<E: Endpoint>(
         alarm: None,
         next_wall: SystemTime::UNIX_EPOCH,
     });
-    tracker.spawn(supervise(live, after, None));
+    if after.is_none() && live.coordinator.is_none() {
+        // Parked at once, due now: the alarms start the tasks, one after another, each
+        // task's memory next to the last (what they free after their first request is
+        // then whole pages, not holes between the accounts' own allocations).
+        if let Some((live, woke)) = park(live, Instant::now()) {
+            live.parts
+                .tracker
+                .clone()
+                .spawn(supervise(live, None, Some(woke)));
+        }
+    } else {
+        tracker.spawn(supervise(live, after, None));
+    }
     AccountHandle {
         view: AccountView {
             account,
@@ -592,6 +604,10 @@ impl<'a, E: Endpoint> Task<'a, E> {
             let wake = plan.redeliver.map_or(wake, |r| r.min(wake));
             let (woke, next_wall) = match resumed.take() {
                 Some(r) => r,
+                // Due already (at start, every account is): no round trip to the alarms.
+                None if coordinator.is_none() && wake <= Instant::now() => {
+                    (Woke::Timer, self.wall(plan.next))
+                }
                 None if coordinator.is_none() => {
                     return Exit::Park {
                         wake,

@@ -115,10 +115,10 @@ pub struct Account {
     pub client_secret: Option<SecretSpec>,
     pub client_auth: ClientAuth,
     /// `client_auth = "private_key_jwt"`: how the client assertion is made.
-    pub assertion: Option<AssertionConfig>,
+    pub assertion: Option<Box<AssertionConfig>>,
     /// A client certificate on the account's HTTP client (`client_auth =
     /// "tls_client_auth"` needs one).
-    pub client_cert: Option<ClientCert>,
+    pub client_cert: Option<Box<ClientCert>>,
     pub basic_encoding: BasicEncoding,
     pub params_in: ParamsIn,
     pub scope: Option<String>,
@@ -132,7 +132,7 @@ pub struct Account {
     pub schedule: SchedulePolicy,
     pub on_expiry: OnExpiry,
     pub on_refresh: Option<Vec<String>>,
-    pub on_refresh_signal: Option<SignalHook>,
+    pub on_refresh_signal: Option<Box<SignalHook>>,
     pub hook_timeout: Duration,
     pub outputs: Vec<Output>,
     pub access: Access,
