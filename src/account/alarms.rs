@@ -67,7 +67,8 @@ impl Alarms {
     }
 
     /// How many alarms are set.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.queue.lock().expect("never poisoned").len()
     }
 
@@ -114,3 +115,82 @@ async fn ring_alarms(alarms: Arc<Alarms>, jumps: Arc<WallJumps>, mut seen: u64) 
 
 /// How long the ringer sleeps with no alarm set.
 const IDLE: std::time::Duration = std::time::Duration::from_secs(86_400);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+    use std::time::Duration;
+
+    /// Records which alarms rang, and when.
+    #[derive(Default)]
+    struct Log(Mutex<Vec<(AlarmKey, Instant)>>, Notify);
+
+    impl Sleeper for Log {
+        fn ring(&self, key: AlarmKey) {
+            self.0.lock().unwrap().push((key, Instant::now()));
+            self.1.notify_one();
+        }
+    }
+
+    impl Log {
+        async fn wait(&self, n: usize) -> Vec<(AlarmKey, Instant)> {
+            loop {
+                let told = self.1.notified();
+                let rung = self.0.lock().unwrap().clone();
+                if rung.len() >= n {
+                    return rung;
+                }
+                tokio::time::timeout(Duration::from_secs(86_400), told)
+                    .await
+                    .expect("rung within a virtual day");
+            }
+        }
+    }
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn alarms_ring_in_order_at_their_time_and_an_unset_one_never() {
+        let (alarms, jumps, clock) = (Arc::<Alarms>::default(), Arc::default(), Clock::tokio());
+        let log = Arc::new(Log::default());
+        let t0 = Instant::now();
+        let late = alarms.set(t0 + secs(300), log.clone(), &jumps, clock);
+        let gone = alarms.set(t0 + secs(200), log.clone(), &jumps, clock);
+        let early = alarms.set(t0 + secs(100), log.clone(), &jumps, clock);
+        // Set while the ringer sleeps for a later one: it is woken for this one.
+        let first = alarms.set(t0 + secs(10), log.clone(), &jumps, clock);
+        alarms.unset(gone);
+        assert_eq!(alarms.len(), 3);
+        let rung = log.wait(3).await;
+        let keys: Vec<_> = rung.iter().map(|r| r.0).collect();
+        assert_eq!(keys, [first, early, late]);
+        for ((_, at), want) in rung.iter().zip([10, 100, 300]) {
+            assert_eq!(*at - t0, secs(want));
+        }
+        tokio::time::sleep(secs(3600)).await;
+        assert_eq!(log.0.lock().unwrap().len(), 3, "the unset alarm never rang");
+        assert_eq!(alarms.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wall_clock_jump_rings_every_alarm() {
+        static SKEW_MS: AtomicU64 = AtomicU64::new(0);
+        let clock = Clock::tokio_with_skew(&SKEW_MS);
+        let (alarms, jumps) = (Arc::<Alarms>::default(), Arc::default());
+        let log = Arc::new(Log::default());
+        let t0 = Instant::now();
+        alarms.set(t0 + secs(86_000), log.clone(), &jumps, clock);
+        alarms.set(t0 + secs(7200), log.clone(), &jumps, clock);
+        tokio::time::sleep(secs(60)).await;
+        // A suspend of an hour: tokio's clock stood still, the wall clock did not.
+        SKEW_MS.store(3_600_000, Ordering::Relaxed);
+        let rung = log.wait(2).await;
+        assert!(
+            rung.iter().all(|(_, at)| *at - t0 < secs(120)),
+            "rung at the next look at the wall clock, not at their times"
+        );
+    }
+}

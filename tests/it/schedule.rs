@@ -303,3 +303,36 @@ async fn an_account_whose_task_panics_is_restarted_with_backoff_and_serves_again
     );
     r.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_account_has_no_task_and_wakes_for_its_plan_a_poke_and_a_stop() {
+    // Issue #11: ten thousand accounts wait in a few hundred bytes each, not a task each.
+    let r = Running::start("refresh_every = \"10m\"", Step::Token(HOUR), []);
+    r.wait_state("the first token", |s| s.status == Status::Fresh)
+        .await;
+    r.wait_parked().await;
+    assert_eq!(r.tasks(), 0);
+
+    // Its plan: the alarm starts its task again when the refresh falls due.
+    let calls = r.endpoint.wait_calls(2).await;
+    assert_jittered(calls[1] - calls[0], 10 * MIN);
+    r.wait_parked().await;
+
+    // A poke (after min_refresh_interval) does too.
+    tokio::time::sleep(secs(60)).await;
+    r.handle.view.refresh_now();
+    let poked = Instant::now();
+    let calls = r.endpoint.wait_calls(3).await;
+    assert!(
+        calls[2] - poked < secs(1),
+        "asked {:?} after the poke",
+        calls[2] - poked
+    );
+    r.wait_parked().await;
+
+    // And a stop: its farewell runs (its state is handed on), then it is gone.
+    let predecessor = r.handle.stop(false, Vec::new());
+    r.wait_parked().await;
+    assert!(predecessor.is_done(), "the stopped account's task finished");
+    assert_eq!(r.endpoint.calls().len(), 3, "no request on the way out");
+}

@@ -214,8 +214,24 @@ impl Running {
         calls.windows(2).map(|w| w[1] - w[0]).collect()
     }
 
+    /// Waits until the account has no task (it waits parked); panics after a virtual day.
+    pub async fn wait_parked(&self) {
+        self.tracker.close();
+        tokio::time::timeout(VIRTUAL_DAY, self.tracker.wait())
+            .await
+            .unwrap_or_else(|_| panic!("the account never parked; state: {:?}", self.state()));
+        self.tracker.reopen();
+    }
+
+    /// How many tasks the account has now (none while it waits).
+    pub fn tasks(&self) -> usize {
+        self.tracker.len()
+    }
+
     pub async fn stop(self) {
         self.cancel.cancel();
+        // A parked account has no task to see the cancellation: its handle wakes it.
+        self.handle.halt();
         self.tracker.close();
         tokio::time::timeout(Duration::from_secs(5), self.tracker.wait())
             .await
