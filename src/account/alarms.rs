@@ -3,34 +3,55 @@
 //! here wakes it when its plan falls due. One task rings the alarms, and rings all of
 //! them when the wall clock jumps (a suspend: the monotonic clock stopped meanwhile, so
 //! every plan is looked at again).
+//!
+//! At most [`AWAKE`] accounts run from alarms at once: each holds a permit until it
+//! parks again. At start, when every account is due at once, the others wait as the few
+//! bytes of their alarm, not as tasks, and what the running ones free is reused by the
+//! next, not left as holes between the accounts' long-lived state (issue #11).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{sleep_until, Instant};
 
 use crate::clock::{Clock, WallJumps};
 
 /// What an alarm wakes.
 pub trait Sleeper: Send + Sync {
-    /// The alarm `key` rang (its time came, or the wall clock jumped).
-    fn ring(&self, key: AlarmKey);
+    /// The alarm `key` rang (its time came, or the wall clock jumped): whatever runs
+    /// because of it holds `permit` while it runs.
+    fn ring(&self, key: AlarmKey, permit: OwnedSemaphorePermit);
 }
 
 /// One alarm: its time, and a number that tells alarms of the same time apart.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct AlarmKey(Instant, u64);
 
+/// How many accounts run from alarms at once.
+pub const AWAKE: usize = 256;
+
 /// The alarms of every parked account, in the order they ring.
-#[derive(Default)]
 pub struct Alarms {
     queue: Mutex<BTreeMap<AlarmKey, Arc<dyn Sleeper>>>,
     next_id: AtomicU64,
     /// Told when an alarm earlier than all others was set.
     rearm: Notify,
     running: OnceLock<()>,
+    awake: Arc<Semaphore>,
+}
+
+impl Default for Alarms {
+    fn default() -> Self {
+        Alarms {
+            queue: Default::default(),
+            next_id: Default::default(),
+            rearm: Default::default(),
+            running: Default::default(),
+            awake: Arc::new(Semaphore::new(AWAKE)),
+        }
+    }
 }
 
 impl Alarms {
@@ -99,7 +120,8 @@ async fn ring_alarms(alarms: Arc<Alarms>, jumps: Arc<WallJumps>, mut seen: u64) 
         // meanwhile leaves a permit in `rearm`: none is missed.
         let (due, next) = alarms.take_due(Instant::now(), all);
         for (key, sleeper) in due {
-            sleeper.ring(key);
+            let permit = alarms.awake.clone().acquire_owned().await;
+            sleeper.ring(key, permit.expect("never closed"));
         }
         let next = next.unwrap_or_else(|| Instant::now() + IDLE);
         all = tokio::select! {
@@ -127,7 +149,7 @@ mod tests {
     struct Log(Mutex<Vec<(AlarmKey, Instant)>>, Notify);
 
     impl Sleeper for Log {
-        fn ring(&self, key: AlarmKey) {
+        fn ring(&self, key: AlarmKey, _: OwnedSemaphorePermit) {
             self.0.lock().unwrap().push((key, Instant::now()));
             self.1.notify_one();
         }

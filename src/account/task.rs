@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use futures_util::FutureExt as _;
-use tokio::sync::{Notify, SemaphorePermit};
+use tokio::sync::{Notify, OwnedSemaphorePermit, SemaphorePermit};
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -81,13 +81,14 @@ impl Inbox {
     fn poke(&self, poke: Poke) {
         self.pokes.fetch_or(poke.bit(), Ordering::SeqCst);
         self.wake.notify_one();
-        self.unpark(None, Woke::Poked);
+        self.unpark(None, Woke::Poked, None);
     }
 
     /// Starts the parked account's task again, if it is parked (with `alarm`: if it is
-    /// parked on that alarm). Whoever parks looks at the pokes and the cancellation
-    /// under the same lock, after they were set: no wake-up is lost.
-    fn unpark(&self, alarm: Option<AlarmKey>, woke: Woke) {
+    /// parked on that alarm); the task holds `permit` until it parks again. Whoever
+    /// parks looks at the pokes and the cancellation under the same lock, after they
+    /// were set: no wake-up is lost.
+    fn unpark(&self, alarm: Option<AlarmKey>, woke: Woke, permit: Option<OwnedSemaphorePermit>) {
         let parked = {
             let mut slot = self.parked.lock().expect("never poisoned");
             if alarm.is_some() && slot.as_ref().map(|p| p.alarm()) != Some(alarm) {
@@ -96,14 +97,14 @@ impl Inbox {
             slot.take()
         };
         if let Some(p) = parked {
-            p.resume(woke);
+            p.resume(woke, permit);
         }
     }
 }
 
 impl Sleeper for Inbox {
-    fn ring(&self, key: AlarmKey) {
-        self.unpark(Some(key), Woke::Timer);
+    fn ring(&self, key: AlarmKey, permit: OwnedSemaphorePermit) {
+        self.unpark(Some(key), Woke::Timer, Some(permit));
     }
 }
 
@@ -111,8 +112,8 @@ impl Sleeper for Inbox {
 trait Parked: Send {
     /// The alarm set for it.
     fn alarm(&self) -> Option<AlarmKey>;
-    /// Spawns its task, to handle `woke`.
-    fn resume(self: Box<Self>, woke: Woke);
+    /// Spawns its task, to handle `woke`, holding `permit` until it parks again.
+    fn resume(self: Box<Self>, woke: Woke, permit: Option<OwnedSemaphorePermit>);
 }
 
 /// A reader's view of a running account (the socket server, readiness, status): its
@@ -174,7 +175,7 @@ impl AccountHandle {
         inbox.retire.store(retire, Ordering::SeqCst);
         *inbox.remove.lock().expect("never poisoned") = remove;
         self.cancel.cancel();
-        inbox.unpark(None, Woke::Cancelled);
+        inbox.unpark(None, Woke::Cancelled, None);
         Predecessor {
             state: self.view.state.clone(),
             inbox: inbox.clone(),
@@ -185,7 +186,7 @@ impl AccountHandle {
     /// others'): its last request is answered and its state saved; nothing is removed.
     pub fn halt(&self) {
         self.cancel.cancel();
-        self.view.inbox.unpark(None, Woke::Cancelled);
+        self.view.inbox.unpark(None, Woke::Cancelled, None);
     }
 }
 
@@ -343,9 +344,12 @@ impl<E: Endpoint> Parked for Live<E> {
         self.alarm
     }
 
-    fn resume(self: Box<Self>, woke: Woke) {
+    fn resume(self: Box<Self>, woke: Woke, permit: Option<OwnedSemaphorePermit>) {
         let tracker = self.parts.tracker.clone();
-        tracker.spawn(supervise(self, None, Some(woke)));
+        tracker.spawn(async move {
+            supervise(self, None, Some(woke)).await;
+            drop(permit);
+        });
     }
 }
 
@@ -635,8 +639,24 @@ impl<'a, E: Endpoint> Task<'a, E> {
                 Then::Wait => continue,
                 Then::Stop => return Exit::Stop,
                 Then::Attempt { force, leading } => {
-                    if !force && !self.wait_for_provider().await {
-                        return Exit::Stop;
+                    match self.provider_gate() {
+                        // Parked until the provider may be asked (then it is due still).
+                        Some(until) if !force && coordinator.is_none() => {
+                            return Exit::Park {
+                                wake: until,
+                                next_wall: self.wall(plan.next),
+                            }
+                        }
+                        Some(until) if !force => {
+                            let waited = tokio::select! {
+                                _ = parts.cancel.cancelled() => false,
+                                _ = sleep_until(until) => true,
+                            };
+                            if !waited {
+                                return Exit::Stop;
+                            }
+                        }
+                        _ => {}
                     }
                     leading
                 }
@@ -1088,24 +1108,18 @@ impl<'a, E: Endpoint> Task<'a, E> {
         self.publish_next(plan.next);
     }
 
-    /// Waits while the provider (every account on this `token_url`) is rate-limited.
-    /// False if cancelled meanwhile.
-    async fn wait_for_provider(&self) -> bool {
+    /// Until when the provider (every account on this `token_url`) is rate-limited, on
+    /// tokio's clock, if it is now.
+    fn provider_gate(&self) -> Option<Instant> {
         let now = self.now();
-        let Some(until) = self
+        let until = self
             .parts
             .shared
             .providers
-            .gate(self.account().token_url.configured(), now)
-        else {
-            return true;
-        };
+            .gate(self.account().token_url.configured(), now)?;
         let wait = until.duration_since(now).unwrap_or_default();
         tracing::info!(account = %self.account().name, wait = wait.as_secs(), "provider rate-limited: waiting");
-        tokio::select! {
-            _ = self.parts.cancel.cancelled() => false,
-            _ = tokio::time::sleep(wait) => true,
-        }
+        Some(Instant::now() + wait)
     }
 
     /// The wall-clock time of a point on tokio's clock.
