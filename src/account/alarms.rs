@@ -29,6 +29,9 @@ pub trait Sleeper: Send + Sync {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct AlarmKey(Instant, u64);
 
+/// An alarm and what it wakes.
+type Alarm = (AlarmKey, Arc<dyn Sleeper>);
+
 /// How many accounts run from alarms at once.
 pub const AWAKE: usize = 256;
 
@@ -94,11 +97,7 @@ impl Alarms {
     }
 
     /// Takes the alarms due at `now` (all of them with `all`), and the time of the next.
-    fn take_due(
-        &self,
-        now: Instant,
-        all: bool,
-    ) -> (Vec<(AlarmKey, Arc<dyn Sleeper>)>, Option<Instant>) {
+    fn take_due(&self, now: Instant, all: bool) -> (Vec<Alarm>, Option<Instant>) {
         let mut q = self.queue.lock().expect("never poisoned");
         let mut due = Vec::new();
         while let Some(entry) = q.first_entry() {
