@@ -378,7 +378,7 @@ impl Supervisor {
             after,
             initial,
             clean_stale,
-            self.cancel.child_token(),
+            self.cancel.clone(),
             &self.tracker,
         );
         let credentials = CredentialsDigest::in_memory(&account);

@@ -64,6 +64,11 @@ impl Poke {
 struct Inbox {
     /// The account while it waits without a task.
     parked: Mutex<Option<Box<dyn Parked>>>,
+    /// Stopped: the account's tasks end (one that starts now is cancelled at once).
+    stopped: AtomicBool,
+    /// The cancellation of the task running now, if any (issue #11: an account that
+    /// waits holds none).
+    run: Mutex<Option<CancellationToken>>,
     wake: Notify,
     /// [`Poke::bit`]s not yet looked at.
     pokes: AtomicU8,
@@ -78,6 +83,26 @@ struct Inbox {
 }
 
 impl Inbox {
+    /// Stops the account: cancels its running task, or wakes its parked one to finish.
+    fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        if let Some(run) = &*self.run.lock().expect("never poisoned") {
+            run.cancel();
+        }
+        self.unpark(None, Woke::Cancelled, None);
+    }
+
+    /// The cancellation of a task of this account that starts now (a child of `root`):
+    /// cancelled already if the account was stopped.
+    fn start_run(&self, root: &CancellationToken) -> CancellationToken {
+        let run = root.child_token();
+        *self.run.lock().expect("never poisoned") = Some(run.clone());
+        if self.stopped.load(Ordering::SeqCst) {
+            run.cancel();
+        }
+        run
+    }
+
     fn poke(&self, poke: Poke) {
         self.pokes.fetch_or(poke.bit(), Ordering::SeqCst);
         self.wake.notify_one();
@@ -163,7 +188,6 @@ impl AccountView {
 /// The supervisor's end of a running account.
 pub struct AccountHandle {
     pub view: AccountView,
-    cancel: CancellationToken,
 }
 
 impl AccountHandle {
@@ -174,19 +198,18 @@ impl AccountHandle {
         let inbox = &self.view.inbox;
         inbox.retire.store(retire, Ordering::SeqCst);
         *inbox.remove.lock().expect("never poisoned") = remove;
-        self.cancel.cancel();
-        inbox.unpark(None, Woke::Cancelled, None);
+        inbox.stop();
         Predecessor {
             state: self.view.state.clone(),
             inbox: inbox.clone(),
         }
     }
 
-    /// Stops the account for the daemon's shutdown (its token was cancelled with all
-    /// others'): its last request is answered and its state saved; nothing is removed.
+    /// Stops the account for the daemon's shutdown (after the token it was spawned with
+    /// was cancelled, which a parked account does not see): its last request is
+    /// answered and its state saved; nothing is removed.
     pub fn halt(&self) {
-        self.cancel.cancel();
-        self.view.inbox.unpark(None, Woke::Cancelled, None);
+        self.view.inbox.stop();
     }
 }
 
@@ -212,6 +235,9 @@ impl Predecessor {
 }
 
 /// Starts the refresh loop of `account` on `tracker`, from its saved state if any.
+/// Cancelling `cancel` (which many accounts may share) stops a running task; the
+/// handle's [`AccountHandle::stop`] or [`AccountHandle::halt`] stops the account
+/// whether it runs or waits parked.
 pub fn spawn<E: Endpoint>(
     account: Arc<Account>,
     endpoint: E,
@@ -275,7 +301,7 @@ pub fn spawn_coordinated<E: Endpoint>(
             shared,
             state: state_tx,
             inbox: inbox.clone(),
-            cancel: cancel.clone(),
+            root: cancel,
             tracker: tracker.clone(),
         },
         engine: Slot::Closed(None),
@@ -306,7 +332,6 @@ pub fn spawn_coordinated<E: Endpoint>(
             cluster,
             inbox,
         },
-        cancel,
     }
 }
 
@@ -317,7 +342,9 @@ struct Parts<E> {
     shared: Shared,
     state: published::Sender<TokenState>,
     inbox: Arc<Inbox>,
-    cancel: CancellationToken,
+    /// Cancelling it stops the account's running task (not a parked one: see
+    /// [`AccountHandle::halt`]). Each task runs under a child of it.
+    root: CancellationToken,
     /// Where the account's task is spawned again when it wakes.
     tracker: TaskTracker,
 }
@@ -358,7 +385,7 @@ impl<E: Endpoint> Parked for Live<E> {
 fn park<E: Endpoint>(mut live: Box<Live<E>>, wake: Instant) -> Option<(Box<Live<E>>, Woke)> {
     let inbox = live.parts.inbox.clone();
     let mut slot = inbox.parked.lock().expect("never poisoned");
-    if live.parts.cancel.is_cancelled() {
+    if inbox.stopped.load(Ordering::SeqCst) || live.parts.root.is_cancelled() {
         return Some((live, Woke::Cancelled));
     }
     if inbox.pokes.load(Ordering::SeqCst) != 0 {
@@ -372,6 +399,7 @@ fn park<E: Endpoint>(mut live: Box<Live<E>>, wake: Instant) -> Option<(Box<Live<
             .set(wake, sleeper, &shared.wall_jumps, shared.clock),
     );
     *slot = Some(live);
+    *inbox.run.lock().expect("never poisoned") = None;
     None
 }
 
@@ -394,11 +422,13 @@ async fn supervise<E: Endpoint>(
     if let Some(key) = live.alarm.take() {
         live.parts.shared.alarms.unset(key);
     }
+    let cancel = live.parts.inbox.start_run(&live.parts.root);
     let mut woke = woke.map(|w| (w, live.next_wall));
     loop {
         let live_ = &mut *live;
         let mut task = Task {
             parts: &live_.parts,
+            cancel: &cancel,
             expired: live_.expired.take(),
         };
         let run = task.run(
@@ -438,7 +468,7 @@ async fn supervise<E: Endpoint>(
         });
         let cancelled = Box::pin(async {
             tokio::select! {
-                _ = parts.cancel.cancelled() => true,
+                _ = cancel.cancelled() => true,
                 _ = tokio::time::sleep(wait) => false,
             }
         });
@@ -451,6 +481,7 @@ async fn supervise<E: Endpoint>(
     }
     let Live { parts, engine, .. } = *live;
     Box::pin(farewell(&parts, engine)).await;
+    *parts.inbox.run.lock().expect("never poisoned") = None;
 }
 
 /// The account's engine, or, until it opens, the state its predecessor left. Not
@@ -505,6 +536,8 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
 
 struct Task<'a, E> {
     parts: &'a Parts<E>,
+    /// Stops this run of the account.
+    cancel: &'a CancellationToken,
     /// The token whose expiry was already acted on, so an expired token is expired
     /// once (a pointer: what a waiting task holds is counted, issue #11).
     expired: Option<Arc<Token>>,
@@ -622,7 +655,7 @@ impl<'a, E: Endpoint> Task<'a, E> {
                     let next_wall = self.wall(plan.next);
                     let woke = tokio::select! {
                         biased;
-                        _ = parts.cancel.cancelled() => Woke::Cancelled,
+                        _ = self.cancel.cancelled() => Woke::Cancelled,
                         _ = parts.inbox.wake.notified() => Woke::Poked,
                         _ = changed(coordinator) => Woke::Cluster,
                         _ = sleep_until(wake) => Woke::Timer,
@@ -649,7 +682,7 @@ impl<'a, E: Endpoint> Task<'a, E> {
                         }
                         Some(until) if !force => {
                             let waited = tokio::select! {
-                                _ = parts.cancel.cancelled() => false,
+                                _ = self.cancel.cancelled() => false,
                                 _ = sleep_until(until) => true,
                             };
                             if !waited {
@@ -668,7 +701,7 @@ impl<'a, E: Endpoint> Task<'a, E> {
             // the largest crowd it held).
             let permit = tokio::select! {
                 biased;
-                _ = parts.cancel.cancelled() => return Exit::Stop,
+                _ = self.cancel.cancelled() => return Exit::Stop,
                 p = parts.shared.semaphore.acquire() => p.expect("the semaphore is never closed"),
             };
             let attempt =
@@ -699,7 +732,7 @@ impl<'a, E: Endpoint> Task<'a, E> {
             parts.endpoint.clone(),
             parts.shared.clone(),
             in_memory.map(|s| *s),
-            &parts.cancel,
+            self.cancel,
         )
         .await
     }
@@ -715,7 +748,7 @@ impl<'a, E: Endpoint> Task<'a, E> {
         next_wall: SystemTime,
     ) -> Then {
         let name = &self.account().name;
-        let cancel = &self.parts.cancel;
+        let cancel = self.cancel;
         let mut force = false;
         match woke {
             Woke::Cancelled => return Then::Stop,
@@ -808,7 +841,7 @@ impl<'a, E: Endpoint> Task<'a, E> {
         permit: SemaphorePermit<'_>,
     ) -> Then {
         let name = &self.account().name;
-        let outcome = engine.attempt_with(permit, &self.parts.cancel).await;
+        let outcome = engine.attempt_with(permit, self.cancel).await;
         if matches!(outcome, Attempt::Cancelled) {
             return Then::Stop;
         }
@@ -843,7 +876,7 @@ impl<'a, E: Endpoint> Task<'a, E> {
         let recheck = Instant::now() + CLUSTER_RECHECK;
         let turn = tokio::select! {
             // etcd may be slow to say it is out of reach: stopping does not wait for it.
-            _ = self.parts.cancel.cancelled() => return None,
+            _ = self.cancel.cancelled() => return None,
             t = c.turn() => t,
         };
         match turn {
@@ -898,7 +931,7 @@ impl<'a, E: Endpoint> Task<'a, E> {
     /// and served; a hold or rate limit is honoured here too).
     async fn follow(&mut self, engine: &mut Engine<E>, c: &dyn Coordinator, plan: &mut Plan) {
         let shared = tokio::select! {
-            _ = self.parts.cancel.cancelled() => return,
+            _ = self.cancel.cancelled() => return,
             s = c.shared() => s,
         };
         let Some(shared) = shared else {

@@ -213,7 +213,8 @@ pub struct HttpEndpoint {
 
 #[derive(Default)]
 struct Discovered {
-    url: Option<url::Url>,
+    /// Boxed: most accounts have a fixed `token_url` (issue #11: 80 bytes each).
+    url: Option<Box<url::Url>>,
     /// The [`Transports::discovery_epoch`] of the last discovery; `None`: discover first.
     epoch: Option<u64>,
 }
@@ -275,10 +276,10 @@ impl HttpEndpoint {
             let d = self.discovered.lock().expect("never poisoned");
             if d.epoch == Some(epoch) {
                 if let Some(u) = &d.url {
-                    return Ok(u.clone());
+                    return Ok((**u).clone());
                 }
             }
-            d.url.clone()
+            d.url.as_deref().cloned()
         };
         let found = discovery::discover(
             client,
@@ -291,10 +292,10 @@ impl HttpEndpoint {
         let mut d = self.discovered.lock().expect("never poisoned");
         match found {
             Ok(url) => {
-                if d.url.as_ref() != Some(&url) {
+                if d.url.as_deref() != Some(&url) {
                     tracing::info!(account = %self.account.name, token_endpoint = %redacted_url(&url), "discovered the token endpoint");
                 }
-                d.url = Some(url.clone());
+                d.url = Some(Box::new(url.clone()));
                 d.epoch = Some(epoch);
                 Ok(url)
             }
@@ -405,7 +406,7 @@ impl Endpoint for HttpEndpoint {
             && self.account.token_url.fixed().is_none()
             && discovery::allowed(&url, self.account.allow_http)
         {
-            d.url = Some(url);
+            d.url = Some(Box::new(url));
         }
     }
 
@@ -413,7 +414,12 @@ impl Endpoint for HttpEndpoint {
         if self.account.token_url.fixed().is_some() {
             return None;
         }
-        self.discovered.lock().expect("never poisoned").url.clone()
+        self.discovered
+            .lock()
+            .expect("never poisoned")
+            .url
+            .as_deref()
+            .cloned()
     }
 }
 
