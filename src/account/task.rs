@@ -621,12 +621,13 @@ impl<'a, E: Endpoint> Task<'a, E> {
         let plan = match plan {
             Some(p) => p,
             None => {
-                resumed = None;
-                let mut p = Box::pin(self.restore(engine)).await;
-                if let Some(c) = coordinator.as_deref() {
-                    // Joining or restarting: a fresh shared token costs the provider nothing.
-                    Box::pin(self.follow(engine, c, &mut p)).await;
-                }
+                let p = Box::pin(self.restore(engine)).await;
+                // Joining or restarting a cluster: first what the cluster has, as on any
+                // news from it (a fresh shared token costs the provider nothing, and the
+                // leader is shown from the start, not from the next change).
+                resumed = coordinator
+                    .is_some()
+                    .then(|| (Woke::Cluster, self.wall(p.next)));
                 plan.insert(p)
             }
         };
