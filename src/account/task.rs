@@ -313,9 +313,8 @@ pub fn spawn_coordinated<E: Endpoint>(
         next_wall: SystemTime::UNIX_EPOCH,
     });
     if after.is_none() && live.coordinator.is_none() {
-        // Parked at once, due now: the alarms start the tasks, one after another, each
-        // task's memory next to the last (what they free after their first request is
-        // then whole pages, not holes between the accounts' own allocations).
+        // Parked at once, due now: the alarms start the tasks, at most
+        // `alarms::AWAKE` at a time (at start every account is due).
         if let Some((live, woke)) = park(live, Instant::now()) {
             live.parts
                 .tracker
