@@ -43,33 +43,30 @@ pub struct Alarms {
     rearm: Notify,
     running: OnceLock<()>,
     awake: Arc<Semaphore>,
+    /// The wall clock's jumps against tokio's, which ring every alarm.
+    jumps: Arc<WallJumps>,
+    clock: Clock,
 }
 
-impl Default for Alarms {
-    fn default() -> Self {
+impl Alarms {
+    pub fn new(jumps: Arc<WallJumps>, clock: Clock) -> Self {
         Alarms {
             queue: Default::default(),
             next_id: Default::default(),
             rearm: Default::default(),
             running: Default::default(),
             awake: Arc::new(Semaphore::new(AWAKE)),
+            jumps,
+            clock,
         }
     }
-}
 
-impl Alarms {
     /// Sets an alarm that rings `sleeper` at `at`. Needs a tokio runtime (the first
     /// alarm starts the task that rings them).
-    pub fn set(
-        self: &Arc<Self>,
-        at: Instant,
-        sleeper: Arc<dyn Sleeper>,
-        jumps: &Arc<WallJumps>,
-        clock: Clock,
-    ) -> AlarmKey {
+    pub fn set(self: &Arc<Self>, at: Instant, sleeper: Arc<dyn Sleeper>) -> AlarmKey {
         self.running.get_or_init(|| {
-            let seen = jumps.seen(clock);
-            tokio::spawn(ring_alarms(self.clone(), jumps.clone(), seen));
+            let seen = self.jumps.seen(self.clock);
+            tokio::spawn(ring_alarms(self.clone(), seen));
         });
         let key = AlarmKey(at, self.next_id.fetch_add(1, Ordering::Relaxed));
         let mut q = self
@@ -112,7 +109,7 @@ impl Alarms {
 
 /// Rings alarms as they fall due, and all of them when the wall clock jumps. Lives as
 /// long as the runtime.
-async fn ring_alarms(alarms: Arc<Alarms>, jumps: Arc<WallJumps>, mut seen: u64) {
+async fn ring_alarms(alarms: Arc<Alarms>, mut seen: u64) {
     let mut all = false;
     loop {
         // Rung outside the lock: a sleeper may set its next alarm at once. An alarm set
@@ -126,7 +123,7 @@ async fn ring_alarms(alarms: Arc<Alarms>, jumps: Arc<WallJumps>, mut seen: u64) 
         all = tokio::select! {
             _ = alarms.rearm.notified() => false,
             _ = sleep_until(next) => false,
-            now = jumps.after(seen) => {
+            now = alarms.jumps.after(seen) => {
                 seen = now;
                 true
             }
@@ -175,14 +172,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn alarms_ring_in_order_at_their_time_and_an_unset_one_never() {
-        let (alarms, jumps, clock) = (Arc::<Alarms>::default(), Arc::default(), Clock::tokio());
+        let alarms = Arc::new(Alarms::new(Arc::default(), Clock::tokio()));
         let log = Arc::new(Log::default());
         let t0 = Instant::now();
-        let late = alarms.set(t0 + secs(300), log.clone(), &jumps, clock);
-        let gone = alarms.set(t0 + secs(200), log.clone(), &jumps, clock);
-        let early = alarms.set(t0 + secs(100), log.clone(), &jumps, clock);
+        let late = alarms.set(t0 + secs(300), log.clone());
+        let gone = alarms.set(t0 + secs(200), log.clone());
+        let early = alarms.set(t0 + secs(100), log.clone());
         // Set while the ringer sleeps for a later one: it is woken for this one.
-        let first = alarms.set(t0 + secs(10), log.clone(), &jumps, clock);
+        let first = alarms.set(t0 + secs(10), log.clone());
         alarms.unset(gone);
         assert_eq!(alarms.len(), 3);
         let rung = log.wait(3).await;
@@ -200,11 +197,11 @@ mod tests {
     async fn a_wall_clock_jump_rings_every_alarm() {
         static SKEW_MS: AtomicU64 = AtomicU64::new(0);
         let clock = Clock::tokio_with_skew(&SKEW_MS);
-        let (alarms, jumps) = (Arc::<Alarms>::default(), Arc::default());
+        let alarms = Arc::new(Alarms::new(Arc::default(), clock));
         let log = Arc::new(Log::default());
         let t0 = Instant::now();
-        alarms.set(t0 + secs(86_000), log.clone(), &jumps, clock);
-        alarms.set(t0 + secs(7200), log.clone(), &jumps, clock);
+        alarms.set(t0 + secs(86_000), log.clone());
+        alarms.set(t0 + secs(7200), log.clone());
         tokio::time::sleep(secs(60)).await;
         // A suspend of an hour: tokio's clock stood still, the wall clock did not.
         SKEW_MS.store(3_600_000, Ordering::Relaxed);

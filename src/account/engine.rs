@@ -69,6 +69,7 @@ impl std::ops::Deref for Shared {
 
 impl Shared {
     pub fn new(max_concurrent_refreshes: usize, clock: Clock, state_dir: Option<PathBuf>) -> Self {
+        let wall_jumps = Arc::<WallJumps>::default();
         Shared(Arc::new(Common {
             semaphore: Semaphore::new(max_concurrent_refreshes),
             clock,
@@ -78,8 +79,8 @@ impl Shared {
             siblings: Default::default(),
             metrics: Default::default(),
             rotations: watch::Sender::new(0),
-            wall_jumps: Default::default(),
-            alarms: Default::default(),
+            alarms: Arc::new(super::alarms::Alarms::new(wall_jumps.clone(), clock)),
+            wall_jumps,
         }))
     }
 }

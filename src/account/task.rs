@@ -390,13 +390,8 @@ fn park<E: Endpoint>(mut live: Box<Live<E>>, wake: Instant) -> Option<(Box<Live<
     if inbox.pokes.load(Ordering::SeqCst) != 0 {
         return Some((live, Woke::Poked));
     }
-    let shared = &live.parts.shared;
     let sleeper: Arc<dyn Sleeper> = inbox.clone();
-    live.alarm = Some(
-        shared
-            .alarms
-            .set(wake, sleeper, &shared.wall_jumps, shared.clock),
-    );
+    live.alarm = Some(live.parts.shared.alarms.set(wake, sleeper));
     *slot = Some(live);
     *inbox.run.lock().expect("never poisoned") = None;
     None

@@ -223,11 +223,6 @@ impl Running {
         self.tracker.reopen();
     }
 
-    /// How many tasks the account has now (none while it waits).
-    pub fn tasks(&self) -> usize {
-        self.tracker.len()
-    }
-
     pub async fn stop(self) {
         self.cancel.cancel();
         // A parked account has no task to see the cancellation: its handle wakes it.
