@@ -235,7 +235,10 @@ else
         return 1
     }
     t0=$SECONDS
+    # systemd is found as soon as it runs, before its bus socket exists (systemctl then
+    # fails at once, "Failed to connect to bus", rather than waiting).
     if wait_for 30 find_leader && find_leader &&
+        wait_for 60 nsenter -t "$leader" -a test -S /run/systemd/private &&
         state=$(timeout 120 nsenter -t "$leader" -a systemctl is-system-running --wait); then
         printf 'booted in %d s: %s\n' $((SECONDS - t0)) "$state"
         machine_ok=1
