@@ -71,7 +71,7 @@ pub fn check(config: &Config) -> Result<(), Failure> {
                 )),
             });
         }
-        if let Some(ca) = &a.ca_file {
+        if let Some(ca) = &a.options.ca_file {
             report(match transports.client(a) {
                 Ok(_) => Ok(format!("{}: ca_file {} loads", a.name, ca.display())),
                 Err(e) => Err(format!("{}: {e}", a.name)),
@@ -339,7 +339,7 @@ async fn once_account(
         Clock::System,
         transports,
     )?);
-    let deadline = tokio::time::Instant::now() + account.timeout + Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + account.options.timeout + Duration::from_secs(5);
     let mut engine = loop {
         match Engine::try_open(account.clone(), endpoint.clone(), shared.clone()).await? {
             Opened::Ready(e) => break e,
@@ -354,7 +354,7 @@ async fn once_account(
                             min_valid.unwrap_or_default(),
                         )
                     }) {
-                        engine::deliver(&account, Arc::new(t), true)
+                        engine::deliver(&account, t, true)
                             .await
                             .map_err(anyhow::Error::msg)?;
                         tracing::info!(account = %account.name, "{holder} runs this account: its token written to {} output(s), provider not asked", account.outputs.len());
@@ -373,7 +373,7 @@ async fn once_account(
     if let Some(min) = min_valid {
         if let Some(token) = engine.saved_token(min) {
             engine
-                .deliver(Arc::new(token), true)
+                .deliver(token, true)
                 .await
                 .map_err(anyhow::Error::msg)?;
             tracing::info!(account = %account.name, "saved token still valid for {}: outputs written, provider not asked", humantime::format_duration(min));

@@ -169,15 +169,16 @@ fn read_digest(path: &Path) -> Option<[u8; 32]> {
 
 /// Sets the allocator up for a daemon that lives long with many small objects: glibc
 /// gives each thread that allocates an arena of its own (up to eight per core), and
-/// what an arena keeps for its thread's next allocations stays resident; two arenas
-/// (the runtime's two workers share them with the rest) keep less lying about (issue
-/// #11: 2-3 MiB less with 10,000 accounts, 0.2 MiB with 10). Call before any thread
-/// starts.
+/// what an arena keeps for its thread's next allocations stays resident. One arena for
+/// all threads (issue #11): with two, how much of the start's work landed in the second
+/// depended on which threads the scheduler ran, and 10,000 accounts took 39 or 44 MiB
+/// from run to run; with one, 39 every time (the runtime has two workers, so the
+/// arena's lock is seldom contended). Call before any thread starts.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt takes no pointers; called before other threads exist.
     unsafe {
-        nix::libc::mallopt(nix::libc::M_ARENA_MAX, 2);
+        nix::libc::mallopt(nix::libc::M_ARENA_MAX, 1);
     }
 }
 

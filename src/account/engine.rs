@@ -79,7 +79,11 @@ impl Shared {
             siblings: Default::default(),
             metrics: Default::default(),
             rotations: watch::Sender::new(0),
-            alarms: Arc::new(super::alarms::Alarms::new(wall_jumps.clone(), clock)),
+            alarms: Arc::new(super::alarms::Alarms::new(
+                wall_jumps.clone(),
+                clock,
+                max_concurrent_refreshes,
+            )),
             wall_jumps,
         }))
     }
@@ -338,7 +342,7 @@ impl<E: Endpoint> Engine<E> {
     }
 
     /// The saved token, if issued for this request and valid at least `min_valid` more.
-    pub fn saved_token(&self, min_valid: Duration) -> Option<Token> {
+    pub fn saved_token(&self, min_valid: Duration) -> Option<Arc<Token>> {
         self.saved
             .token_valid_for(&self.account, self.now(), min_valid)
     }
@@ -354,7 +358,7 @@ impl<E: Endpoint> Engine<E> {
     /// or another account's rate limit on the same provider.
     pub fn wait(&self) -> Option<(SystemTime, WaitKind)> {
         let now = self.now();
-        let saved = self.saved.wait(now, &self.account.schedule);
+        let saved = self.saved.wait(now, &self.account.options.schedule);
         let provider = self
             .shared
             .providers
@@ -368,7 +372,7 @@ impl<E: Endpoint> Engine<E> {
         if self.saved.refusals > 0
             || self
                 .saved
-                .wait(self.now(), &self.account.schedule)
+                .wait(self.now(), &self.account.options.schedule)
                 .is_some()
         {
             self.saved.end_hold();
@@ -386,7 +390,7 @@ impl<E: Endpoint> Engine<E> {
     /// caller delivers it.
     pub async fn adopt(&mut self, shared: &super::persist::Portable) -> Option<Arc<Token>> {
         let before = self.saved.generation();
-        let token = self.saved.adopt(&self.account, shared).map(Arc::new);
+        let token = self.saved.adopt(&self.account, shared);
         if self.saved.generation() != before {
             self.save_quietly().await;
         }
@@ -440,8 +444,8 @@ impl<E: Endpoint> Engine<E> {
                 .saved
                 .token(&self.account)
                 .is_none_or(|m| t.access_token != m.access_token && t.issued_at >= m.issued_at);
-            let due =
-                t.issued_at + schedule::refresh_delay(&self.account.schedule, t.lifetime(), 1.0);
+            let due = t.issued_at
+                + schedule::refresh_delay(&self.account.options.schedule, t.lifetime(), 1.0);
             if newer && self.now() < due {
                 tracing::debug!(account = %self.account.name, "reusing the token an identical account just fetched");
                 let t = t.clone();
@@ -569,7 +573,7 @@ impl<E: Endpoint> Engine<E> {
     async fn failed(&mut self, e: &crate::oauth::Error) -> Failed {
         let class = schedule::classify(e);
         let now = self.now();
-        let policy = self.account.schedule;
+        let policy = self.account.options.schedule;
         let kind = match class {
             ErrorClass::Local => return self.local(crate::oauth::error_chain(e), None, false),
             ErrorClass::Transient => {
@@ -619,8 +623,8 @@ impl<E: Endpoint> Engine<E> {
         let Some(dir) = self.shared.state_dir.clone() else {
             return Ok(());
         };
-        let (name, saved) = (self.account.name.clone(), self.saved.clone());
-        tokio::task::spawn_blocking(move || persist::save(&dir, &name, &saved))
+        let (account, saved) = (self.account.clone(), self.saved.clone());
+        tokio::task::spawn_blocking(move || persist::save(&dir, &account, &saved))
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e)))
     }

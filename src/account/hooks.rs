@@ -20,10 +20,10 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 
 /// Runs the hooks of `account` for a token that expires at `expires_at`.
 pub async fn run(account: &Account, expires_at: SystemTime) {
-    if let Some(argv) = &account.on_refresh {
+    if let Some(argv) = &account.options.on_refresh {
         run_command(account, argv, expires_at).await;
     }
-    if let Some(sig) = &account.on_refresh_signal {
+    if let Some(sig) = &account.options.on_refresh_signal {
         let result = std::fs::read_to_string(&sig.pid_file)
             .map_err(|e| format!("failed to read pid file {}: {e}", sig.pid_file.display()))
             .and_then(|s| {
@@ -71,7 +71,7 @@ async fn run_command(account: &Account, argv: &[String], expires_at: SystemTime)
             return;
         }
     };
-    match tokio::time::timeout(account.hook_timeout, child.wait()).await {
+    match tokio::time::timeout(account.options.hook_timeout, child.wait()).await {
         Ok(Ok(status)) if status.success() => {
             tracing::debug!(account = %account.name, "on_refresh hook finished")
         }
@@ -87,7 +87,7 @@ async fn run_command(account: &Account, argv: &[String], expires_at: SystemTime)
                 account = %account.name,
                 "on_refresh: {:?} killed after hook_timeout ({:?})",
                 argv[0],
-                account.hook_timeout
+                account.options.hook_timeout
             );
         }
     }

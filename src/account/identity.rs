@@ -41,11 +41,18 @@ impl RequestIdentity {
             },
             scope: a.scope.clone(),
             extra_params: a
+                .options
                 .extra_params
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
         }
+    }
+
+    /// A digest of the whole identity, for comparisons in memory: what each account's
+    /// saved state keeps instead of a copy of it (issue #11).
+    pub fn digest(&self) -> [u8; 32] {
+        sha256_of_hash(self)
     }
 }
 
@@ -86,8 +93,8 @@ impl SiblingKey {
             client_auth: a.client_auth,
             basic_encoding: a.basic_encoding,
             params_in: a.params_in,
-            extra_headers: a.extra_headers.clone(),
-            proxy: a.proxy.clone(),
+            extra_headers: a.options.extra_headers.clone(),
+            proxy: a.options.proxy.clone(),
             secrets: a
                 .secrets()
                 .into_iter()
@@ -104,22 +111,29 @@ impl SiblingKey {
     /// in a marker, sequences start with their length), to find identical accounts
     /// without keeping a copy of each key (issue #11). Kept in memory only.
     pub fn digest(&self) -> [u8; 32] {
-        struct Sha256(ring::digest::Context);
-        impl std::hash::Hasher for Sha256 {
-            fn write(&mut self, bytes: &[u8]) {
-                self.0.update(bytes);
-            }
-            fn finish(&self) -> u64 {
-                unreachable!("only the SHA-256 below is taken")
-            }
-        }
-        let mut h = Sha256(ring::digest::Context::new(&ring::digest::SHA256));
-        std::hash::Hash::hash(self, &mut h);
-        h.0.finish()
-            .as_ref()
-            .try_into()
-            .expect("SHA-256 is 32 bytes")
+        sha256_of_hash(self)
     }
+}
+
+/// A SHA-256 of `value`'s derived `Hash`, which is prefix-free (strings end in a marker,
+/// sequences start with their length): what tells values apart in memory without a
+/// copy of each. Not for files: `Hash` may change between Rust releases.
+fn sha256_of_hash<T: std::hash::Hash + ?Sized>(value: &T) -> [u8; 32] {
+    struct Sha256(ring::digest::Context);
+    impl std::hash::Hasher for Sha256 {
+        fn write(&mut self, bytes: &[u8]) {
+            self.0.update(bytes);
+        }
+        fn finish(&self) -> u64 {
+            unreachable!("only the SHA-256 below is taken")
+        }
+    }
+    let mut h = Sha256(ring::digest::Context::new(&ring::digest::SHA256));
+    value.hash(&mut h);
+    h.0.finish()
+        .as_ref()
+        .try_into()
+        .expect("SHA-256 is 32 bytes")
 }
 
 /// Version of the encoding hashed by [`CredentialsDigest`]; a new field means a new
@@ -190,12 +204,18 @@ impl CredentialsDigest {
             )
             .as_bytes(),
         );
-        field(&(a.extra_headers.len() as u64).to_be_bytes());
-        for (k, v) in &a.extra_headers {
+        field(&(a.options.extra_headers.len() as u64).to_be_bytes());
+        for (k, v) in &a.options.extra_headers {
             field(k.as_bytes());
             field(v.expose().as_bytes());
         }
-        field(a.proxy.as_ref().map_or("\0none", |p| p.expose()).as_bytes());
+        field(
+            a.options
+                .proxy
+                .as_ref()
+                .map_or("\0none", |p| p.expose())
+                .as_bytes(),
+        );
         // Only accounts with an assertion have these fields: the digest of every other
         // account stays what it was (a hold survives the upgrade that added them), and
         // the client_auth above already tells the two encodings apart.

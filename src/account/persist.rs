@@ -14,6 +14,7 @@ use std::fs::File;
 use std::io::{Read as _, Write as _};
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -89,19 +90,21 @@ struct Chain {
     refresh_token: String,
 }
 
-/// One account's saved state. Holds credentials: `Debug` is not derived. What only some
-/// accounts have (a chain, a hold) is boxed: every account keeps one of these for the
-/// daemon's life (issue #11); the file's format does not change.
-#[derive(Serialize, Deserialize, Clone)]
+/// One account's saved state. Holds credentials: `Debug` is not derived. Every account
+/// keeps one of these for the daemon's life, so it is small (issue #11): what only some
+/// accounts have (a chain, a hold) is boxed, the token is the one the account publishes
+/// (not a copy), and what it was issued for is a digest. The file ([`FileOut`],
+/// [`FileIn`]) has them whole, as it always had.
+#[derive(Clone)]
 pub struct Saved {
-    version: u32,
     /// Grows with every change; of two copies (memory and disk) the larger is newer.
     generation: u64,
     /// For the digests below.
     salt: Box<str>,
-    /// What the token was issued for: it is reused only for the same request.
-    issued_for: RequestIdentity,
-    token: Option<SavedToken>,
+    /// What the token was issued for ([`RequestIdentity::digest`]): it is reused only
+    /// for the same request.
+    issued_for: [u8; 32],
+    token: Option<Arc<Token>>,
     chain: Option<Box<Chain>>,
     wait: Option<Wait>,
     /// Transient failures in a row (backoff grows with them, also across restarts).
@@ -111,9 +114,81 @@ pub struct Saved {
     /// The credentials that were refused; other credentials end the hold.
     hold_key: Option<Box<CredentialsDigest>>,
     /// The token endpoint last discovered (`issuer`, `fhir_base`): used while discovery
-    /// fails, also after a restart. Absent from files written before it existed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// fails, also after a restart.
     discovered: Option<Box<DiscoveredEndpoint>>,
+}
+
+/// A state file, as written: [`Saved`] with the identity and the token whole.
+#[derive(Serialize)]
+struct FileOut<'a> {
+    version: u32,
+    generation: u64,
+    salt: &'a str,
+    issued_for: RequestIdentity,
+    token: Option<TokenOut<'a>>,
+    chain: Option<&'a Chain>,
+    wait: Option<Wait>,
+    failures: u32,
+    refusals: u32,
+    hold_key: Option<&'a CredentialsDigest>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    discovered: Option<&'a DiscoveredEndpoint>,
+}
+
+/// A state file, as read.
+#[derive(Deserialize)]
+struct FileIn {
+    generation: u64,
+    salt: Box<str>,
+    issued_for: RequestIdentity,
+    token: Option<SavedToken>,
+    chain: Option<Box<Chain>>,
+    wait: Option<Wait>,
+    failures: u32,
+    refusals: u32,
+    hold_key: Option<Box<CredentialsDigest>>,
+    /// Absent from files written before it existed.
+    #[serde(default)]
+    discovered: Option<Box<DiscoveredEndpoint>>,
+}
+
+impl From<FileIn> for Saved {
+    fn from(f: FileIn) -> Self {
+        Saved {
+            generation: f.generation,
+            salt: f.salt,
+            issued_for: f.issued_for.digest(),
+            token: f.token.as_ref().map(|t| Arc::new(t.to_token())),
+            chain: f.chain,
+            wait: f.wait,
+            failures: f.failures,
+            refusals: f.refusals,
+            hold_key: f.hold_key,
+            discovered: f.discovered,
+        }
+    }
+}
+
+/// A [`SavedToken`] as written from the token itself (no copy of its secret).
+#[derive(Serialize)]
+struct TokenOut<'a> {
+    access_token: &'a str,
+    token_type: &'a str,
+    issued_at: u64,
+    expires_at: u64,
+    scope: Option<&'a str>,
+}
+
+impl<'a> TokenOut<'a> {
+    fn of(t: &'a Token) -> Self {
+        TokenOut {
+            access_token: t.access_token.expose(),
+            token_type: &t.token_type,
+            issued_at: secs(t.issued_at),
+            expires_at: secs(t.expires_at),
+            scope: t.scope.as_deref(),
+        }
+    }
 }
 
 /// A discovered token endpoint, and what it was discovered from.
@@ -198,10 +273,9 @@ impl SavedToken {
 impl Saved {
     pub fn new(account: &Account) -> Self {
         Saved {
-            version: VERSION,
             generation: 0,
             salt: identity::new_salt().into(),
-            issued_for: RequestIdentity::of(account),
+            issued_for: RequestIdentity::of(account).digest(),
             token: None,
             chain: None,
             wait: None,
@@ -217,11 +291,36 @@ impl Saved {
     }
 
     /// The saved token, if it was issued for this account's request as configured now.
-    pub fn token(&self, account: &Account) -> Option<Token> {
-        if self.issued_for != RequestIdentity::of(account) {
+    pub fn token(&self, account: &Account) -> Option<Arc<Token>> {
+        if self.issued_for != RequestIdentity::of(account).digest() {
             return None;
         }
-        self.token.as_ref().map(SavedToken::to_token)
+        self.token.clone()
+    }
+
+    /// The file's form of this state, written for `account`: a token issued for another
+    /// request (the account's settings changed) is left out, since the file can name
+    /// only one identity and the token is never reused for this one.
+    fn file<'a>(&'a self, account: &Account) -> FileOut<'a> {
+        let issued_for = RequestIdentity::of(account);
+        let token = self
+            .token
+            .as_deref()
+            .filter(|_| issued_for.digest() == self.issued_for)
+            .map(TokenOut::of);
+        FileOut {
+            version: VERSION,
+            generation: self.generation,
+            salt: &self.salt,
+            issued_for,
+            token,
+            chain: self.chain.as_deref(),
+            wait: self.wait,
+            failures: self.failures,
+            refusals: self.refusals,
+            hold_key: self.hold_key.as_deref(),
+            discovered: self.discovered.as_deref(),
+        }
     }
 
     /// [`Saved::token`], if valid for at least `min_valid` more at `now`.
@@ -230,17 +329,17 @@ impl Saved {
         account: &Account,
         now: SystemTime,
         min_valid: Duration,
-    ) -> Option<Token> {
+    ) -> Option<Arc<Token>> {
         self.token(account)
             .filter(|t| t.expires_at > now + min_valid)
     }
 
     /// Records a newly fetched token: the token, the rotated refresh token of the
     /// refresh_token grant, and no more waiting.
-    pub fn record(&mut self, account: &Account, token: &Token) {
+    pub fn record(&mut self, account: &Account, token: &Arc<Token>) {
         self.generation += 1;
-        self.issued_for = RequestIdentity::of(account);
-        self.token = Some(SavedToken::from_token(token));
+        self.issued_for = RequestIdentity::of(account).digest();
+        self.token = Some(token.clone());
         if let (Grant::RefreshToken { .. }, Some(rt), Some(chain)) =
             (&account.grant, &token.refresh_token, &mut self.chain)
         {
@@ -340,7 +439,7 @@ impl Saved {
     /// What another cluster member may take over from this state.
     pub fn portable(&self) -> Portable {
         Portable {
-            token: self.token.clone(),
+            token: self.token.as_deref().map(SavedToken::from_token),
             refresh_token: self.chain.as_ref().map(|c| c.refresh_token.clone()),
             wait: self.wait,
             refusals: self.refusals,
@@ -351,19 +450,20 @@ impl Saved {
     /// Takes over what another member shared: its token if it is newer than this one's,
     /// its refresh token, and its wait and refusals (a hold is the cluster's, not one
     /// member's). Returns the token if it is new here.
-    pub fn adopt(&mut self, account: &Account, p: &Portable) -> Option<Token> {
-        let mine = self
-            .token(account)
-            .map(|t| (t.issued_at, t.access_token.expose().to_owned()));
+    pub fn adopt(&mut self, account: &Account, p: &Portable) -> Option<Arc<Token>> {
+        let mine = self.token(account);
+        // In whole seconds, as shared.
         let newer = p.token.as_ref().filter(|t| {
-            mine.as_ref()
-                .is_none_or(|(at, tok)| time(t.issued_at) >= *at && t.access_token != *tok)
+            mine.as_ref().is_none_or(|m| {
+                t.issued_at >= secs(m.issued_at) && t.access_token != m.access_token.expose()
+            })
         });
         let mut taken = None;
         if let Some(t) = newer {
-            self.token = Some(t.clone());
-            self.issued_for = RequestIdentity::of(account);
-            taken = Some(t.to_token());
+            let token = Arc::new(t.to_token());
+            self.token = Some(token.clone());
+            self.issued_for = RequestIdentity::of(account).digest();
+            taken = Some(token);
             if let (Grant::RefreshToken { refresh_token }, Some(rt)) =
                 (&account.grant, &p.refresh_token)
             {
@@ -418,7 +518,6 @@ impl SavedV1 {
         let salt = identity::new_salt();
         let held = self.hold_key.is_some();
         Saved {
-            version: VERSION,
             generation: 1,
             chain: match (self.seed_refresh_token, self.refresh_token) {
                 (Some(seed), Some(rt)) => Some(Box::new(Chain {
@@ -428,8 +527,8 @@ impl SavedV1 {
                 _ => None,
             },
             salt: salt.into(),
-            issued_for: self.fingerprint,
-            token: self.token,
+            issued_for: self.fingerprint.digest(),
+            token: self.token.as_ref().map(|t| Arc::new(t.to_token())),
             wait: self.not_before.map(|until| Wait {
                 until,
                 kind: if held {
@@ -490,7 +589,9 @@ pub fn load(dir: &Path, name: &str) -> Option<Saved> {
         version: u32,
     }
     let parsed = match serde_json::from_slice::<Version>(&bytes) {
-        Ok(Version { version: VERSION }) => serde_json::from_slice::<Saved>(&bytes),
+        Ok(Version { version: VERSION }) => {
+            serde_json::from_slice::<FileIn>(&bytes).map(Saved::from)
+        }
         Ok(Version { version: 1 }) => {
             serde_json::from_slice::<SavedV1>(&bytes).map(SavedV1::migrate)
         }
@@ -517,10 +618,13 @@ pub fn load(dir: &Path, name: &str) -> Option<Saved> {
     }
 }
 
-/// Saves an account's state atomically and durably (fsynced file and directory), 0600.
-pub fn save(dir: &Path, name: &str, saved: &Saved) -> std::io::Result<()> {
+/// Saves `account`'s state atomically and durably (fsynced file and directory), 0600.
+pub fn save(dir: &Path, account: &Account, saved: &Saved) -> std::io::Result<()> {
+    let name = &account.name;
     ensure_dir(dir)?;
-    let json = zeroize::Zeroizing::new(serde_json::to_vec(saved).expect("state always serializes"));
+    let json = zeroize::Zeroizing::new(
+        serde_json::to_vec(&saved.file(account)).expect("state always serializes"),
+    );
     atomic::write(&path(dir, name), &json, 0o600, None, None).map_err(|e| {
         std::io::Error::new(
             e.kind(),
@@ -685,13 +789,33 @@ mod tests {
         let now = SystemTime::now();
         let a = account("full");
         let mut s = Saved::new(&a);
-        s.record(&a, &token(now, 3600));
-        save(dir.path(), "a", &s).unwrap();
+        let fetched = Arc::new(token(now, 3600));
+        s.record(&a, &fetched);
+        assert!(
+            Arc::ptr_eq(&s.token(&a).unwrap(), &fetched),
+            "the state keeps the token it was given, not a copy"
+        );
+        save(dir.path(), &a, &s).unwrap();
         let meta = std::fs::metadata(dir.path().join("a.json")).unwrap();
         assert_eq!(
             std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
             0o600
         );
+        // The file has the identity and the token whole, as files always had.
+        let file: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("a.json")).unwrap()).unwrap();
+        assert_eq!(file["version"], 2);
+        assert_eq!(file["issued_for"]["client_id"], "id");
+        assert_eq!(file["issued_for"]["scope"], "full");
+        assert_eq!(file["token"]["access_token"], "tok");
+        assert_eq!(file["token"]["expires_at"], secs(now) + 3600);
+        // Saved for an account whose request changed, the token is left out.
+        save(dir.path(), &account("other"), &s).unwrap();
+        let file: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("a.json")).unwrap()).unwrap();
+        assert_eq!(file["issued_for"]["scope"], "other");
+        assert!(file["token"].is_null());
+        save(dir.path(), &a, &s).unwrap();
 
         let back = load(dir.path(), "a").unwrap();
         let t = back
@@ -715,10 +839,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = account("full");
         let mut s = Saved::new(&a);
-        s.record(&a, &token(SystemTime::now(), 3600));
-        save(dir.path(), "a", &s).unwrap();
-        save(dir.path(), "gone", &s).unwrap();
-        save(dir.path(), "busy", &s).unwrap();
+        s.record(&a, &Arc::new(token(SystemTime::now(), 3600)));
+        save(dir.path(), &a, &s).unwrap();
+        for name in ["gone", "busy"] {
+            let other = Account {
+                name: name.into(),
+                ..a.clone()
+            };
+            save(dir.path(), &other, &s).unwrap();
+        }
         let Locked::Acquired(_busy) = try_lock(dir.path(), "busy", "run").unwrap() else {
             panic!("a free lock");
         };
@@ -745,9 +874,9 @@ mod tests {
         let mut s = Saved::new(&a);
         let mut t = token(SystemTime::now(), 60);
         t.refresh_token = Some(Secret::new("rotated-1"));
-        s.record(&a, &t);
+        s.record(&a, &Arc::new(t.clone()));
         t.refresh_token = Some(Secret::new("rotated-2"));
-        s.record(&a, &t);
+        s.record(&a, &Arc::new(t));
         assert_eq!(s.refresh_token(&a).unwrap().expose(), "rotated-2");
         let rescoped = rt_account("seed-1", "y");
         assert_eq!(
@@ -760,7 +889,7 @@ mod tests {
         assert!(s.refresh_token(&reseeded).is_none());
         s.prepare_chain(&reseeded);
         assert!(s.chain.is_none());
-        let json = serde_json::to_string(&s).unwrap();
+        let json = serde_json::to_string(&s.file(&reseeded)).unwrap();
         assert!(
             !json.contains("seed-1"),
             "the seed is kept as a digest only"
@@ -803,13 +932,16 @@ mod tests {
         assert_eq!(kind, WaitKind::Hold);
         assert_eq!(until, now + schedule::HOLD_CAP);
         let mut absurd = Saved::new(&a);
-        absurd.token = Some(SavedToken {
-            access_token: "t".into(),
-            token_type: "Bearer".into(),
-            issued_at: secs(now),
-            expires_at: u64::MAX,
-            scope: None,
-        });
+        absurd.token = Some(Arc::new(
+            SavedToken {
+                access_token: "t".into(),
+                token_type: "Bearer".into(),
+                issued_at: secs(now),
+                expires_at: u64::MAX,
+                scope: None,
+            }
+            .to_token(),
+        ));
         let t = absurd.token(&a).unwrap();
         assert!(t.expires_at <= now + MAX_LIFETIME + Duration::from_secs(1));
     }

@@ -314,7 +314,7 @@ pub fn spawn_coordinated<E: Endpoint>(
     });
     if after.is_none() && live.coordinator.is_none() {
         // Parked at once, due now: the alarms start the tasks, at most
-        // `alarms::AWAKE` at a time (at start every account is due).
+        // a few at a time (see `Alarms::new`; at start every account is due).
         if let Some((live, woke)) = park(live, Instant::now()) {
             live.parts
                 .tracker
@@ -766,9 +766,9 @@ impl<'a, E: Endpoint> Task<'a, E> {
                     tracing::info!(account = %name, "refresh asked for, but the account is held after the provider refused its credentials");
                     return Then::Wait;
                 } else {
-                    let earliest = plan
-                        .last_attempt
-                        .map_or(now, |l| l + self.account().schedule.min_refresh_interval);
+                    let earliest = plan.last_attempt.map_or(now, |l| {
+                        l + self.account().options.schedule.min_refresh_interval
+                    });
                     if earliest > now {
                         plan.next = plan.next.min(earliest);
                         self.publish_next(plan.next);
@@ -946,7 +946,7 @@ impl<'a, E: Endpoint> Task<'a, E> {
             let wall = self.now();
             let lifetime = token.expires_at.duration_since(wall).unwrap_or_default();
             let jitter = rand::Rng::gen(&mut rand::thread_rng());
-            let delay = schedule::refresh_delay(&self.account().schedule, lifetime, jitter);
+            let delay = schedule::refresh_delay(&self.account().options.schedule, lifetime, jitter);
             plan.next = Instant::now() + delay;
             self.publish(|s| {
                 s.status = Status::Fresh;
@@ -994,10 +994,13 @@ impl<'a, E: Endpoint> Task<'a, E> {
             last_attempt: None,
         };
         if let Some(token) = engine.saved_token(Duration::ZERO) {
-            let token = Arc::new(token);
             let jitter = rand::Rng::gen(&mut rand::thread_rng());
             let due = token.issued_at
-                + schedule::refresh_delay(&self.account().schedule, token.lifetime(), jitter);
+                + schedule::refresh_delay(
+                    &self.account().options.schedule,
+                    token.lifetime(),
+                    jitter,
+                );
             let wait = due.duration_since(now).unwrap_or_default();
             plan.next += wait;
             match engine.deliver(token.clone(), false).await {
@@ -1073,7 +1076,8 @@ impl<'a, E: Endpoint> Task<'a, E> {
                 let wall = self.now();
                 let lifetime = token.expires_at.duration_since(wall).unwrap_or_default();
                 let jitter = rand::Rng::gen(&mut rand::thread_rng());
-                let delay = schedule::refresh_delay(&self.account().schedule, lifetime, jitter);
+                let delay =
+                    schedule::refresh_delay(&self.account().options.schedule, lifetime, jitter);
                 let recovered = self.parts.state.borrow().failures > 0;
                 tracing::info!(
                     account = %self.account().name,
@@ -1118,7 +1122,7 @@ impl<'a, E: Endpoint> Task<'a, E> {
                             let jitter = rand::Rng::gen(&mut rand::thread_rng());
                             plan.next = now
                                 + schedule::refresh_delay(
-                                    &self.account().schedule,
+                                    &self.account().options.schedule,
                                     lifetime,
                                     jitter,
                                 );

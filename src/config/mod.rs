@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use keys::AssertionAlg;
@@ -106,7 +107,9 @@ pub enum LogFormat {
 pub struct Account {
     pub name: String,
     /// Where the token endpoint is: configured, or discovered from an issuer or a FHIR base.
-    pub token_url: TokenUrl,
+    /// Shared by the accounts that name the same one (issue #11: 10,000 accounts of a few
+    /// providers keep a few URLs).
+    pub token_url: Arc<TokenUrl>,
     /// Plain http:// to a host other than loopback is allowed (also for a discovered
     /// token endpoint).
     pub allow_http: bool,
@@ -122,20 +125,10 @@ pub struct Account {
     pub basic_encoding: BasicEncoding,
     pub params_in: ParamsIn,
     pub scope: Option<String>,
-    pub extra_params: BTreeMap<String, String>,
-    /// Header values may be API keys: `Debug` shows no value.
-    pub extra_headers: BTreeMap<String, Secret>,
-    pub ca_file: Option<PathBuf>,
-    /// A proxy URL may carry a password: `Debug` shows none.
-    pub proxy: Option<Secret>,
-    pub timeout: Duration,
-    pub schedule: SchedulePolicy,
+    /// The settings most accounts leave at their defaults or take from `[defaults]`.
+    pub options: Arc<Options>,
     pub on_expiry: OnExpiry,
-    pub on_refresh: Option<Vec<String>>,
-    pub on_refresh_signal: Option<Box<SignalHook>>,
-    pub hook_timeout: Duration,
     pub outputs: Vec<Output>,
-    pub access: Access,
     /// Shared with the cluster (when there is a `[cluster]`); `cluster = false` opts out.
     pub cluster: bool,
 }
@@ -160,21 +153,42 @@ impl fmt::Debug for Account {
             .field("basic_encoding", &self.basic_encoding)
             .field("params_in", &self.params_in)
             .field("scope", &self.scope)
-            .field("extra_params", &self.extra_params)
-            .field("extra_headers", &self.extra_headers)
-            .field("ca_file", &self.ca_file)
-            .field("proxy", &self.proxy)
-            .field("timeout", &self.timeout)
-            .field("schedule", &self.schedule)
+            .field("extra_params", &self.options.extra_params)
+            .field("extra_headers", &self.options.extra_headers)
+            .field("ca_file", &self.options.ca_file)
+            .field("proxy", &self.options.proxy)
+            .field("timeout", &self.options.timeout)
+            .field("schedule", &self.options.schedule)
             .field("on_expiry", &self.on_expiry)
-            .field("on_refresh", &self.on_refresh)
-            .field("on_refresh_signal", &self.on_refresh_signal)
-            .field("hook_timeout", &self.hook_timeout)
+            .field("on_refresh", &self.options.on_refresh)
+            .field("on_refresh_signal", &self.options.on_refresh_signal)
+            .field("hook_timeout", &self.options.hook_timeout)
             .field("outputs", &self.outputs)
-            .field("access", &self.access)
+            .field("access", &self.options.access)
             .field("cluster", &self.cluster)
             .finish()
     }
+}
+
+/// An account's settings that most accounts leave at their defaults or take from
+/// `[defaults]`: one copy shared by the accounts that have the same (issue #11: 280
+/// bytes an account otherwise, for thousands of accounts that differ in name, client
+/// and scope). `Debug` shows no header value and no proxy password (they are
+/// [`Secret`]s).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Options {
+    pub extra_params: BTreeMap<String, String>,
+    /// Header values may be API keys.
+    pub extra_headers: BTreeMap<String, Secret>,
+    pub ca_file: Option<PathBuf>,
+    /// A proxy URL may carry a password.
+    pub proxy: Option<Secret>,
+    pub timeout: Duration,
+    pub schedule: SchedulePolicy,
+    pub on_refresh: Option<Vec<String>>,
+    pub on_refresh_signal: Option<SignalHook>,
+    pub hook_timeout: Duration,
+    pub access: Access,
 }
 
 impl Account {
@@ -326,6 +340,7 @@ pub enum ParamsIn {
     Query,
 }
 
+/// `Eq` and `Hash` by value: `refresh_ratio` is a finite number (validated), never NaN.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SchedulePolicy {
     pub refresh_ratio: f64,
@@ -333,6 +348,18 @@ pub struct SchedulePolicy {
     pub min_refresh_interval: Duration,
     pub default_lifetime: Duration,
     pub auth_failure_hold: Duration,
+}
+
+impl Eq for SchedulePolicy {}
+
+impl std::hash::Hash for SchedulePolicy {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.refresh_ratio.to_bits().hash(state);
+        self.refresh_every.hash(state);
+        self.min_refresh_interval.hash(state);
+        self.default_lifetime.hash(state);
+        self.auth_failure_hold.hash(state);
+    }
 }
 
 impl Default for SchedulePolicy {
@@ -353,7 +380,7 @@ pub enum OnExpiry {
     Keep,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SignalHook {
     pub pid_file: PathBuf,
     pub signal: nix::sys::signal::Signal,
@@ -384,7 +411,7 @@ pub enum Format {
 }
 
 /// Who may read an account over the socket, besides root and the daemon's own user.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Access {
     pub users: Vec<u32>,
     pub groups: Vec<u32>,

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -230,6 +231,23 @@ struct Ctx<'a> {
     /// Keys whose values were dropped for a type error: not reported again as missing.
     dropped: Vec<String>,
     key_files: Vec<KeyFile>,
+    /// Every token endpoint once: accounts of one provider share it (issue #11).
+    token_urls: std::collections::HashSet<Arc<TokenUrl>>,
+    /// Every distinct [`Options`] once, likewise.
+    options: std::collections::HashSet<Arc<Options>>,
+}
+
+/// `value`, or the equal one an earlier account has, from `known`.
+fn share<T: Eq + std::hash::Hash>(
+    known: &mut std::collections::HashSet<Arc<T>>,
+    value: T,
+) -> Arc<T> {
+    if let Some(k) = known.get(&value) {
+        return k.clone();
+    }
+    let new = Arc::new(value);
+    known.insert(new.clone());
+    new
 }
 
 impl Ctx<'_> {
@@ -482,6 +500,8 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<(Config, Located), Config
         inline_secrets: Vec::new(),
         dropped: Vec::new(),
         key_files: Vec::new(),
+        token_urls: Default::default(),
+        options: Default::default(),
     };
 
     let (root, syntax) = DeTable::parse_recoverable(text);
@@ -954,18 +974,23 @@ fn account(
         basic_encoding,
         params_in,
         scope: pick!(a, d, scope).map(|s| s.into_inner()),
-        extra_params,
-        extra_headers,
-        ca_file,
-        proxy,
-        timeout,
-        schedule,
+        options: share(
+            &mut cx.options,
+            Options {
+                extra_params,
+                extra_headers,
+                ca_file,
+                proxy,
+                timeout,
+                schedule,
+                on_refresh,
+                on_refresh_signal,
+                hook_timeout,
+                access,
+            },
+        ),
         on_expiry,
-        on_refresh,
-        on_refresh_signal: on_refresh_signal.map(Box::new),
-        hook_timeout,
         outputs,
-        access,
         cluster: pick!(a, d, cluster).is_none_or(|c| *c.get_ref()),
     })
 }
@@ -1122,7 +1147,7 @@ fn name(cx: &mut Ctx<'_>, at: &At<'_>) -> String {
 /// loopback unless `allow_http` (also for an issuer or FHIR base: the token endpoint
 /// found there is held to the same rule when it is discovered). An account that writes
 /// any of the three inherits none of them from `[defaults]`.
-fn token_url(cx: &mut Ctx<'_>, at: &At<'_>) -> (Option<TokenUrl>, bool) {
+fn token_url(cx: &mut Ctx<'_>, at: &At<'_>) -> (Option<Arc<TokenUrl>>, bool) {
     let (a, d) = (at.a, at.d);
     let allow_http = pick!(a, d, allow_http).is_some_and(|b| *b.get_ref());
     let own = a.token_url.is_some() || a.issuer.is_some() || a.fhir_base.is_some();
@@ -1201,7 +1226,7 @@ fn token_url(cx: &mut Ctx<'_>, at: &At<'_>) -> (Option<TokenUrl>, bool) {
         "fhir_base" => TokenUrl::FhirBase(url),
         _ => TokenUrl::Fixed(url),
     };
-    (Some(token_url), allow_http)
+    (Some(share(&mut cx.token_urls, token_url)), allow_http)
 }
 
 fn client_id(cx: &mut Ctx<'_>, at: &At<'_>) -> String {
@@ -1831,8 +1856,8 @@ path = "/run/tokend/tokens/msk"
         );
         assert_eq!(a.outputs[0].mode, 0o600);
         assert_eq!(a.outputs[0].format, Format::Raw);
-        assert_eq!(a.schedule, SchedulePolicy::default());
-        assert_eq!(a.timeout, Duration::from_secs(30));
+        assert_eq!(a.options.schedule, SchedulePolicy::default());
+        assert_eq!(a.options.timeout, Duration::from_secs(30));
         assert_eq!(c.daemon, DaemonConfig::default());
     }
 
@@ -1943,8 +1968,11 @@ grant_type = "password"
         ) + "[[account.output]]\npath = \"/x\"\n";
         let c = parse(&text).unwrap();
         let a = &c.accounts[0];
-        assert_eq!(a.schedule.refresh_every, Some(Duration::from_secs(25 * 60)));
-        assert_eq!(a.timeout, Duration::from_secs(9));
+        assert_eq!(
+            a.options.schedule.refresh_every,
+            Some(Duration::from_secs(25 * 60))
+        );
+        assert_eq!(a.options.timeout, Duration::from_secs(9));
     }
 
     #[test]
@@ -2091,7 +2119,7 @@ grant_type = "password"
             }
         }
         assert_eq!(
-            c.accounts[0].extra_headers["X-Api-Key"].expose(),
+            c.accounts[0].options.extra_headers["X-Api-Key"].expose(),
             "api-key-value"
         );
     }
@@ -2111,7 +2139,7 @@ grant_type = "password"
         assert!(matches!(cib.grant, Grant::Password { .. }));
         assert_eq!(cib.client_auth, ClientAuth::Basic);
         assert_eq!(
-            cib.schedule.refresh_every,
+            cib.options.schedule.refresh_every,
             Some(Duration::from_secs(25 * 60))
         );
         // The commented SMART Backend Services account parses once uncommented.
@@ -2130,7 +2158,7 @@ grant_type = "password"
         .unwrap();
         let ehr = &c.accounts[0];
         assert_eq!(ehr.client_auth, ClientAuth::PrivateKeyJwt);
-        assert!(matches!(ehr.token_url, TokenUrl::FhirBase(_)));
+        assert!(matches!(*ehr.token_url, TokenUrl::FhirBase(_)));
         assert_eq!(
             ehr.assertion.as_ref().unwrap().alg,
             Some(AssertionAlg::Rs384)
@@ -2315,11 +2343,51 @@ grant_type = "password"
     const OUT: &str = "[[account.output]]\npath = \"/x\"\n";
 
     #[test]
+    fn accounts_share_equal_token_urls_and_options() {
+        let acct = |name: &str, url: &str, extra: &str| {
+            format!(
+                "[[account]]\nname = \"{name}\"\ntoken_url = \"{url}\"\nclient_id = \"{name}\"\n\
+                 client_secret = {{ env = \"S\" }}\n{extra}\n[[account.output]]\npath = \"/x/{name}\"\n"
+            )
+        };
+        let text = [
+            "[defaults]\ntimeout = \"10s\"\n".to_owned(),
+            acct("a", "https://idp.example/t", ""),
+            acct("b", "https://idp.example/t", "scope = \"other\""),
+            acct("c", "https://other.example/t", "refresh_every = \"5m\""),
+            acct("d", "https://other.example/t", "timeout = \"10s\""),
+        ]
+        .concat();
+        let c = parse(&text).unwrap();
+        let [a, b, cc, d] = &c.accounts[..] else {
+            panic!("four accounts")
+        };
+        assert!(Arc::ptr_eq(&a.token_url, &b.token_url));
+        assert!(Arc::ptr_eq(&cc.token_url, &d.token_url));
+        assert!(!Arc::ptr_eq(&a.token_url, &cc.token_url));
+        assert_eq!(a.options.timeout, Duration::from_secs(10));
+        assert!(
+            Arc::ptr_eq(&a.options, &b.options),
+            "equal settings: one copy"
+        );
+        assert!(
+            Arc::ptr_eq(&a.options, &d.options),
+            "the same value, set twice"
+        );
+        assert!(!Arc::ptr_eq(&a.options, &cc.options));
+        assert_eq!(
+            cc.options.schedule.refresh_every,
+            Some(Duration::from_secs(300))
+        );
+        assert_eq!(a.options.schedule.refresh_every, None);
+    }
+
+    #[test]
     fn exactly_one_of_token_url_issuer_and_fhir_base() {
         let c = parse(&format!("{KEYED}key_id = \"2026-11\"\n{OUT}")).unwrap();
         let a = &c.accounts[0];
         assert_eq!(
-            a.token_url,
+            *a.token_url,
             TokenUrl::FhirBase(url::Url::parse("https://ehr.example/fhir/R4").unwrap())
         );
         let asrt = a.assertion.as_ref().unwrap();
@@ -2360,7 +2428,7 @@ grant_type = "password"
             )
         );
         assert!(matches!(
-            parse(&text).unwrap().accounts[0].token_url,
+            *parse(&text).unwrap().accounts[0].token_url,
             TokenUrl::Issuer(_)
         ));
         // The http:// rule and the discovery rules.

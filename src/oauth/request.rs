@@ -109,7 +109,7 @@ pub fn build(account: &Account, token_url: &url::Url, creds: &Credentials) -> To
     if let Some(scope) = &account.scope {
         form.push(("scope", scope));
     }
-    for (k, v) in &account.extra_params {
+    for (k, v) in &account.options.extra_params {
         form.push((k, v));
     }
 
@@ -153,7 +153,7 @@ pub fn build(account: &Account, token_url: &url::Url, creds: &Credentials) -> To
             ));
         }
     }
-    for (k, v) in &account.extra_headers {
+    for (k, v) in &account.options.extra_headers {
         // Names were checked when the config was validated; a value that is not a valid
         // header value is dropped rather than sent mangled.
         if let (Ok(name), Ok(mut value)) = (
@@ -285,7 +285,7 @@ impl HttpEndpoint {
             client,
             &self.account.token_url,
             self.account.allow_http,
-            self.account.timeout,
+            self.account.options.timeout,
             self.account.client_cert.is_some(),
         )
         .await;
@@ -315,7 +315,7 @@ impl HttpEndpoint {
             if e.is_timeout() {
                 Error::Timeout {
                     url: url.clone(),
-                    after: self.account.timeout,
+                    after: self.account.options.timeout,
                 }
             } else {
                 let why = error_chain(&e.without_url());
@@ -328,7 +328,7 @@ impl HttpEndpoint {
         };
         let mut resp = client
             .post(req.url)
-            .timeout(self.account.timeout)
+            .timeout(self.account.options.timeout)
             .headers(req.headers)
             // reqwest takes its own copy, which it does not zero: ours is.
             .body(req.body.as_bytes().to_vec())
@@ -349,7 +349,12 @@ impl HttpEndpoint {
         }
         let now = self.clock.now();
         if (200..300).contains(&status) {
-            response::parse_success(status, &body, now, self.account.schedule.default_lifetime)
+            response::parse_success(
+                status,
+                &body,
+                now,
+                self.account.options.schedule.default_lifetime,
+            )
         } else {
             Err(response::parse_error(status, &headers, &body, now))
         }

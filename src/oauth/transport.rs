@@ -99,7 +99,7 @@ impl Transports {
         account: &Account,
         identity: bool,
     ) -> Result<Arc<reqwest::Client>, Error> {
-        let ca_pem = match &account.ca_file {
+        let ca_pem = match &account.options.ca_file {
             Some(ca) => Some(std::fs::read(ca).map_err(|e| {
                 Error::Client(format!("failed to read ca_file {}: {e}", ca.display()))
             })?),
@@ -112,8 +112,8 @@ impl Transports {
         };
         let key = TransportKey {
             ca_pem,
-            proxy: account.proxy.clone(),
-            connect_timeout: connect_timeout(account.timeout),
+            proxy: account.options.proxy.clone(),
+            connect_timeout: connect_timeout(account.options.timeout),
             identity: identity.as_ref().map(Identity::digest),
         };
         let mut clients = self
@@ -191,7 +191,7 @@ fn build(
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("tokend/", env!("CARGO_PKG_VERSION")))
         .pool_idle_timeout(Duration::from_secs(60));
-    if let (Some(pem), Some(ca)) = (&key.ca_pem, &account.ca_file) {
+    if let (Some(pem), Some(ca)) = (&key.ca_pem, &account.options.ca_file) {
         let certs = reqwest::Certificate::from_pem_bundle(pem)
             .map_err(|e| Error::Client(format!("ca_file {}: {e}", ca.display())))?;
         if certs.is_empty() {

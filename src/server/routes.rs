@@ -141,12 +141,12 @@ fn readable<'a>(
 ) -> Option<&'a AccountView> {
     accounts
         .get(name)
-        .filter(|v| peer.may_read(&v.account.access))
+        .filter(|v| peer.may_read(&v.account.options.access))
 }
 
 fn visible(caller: &Caller, view: &AccountView) -> bool {
     match caller {
-        Caller::Local(peer) => peer.may_read(&view.account.access),
+        Caller::Local(peer) => peer.may_read(&view.account.options.access),
         Caller::Monitor => true,
     }
 }
@@ -211,7 +211,7 @@ async fn wait_for(
     let limit = ctx
         .limits
         .max_wait
-        .min(a.schedule.min_refresh_interval + a.timeout + Duration::from_secs(2));
+        .min(a.options.schedule.min_refresh_interval + a.options.timeout + Duration::from_secs(2));
     let deadline = Instant::now() + limit;
     let mut rx = view.state.clone();
     let (old_token, old_failures) = {
@@ -334,7 +334,7 @@ fn list(ctx: &Ctx, peer: &super::Peer) -> Response<Body> {
     let list = AccountList {
         accounts: accounts
             .values()
-            .filter(|v| peer.may_read(&v.account.access))
+            .filter(|v| peer.may_read(&v.account.options.access))
             .map(|v| info(v, now))
             .collect(),
     };
@@ -374,7 +374,7 @@ fn cluster(ctx: &Ctx, peer: &super::Peer) -> Response<Body> {
         reachable: status.reachable(),
         accounts: accounts
             .values()
-            .filter(|v| v.cluster.is_some() && peer.may_read(&v.account.access))
+            .filter(|v| v.cluster.is_some() && peer.may_read(&v.account.options.access))
             .map(|v| {
                 let s = v.state.borrow();
                 api::ClusterAccount {
