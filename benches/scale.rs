@@ -1,10 +1,10 @@
 //! Scale benchmark (issue #11): `tokend run` with N accounts against a local constant
 //! token endpoint. For each N it prints the time until every account's output exists
 //! ("first tokens"), the resident memory then and after an idle minute, the CPU used in
-//! that minute (RSS is read a second after the last output appeared, and again after
-//! the minute), how long `tokend check` takes (and its peak memory), and what a reload
-//! that changes one of the N accounts costs: its CPU, and that it made exactly one
-//! request and rewrote no other account's output.
+//! that minute (the threads' schedstat, in nanoseconds; RSS is read a second after the
+//! last output appeared, and again after the minute), how long `tokend check` takes
+//! (and its peak memory), and what a reload that changes one of the N accounts costs:
+//! its CPU, and that it made exactly one request and rewrote no other account's output.
 //!
 //! The endpoint (hyper on a thread of this process, bound to 127.0.0.1 only) answers
 //! every POST with a fresh token valid for `--lifetime` seconds (default 24 h, so the
@@ -18,6 +18,7 @@
 //! measures another tokend binary (an older build, for a before/after). Run without
 //! `--bench` (as `cargo test --all-targets` does) it checks one small run, briefly.
 
+use std::collections::HashMap;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
@@ -89,13 +90,13 @@ struct Row {
     rss_first: u64,
     rss_idle: u64,
     hwm: u64,
-    idle_cpu_ms: u64,
+    idle_cpu: Duration,
     idle_wakeups: u64,
     threads: u64,
     check: Duration,
     check_rss: u64,
     reload: Duration,
-    reload_cpu_ms: u64,
+    reload_cpu: Duration,
     reload_requests: u64,
     reload_rewritten: usize,
 }
@@ -158,25 +159,39 @@ fn mib(kib: u64) -> String {
     format!("{:.1}M", kib as f64 / 1024.0)
 }
 
+/// CPU time in milliseconds: two decimals under 10 ms (the idle minute), none above.
+fn millis(d: Duration) -> String {
+    let ms = d.as_secs_f64() * 1000.0;
+    if ms < 10.0 {
+        format!("{ms:.2}ms")
+    } else {
+        format!("{ms:.0}ms")
+    }
+}
+
+fn span_ms(min: Duration, max: Duration) -> String {
+    format!("{}-{}", millis(min), millis(max)).replace("ms", "")
+}
+
 fn secs(d: Duration) -> String {
     format!("{:.2}s", d.as_secs_f64())
 }
 
 fn print_row(n: &str, run: &str, r: &Row) {
     println!(
-        "{:>6} {:>4} | {:>8} {:>9} {:>9} {:>9} {:>6}ms {:>7} | {:>7} {:>9} | {:>7} {:>5}ms {:>4} {:>9}",
+        "{:>6} {:>4} | {:>8} {:>9} {:>9} {:>9} {:>8} {:>7} | {:>7} {:>9} | {:>7} {:>7} {:>4} {:>9}",
         n,
         run,
         secs(r.first_tokens),
         mib(r.rss_first),
         mib(r.rss_idle),
         mib(r.hwm),
-        r.idle_cpu_ms,
+        millis(r.idle_cpu),
         r.idle_wakeups,
         secs(r.check),
         mib(r.check_rss),
         secs(r.reload),
-        r.reload_cpu_ms,
+        millis(r.reload_cpu),
         r.reload_requests,
         r.reload_rewritten,
     );
@@ -194,12 +209,12 @@ fn summarize(n: usize, rows: &[Row]) {
     let rss_first = med(rows, |r| r.rss_first);
     let rss_idle = med(rows, |r| r.rss_idle);
     let hwm = med(rows, |r| r.hwm);
-    let cpu = med(rows, |r| r.idle_cpu_ms);
+    let cpu = med(rows, |r| r.idle_cpu);
     let wake = med(rows, |r| r.idle_wakeups);
     let check = med(rows, |r| r.check);
     let check_rss = med(rows, |r| r.check_rss);
     let reload = med(rows, |r| r.reload);
-    let reload_cpu = med(rows, |r| r.reload_cpu_ms);
+    let reload_cpu = med(rows, |r| r.reload_cpu);
     let reqs = med(rows, |r| r.reload_requests);
     let rewritten = med(rows, |r| r.reload_rewritten);
     let median = Row {
@@ -207,13 +222,13 @@ fn summarize(n: usize, rows: &[Row]) {
         rss_first: rss_first.0,
         rss_idle: rss_idle.0,
         hwm: hwm.0,
-        idle_cpu_ms: cpu.0,
+        idle_cpu: cpu.0,
         idle_wakeups: wake.0,
         threads: 0,
         check: check.0,
         check_rss: check_rss.0,
         reload: reload.0,
-        reload_cpu_ms: reload_cpu.0,
+        reload_cpu: reload_cpu.0,
         reload_requests: reqs.0,
         reload_rewritten: rewritten.0,
     };
@@ -234,7 +249,7 @@ fn summarize(n: usize, rows: &[Row]) {
             rss_idle.2 as f64 / 1024.0
         ),
         format!("{:.1}-{:.1}", hwm.1 as f64 / 1024.0, hwm.2 as f64 / 1024.0),
-        format!("{}-{}", cpu.1, cpu.2),
+        span_ms(cpu.1, cpu.2),
         format!("{}-{}", wake.1, wake.2),
         format!("{}-{}", secs(check.1), secs(check.2)).replace('s', ""),
         format!(
@@ -243,7 +258,7 @@ fn summarize(n: usize, rows: &[Row]) {
             check_rss.2 as f64 / 1024.0
         ),
         format!("{}-{}", secs(reload.1), secs(reload.2)).replace('s', ""),
-        format!("{}-{}", reload_cpu.1, reload_cpu.2),
+        span_ms(reload_cpu.1, reload_cpu.2),
         format!("{}-{}", reqs.1, reqs.2),
         format!("{}-{}", rewritten.1, rewritten.2),
     );
@@ -341,11 +356,11 @@ fn measure(args: &Args, endpoint: &Endpoint, n: usize) -> Row {
     std::thread::sleep(Duration::from_secs(1));
     row.rss_first = status(pid, "VmRSS");
 
-    let cpu = cpu_ms(pid);
+    let cpu = cpu_ns(pid);
     let wakeups = switches(pid);
     std::thread::sleep(args.idle);
-    row.idle_cpu_ms = cpu_ms(pid) - cpu;
-    row.idle_wakeups = wakeups_since(pid, &wakeups);
+    row.idle_cpu = Duration::from_nanos(since(&cpu_ns(pid), &cpu));
+    row.idle_wakeups = since(&switches(pid), &wakeups);
     row.rss_idle = status(pid, "VmRSS");
     row.hwm = status(pid, "VmHWM");
     row.threads = status(pid, "Threads");
@@ -358,7 +373,7 @@ fn measure(args: &Args, endpoint: &Endpoint, n: usize) -> Row {
         })
         .collect();
     let requests = endpoint.requests();
-    let cpu = cpu_ms(pid);
+    let cpu = cpu_ns(pid);
     let reloads = count_in(&log_path, "config reloaded");
     let started = Instant::now();
     replace(&path, &config(dir.path(), endpoint.addr, n, Some(0)));
@@ -387,7 +402,7 @@ fn measure(args: &Args, endpoint: &Endpoint, n: usize) -> Row {
     row.reload = started.elapsed();
     // Anything a reload wrongly sets off would happen within this second.
     std::thread::sleep(Duration::from_secs(1));
-    row.reload_cpu_ms = cpu_ms(pid) - cpu;
+    row.reload_cpu = Duration::from_nanos(since(&cpu_ns(pid), &cpu));
     row.reload_requests = endpoint.requests() - requests;
     row.reload_rewritten = (1..n)
         .filter(|&i| {
@@ -418,48 +433,60 @@ fn status(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// utime + stime of `pid` in milliseconds.
-fn cpu_ms(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as u64;
-    ticks * 1000 / hz
-}
-
-/// Context switches of each of `pid`'s threads, by thread id.
-fn switches(pid: u32) -> std::collections::HashMap<String, u64> {
+/// A number for each of `pid`'s threads, by thread id, that `read` takes from the
+/// thread's /proc directory.
+fn per_thread(pid: u32, read: impl Fn(&Path) -> Option<u64>) -> HashMap<String, u64> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Default::default();
+        return HashMap::new();
     };
     tasks
         .filter_map(|t| {
-            let t = t.ok()?.file_name().into_string().ok()?;
-            let s = std::fs::read_to_string(format!("/proc/{pid}/task/{t}/status")).ok()?;
-            let n = s
-                .lines()
+            let t = t.ok()?;
+            Some((t.file_name().into_string().ok()?, read(&t.path())?))
+        })
+        .collect()
+}
+
+/// Time each of `pid`'s threads spent on a CPU, in nanoseconds (the first field of
+/// schedstat; utime and stime count whole 10 ms clock ticks, too coarse for an idle
+/// minute).
+fn cpu_ns(pid: u32) -> HashMap<String, u64> {
+    let times = per_thread(pid, |task| {
+        std::fs::read_to_string(task.join("schedstat"))
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    });
+    assert!(
+        !times.is_empty(),
+        "no /proc/{pid}/task/*/schedstat (a kernel without CONFIG_SCHED_INFO?)"
+    );
+    times
+}
+
+/// Context switches of each of `pid`'s threads, by thread id.
+fn switches(pid: u32) -> HashMap<String, u64> {
+    per_thread(pid, |task| {
+        let s = std::fs::read_to_string(task.join("status")).ok()?;
+        Some(
+            s.lines()
                 .filter_map(|l| {
                     l.strip_prefix("voluntary_ctxt_switches:")
                         .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
                 })
                 .filter_map(|v| v.trim().parse::<u64>().ok())
-                .sum::<u64>();
-            Some((t, n))
-        })
-        .collect()
+                .sum(),
+        )
+    })
 }
 
-/// How often `pid`'s threads woke up (switched out) since `before`; threads that ended
-/// meanwhile are not counted.
-fn wakeups_since(pid: u32, before: &std::collections::HashMap<String, u64>) -> u64 {
-    switches(pid)
-        .iter()
-        .map(|(t, n)| n - before.get(t).copied().unwrap_or(0))
+/// How much the threads' counters grew since `before`; threads that ended meanwhile
+/// are not counted, threads that started are counted whole.
+fn since(now: &HashMap<String, u64>, before: &HashMap<String, u64>) -> u64 {
+    now.iter()
+        .map(|(t, n)| n.saturating_sub(before.get(t).copied().unwrap_or(0)))
         .sum()
 }
 

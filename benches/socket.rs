@@ -14,10 +14,17 @@
 //! sleeping vCPU takes to wake up dominates both, and it varies with what else the host
 //! runs; the floor shows what the machine allowed in that run.
 //!
-//! `cargo bench --bench socket [-- --seconds N] [-- --runs N]`: each scenario runs N
-//! times (default 3) and the run with the median rate is reported. Run without
-//! `--bench` (as `cargo test --all-targets` does) it only checks that every scenario
-//! works, briefly.
+//! `cargo bench --bench socket [-- --seconds N] [-- --runs N] [-- --bin PATH]`: each
+//! scenario runs N times (default 3) and the run with the median rate is reported;
+//! `--bin` measures another build of tokend, `--only keep-alive|per-request` and
+//! `--clients N` run some of the scenarios. Run without `--bench` (as `cargo test
+//! --all-targets` does) it only checks that every scenario works, briefly.
+//!
+//! `-- --instructions N` measures what the wake-ups hide: the daemon runs under
+//! valgrind's callgrind, and for each mode one client sends N requests (after a
+//! warm-up) while callgrind counts the instructions the daemon executes, its own and
+//! the C library's (not the kernel's). The count per request does not depend on the
+//! machine's load, so two builds compare within a fraction of a percent.
 
 use std::io::{Read as _, Write as _};
 use std::net::TcpListener;
@@ -58,6 +65,12 @@ impl Drop for Daemon {
     }
 }
 
+/// The daemon's program and the arguments before `run -c CONFIG`.
+struct Launcher {
+    program: PathBuf,
+    args: Vec<String>,
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let bench = args.iter().any(|a| a == "--bench");
@@ -69,8 +82,20 @@ fn main() {
     };
     let seconds = arg("--seconds", 5.0);
     let runs = arg("--runs", 3.0) as usize;
+    let bin = args
+        .iter()
+        .position(|a| a == "--bin")
+        .and_then(|i| args.get(i + 1))
+        .map_or_else(|| PathBuf::from(BIN), PathBuf::from);
+    if bench && args.iter().any(|a| a == "--instructions") {
+        instructions(&bin, arg("--instructions", 0.0) as usize);
+        return;
+    }
 
-    let daemon = start_daemon();
+    let daemon = start_daemon(&Launcher {
+        program: bin.clone(),
+        args: Vec::new(),
+    });
     let token = fetch_token(&daemon.socket);
     assert_eq!(token.len(), TOKEN_LEN);
 
@@ -89,19 +114,28 @@ fn main() {
     }
     let floor = start_floor();
     println!(
-        "tokend socket benchmark: GET {PATH}, a {TOKEN_LEN}-character token, {runs} runs of {seconds} s per scenario (the median run shown), {} CPUs, load average {}",
+        "tokend socket benchmark: {}, GET {PATH}, a {TOKEN_LEN}-character token, {runs} runs of {seconds} s per scenario (the median run shown), {} CPUs, load average {}",
+        bin.display(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .split(' ')
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
+        load_average()
     );
     println!();
     println!("| server | mode | clients | requests/s | p50 | p99 | p99.9 |");
     println!("|---|---|---:|---:|---:|---:|---:|");
+    // `--only keep-alive|per-request` and `--clients N` pick scenarios (for A/B runs).
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1));
+    let wanted_clients = arg("--clients", 0.0) as usize;
     for (mode, clients) in scenarios {
+        let mode_wanted = only.is_none_or(|o| match mode {
+            Mode::KeepAlive => o == "keep-alive",
+            Mode::PerRequest => o == "per-request",
+        });
+        if !mode_wanted || (wanted_clients != 0 && clients != wanted_clients) {
+            continue;
+        }
         for (server, socket) in [("tokend", &daemon.socket), ("floor", &floor)] {
             // Warm up: connections, caches, the CPU's clock.
             run(
@@ -132,6 +166,82 @@ fn main() {
             );
         }
     }
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split(' ')
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Instructions the daemon executes per request, for each mode with one client: see
+/// the module's comment.
+fn instructions(bin: &Path, requests: usize) {
+    assert!(
+        requests > 0,
+        "--instructions N: a number of requests above 0"
+    );
+    let valgrind = Command::new("valgrind").arg("--version").output();
+    assert!(
+        valgrind.is_ok_and(|o| o.status.success()),
+        "--instructions needs valgrind (Debian: apt-get install valgrind)"
+    );
+    println!(
+        "tokend socket benchmark: {}, GET {PATH}, a {TOKEN_LEN}-character token, instructions the daemon executes per request (callgrind), {requests} requests per mode, 1 client",
+        bin.display()
+    );
+    println!();
+    println!("| mode | instructions per request |");
+    println!("|---|---:|");
+    for mode in [Mode::KeepAlive, Mode::PerRequest] {
+        let out = tempfile::tempdir().unwrap();
+        let profile = out.path().join("callgrind.out");
+        let mut daemon = start_daemon(&Launcher {
+            program: "valgrind".into(),
+            args: vec![
+                "-q".into(),
+                "--tool=callgrind".into(),
+                "--instr-atstart=no".into(),
+                format!("--callgrind-out-file={}", profile.display()),
+                bin.display().to_string(),
+            ],
+        });
+        let _ = fetch_token(&daemon.socket);
+        run(&daemon.socket, mode, 1, Limit::Requests(200));
+        callgrind_control(&daemon, "on");
+        let r = run(&daemon.socket, mode, 1, Limit::Requests(requests));
+        callgrind_control(&daemon, "off");
+        assert_eq!(r.count, requests);
+        // callgrind writes its profile when the program ends; SIGKILL would lose it.
+        let pid = nix::unistd::Pid::from_raw(daemon.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        daemon.child.wait().unwrap();
+        let text = std::fs::read_to_string(&profile).expect("callgrind's profile");
+        let total: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("totals: "))
+            .expect("a totals line in callgrind's profile")
+            .trim()
+            .parse()
+            .expect("a number of instructions");
+        println!("| {} | {} |", mode.name(), total / requests as u64);
+    }
+}
+
+fn callgrind_control(daemon: &Daemon, instrumentation: &str) {
+    let out = Command::new("callgrind_control")
+        .args(["-i", instrumentation])
+        .arg(daemon.child.id().to_string())
+        .output()
+        .expect("callgrind_control");
+    assert!(
+        out.status.success(),
+        "callgrind_control -i {instrumentation}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The floor: four threads that accept, read a request and write the same answer
@@ -171,8 +281,8 @@ fn micros(ns: u64) -> String {
     format!("{:.1} µs", ns as f64 / 1000.0)
 }
 
-/// Starts `tokend run` against a fake token endpoint; returns once the socket answers.
-fn start_daemon() -> Daemon {
+/// Starts `tokend run` against a fake token endpoint (`fetch_token` waits for it).
+fn start_daemon(launcher: &Launcher) -> Daemon {
     let idp = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = idp.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -207,7 +317,8 @@ fn start_daemon() -> Daemon {
         ),
     )
     .unwrap();
-    let child = Command::new(BIN)
+    let child = Command::new(&launcher.program)
+        .args(&launcher.args)
         .args(["run", "-c"])
         .arg(&config)
         .env("TOKEND_BENCH_SECRET", "x")
