@@ -75,19 +75,25 @@ struct Launcher {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let bench = args.iter().any(|a| a == "--bench");
-    let arg = |name: &str, default: f64| -> f64 {
+    // The word after `name`, if given.
+    let value = |name: &str| {
         args.iter()
             .position(|a| a == name)
             .and_then(|i| args.get(i + 1))
-            .map_or(default, |s| s.parse().expect("a number"))
+    };
+    let arg = |name: &str, default: f64| -> f64 {
+        value(name).map_or(default, |s| s.parse().expect("a number"))
     };
     let seconds = arg("--seconds", 5.0);
     let runs = arg("--runs", 3.0) as usize;
-    let bin = args
-        .iter()
-        .position(|a| a == "--bin")
-        .and_then(|i| args.get(i + 1))
-        .map_or_else(|| PathBuf::from(BIN), PathBuf::from);
+    let bin = value("--bin").map_or_else(|| PathBuf::from(BIN), PathBuf::from);
+    // `--only keep-alive|per-request` and `--clients N` pick scenarios (for A/B runs).
+    let only = value("--only");
+    assert!(
+        only.is_none_or(|o| o == "keep-alive" || o == "per-request"),
+        "--only: keep-alive or per-request"
+    );
+    let wanted_clients = arg("--clients", 0.0) as usize;
     if bench && args.iter().any(|a| a == "--instructions") {
         instructions(&bin, arg("--instructions", 0.0) as usize);
         return;
@@ -123,16 +129,6 @@ fn main() {
     println!();
     println!("| server | mode | clients | requests/s | p50 | p99 | p99.9 |");
     println!("|---|---|---:|---:|---:|---:|---:|");
-    // `--only keep-alive|per-request` and `--clients N` pick scenarios (for A/B runs).
-    let only = args
-        .iter()
-        .position(|a| a == "--only")
-        .and_then(|i| args.get(i + 1));
-    assert!(
-        only.is_none_or(|o| o == "keep-alive" || o == "per-request"),
-        "--only: keep-alive or per-request"
-    );
-    let wanted_clients = arg("--clients", 0.0) as usize;
     for (mode, clients) in scenarios {
         let mode_wanted = only.is_none_or(|o| match mode {
             Mode::KeepAlive => o == "keep-alive",
