@@ -343,6 +343,7 @@ impl HttpEndpoint {
                 return Err(Error::Malformed {
                     status,
                     reason: format!("response larger than {} KiB", MAX_RESPONSE_BYTES / 1024),
+                    rotated: None,
                 });
             }
             body.extend_from_slice(&chunk);
