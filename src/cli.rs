@@ -43,6 +43,20 @@ pub enum Command {
     /// Print the public JSON Web Key Set (with kid and alg) of the accounts'
     /// private_key_jwt keys, to register with a provider
     Jwks(JwksArgs),
+    /// Start an account's refresh-token chain again from the refresh_token configured
+    /// now (after the provider issued a new one, or when its saved state is damaged).
+    /// Only root or the daemon's own user. Through the running daemon, else directly
+    /// in state_dir
+    Reseed(ReseedArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ReseedArgs {
+    #[command(flatten)]
+    pub socket: SocketArgs,
+    /// The account
+    #[arg(value_name = "ACCOUNT")]
+    pub account: String,
 }
 
 #[derive(Args, Debug)]

@@ -286,6 +286,31 @@ pub async fn refresh(socket: &Path, account: &str, force: bool) -> Result<(), Fa
     }
 }
 
+/// `tokend reseed ACCOUNT` through the running daemon: `Ok(false)` when no daemon
+/// answers on `socket` (the caller then reseeds in `state_dir` itself).
+pub async fn reseed(socket: &Path, account: &str) -> Result<bool, Failure> {
+    let path = format!("{}/{}/reseed", api::TOKENS, account);
+    let answer = match Client::new(socket)
+        .request(Method::POST, &path, TIMEOUT)
+        .await
+    {
+        Ok(a) => a,
+        Err(Error::NotRunning { .. }) => return Ok(false),
+        Err(e) => return Err(runtime_error(e)),
+    };
+    match answer.status {
+        StatusCode::ACCEPTED => {
+            serde_json::from_slice::<RefreshAccepted>(&answer.body).map_err(|e| {
+                Failure::Runtime(anyhow::anyhow!("tokend answered an unexpected body: {e}"))
+            })?;
+            println!("{account} re-seeded: its refresh-token chain starts again from the configured refresh_token, now (tokend status shows how it went)");
+            Ok(true)
+        }
+        StatusCode::NOT_FOUND => Err(no_account(socket, account)),
+        _ => Err(Failure::Runtime(anyhow::anyhow!("{}", answer.message()))),
+    }
+}
+
 /// The line `tokend refresh` prints on success.
 fn refresh_requested(account: &str, force: bool) -> String {
     if force {

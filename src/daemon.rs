@@ -60,6 +60,8 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
     }
     let mut config_text = read_digest(&path);
 
+    // Every descriptor the hard limit allows (the socket's share of them is bounded).
+    crate::server::raise_fd_limit();
     // Bound before any account starts: a second daemon fails here, before it asks a
     // provider for anything.
     let listeners = crate::server::bind(&config.daemon)?;
@@ -96,7 +98,11 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
         sup.start(a, endpoint, TokenState::default(), false);
     }
     sup.publish();
-    let server = listeners.spawn(sup.views.subscribe(), sup.shared.metrics.clone())?;
+    let server = listeners.spawn(
+        sup.views.subscribe(),
+        sup.shared.metrics.clone(),
+        config.daemon.max_concurrent_refreshes,
+    )?;
     tracing::info!(accounts = count, config = %path.display(), "tokend started");
 
     // READY=1 once every account had its first try, or at startup_timeout.
@@ -436,6 +442,15 @@ impl Supervisor {
             self.stopping.insert(name, p);
         }
         for (name, new, endpoint) in ready {
+            if !self.stopping.contains_key(&name) && !self.accounts.contains_key(&name) {
+                // A renamed account of the refresh_token grant starts after the account
+                // it was (whose chain it resumes: persist::load_for), not beside it.
+                if let Some(old) = self.renamed_from(&new) {
+                    let p = self.stopping.remove(&old).expect("found in the map");
+                    tracing::info!(account = %name, from = %old, "the same refresh_token as the removed account {old:?}: starting after it, to resume its chain");
+                    self.stopping.insert(name.clone(), p);
+                }
+            }
             let mut initial = TokenState::default();
             if let Some(old) = self.accounts.remove(&name) {
                 tracing::info!(account = %name, "account changed: restarting it");
@@ -461,6 +476,25 @@ impl Supervisor {
         // request (SPEC §1: discovery at start and reload).
         self.transports.rediscover();
         Ok(())
+    }
+
+    /// A removed account (still stopping) whose configured refresh_token is `new`'s: the
+    /// account `new` was renamed from.
+    fn renamed_from(&self, new: &Account) -> Option<String> {
+        let crate::config::Grant::RefreshToken { refresh_token } = &new.grant else {
+            return None;
+        };
+        self.stopping.iter().find_map(|(name, p)| {
+            let old = p.account();
+            match &old.grant {
+                crate::config::Grant::RefreshToken {
+                    refresh_token: seed,
+                } if seed == refresh_token && !self.accounts.contains_key(name) => {
+                    Some(name.clone())
+                }
+                _ => None,
+            }
+        })
     }
 
     async fn shutdown(self) {

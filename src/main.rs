@@ -90,5 +90,17 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             )?;
             runtime()?.block_on(client::refresh(&socket, &args.account, args.force))
         }
+        Command::Reseed(args) => {
+            let socket = client::resolve_socket(
+                args.socket.socket.as_deref(),
+                args.socket.config.as_deref(),
+            )?;
+            let config = args
+                .socket
+                .config
+                .as_deref()
+                .unwrap_or(config::DEFAULT_PATH.as_ref());
+            runtime()?.block_on(commands::reseed(config, &socket, &args.account))
+        }
     }
 }

@@ -17,6 +17,7 @@ pub mod api;
 mod listen;
 pub mod peer;
 mod routes;
+pub mod seats;
 
 use std::future::Future;
 use std::io;
@@ -31,11 +32,12 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use listen::{bind_tcp, bind_unix, raise_fd_limit, SocketFile};
+
 use peer::Peer;
 
 use crate::account::Accounts;
@@ -111,9 +113,10 @@ pub async fn serve_metrics(
     accounts: watch::Receiver<Accounts>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
+    limits: Limits,
 ) -> io::Result<()> {
     let listener = TcpListener::from_std(listener)?;
-    run(listener, accounts, metrics, cancel, Limits::default()).await;
+    run(listener, accounts, metrics, cancel, limits).await;
     Ok(())
 }
 
@@ -144,11 +147,26 @@ impl Listeners {
     /// costs is mostly wake-ups, and one thread that owns its listeners and connections
     /// has the fewest (no hand-offs between worker threads; BENCHMARKS.md). Refreshes
     /// never wait behind the socket, nor the socket behind them.
+    ///
+    /// Each listener holds at most as many connections as the open-files limit leaves
+    /// beside what `max_concurrent_refreshes` refreshes need ([`seats`]).
     pub fn spawn(
         self,
         accounts: watch::Receiver<Accounts>,
         metrics: Arc<Metrics>,
+        max_concurrent_refreshes: usize,
     ) -> anyhow::Result<Server> {
+        let fd_limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_or(1024, |(soft, _)| soft);
+        let mut limits = Limits::default();
+        limits.max_connections =
+            seats::max_connections_for(limits.max_connections, fd_limit, max_concurrent_refreshes);
+        if limits.max_connections < Limits::default().max_connections {
+            tracing::info!(
+                "the open-files limit ({fd_limit}) allows {} connections per listener",
+                limits.max_connections
+            );
+        }
         let cancel = CancellationToken::new();
         let (done_tx, done) = tokio::sync::oneshot::channel();
         let Listeners { unix, tcp } = self;
@@ -173,8 +191,14 @@ impl Listeners {
                 runtime.block_on(async move {
                     let unix = async {
                         if let Some(l) = unix {
-                            if let Err(e) =
-                                serve(l, accounts.clone(), metrics.clone(), stop.clone()).await
+                            if let Err(e) = serve_with(
+                                l,
+                                accounts.clone(),
+                                metrics.clone(),
+                                stop.clone(),
+                                limits.clone(),
+                            )
+                            .await
                             {
                                 tracing::error!("the socket server failed: {e}");
                             }
@@ -182,9 +206,14 @@ impl Listeners {
                     };
                     let tcp = async {
                         if let Some(l) = tcp {
-                            if let Err(e) =
-                                serve_metrics(l, accounts.clone(), metrics.clone(), stop.clone())
-                                    .await
+                            if let Err(e) = serve_metrics(
+                                l,
+                                accounts.clone(),
+                                metrics.clone(),
+                                stop.clone(),
+                                limits.clone(),
+                            )
+                            .await
                             {
                                 tracing::error!("the metrics listener failed: {e}");
                             }
@@ -313,10 +342,9 @@ async fn run<L: Listen>(
     cancel: CancellationToken,
     limits: Limits,
 ) {
-    raise_fd_limit(2 * limits.max_connections as u64 + 256);
     let http = http_builder(&limits);
     let daemon_uid = nix::unistd::geteuid().as_raw();
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let seats = seats::Seats::new(limits.max_connections);
     let ctx = Arc::new(Ctx {
         accounts,
         metrics,
@@ -351,22 +379,38 @@ async fn run<L: Listen>(
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
+        let caller = match L::caller(&io, daemon_uid) {
+            Ok(c) => c,
+            Err(e) => {
+                warn(format!("failed to identify a peer: {e}; closing"));
+                continue;
+            }
+        };
+        let holder = match &caller {
+            Caller::Local(p) if p.privileged => seats::Holder::Privileged,
+            Caller::Local(p) => seats::Holder::User(p.uid),
+            Caller::Monitor => seats::Holder::Remote,
+        };
+        let Some(seat) = seats.take(holder) else {
             L::try_write(&io, BUSY);
             ctx.metrics.request(L::NAME, 503);
-            warn(format!(
-                "{} connections open: refusing more until some close",
-                ctx.limits.max_connections
-            ));
+            warn(match holder {
+                seats::Holder::User(uid) => format!(
+                    "uid {uid} holds its share of connections ({} of {}): refusing its next until some close",
+                    seats::Seats::per_peer(ctx.limits.max_connections),
+                    ctx.limits.max_connections
+                ),
+                _ => format!(
+                    "{} connections open: refusing more until some close",
+                    ctx.limits.max_connections
+                ),
+            });
             continue;
         };
         let (ctx, cancel) = (ctx.clone(), cancel.clone());
         conns.spawn(async move {
-            match L::caller(&io, daemon_uid) {
-                Ok(caller) => connection(io, L::SHUTDOWN, caller, &ctx, &cancel).await,
-                Err(e) => tracing::warn!("failed to identify a peer: {e}; closing"),
-            }
-            drop(slot);
+            connection(io, L::SHUTDOWN, caller, &ctx, &cancel).await;
+            drop(seat);
         });
     }
     conns.close();

@@ -91,8 +91,10 @@ async fn route(req: Request<Incoming>, ctx: &Ctx, caller: &Caller) -> Response<B
             token(ctx, peer, name, action == "raw", min_valid).await
         }
         "" | "raw" => not_allowed("GET, HEAD"),
-        "refresh" if parts.method == Method::POST => refresh(ctx, peer, name, &parts, body).await,
-        "refresh" => not_allowed("POST"),
+        "refresh" | "reseed" if parts.method == Method::POST => {
+            refresh(ctx, peer, name, action == "reseed", &parts, body).await
+        }
+        "refresh" | "reseed" => not_allowed("POST"),
         _ => no_endpoint(path),
     }
 }
@@ -208,10 +210,9 @@ async fn wait_for(
     ctx: &Ctx,
 ) -> Result<Arc<Token>, Response<Body>> {
     let a = &view.account;
-    let limit = ctx
-        .limits
-        .max_wait
-        .min(a.options.schedule.min_refresh_interval + a.options.timeout + Duration::from_secs(2));
+    let limit = ctx.limits.max_wait.min(
+        a.options.schedule.min_refresh_interval + a.request_timeout() + Duration::from_secs(2),
+    );
     let deadline = Instant::now() + limit;
     let mut rx = view.state.clone();
     let (old_token, old_failures) = {
@@ -450,10 +451,14 @@ fn metrics(ctx: &Ctx, caller: &Caller) -> Response<Body> {
 /// caller's right to force (403). Forcing takes root or the daemon's own user: it
 /// overrides what protects the provider (a hold after refused credentials, its
 /// rate limit), which an account's readers should not be able to do.
+///
+/// `POST /v1/tokens/{account}/reseed` (`reseed`): the same checks; root or the
+/// daemon's own user only, and only for an account of the refresh_token grant.
 async fn refresh(
     ctx: &Ctx,
     peer: &super::Peer,
     name: &str,
+    reseed: bool,
     parts: &hyper::http::request::Parts,
     body: Incoming,
 ) -> Response<Body> {
@@ -502,7 +507,27 @@ async fn refresh(
     let Some(view) = readable(&accounts, peer, name) else {
         return no_account(name);
     };
-    if !force {
+    if reseed {
+        if !peer.privileged {
+            return error(
+                StatusCode::FORBIDDEN,
+                code::FORBIDDEN,
+                format!(
+                    "reseed takes root or the daemon's own user (uid {}): it starts the refresh-token chain again",
+                    nix::unistd::geteuid()
+                ),
+            );
+        }
+        if !view.account.rotates() {
+            return error(
+                StatusCode::BAD_REQUEST,
+                code::BAD_REQUEST,
+                format!("account {name:?} is not of the refresh_token grant: it has no chain to re-seed"),
+            );
+        }
+        tracing::warn!(account = %name, uid = peer.uid, pid = peer.pid, "reseed asked for over the socket");
+        view.reseed();
+    } else if !force {
         view.refresh_now();
     } else if peer.privileged {
         tracing::info!(account = %name, uid = peer.uid, pid = peer.pid, "forced refresh asked for over the socket");

@@ -5,6 +5,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
@@ -14,7 +15,7 @@ use super::{
     lock::{try_lock, Locked},
 };
 use crate::account::identity::{self, CredentialsDigest, RequestIdentity};
-use crate::config::{Account, Secret};
+use crate::config::{Account, Grant, Secret};
 use crate::oauth::Token;
 use crate::output::atomic;
 
@@ -37,6 +38,10 @@ struct FileOut<'a> {
     hold_key: Option<&'a CredentialsDigest>,
     #[serde(skip_serializing_if = "Option::is_none")]
     discovered: Option<&'a DiscoveredEndpoint>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chain_lost: Option<&'a ChainLost>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_request: Option<LastRequest>,
 }
 
 /// A state file, as read.
@@ -54,6 +59,10 @@ struct FileIn {
     /// Absent from files written before it existed.
     #[serde(default)]
     discovered: Option<Box<DiscoveredEndpoint>>,
+    #[serde(default)]
+    chain_lost: Option<Box<ChainLost>>,
+    #[serde(default)]
+    last_request: Option<LastRequest>,
 }
 
 impl From<FileIn> for Saved {
@@ -69,6 +78,8 @@ impl From<FileIn> for Saved {
             refusals: f.refusals,
             hold_key: f.hold_key,
             discovered: f.discovered,
+            chain_lost: f.chain_lost,
+            last_request: f.last_request,
         }
     }
 }
@@ -117,6 +128,8 @@ fn form<'a>(saved: &'a Saved, account: &Account) -> FileOut<'a> {
         refusals: saved.refusals,
         hold_key: saved.hold_key.as_deref(),
         discovered: saved.discovered.as_deref(),
+        chain_lost: saved.chain_lost.as_deref(),
+        last_request: saved.last_request,
     }
 }
 
@@ -160,6 +173,8 @@ impl SavedV1 {
             refusals: u32::from(held),
             hold_key: None,
             discovered: None,
+            chain_lost: None,
+            last_request: None,
         }
     }
 }
@@ -168,32 +183,40 @@ fn path(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}.json"))
 }
 
+/// The second copy of a state file that holds a chain (see [`save`]).
+fn backup_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.json.backup"))
+}
+
 fn retired_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(RETIRED).join(format!("{name}.json"))
 }
 
-/// Reads an account's saved state. A retired state is brought back first (the account
-/// was removed and is configured again: its chain resumes). A missing file is none; an
-/// unreadable one is logged and none (it is left in place until the next save).
-pub fn load(dir: &Path, name: &str) -> Option<Saved> {
-    let file = path(dir, name);
-    if !file.exists() && retired_path(dir, name).exists() {
-        match move_file(&retired_path(dir, name), &file) {
-            Ok(()) => {
-                tracing::info!(account = %name, "resuming the state this account had when it was removed")
-            }
-            Err(e) => {
-                tracing::error!(account = %name, "failed to bring back the retired state: {e}")
-            }
-        }
-    }
-    let bytes = match std::fs::read(&file) {
+fn retired_backup_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(RETIRED).join(format!("{name}.json.backup"))
+}
+
+/// What [`load`] found for an account.
+pub enum Loaded {
+    /// No state: the account is new (or its state_dir was emptied).
+    Missing,
+    Found(Saved),
+    /// Its state cannot be read (damaged, truncated, unreadable, a newer format) and no
+    /// good copy is left: what went wrong, to show. The damaged files were copied aside.
+    Damaged(String),
+    /// No state of its own, and its configured refresh token is the seed of the chain
+    /// that the account named here runs now (another tokend, or this one): two
+    /// accounts would spend one chain.
+    ChainInUse(String),
+}
+
+/// Reads one state file: `Ok(None)` when there is none, `Err` (what is wrong, no
+/// content) when it cannot be used.
+fn read(file: &Path) -> Result<Option<Saved>, String> {
+    let bytes = match std::fs::read(file) {
         Ok(b) => zeroize::Zeroizing::new(b),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-        Err(e) => {
-            tracing::error!(account = %name, "failed to read {}: {e}", file.display());
-            return None;
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("failed to read {}: {e}", file.display())),
     };
     #[derive(Deserialize)]
     struct Version {
@@ -207,53 +230,300 @@ pub fn load(dir: &Path, name: &str) -> Option<Saved> {
             serde_json::from_slice::<SavedV1>(&bytes).map(SavedV1::migrate)
         }
         Ok(Version { version }) => {
-            tracing::warn!(account = %name, "ignoring {}: state format {version} is newer than this tokend's", file.display());
-            return None;
+            return Err(format!(
+                "{} is in state format {version}, newer than this tokend's",
+                file.display()
+            ))
         }
         Err(e) => Err(e),
     };
-    match parsed {
-        Ok(s) => Some(s),
-        Err(e) => {
-            // serde_json names a position and a category, never the content.
-            tracing::warn!(
-                account = %name,
-                "ignoring unreadable state file {} ({:?} error at line {} column {})",
-                file.display(),
+    // serde_json names a position and a category, never the content.
+    parsed.map(Some).map_err(|e| {
+        let what = if bytes.is_empty() {
+            "empty".to_owned()
+        } else {
+            format!(
+                "unreadable ({:?} error at line {} column {})",
                 e.classify(),
                 e.line(),
                 e.column()
-            );
+            )
+        };
+        format!("{} is {what}", file.display())
+    })
+}
+
+/// Copies a damaged state file aside (`NAME.json.damaged-UNIXTIME`), fsynced: the only
+/// evidence of what its chain was, kept for the operator before anything overwrites it.
+fn keep_aside(file: &Path) -> Option<PathBuf> {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let name = file.file_name()?.to_string_lossy().into_owned();
+    let mut aside = file.with_file_name(format!("{name}.damaged-{now}"));
+    for n in 1..100 {
+        if !aside.exists() {
+            break;
+        }
+        aside = file.with_file_name(format!("{name}.damaged-{now}.{n}"));
+    }
+    let copied = std::fs::copy(file, &aside)
+        .and_then(|_| File::open(&aside)?.sync_all())
+        .and_then(|()| match aside.parent() {
+            Some(d) => File::open(d)?.sync_all(),
+            None => Ok(()),
+        });
+    match copied {
+        Ok(()) => Some(aside),
+        Err(e) => {
+            tracing::error!("failed to keep the damaged {} aside: {e}", file.display());
             None
         }
     }
 }
 
+/// Reads an account's saved state, from its file or the file's copy, whichever is good
+/// (of two good ones, the newer). A retired state is brought back first (the account
+/// was removed and is configured again: its chain resumes). When neither is good, what
+/// is there is copied aside and [`Loaded::Damaged`] says why: a chain's refresh token
+/// is never guessed.
+pub fn load(dir: &Path, name: &str) -> Loaded {
+    let (file, copy) = (path(dir, name), backup_path(dir, name));
+    if !file.exists() && !copy.exists() && retired_path(dir, name).exists() {
+        let back = move_file(&retired_path(dir, name), &file).and_then(|()| {
+            match retired_backup_path(dir, name) {
+                b if b.exists() => move_file(&b, &copy),
+                _ => Ok(()),
+            }
+        });
+        match back {
+            Ok(()) => {
+                tracing::info!(account = %name, "resuming the state this account had when it was removed")
+            }
+            Err(e) => {
+                tracing::error!(account = %name, "failed to bring back the retired state: {e}")
+            }
+        }
+    }
+    let damaged = |f: &Path, why: &str| {
+        let aside = keep_aside(f).map(|p| format!(" (kept as {})", p.display()));
+        format!("{why}{}", aside.unwrap_or_default())
+    };
+    match (read(&file), read(&copy)) {
+        (Ok(Some(a)), Ok(Some(b))) => {
+            Loaded::Found(if b.generation > a.generation { b } else { a })
+        }
+        (Ok(Some(s)), Ok(None)) => Loaded::Found(s),
+        (Ok(None), Ok(Some(s))) => {
+            tracing::warn!(account = %name, "{} is missing: using its copy {}", file.display(), copy.display());
+            Loaded::Found(s)
+        }
+        (Ok(Some(s)), Err(why)) => {
+            // Not inside the macro: its arguments are not evaluated when nobody logs.
+            let why = damaged(&copy, &why);
+            tracing::warn!(account = %name, "{why}; using {}", file.display());
+            Loaded::Found(s)
+        }
+        (Err(why), Ok(Some(s))) => {
+            let why = damaged(&file, &why);
+            tracing::error!(account = %name, "{why}; using its copy {}", copy.display());
+            Loaded::Found(s)
+        }
+        (Ok(None), Ok(None)) => Loaded::Missing,
+        (a, b) => {
+            // Neither is good: what is wrong with each, each kept aside.
+            let mut reasons = Vec::new();
+            for (f, r) in [(&file, a), (&copy, b)] {
+                if let Err(why) = r {
+                    reasons.push(damaged(f, &why));
+                }
+            }
+            Loaded::Damaged(reasons.join("; "))
+        }
+    }
+}
+
+/// [`load`], and for an account of the refresh_token grant that has no state of its
+/// own, the chain its configured seed began, wherever it is kept: under another name
+/// (the account was renamed, or moved from another config) in `dir` or in `retired/`.
+/// That state becomes this account's (under the other name's lock). A chain that the
+/// other name runs now is [`Loaded::ChainInUse`].
+pub fn load_for(dir: &Path, account: &Account) -> Loaded {
+    let loaded = load(dir, &account.name);
+    let (Loaded::Missing, Grant::RefreshToken { refresh_token }) = (&loaded, &account.grant) else {
+        return loaded;
+    };
+    let Ok(seed) = refresh_token.read() else {
+        return loaded;
+    };
+    match find_chain(dir, &seed, &account.name) {
+        Some(Found::Free {
+            name,
+            retired,
+            lock,
+        }) => {
+            let moved = if retired {
+                move_both(
+                    &retired_path(dir, &name),
+                    &retired_backup_path(dir, &name),
+                    dir,
+                    &account.name,
+                )
+            } else {
+                move_both(
+                    &path(dir, &name),
+                    &backup_path(dir, &name),
+                    dir,
+                    &account.name,
+                )
+            };
+            drop(lock);
+            match moved {
+                Ok(()) => {
+                    tracing::info!(account = %account.name, from = %name, "resuming the refresh-token chain of account {name:?}: its configured refresh_token is this account's (renamed, or moved here)");
+                    load(dir, &account.name)
+                }
+                Err(e) => Loaded::Damaged(format!(
+                    "failed to take over the refresh-token chain of account {name:?}, which this account's refresh_token began: {e}"
+                )),
+            }
+        }
+        Some(Found::Busy { name }) => Loaded::ChainInUse(name),
+        None => loaded,
+    }
+}
+
+/// A state whose chain began with a given seed.
+enum Found {
+    /// Nobody runs it: its lock, held while it is taken over.
+    Free {
+        name: String,
+        retired: bool,
+        lock: super::AccountLock,
+    },
+    /// Another account runs it now.
+    Busy { name: String },
+}
+
+/// The state in `dir` or `retired/` (not `me`'s) whose chain began with `seed`.
+fn find_chain(dir: &Path, seed: &Secret, me: &str) -> Option<Found> {
+    for (folder, retired) in [(dir.to_owned(), false), (dir.join(RETIRED), true)] {
+        let Ok(entries) = std::fs::read_dir(&folder) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let file = e.file_name();
+            let Some(name) = file.to_str().and_then(|f| f.strip_suffix(".json")) else {
+                continue;
+            };
+            if name == me && !retired {
+                continue;
+            }
+            let saved = match read(&e.path()) {
+                Ok(Some(s)) => s,
+                _ => match read(&folder.join(format!("{name}.json.backup"))) {
+                    Ok(Some(s)) => s,
+                    _ => continue,
+                },
+            };
+            if !saved.began_with(seed) {
+                continue;
+            }
+            return Some(match try_lock(dir, name, "run") {
+                Ok(Locked::Acquired(lock)) => Found::Free {
+                    name: name.to_owned(),
+                    retired,
+                    lock,
+                },
+                _ => Found::Busy {
+                    name: name.to_owned(),
+                },
+            });
+        }
+    }
+    None
+}
+
+/// Moves a state file and its copy (if any) to account `to`'s place in `dir`.
+fn move_both(file: &Path, copy: &Path, dir: &Path, to: &str) -> std::io::Result<()> {
+    if copy.exists() {
+        move_file(copy, &backup_path(dir, to))?;
+    }
+    if file.exists() {
+        move_file(file, &path(dir, to))?;
+    }
+    Ok(())
+}
+
 /// Saves `account`'s state atomically and durably (fsynced file and directory), 0600.
+/// The state of a refresh-token chain is written twice, to a copy first and then to its
+/// file (each atomically): whichever one is later damaged, the other holds the chain's
+/// current link ([`load`] takes the newer of two good ones).
 pub fn save(dir: &Path, account: &Account, saved: &Saved) -> std::io::Result<()> {
     let name = &account.name;
     ensure_dir(dir)?;
     let json = zeroize::Zeroizing::new(
         serde_json::to_vec(&form(saved, account)).expect("state always serializes"),
     );
-    atomic::write(&path(dir, name), &json, 0o600, None, None).map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!("failed to save state to {}: {e}", path(dir, name).display()),
-        )
-    })
+    let write = |to: PathBuf| {
+        atomic::write(&to, &json, 0o600, None, None).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("failed to save state to {}: {e}", to.display()),
+            )
+        })
+    };
+    if saved.keeps_chain(account) {
+        write(backup_path(dir, name))?;
+    }
+    write(path(dir, name))
+}
+
+/// Writes a fresh state for `account` (no chain, no wait) under its lock, the damaged
+/// or old state copied aside first: `tokend reseed` while no daemon runs the account.
+/// Fails when another process holds the account.
+pub fn reseed(dir: &Path, account: &Account) -> std::io::Result<Option<PathBuf>> {
+    let _lock = match try_lock(dir, &account.name, "reseed")? {
+        Locked::Acquired(l) => l,
+        Locked::Busy { holder } => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                format!("{holder} holds the account: reseed it through that daemon's socket"),
+            ))
+        }
+    };
+    // A damaged state is copied aside by `load`; a good one is copied aside here.
+    let mut fresh = match load(dir, &account.name) {
+        Loaded::Found(s) => s,
+        _ => Saved::new(account),
+    };
+    let file = path(dir, &account.name);
+    let aside = if file.exists() {
+        keep_aside(&file)
+    } else {
+        None
+    };
+    fresh.reseed();
+    save(dir, account, &fresh)?;
+    Ok(aside)
 }
 
 /// Moves an account's state to `retired/` (it was removed from the config): kept, so
 /// that adding the account back resumes its refresh-token chain.
 pub fn retire(dir: &Path, name: &str) -> std::io::Result<()> {
-    let from = path(dir, name);
-    if !from.exists() {
+    let (from, copy) = (path(dir, name), backup_path(dir, name));
+    if !from.exists() && !copy.exists() {
         return Ok(());
     }
     let to = retired_path(dir, name);
     ensure_dir(to.parent().expect("retired/NAME.json has a parent"))?;
-    move_file(&from, &to)?;
+    if copy.exists() {
+        move_file(&copy, &retired_backup_path(dir, name))?;
+    }
+    if from.exists() {
+        move_file(&from, &to)?;
+    }
     tracing::info!(account = %name, "state moved to {}", to.display());
     Ok(())
 }
@@ -264,22 +534,29 @@ pub fn retire_unknown(dir: &Path, keep: &[&str]) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
+    let mut names = std::collections::BTreeSet::new();
     for e in entries.flatten() {
         let file = e.file_name();
         let file = file.to_string_lossy();
-        let Some(name) = file.strip_suffix(".json") else {
+        let Some(name) = file
+            .strip_suffix(".json")
+            .or_else(|| file.strip_suffix(".json.backup"))
+        else {
             continue;
         };
         if keep.contains(&name) {
             atomic::clean_stale(&e.path());
             continue;
         }
+        names.insert(name.to_owned());
+    }
+    for name in names {
         // Another tokend (with another config on this state_dir) may run it right now.
-        let _held = match try_lock(dir, name, "run") {
+        let _held = match try_lock(dir, &name, "run") {
             Ok(Locked::Acquired(l)) => l,
             Ok(Locked::Busy { .. }) | Err(_) => continue,
         };
-        if let Err(err) = retire(dir, name) {
+        if let Err(err) = retire(dir, &name) {
             tracing::error!(account = %name, "failed to retire the state of an account no longer configured: {err}");
         }
     }
@@ -300,6 +577,15 @@ mod tests {
     use crate::config::parse_str;
     use std::time::{Duration, SystemTime};
 
+    fn found(l: Loaded) -> Saved {
+        match l {
+            Loaded::Found(s) => s,
+            Loaded::Missing => panic!("no state"),
+            Loaded::Damaged(why) => panic!("damaged: {why}"),
+            Loaded::ChainInUse(by) => panic!("in use by {by}"),
+        }
+    }
+
     fn account(scope: &str) -> Account {
         let text = format!(
             "[[account]]\nname = \"a\"\ntoken_url = \"https://idp.example/t\"\nclient_id = \"id\"\nclient_secret = {{ env = \"S\" }}\nscope = \"{scope}\"\n[[account.output]]\npath = \"/x\"\n"
@@ -312,7 +598,7 @@ mod tests {
 
     fn rt_account(seed: &str, scope: &str) -> Account {
         let text = format!(
-            "[[account]]\nname = \"a\"\ntoken_url = \"https://idp.example/t\"\nclient_id = \"id\"\n\
+            "[daemon]\nstate_dir = \"/s\"\n[[account]]\nname = \"a\"\ntoken_url = \"https://idp.example/t\"\nclient_id = \"id\"\n\
              client_auth = \"none\"\ngrant_type = \"refresh_token\"\nrefresh_token = \"{seed}\"\nscope = \"{scope}\"\n\
              [[account.output]]\npath = \"/x\"\n"
         );
@@ -368,7 +654,7 @@ mod tests {
         assert!(file["token"].is_null());
         save(dir.path(), &a, &s).unwrap();
 
-        let back = load(dir.path(), "a").unwrap();
+        let back = found(load(dir.path(), "a"));
         let t = back
             .token_valid_for(&a, now, Duration::from_secs(600))
             .unwrap();
@@ -413,10 +699,154 @@ mod tests {
             dir.path().join("retired/gone.json").exists(),
             "never deleted"
         );
-        let back = load(dir.path(), "gone").expect("brought back");
+        let back = found(load(dir.path(), "gone"));
         assert_eq!(back.generation(), s.generation());
         assert!(dir.path().join("gone.json").exists());
         assert!(!dir.path().join("retired/gone.json").exists());
+    }
+
+    /// `rt_account` under another name.
+    fn named(name: &str, seed: &str) -> Account {
+        Account {
+            name: name.into(),
+            ..rt_account(seed, "x")
+        }
+    }
+
+    /// A chain state for `account`, its current link `rt`, saved in `dir`.
+    fn chain_saved(dir: &Path, account: &Account, rt: &str) -> Saved {
+        let mut s = Saved::new(account);
+        let mut t = token(SystemTime::now(), 60);
+        t.refresh_token = Some(Secret::new(rt));
+        s.record(account, &Arc::new(t));
+        save(dir, account, &s).unwrap();
+        s
+    }
+
+    fn link(l: Loaded, a: &Account) -> String {
+        found(l).refresh_token(a).unwrap().expose().to_owned()
+    }
+
+    #[test]
+    fn a_chain_is_written_twice_and_either_copy_alone_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = rt_account("seed", "x");
+        chain_saved(dir.path(), &a, "link-1");
+        let (file, copy) = (dir.path().join("a.json"), dir.path().join("a.json.backup"));
+        assert_eq!(std::fs::read(&file).unwrap(), std::fs::read(&copy).unwrap());
+        // The file truncated, emptied, garbage, or gone: the copy holds the link.
+        for damage in [&b"{\"version\":2,\"gen"[..], b"", b"\x00\xff garbage"] {
+            std::fs::write(&file, damage).unwrap();
+            assert_eq!(link(load(dir.path(), "a"), &a), "link-1");
+        }
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(link(load(dir.path(), "a"), &a), "link-1");
+        // The copy damaged: the file holds it.
+        chain_saved(dir.path(), &a, "link-2");
+        std::fs::write(&copy, "{").unwrap();
+        assert_eq!(link(load(dir.path(), "a"), &a), "link-2");
+        // The damaged copies were kept aside, never overwritten.
+        let aside = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .contains(".damaged-")
+            })
+            .count();
+        assert_eq!(aside, 4, "one copy aside per damaged file read");
+        // Other grants keep one file.
+        let plain = account("x");
+        let mut s = Saved::new(&plain);
+        s.record(&plain, &Arc::new(token(SystemTime::now(), 60)));
+        let other = tempfile::tempdir().unwrap();
+        save(other.path(), &plain, &s).unwrap();
+        assert!(!other.path().join("a.json.backup").exists());
+    }
+
+    #[test]
+    fn no_good_copy_is_damaged_with_the_reason_and_the_files_kept_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = rt_account("seed", "x");
+        chain_saved(dir.path(), &a, "link-1");
+        std::fs::write(dir.path().join("a.json"), "").unwrap();
+        std::fs::write(dir.path().join("a.json.backup"), "{\"version\":2,").unwrap();
+        let Loaded::Damaged(why) = load(dir.path(), "a") else {
+            panic!("a damaged state is not missing");
+        };
+        assert!(why.contains("a.json is empty"), "{why}");
+        assert!(
+            why.contains("a.json.backup is unreadable (Eof error"),
+            "{why}"
+        );
+        assert!(why.contains("kept as"), "{why}");
+        assert!(!why.contains("link-1"));
+        std::fs::write(dir.path().join("a.json"), "{\"version\": 9}").unwrap();
+        std::fs::remove_file(dir.path().join("a.json.backup")).unwrap();
+        let Loaded::Damaged(why) = load(dir.path(), "a") else {
+            panic!("a newer format is not missing");
+        };
+        assert!(why.contains("state format 9, newer"), "{why}");
+    }
+
+    #[test]
+    fn a_renamed_account_resumes_its_chain_wherever_it_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = named("old", "seed-s3cret");
+        chain_saved(dir.path(), &old, "link-7");
+        // Under the old name in state_dir (moved from another config).
+        let new = named("new", "seed-s3cret");
+        assert_eq!(link(load_for(dir.path(), &new), &new), "link-7");
+        assert!(!dir.path().join("old.json").exists());
+        assert!(!dir.path().join("old.json.backup").exists());
+        assert!(dir.path().join("new.json.backup").exists());
+        // Retired (renamed by a reload: the old name was retired first).
+        retire(dir.path(), "new").unwrap();
+        let newer = named("newer", "seed-s3cret");
+        assert_eq!(link(load_for(dir.path(), &newer), &newer), "link-7");
+        assert!(!dir.path().join("retired/new.json").exists());
+        // Another seed finds nothing; no seed's digest is in the clear.
+        assert!(matches!(
+            load_for(dir.path(), &named("x", "other")),
+            Loaded::Missing
+        ));
+        let text = std::fs::read_to_string(dir.path().join("newer.json")).unwrap();
+        assert!(!text.contains("seed-s3cret"));
+    }
+
+    #[test]
+    fn a_chain_another_account_runs_is_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = named("old", "seed");
+        chain_saved(dir.path(), &old, "link-1");
+        let Locked::Acquired(_running) = try_lock(dir.path(), "old", "run").unwrap() else {
+            panic!("free");
+        };
+        let Loaded::ChainInUse(by) = load_for(dir.path(), &named("new", "seed")) else {
+            panic!("a running chain is not taken");
+        };
+        assert_eq!(by, "old");
+        assert!(dir.path().join("old.json").exists(), "left alone");
+    }
+
+    #[test]
+    fn reseed_starts_afresh_and_keeps_the_old_state_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = rt_account("seed", "x");
+        chain_saved(dir.path(), &a, "link-1");
+        std::fs::write(dir.path().join("a.json"), "garbage").unwrap();
+        std::fs::write(dir.path().join("a.json.backup"), "garbage").unwrap();
+        reseed(dir.path(), &a).unwrap();
+        let s = found(load(dir.path(), "a"));
+        assert!(s.refresh_token(&a).is_none(), "the configured seed is next");
+        assert!(s.chain_lost(&a).is_none());
+        let Locked::Acquired(_held) = try_lock(dir.path(), "a", "run").unwrap() else {
+            panic!("free");
+        };
+        let e = reseed(dir.path(), &a).unwrap_err();
+        assert!(e.to_string().contains("holds the account"), "{e}");
     }
 
     #[test]
@@ -433,7 +863,7 @@ mod tests {
             "hold_key": null
         });
         std::fs::write(dir.path().join("a.json"), v1.to_string()).unwrap();
-        let s = load(dir.path(), "a").unwrap();
+        let s = found(load(dir.path(), "a"));
         assert_eq!(s.refresh_token(&a).unwrap().expose(), "rotated-7");
     }
 }

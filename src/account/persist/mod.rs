@@ -14,7 +14,7 @@ mod saved;
 use std::os::unix::fs::DirBuilderExt as _;
 use std::path::Path;
 
-pub use file::{load, retire, retire_unknown, save};
+pub use file::{load, load_for, reseed, retire, retire_unknown, save, Loaded};
 pub use lock::{try_lock, AccountLock, Locked};
 pub use saved::{Portable, Saved, SavedToken, Wait, WaitKind};
 

@@ -67,11 +67,28 @@ impl Drop for Portable {
 }
 
 /// A refresh-token chain: the current (rotated) refresh token, and a digest of the
-/// configured one it descends from (a new configured one starts a new chain).
+/// configured one it descends from (a new configured one starts a new chain; an empty
+/// digest, the seed unreadable when the chain began, is matched by no seed: only
+/// `tokend reseed` ends such a chain).
 #[derive(Serialize, Deserialize, Clone)]
 pub(super) struct Chain {
     pub(super) seed: String,
     pub(super) refresh_token: String,
+}
+
+/// Why an account's chain cannot go on from what is saved: its state file was damaged
+/// with no good copy left, or its seed is the seed of a chain another account runs.
+/// The seed is never replayed on a guess (a spent one revokes the family): the account
+/// is held until the operator re-seeds (`tokend reseed`) or configures a new seed.
+#[derive(Serialize, Deserialize, Clone)]
+pub(super) struct ChainLost {
+    /// The digest of the seed configured when it was found; `None` if it could not be
+    /// read then (every seed is held then).
+    pub(super) seed: Option<String>,
+    /// What happened, for the status and the log (no secret in it).
+    pub(super) reason: String,
+    /// Unix seconds.
+    pub(super) since: u64,
 }
 
 /// One account's saved state. Holds credentials: `Debug` is not derived. Every account
@@ -100,6 +117,21 @@ pub struct Saved {
     /// The token endpoint last discovered (`issuer`, `fhir_base`): used while discovery
     /// fails, also after a restart.
     pub(super) discovered: Option<Box<DiscoveredEndpoint>>,
+    /// The chain cannot go on (see [`ChainLost`]).
+    pub(super) chain_lost: Option<Box<ChainLost>>,
+    /// When the provider was last asked (Unix seconds), and whether because the
+    /// request changed (a reload): a config that flaps between two requests does not
+    /// ask again sooner than `min_refresh_interval`.
+    pub(super) last_request: Option<LastRequest>,
+}
+
+/// When the provider was last asked, and whether because its request had changed.
+#[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) struct LastRequest {
+    /// Unix seconds.
+    pub(super) at: u64,
+    /// The request was new to this account (it changed on a reload).
+    pub(super) changed: bool,
 }
 
 /// A discovered token endpoint, and what it was discovered from.
@@ -194,6 +226,8 @@ impl Saved {
             refusals: 0,
             hold_key: None,
             discovered: None,
+            chain_lost: None,
+            last_request: None,
         }
     }
 
@@ -226,26 +260,114 @@ impl Saved {
         self.generation += 1;
         self.issued_for = RequestIdentity::of(account).digest();
         self.token = Some(token.clone());
-        if let (Grant::RefreshToken { .. }, Some(rt), Some(chain)) =
-            (&account.grant, &token.refresh_token, &mut self.chain)
-        {
-            chain.refresh_token = rt.expose().to_owned();
-        }
-        if let (Grant::RefreshToken { refresh_token }, Some(rt), None) =
-            (&account.grant, &token.refresh_token, &self.chain)
-        {
-            // The first rotation of a chain: remember which configured token it grew from.
-            if let Ok(seed) = refresh_token.read() {
-                self.chain = Some(Box::new(Chain {
-                    seed: identity::secret_digest(&self.salt, &seed),
-                    refresh_token: rt.expose().to_owned(),
-                }));
-            }
+        if let Some(rt) = &token.refresh_token {
+            self.record_rotation(account, rt);
         }
         self.wait = None;
         self.failures = 0;
         self.refusals = 0;
         self.hold_key = None;
+    }
+
+    /// Records the refresh token a provider rotated the chain to (refresh_token grant
+    /// only; other grants' refresh tokens are not kept). Done before anything else about
+    /// the answer is judged: the one it replaced is spent. Whether it was recorded.
+    pub fn record_rotation(&mut self, account: &Account, rt: &Secret) -> bool {
+        let Grant::RefreshToken { refresh_token } = &account.grant else {
+            return false;
+        };
+        match &mut self.chain {
+            Some(chain) => chain.refresh_token = rt.expose().to_owned(),
+            None => {
+                // The first rotation: remember which configured token it grew from.
+                let seed = refresh_token
+                    .read()
+                    .map(|seed| identity::secret_digest(&self.salt, &seed))
+                    .unwrap_or_default();
+                self.chain = Some(Box::new(Chain {
+                    seed,
+                    refresh_token: rt.expose().to_owned(),
+                }));
+            }
+        }
+        self.generation += 1;
+        true
+    }
+
+    /// Why the chain cannot go on, if it cannot (see [`ChainLost`]): none once a seed
+    /// other than the one configured when it was found is configured.
+    pub fn chain_lost(&self, account: &Account) -> Option<&str> {
+        let lost = self.chain_lost.as_ref()?;
+        let Grant::RefreshToken { refresh_token } = &account.grant else {
+            return None;
+        };
+        match (&lost.seed, refresh_token.read()) {
+            (Some(then), Ok(now)) if *then != identity::secret_digest(&self.salt, &now) => None,
+            _ => Some(&lost.reason),
+        }
+    }
+
+    /// Records that the chain cannot go on (see [`ChainLost`]), for `reason`.
+    pub fn lose_chain(&mut self, account: &Account, reason: String, now: SystemTime) {
+        let Grant::RefreshToken { refresh_token } = &account.grant else {
+            return;
+        };
+        let seed = refresh_token
+            .read()
+            .ok()
+            .map(|seed| identity::secret_digest(&self.salt, &seed));
+        self.chain_lost = Some(Box::new(ChainLost {
+            seed,
+            reason,
+            since: secs(now),
+        }));
+        self.generation += 1;
+    }
+
+    /// Whether this state's chain began with `seed`.
+    pub fn began_with(&self, seed: &Secret) -> bool {
+        self.chain.as_ref().is_some_and(|c| {
+            !c.seed.is_empty() && identity::secret_digest(&self.salt, seed) == c.seed
+        })
+    }
+
+    /// Whether the state is worth two copies on disk: it holds a chain, or it is an
+    /// account of the refresh_token grant (whose next answer may begin one).
+    pub fn keeps_chain(&self, account: &Account) -> bool {
+        matches!(account.grant, Grant::RefreshToken { .. })
+            || self.chain.is_some()
+            || self.chain_lost.is_some()
+    }
+
+    /// The operator's `tokend reseed`: the chain (and any hold or wait) ends; the seed
+    /// configured now is used by the next request.
+    pub fn reseed(&mut self) {
+        self.chain = None;
+        self.chain_lost = None;
+        self.wait = None;
+        self.failures = 0;
+        self.refusals = 0;
+        self.hold_key = None;
+        self.generation += 1;
+    }
+
+    /// Records that the provider is asked now for `account`'s request.
+    pub fn record_request(&mut self, account: &Account, now: SystemTime) {
+        let changed =
+            self.token.is_some() && self.issued_for != RequestIdentity::of(account).digest();
+        self.last_request = Some(LastRequest {
+            at: secs(now),
+            changed,
+        });
+    }
+
+    /// When a request that is new to the account (its settings changed on a reload)
+    /// may be made: at once, unless the last request was one too, less than
+    /// `min_refresh_interval` ago (a config that flaps between two requests).
+    pub fn changed_request_not_before(&self, account: &Account) -> Option<SystemTime> {
+        let last = self.last_request?;
+        let new = self.token.is_some() && self.issued_for != RequestIdentity::of(account).digest();
+        (new && last.changed).then(|| time(last.at) + account.options.schedule.min_refresh_interval)
     }
 
     /// The token endpoint discovered before for `account`'s issuer or FHIR base, if any.
@@ -316,7 +438,12 @@ impl Saved {
         };
         let chain = self.chain.as_ref()?;
         match refresh_token.read() {
-            Ok(seed) if identity::secret_digest(&self.salt, &seed) != chain.seed => None,
+            Ok(seed)
+                if !chain.seed.is_empty()
+                    && identity::secret_digest(&self.salt, &seed) != chain.seed =>
+            {
+                None
+            }
             // The same seed, or unreadable now: the chain goes on.
             _ => Some(Secret::new(chain.refresh_token.clone())),
         }
@@ -379,6 +506,12 @@ impl Saved {
 
     /// Drops a chain whose configured seed was replaced: the new seed starts anew.
     pub fn prepare_chain(&mut self, account: &Account) {
+        if self.chain_lost.is_some() && self.chain_lost(account).is_none() {
+            tracing::info!(account = %account.name, "a new refresh_token is configured: the chain that could not go on is replaced by a new one from it");
+            self.chain_lost = None;
+            self.chain = None;
+            self.generation += 1;
+        }
         if self.chain.is_some() && self.refresh_token(account).is_none() {
             tracing::info!(account = %account.name, "a new refresh_token is configured: starting a new chain from it");
             self.chain = None;
@@ -405,7 +538,7 @@ mod tests {
 
     fn rt_account(seed: &str, scope: &str) -> Account {
         let text = format!(
-            "[[account]]\nname = \"a\"\ntoken_url = \"https://idp.example/t\"\nclient_id = \"id\"\n\
+            "[daemon]\nstate_dir = \"/s\"\n[[account]]\nname = \"a\"\ntoken_url = \"https://idp.example/t\"\nclient_id = \"id\"\n\
              client_auth = \"none\"\ngrant_type = \"refresh_token\"\nrefresh_token = \"{seed}\"\nscope = \"{scope}\"\n\
              [[account.output]]\npath = \"/x\"\n"
         );
@@ -452,6 +585,54 @@ mod tests {
         assert!(
             !json.contains("seed-1"),
             "the seed is kept as a digest only"
+        );
+    }
+
+    #[test]
+    fn a_rotation_is_recorded_alone_and_a_lost_chain_holds_until_a_new_seed() {
+        let a = rt_account("seed-1", "x");
+        let mut s = Saved::new(&a);
+        assert!(s.record_rotation(&a, &Secret::new("rotated-1")));
+        assert_eq!(s.refresh_token(&a).unwrap().expose(), "rotated-1");
+        assert!(s.token(&a).is_none(), "no token came with it");
+        assert!(
+            !s.record_rotation(&account("x"), &Secret::new("x")),
+            "other grants keep none"
+        );
+        s.lose_chain(&a, "damaged".into(), SystemTime::now());
+        assert_eq!(s.chain_lost(&a), Some("damaged"));
+        let mut reseeded = s.clone();
+        reseeded.reseed();
+        assert!(reseeded.chain_lost(&a).is_none());
+        assert!(reseeded.refresh_token(&a).is_none(), "the seed goes next");
+        let new_seed = rt_account("seed-2", "x");
+        assert!(
+            s.chain_lost(&new_seed).is_none(),
+            "a new seed is a new chain"
+        );
+        s.prepare_chain(&new_seed);
+        assert!(s.chain_lost.is_none() && s.chain.is_none());
+    }
+
+    #[test]
+    fn a_flapping_request_waits_for_min_refresh_interval() {
+        let (x, y) = (rt_account("s", "x"), rt_account("s", "y"));
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut s = Saved::new(&x);
+        s.record_request(&x, now);
+        s.record(&x, &Arc::new(token(now, 3600)));
+        assert_eq!(s.changed_request_not_before(&x), None, "the same request");
+        assert_eq!(
+            s.changed_request_not_before(&y),
+            None,
+            "the first change: at once"
+        );
+        s.record_request(&y, now + Duration::from_secs(5));
+        s.record(&y, &Arc::new(token(now, 3600)));
+        assert_eq!(
+            s.changed_request_not_before(&x),
+            Some(now + Duration::from_secs(35)),
+            "changed back within min_refresh_interval (30 s)"
         );
     }
 
