@@ -18,7 +18,7 @@ use crate::support::{account_status, read, Daemon, Sandbox, LONG, SHORT};
 /// socket `tokend.sock` beside the config.
 fn config(url: &str, extra: &str) -> String {
     format!(
-        "[daemon]\nlog_level = \"debug\"\nsocket = \"tokend.sock\"\n\n\
+        "[daemon]\nlog_level = \"debug\"\nsocket = \"tokend.sock\"\nstate_dir = \"state\"\n\n\
          [[account]]\nname = \"a\"\ntoken_url = \"{url}\"\n\
          client_id = \"id\"\nclient_secret = \"secret\"\n{extra}\n\
          [[account.output]]\npath = \"tok\"\n"
@@ -394,6 +394,7 @@ fn log_through_rotations_and_a_failure(log_level: &str, env: &[(&str, &str)]) ->
 [daemon]
 log_level = "{log_level}"
 log_format = "text"
+state_dir = "state"
 
 [defaults]
 refresh_every = "1s"
