@@ -83,9 +83,7 @@ impl Client {
     }
 
     async fn exchange(&self, method: Method, path: &str) -> Result<Answer, Error> {
-        let stream = tokio::net::UnixStream::connect(&self.socket)
-            .await
-            .map_err(|e| self.connect_error(e))?;
+        let stream = self.connect().await?;
         let protocol = |e: &dyn std::fmt::Display| Error::Protocol {
             socket: self.socket.clone(),
             reason: e.to_string(),
@@ -109,6 +107,23 @@ impl Client {
             .to_bytes();
         conn.abort();
         Ok(Answer { status, body })
+    }
+
+    /// Connects, waiting (within the caller's timeout) while the socket's queue of
+    /// pending connections is full: another local user may flood it, and the daemon
+    /// drains it as fast as it answers; a blocking connect would wait the same way.
+    async fn connect(&self) -> Result<tokio::net::UnixStream, Error> {
+        let mut pause = Duration::from_millis(2);
+        loop {
+            match tokio::net::UnixStream::connect(&self.socket).await {
+                Ok(s) => return Ok(s),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(50));
+                }
+                Err(e) => return Err(self.connect_error(e)),
+            }
+        }
     }
 
     fn connect_error(&self, e: std::io::Error) -> Error {

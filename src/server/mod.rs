@@ -281,6 +281,8 @@ trait Listen: Send + 'static {
     const SHUTDOWN: bool;
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
     fn accept(&self) -> impl Future<Output = io::Result<Self::Io>> + Send;
+    /// Who holds the seat a connection takes (one system call at most).
+    fn holder(io: &Self::Io, daemon_uid: u32) -> io::Result<seats::Holder>;
     fn caller(io: &Self::Io, daemon_uid: u32) -> io::Result<Caller>;
     /// Writes what fits without blocking (the "too many connections" answer).
     fn try_write(io: &Self::Io, buf: &[u8]);
@@ -292,6 +294,12 @@ impl Listen for UnixListener {
     type Io = tokio::net::UnixStream;
     async fn accept(&self) -> io::Result<Self::Io> {
         UnixListener::accept(self).await.map(|(s, _)| s)
+    }
+    fn holder(io: &Self::Io, daemon_uid: u32) -> io::Result<seats::Holder> {
+        Ok(match Peer::uid_of(io, daemon_uid)? {
+            (_, true) => seats::Holder::Privileged,
+            (uid, false) => seats::Holder::User(uid),
+        })
     }
     fn caller(io: &Self::Io, daemon_uid: u32) -> io::Result<Caller> {
         Peer::of(io, daemon_uid).map(|p| Caller::Local(Arc::new(p)))
@@ -309,6 +317,9 @@ impl Listen for TcpListener {
         let (s, _) = TcpListener::accept(self).await?;
         let _ = s.set_nodelay(true);
         Ok(s)
+    }
+    fn holder(_: &Self::Io, _: u32) -> io::Result<seats::Holder> {
+        Ok(seats::Holder::Remote)
     }
     fn caller(_: &Self::Io, _: u32) -> io::Result<Caller> {
         Ok(Caller::Monitor)
@@ -379,17 +390,12 @@ async fn run<L: Listen>(
                 continue;
             }
         };
-        let caller = match L::caller(&io, daemon_uid) {
-            Ok(c) => c,
+        let holder = match L::holder(&io, daemon_uid) {
+            Ok(h) => h,
             Err(e) => {
                 warn(format!("failed to identify a peer: {e}; closing"));
                 continue;
             }
-        };
-        let holder = match &caller {
-            Caller::Local(p) if p.privileged => seats::Holder::Privileged,
-            Caller::Local(p) => seats::Holder::User(p.uid),
-            Caller::Monitor => seats::Holder::Remote,
         };
         let Some(seat) = seats.take(holder) else {
             L::try_write(&io, BUSY);
@@ -409,7 +415,10 @@ async fn run<L: Listen>(
         };
         let (ctx, cancel) = (ctx.clone(), cancel.clone());
         conns.spawn(async move {
-            connection(io, L::SHUTDOWN, caller, &ctx, &cancel).await;
+            match L::caller(&io, daemon_uid) {
+                Ok(caller) => connection(io, L::SHUTDOWN, caller, &ctx, &cancel).await,
+                Err(e) => tracing::warn!("failed to identify a peer: {e}; closing"),
+            }
             drop(seat);
         });
     }

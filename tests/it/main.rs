@@ -39,4 +39,5 @@ mod once;
 mod schedule;
 mod service;
 mod socket;
+mod starve;
 mod support;
