@@ -363,7 +363,40 @@ pub async fn status(socket: &Path, json: bool) -> Result<(), Failure> {
         return Ok(());
     }
     print!("{}", table(&list.accounts, SystemTime::now()));
+    // The daemon's own line, for whoever may see it (root, the daemon's user).
+    if let Ok(answer) = Client::new(socket)
+        .request(Method::GET, api::DAEMON, TIMEOUT)
+        .await
+    {
+        if let Ok(info) = serde_json::from_slice::<api::DaemonInfo>(&answer.body) {
+            print!("{}", daemon_line(&info));
+        }
+    }
     Ok(())
+}
+
+/// The lines `tokend status` prints about the daemon itself: its config and
+/// generation, and a refused reload with its errors.
+pub fn daemon_line(d: &api::DaemonInfo) -> String {
+    let mut out = format!(
+        "\nconfig {} (generation {}, loaded {})",
+        d.config, d.generation, d.loaded_at
+    );
+    match &d.last_reload {
+        Some(r) if r.result != "ok" => {
+            out.push_str(&format!(
+                "\nlast reload at {} REFUSED, still running generation {}:",
+                r.at, d.generation
+            ));
+            for e in &r.errors {
+                out.push_str(&format!("\n  {e}"));
+            }
+        }
+        Some(r) => out.push_str(&format!("; last reload at {} ok", r.at)),
+        None => {}
+    }
+    out.push('\n');
+    out
 }
 
 /// The `status` table: account, status, expires in, last refresh, last error.

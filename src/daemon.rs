@@ -21,7 +21,31 @@ use crate::oauth::{HttpEndpoint, Transports};
 use crate::systemd::{self, Notifier};
 use crate::watch::Watcher;
 
-/// How long a burst of file events may last before it is looked at.
+/// What the daemon says about itself (`GET /v1/daemon`, `tokend status`): the config
+/// it runs, which generation of it, since when, and how the last reload went. Published
+/// by the supervisor on a `watch` channel; the socket server reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonState {
+    /// The config file (absolute).
+    pub config: PathBuf,
+    /// 1 at start, one more for each reload that was applied.
+    pub generation: u64,
+    /// When the running generation was loaded.
+    pub loaded_at: std::time::SystemTime,
+    /// The last reload asked for (SIGHUP or a change of the file), if any.
+    pub last_reload: Option<ReloadOutcome>,
+}
+
+/// How a reload went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadOutcome {
+    pub at: std::time::SystemTime,
+    /// Empty when it was applied; else why it was refused, one line per error as
+    /// `tokend check` prints them.
+    pub errors: Vec<String>,
+}
+
+/// How a burst of file events may last before it is looked at.
 const WATCH_SETTLE: Duration = Duration::from_millis(200);
 
 /// How often, at most, the supervisor looks at every account's state for READY and
@@ -66,6 +90,12 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
     // provider for anything.
     let listeners = crate::server::bind(&config.daemon)?;
     let mut sup = Supervisor::new(&config);
+    let info = watch::Sender::new(std::sync::Arc::new(DaemonState {
+        config: path.clone(),
+        generation: 1,
+        loaded_at: sup.shared.clock.now(),
+        last_reload: None,
+    }));
     if let Some(c) = &config.cluster {
         sup.member = Some(crate::cluster::join(
             c,
@@ -101,6 +131,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
     let server = listeners.spawn(
         sup.views.subscribe(),
         sup.shared.metrics.clone(),
+        info.subscribe(),
         config.daemon.max_concurrent_refreshes,
     )?;
     tracing::info!(accounts = count, config = %path.display(), "tokend started");
@@ -128,7 +159,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
             _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break }
             _ = sighup.recv() => {
                 tracing::info!("SIGHUP: reloading {}", path.display());
-                config_text = sup.reload_from(&path, &notifier);
+                config_text = sup.reload_from(&path, &notifier, &info);
                 if let Some(w) = &mut watcher {
                     w.watch_files(sup.watched_files(&path).iter().map(PathBuf::as_path));
                 }
@@ -139,7 +170,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
                 while watch_rx.try_recv().is_ok() {}
                 if read_digest(&path) != config_text {
                     tracing::info!("{} changed: reloading", path.display());
-                    config_text = sup.reload_from(&path, &notifier);
+                    config_text = sup.reload_from(&path, &notifier, &info);
                     if let Some(w) = &mut watcher {
                         w.watch_files(sup.watched_files(&path).iter().map(PathBuf::as_path));
                     }
@@ -261,22 +292,42 @@ impl Supervisor {
     /// RELOADING=1 and READY=1; an invalid config, or one with an account that cannot
     /// start, is logged and changes nothing. Returns the digest of the file as read, to
     /// tell later whether it changed.
-    fn reload_from(&mut self, path: &Path, notifier: &Notifier) -> Option<[u8; 32]> {
+    fn reload_from(
+        &mut self,
+        path: &Path,
+        notifier: &Notifier,
+        info: &watch::Sender<std::sync::Arc<DaemonState>>,
+    ) -> Option<[u8; 32]> {
         notifier.reloading();
         let text = read_digest(path);
+        // Refused: what the log says, and the errors one by one.
         let applied = crate::config::load(path)
-            .map_err(|e| format!("{e}"))
-            .and_then(|new| self.reload(new));
+            .map_err(|e| (e.to_string(), e.0.iter().map(|c| c.to_string()).collect()))
+            .and_then(|new| self.reload(new).map_err(|e| (e.clone(), vec![e])));
+        let now = self.shared.clock.now();
         match applied {
             Ok(()) => {
                 self.publish();
                 trim_heap();
                 tracing::info!("config reloaded: {}", self.summary());
                 self.shared.metrics.config_reload(true);
+                info.send_modify(|i| {
+                    let i = std::sync::Arc::make_mut(i);
+                    i.generation += 1;
+                    i.loaded_at = now;
+                    i.last_reload = Some(ReloadOutcome {
+                        at: now,
+                        errors: Vec::new(),
+                    });
+                });
             }
-            Err(e) => {
+            Err((e, errors)) => {
                 tracing::error!("{e}; keeping the running config");
                 self.shared.metrics.config_reload(false);
+                info.send_modify(|i| {
+                    std::sync::Arc::make_mut(i).last_reload =
+                        Some(ReloadOutcome { at: now, errors });
+                });
             }
         }
         notifier.ready(&self.summary());

@@ -101,7 +101,21 @@ pub async fn serve_with(
     limits: Limits,
 ) -> io::Result<()> {
     let listener = UnixListener::from_std(listener)?;
-    run(listener, accounts, metrics, cancel, limits).await;
+    run(listener, accounts, None, metrics, cancel, limits).await;
+    Ok(())
+}
+
+/// [`serve_with`], answering `GET /v1/daemon` from `daemon`.
+pub async fn serve_daemon(
+    listener: std::os::unix::net::UnixListener,
+    accounts: watch::Receiver<Accounts>,
+    daemon: watch::Receiver<Arc<crate::daemon::DaemonState>>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+    limits: Limits,
+) -> io::Result<()> {
+    let listener = UnixListener::from_std(listener)?;
+    run(listener, accounts, Some(daemon), metrics, cancel, limits).await;
     Ok(())
 }
 
@@ -116,7 +130,7 @@ pub async fn serve_metrics(
     limits: Limits,
 ) -> io::Result<()> {
     let listener = TcpListener::from_std(listener)?;
-    run(listener, accounts, metrics, cancel, limits).await;
+    run(listener, accounts, None, metrics, cancel, limits).await;
     Ok(())
 }
 
@@ -154,6 +168,7 @@ impl Listeners {
         self,
         accounts: watch::Receiver<Accounts>,
         metrics: Arc<Metrics>,
+        daemon: watch::Receiver<Arc<crate::daemon::DaemonState>>,
         max_concurrent_refreshes: usize,
     ) -> anyhow::Result<Server> {
         let fd_limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
@@ -191,9 +206,10 @@ impl Listeners {
                 runtime.block_on(async move {
                     let unix = async {
                         if let Some(l) = unix {
-                            if let Err(e) = serve_with(
+                            if let Err(e) = serve_daemon(
                                 l,
                                 accounts.clone(),
+                                daemon.clone(),
                                 metrics.clone(),
                                 stop.clone(),
                                 limits.clone(),
@@ -332,6 +348,9 @@ impl Listen for TcpListener {
 /// What every connection of a listener shares.
 pub(crate) struct Ctx {
     pub(crate) accounts: watch::Receiver<Accounts>,
+    /// What the daemon says about itself (`GET /v1/daemon`); none when the server runs
+    /// without a daemon (tests, the fuzz target).
+    pub(crate) daemon: Option<watch::Receiver<Arc<crate::daemon::DaemonState>>>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) limits: Limits,
     http: http1::Builder,
@@ -349,6 +368,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 async fn run<L: Listen>(
     listener: L,
     accounts: watch::Receiver<Accounts>,
+    daemon: Option<watch::Receiver<Arc<crate::daemon::DaemonState>>>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
     limits: Limits,
@@ -358,6 +378,7 @@ async fn run<L: Listen>(
     let seats = seats::Seats::new(limits.max_connections);
     let ctx = Arc::new(Ctx {
         accounts,
+        daemon,
         metrics,
         limits,
         http,
@@ -454,6 +475,7 @@ pub async fn answer_bytes(
 
     let ctx = Arc::new(Ctx {
         accounts,
+        daemon: None,
         metrics: Arc::new(Metrics::new()),
         http: http_builder(&limits),
         limits,

@@ -75,6 +75,13 @@ async fn route(req: Request<Incoming>, ctx: &Ctx, caller: &Caller) -> Response<B
             not_allowed("GET, HEAD")
         };
     }
+    if path == api::DAEMON {
+        return if get {
+            daemon(ctx, peer)
+        } else {
+            not_allowed("GET, HEAD")
+        };
+    }
     let Some(rest) = path
         .strip_prefix(api::TOKENS)
         .and_then(|r| r.strip_prefix('/'))
@@ -97,6 +104,27 @@ async fn route(req: Request<Incoming>, ctx: &Ctx, caller: &Caller) -> Response<B
         "refresh" | "reseed" => not_allowed("POST"),
         _ => no_endpoint(path),
     }
+}
+
+/// `GET /v1/daemon`: root and the daemon's own user only (the config's path and the
+/// errors of a refused reload are the operator's).
+fn daemon(ctx: &Ctx, peer: &super::Peer) -> Response<Body> {
+    let Some(d) = &ctx.daemon else {
+        return no_endpoint(api::DAEMON);
+    };
+    if !peer.privileged {
+        return error(
+            StatusCode::FORBIDDEN,
+            code::FORBIDDEN,
+            format!(
+                "{} takes root or the daemon's own user (uid {})",
+                api::DAEMON,
+                nix::unistd::geteuid()
+            ),
+        );
+    }
+    let info = api::DaemonInfo::of(&d.borrow());
+    json(StatusCode::OK, &info)
 }
 
 /// The `min_valid` query parameter, if any.
