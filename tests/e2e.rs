@@ -7,6 +7,10 @@
 //! the stress test holds tokend to SPEC §6's "refresh-token chains are never lost"
 //! through reloads, restarts and `tokend once` beside the daemon.
 
+#[allow(dead_code, unused_imports)]
+#[path = "it/support/mod.rs"]
+mod support;
+
 use std::collections::{BTreeMap, HashSet};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
@@ -641,27 +645,35 @@ mode = "{mode}"
         self.note(&format!("tokend run #{} stopped by {signal}", self.runs));
     }
 
-    fn reloads_logged(&self) -> usize {
-        std::fs::read_to_string(self.daemon_log())
-            .unwrap_or_default()
-            .matches("config reloaded")
-            .count()
+    /// The daemon's config generation and last reload, from `GET /v1/daemon`.
+    fn daemon_info(&self) -> Option<serde_json::Value> {
+        support::daemon_info(&self.server.path("tokend.sock"))
     }
 
-    /// SIGHUP, then waits until the daemon logged one more finished reload (a reload
-    /// may wait for a refresh_token request in flight).
+    /// SIGHUP, then waits until the daemon applied one more reload (a reload may wait
+    /// for a refresh_token request in flight): its generation on `/v1/daemon`.
     fn reload(&mut self, what: &str) {
-        let before = self.reloads_logged();
+        let before = poll(Duration::from_secs(15), || self.daemon_info())
+            .and_then(|v| v["generation"].as_u64())
+            .unwrap_or(0);
         self.daemon
             .as_ref()
             .unwrap()
             .signal(nix::sys::signal::Signal::SIGHUP);
         let done = poll(Duration::from_secs(15), || {
-            (self.reloads_logged() > before).then_some(())
+            let v = self.daemon_info()?;
+            assert_ne!(
+                v["last_reload"]["result"],
+                "refused",
+                "tokend run #{} refused the reload ({what}): {v}{}",
+                self.runs,
+                self.diagnosis()
+            );
+            (v["generation"].as_u64()? > before).then_some(())
         });
         assert!(
             done.is_some(),
-            "tokend run #{} logged no \"config reloaded\" within 15 s of SIGHUP ({what}){}",
+            "tokend run #{} applied no reload within 15 s of SIGHUP ({what}){}",
             self.runs,
             self.diagnosis()
         );

@@ -144,7 +144,8 @@ fn a_reload_that_changes_one_of_200_accounts_asks_once_and_rewrites_no_other_out
             .collect::<Vec<_>>()
             .join("\n")
     };
-    let d = Daemon::start(&sb.config(&config(None)));
+    let d = Daemon::start(&sb.config(&with_socket(&sb, &config(None))));
+    let socket = sb.path("tokend.sock");
     let stamp = |i: usize| {
         std::fs::metadata(sb.path(&format!("out/a{i}")))
             .ok()
@@ -157,8 +158,12 @@ fn a_reload_that_changes_one_of_200_accounts_asks_once_and_rewrites_no_other_out
     let asked = idp.requests().len();
     assert_eq!(asked, N, "one request per account");
 
-    rename_over(&sb, &config(Some(7)));
-    d.wait_for_log("config reloaded", 1, SHORT);
+    let since = d.wait_until("the daemon's socket", SHORT, || {
+        crate::support::daemon_info(&socket)
+    });
+    rename_over(&sb, &with_socket(&sb, &config(Some(7))));
+    let reloaded = crate::support::wait_reload(&d, &socket, &since);
+    assert_eq!(reloaded["last_reload"]["result"], "ok", "{reloaded}");
     d.wait_until("a7's new token", SHORT, || {
         (stamp(7) != before[7]).then_some(())
     });
@@ -657,13 +662,26 @@ fn on_refresh_signal_signals_the_process_in_the_pid_file() {
 fn a_hook_that_hangs_is_killed_after_hook_timeout_and_rotation_goes_on() {
     let idp = FakeIdp::start(Reply::token(2));
     let sb = sandbox();
-    let extra =
-        "min_refresh_interval = \"1s\"\non_refresh = [\"sleep\", \"1000\"]\nhook_timeout = \"1s\"";
-    let d = Daemon::start(&sb.config(&account("a", &idp.url(), "id", extra)));
-    d.wait_for_log("killed after hook_timeout", 1, SHORT);
+    // Each run of the hook writes its pid (`exec`: the pid of the sleep) and hangs.
+    let pids = sb.path("hook.pids");
+    let extra = format!(
+        "min_refresh_interval = \"1s\"\non_refresh = [\"sh\", \"-c\", \"echo $$ >> {}; exec sleep 1000\"]\nhook_timeout = \"1s\"",
+        pids.display()
+    );
+    let d = Daemon::start(&sb.config(&account("a", &idp.url(), "id", &extra)));
+    // The n-th run of the hook, once it is gone: killed, and reaped.
+    let killed = |n: usize, timeout: Duration| {
+        d.wait_until(&format!("hook run {n} killed"), timeout, || {
+            let text = sb.read("hook.pids")?;
+            let pid: i32 = text.lines().nth(n - 1)?.trim().parse().ok()?;
+            let gone = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err();
+            gone.then_some(())
+        })
+    };
+    killed(1, SHORT);
     // The next rotations still come: a hanging hook does not stall the account.
     idp.wait_requests(3, LONG);
-    d.wait_for_log("killed after hook_timeout", 2, LONG);
+    killed(2, LONG);
 }
 
 #[test]
