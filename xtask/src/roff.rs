@@ -129,14 +129,12 @@ impl Writer {
     fn start(&mut self, tag: Tag) {
         match tag {
             Tag::Heading { level, .. } => self.heading = Some((level, String::new())),
-            Tag::Paragraph => {
-                if self.cell.is_none() {
-                    if self.lists == 0 {
-                        self.request(".PP");
-                    } else if !self.out.ends_with("2\n") {
-                        // A second paragraph inside a list item.
-                        self.request(".IP \"\" 2");
-                    }
+            Tag::Paragraph if self.cell.is_none() => {
+                if self.lists == 0 {
+                    self.request(".PP");
+                } else if !self.out.ends_with("2\n") {
+                    // A second paragraph inside a list item.
+                    self.request(".IP \"\" 2");
                 }
             }
             Tag::CodeBlock(_) => {
@@ -176,11 +174,7 @@ impl Writer {
                     _ => self.request(&format!(".SS \"{text}\"")),
                 }
             }
-            TagEnd::Paragraph => {
-                if self.cell.is_none() {
-                    self.raw("\n");
-                }
-            }
+            TagEnd::Paragraph if self.cell.is_none() => self.raw("\n"),
             TagEnd::CodeBlock => {
                 self.block = false;
                 self.code = false;
