@@ -18,6 +18,9 @@
 #
 #   bash tests/ops.sh
 #
+# OPS_SCHEMATHESIS_EXAMPLES (default 40) and OPS_SCHEMATHESIS_SEED (default 1) make a
+# longer or another schemathesis run.
+#
 # Installs what it lacks (as root, with apt-get): man-db, zsh, fish, etcd-server; Debian's
 # prometheus package is unpacked (not installed: no service starts) into
 # ${TOKEND_CACHE:-.cache}/prometheus; the pinned Python packages of
@@ -471,7 +474,7 @@ if [ "$have_scenario" -eq 1 ] && [ -x "$venv/bin/schemathesis" ]; then
     check "schemathesis: every response of the live daemon conforms (not yet served: ${not_served_yet[*]})" \
         "$venv/bin/schemathesis" --config-file tests/ops/schemathesis.toml run docs/api/openapi.yaml \
         --url "http://127.0.0.1:$(cat "$work/bridge.port")" --checks all "${excludes[@]}" \
-        --phases examples,coverage,fuzzing --max-examples 40 --seed 1 --workers 2 \
+        --phases examples,coverage,fuzzing --max-examples "${OPS_SCHEMATHESIS_EXAMPLES:-40}" --seed "${OPS_SCHEMATHESIS_SEED:-1}" --workers 2 \
         --request-timeout 70 --no-color
     printf 'schemathesis took %d s\n' $((SECONDS - t0))
 elif [ "$have_scenario" -eq 1 ]; then

@@ -262,6 +262,44 @@ check "rpm: %post neither enables nor starts tokend" bash -c \
     '! grep -v "^ *#" "$1" | grep -E "systemctl[^#]* (enable|start|restart|preset)( |$)"' _ packaging/rpm/post_install.sh
 
 # ---------------------------------------------------------------------------------------
+step "lintian and rpmlint"
+# Every override and filter says why it is there: the comment line(s) just above it.
+overrides_have_reasons() {
+    awk -v pat="$2" '
+        /^[ \t]*#/ { reason = 1; next }
+        /^[ \t]*$/ { reason = 0; next }
+        $0 ~ pat { if (!reason) { print "no reason above: " $0; bad = 1 } next }
+        { reason = 0 }
+        END { exit bad }' "$1"
+}
+if command -v lintian >/dev/null 2>&1; then
+    # Overridden tags count as nothing; any other error or warning fails. --pedantic and
+    # info tags are shown for the log, not judged.
+    lintian_out=$(lintian --fail-on error,warning --display-info --show-overrides "$deb" 2>&1) &&
+        lintian_rc=0 || lintian_rc=$?
+    printf '%s\n' "$lintian_out" | sed 's/^/     /'
+    check "lintian: no error, no warning that is not overridden" test "$lintian_rc" -eq 0
+    check "lintian: no override that matched nothing" bash -c \
+        '! grep -E "(unused|mismatched)-override" <<<"$1"' _ "$lintian_out"
+    check "lintian: each override in packaging/deb/lintian-overrides has its reason" \
+        overrides_have_reasons packaging/deb/lintian-overrides '^tokend'
+else
+    if [ -n "${CI:-}" ]; then not_ok "lintian (not installed)"; else skip "lintian (not installed)"; fi
+fi
+if command -v rpmlint >/dev/null 2>&1; then
+    # rpmlint itself reports a filter that matched nothing (unused-rpmlintrc-filter).
+    rpmlint_out=$(rpmlint --rpmlintrc packaging/rpm/tokend.rpmlintrc "$rpm" 2>&1) &&
+        rpmlint_rc=0 || rpmlint_rc=$?
+    printf '%s\n' "$rpmlint_out" | sed 's/^/     /'
+    check "rpmlint: 0 errors, 0 warnings (the rest filtered, each with its reason)" bash -c \
+        'test "$1" -eq 0 && grep -qE "; 0 errors, 0 warnings" <<<"$2"' _ "$rpmlint_rc" "$rpmlint_out"
+    check "rpmlint: each filter in packaging/rpm/tokend.rpmlintrc has its reason" \
+        overrides_have_reasons packaging/rpm/tokend.rpmlintrc '^addFilter'
+else
+    if [ -n "${CI:-}" ]; then not_ok "rpmlint (not installed)"; else skip "rpmlint (not installed)"; fi
+fi
+
+# ---------------------------------------------------------------------------------------
 step "the systemd unit, sysusers.d, tmpfiles.d"
 unit=systemd/tokend.service
 missing=""
