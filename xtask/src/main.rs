@@ -4,6 +4,8 @@
 //! - `DIR/man/tokend.1` and `tokend-SUBCOMMAND.1`: clap_mangen from `tokend::cli`;
 //! - `DIR/man/tokend.toml.5`: the book's configuration chapter
 //!   (`docs/src/configuration.md`) turned into a man page by [`roff`];
+//! - `DIR/man-gz/`: the same pages gzipped (no name, no time: the same bytes each run),
+//!   for the .rpm (cargo-deb compresses the .deb's itself);
 //! - `DIR/completions/tokend.bash`, `_tokend`, `tokend.fish`: clap_complete's dynamic
 //!   registration scripts. They ask `tokend` itself at each TAB (`TOKEND_COMPLETE`), so
 //!   subcommands, options and the config's account names come from the installed binary.
@@ -59,8 +61,9 @@ fn dist(dir: Option<PathBuf>) -> Result<PathBuf, String> {
             .join("release/dist")
     });
     let man = dir.join("man");
+    let man_gz = dir.join("man-gz");
     let completions = dir.join("completions");
-    for d in [&man, &completions] {
+    for d in [&man, &man_gz, &completions] {
         // Anew each time: a subcommand that went away leaves no page behind.
         if d.exists() {
             std::fs::remove_dir_all(d)
@@ -76,6 +79,7 @@ fn dist(dir: Option<PathBuf>) -> Result<PathBuf, String> {
         &man.join("tokend.toml.5"),
         &roff::config_page(&text, &version()),
     )?;
+    gzip_all(&man, &man_gz)?;
     completion_scripts(&completions)?;
     Ok(dir)
 }
@@ -90,6 +94,32 @@ fn version() -> String {
 
 fn write(path: &Path, content: &str) -> Result<(), String> {
     std::fs::write(path, content).map_err(|e| format!("failed to write {}: {e}", path.display()))
+}
+
+/// Every file of `from`, gzipped into `to` as NAME.gz.
+fn gzip_all(from: &Path, to: &Path) -> Result<(), String> {
+    use std::io::Write as _;
+    let mut names: Vec<_> = std::fs::read_dir(from)
+        .map_err(|e| format!("failed to list {}: {e}", from.display()))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("failed to list {}: {e}", from.display()))?;
+    names.sort();
+    for name in names {
+        let data = std::fs::read(from.join(&name))
+            .map_err(|e| format!("failed to read {}: {e}", from.join(&name).display()))?;
+        // No file name and a zero time in the header: reproducible.
+        let mut gz = flate2::GzBuilder::new()
+            .mtime(0)
+            .write(Vec::new(), flate2::Compression::best());
+        gz.write_all(&data).map_err(|e| e.to_string())?;
+        let out = gz.finish().map_err(|e| e.to_string())?;
+        let mut file_name = name.clone();
+        file_name.push(".gz");
+        std::fs::write(to.join(&file_name), out)
+            .map_err(|e| format!("failed to write {}: {e}", to.join(&file_name).display()))?;
+    }
+    Ok(())
 }
 
 /// `tokend.1` and one page per subcommand, each with a SEE ALSO section.
