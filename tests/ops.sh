@@ -227,13 +227,15 @@ check "bash: tokend once --config=CONFIG m TAB completes msk" \
 if command -v zsh >/dev/null; then
     # zsh: compinit finds _tokend on fpath; the function is then called as on TAB, with
     # _describe (what hands the candidates to the line editor) printing them instead.
+    # compinit's dump file is one of this script's: compinit replaces the file it is given
+    # (never /dev/null: that becomes a regular file).
     zsh_complete() {
-        zsh -f -c 'fpath=("$1" $fpath); autoload -Uz compinit; compinit -u -D -d /dev/null
+        zsh -f -c 'fpath=("$1" $fpath); autoload -Uz compinit; compinit -u -D -d "$2"
             [[ $_comps[tokend] == _tokend ]] || { print "compinit did not map tokend: ${_comps[tokend]-none}"; exit 1 }
-            shift
+            shift 2
             _describe() { local a=${@[-1]}; print -rl -- ${(P)a} }
             words=("$@"); CURRENT=$#words
-            _tokend' _ "$comp" "$@"
+            _tokend' _ "$comp" "$work/zcompdump" "$@"
     }
     check "zsh: compinit maps tokend to _tokend from fpath" zsh_complete tokend ''
     check "zsh: tokend TAB lists the subcommands" bash -c \
@@ -256,6 +258,8 @@ if command -v fish >/dev/null; then
 else
     missing "fish completion" "fish"
 fi
+
+check "completion left /dev/null a character device" test -c /dev/null
 
 # ---------------------------------------------------------------------------------------
 step "the book"
