@@ -475,8 +475,10 @@ if [ "$have_scenario" -eq 1 ] && [ -x "$venv/bin/schemathesis" ]; then
     excludes=()
     for id in "${not_served_yet[@]}"; do excludes+=(--exclude-operation-id "$id"); done
     t0=$SECONDS
+    # From the scratch directory: schemathesis keeps a cache (.schemathesis/) where it runs.
     check "schemathesis: every response of the live daemon conforms (not yet served: ${not_served_yet[*]})" \
-        "$venv/bin/schemathesis" --config-file tests/ops/schemathesis.toml run docs/api/openapi.yaml \
+        env -C "$work" "$venv/bin/schemathesis" --config-file "$repo/tests/ops/schemathesis.toml" \
+        run "$repo/docs/api/openapi.yaml" \
         --url "http://127.0.0.1:$(cat "$work/bridge.port")" --checks all "${excludes[@]}" \
         --phases examples,coverage,fuzzing --max-examples "${OPS_SCHEMATHESIS_EXAMPLES:-40}" --seed "${OPS_SCHEMATHESIS_SEED:-1}" --workers 2 \
         --request-timeout 70 --no-color
