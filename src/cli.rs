@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use clap_complete::engine::ArgValueCandidates;
 
+use crate::completion::account_names;
 use crate::config::DEFAULT_PATH;
 
 #[derive(Parser, Debug)]
@@ -64,7 +66,7 @@ pub struct JwksArgs {
     #[command(flatten)]
     pub config: ConfigArg,
     /// Only these accounts (default: every account with client_auth = "private_key_jwt")
-    #[arg(value_name = "ACCOUNT")]
+    #[arg(value_name = "ACCOUNT", add = ArgValueCandidates::new(account_names))]
     pub accounts: Vec<String>,
 }
 
@@ -90,7 +92,7 @@ pub struct OnceArgs {
     #[command(flatten)]
     pub config: ConfigArg,
     /// Only these accounts (default: all)
-    #[arg(value_name = "ACCOUNT")]
+    #[arg(value_name = "ACCOUNT", add = ArgValueCandidates::new(account_names))]
     pub accounts: Vec<String>,
     /// Reuse a token from the state directory that is still valid this long (e.g. 10m),
     /// without asking the provider
@@ -120,7 +122,7 @@ pub struct GetArgs {
     #[command(flatten)]
     pub socket: SocketArgs,
     /// The account
-    #[arg(value_name = "ACCOUNT")]
+    #[arg(value_name = "ACCOUNT", add = ArgValueCandidates::new(account_names))]
     pub account: String,
     /// Print the json format (account, access_token, token_type, expires_at, issued_at,
     /// scope) instead of the raw token
@@ -138,7 +140,7 @@ pub struct RefreshArgs {
     #[command(flatten)]
     pub socket: SocketArgs,
     /// The account
-    #[arg(value_name = "ACCOUNT")]
+    #[arg(value_name = "ACCOUNT", add = ArgValueCandidates::new(account_names))]
     pub account: String,
     /// Also end a hold (after refused credentials) or a provider's rate-limit wait, for
     /// one attempt now: "I fixed it, try now". Only root or the daemon's own user

@@ -3,13 +3,17 @@
 
 use std::process::ExitCode;
 
-use clap::Parser as _;
+use clap::{CommandFactory as _, Parser as _};
 use tokend::cli::{Cli, Command};
 use tokend::client;
 use tokend::commands::{self, Failure};
 use tokend::config::{self, Config};
 
 fn main() -> ExitCode {
+    // `TOKEND_COMPLETE=SHELL tokend -- WORDS...`: the shell completion scripts asking.
+    clap_complete::CompleteEnv::with_factory(Cli::command)
+        .var(tokend::completion::VAR)
+        .complete();
     let cli = Cli::parse();
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,

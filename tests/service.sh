@@ -174,6 +174,8 @@ step "build: the release binary, the .deb, the root file systems"
 target=$(cargo metadata --no-deps --format-version 1 |
     python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
 cargo build --release --locked --quiet
+# The man pages and completions the .deb takes from target/release/dist/.
+cargo xtask dist "$target/release/dist" >/dev/null
 bin=$target/release/tokend
 cargo deb --no-build --output "$work/deb/" >/dev/null
 deb=$(echo "$work"/deb/*.deb)
