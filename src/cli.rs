@@ -57,7 +57,7 @@ pub struct ReseedArgs {
     #[command(flatten)]
     pub socket: SocketArgs,
     /// The account
-    #[arg(value_name = "ACCOUNT")]
+    #[arg(value_name = "ACCOUNT", add = ArgValueCandidates::new(account_names))]
     pub account: String,
 }
 

@@ -113,6 +113,9 @@ pub mod code {
     pub const FORBIDDEN: &str = "forbidden";
     /// 404: no such endpoint, or no account by that name that the caller may read.
     pub const NOT_FOUND: &str = "not_found";
+    /// 409: the account cannot do what was asked (a reseed of an account that has no
+    /// refresh-token chain).
+    pub const CONFLICT: &str = "conflict";
     /// 405: the endpoint exists, for another method (see `Allow`).
     pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
     /// 408: the request body did not arrive in time.

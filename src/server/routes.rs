@@ -548,8 +548,8 @@ async fn refresh(
         }
         if !view.account.rotates() {
             return error(
-                StatusCode::BAD_REQUEST,
-                code::BAD_REQUEST,
+                StatusCode::CONFLICT,
+                code::CONFLICT,
                 format!("account {name:?} is not of the refresh_token grant: it has no chain to re-seed"),
             );
         }
