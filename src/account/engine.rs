@@ -16,8 +16,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
-
-use super::slots::RefreshPermit;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -27,6 +25,7 @@ use super::hooks;
 use super::identity::SiblingKey;
 use super::persist::{self, AccountLock, Loaded, Locked, Saved, WaitKind};
 use super::schedule::{self, ErrorClass};
+use super::slots::RefreshPermit;
 use crate::clock::{Clock, WallJumps};
 use crate::config::{Account, Grant};
 use crate::metrics::Metrics;
