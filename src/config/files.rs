@@ -54,10 +54,12 @@ pub(super) enum Checks {
     Full,
 }
 
-/// The checks that look at files: a config that holds an inline secret must not be
-/// readable by group or others, and a `state_dir` must be owned by this user and not
-/// writable by group or others (like sshd's StrictModes: tokend serves what it reads
-/// from there). Errors name the file, line and key.
+/// The checks that look at files: each private key and client certificate
+/// ([`check_key_file`]), a config that holds an inline secret must not be readable by
+/// group or others, a `state_dir` must be owned by this user and not writable by group
+/// or others (like sshd's StrictModes: tokend serves what it reads from there), and no
+/// two outputs may resolve to one file or into `state_dir`. Errors name the file, line
+/// and key.
 pub(super) fn check_files(
     config: &Config,
     located: Located,

@@ -261,6 +261,7 @@ fn token_url(cx: &mut Ctx<'_>, at: &At<'_>) -> (Option<Arc<TokenUrl>>, bool) {
     (Some(share(&mut cx.token_urls, token_url)), allow_http)
 }
 
+/// `client_id`: required, not empty.
 fn client_id(cx: &mut Ctx<'_>, at: &At<'_>) -> String {
     let (a, d) = (at.a, at.d);
     let client_id = match pick!(a, d, client_id) {
@@ -307,6 +308,7 @@ fn extra_headers(cx: &mut Ctx<'_>, at: &At<'_>) -> BTreeMap<String, Secret> {
     extra_headers
 }
 
+/// `proxy`: a proxy URL; one with a user or password counts as an inline secret.
 fn proxy(cx: &mut Ctx<'_>, at: &At<'_>) -> Option<Secret> {
     let (a, d) = (at.a, at.d);
     let proxy = pick!(a, d, proxy).and_then(|p| match reqwest::Proxy::all(p.get_ref()) {
@@ -331,6 +333,8 @@ fn proxy(cx: &mut Ctx<'_>, at: &At<'_>) -> Option<Secret> {
     proxy
 }
 
+/// When to refresh: `refresh_ratio` (above 0, at most 1), `refresh_every`,
+/// `min_refresh_interval`, `default_lifetime`, `auth_failure_hold`.
 fn schedule(cx: &mut Ctx<'_>, at: &At<'_>) -> SchedulePolicy {
     let (a, d) = (at.a, at.d);
     let defaults = SchedulePolicy::default();
@@ -367,6 +371,7 @@ fn schedule(cx: &mut Ctx<'_>, at: &At<'_>) -> SchedulePolicy {
     }
 }
 
+/// `on_refresh`: a command and its arguments (no shell), run after the outputs are written.
 fn on_refresh(cx: &mut Ctx<'_>, at: &At<'_>) -> Option<Vec<String>> {
     let (a, d) = (at.a, at.d);
     let on_refresh = match pick!(a, d, on_refresh) {
@@ -383,6 +388,7 @@ fn on_refresh(cx: &mut Ctx<'_>, at: &At<'_>) -> Option<Vec<String>> {
     on_refresh
 }
 
+/// `on_refresh_signal`: a pid file and a signal name (SIGHUP unless given).
 fn on_refresh_signal(cx: &mut Ctx<'_>, at: &At<'_>) -> Option<SignalHook> {
     let (a, d) = (at.a, at.d);
     let on_refresh_signal = pick!(a, d, on_refresh_signal).and_then(|s| {
@@ -412,6 +418,8 @@ fn on_refresh_signal(cx: &mut Ctx<'_>, at: &At<'_>) -> Option<SignalHook> {
     on_refresh_signal
 }
 
+/// `access`: the users and groups (names or ids) that may read the account over the
+/// socket.
 fn access(cx: &mut Ctx<'_>, at: &At<'_>) -> Access {
     let (a, d) = (at.a, at.d);
     let mut access = Access::default();

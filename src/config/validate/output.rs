@@ -43,6 +43,7 @@ pub(super) fn outputs(cx: &mut Ctx<'_>, at: &At<'_>, name: &str, has_socket: boo
     outputs
 }
 
+/// One `[[account.output]]`; `account` names the default `env_var`.
 fn output(cx: &mut Ctx<'_>, label: &str, o: &S<RawOutput>, account: &str) -> Option<Output> {
     let k = |key: &str| format!("{label}.{key}");
     let raw = o.get_ref();
