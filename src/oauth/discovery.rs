@@ -18,7 +18,7 @@ use std::time::Duration;
 use reqwest::header::ACCEPT;
 use serde::Deserialize;
 
-use super::request::redacted_url;
+use super::redact::redacted_url;
 use super::{error_chain, Error};
 use crate::config::TokenUrl;
 
