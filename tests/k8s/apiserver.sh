@@ -92,6 +92,12 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))
 EOF
 }
 
+# Seconds since T0 (date +%s%N), as 1.234.
+secs_since() {
+    local ms=$((($(date +%s%N) - $1) / 1000000))
+    printf '%d.%03d' $((ms / 1000)) $((ms % 1000))
+}
+
 # Prints the last lines of a log, for an error message.
 tail_of() {
     echo "--- last lines of $1 ---" >&2
@@ -164,6 +170,8 @@ start() {
     t0=$(date +%s%N)
     rm -f "$dir/pids" "$dir/admin.kubeconfig" "$dir/server"
     make_certs
+    local t_certs
+    t_certs=$(secs_since "$t0")
 
     # etcd: a single member, data thrown away with DIR (so no fsync).
     for attempt in 1 2 3; do
@@ -186,6 +194,8 @@ start() {
         stop "$dir"
         die "etcd did not start (log: $dir/etcd.log)"
     done
+    local t_etcd
+    t_etcd=$(secs_since "$t0")
 
     token=$(openssl rand -hex 32)
     echo "$token" >"$dir/admin.token"
@@ -262,9 +272,8 @@ EOF
             "$KUBE_OWNER_PID" "$self" "$dir" "$([[ ${KUBE_OWNER_REMOVE_DIR-} == 1 ]] && echo --remove)" \
             >/dev/null
     fi
-    local ms=$((($(date +%s%N) - t0) / 1000000))
-    printf '%s: kube-apiserver %s ready in %d.%03d s (etcd on port %s)\n' "$prog" "$url" \
-        $((ms / 1000)) $((ms % 1000)) "$port_etcd"
+    echo "$prog: kube-apiserver $url ready $(secs_since "$t0") s after the start" \
+        "(certificates and keys made at $t_certs s, etcd on port $port_etcd ready at $t_etcd s)"
 }
 
 [[ $# -ge 2 ]] || usage
