@@ -7,14 +7,18 @@
 #
 #   tests/k8s/build.sh          build into ${TOKEND_CACHE:-.cache}/k8s/<k8s version>/bin
 #   tests/k8s/build.sh bindir   print that directory and build nothing
+#   tests/k8s/build.sh pin v1.X.Y [v3.A.B]
+#                               rewrite go.mod and go.sum for another Kubernetes release
+#                               (and etcd: by default the one its hack/lib/etcd.sh names)
 #
 # A second run costs nothing: when bin/ holds all three programs and its stamp matches
-# go.mod, go.sum and the build flags, the script exits at once. Go's module cache and
+# go.mod (less comments), go.sum and the build flags, the script exits at once. Go's module cache and
 # build cache live under the same cache directory (k8s/gomod, k8s/gocache), so a CI cache
-# of ${TOKEND_CACHE:-.cache} keeps them; bin/ alone (about 200 MB) is enough to skip the
-# build. A cold build downloads about 200 MB of modules and compiles for about 13 minutes
-# of CPU time (7 to 18 minutes of wall time on 2 cores): tests/k8s/NOTES.md has the
-# measurements. Needs Go 1.26 or newer (go.mod's go line); builds run under nice.
+# of ${TOKEND_CACHE:-.cache} keeps them; bin/ alone (197 MB) is enough to skip the build.
+# A cold build downloads 92 MB of modules (12 s) and compiles for 14 to 19 minutes of CPU
+# time, 90% of it kube-apiserver: about 8 to 10 minutes on 2 idle cores, 35 minutes seen
+# on 2 cores shared with other builds. tests/k8s/NOTES.md has the measurements. Needs Go
+# 1.26 or newer (go.mod's go line); the builds run under nice.
 set -euo pipefail
 
 here=$(cd -P -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
@@ -36,6 +40,58 @@ if [[ ${1-} == bindir ]]; then
     exit 0
 fi
 
+use_go() {
+    if ! command -v go >/dev/null; then
+        echo "tests/k8s/build.sh: no go command (Go 1.26 or newer is needed)" >&2
+        exit 1
+    fi
+    export GOMODCACHE=$cache/k8s/gomod
+    export GOCACHE=$cache/k8s/gocache
+    export CGO_ENABLED=0
+    mkdir -p "$GOMODCACHE" "$GOCACHE"
+}
+
+# k8s.io/kubernetes requires its staging modules (k8s.io/api, k8s.io/apiserver, ...) at
+# v0.0.0 and replaces them with directories of its own repository, which a module that
+# requires it does not see: each must be pinned to the published v0.MINOR.PATCH instead.
+pin() {
+    local k=$1 e=${2-} json modfile dir minor
+    [[ $k =~ ^v1\.[0-9]+\.[0-9]+$ ]] || { echo "tests/k8s/build.sh pin: not a release: $k" >&2; exit 1; }
+    use_go
+    export GOFLAGS="-mod=mod -buildvcs=false"
+    json=$(go mod download -json "k8s.io/kubernetes@$k")
+    modfile=$(sed -n 's/^\t"GoMod": "\(.*\)",$/\1/p' <<<"$json")
+    dir=$(sed -n 's/^\t"Dir": "\(.*\)",$/\1/p' <<<"$json")
+    [[ -f $modfile && -d $dir ]] || { echo "tests/k8s/build.sh pin: $json" >&2; exit 1; }
+    if [[ -z $e ]]; then
+        e=v$(sed -n 's/^ETCD_VERSION=${ETCD_VERSION:-\(.*\)}$/\1/p' "$dir/hack/lib/etcd.sh")
+    fi
+    minor=${k#v1.}
+    {
+        sed '/^module /,$d' "$here/go.mod"
+        echo "module tokend-tests/k8s"
+        echo
+        grep -m1 '^go ' "$modfile"
+        echo
+        printf 'require (\n\tgo.etcd.io/etcd/server/v3 %s\n\tk8s.io/kubernetes %s\n)\n\n' "$e" "$k"
+        printf 'tool (\n\tgo.etcd.io/etcd/server/v3\n\tk8s.io/kubernetes/cmd/kube-apiserver\n\tk8s.io/kubernetes/cmd/kubectl\n)\n\n'
+        echo "replace ("
+        sed -n '/^require (/,/^)/p' "$modfile" |
+            awk -v v="v0.$minor" '$1 ~ /^k8s\.io\// && $2 == "v0.0.0" { printf "\t%s => %s %s\n", $1, $1, v }'
+        echo ")"
+    } >"$here/go.mod.new"
+    mv "$here/go.mod.new" "$here/go.mod"
+    rm -f "$here/go.sum"
+    (cd "$here" && go mod tidy)
+    echo "tests/k8s/build.sh: go.mod and go.sum now pin Kubernetes $k and etcd $e"
+}
+
+if [[ ${1-} == pin ]]; then
+    [[ $# -ge 2 ]] || { echo "usage: tests/k8s/build.sh pin v1.X.Y [v3.A.B]" >&2; exit 1; }
+    pin "$2" "${3-}"
+    exit 0
+fi
+
 # The version strings `kube-apiserver --version`, /version and kubectl report (what
 # Kubernetes' own hack/lib/version.sh sets); without them both say v0.0.0-master.
 minor=${k8s_version#v1.}
@@ -47,7 +103,8 @@ for pkg in k8s.io/client-go/pkg/version k8s.io/component-base/version; do
 done
 flags=(-trimpath "-ldflags=$ldflags")
 
-stamp=$( (cat "$here/go.mod" "$here/go.sum"; echo "${flags[*]}") | sha256sum | cut -d' ' -f1)
+# What the binaries are made of: go.mod without its comments, go.sum, the flags.
+stamp=$( (grep -v '^//' "$here/go.mod"; cat "$here/go.sum"; echo "${flags[*]}") | sha256sum | cut -d' ' -f1)
 programs=(kube-apiserver kubectl etcd)
 have_all() {
     local p
@@ -61,16 +118,9 @@ if have_all; then
     exit 0
 fi
 
-if ! command -v go >/dev/null; then
-    echo "tests/k8s/build.sh: no go command (Go 1.26 or newer is needed)" >&2
-    exit 1
-fi
-export GOMODCACHE=$cache/k8s/gomod
-export GOCACHE=$cache/k8s/gocache
+use_go
 # go.sum is complete: nothing may change it, and the build uses exactly what it pins.
 export GOFLAGS="-mod=readonly -buildvcs=false"
-export CGO_ENABLED=0
-mkdir -p "$GOMODCACHE" "$GOCACHE"
 
 echo "tests/k8s/build.sh: building kube-apiserver and kubectl $k8s_version, etcd $etcd_version into $bin"
 start=$(date +%s)

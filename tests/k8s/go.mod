@@ -1,11 +1,11 @@
 // The programs the Kubernetes tests run, built by tests/k8s/build.sh from the Go module
-// proxy: kube-apiserver and kubectl from k8s.io/kubernetes, and the etcd that release is
-// tested with (its hack/lib/etcd.sh names 3.7.0) from go.etcd.io/etcd/server/v3.
+// proxy: kube-apiserver and kubectl from k8s.io/kubernetes, and the etcd release that
+// Kubernetes release is tested with (its hack/lib/etcd.sh) from go.etcd.io/etcd/server/v3.
 // k8s.io/kubernetes requires its staging modules at v0.0.0 and replaces them with
-// directories of its own repository; a module that requires it must pin each one to
-// the matching published v0.MINOR.PATCH release instead (the replace block below,
-// one line for every k8s.io module in kubernetes' own require list).
-// To move to another release, see tests/k8s/NOTES.md ("Changing the version").
+// directories of its own repository; a module that requires it must pin each one to the
+// matching published v0.MINOR.PATCH release instead: the replace block, one line for
+// each k8s.io module at v0.0.0 in kubernetes' own require list.
+// Written by `tests/k8s/build.sh pin v1.X.Y` (then go mod tidy); see tests/k8s/NOTES.md.
 module tokend-tests/k8s
 
 go 1.26.0
