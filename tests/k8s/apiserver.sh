@@ -48,13 +48,15 @@ usage() {
     die "usage: $prog start DIR [KUBE-APISERVER-FLAG...] | stop DIR [--remove]"
 }
 
-# Whether PID is a live process (not gone, not a zombie) whose command line names DIR.
+# Whether PID is a live process (not gone, not a zombie) whose command line names DIR
+# (as an argument, or a path under it).
 ours() {
-    local pid=$1 dir=$2 state
+    local pid=$1 dir=$2 state cmd
     [[ -r /proc/$pid/stat ]] || return 1
     state=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f1) || return 1
     [[ $state != Z && $state != X ]] || return 1
-    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$dir"
+    cmd=" $(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) "
+    [[ $cmd == *" $dir "* || $cmd == *"$dir/"* ]]
 }
 
 stop() {
@@ -280,6 +282,10 @@ EOF
 cmd=$1
 dir=$2
 shift 2
+# The processes' command lines name DIR as an absolute path.
+if [[ -d $dir ]]; then
+    dir=$(cd -P -- "$dir" && pwd)
+fi
 case $cmd in
 start) start "$@" ;;
 stop)
