@@ -20,6 +20,8 @@
 # seen on 2 cores shared with other builds. tests/k8s/NOTES.md has the measurements. Needs Go
 # 1.26 or newer (go.mod's go line); the builds run under nice.
 set -euo pipefail
+# One block, read whole before it runs: editing this file during a build cannot change it.
+{
 
 here=$(cd -P -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd -P -- "$here/../.." && pwd)
@@ -142,3 +144,5 @@ echo "tests/k8s/build.sh: built in $(($(date +%s) - start)) s:"
 ls -l "$bin"
 "$bin/kube-apiserver" --version
 "$bin/etcd" --version | head -1
+exit
+}
