@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::alarms::{AlarmKey, Sleeper};
-use super::coordinator::{Coordinator, Turn};
+use super::coordinator::{Claim, Coordinator, Turn};
 use super::engine::{Attempt, Engine, Failed, Shared};
 use super::persist::{Saved, WaitKind};
 use super::schedule::{self, ErrorClass};
@@ -511,6 +511,23 @@ async fn farewell<E: Endpoint>(parts: &Parts<E>, engine: Slot<E>) {
 /// leader's token normally arrives first, through the watch).
 const CLUSTER_RECHECK: Duration = Duration::from_secs(5);
 
+/// How soon a leader looks again after the cluster refused its claim for good (another
+/// identity spent the seed, a record that does not open): an operator has to act.
+const CLUSTER_REFUSED_RECHECK: Duration = Duration::from_secs(60);
+
+/// What news from the cluster means for this member.
+enum ClusterNews {
+    Stop,
+    /// Nothing to do now.
+    Nothing,
+    /// It leads and the token is due.
+    Due,
+    /// It leads and another member asked for a refresh.
+    Asked {
+        force: bool,
+    },
+}
+
 /// Resolves when the coordinator says shared state changed; never without one.
 async fn changed(c: &mut Option<Box<dyn Coordinator>>) {
     match c {
@@ -745,6 +762,9 @@ impl<'a, E: Endpoint> Task<'a, E> {
         let name = &self.account().name;
         let cancel = self.cancel;
         let mut force = false;
+        // A refresh someone asked for (a poke here, or another member's request to this
+        // leader): made even if the schedule says the token is not due.
+        let mut asked = false;
         match woke {
             Woke::Cancelled => return Then::Stop,
             Woke::Poked => {
@@ -775,27 +795,40 @@ impl<'a, E: Endpoint> Task<'a, E> {
                         return Then::Wait;
                     }
                 }
+                asked = true;
             }
             Woke::Cluster => {
-                if let Some(c) = coordinator {
-                    self.follow(engine, c, plan).await;
-                    // A leader that left frees its key: take the lead now, not when
-                    // the token falls due (failover within the lease's time to live).
-                    let turn = tokio::select! {
-                        _ = cancel.cancelled() => return Then::Stop,
-                        t = c.turn() => t,
-                    };
-                    let leader = match turn {
-                        Turn::Lead => Some(c.me().to_owned()),
-                        Turn::Follow(other) => Some(other),
-                        Turn::Alone | Turn::Wait => None,
-                    };
-                    self.publish(|s| {
-                        s.degraded = leader.is_none();
-                        s.leader = leader;
-                    });
+                let Some(c) = coordinator else {
+                    return Then::Wait;
+                };
+                match self.cluster_news(engine, c, plan).await {
+                    ClusterNews::Stop => return Then::Stop,
+                    ClusterNews::Nothing => return Then::Wait,
+                    ClusterNews::Due => {}
+                    ClusterNews::Asked { force: f } => {
+                        if f {
+                            tracing::info!(account = %name, "refresh forced by another member: any hold or rate-limit wait ends for one attempt");
+                            engine.end_hold().await;
+                            plan.hold_until = None;
+                            force = true;
+                        } else if plan.hold_until.is_some_and(|h| h > Instant::now()) {
+                            tracing::info!(account = %name, "refresh asked for by another member, but the account is held after the provider refused its credentials");
+                            return Then::Wait;
+                        } else {
+                            // No sooner than min_refresh_interval after the last request.
+                            let now = Instant::now();
+                            let earliest = plan.last_attempt.map_or(now, |l| {
+                                l + self.account().options.schedule.min_refresh_interval
+                            });
+                            if earliest > now {
+                                plan.next = plan.next.min(earliest);
+                                self.publish_next(plan.next);
+                                return Then::Wait;
+                            }
+                        }
+                        asked = true;
+                    }
                 }
-                return Then::Wait;
             }
             Woke::Timer => {
                 let now = Instant::now();
@@ -817,7 +850,7 @@ impl<'a, E: Endpoint> Task<'a, E> {
 
         let mut leading = false;
         if let Some(c) = coordinator {
-            match self.turn(engine, c, plan, force).await {
+            match self.turn(engine, c, plan, force, asked).await {
                 Some(lead) => leading = lead,
                 None => return Then::Wait,
             }
@@ -836,25 +869,158 @@ impl<'a, E: Endpoint> Task<'a, E> {
         permit: SemaphorePermit<'_>,
     ) -> Then {
         let name = &self.account().name;
-        let outcome = engine.attempt_with(permit, self.cancel).await;
+        // Cluster mode: the link is claimed right before it is sent (issue #20).
+        let mut after = None;
+        if let (true, Some(c)) = (leading, coordinator) {
+            match self.claim(engine, c, plan).await {
+                Ok(a) => after = a,
+                Err(()) => return Then::Wait,
+            }
+        }
+        let mut outcome = engine.attempt_with(permit, self.cancel).await;
         if matches!(outcome, Attempt::Cancelled) {
             return Then::Stop;
+        }
+        if let (Some(c), Some((date, received))) =
+            (coordinator, self.parts.endpoint.provider_date())
+        {
+            c.provider_date(date, received);
+        }
+        if let (Some(dead), Attempt::Failed(f)) = (&after, &mut outcome) {
+            if f.class == ErrorClass::Rejected {
+                f.message = format!("{}; the refresh token may have been spent by member {dead}, which died mid-request: re-seed (tokend reseed)", f.message);
+            }
         }
         let fresh = matches!(outcome, Attempt::Fresh(_));
         self.handle(outcome, plan);
         if let (true, Some(c)) = (leading, coordinator) {
             let mut state = engine.portable();
             state.last_error = self.parts.state.borrow().last_error.clone();
-            if c.share(state).await {
+            if c.share(state, fresh).await {
                 if fresh {
                     let me = c.me().to_owned();
                     self.publish(|s| s.refreshed_by = Some(me));
                 }
             } else {
-                tracing::warn!(account = %name, "lost the cluster lead while refreshing: the new leader's token wins");
+                tracing::warn!(account = %name, "the shared state moved on while refreshing: taking what is shared");
+                self.follow(engine, c, plan).await;
             }
         }
         Then::Wait
+    }
+
+    /// Cluster mode: claims the link the engine is about to send. `Ok` with the member
+    /// whose request with it died mid-way, if any; `Err` when nothing is to be sent now
+    /// (`plan` says when to look again).
+    async fn claim(
+        &mut self,
+        engine: &mut Engine<E>,
+        c: &dyn Coordinator,
+        plan: &mut Plan,
+    ) -> Result<Option<String>, ()> {
+        let name = &self.account().name;
+        let claim = c.claim(engine.portable()).await;
+        let now = Instant::now();
+        match claim {
+            Claim::Go { after } => return Ok(after),
+            Claim::Wait { until, why } => {
+                if plan.next < until {
+                    tracing::info!(account = %name, "{why}");
+                }
+                plan.next = until;
+            }
+            Claim::Lost => {
+                self.follow(engine, c, plan).await;
+                if plan.next <= now {
+                    plan.next = now + Duration::from_secs(1);
+                }
+            }
+            Claim::Refuse(why) => {
+                tracing::error!(account = %name, status = "failing", "{why}");
+                let w = why.clone();
+                self.publish(|s| {
+                    s.last_error = Some(w);
+                    s.attempted = true;
+                });
+                plan.next = now + CLUSTER_REFUSED_RECHECK;
+            }
+        }
+        self.settle_status();
+        self.publish_next(plan.next);
+        Err(())
+    }
+
+    /// After an attempt that was not made: the status says what the account holds again.
+    fn settle_status(&self) {
+        let now = self.now();
+        self.publish(|s| {
+            if s.status == Status::Refreshing {
+                s.status = if s.valid_token(now).is_none() && s.token.is_some() {
+                    Status::Expired
+                } else if s.last_error.is_some() {
+                    Status::Failing
+                } else if s.token.is_some() {
+                    Status::Fresh
+                } else {
+                    Status::Pending
+                };
+            }
+        });
+    }
+
+    /// Cluster mode, on news from the cluster: takes what others shared, and says
+    /// whether this member (leading) has a refresh to make now: one another member
+    /// asked for, or a due one (a new leader refreshes a due token at once, not at
+    /// the next look).
+    async fn cluster_news(
+        &mut self,
+        engine: &mut Engine<E>,
+        c: &dyn Coordinator,
+        plan: &mut Plan,
+    ) -> ClusterNews {
+        self.follow(engine, c, plan).await;
+        // A leader that left frees its key: take the lead now, not when the token
+        // falls due (failover within the lease's time to live).
+        let turn = tokio::select! {
+            _ = self.cancel.cancelled() => return ClusterNews::Stop,
+            t = c.turn() => t,
+        };
+        let leader = match &turn {
+            Turn::Lead => Some(c.me().to_owned()),
+            Turn::Follow(other) => Some(other.clone()),
+            Turn::Alone | Turn::Wait => None,
+        };
+        self.publish(|s| {
+            s.degraded = leader.is_none();
+            s.leader = leader;
+        });
+        if turn != Turn::Lead {
+            return ClusterNews::Nothing;
+        }
+        if let Some(force) = c.asked().await {
+            return ClusterNews::Asked { force };
+        }
+        if self.cluster_due(engine) {
+            ClusterNews::Due
+        } else {
+            ClusterNews::Nothing
+        }
+    }
+
+    /// Cluster mode: whether the account's token is due by its own schedule (or there
+    /// is none), and no wait (a hold, a rate limit, a backoff) is on.
+    fn cluster_due(&self, engine: &Engine<E>) -> bool {
+        let now = self.now();
+        if engine.wait().is_some_and(|(until, _)| until > now) {
+            return false;
+        }
+        match engine.saved_token(Duration::ZERO) {
+            None => true,
+            Some(t) => {
+                let policy = &self.account().options.schedule;
+                now >= t.issued_at + schedule::refresh_delay(policy, t.lifetime(), 1.0)
+            }
+        }
     }
 
     /// Cluster mode, when a refresh is due: whose turn it is. `Some(true)` when this
@@ -867,6 +1033,7 @@ impl<'a, E: Endpoint> Task<'a, E> {
         c: &dyn Coordinator,
         plan: &mut Plan,
         force: bool,
+        asked: bool,
     ) -> Option<bool> {
         let recheck = Instant::now() + CLUSTER_RECHECK;
         let turn = tokio::select! {
@@ -884,21 +1051,35 @@ impl<'a, E: Endpoint> Task<'a, E> {
                 // Taking over: a fresh token another member shared, or its hold, first.
                 self.follow(engine, c, plan).await;
                 let now = Instant::now();
-                if !force && (plan.next > now || plan.hold_until.is_some_and(|h| h > now)) {
+                let held = plan.hold_until.is_some_and(|h| h > now);
+                // A wait the cluster shares (a rate limit, a hold) holds asked refreshes too.
+                let waiting = engine
+                    .wait()
+                    .is_some_and(|(until, kind)| until > self.now() && kind != WaitKind::Backoff);
+                let due = asked || plan.next <= now || self.cluster_due(engine);
+                if !force && (held || waiting || !due) {
                     self.publish_next(plan.next);
                     return None;
                 }
                 Some(true)
             }
             Turn::Follow(leader) => {
-                if force {
-                    tracing::info!(account = %self.account().name, leader = %leader, "refresh forced, but another member leads this account: ask it there");
-                }
                 self.publish(|s| {
-                    s.leader = Some(leader);
+                    s.leader = Some(leader.clone());
                     s.degraded = false;
                 });
-                plan.next = recheck;
+                // The leader's token normally comes through the watch; look anyway.
+                self.follow(engine, c, plan).await;
+                if force || asked {
+                    // The leader makes it (exactly one refresh for the cluster).
+                    if c.ask_leader(force).await {
+                        tracing::info!(account = %self.account().name, leader = %leader, force, "asked the leader for a refresh");
+                    }
+                }
+                plan.next = plan.next.max(Instant::now()).min(recheck);
+                if plan.next <= Instant::now() {
+                    plan.next = recheck;
+                }
                 self.publish_next(plan.next);
                 None
             }
@@ -925,6 +1106,10 @@ impl<'a, E: Endpoint> Task<'a, E> {
     /// Cluster mode: takes over what other members shared (a newer token is delivered
     /// and served; a hold or rate limit is honoured here too).
     async fn follow(&mut self, engine: &mut Engine<E>, c: &dyn Coordinator, plan: &mut Plan) {
+        let warning = c.warning();
+        if self.parts.state.borrow().cluster_warning != warning {
+            self.publish(|s| s.cluster_warning = warning);
+        }
         let shared = tokio::select! {
             _ = self.cancel.cancelled() => return,
             s = c.shared() => s,
