@@ -443,6 +443,9 @@ pub struct BackendClock {
     bounds: Mutex<VecDeque<(i64, i64)>>,
 }
 
+/// How long authenticating to etcd may take, besides the call it is for.
+const AUTH_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// How many answers' bounds are kept.
 const CLOCK_SAMPLES: usize = 32;
 
@@ -613,13 +616,13 @@ impl Etcd {
         let mut last = String::from("no endpoint configured");
         for i in 0..n {
             let idx = (start + i) % n;
-            let attempt =
-                tokio::time::timeout(self.attempt_timeout, self.call_one(idx, path, &body));
+            let limit = self.limit();
+            let attempt = tokio::time::timeout(limit, self.call_one(idx, path, &body));
             let result = match attempt.await {
                 Ok(r) => r,
                 Err(_) => Err(EtcdError::Unreachable(format!(
-                    "{}: no answer within {:?}",
-                    self.endpoints[idx], self.attempt_timeout
+                    "{}: no answer within {limit:?}",
+                    self.endpoints[idx]
                 ))),
             };
             match result {
@@ -632,6 +635,16 @@ impl Etcd {
             }
         }
         Err(EtcdError::Unreachable(last))
+    }
+
+    /// How long the next call may take on one endpoint: longer while it has to
+    /// authenticate first (etcd checks passwords with bcrypt, slowly on purpose).
+    fn limit(&self) -> Duration {
+        if self.auth.is_some() && self.token.lock().expect("never poisoned").is_none() {
+            self.attempt_timeout + AUTH_TIMEOUT
+        } else {
+            self.attempt_timeout
+        }
     }
 
     /// One endpoint's answer to `path` (re-authenticating once when the token expired).
@@ -882,14 +895,10 @@ impl Etcd {
             self.post(endpoint, "/v3/watch", body, token.as_deref())
                 .await
         };
-        let mut resp = tokio::time::timeout(self.attempt_timeout, connect)
-            .await
-            .map_err(|_| {
-                EtcdError::Unreachable(format!(
-                    "{endpoint}: no answer within {:?}",
-                    self.attempt_timeout
-                ))
-            })??;
+        let limit = self.limit();
+        let mut resp = tokio::time::timeout(limit, connect).await.map_err(|_| {
+            EtcdError::Unreachable(format!("{endpoint}: no answer within {limit:?}"))
+        })??;
         if resp.status().as_u16() != 200 {
             return Err(EtcdError::Unreachable(format!(
                 "{endpoint}: watch answered HTTP {}",

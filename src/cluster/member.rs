@@ -141,7 +141,9 @@ impl Member {
             memory: settings.memory,
             lease: watch::Sender::new(None),
             key_check: watch::Sender::new(KeyCheck::Unknown),
-            last_contact: Mutex::new(None),
+            // Out of reach counts from the start: a member that just started has not
+            // been cut off for a lease's time yet.
+            last_contact: Mutex::new(Some(Instant::now())),
             seats: Mutex::new(HashMap::new()),
             presence: Mutex::new(HashMap::new()),
             provider: Mutex::new(ProviderClock::default()),
