@@ -1076,9 +1076,12 @@ impl<'a, E: Endpoint> Task<'a, E> {
                         tracing::info!(account = %self.account().name, leader = %leader, force, "asked the leader for a refresh");
                     }
                 }
-                plan.next = plan.next.max(Instant::now()).min(recheck);
+                // Due: look again soon. Asked: readers waiting for the answer see that
+                // it comes soon (it normally comes through the watch before that).
                 if plan.next <= Instant::now() {
                     plan.next = recheck;
+                } else if force || asked {
+                    plan.next = plan.next.min(recheck);
                 }
                 self.publish_next(plan.next);
                 None

@@ -218,7 +218,7 @@ impl Seated {
         let token = r.state.token.as_ref()?.to_token();
         let member = self.seat.member();
         let now = member.clock().now();
-        let times = match r.token_left_ms {
+        Some(match r.token_left_ms {
             Some(left) => {
                 let age = match (r.written_at_ms, member.backend_now_ms()) {
                     (Some(w), Some(b)) => (b - w).clamp(0, left as i64) as u64,
@@ -229,12 +229,7 @@ impl Seated {
             }
             // Written without it: the writer's times are all there is.
             None => (token.issued_at, token.expires_at),
-        };
-        self.inner().taken = Some(Taken {
-            revision: pos.revision,
-            times: Some(times),
-        });
-        Some(times)
+        })
     }
 
     /// `state` with its token timed at `times`.
@@ -325,7 +320,14 @@ impl Coordinator for Seated {
                 return None;
             };
             let times = self.times(&r, pos);
-            self.inner().holds = r.generation;
+            {
+                let mut i = self.inner();
+                i.holds = r.generation;
+                i.taken = Some(Taken {
+                    revision: pos.revision,
+                    times,
+                });
+            }
             Some(Shared {
                 state: Self::retimed(&r.state, times),
                 fetched_by: r.fetched_by.clone(),
@@ -488,10 +490,12 @@ impl Coordinator for Seated {
 
     fn ask_leader(&self, force: bool) -> BoxFuture<'_, bool> {
         Box::pin(async move {
+            let held = self.inner().taken.as_ref().map_or(0, |t| t.revision);
             let request = LeaderRequest {
                 member: self.seat.member().name().to_owned(),
                 id: rand::random(),
                 force,
+                held,
             };
             match self.seat.ask(&request).await {
                 Ok(()) => true,
@@ -505,15 +509,18 @@ impl Coordinator for Seated {
 
     fn asked(&self) -> BoxFuture<'_, Option<bool>> {
         Box::pin(async move {
-            let (request, revision) = match self.seat.take_request().await {
+            let (request, _) = match self.seat.take_request().await {
                 Ok(r) => r?,
                 Err(e) => {
                     tracing::debug!(account = %self.name(), "cluster: {e}");
                     return None;
                 }
             };
-            // A refresh claimed after the request was made answers it.
-            if !request.force && self.inner().last_claim > revision {
+            // A refresh claimed after the record the member held answers it (members
+            // asking at once cause one refresh).
+            let last = self.inner().last_claim;
+            if !request.force && last > 0 && last >= request.held {
+                tracing::debug!(account = %self.name(), member = %request.member, "a refresh since answers the member's request");
                 return None;
             }
             tracing::info!(account = %self.name(), member = %request.member, force = request.force, "member asked for a refresh");

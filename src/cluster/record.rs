@@ -295,6 +295,10 @@ pub struct LeaderRequest {
     /// Random: each request is handled once.
     pub id: u64,
     pub force: bool,
+    /// The etcd revision of the record the member held when it asked: a refresh
+    /// claimed after it answers the request.
+    #[serde(default)]
+    pub held: i64,
 }
 
 #[cfg(test)]

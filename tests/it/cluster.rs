@@ -1069,3 +1069,5 @@ mod members {
         assert!(!check.stdout.contains("wrong"));
     }
 }
+
+mod faults;
