@@ -924,7 +924,8 @@ impl<'a, E: Endpoint> Task<'a, E> {
         match claim {
             Claim::Go { after } => return Ok(after),
             Claim::Wait { until, why } => {
-                if plan.next < until {
+                // Said once per wait (each claim has its own end).
+                if plan.next != until {
                     tracing::info!(account = %name, "{why}");
                 }
                 plan.next = until;

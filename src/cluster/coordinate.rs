@@ -220,10 +220,18 @@ impl Seated {
         let now = member.clock().now();
         Some(match r.token_left_ms {
             Some(left) => {
-                let age = match (r.written_at_ms, member.backend_now_ms()) {
-                    (Some(w), Some(b)) => (b - w).clamp(0, left as i64) as u64,
+                // Seen as it was written: its age is since then. Else (a member that
+                // joins later, or missed it) by etcd's clock, as both members see it.
+                let age = match (
+                    self.seat.arrived(pos.revision),
+                    r.written_at_ms,
+                    member.backend_now_ms(),
+                ) {
+                    (Some(at), _, _) => at.elapsed().as_millis() as i64,
+                    (None, Some(w), Some(b)) => b - w,
                     _ => 0,
-                };
+                }
+                .clamp(0, left as i64) as u64;
                 let expires = now + Duration::from_millis(left - age);
                 (expires - token.lifetime(), expires)
             }
@@ -319,6 +327,10 @@ impl Coordinator for Seated {
             let Stored::Sealed(r, pos) = self.read().await? else {
                 return None;
             };
+            if self.seat.arrived(pos.revision).is_none() {
+                // Not seen as it was written: timed by etcd's clock, once it is known.
+                self.seat.member().calibration().await;
+            }
             let times = self.times(&r, pos);
             {
                 let mut i = self.inner();

@@ -492,6 +492,16 @@ impl BackendClock {
         Some(l + (h - l) / 2)
     }
 
+    /// How far apart the offset's bounds still are (milliseconds), if any answer came.
+    pub fn uncertainty_ms(&self) -> Option<i64> {
+        let b = self.bounds.lock().expect("never poisoned");
+        if b.is_empty() {
+            return None;
+        }
+        let (l, h) = intersect(b.iter());
+        Some(h - l)
+    }
+
     /// The backend's time now, in Unix milliseconds, by `clock` and the offset.
     pub fn now_ms(&self, clock: Clock) -> Option<i64> {
         Some(unix_ms(clock.now()) + self.offset_ms()?)

@@ -57,6 +57,9 @@ pub enum KeyCheck {
 /// The value of a record key that was created and not written yet.
 const NEW: &[u8] = b"new";
 
+/// How well etcd's clock is to be known before a record read is timed by it.
+const CALIBRATED: Duration = Duration::from_millis(150);
+
 /// How far apart two clocks may be before it is said (issue #20).
 pub const SKEW_LIMIT: Duration = Duration::from_secs(30);
 
@@ -87,6 +90,11 @@ pub struct Member {
     presence: Mutex<HashMap<String, BTreeSet<String>>>,
     /// The provider's clock as this member learned it.
     provider: Mutex<ProviderClock>,
+    /// When the watch brought each account's latest record write (by path): its
+    /// revision and arrival, which times a record better than any clock.
+    arrivals: Mutex<HashMap<String, (i64, Instant)>>,
+    /// Whether the start's calibration of etcd's clock is over.
+    calibration: watch::Sender<bool>,
 }
 
 /// What this member knows of the provider's clock.
@@ -147,10 +155,46 @@ impl Member {
             seats: Mutex::new(HashMap::new()),
             presence: Mutex::new(HashMap::new()),
             provider: Mutex::new(ProviderClock::default()),
+            arrivals: Mutex::new(HashMap::new()),
+            calibration: watch::Sender::new(false),
         });
         tracker.spawn(m.clone().keep_alive(cancel.clone()));
-        tracker.spawn(m.clone().watch_prefix(cancel));
+        tracker.spawn(m.clone().watch_prefix(cancel.clone()));
+        tracker.spawn(m.clone().calibrate(cancel));
         m
+    }
+
+    /// Learns etcd's clock well at the start: reads spread over a second (each
+    /// answer's `Date` bounds the offset to its second; answers at many points of a
+    /// second narrow it to tens of milliseconds), until the bounds are within
+    /// [`CALIBRATED`] or a few seconds passed. A record read at the start (not seen
+    /// as it was written) is timed by it.
+    async fn calibrate(self: Arc<Self>, cancel: CancellationToken) {
+        let at = format!("{}/keycheck", self.prefix);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(3) && !self.calibrated() {
+            let _ = self.etcd.get(&at).await;
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                // Not a divisor of a second: the reads land at ever other points of it.
+                _ = tokio::time::sleep(Duration::from_millis(137)) => {}
+            }
+        }
+        self.calibration.send_replace(true);
+    }
+
+    /// Whether etcd's clock is known well enough to time records read (not watched).
+    fn calibrated(&self) -> bool {
+        self.etcd
+            .backend_clock()
+            .uncertainty_ms()
+            .is_some_and(|u| u <= CALIBRATED.as_millis() as i64)
+    }
+
+    /// Waits (a few seconds at most, at the start) until etcd's clock is known well.
+    pub async fn calibration(&self) {
+        let mut rx = self.calibration.subscribe();
+        let _ = rx.wait_for(|done| *done).await;
     }
 
     pub fn name(&self) -> &str {
@@ -277,7 +321,8 @@ impl Member {
         (by > SKEW_LIMIT).then(|| {
             format!(
                 "this member's clock is {} {} {against} clock: tokens are timed by the lifetime they have left, not by it",
-                humantime::format_duration(Duration::from_secs(by.as_secs())),
+                // Whole seconds: a `Date` tells no more.
+                humantime::format_duration(Duration::from_secs((by.as_millis() as u64 + 500) / 1000)),
                 if ahead { "ahead of" } else { "behind" },
             )
         })
@@ -357,9 +402,12 @@ impl Member {
             if self.key_check() == KeyCheck::Ok {
                 self.renew().await;
             }
+            // A little jitter: renewals land at ever other points of a second, which
+            // keeps etcd's clock known well (see `calibrate`).
+            let jitter = tick.mul_f64(rand::random::<f64>() * 0.1);
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                _ = tokio::time::sleep(tick) => {}
+                _ = tokio::time::sleep(tick - jitter) => {}
             }
         }
         // SIGTERM: hand over at once. Revoking the lease deletes every leader key this
@@ -568,6 +616,12 @@ impl Member {
                 // Every identity under this account's name learns of it.
                 self.bump_name(root, path);
             } else {
+                if put && rest == "record" {
+                    self.arrivals
+                        .lock()
+                        .expect("never poisoned")
+                        .insert(path.to_owned(), (rev, Instant::now()));
+                }
                 self.bump(path);
             }
         }
@@ -750,6 +804,18 @@ impl Seat {
 
     fn request_key(&self) -> String {
         format!("{}/request", self.path)
+    }
+
+    /// When the watch brought the record write of `revision`, if it did (a write seen
+    /// as it happened: its age is known to a few milliseconds).
+    pub fn arrived(&self, revision: i64) -> Option<Instant> {
+        self.member
+            .arrivals
+            .lock()
+            .expect("never poisoned")
+            .get(&self.path)
+            .filter(|(r, _)| *r == revision)
+            .map(|(_, at)| *at)
     }
 
     /// Waits until the account's keys may have changed.

@@ -81,10 +81,14 @@ impl Node {
     }
 
     /// `tokend run` with its wall clock `offset` off (libfaketime, e.g. `+5m`); the
-    /// monotonic clock is left alone, as a clock that is set leaves it.
+    /// monotonic clock is left alone, as a clock that is set leaves it. The library is
+    /// preloaded into tokend itself (the `faketime` wrapper would stand between the
+    /// test and the daemon's signals).
     fn start_skewed(&self, offset: &str) -> Daemon {
-        let mut cmd = crate::support::tokend_via(&["faketime", "-f", offset]);
-        cmd.env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        let mut cmd = crate::support::tokend();
+        cmd.env("LD_PRELOAD", faketime_library())
+            .env("FAKETIME", offset)
+            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
             .arg("run")
             .arg("-c")
             .arg(&self.config);
@@ -97,6 +101,17 @@ impl Node {
         c.args(args).arg("--socket").arg(self.socket());
         crate::support::finish(c, LONG)
     }
+}
+
+/// What Debian's `faketime` preloads (asked of it: no path is written here).
+fn faketime_library() -> String {
+    let out = std::process::Command::new("faketime")
+        .args(["-f", "+0", "sh", "-c", "printf %s \"$LD_PRELOAD\""])
+        .output()
+        .expect("faketime runs (Debian's faketime; scripts/test installs it)");
+    let lib = String::from_utf8(out.stdout).expect("a path");
+    assert!(lib.contains("faketime"), "faketime preloads {lib:?}");
+    lib
 }
 
 fn nodes(n: usize, endpoints: &[String], token_url: &str, grant: &str) -> Vec<Node> {
@@ -278,6 +293,11 @@ fn paused_leader(stage: Stage) {
     let took = stopped.elapsed();
     let poke = nodes[ni].cmd(&["refresh", "a"]);
     assert_eq!(poke.code(), Some(0), "{}", poke.stderr);
+    daemons[ni].wait_for_log(
+        &format!("member m{li} is asking the provider with the chain's current link"),
+        1,
+        SHORT,
+    );
     let resumed = d0.wait_until("the leader resumed", LONG, || {
         window.lock().unwrap().and_then(|(_, r)| r)
     });
@@ -422,13 +442,13 @@ fn skewed_member(offset: &str, ahead: bool) {
     let d1 = nodes[1].start();
     let _d2 = nodes[2].start();
     serving_one_token(&d1, &all);
-    let sampler = Sampler::start(&all, &idp);
+    let leading = Sampler::start(&all, &idp);
     // Two refreshes by the skewed leader.
     serving_issued(&d1, &idp, &all, 3, "two refreshes by the skewed leader");
     let word = if ahead { "ahead of" } else { "behind" };
     let said = skewed.wait_until("m0 saying its clock is off", LONG, || {
         let w = nodes[0].status()?["cluster_warning"].as_str()?.to_owned();
-        w.contains(&format!("5m {word} the provider's clock"))
+        w.contains(&format!("{word} the provider's clock"))
             .then_some(w)
     });
     println!("m0: {said}");
@@ -442,11 +462,13 @@ fn skewed_member(offset: &str, ahead: bool) {
         (skew.abs() - 300.0).abs() < 5.0 && (skew > 0.0) == ahead,
         "{line}"
     );
+    let mut counts = leading.finish();
     // It hands over; the others refresh on time.
+    let others = Sampler::start(&all[1..], &idp);
     let (status, _, log) = skewed.terminate();
     assert!(status.success(), "{log}");
     assert!(
-        log.contains(&format!("5m {word} the provider's clock")),
+        log.contains(&format!("{word} the provider's clock")),
         "{log}"
     );
     let issued = idp.issued().len();
@@ -457,8 +479,10 @@ fn skewed_member(offset: &str, ahead: bool) {
         issued + 2,
         "two refreshes after the handover",
     );
-    // Back as a follower: it serves the cluster's tokens on its own clock.
+    // Back as a follower: it serves the cluster's tokens, timed on its own clock.
     let skewed = nodes[0].start_skewed(offset);
+    serving_one_token(&d1, &all);
+    let following = Sampler::start(&all, &idp);
     let issued = idp.issued().len();
     serving_issued(
         &d1,
@@ -467,21 +491,28 @@ fn skewed_member(offset: &str, ahead: bool) {
         issued + 2,
         "two more refreshes with m0 following",
     );
-    let counts = sampler.finish();
-    for (n, c) in nodes.iter().zip(&counts) {
+    counts.extend(others.finish());
+    counts.extend(following.finish());
+    let names = [
+        "m0 leading",
+        "m1",
+        "m2",
+        "m1 (m0 away)",
+        "m2 (m0 away)",
+        "m0 following",
+        "m1",
+        "m2",
+    ];
+    for (n, c) in names.iter().zip(&counts) {
         let share = c.valid as f64 / c.total as f64;
         println!(
-            "{}: {}/{} reads valid ({:.1}%), misses at {:?}",
-            n.name,
+            "{n}: {}/{} reads valid ({:.1}%), misses at {:?}",
             c.valid,
             c.total,
             share * 100.0,
             c.misses
         );
-    }
-    // m0 is down for a moment (its restart): its file stays, and must stay valid.
-    for (n, c) in nodes.iter().zip(&counts) {
-        assert!(c.valid as f64 >= 0.97 * c.total as f64, "{}: {c:?}", n.name);
+        assert!(c.valid as f64 >= 0.99 * c.total as f64, "{n}: {c:?}");
     }
     no_reuse(&idp);
     paced(&idp, lifetime, Duration::from_millis(500));
