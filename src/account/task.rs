@@ -1065,9 +1065,19 @@ impl<'a, E: Endpoint> Task<'a, E> {
                 Some(true)
             }
             Turn::Follow(leader) => {
+                // Due: look again soon. Asked: readers waiting for the answer see that
+                // it comes soon (it normally comes through the watch before that). Said
+                // with the leader, in one change: a reader takes the first as the answer.
+                if plan.next <= Instant::now() {
+                    plan.next = recheck;
+                } else if force || asked {
+                    plan.next = plan.next.min(recheck);
+                }
+                let next = self.wall(plan.next);
                 self.publish(|s| {
                     s.leader = Some(leader.clone());
                     s.degraded = false;
+                    s.next_attempt = Some(next);
                 });
                 // The leader's token normally comes through the watch; look anyway.
                 self.follow(engine, c, plan).await;
@@ -1076,13 +1086,6 @@ impl<'a, E: Endpoint> Task<'a, E> {
                     if c.ask_leader(force).await {
                         tracing::info!(account = %self.account().name, leader = %leader, force, "asked the leader for a refresh");
                     }
-                }
-                // Due: look again soon. Asked: readers waiting for the answer see that
-                // it comes soon (it normally comes through the watch before that).
-                if plan.next <= Instant::now() {
-                    plan.next = recheck;
-                } else if force || asked {
-                    plan.next = plan.next.min(recheck);
                 }
                 self.publish_next(plan.next);
                 None
