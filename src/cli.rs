@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use clap_complete::engine::ArgValueCandidates;
 
+use crate::completion::account_names;
 use crate::config::DEFAULT_PATH;
 
 #[derive(Parser, Debug)]
@@ -43,6 +45,20 @@ pub enum Command {
     /// Print the public JSON Web Key Set (with kid and alg) of the accounts'
     /// private_key_jwt keys, to register with a provider
     Jwks(JwksArgs),
+    /// Start an account's refresh-token chain again from the refresh_token configured
+    /// now (after the provider issued a new one, or when its saved state is damaged).
+    /// Only root or the daemon's own user. Through the running daemon, else directly
+    /// in state_dir
+    Reseed(ReseedArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ReseedArgs {
+    #[command(flatten)]
+    pub socket: SocketArgs,
+    /// The account
+    #[arg(value_name = "ACCOUNT", add = ArgValueCandidates::new(account_names))]
+    pub account: String,
 }
 
 #[derive(Args, Debug)]
@@ -50,7 +66,7 @@ pub struct JwksArgs {
     #[command(flatten)]
     pub config: ConfigArg,
     /// Only these accounts (default: every account with client_auth = "private_key_jwt")
-    #[arg(value_name = "ACCOUNT")]
+    #[arg(value_name = "ACCOUNT", add = ArgValueCandidates::new(account_names))]
     pub accounts: Vec<String>,
 }
 
@@ -76,7 +92,7 @@ pub struct OnceArgs {
     #[command(flatten)]
     pub config: ConfigArg,
     /// Only these accounts (default: all)
-    #[arg(value_name = "ACCOUNT")]
+    #[arg(value_name = "ACCOUNT", add = ArgValueCandidates::new(account_names))]
     pub accounts: Vec<String>,
     /// Reuse a token from the state directory that is still valid this long (e.g. 10m),
     /// without asking the provider
@@ -106,7 +122,7 @@ pub struct GetArgs {
     #[command(flatten)]
     pub socket: SocketArgs,
     /// The account
-    #[arg(value_name = "ACCOUNT")]
+    #[arg(value_name = "ACCOUNT", add = ArgValueCandidates::new(account_names))]
     pub account: String,
     /// Print the json format (account, access_token, token_type, expires_at, issued_at,
     /// scope) instead of the raw token
@@ -124,7 +140,7 @@ pub struct RefreshArgs {
     #[command(flatten)]
     pub socket: SocketArgs,
     /// The account
-    #[arg(value_name = "ACCOUNT")]
+    #[arg(value_name = "ACCOUNT", add = ArgValueCandidates::new(account_names))]
     pub account: String,
     /// Also end a hold (after refused credentials) or a provider's rate-limit wait, for
     /// one attempt now: "I fixed it, try now". Only root or the daemon's own user

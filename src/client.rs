@@ -83,9 +83,7 @@ impl Client {
     }
 
     async fn exchange(&self, method: Method, path: &str) -> Result<Answer, Error> {
-        let stream = tokio::net::UnixStream::connect(&self.socket)
-            .await
-            .map_err(|e| self.connect_error(e))?;
+        let stream = self.connect().await?;
         let protocol = |e: &dyn std::fmt::Display| Error::Protocol {
             socket: self.socket.clone(),
             reason: e.to_string(),
@@ -109,6 +107,23 @@ impl Client {
             .to_bytes();
         conn.abort();
         Ok(Answer { status, body })
+    }
+
+    /// Connects, waiting (within the caller's timeout) while the socket's queue of
+    /// pending connections is full: another local user may flood it, and the daemon
+    /// drains it as fast as it answers; a blocking connect would wait the same way.
+    async fn connect(&self) -> Result<tokio::net::UnixStream, Error> {
+        let mut pause = Duration::from_millis(2);
+        loop {
+            match tokio::net::UnixStream::connect(&self.socket).await {
+                Ok(s) => return Ok(s),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(50));
+                }
+                Err(e) => return Err(self.connect_error(e)),
+            }
+        }
     }
 
     fn connect_error(&self, e: std::io::Error) -> Error {
@@ -286,6 +301,31 @@ pub async fn refresh(socket: &Path, account: &str, force: bool) -> Result<(), Fa
     }
 }
 
+/// `tokend reseed ACCOUNT` through the running daemon: `Ok(false)` when no daemon
+/// answers on `socket` (the caller then reseeds in `state_dir` itself).
+pub async fn reseed(socket: &Path, account: &str) -> Result<bool, Failure> {
+    let path = format!("{}/{}/reseed", api::TOKENS, account);
+    let answer = match Client::new(socket)
+        .request(Method::POST, &path, TIMEOUT)
+        .await
+    {
+        Ok(a) => a,
+        Err(Error::NotRunning { .. }) => return Ok(false),
+        Err(e) => return Err(runtime_error(e)),
+    };
+    match answer.status {
+        StatusCode::ACCEPTED => {
+            serde_json::from_slice::<RefreshAccepted>(&answer.body).map_err(|e| {
+                Failure::Runtime(anyhow::anyhow!("tokend answered an unexpected body: {e}"))
+            })?;
+            println!("{account} re-seeded: its refresh-token chain starts again from the configured refresh_token, now (tokend status shows how it went)");
+            Ok(true)
+        }
+        StatusCode::NOT_FOUND => Err(no_account(socket, account)),
+        _ => Err(Failure::Runtime(anyhow::anyhow!("{}", answer.message()))),
+    }
+}
+
 /// The line `tokend refresh` prints on success.
 fn refresh_requested(account: &str, force: bool) -> String {
     if force {
@@ -323,7 +363,40 @@ pub async fn status(socket: &Path, json: bool) -> Result<(), Failure> {
         return Ok(());
     }
     print!("{}", table(&list.accounts, SystemTime::now()));
+    // The daemon's own line, for whoever may see it (root, the daemon's user).
+    if let Ok(answer) = Client::new(socket)
+        .request(Method::GET, api::DAEMON, TIMEOUT)
+        .await
+    {
+        if let Ok(info) = serde_json::from_slice::<api::DaemonInfo>(&answer.body) {
+            print!("{}", daemon_line(&info));
+        }
+    }
     Ok(())
+}
+
+/// The lines `tokend status` prints about the daemon itself: its config and
+/// generation, and a refused reload with its errors.
+pub fn daemon_line(d: &api::DaemonInfo) -> String {
+    let mut out = format!(
+        "\nconfig {} (generation {}, loaded {})",
+        d.config, d.generation, d.loaded_at
+    );
+    match &d.last_reload {
+        Some(r) if r.result != "ok" => {
+            out.push_str(&format!(
+                "\nlast reload at {} REFUSED, still running generation {}:",
+                r.at, d.generation
+            ));
+            for e in &r.errors {
+                out.push_str(&format!("\n  {e}"));
+            }
+        }
+        Some(r) => out.push_str(&format!("; last reload at {} ok", r.at)),
+        None => {}
+    }
+    out.push('\n');
+    out
 }
 
 /// The `status` table: account, status, expires in, last refresh, last error.

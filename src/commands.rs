@@ -339,7 +339,7 @@ async fn once_account(
         Clock::System,
         transports,
     )?);
-    let deadline = tokio::time::Instant::now() + account.options.timeout + Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + account.request_timeout() + Duration::from_secs(5);
     let mut engine = loop {
         match Engine::try_open(account.clone(), endpoint.clone(), shared.clone()).await? {
             Opened::Ready(e) => break e,
@@ -347,7 +347,11 @@ async fn once_account(
                 // Another tokend runs this account: its token, never a second request
                 // (it may hold the only valid refresh token).
                 if let Some(dir) = &shared.state_dir {
-                    if let Some(t) = persist::load(dir, &account.name).and_then(|s| {
+                    let saved = match persist::load(dir, &account.name) {
+                        persist::Loaded::Found(s) => Some(s),
+                        _ => None,
+                    };
+                    if let Some(t) = saved.and_then(|s| {
                         s.token_valid_for(
                             &account,
                             SystemTime::now(),
@@ -440,4 +444,55 @@ async fn redeliver(
         }
     }
     anyhow::bail!("{}", failed.message)
+}
+
+/// `tokend reseed ACCOUNT` (SPEC §5): through the daemon that answers on `socket`; when
+/// none does, in the config's `state_dir` directly, under the account's lock (the old
+/// state is copied aside, never deleted).
+pub async fn reseed(config: &Path, socket: &Path, account: &str) -> Result<(), Failure> {
+    if crate::client::reseed(socket, account).await? {
+        return Ok(());
+    }
+    let config = crate::config::load(config)?;
+    let Some(a) = config.accounts.iter().find(|a| a.name == account) else {
+        return Err(Failure::Usage(anyhow::anyhow!(
+            "no account {account:?} in {}",
+            config.path.display()
+        )));
+    };
+    if !a.rotates() {
+        return Err(Failure::Usage(anyhow::anyhow!(
+            "account {account:?} is not of the refresh_token grant: it has no chain to re-seed"
+        )));
+    }
+    let Some(dir) = &config.daemon.state_dir else {
+        return Err(Failure::Usage(anyhow::anyhow!(
+            "no [daemon] state_dir in {}: there is no saved chain to re-seed",
+            config.path.display()
+        )));
+    };
+    let (dir2, a2) = (dir.clone(), a.clone());
+    let aside = tokio::task::spawn_blocking(move || persist::reseed(&dir2, &a2))
+        .await
+        .map_err(|e| Failure::Runtime(e.into()))?
+        .map_err(|e| {
+            Failure::Runtime(anyhow::anyhow!(
+                "failed to re-seed {account:?} in {}: {e}",
+                dir.display()
+            ))
+        })?;
+    match aside {
+        Some(old) => println!(
+            "{account} re-seeded in {} (no daemon answered on {}): the next request sends the configured refresh_token; the old state is kept as {}",
+            dir.display(),
+            socket.display(),
+            old.display()
+        ),
+        None => println!(
+            "{account} re-seeded in {} (no daemon answered on {}): the next request sends the configured refresh_token",
+            dir.display(),
+            socket.display()
+        ),
+    }
+    Ok(())
 }

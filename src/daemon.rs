@@ -21,7 +21,31 @@ use crate::oauth::{HttpEndpoint, Transports};
 use crate::systemd::{self, Notifier};
 use crate::watch::Watcher;
 
-/// How long a burst of file events may last before it is looked at.
+/// What the daemon says about itself (`GET /v1/daemon`, `tokend status`): the config
+/// it runs, which generation of it, since when, and how the last reload went. Published
+/// by the supervisor on a `watch` channel; the socket server reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonState {
+    /// The config file (absolute).
+    pub config: PathBuf,
+    /// 1 at start, one more for each reload that was applied.
+    pub generation: u64,
+    /// When the running generation was loaded.
+    pub loaded_at: std::time::SystemTime,
+    /// The last reload asked for (SIGHUP or a change of the file), if any.
+    pub last_reload: Option<ReloadOutcome>,
+}
+
+/// How a reload went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadOutcome {
+    pub at: std::time::SystemTime,
+    /// Empty when it was applied; else why it was refused, one line per error as
+    /// `tokend check` prints them.
+    pub errors: Vec<String>,
+}
+
+/// How a burst of file events may last before it is looked at.
 const WATCH_SETTLE: Duration = Duration::from_millis(200);
 
 /// How often, at most, the supervisor looks at every account's state for READY and
@@ -60,10 +84,18 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
     }
     let mut config_text = read_digest(&path);
 
+    // Every descriptor the hard limit allows (the socket's share of them is bounded).
+    crate::server::raise_fd_limit();
     // Bound before any account starts: a second daemon fails here, before it asks a
     // provider for anything.
     let listeners = crate::server::bind(&config.daemon)?;
     let mut sup = Supervisor::new(&config);
+    let info = watch::Sender::new(std::sync::Arc::new(DaemonState {
+        config: path.clone(),
+        generation: 1,
+        loaded_at: sup.shared.clock.now(),
+        last_reload: None,
+    }));
     if let Some(c) = &config.cluster {
         sup.member = Some(crate::cluster::join(
             c,
@@ -98,7 +130,12 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
         sup.start(a, endpoint, TokenState::default(), false);
     }
     sup.publish();
-    let server = listeners.spawn(sup.views.subscribe(), sup.shared.metrics.clone())?;
+    let server = listeners.spawn(
+        sup.views.subscribe(),
+        sup.shared.metrics.clone(),
+        info.subscribe(),
+        config.daemon.max_concurrent_refreshes,
+    )?;
     tracing::info!(accounts = count, config = %path.display(), "tokend started");
 
     // READY=1 once every account had its first try, or at startup_timeout.
@@ -124,7 +161,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
             _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break }
             _ = sighup.recv() => {
                 tracing::info!("SIGHUP: reloading {}", path.display());
-                config_text = sup.reload_from(&path, &notifier);
+                config_text = sup.reload_from(&path, &notifier, &info);
                 if let Some(w) = &mut watcher {
                     w.watch_files(sup.watched_files(&path).iter().map(PathBuf::as_path));
                 }
@@ -135,7 +172,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
                 while watch_rx.try_recv().is_ok() {}
                 if read_digest(&path) != config_text {
                     tracing::info!("{} changed: reloading", path.display());
-                    config_text = sup.reload_from(&path, &notifier);
+                    config_text = sup.reload_from(&path, &notifier, &info);
                     if let Some(w) = &mut watcher {
                         w.watch_files(sup.watched_files(&path).iter().map(PathBuf::as_path));
                     }
@@ -257,22 +294,42 @@ impl Supervisor {
     /// RELOADING=1 and READY=1; an invalid config, or one with an account that cannot
     /// start, is logged and changes nothing. Returns the digest of the file as read, to
     /// tell later whether it changed.
-    fn reload_from(&mut self, path: &Path, notifier: &Notifier) -> Option<[u8; 32]> {
+    fn reload_from(
+        &mut self,
+        path: &Path,
+        notifier: &Notifier,
+        info: &watch::Sender<std::sync::Arc<DaemonState>>,
+    ) -> Option<[u8; 32]> {
         notifier.reloading();
         let text = read_digest(path);
+        // Refused: what the log says, and the errors one by one.
         let applied = crate::config::load(path)
-            .map_err(|e| format!("{e}"))
-            .and_then(|new| self.reload(new));
+            .map_err(|e| (e.to_string(), e.0.iter().map(|c| c.to_string()).collect()))
+            .and_then(|new| self.reload(new).map_err(|e| (e.clone(), vec![e])));
+        let now = self.shared.clock.now();
         match applied {
             Ok(()) => {
                 self.publish();
                 trim_heap();
                 tracing::info!("config reloaded: {}", self.summary());
                 self.shared.metrics.config_reload(true);
+                info.send_modify(|i| {
+                    let i = std::sync::Arc::make_mut(i);
+                    i.generation += 1;
+                    i.loaded_at = now;
+                    i.last_reload = Some(ReloadOutcome {
+                        at: now,
+                        errors: Vec::new(),
+                    });
+                });
             }
-            Err(e) => {
+            Err((e, errors)) => {
                 tracing::error!("{e}; keeping the running config");
                 self.shared.metrics.config_reload(false);
+                info.send_modify(|i| {
+                    std::sync::Arc::make_mut(i).last_reload =
+                        Some(ReloadOutcome { at: now, errors });
+                });
             }
         }
         notifier.ready(&self.summary());
@@ -437,6 +494,15 @@ impl Supervisor {
             self.stopping.insert(name, p);
         }
         for (name, new, endpoint) in ready {
+            if !self.stopping.contains_key(&name) && !self.accounts.contains_key(&name) {
+                // A renamed account of the refresh_token grant starts after the account
+                // it was (whose chain it resumes: persist::load_for), not beside it.
+                if let Some(old) = self.renamed_from(&new) {
+                    let p = self.stopping.remove(&old).expect("found in the map");
+                    tracing::info!(account = %name, from = %old, "the same refresh_token as the removed account {old:?}: starting after it, to resume its chain");
+                    self.stopping.insert(name.clone(), p);
+                }
+            }
             let mut initial = TokenState::default();
             if let Some(old) = self.accounts.remove(&name) {
                 tracing::info!(account = %name, "account changed: restarting it");
@@ -462,6 +528,25 @@ impl Supervisor {
         // request (SPEC §1: discovery at start and reload).
         self.transports.rediscover();
         Ok(())
+    }
+
+    /// A removed account (still stopping) whose configured refresh_token is `new`'s: the
+    /// account `new` was renamed from.
+    fn renamed_from(&self, new: &Account) -> Option<String> {
+        let crate::config::Grant::RefreshToken { refresh_token } = &new.grant else {
+            return None;
+        };
+        self.stopping.iter().find_map(|(name, p)| {
+            let old = p.account();
+            match &old.grant {
+                crate::config::Grant::RefreshToken {
+                    refresh_token: seed,
+                } if seed == refresh_token && !self.accounts.contains_key(name) => {
+                    Some(name.clone())
+                }
+                _ => None,
+            }
+        })
     }
 
     async fn shutdown(self) {

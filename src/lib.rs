@@ -19,6 +19,7 @@ pub mod client;
 pub mod clock;
 pub mod cluster;
 pub mod commands;
+pub mod completion;
 pub mod config;
 pub mod daemon;
 pub mod logging;

@@ -3,13 +3,17 @@
 
 use std::process::ExitCode;
 
-use clap::Parser as _;
+use clap::{CommandFactory as _, Parser as _};
 use tokend::cli::{Cli, Command};
 use tokend::client;
 use tokend::commands::{self, Failure};
 use tokend::config::{self, Config};
 
 fn main() -> ExitCode {
+    // `TOKEND_COMPLETE=SHELL tokend -- WORDS...`: the shell completion scripts asking.
+    clap_complete::CompleteEnv::with_factory(Cli::command)
+        .var(tokend::completion::VAR)
+        .complete();
     let cli = Cli::parse();
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -89,6 +93,18 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 args.socket.config.as_deref(),
             )?;
             runtime()?.block_on(client::refresh(&socket, &args.account, args.force))
+        }
+        Command::Reseed(args) => {
+            let socket = client::resolve_socket(
+                args.socket.socket.as_deref(),
+                args.socket.config.as_deref(),
+            )?;
+            let config = args
+                .socket
+                .config
+                .as_deref()
+                .unwrap_or(config::DEFAULT_PATH.as_ref());
+            runtime()?.block_on(commands::reseed(config, &socket, &args.account))
         }
     }
 }

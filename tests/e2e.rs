@@ -7,6 +7,10 @@
 //! the stress test holds tokend to SPEC §6's "refresh-token chains are never lost"
 //! through reloads, restarts and `tokend once` beside the daemon.
 
+#[allow(dead_code, unused_imports)]
+#[path = "it/support/mod.rs"]
+mod support;
+
 use std::collections::{BTreeMap, HashSet};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
@@ -513,6 +517,8 @@ fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
 /// now and then), `tokend once` runs beside it, and every process's log in `logs/`.
 struct Stress<'a> {
     server: &'a Server,
+    /// Between tokend and the server: delays an answer on demand (a late answer).
+    proxy: &'a SlowProxy,
     config: PathBuf,
     logs: PathBuf,
     daemon: Option<Killed>,
@@ -522,11 +528,12 @@ struct Stress<'a> {
     start: Instant,
 }
 
-/// The output's `mode` and the account's `timeout`: what config edits change.
+/// The output's `mode`, the account's `timeout` and its name: what config edits change.
 #[derive(Clone, Copy)]
 struct Tunables {
     mode: &'static str,
     timeout: &'static str,
+    name: &'static str,
 }
 
 impl<'a> Stress<'a> {
@@ -538,7 +545,7 @@ state_dir = "state"
 socket = "tokend.sock"
 log_format = "text"
 [[account]]
-name = "rt"
+name = "{name}"
 token_url = "{url}"
 grant_type = "refresh_token"
 client_id = "pw-client"
@@ -551,9 +558,10 @@ timeout = "{timeout}"
 path = "out/rt"
 mode = "{mode}"
 "#,
-            url = self.server.url(),
+            url = self.proxy.url(self.server.url()),
             timeout = t.timeout,
             mode = t.mode,
+            name = t.name,
         );
         // Atomically, as an editor that renames would: the daemon never reads half a file.
         let tmp = self.config.with_extension("toml.new");
@@ -637,27 +645,35 @@ mode = "{mode}"
         self.note(&format!("tokend run #{} stopped by {signal}", self.runs));
     }
 
-    fn reloads_logged(&self) -> usize {
-        std::fs::read_to_string(self.daemon_log())
-            .unwrap_or_default()
-            .matches("config reloaded")
-            .count()
+    /// The daemon's config generation and last reload, from `GET /v1/daemon`.
+    fn daemon_info(&self) -> Option<serde_json::Value> {
+        support::daemon_info(&self.server.path("tokend.sock"))
     }
 
-    /// SIGHUP, then waits until the daemon logged one more finished reload (a reload
-    /// may wait for a refresh_token request in flight).
+    /// SIGHUP, then waits until the daemon applied one more reload (a reload may wait
+    /// for a refresh_token request in flight): its generation on `/v1/daemon`.
     fn reload(&mut self, what: &str) {
-        let before = self.reloads_logged();
+        let before = poll(Duration::from_secs(15), || self.daemon_info())
+            .and_then(|v| v["generation"].as_u64())
+            .unwrap_or(0);
         self.daemon
             .as_ref()
             .unwrap()
             .signal(nix::sys::signal::Signal::SIGHUP);
         let done = poll(Duration::from_secs(15), || {
-            (self.reloads_logged() > before).then_some(())
+            let v = self.daemon_info()?;
+            assert_ne!(
+                v["last_reload"]["result"],
+                "refused",
+                "tokend run #{} refused the reload ({what}): {v}{}",
+                self.runs,
+                self.diagnosis()
+            );
+            (v["generation"].as_u64()? > before).then_some(())
         });
         assert!(
             done.is_some(),
-            "tokend run #{} logged no \"config reloaded\" within 15 s of SIGHUP ({what}){}",
+            "tokend run #{} applied no reload within 15 s of SIGHUP ({what}){}",
             self.runs,
             self.diagnosis()
         );
@@ -774,6 +790,102 @@ enum Disturbance {
         edit: bool,
     },
     Restart(nix::sys::signal::Signal),
+    /// The account renamed in the config, then SIGHUP: it resumes its chain.
+    Rename,
+    /// SIGTERM, the state file truncated (its copy is whole), and a start again.
+    Damage,
+    /// The server's next answer held back past `timeout` (within
+    /// `refresh_token_timeout`): it rotated the chain, and tokend must wait for it.
+    LateAnswer,
+}
+
+/// A TCP proxy in front of the server that, when asked, holds back the answer to the
+/// next request it forwards for a while (the server has already answered, and rotated
+/// the refresh token).
+struct SlowProxy {
+    addr: std::net::SocketAddr,
+    /// The delay for the next answer, in milliseconds (0: none).
+    next_delay: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Answers held back so far.
+    delayed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl SlowProxy {
+    fn start(target: &str) -> SlowProxy {
+        use std::sync::atomic::Ordering;
+        let target: std::net::SocketAddr = url_authority(target).parse().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let next_delay = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let delayed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        std::thread::spawn({
+            let (next_delay, delayed) = (next_delay.clone(), delayed.clone());
+            move || {
+                for client in listener.incoming() {
+                    let Ok(client) = client else { continue };
+                    let Ok(server) = std::net::TcpStream::connect(target) else {
+                        continue;
+                    };
+                    let (next_delay, delayed) = (next_delay.clone(), delayed.clone());
+                    let (mut c_in, mut s_out) =
+                        (client.try_clone().unwrap(), server.try_clone().unwrap());
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut c_in, &mut s_out);
+                    });
+                    let (mut s_in, mut c_out) = (server, client);
+                    // Answers, chunk by chunk: the first chunk of an answer that comes
+                    // after `delay_next` is held back (connections are kept alive, so
+                    // this is per answer, not per connection).
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16384];
+                        loop {
+                            let n = match std::io::Read::read(&mut s_in, &mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            let delay = next_delay.swap(0, Ordering::SeqCst);
+                            if delay > 0 {
+                                std::thread::sleep(Duration::from_millis(delay));
+                                delayed.fetch_add(1, Ordering::SeqCst);
+                            }
+                            if std::io::Write::write_all(&mut c_out, &buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = c_out.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        SlowProxy {
+            addr,
+            next_delay,
+            delayed,
+        }
+    }
+
+    /// `url` with the proxy's address in place of the server's.
+    fn url(&self, url: &str) -> String {
+        url.replacen(url_authority(url), &self.addr.to_string(), 1)
+    }
+
+    /// Holds back the next answer for `delay`; returns how many were held back before.
+    fn delay_next(&self, delay: Duration) -> u64 {
+        use std::sync::atomic::Ordering;
+        self.next_delay
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+        self.delayed.load(Ordering::SeqCst)
+    }
+
+    fn delayed(&self) -> u64 {
+        self.delayed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// `host:port` of an `http://host:port/...` URL.
+fn url_authority(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.split('/').next().unwrap()
 }
 
 #[test]
@@ -797,12 +909,14 @@ fn refresh_token_chain_survives_reloads_restarts_and_once_beside_the_daemon() {
 
     // 3-second tokens, refreshed every second: the chain rotates about once a second.
     let server = Server::start(3);
+    let proxy = SlowProxy::start(server.url());
     let seed_token = password_grant_refresh_token(&server);
     server.write("rt", &seed_token);
     server.write("pw-secret", "pw-secret\n");
     std::fs::create_dir(server.path("logs")).unwrap();
     let mut st = Stress {
         server: &server,
+        proxy: &proxy,
         config: server.path("config.toml"),
         logs: server.path("logs"),
         daemon: None,
@@ -810,18 +924,25 @@ fn refresh_token_chain_survives_reloads_restarts_and_once_beside_the_daemon() {
         onces: Vec::new(),
         start: Instant::now(),
     };
+    // `timeout` short, so that a late answer comes after it: a refresh_token request
+    // waits for `refresh_token_timeout` (2 minutes) instead.
     let mut tunables = Tunables {
         mode: "0600",
-        timeout: "10s",
+        timeout: "2s",
+        name: "rt",
     };
     st.write_config(tunables);
 
-    // The plan: 20 reloads (every other one after a config edit) and 5 restarts (2 of
-    // them SIGKILL) in a random order, and 6 `once` runs started at random points.
+    // The plan: 20 reloads (every other one after a config edit), 5 restarts (2 of
+    // them SIGKILL), 3 renames, 2 damaged state files and 2 late answers in a random
+    // order, and 6 `once` runs started at random points.
     use nix::sys::signal::Signal::{SIGKILL, SIGTERM};
     let mut plan: Vec<Disturbance> = (0..20)
         .map(|i| Disturbance::Reload { edit: i % 2 == 1 })
         .chain([SIGTERM, SIGTERM, SIGTERM, SIGKILL, SIGKILL].map(Disturbance::Restart))
+        .chain([Disturbance::Rename; 3])
+        .chain([Disturbance::Damage; 2])
+        .chain([Disturbance::LateAnswer; 2])
         .collect();
     rng.shuffle(&mut plan);
     let mut slots: Vec<usize> = (0..plan.len()).collect();
@@ -855,11 +976,7 @@ fn refresh_token_chain_survives_reloads_restarts_and_once_beside_the_daemon() {
                     };
                     format!("output mode now {}", tunables.mode)
                 } else {
-                    tunables.timeout = if tunables.timeout == "10s" {
-                        "20s"
-                    } else {
-                        "10s"
-                    };
+                    tunables.timeout = if tunables.timeout == "2s" { "3s" } else { "2s" };
                     format!("timeout now {}", tunables.timeout)
                 };
                 st.write_config(tunables);
@@ -887,6 +1004,35 @@ fn refresh_token_chain_survives_reloads_restarts_and_once_beside_the_daemon() {
             Disturbance::Restart(signal) => {
                 st.stop_daemon(signal);
                 st.start_daemon();
+            }
+            Disturbance::Rename => {
+                tunables.name = if tunables.name == "rt" {
+                    "rt-renamed"
+                } else {
+                    "rt"
+                };
+                st.write_config(tunables);
+                st.reload(&format!("renamed to {}", tunables.name));
+            }
+            Disturbance::Damage => {
+                st.stop_daemon(SIGTERM);
+                let state = server.path(&format!("state/{}.json", tunables.name));
+                let whole = std::fs::read(&state).unwrap();
+                std::fs::write(&state, &whole[..whole.len() / 3]).unwrap();
+                st.note(&format!("{} truncated", state.display()));
+                st.start_daemon();
+            }
+            Disturbance::LateAnswer => {
+                let before = proxy.delay_next(Duration::from_secs(5));
+                let held = poll(Duration::from_secs(20), || {
+                    (proxy.delayed() > before).then_some(())
+                });
+                assert!(
+                    held.is_some(),
+                    "no answer was held back within 20 s{}",
+                    st.diagnosis()
+                );
+                st.note("an answer came 5 s late (timeout is 2-3 s)");
             }
         }
     }
@@ -950,9 +1096,10 @@ fn refresh_token_chain_survives_reloads_restarts_and_once_beside_the_daemon() {
         st.diagnosis()
     );
     // What the last daemon saved is the live end of the chain.
-    let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(server.path("state/rt.json")).unwrap())
-            .unwrap();
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(server.path(&format!("state/{}.json", tunables.name))).unwrap(),
+    )
+    .unwrap();
     let saved = state["chain"]["refresh_token"]
         .as_str()
         .expect("the rotated refresh token is saved in state_dir");

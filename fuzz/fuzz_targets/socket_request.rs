@@ -6,7 +6,7 @@
 //! taken up, as when the account is held.
 //!
 //! Input: bytes starting with an upper-case letter are sent as they are (the seeds are
-//! such requests, from the README's examples), once as root and once as uid 1000;
+//! such requests, from the book's socket API chapter), once as root and once as uid 1000;
 //! anything else is a list of requests built from parts (method, path, query, headers,
 //! body) by `arbitrary`, for one of four peers.
 //!
@@ -14,7 +14,7 @@
 //! body, 60 s for a `min_valid` wait) pass at once, in virtual time. Invariants: no
 //! panic; the server closes the connection within its limits for the requests sent (a
 //! request that outlives them is a hang); every answer is well-formed HTTP/1.1 and its
-//! status is one the README documents (or a `100 Continue`).
+//! status is one the book's socket API chapter documents (or a `100 Continue`).
 #![no_main]
 
 use std::collections::BTreeMap;
@@ -29,7 +29,7 @@ use tokend::server::peer::Peer;
 use tokend::server::{answer_bytes, Limits};
 use tokio::sync::watch;
 
-/// The statuses SPEC §4 and the README's error table name.
+/// The statuses SPEC §4 and the book's error table (docs/src/socket-api.md) name.
 const DOCUMENTED: &[u16] = &[200, 202, 400, 403, 404, 405, 408, 413, 431, 503];
 
 const CONFIG: &str = r#"

@@ -15,7 +15,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{watch, Semaphore, SemaphorePermit};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -23,8 +23,9 @@ use std::path::PathBuf;
 
 use super::hooks;
 use super::identity::SiblingKey;
-use super::persist::{self, AccountLock, Locked, Saved, WaitKind};
+use super::persist::{self, AccountLock, Loaded, Locked, Saved, WaitKind};
 use super::schedule::{self, ErrorClass};
+use super::slots::RefreshPermit;
 use crate::clock::{Clock, WallJumps};
 use crate::config::{Account, Grant};
 use crate::metrics::Metrics;
@@ -38,9 +39,9 @@ pub struct Shared(Arc<Common>);
 
 /// What every account shares, behind [`Shared`].
 pub struct Common {
-    /// Bounds concurrent refreshes (`max_concurrent_refreshes`): a token request and the
-    /// saving and writing of what it brought.
-    pub semaphore: Semaphore,
+    /// Bounds concurrent refreshes (`max_concurrent_refreshes`), fairly between
+    /// providers: a token request and the saving and writing of what it brought.
+    pub slots: super::slots::RefreshSlots,
     pub clock: Clock,
     /// Woken whenever any account publishes a new state (readiness, STATUS=).
     pub changed: tokio::sync::Notify,
@@ -71,7 +72,7 @@ impl Shared {
     pub fn new(max_concurrent_refreshes: usize, clock: Clock, state_dir: Option<PathBuf>) -> Self {
         let wall_jumps = Arc::<WallJumps>::default();
         Shared(Arc::new(Common {
-            semaphore: Semaphore::new(max_concurrent_refreshes),
+            slots: super::slots::RefreshSlots::new(max_concurrent_refreshes),
             clock,
             changed: Default::default(),
             state_dir,
@@ -96,6 +97,12 @@ pub struct Providers(Mutex<std::collections::HashMap<String, SystemTime>>);
 impl Providers {
     fn key(url: &url::Url) -> String {
         crate::oauth::request::redacted_url(url)
+    }
+
+    /// The provider an account asks, as rate limits and refresh slots know it: its
+    /// configured token endpoint (or issuer, or FHIR base), without credentials.
+    pub fn of(account: &Account) -> String {
+        Self::key(account.token_url.configured())
     }
 
     /// Records that the provider at `url` asked to wait until `until` (or, with no date,
@@ -156,6 +163,9 @@ impl Siblings {
         c
     }
 }
+
+/// How soon an account whose chain another account runs looks again (no request).
+const CONFLICT_RECHECK: Duration = Duration::from_secs(5);
 
 /// What one attempt came to.
 pub enum Attempt {
@@ -219,6 +229,9 @@ pub struct Engine<E> {
     local_failures: u32,
     /// Where accounts that ask for exactly the same share their last token.
     sibling: Option<SiblingCell>,
+    /// Another account (named) runs the chain this account's seed began: nothing is sent
+    /// until it stops and its chain can be taken over ([`persist::load_for`]).
+    conflict: Option<String>,
 }
 
 impl<E: Endpoint> Engine<E> {
@@ -298,25 +311,48 @@ impl<E: Endpoint> Engine<E> {
     ) -> Self {
         let on_disk = match shared.state_dir.clone() {
             Some(dir) => {
-                let n = account.name.clone();
-                tokio::task::spawn_blocking(move || persist::load(&dir, &n))
+                let a = account.clone();
+                tokio::task::spawn_blocking(move || persist::load_for(&dir, &a))
                     .await
-                    .unwrap_or(None)
+                    .unwrap_or_else(|e| Loaded::Damaged(format!("failed to read the state: {e}")))
             }
-            None => None,
+            None => Loaded::Missing,
         };
+        let now = shared.clock.now();
+        let mut conflict = None;
+        let mut lost = None;
         let mut saved = match (in_memory, on_disk) {
-            (Some(m), Some(d)) if d.generation() > m.generation() => d,
+            (Some(m), Loaded::Found(d)) if d.generation() > m.generation() => d,
             (Some(m), _) => m,
-            (None, Some(d)) => d,
-            (None, None) => Saved::new(&account),
+            (None, Loaded::Found(d)) => d,
+            (None, Loaded::Missing) => Saved::new(&account),
+            (None, Loaded::ChainInUse(other)) => {
+                conflict = Some(other);
+                Saved::new(&account)
+            }
+            (None, Loaded::Damaged(why)) => {
+                lost = Some(why);
+                Saved::new(&account)
+            }
         };
+        if let Some(why) = lost {
+            if matches!(account.grant, Grant::RefreshToken { .. }) {
+                let reason = format!(
+                    "the saved state is damaged ({why}); the refresh token in it may be spent, so the configured one is not sent on a guess: restore the state file, or re-seed with `tokend reseed {}` (or configure a new refresh_token)",
+                    account.name
+                );
+                tracing::error!(account = %account.name, "{reason}");
+                saved.lose_chain(&account, reason, now);
+            } else {
+                tracing::error!(account = %account.name, "the saved state is damaged ({why}); starting without it");
+            }
+        }
         saved.prepare_chain(&account);
         if saved.held_for_other_credentials(&account) {
             tracing::info!(account = %account.name, "the refused credentials were replaced: the hold ends");
             saved.end_hold();
         }
-        Engine {
+        let engine = Engine {
             sibling: SiblingKey::of(&account).map(|k| shared.siblings.cell(&k)),
             account,
             endpoint,
@@ -326,7 +362,13 @@ impl<E: Endpoint> Engine<E> {
             undelivered: None,
             unsaved: false,
             local_failures: 0,
+            conflict,
+        };
+        if engine.saved.chain_lost(&engine.account).is_some() {
+            // Kept at once: a restart must find the account held, not a missing state.
+            engine.save_quietly().await;
         }
+        engine
     }
 
     pub fn account(&self) -> &Arc<Account> {
@@ -345,6 +387,15 @@ impl<E: Endpoint> Engine<E> {
     pub fn saved_token(&self, min_valid: Duration) -> Option<Arc<Token>> {
         self.saved
             .token_valid_for(&self.account, self.now(), min_valid)
+    }
+
+    /// When a request may be made for this account's request as configured now, if it
+    /// changed on a reload and the last request was also for a change, less than
+    /// `min_refresh_interval` ago (a config that flaps between two requests).
+    pub fn changed_request_not_before(&self) -> Option<SystemTime> {
+        self.saved
+            .changed_request_not_before(&self.account)
+            .filter(|t| *t > self.now())
     }
 
     /// Whether the saved token for this request has expired.
@@ -413,9 +464,10 @@ impl<E: Endpoint> Engine<E> {
     /// every grant but refresh_token while it is on the wire.
     pub async fn attempt(&mut self, cancel: &CancellationToken) -> Attempt {
         let shared = self.shared.clone();
+        let provider = Providers::of(&self.account);
         let permit = tokio::select! {
             _ = cancel.cancelled() => return Attempt::Cancelled,
-            p = shared.semaphore.acquire() => p.expect("the semaphore is never closed"),
+            p = shared.slots.acquire(&provider) => p,
         };
         self.attempt_with(permit, cancel).await
     }
@@ -426,9 +478,12 @@ impl<E: Endpoint> Engine<E> {
     /// permit goes once the provider answered.
     pub async fn attempt_with(
         &mut self,
-        permit: SemaphorePermit<'_>,
+        permit: RefreshPermit<'_>,
         cancel: &CancellationToken,
     ) -> Attempt {
+        if let Some(refused) = self.chain_blocked().await {
+            return Attempt::Failed(refused);
+        }
         let cell = self.sibling.clone();
         let mut guard = match &cell {
             Some(c) => Some(tokio::select! {
@@ -458,6 +513,7 @@ impl<E: Endpoint> Engine<E> {
         if let Some(url) = self.saved.known_token_url(&self.account) {
             self.endpoint.use_known_token_url(url);
         }
+        self.saved.record_request(&self.account, self.now());
         let started = Instant::now();
         let result = if self.rotates() {
             // Its answer holds the only copy of the next refresh token: never abandoned.
@@ -492,12 +548,62 @@ impl<E: Endpoint> Engine<E> {
         }
     }
 
+    /// Why no request may be sent for this account's chain, if none may: its state was
+    /// damaged (held until re-seeded or given a new seed), or another account runs the
+    /// chain its seed began (looked at again each time: it may have stopped since).
+    /// Nothing is sent either way: a local failure, with a long wait for the first.
+    async fn chain_blocked(&mut self) -> Option<Failed> {
+        if let (Some(other), Some(dir)) = (self.conflict.clone(), self.shared.state_dir.clone()) {
+            let a = self.account.clone();
+            let again = tokio::task::spawn_blocking(move || persist::load_for(&dir, &a))
+                .await
+                .unwrap_or(Loaded::ChainInUse(other.clone()));
+            match again {
+                Loaded::ChainInUse(other) => {
+                    self.conflict = Some(other.clone());
+                    return Some(Failed {
+                        class: ErrorClass::Local,
+                        message: format!(
+                            "the configured refresh_token began the refresh-token chain of account {other:?}, which runs now: two accounts cannot spend one chain (nothing is sent until it stops; remove one of them, or give this one its own refresh_token)"
+                        ),
+                        retry_in: CONFLICT_RECHECK,
+                        fetched: None,
+                        publish: false,
+                    });
+                }
+                Loaded::Found(taken) => {
+                    self.conflict = None;
+                    self.saved = taken;
+                    self.saved.prepare_chain(&self.account);
+                }
+                Loaded::Missing | Loaded::Damaged(_) => self.conflict = None,
+            }
+        }
+        let reason = self.saved.chain_lost(&self.account)?.to_owned();
+        Some(Failed {
+            class: ErrorClass::Local,
+            message: reason,
+            retry_in: schedule::HOLD_CAP,
+            fetched: None,
+            publish: false,
+        })
+    }
+
+    /// The operator's `tokend reseed` (SPEC §5): the chain, and any hold or wait, end;
+    /// the refresh_token configured now is sent by the next request. Saved at once.
+    pub async fn reseed(&mut self) -> std::io::Result<()> {
+        self.saved.reseed();
+        self.conflict = None;
+        tracing::warn!(account = %self.account.name, "re-seeded: the refresh-token chain starts again from the configured refresh_token");
+        self.save().await
+    }
+
     /// Records a new token (state first), then delivers it.
     async fn accept(
         &mut self,
         token: Arc<Token>,
         cancel: &CancellationToken,
-        permit: Option<SemaphorePermit<'_>>,
+        permit: Option<RefreshPermit<'_>>,
     ) -> Attempt {
         self.saved.record(&self.account, &token);
         self.unsaved = true;
@@ -520,7 +626,7 @@ impl<E: Endpoint> Engine<E> {
     async fn finish_delivery(
         &mut self,
         run_hooks: bool,
-        permit: Option<SemaphorePermit<'_>>,
+        permit: Option<RefreshPermit<'_>>,
     ) -> Attempt {
         let Some(token) = self.undelivered.clone() else {
             return Attempt::Cancelled;
@@ -571,6 +677,14 @@ impl<E: Endpoint> Engine<E> {
 
     /// Classifies a failed request, records the wait it leads to, and saves it.
     async fn failed(&mut self, e: &crate::oauth::Error) -> Failed {
+        let mut saved_link = None;
+        if let Some(rt) = e.rotated_refresh_token() {
+            // The provider answered, and may have rotated the chain with this answer:
+            // its refresh token is kept (and fsynced) whatever else is wrong with it.
+            if self.saved.record_rotation(&self.account, rt) {
+                saved_link = Some(self.save().await);
+            }
+        }
         let class = schedule::classify(e);
         let now = self.now();
         let policy = self.account.options.schedule;
@@ -592,7 +706,7 @@ impl<E: Endpoint> Engine<E> {
                 WaitKind::Hold
             }
         };
-        let retry_in = schedule::retry_delay(
+        let mut retry_in = schedule::retry_delay(
             class,
             self.saved.failures,
             self.saved.refusals,
@@ -600,6 +714,13 @@ impl<E: Endpoint> Engine<E> {
             now,
             &mut rand::thread_rng(),
         );
+        // A refresh_token request that timed out may have been answered by a provider
+        // that rotated the chain: its reuse grace window (seconds to a minute) is the
+        // only way to learn the next link, so the first retry comes at once.
+        let at_risk = self.rotates() && matches!(e, crate::oauth::Error::Timeout { .. });
+        if at_risk && self.saved.failures <= 1 {
+            retry_in = Duration::ZERO;
+        }
         self.saved.record_wait(kind, now + retry_in, &self.account);
         self.save_quietly().await;
         let message = crate::oauth::error_chain(e);
@@ -607,7 +728,17 @@ impl<E: Endpoint> Engine<E> {
             (true, ErrorClass::Rejected) => {
                 format!("{message}; the refresh token was refused: configure a new refresh_token")
             }
+            _ if at_risk => format!(
+                "{message}; the refresh-token chain is at risk: the provider may have rotated it with an answer that never came (retried at once, within its reuse grace window)"
+            ),
             _ => message,
+        };
+        let message = match saved_link {
+            Some(Ok(())) => format!("{message}; the rotated refresh token it carried is saved"),
+            Some(Err(err)) => format!(
+                "{message}; the rotated refresh token it carried is kept in memory, saving it failed: {err}"
+            ),
+            None => message,
         };
         Failed {
             class,

@@ -270,7 +270,7 @@ mod tests {
 
     fn account(extra: &str) -> Account {
         let text = format!(
-            "[[account]]\nname = \"a\"\ntoken_url = \"https://idp.example/t\"\nclient_id = \"id\"\n\
+            "[daemon]\nstate_dir = \"/s\"\n[[account]]\nname = \"a\"\ntoken_url = \"https://idp.example/t\"\nclient_id = \"id\"\n\
              client_secret = \"s3cret\"\n{extra}\n[[account.output]]\npath = \"/x\"\n"
         );
         parse_str(&text, Path::new("/c.toml"))

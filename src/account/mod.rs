@@ -12,6 +12,7 @@ pub mod identity;
 pub mod persist;
 pub mod registry;
 pub mod schedule;
+pub mod slots;
 pub mod state;
 pub mod task;
 

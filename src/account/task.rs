@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use futures_util::FutureExt as _;
-use tokio::sync::{Notify, OwnedSemaphorePermit, SemaphorePermit};
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -44,6 +44,9 @@ pub enum Poke {
     /// The operator's "I fixed it, try now" (`refresh --force`): one attempt now, even
     /// during a hold after refused credentials or a provider's rate-limit wait.
     Force,
+    /// The operator's `tokend reseed`: the refresh-token chain starts again from the
+    /// configured refresh_token, now.
+    Reseed,
 }
 
 impl Poke {
@@ -52,6 +55,7 @@ impl Poke {
             Poke::Refresh => 1,
             Poke::CredentialsChanged => 2,
             Poke::Force => 4,
+            Poke::Reseed => 8,
         }
     }
 }
@@ -172,6 +176,12 @@ impl AccountView {
         self.inbox.poke(Poke::CredentialsChanged);
     }
 
+    /// Starts the account's refresh-token chain again from its configured seed, now
+    /// (`tokend reseed`; only for root or the daemon's own user: the caller checks).
+    pub fn reseed(&self) {
+        self.inbox.poke(Poke::Reseed);
+    }
+
     /// A view with no task behind it: its refresh requests go nowhere. For the socket
     /// API's fuzz target (`fuzz/`), which answers requests without running accounts.
     #[doc(hidden)]
@@ -202,6 +212,7 @@ impl AccountHandle {
         Predecessor {
             state: self.view.state.clone(),
             inbox: inbox.clone(),
+            state_account: self.view.account.clone(),
         }
     }
 
@@ -220,9 +231,15 @@ impl AccountHandle {
 pub struct Predecessor {
     state: published::Receiver<TokenState>,
     inbox: Arc<Inbox>,
+    state_account: Arc<Account>,
 }
 
 impl Predecessor {
+    /// The account as it was configured.
+    pub fn account(&self) -> Arc<Account> {
+        self.state_account.clone()
+    }
+
     pub fn is_done(&self) -> bool {
         self.state.has_changed().is_err()
     }
@@ -289,6 +306,7 @@ pub fn spawn_coordinated<E: Endpoint>(
     tracker: &TaskTracker,
 ) -> AccountHandle {
     let (state_tx, state_rx) = published::channel(initial);
+    let known = KnownProvider::new(&shared, &account);
     let inbox = Arc::new(Inbox {
         clean_stale: AtomicBool::new(clean_stale),
         ..Inbox::default()
@@ -303,6 +321,7 @@ pub fn spawn_coordinated<E: Endpoint>(
             inbox: inbox.clone(),
             root: cancel,
             tracker: tracker.clone(),
+            _provider: known,
         },
         engine: Slot::Closed(None),
         coordinator,
@@ -310,6 +329,7 @@ pub fn spawn_coordinated<E: Endpoint>(
         expired: None,
         deaths: 0,
         alarm: None,
+        awake: None,
         next_wall: SystemTime::UNIX_EPOCH,
     });
     if after.is_none() && live.coordinator.is_none() {
@@ -346,6 +366,32 @@ struct Parts<E> {
     root: CancellationToken,
     /// Where the account's task is spawned again when it wakes.
     tracker: TaskTracker,
+    /// Its provider, counted among those kept a refresh slot while the account lives.
+    _provider: KnownProvider,
+}
+
+/// An account's provider, known to the refresh slots ([`super::slots`]) for as long as
+/// this lives.
+struct KnownProvider {
+    shared: Shared,
+    provider: String,
+}
+
+impl KnownProvider {
+    fn new(shared: &Shared, account: &Account) -> Self {
+        let provider = super::engine::Providers::of(account);
+        shared.slots.know(&provider);
+        KnownProvider {
+            shared: shared.clone(),
+            provider,
+        }
+    }
+}
+
+impl Drop for KnownProvider {
+    fn drop(&mut self) {
+        self.shared.slots.forget(&self.provider);
+    }
 }
 
 /// An account: what its task works with, kept whole between its tasks (boxed: a parked
@@ -362,6 +408,10 @@ struct Live<E> {
     deaths: u32,
     /// While parked: its alarm, and when its next request is due on the wall clock.
     alarm: Option<AlarmKey>,
+    /// While it runs because its alarm rang: one of the few places of accounts awake at
+    /// once ([`Alarms::new`](super::alarms::Alarms::new)); given back when it parks, or
+    /// while it waits for a refresh slot its provider's share does not give it.
+    awake: Option<OwnedSemaphorePermit>,
     next_wall: SystemTime,
 }
 
@@ -370,12 +420,10 @@ impl<E: Endpoint> Parked for Live<E> {
         self.alarm
     }
 
-    fn resume(self: Box<Self>, woke: Woke, permit: Option<OwnedSemaphorePermit>) {
+    fn resume(mut self: Box<Self>, woke: Woke, permit: Option<OwnedSemaphorePermit>) {
         let tracker = self.parts.tracker.clone();
-        tracker.spawn(async move {
-            supervise(self, None, Some(woke)).await;
-            drop(permit);
-        });
+        self.awake = permit;
+        tracker.spawn(supervise(self, None, Some(woke)));
     }
 }
 
@@ -391,6 +439,7 @@ fn park<E: Endpoint>(mut live: Box<Live<E>>, wake: Instant) -> Option<(Box<Live<
         return Some((live, Woke::Poked));
     }
     let sleeper: Arc<dyn Sleeper> = inbox.clone();
+    live.awake = None;
     live.alarm = Some(live.parts.shared.alarms.set(wake, sleeper));
     *slot = Some(live);
     *inbox.run.lock().expect("never poisoned") = None;
@@ -429,6 +478,7 @@ async fn supervise<E: Endpoint>(
             &mut live_.engine,
             &mut live_.coordinator,
             &mut live_.plan,
+            &mut live_.awake,
             woke.take(),
         );
         let outcome = AssertUnwindSafe(run).catch_unwind().await;
@@ -617,6 +667,7 @@ impl<'a, E: Endpoint> Task<'a, E> {
         slot: &mut Slot<E>,
         coordinator: &mut Option<Box<dyn Coordinator>>,
         plan: &mut Option<Plan>,
+        awake: &mut Option<OwnedSemaphorePermit>,
         mut resumed: Option<(Woke, SystemTime)>,
     ) -> Exit {
         let parts = self.parts;
@@ -711,11 +762,27 @@ impl<'a, E: Endpoint> Task<'a, E> {
             // The permit first, in this small loop, then the attempt's state (issue #11:
             // at start every account is due at once, and the heap keeps the shape of
             // the largest crowd it held).
-            let permit = tokio::select! {
-                biased;
-                _ = self.cancel.cancelled() => return Exit::Stop,
-                p = parts.shared.semaphore.acquire() => p.expect("the semaphore is never closed"),
+            let provider = super::engine::Providers::of(self.account());
+            let permit = match parts.shared.slots.try_acquire(&provider) {
+                Ok(p) => p,
+                Err(busy) => {
+                    if busy == super::slots::Busy::Share {
+                        // Its provider holds its share of the slots: it waits as a task,
+                        // and the accounts whose alarms ring meanwhile (of other
+                        // providers too) are not held back by it (issue 19). Waiting for
+                        // a slot that any account may take next, it keeps its place
+                        // among the few awake (issue #11: not every account a task).
+                        awake.take();
+                    }
+                    tokio::select! {
+                        biased;
+                        _ = self.cancel.cancelled() => return Exit::Stop,
+                        p = parts.shared.slots.acquire(&provider) => p,
+                    }
+                }
             };
+            // Holding a slot, it needs no place among the awake: the slots bound it.
+            awake.take();
             let attempt =
                 Box::pin(self.attempt(engine, coordinator.as_deref(), plan, leading, permit));
             if let Then::Stop = attempt.await {
@@ -770,8 +837,17 @@ impl<'a, E: Endpoint> Task<'a, E> {
             Woke::Poked => {
                 let pokes = self.parts.inbox.pokes.swap(0, Ordering::SeqCst);
                 let now = Instant::now();
-                if pokes & (Poke::CredentialsChanged.bit() | Poke::Force.bit()) != 0 {
-                    force = pokes & Poke::Force.bit() != 0;
+                if pokes & Poke::Reseed.bit() != 0 {
+                    if let Err(e) = engine.reseed().await {
+                        // The next save tries again; the chain starts from the seed
+                        // in memory meanwhile.
+                        tracing::error!(account = %name, "{e}");
+                    }
+                }
+                if pokes & (Poke::CredentialsChanged.bit() | Poke::Force.bit() | Poke::Reseed.bit())
+                    != 0
+                {
+                    force = pokes & (Poke::Force.bit() | Poke::Reseed.bit()) != 0;
                     tracing::info!(account = %name, "{}", if force {
                         "refresh forced: any hold or rate-limit wait ends for one attempt"
                     } else {
@@ -866,7 +942,7 @@ impl<'a, E: Endpoint> Task<'a, E> {
         coordinator: Option<&dyn Coordinator>,
         plan: &mut Plan,
         leading: bool,
-        permit: SemaphorePermit<'_>,
+        permit: super::slots::RefreshPermit<'_>,
     ) -> Then {
         let name = &self.account().name;
         // Cluster mode: the link is claimed right before it is sent (issue #20).
@@ -1236,6 +1312,15 @@ impl<'a, E: Endpoint> Task<'a, E> {
         } else {
             // Nothing for this request: readers must not see another request's token.
             self.publish(|s| *s = TokenState::default());
+        }
+        if let Some(at) = engine.changed_request_not_before() {
+            let wait = at.duration_since(now).unwrap_or_default();
+            tracing::info!(
+                account = %self.account().name,
+                wait = wait.as_secs(),
+                "the request changed again within min_refresh_interval: waiting before asking the provider"
+            );
+            plan.next = plan.next.max(Instant::now() + wait);
         }
         if let Some((until, kind)) = engine.wait() {
             let wait = until.duration_since(now).unwrap_or_default();

@@ -158,6 +158,7 @@ impl fmt::Debug for Account {
             .field("ca_file", &self.options.ca_file)
             .field("proxy", &self.options.proxy)
             .field("timeout", &self.options.timeout)
+            .field("refresh_token_timeout", &self.options.refresh_token_timeout)
             .field("schedule", &self.options.schedule)
             .field("on_expiry", &self.on_expiry)
             .field("on_refresh", &self.options.on_refresh)
@@ -184,6 +185,9 @@ pub struct Options {
     /// A proxy URL may carry a password.
     pub proxy: Option<Secret>,
     pub timeout: Duration,
+    /// The refresh_token grant's request timeout (SPEC §6: its answer holds the only
+    /// copy of the next refresh token, so it waits longer than `timeout`).
+    pub refresh_token_timeout: Duration,
     pub schedule: SchedulePolicy,
     pub on_refresh: Option<Vec<String>>,
     pub on_refresh_signal: Option<SignalHook>,
@@ -192,6 +196,21 @@ pub struct Options {
 }
 
 impl Account {
+    /// How long a token request may take: `refresh_token_timeout` for the refresh_token
+    /// grant, `timeout` for the others.
+    pub fn request_timeout(&self) -> Duration {
+        match self.grant {
+            Grant::RefreshToken { .. } => self.options.refresh_token_timeout,
+            _ => self.options.timeout,
+        }
+    }
+
+    /// Whether a request of this account may rotate a refresh token (the
+    /// refresh_token grant): its answer is the only copy of the next one.
+    pub fn rotates(&self) -> bool {
+        matches!(self.grant, Grant::RefreshToken { .. })
+    }
+
     /// Every secret this account reads, for `check` and for watching files.
     pub fn secrets(&self) -> Vec<(&'static str, &SecretSpec)> {
         let mut v = Vec::new();
@@ -471,6 +490,10 @@ pub fn load_checked(path: &Path) -> Result<Config, ConfigErrors> {
 }
 
 fn load_with(path: &Path, checks: validate::Checks) -> Result<Config, ConfigErrors> {
+    // Absolute from here on (SPEC §6: reloads and secret files are watched whatever
+    // path was typed; relative paths in the file are relative to its directory).
+    let absolute = std::path::absolute(path);
+    let path = absolute.as_deref().unwrap_or(path);
     let located = |message: String| {
         ConfigErrors(vec![ConfigError {
             file: path.to_owned(),

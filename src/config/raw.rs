@@ -78,6 +78,8 @@ pub(crate) struct RawAccount {
     pub ca_file: Option<S<String>>,
     pub proxy: Option<S<String>>,
     pub timeout: Option<S<String>>,
+    /// A refresh_token request's own, longer timeout (its answer is the next link).
+    pub refresh_token_timeout: Option<S<String>>,
 
     pub refresh_ratio: Option<S<f64>>,
     pub refresh_every: Option<S<String>>,

@@ -33,6 +33,8 @@ pub(super) struct Located {
     state_dir: Option<ConfigError>,
     /// Every private key and client certificate, with where it is written.
     key_files: Vec<KeyFile>,
+    /// Every output's path, with where it is written.
+    outputs: Vec<(PathBuf, ConfigError)>,
 }
 
 /// A `private_key`, `client_key` or `client_cert`, for the checks that read it.
@@ -105,11 +107,97 @@ pub(super) fn check_files(
             errors.push(ConfigError { message, ..at });
         }
     }
+    errors.extend(outputs_resolved_apart(config, located.outputs));
     if errors.is_empty() {
         Ok(())
     } else {
         Err(ConfigErrors(errors))
     }
+}
+
+/// Outputs compared as the file system resolves them (a symbolic link in a directory
+/// of the path): two outputs that are one file, or one inside `state_dir`, are refused
+/// like two that are spelled alike (the pure parse compares spellings, `..` resolved).
+fn outputs_resolved_apart(
+    config: &Config,
+    outputs: Vec<(PathBuf, ConfigError)>,
+) -> Vec<ConfigError> {
+    let state_dir = config.daemon.state_dir.as_deref().map(resolved);
+    let mut seen: HashMap<PathBuf, PathBuf> = HashMap::new();
+    let mut errors = Vec::new();
+    for (path, at) in outputs {
+        let real = resolved(&path);
+        if let Some(dir) = state_dir.as_ref().filter(|d| real.starts_with(d)) {
+            errors.push(ConfigError {
+                message: format!(
+                    "{} is inside state_dir (it resolves to {}, in {}): tokend keeps the refresh-token chains and saved state there, which an output must never replace",
+                    path.display(),
+                    real.display(),
+                    dir.display()
+                ),
+                ..at.clone()
+            });
+        }
+        match seen.get(&real) {
+            Some(first) => errors.push(ConfigError {
+                message: format!(
+                    "{} and {} are one file ({}): two outputs would overwrite each other",
+                    path.display(),
+                    first.display(),
+                    real.display()
+                ),
+                ..at
+            }),
+            None => {
+                seen.insert(real, path);
+            }
+        }
+    }
+    errors
+}
+
+/// `path` as the file system resolves it: the longest part that exists, with its
+/// symbolic links followed, and the rest as written (`.` and `..` resolved).
+fn resolved(path: &Path) -> PathBuf {
+    let path = normalized(path);
+    let mut existing = path.as_path();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(real) = std::fs::canonicalize(existing) {
+            let mut out = real;
+            out.extend(rest.iter().rev());
+            return normalized(&out);
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                existing = parent;
+            }
+            _ => return path,
+        }
+    }
+}
+
+/// `path` with `.` and `..` resolved as written (`out/sub/../a` is `out/a`), not
+/// through the file system.
+pub(crate) fn normalized(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => match out.components().next_back() {
+                Some(Component::Normal(_)) => {
+                    out.pop();
+                }
+                // `/..` is `/`.
+                Some(Component::RootDir | Component::Prefix(_)) => {}
+                _ => out.push(".."),
+            },
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// A private key must be tokend's alone, parse, and fit its `assertion_alg`; a client
@@ -231,6 +319,8 @@ struct Ctx<'a> {
     /// Keys whose values were dropped for a type error: not reported again as missing.
     dropped: Vec<String>,
     key_files: Vec<KeyFile>,
+    /// Every output's path, and where it is written.
+    outputs: Vec<(PathBuf, ConfigError)>,
     /// Every token endpoint once: accounts of one provider share it (issue #11).
     token_urls: std::collections::HashSet<Arc<TokenUrl>>,
     /// Every distinct [`Options`] once, likewise.
@@ -500,6 +590,7 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<(Config, Located), Config
         inline_secrets: Vec::new(),
         dropped: Vec::new(),
         key_files: Vec::new(),
+        outputs: Vec::new(),
         token_urls: Default::default(),
         options: Default::default(),
     };
@@ -563,6 +654,8 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<(Config, Located), Config
     let mut names: HashMap<String, usize> = HashMap::new();
     // Each output path, and the account and place that first named it.
     let mut seen: HashMap<PathBuf, String> = HashMap::new();
+    // The state directory, as outputs are compared with it.
+    let state_dir = daemon.state_dir.as_deref().map(normalized);
     for (label, raw, span) in accounts_raw {
         let paths: Vec<std::ops::Range<usize>> = raw
             .output
@@ -570,6 +663,11 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<(Config, Located), Config
             .flatten()
             .map(|o| o.get_ref().path.as_ref().map_or(o.span(), |p| p.span()))
             .collect();
+        let grant_at = raw
+            .grant_type
+            .as_ref()
+            .or(defaults.grant_type.as_ref())
+            .map_or(span.clone(), |g| g.span());
         if let Some(a) = account(
             &mut cx,
             &label,
@@ -587,23 +685,42 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<(Config, Located), Config
                         a.name
                     ),
                 );
-            } else {
-                names.insert(a.name.clone(), cx.lines.line_col(text, span.start).0);
-                // An account that validated has one output per [[account.output]].
-                for (i, (o, at)) in a.outputs.iter().zip(paths).enumerate() {
-                    if let Some(first) = seen.get(&o.path) {
-                        let message = format!(
-                            "{} is already the output of account {first}",
-                            o.path.display()
-                        );
-                        cx.err(at, format!("{label}.output[{}].path", i + 1), message);
-                    } else {
-                        let (line, _) = cx.lines.line_col(text, at.start);
-                        seen.insert(o.path.clone(), format!("{:?} (line {line})", a.name));
-                    }
-                }
-                accounts.push(a);
+                continue;
             }
+            names.insert(a.name.clone(), cx.lines.line_col(text, span.start).0);
+            if a.rotates() && state_dir.is_none() {
+                cx.err(
+                    grant_at,
+                    format!("{label}.grant_type"),
+                    "grant_type = \"refresh_token\" needs [daemon] state_dir: the provider rotates the refresh token, and the rotated one must survive a restart (the configured one is spent after the first refresh)",
+                );
+            }
+            // An account that validated has one output per [[account.output]].
+            for (i, (o, at)) in a.outputs.iter().zip(paths).enumerate() {
+                let key = format!("{label}.output[{}].path", i + 1);
+                let resolved = normalized(&o.path);
+                if let Some(dir) = state_dir.as_ref().filter(|d| resolved.starts_with(d)) {
+                    let message = format!(
+                        "{} is inside state_dir {}: tokend keeps the refresh-token chains and saved state there, which an output must never replace",
+                        o.path.display(),
+                        dir.display()
+                    );
+                    cx.err(at.clone(), key.clone(), message);
+                }
+                if let Some(first) = seen.get(&resolved) {
+                    let message = format!(
+                        "{} is already the output of account {first}",
+                        o.path.display()
+                    );
+                    cx.err(at, key, message);
+                } else {
+                    let (line, _) = cx.lines.line_col(text, at.start);
+                    cx.outputs
+                        .push((o.path.clone(), cx.locate(at, key, String::new())));
+                    seen.insert(resolved, format!("{:?} (line {line})", a.name));
+                }
+            }
+            accounts.push(a);
         }
     }
 
@@ -625,6 +742,7 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<(Config, Located), Config
                 inline_secrets: cx.inline_secrets,
                 state_dir: raw_state_dir_at,
                 key_files: cx.key_files,
+                outputs: cx.outputs,
             },
         ))
     } else {
@@ -954,6 +1072,11 @@ fn account(
         &at.k("timeout"),
         Duration::from_secs(30),
     );
+    let refresh_token_timeout = cx.duration(
+        &pick!(a, d, refresh_token_timeout),
+        &at.k("refresh_token_timeout"),
+        Duration::from_secs(120),
+    );
     let ca_file = pick!(a, d, ca_file).map(|c| cx.path(c.get_ref()));
     let outputs = outputs(cx, &at, &name, has_socket);
     let access = access(cx, &at);
@@ -982,6 +1105,7 @@ fn account(
                 ca_file,
                 proxy,
                 timeout,
+                refresh_token_timeout,
                 schedule,
                 on_refresh,
                 on_refresh_signal,
@@ -2005,6 +2129,124 @@ grant_type = "password"
     }
 
     #[test]
+    fn a_refresh_token_account_needs_a_state_dir() {
+        let rt = "[[account]]\nname = \"rt\"\ntoken_url = \"https://idp.example/t\"\nclient_id = \"id\"\n\
+                  client_auth = \"none\"\ngrant_type = \"refresh_token\"\nrefresh_token = { env = \"RT\" }\n\
+                  [[account.output]]\npath = \"/r\"\n";
+        let errs = errors(rt);
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert_eq!(errs[0].key, "account.rt.grant_type");
+        assert_eq!((errs[0].line, errs[0].column), (6, 14));
+        assert!(
+            errs[0].message.contains("needs [daemon] state_dir"),
+            "{}",
+            errs[0]
+        );
+        // Inherited from [defaults], it is named where the account is.
+        let inherited = format!(
+            "[defaults]\ngrant_type = \"refresh_token\"\n{}",
+            rt.replace("grant_type = \"refresh_token\"\n", "")
+        );
+        assert_eq!(errors(&inherited)[0].key, "account.rt.grant_type");
+        assert!(parse(&format!("[daemon]\nstate_dir = \"/s\"\n{rt}")).is_ok());
+    }
+
+    #[test]
+    fn outputs_are_compared_resolved_and_kept_out_of_the_state_dir() {
+        let two = |a: &str, b: &str| {
+            format!(
+                "[daemon]\nstate_dir = \"/var/lib/tokend\"\n{}\n{}",
+                MINIMAL.replace("/run/tokend/tokens/msk", a),
+                MINIMAL
+                    .replace("\"msk\"", "\"b\"")
+                    .replace("/run/tokend/tokens/msk", b)
+            )
+        };
+        let errs = errors(&two("/out/a", "/out/sub/../a"));
+        assert!(
+            errs.iter().any(|e| e.key == "account.b.output[1].path"
+                && e.message.contains("already the output of account \"msk\"")),
+            "{errs:#?}"
+        );
+        assert!(errors(&two("/out/./a", "/out//a")).len() == 1);
+        assert!(parse(&two("/out/a", "/out/sub/a")).is_ok());
+        let errs = errors(&two("/out/a", "/var/lib/tokend/b.json"));
+        assert!(
+            errs.iter()
+                .any(|e| e.key == "account.b.output[1].path"
+                    && e.message.contains("inside state_dir")),
+            "{errs:#?}"
+        );
+        let errs = errors(&two("/var/lib/x/../tokend/sub/f", "/out/b"));
+        assert!(
+            errs.iter().any(|e| e.key == "account.msk.output[1].path"),
+            "{errs:#?}"
+        );
+        assert_eq!(normalized(Path::new("/..")), PathBuf::from("/"));
+        assert_eq!(normalized(Path::new("a/../../b")), PathBuf::from("../b"));
+    }
+
+    #[test]
+    fn outputs_that_are_one_file_through_a_link_are_refused_on_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        std::os::unix::fs::symlink(&real, dir.path().join("link")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("state"), dir.path().join("state-link"))
+            .unwrap();
+        std::fs::create_dir(dir.path().join("state")).unwrap();
+        let text = format!(
+            "[daemon]\nstate_dir = \"state\"\n{}\n{}",
+            MINIMAL.replace("/run/tokend/tokens/msk", "real/a"),
+            MINIMAL
+                .replace("\"msk\"", "\"b\"")
+                .replace("/run/tokend/tokens/msk", "link/a")
+        );
+        std::fs::write(dir.path().join("config.toml"), &text).unwrap();
+        let errs = crate::config::load(&dir.path().join("config.toml"))
+            .unwrap_err()
+            .0;
+        assert!(
+            errs.iter()
+                .any(|e| e.key == "account.b.output[1].path" && e.message.contains("are one file")),
+            "{errs:#?}"
+        );
+        let text = text.replace("link/a", "state-link/b.json");
+        std::fs::write(dir.path().join("config.toml"), &text).unwrap();
+        let errs = crate::config::load(&dir.path().join("config.toml"))
+            .unwrap_err()
+            .0;
+        assert!(
+            errs.iter()
+                .any(|e| e.key == "account.b.output[1].path"
+                    && e.message.contains("inside state_dir")),
+            "{errs:#?}"
+        );
+    }
+
+    #[test]
+    fn a_relative_config_path_is_made_absolute() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("c.toml"), MINIMAL).unwrap();
+        let here = std::env::current_dir().unwrap();
+        let rel = pathdiff(dir.path(), &here);
+        let c = crate::config::load(&rel.join("c.toml")).unwrap();
+        assert!(c.path.is_absolute(), "{}", c.path.display());
+        assert_eq!(normalized(&c.path), dir.path().join("c.toml"));
+    }
+
+    /// `to` relative to `from` (both absolute), with `..` as needed.
+    fn pathdiff(to: &Path, from: &Path) -> PathBuf {
+        let mut up = PathBuf::new();
+        let mut base = from.to_owned();
+        while !to.starts_with(&base) {
+            up.push("..");
+            base.pop();
+        }
+        up.join(to.strip_prefix(&base).unwrap())
+    }
+
+    #[test]
     fn line_and_column_count_characters_and_survive_any_offset() {
         let text = "a = 1\n\u{e9}t\u{e9} = \"x\"\n\nlast";
         let lines = Lines::new(text);
@@ -2083,7 +2325,8 @@ grant_type = "password"
         )
         .replace("client_secret_unused = 1\n", "")
         .replace("{ file = \"secrets/msk\" }", "\"inline-secret\"");
-        let text = text.replace("https://", "https://url-user:url-pass@")
+        let text = "[daemon]\nstate_dir = \"/s\"\n".to_owned()
+            + &text.replace("https://", "https://url-user:url-pass@")
             + "\n[[account]]\nname = \"pw\"\ntoken_url = \"https://idp.example/t\"\n\
                client_id = \"id\"\nclient_secret = \"inline-secret\"\ngrant_type = \"password\"\n\
                username = \"u\"\npassword = \"inline-password\"\n[[account.output]]\npath = \"/p\"\n\

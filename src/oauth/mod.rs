@@ -56,8 +56,15 @@ pub enum Error {
         status: u16,
         retry_after: Option<SystemTime>,
     },
+    /// A 2xx answer that is no usable token. `rotated` is the refresh token it carried,
+    /// if it carried one: the provider may have rotated the chain with this answer, so
+    /// the engine saves it whatever else is wrong (SPEC §6). Never displayed.
     #[error("malformed token response (HTTP {status}): {reason}")]
-    Malformed { status: u16, reason: String },
+    Malformed {
+        status: u16,
+        reason: String,
+        rotated: Option<crate::config::Secret>,
+    },
     #[error("failed to set up the HTTP client: {0}")]
     Client(String),
 }
@@ -77,6 +84,14 @@ impl Error {
             Error::OAuth { status, .. }
             | Error::Http { status, .. }
             | Error::Malformed { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The refresh token a malformed 2xx answer carried (see [`Error::Malformed`]).
+    pub fn rotated_refresh_token(&self) -> Option<&crate::config::Secret> {
+        match self {
+            Error::Malformed { rotated, .. } => rotated.as_ref(),
             _ => None,
         }
     }

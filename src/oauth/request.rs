@@ -319,7 +319,7 @@ impl HttpEndpoint {
             if e.is_timeout() {
                 Error::Timeout {
                     url: url.clone(),
-                    after: self.account.options.timeout,
+                    after: self.account.request_timeout(),
                 }
             } else {
                 let why = error_chain(&e.without_url());
@@ -332,7 +332,7 @@ impl HttpEndpoint {
         };
         let mut resp = client
             .post(req.url)
-            .timeout(self.account.options.timeout)
+            .timeout(self.account.request_timeout())
             .headers(req.headers)
             // reqwest takes its own copy, which it does not zero: ours is.
             .body(req.body.as_bytes().to_vec())
@@ -354,6 +354,7 @@ impl HttpEndpoint {
                 return Err(Error::Malformed {
                     status,
                     reason: format!("response larger than {} KiB", MAX_RESPONSE_BYTES / 1024),
+                    rotated: None,
                 });
             }
             body.extend_from_slice(&chunk);
@@ -451,7 +452,7 @@ mod tests {
 
     fn account(extra: &str) -> Account {
         let text = format!(
-            "[[account]]\nname = \"a\"\ntoken_url = \"https://idp.example/t?tenant=x\"\nclient_id = \"my id\"\n{extra}\n[[account.output]]\npath = \"/x\"\n"
+            "[daemon]\nstate_dir = \"/s\"\n[[account]]\nname = \"a\"\ntoken_url = \"https://idp.example/t?tenant=x\"\nclient_id = \"my id\"\n{extra}\n[[account.output]]\npath = \"/x\"\n"
         );
         parse_str(&text, Path::new("/c.toml"))
             .unwrap()

@@ -62,17 +62,23 @@ fn malformed(status: u16, reason: impl Into<String>) -> Error {
     Error::Malformed {
         status,
         reason: reason.into(),
+        rotated: None,
     }
 }
 
 /// Parses a 2xx answer. `default_lifetime` applies when there is neither `expires_in` nor
-/// a JWT `exp`.
+/// a JWT `exp`. A body may start with a UTF-8 byte-order mark (some gateways add one).
+///
+/// The refresh token is taken first: an answer that is wrong in any other way still
+/// hands it back in [`Error::Malformed`], because the provider may have rotated the
+/// chain with it, and the old one is spent (SPEC §6).
 pub fn parse_success(
     status: u16,
     body: &[u8],
     now: SystemTime,
     default_lifetime: Duration,
 ) -> Result<Token, Error> {
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         // serde_json's message names a position and a category, never the input.
         malformed(
@@ -88,23 +94,31 @@ pub fn parse_success(
     let Value::Object(mut obj) = value else {
         return Err(malformed(status, "not a JSON object"));
     };
+    let refresh_token = match obj.remove("refresh_token") {
+        Some(Value::String(s)) if !s.is_empty() => Some(Secret::new(s)),
+        _ => None,
+    };
+    let bad = |reason: &str| Error::Malformed {
+        status,
+        reason: reason.to_owned(),
+        rotated: refresh_token.clone(),
+    };
     let access_token = match obj.remove("access_token") {
         Some(Value::String(s)) if !s.is_empty() => s,
-        Some(Value::String(_)) => return Err(malformed(status, "access_token is empty")),
-        Some(_) => return Err(malformed(status, "access_token is not a string")),
-        None => return Err(malformed(status, "no access_token")),
+        Some(Value::String(_)) => return Err(bad("access_token is empty")),
+        Some(_) => return Err(bad("access_token is not a string")),
+        None => return Err(bad("no access_token")),
     };
     // The token ends up in a header line, an env file and HTTP answers: anything outside
     // visible ASCII would break them (or inject into them).
     if !access_token.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(malformed(
-            status,
+        return Err(bad(
             "access_token holds characters that are not visible ASCII",
         ));
     }
     let token_type = match obj.remove("token_type") {
         Some(Value::String(s)) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic()) => s,
-        Some(_) => return Err(malformed(status, "token_type is not a word")),
+        Some(_) => return Err(bad("token_type is not a word")),
         // RFC 6749 requires it; some providers leave it out. Bearer is what they mean.
         None => "Bearer".into(),
     };
@@ -114,26 +128,20 @@ pub fn parse_success(
         None | Some(Value::Null) => None,
         Some(Value::Number(n)) => match n.as_f64() {
             Some(f) if f.is_finite() && f > 0.0 => Some(seconds_capped(f)),
-            _ => return Err(malformed(status, "expires_in is not a positive number")),
+            _ => return Err(bad("expires_in is not a positive number")),
         },
-        Some(Value::String(s)) => match s.trim() {
-            // Digits only: a number too large for u64 is still a (huge) lifetime.
-            t if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) => match t.parse::<u64>() {
-                Ok(0) => return Err(malformed(status, "expires_in is not a positive number")),
-                Ok(n) => Some(Duration::from_secs(n).min(MAX_LIFETIME)),
-                Err(_) => Some(MAX_LIFETIME),
-            },
-            _ => return Err(malformed(status, "expires_in is not a positive number")),
+        Some(Value::String(s)) => match numeric_string(&s) {
+            Some(d) => Some(d),
+            None => return Err(bad("expires_in is not a positive number")),
         },
-        Some(_) => return Err(malformed(status, "expires_in is not a number")),
+        Some(_) => return Err(bad("expires_in is not a number")),
     };
     let expires_at = match expires_in {
         Some(d) => now + d,
         None => match jwt_exp(&access_token) {
             Some(exp) if exp > now => exp.min(now + MAX_LIFETIME),
             Some(_) => {
-                return Err(malformed(
-                    status,
+                return Err(bad(
                     "the token's JWT exp is already past and there is no expires_in",
                 ))
             }
@@ -142,10 +150,6 @@ pub fn parse_success(
     };
     let scope = match obj.remove("scope") {
         Some(Value::String(s)) => Some(s),
-        _ => None,
-    };
-    let refresh_token = match obj.remove("refresh_token") {
-        Some(Value::String(s)) if !s.is_empty() => Some(Secret::new(s)),
         _ => None,
     };
     Ok(Token {
@@ -159,6 +163,32 @@ pub fn parse_success(
         // long as its account, thousands of them (issue #11).
         extra: if obj.is_empty() { Map::new() } else { obj },
     })
+}
+
+/// `expires_in` written as a string: digits (`"3600"`), or a decimal number
+/// (`"3600.0"`, `"1.8e3"`); positive; at most [`MAX_LIFETIME`] (a number too large for
+/// any type is still a huge lifetime). Words such as `"inf"` are no number here.
+fn numeric_string(s: &str) -> Option<Duration> {
+    let t = s.trim();
+    if t.is_empty()
+        || !t
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b"+-.eE".contains(&b))
+    {
+        return None;
+    }
+    if t.bytes().all(|b| b.is_ascii_digit()) {
+        return match t.parse::<u64>() {
+            Ok(0) => None,
+            Ok(n) => Some(Duration::from_secs(n).min(MAX_LIFETIME)),
+            Err(_) => Some(MAX_LIFETIME),
+        };
+    }
+    match t.parse::<f64>() {
+        Ok(f) if f.is_infinite() && f > 0.0 => Some(MAX_LIFETIME),
+        Ok(f) if f.is_finite() && f > 0.0 => Some(seconds_capped(f)),
+        _ => None,
+    }
 }
 
 /// `secs` seconds (positive and finite), at most [`MAX_LIFETIME`].
@@ -296,6 +326,60 @@ mod tests {
         assert_eq!(t.extra["consented_on"], 123);
         let t = ok(r#"{"access_token":"abc","token_type":"Bearer","expires_in":"1800"}"#).unwrap();
         assert_eq!(t.lifetime(), Duration::from_secs(1800));
+    }
+
+    #[test]
+    fn numeric_strings_with_a_fraction_and_a_byte_order_mark() {
+        for (v, secs) in [
+            ("\"3600.0\"", 3600),
+            ("\" 1800.5 \"", 1800),
+            ("\"1.2e3\"", 1200),
+        ] {
+            let t = ok(&format!(r#"{{"access_token":"a","expires_in":{v}}}"#))
+                .unwrap_or_else(|e| panic!("{v}: {e}"));
+            assert_eq!(t.lifetime().as_secs(), secs, "{v}");
+        }
+        for v in [
+            "\"inf\"", "\"NaN\"", "\"-5.0\"", "\"0.0\"", "\"1e\"", "\"0\"",
+        ] {
+            assert!(
+                ok(&format!(r#"{{"access_token":"a","expires_in":{v}}}"#)).is_err(),
+                "{v}"
+            );
+        }
+        assert_eq!(
+            ok(r#"{"access_token":"a","expires_in":"1e400"}"#)
+                .unwrap()
+                .lifetime(),
+            MAX_LIFETIME
+        );
+        let mut body = b"\xEF\xBB\xBF".to_vec();
+        body.extend_from_slice(br#"{"access_token":"bom","expires_in":60}"#);
+        let t = parse_success(200, &body, now(), HOUR).unwrap();
+        assert_eq!(t.access_token.expose(), "bom");
+    }
+
+    #[test]
+    fn a_malformed_answer_still_hands_back_its_refresh_token() {
+        for body in [
+            r#"{"access_token":"a","expires_in":0,"refresh_token":"rt-new"}"#,
+            r#"{"expires_in":60,"refresh_token":"rt-new"}"#,
+            r#"{"access_token":"a b","refresh_token":"rt-new"}"#,
+            r#"{"access_token":"a","token_type":7,"refresh_token":"rt-new"}"#,
+        ] {
+            let e = ok(body).unwrap_err();
+            assert_eq!(
+                e.rotated_refresh_token().map(|s| s.expose().to_owned()),
+                Some("rt-new".to_owned()),
+                "{body}"
+            );
+            let shown = format!("{e} {e:?}");
+            assert!(!shown.contains("rt-new"), "{shown}");
+        }
+        assert!(ok(r#"{"expires_in":60}"#)
+            .unwrap_err()
+            .rotated_refresh_token()
+            .is_none());
     }
 
     #[test]

@@ -13,6 +13,45 @@ pub const TOKENS: &str = "/v1/tokens";
 /// `GET`: 200 when every account holds a valid token, else 503: [`Health`].
 pub const HEALTH: &str = "/v1/health";
 pub const CLUSTER: &str = "/v1/cluster";
+/// `GET` (root or the daemon's own user): [`DaemonInfo`].
+pub const DAEMON: &str = "/v1/daemon";
+
+/// `GET /v1/daemon`: the config the daemon runs, its generation, when it was loaded,
+/// and how the last reload went. Times are RFC 3339 UTC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonInfo {
+    pub config: String,
+    /// 1 at start, one more for each reload that was applied.
+    pub generation: u64,
+    pub loaded_at: String,
+    /// None until a reload was asked for.
+    pub last_reload: Option<ReloadInfo>,
+}
+
+/// How the last reload went: `result` is `ok` or `refused` (then `errors`, one line each
+/// as `tokend check` prints them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadInfo {
+    pub at: String,
+    pub result: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
+}
+
+impl DaemonInfo {
+    pub fn of(d: &crate::daemon::DaemonState) -> Self {
+        DaemonInfo {
+            config: d.config.display().to_string(),
+            generation: d.generation,
+            loaded_at: crate::clock::rfc3339(d.loaded_at),
+            last_reload: d.last_reload.as_ref().map(|r| ReloadInfo {
+                at: crate::clock::rfc3339(r.at),
+                result: if r.errors.is_empty() { "ok" } else { "refused" }.into(),
+                errors: r.errors.clone(),
+            }),
+        }
+    }
+}
 /// `GET`: OpenMetrics text.
 pub const METRICS: &str = "/metrics";
 
@@ -74,6 +113,9 @@ pub mod code {
     pub const FORBIDDEN: &str = "forbidden";
     /// 404: no such endpoint, or no account by that name that the caller may read.
     pub const NOT_FOUND: &str = "not_found";
+    /// 409: the account cannot do what was asked (a reseed of an account that has no
+    /// refresh-token chain).
+    pub const CONFLICT: &str = "conflict";
     /// 405: the endpoint exists, for another method (see `Allow`).
     pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
     /// 408: the request body did not arrive in time.

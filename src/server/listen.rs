@@ -170,24 +170,23 @@ fn resolve_group(name: &str) -> anyhow::Result<u32> {
     }
 }
 
-/// Raises the soft limit on open files to at least `want` (within the hard limit), as
-/// Go's runtime does: every connection takes a descriptor, and systemd's default soft
-/// limit of 1024 is below what `max_connections` allows.
-pub fn raise_fd_limit(want: u64) {
+/// Raises the soft limit on open files to the hard limit, as Go's runtime does: every
+/// connection takes a descriptor, and systemd's default soft limit of 1024 is below
+/// what a daemon serving many readers and accounts needs. Returns the soft limit now.
+pub fn raise_fd_limit() -> u64 {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
-        return;
+        return 1024;
     };
-    if soft >= want {
-        return;
+    if soft >= hard {
+        return soft;
     }
-    let new = want.min(hard);
-    if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, new, hard) {
-        tracing::warn!("failed to raise the open-file limit from {soft} to {new}: {e}");
-    } else if new < want {
-        tracing::warn!(
-            "open-file limit is {new} (hard limit); fewer connections than configured may be served"
-        );
+    match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok(()) => hard,
+        Err(e) => {
+            tracing::warn!("failed to raise the open-file limit from {soft} to {hard}: {e}");
+            soft
+        }
     }
 }
 

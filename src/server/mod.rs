@@ -17,6 +17,7 @@ pub mod api;
 mod listen;
 pub mod peer;
 mod routes;
+pub mod seats;
 
 use std::future::Future;
 use std::io;
@@ -31,11 +32,12 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use listen::{bind_tcp, bind_unix, raise_fd_limit, SocketFile};
+
 use peer::Peer;
 
 use crate::account::Accounts;
@@ -99,7 +101,21 @@ pub async fn serve_with(
     limits: Limits,
 ) -> io::Result<()> {
     let listener = UnixListener::from_std(listener)?;
-    run(listener, accounts, metrics, cancel, limits).await;
+    run(listener, accounts, None, metrics, cancel, limits).await;
+    Ok(())
+}
+
+/// [`serve_with`], answering `GET /v1/daemon` from `daemon`.
+pub async fn serve_daemon(
+    listener: std::os::unix::net::UnixListener,
+    accounts: watch::Receiver<Accounts>,
+    daemon: watch::Receiver<Arc<crate::daemon::DaemonState>>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+    limits: Limits,
+) -> io::Result<()> {
+    let listener = UnixListener::from_std(listener)?;
+    run(listener, accounts, Some(daemon), metrics, cancel, limits).await;
     Ok(())
 }
 
@@ -111,9 +127,10 @@ pub async fn serve_metrics(
     accounts: watch::Receiver<Accounts>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
+    limits: Limits,
 ) -> io::Result<()> {
     let listener = TcpListener::from_std(listener)?;
-    run(listener, accounts, metrics, cancel, Limits::default()).await;
+    run(listener, accounts, None, metrics, cancel, limits).await;
     Ok(())
 }
 
@@ -144,11 +161,27 @@ impl Listeners {
     /// costs is mostly wake-ups, and one thread that owns its listeners and connections
     /// has the fewest (no hand-offs between worker threads; BENCHMARKS.md). Refreshes
     /// never wait behind the socket, nor the socket behind them.
+    ///
+    /// Each listener holds at most as many connections as the open-files limit leaves
+    /// beside what `max_concurrent_refreshes` refreshes need ([`seats`]).
     pub fn spawn(
         self,
         accounts: watch::Receiver<Accounts>,
         metrics: Arc<Metrics>,
+        daemon: watch::Receiver<Arc<crate::daemon::DaemonState>>,
+        max_concurrent_refreshes: usize,
     ) -> anyhow::Result<Server> {
+        let fd_limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_or(1024, |(soft, _)| soft);
+        let mut limits = Limits::default();
+        limits.max_connections =
+            seats::max_connections_for(limits.max_connections, fd_limit, max_concurrent_refreshes);
+        if limits.max_connections < Limits::default().max_connections {
+            tracing::info!(
+                "the open-files limit ({fd_limit}) allows {} connections per listener",
+                limits.max_connections
+            );
+        }
         let cancel = CancellationToken::new();
         let (done_tx, done) = tokio::sync::oneshot::channel();
         let Listeners { unix, tcp } = self;
@@ -173,8 +206,15 @@ impl Listeners {
                 runtime.block_on(async move {
                     let unix = async {
                         if let Some(l) = unix {
-                            if let Err(e) =
-                                serve(l, accounts.clone(), metrics.clone(), stop.clone()).await
+                            if let Err(e) = serve_daemon(
+                                l,
+                                accounts.clone(),
+                                daemon.clone(),
+                                metrics.clone(),
+                                stop.clone(),
+                                limits.clone(),
+                            )
+                            .await
                             {
                                 tracing::error!("the socket server failed: {e}");
                             }
@@ -182,9 +222,14 @@ impl Listeners {
                     };
                     let tcp = async {
                         if let Some(l) = tcp {
-                            if let Err(e) =
-                                serve_metrics(l, accounts.clone(), metrics.clone(), stop.clone())
-                                    .await
+                            if let Err(e) = serve_metrics(
+                                l,
+                                accounts.clone(),
+                                metrics.clone(),
+                                stop.clone(),
+                                limits.clone(),
+                            )
+                            .await
                             {
                                 tracing::error!("the metrics listener failed: {e}");
                             }
@@ -252,6 +297,8 @@ trait Listen: Send + 'static {
     const SHUTDOWN: bool;
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
     fn accept(&self) -> impl Future<Output = io::Result<Self::Io>> + Send;
+    /// Who holds the seat a connection takes (one system call at most).
+    fn holder(io: &Self::Io, daemon_uid: u32) -> io::Result<seats::Holder>;
     fn caller(io: &Self::Io, daemon_uid: u32) -> io::Result<Caller>;
     /// Writes what fits without blocking (the "too many connections" answer).
     fn try_write(io: &Self::Io, buf: &[u8]);
@@ -263,6 +310,12 @@ impl Listen for UnixListener {
     type Io = tokio::net::UnixStream;
     async fn accept(&self) -> io::Result<Self::Io> {
         UnixListener::accept(self).await.map(|(s, _)| s)
+    }
+    fn holder(io: &Self::Io, daemon_uid: u32) -> io::Result<seats::Holder> {
+        Ok(match Peer::uid_of(io, daemon_uid)? {
+            (_, true) => seats::Holder::Privileged,
+            (uid, false) => seats::Holder::User(uid),
+        })
     }
     fn caller(io: &Self::Io, daemon_uid: u32) -> io::Result<Caller> {
         Peer::of(io, daemon_uid).map(|p| Caller::Local(Arc::new(p)))
@@ -281,6 +334,9 @@ impl Listen for TcpListener {
         let _ = s.set_nodelay(true);
         Ok(s)
     }
+    fn holder(_: &Self::Io, _: u32) -> io::Result<seats::Holder> {
+        Ok(seats::Holder::Remote)
+    }
     fn caller(_: &Self::Io, _: u32) -> io::Result<Caller> {
         Ok(Caller::Monitor)
     }
@@ -292,6 +348,9 @@ impl Listen for TcpListener {
 /// What every connection of a listener shares.
 pub(crate) struct Ctx {
     pub(crate) accounts: watch::Receiver<Accounts>,
+    /// What the daemon says about itself (`GET /v1/daemon`); none when the server runs
+    /// without a daemon (tests, the fuzz target).
+    pub(crate) daemon: Option<watch::Receiver<Arc<crate::daemon::DaemonState>>>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) limits: Limits,
     http: http1::Builder,
@@ -309,16 +368,17 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 async fn run<L: Listen>(
     listener: L,
     accounts: watch::Receiver<Accounts>,
+    daemon: Option<watch::Receiver<Arc<crate::daemon::DaemonState>>>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
     limits: Limits,
 ) {
-    raise_fd_limit(2 * limits.max_connections as u64 + 256);
     let http = http_builder(&limits);
     let daemon_uid = nix::unistd::geteuid().as_raw();
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let seats = seats::Seats::new(limits.max_connections);
     let ctx = Arc::new(Ctx {
         accounts,
+        daemon,
         metrics,
         limits,
         http,
@@ -351,13 +411,27 @@ async fn run<L: Listen>(
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
+        let holder = match L::holder(&io, daemon_uid) {
+            Ok(h) => h,
+            Err(e) => {
+                warn(format!("failed to identify a peer: {e}; closing"));
+                continue;
+            }
+        };
+        let Some(seat) = seats.take(holder) else {
             L::try_write(&io, BUSY);
             ctx.metrics.request(L::NAME, 503);
-            warn(format!(
-                "{} connections open: refusing more until some close",
-                ctx.limits.max_connections
-            ));
+            warn(match holder {
+                seats::Holder::User(uid) => format!(
+                    "uid {uid} holds its share of connections ({} of {}): refusing its next until some close",
+                    seats::Seats::per_peer(ctx.limits.max_connections),
+                    ctx.limits.max_connections
+                ),
+                _ => format!(
+                    "{} connections open: refusing more until some close",
+                    ctx.limits.max_connections
+                ),
+            });
             continue;
         };
         let (ctx, cancel) = (ctx.clone(), cancel.clone());
@@ -366,7 +440,7 @@ async fn run<L: Listen>(
                 Ok(caller) => connection(io, L::SHUTDOWN, caller, &ctx, &cancel).await,
                 Err(e) => tracing::warn!("failed to identify a peer: {e}; closing"),
             }
-            drop(slot);
+            drop(seat);
         });
     }
     conns.close();
@@ -401,6 +475,7 @@ pub async fn answer_bytes(
 
     let ctx = Arc::new(Ctx {
         accounts,
+        daemon: None,
         metrics: Arc::new(Metrics::new()),
         http: http_builder(&limits),
         limits,

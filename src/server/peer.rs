@@ -26,6 +26,13 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// The uid of the peer of `sock`, and whether it is privileged (root or
+    /// `daemon_uid`): all that deciding on a seat takes (one system call).
+    pub fn uid_of(sock: &impl AsFd, daemon_uid: u32) -> io::Result<(u32, bool)> {
+        let uid = getsockopt(sock, PeerCredentials)?.uid();
+        Ok((uid, uid == 0 || uid == daemon_uid))
+    }
+
     /// The credentials of the peer of `sock`. `daemon_uid` is the daemon's effective uid.
     pub fn of(sock: &impl AsFd, daemon_uid: u32) -> io::Result<Peer> {
         let cred = getsockopt(sock, PeerCredentials)?;

@@ -75,6 +75,13 @@ async fn route(req: Request<Incoming>, ctx: &Ctx, caller: &Caller) -> Response<B
             not_allowed("GET, HEAD")
         };
     }
+    if path == api::DAEMON {
+        return if get {
+            daemon(ctx, peer)
+        } else {
+            not_allowed("GET, HEAD")
+        };
+    }
     let Some(rest) = path
         .strip_prefix(api::TOKENS)
         .and_then(|r| r.strip_prefix('/'))
@@ -91,10 +98,33 @@ async fn route(req: Request<Incoming>, ctx: &Ctx, caller: &Caller) -> Response<B
             token(ctx, peer, name, action == "raw", min_valid).await
         }
         "" | "raw" => not_allowed("GET, HEAD"),
-        "refresh" if parts.method == Method::POST => refresh(ctx, peer, name, &parts, body).await,
-        "refresh" => not_allowed("POST"),
+        "refresh" | "reseed" if parts.method == Method::POST => {
+            refresh(ctx, peer, name, action == "reseed", &parts, body).await
+        }
+        "refresh" | "reseed" => not_allowed("POST"),
         _ => no_endpoint(path),
     }
+}
+
+/// `GET /v1/daemon`: root and the daemon's own user only (the config's path and the
+/// errors of a refused reload are the operator's).
+fn daemon(ctx: &Ctx, peer: &super::Peer) -> Response<Body> {
+    let Some(d) = &ctx.daemon else {
+        return no_endpoint(api::DAEMON);
+    };
+    if !peer.privileged {
+        return error(
+            StatusCode::FORBIDDEN,
+            code::FORBIDDEN,
+            format!(
+                "{} takes root or the daemon's own user (uid {})",
+                api::DAEMON,
+                nix::unistd::geteuid()
+            ),
+        );
+    }
+    let info = api::DaemonInfo::of(&d.borrow());
+    json(StatusCode::OK, &info)
 }
 
 /// The `min_valid` query parameter, if any.
@@ -208,10 +238,9 @@ async fn wait_for(
     ctx: &Ctx,
 ) -> Result<Arc<Token>, Response<Body>> {
     let a = &view.account;
-    let limit = ctx
-        .limits
-        .max_wait
-        .min(a.options.schedule.min_refresh_interval + a.options.timeout + Duration::from_secs(2));
+    let limit = ctx.limits.max_wait.min(
+        a.options.schedule.min_refresh_interval + a.request_timeout() + Duration::from_secs(2),
+    );
     let deadline = Instant::now() + limit;
     let mut rx = view.state.clone();
     let (old_token, old_failures) = {
@@ -453,10 +482,14 @@ fn metrics(ctx: &Ctx, caller: &Caller) -> Response<Body> {
 /// caller's right to force (403). Forcing takes root or the daemon's own user: it
 /// overrides what protects the provider (a hold after refused credentials, its
 /// rate limit), which an account's readers should not be able to do.
+///
+/// `POST /v1/tokens/{account}/reseed` (`reseed`): the same checks; root or the
+/// daemon's own user only, and only for an account of the refresh_token grant.
 async fn refresh(
     ctx: &Ctx,
     peer: &super::Peer,
     name: &str,
+    reseed: bool,
     parts: &hyper::http::request::Parts,
     body: Incoming,
 ) -> Response<Body> {
@@ -505,7 +538,27 @@ async fn refresh(
     let Some(view) = readable(&accounts, peer, name) else {
         return no_account(name);
     };
-    if !force {
+    if reseed {
+        if !peer.privileged {
+            return error(
+                StatusCode::FORBIDDEN,
+                code::FORBIDDEN,
+                format!(
+                    "reseed takes root or the daemon's own user (uid {}): it starts the refresh-token chain again",
+                    nix::unistd::geteuid()
+                ),
+            );
+        }
+        if !view.account.rotates() {
+            return error(
+                StatusCode::CONFLICT,
+                code::CONFLICT,
+                format!("account {name:?} is not of the refresh_token grant: it has no chain to re-seed"),
+            );
+        }
+        tracing::warn!(account = %name, uid = peer.uid, pid = peer.pid, "reseed asked for over the socket");
+        view.reseed();
+    } else if !force {
         view.refresh_now();
     } else if peer.privileged {
         tracing::info!(account = %name, uid = peer.uid, pid = peer.pid, "forced refresh asked for over the socket");

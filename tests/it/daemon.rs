@@ -18,7 +18,7 @@ use crate::support::{account_status, read, Daemon, Sandbox, LONG, SHORT};
 /// socket `tokend.sock` beside the config.
 fn config(url: &str, extra: &str) -> String {
     format!(
-        "[daemon]\nlog_level = \"debug\"\nsocket = \"tokend.sock\"\n\n\
+        "[daemon]\nlog_level = \"debug\"\nsocket = \"tokend.sock\"\nstate_dir = \"state\"\n\n\
          [[account]]\nname = \"a\"\ntoken_url = \"{url}\"\n\
          client_id = \"id\"\nclient_secret = \"secret\"\n{extra}\n\
          [[account.output]]\npath = \"tok\"\n"
@@ -394,6 +394,8 @@ fn log_through_rotations_and_a_failure(log_level: &str, env: &[(&str, &str)]) ->
 [daemon]
 log_level = "{log_level}"
 log_format = "text"
+state_dir = "state"
+socket = "tokend.sock"
 
 [defaults]
 refresh_every = "1s"
@@ -432,7 +434,15 @@ format = "json"
     env.push(("TEST_REFRESH_TOKEN", REFRESH_TOKEN));
     let d = Daemon::start_with_env(&sandbox.config(&text), &env);
     // Both accounts got to the refusal: each had its rotations before.
-    d.wait_for_log("token request refused", 2, LONG);
+    for name in ["okta", "rt"] {
+        d.wait_until(&format!("{name} refused"), LONG, || {
+            crate::support::account_status(&sandbox.path("tokend.sock"), name).filter(|a| {
+                a["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("invalid_client"))
+            })
+        });
+    }
     let (status, _, log) = d.terminate();
     assert!(status.success(), "{status:?}\n{log}");
 

@@ -747,18 +747,21 @@ fn a_reload_whose_changed_account_cannot_start_is_refused_as_a_whole() {
         "ca_file = \"missing.pem\"\nmin_refresh_interval",
     );
     let newcomer = account("newcomer", &idp.url(), "");
+    let since = d.wait_until("the daemon's socket", SHORT, || {
+        crate::support::daemon_info(&socket(&sb))
+    });
     let reloaded = Instant::now();
     reload(
         &d,
         &sb,
         &format!("{}{broken}\n{newcomer}", daemon_section(&sb)),
     );
-    d.wait_for_log("refused", 1, SHORT);
-    let log = d.log();
+    let outcome = crate::support::wait_reload(&d, &socket(&sb), &since);
+    assert_eq!(outcome["last_reload"]["result"], "refused", "{outcome}");
+    let errors = outcome["last_reload"]["errors"].to_string();
     assert!(
-        log.lines()
-            .any(|l| l.contains("refused") && l.contains("partner")),
-        "the refusal names the account:\n{log}"
+        errors.contains("partner") && errors.contains("missing.pem"),
+        "the refusal names the account and its problem: {errors}"
     );
 
     // partner keeps its outputs and goes on refreshing with its old settings.

@@ -144,7 +144,8 @@ fn a_reload_that_changes_one_of_200_accounts_asks_once_and_rewrites_no_other_out
             .collect::<Vec<_>>()
             .join("\n")
     };
-    let d = Daemon::start(&sb.config(&config(None)));
+    let d = Daemon::start(&sb.config(&with_socket(&sb, &config(None))));
+    let socket = sb.path("tokend.sock");
     let stamp = |i: usize| {
         std::fs::metadata(sb.path(&format!("out/a{i}")))
             .ok()
@@ -157,8 +158,12 @@ fn a_reload_that_changes_one_of_200_accounts_asks_once_and_rewrites_no_other_out
     let asked = idp.requests().len();
     assert_eq!(asked, N, "one request per account");
 
-    rename_over(&sb, &config(Some(7)));
-    d.wait_for_log("config reloaded", 1, SHORT);
+    let since = d.wait_until("the daemon's socket", SHORT, || {
+        crate::support::daemon_info(&socket)
+    });
+    rename_over(&sb, &with_socket(&sb, &config(Some(7))));
+    let reloaded = crate::support::wait_reload(&d, &socket, &since);
+    assert_eq!(reloaded["last_reload"]["result"], "ok", "{reloaded}");
     d.wait_until("a7's new token", SHORT, || {
         (stamp(7) != before[7]).then_some(())
     });
@@ -181,10 +186,73 @@ fn a_broken_config_keeps_the_running_one_and_sighup_reloads() {
     let d = Daemon::start(&sb.config(&with_socket(&sb, &a)));
     wait_fresh(&d, &sb, &["a"]);
     d.wait_until("a's token", SHORT, || sb.read("out/a"));
+    let daemon = |sb: &Sandbox| {
+        let (status, body) = socket_get(&sb.path("tokend.sock"), "/v1/daemon")?;
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).ok()
+    };
+    let first = daemon(&sb).expect("GET /v1/daemon");
+    assert_eq!(first["generation"], 1);
+    assert!(first["last_reload"].is_null(), "{first}");
+    assert_eq!(
+        first["config"],
+        sb.path("config.toml").display().to_string()
+    );
 
     rename_over(&sb, &with_socket(&sb, &format!("{a}\ntokne_url = 1\n")));
-    d.wait_for_log("keeping the running config", 1, SHORT);
-    assert!(d.log().contains("tokne_url"), "the error names the key");
+    let refused = d.wait_until("the reload refused", SHORT, || {
+        daemon(&sb).filter(|v| v["last_reload"]["result"] == "refused")
+    });
+    assert_eq!(
+        refused["generation"], 1,
+        "the running config stays: {refused}"
+    );
+    let errors = refused["last_reload"]["errors"].to_string();
+    assert!(
+        errors.contains("tokne_url"),
+        "the error names the key: {errors}"
+    );
+    assert!(errors.contains("config.toml:"), "and where: {errors}");
+    // `tokend status` shows it, without the journal.
+    let status = crate::support::tokend()
+        .args(["status", "--socket"])
+        .arg(sb.path("tokend.sock"))
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        shown.contains("REFUSED, still running generation 1"),
+        "{shown}"
+    );
+    assert!(shown.contains("tokne_url"), "{shown}");
+    // Others may not see it (the socket opened to them for this).
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(sb.path(""), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        sb.path("tokend.sock"),
+        std::fs::Permissions::from_mode(0o666),
+    )
+    .unwrap();
+    let nobody = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--unix-socket",
+        ])
+        .arg(sb.path("tokend.sock"))
+        .arg("http://tokend/v1/daemon")
+        .output()
+        .unwrap();
+    let code = String::from_utf8_lossy(&nobody.stdout).into_owned();
+    assert_eq!(code, "403", "nobody may not read /v1/daemon");
 
     // SIGHUP with a valid config: applied.
     let b = account("b", &url, "id-b", "");
@@ -192,7 +260,10 @@ fn a_broken_config_keeps_the_running_one_and_sighup_reloads() {
     // Written where the watcher would also see it; SIGHUP must reload by itself too.
     std::fs::write(sb.path("config.toml"), &text).unwrap();
     nix::sys::signal::kill(d.pid(), nix::sys::signal::Signal::SIGHUP).unwrap();
-    d.wait_for_log("SIGHUP: reloading", 1, SHORT);
+    let applied = d.wait_until("the reload applied", SHORT, || {
+        daemon(&sb).filter(|v| v["last_reload"]["result"] == "ok")
+    });
+    assert!(applied["generation"].as_u64().unwrap() >= 2, "{applied}");
     d.wait_until("b's token", SHORT, || sb.read("out/b"));
     assert_eq!(
         requests_from(&idp, "id-a"),
@@ -591,13 +662,26 @@ fn on_refresh_signal_signals_the_process_in_the_pid_file() {
 fn a_hook_that_hangs_is_killed_after_hook_timeout_and_rotation_goes_on() {
     let idp = FakeIdp::start(Reply::token(2));
     let sb = sandbox();
-    let extra =
-        "min_refresh_interval = \"1s\"\non_refresh = [\"sleep\", \"1000\"]\nhook_timeout = \"1s\"";
-    let d = Daemon::start(&sb.config(&account("a", &idp.url(), "id", extra)));
-    d.wait_for_log("killed after hook_timeout", 1, SHORT);
+    // Each run of the hook writes its pid (`exec`: the pid of the sleep) and hangs.
+    let pids = sb.path("hook.pids");
+    let extra = format!(
+        "min_refresh_interval = \"1s\"\non_refresh = [\"sh\", \"-c\", \"echo $$ >> {}; exec sleep 1000\"]\nhook_timeout = \"1s\"",
+        pids.display()
+    );
+    let d = Daemon::start(&sb.config(&account("a", &idp.url(), "id", &extra)));
+    // The n-th run of the hook, once it is gone: killed, and reaped.
+    let killed = |n: usize, timeout: Duration| {
+        d.wait_until(&format!("hook run {n} killed"), timeout, || {
+            let text = sb.read("hook.pids")?;
+            let pid: i32 = text.lines().nth(n - 1)?.trim().parse().ok()?;
+            let gone = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err();
+            gone.then_some(())
+        })
+    };
+    killed(1, SHORT);
     // The next rotations still come: a hanging hook does not stall the account.
     idp.wait_requests(3, LONG);
-    d.wait_for_log("killed after hook_timeout", 2, LONG);
+    killed(2, LONG);
 }
 
 #[test]

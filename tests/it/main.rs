@@ -28,6 +28,7 @@
 //! wait on the daemon's state (its outputs, or `/v1/tokens` on its socket), and on its
 //! log only where the log itself is under test.
 
+mod chain;
 mod cluster;
 mod daemon;
 mod faults;
@@ -38,4 +39,5 @@ mod once;
 mod schedule;
 mod service;
 mod socket;
+mod starve;
 mod support;

@@ -27,7 +27,7 @@ fn every_grant_and_client_auth_sends_the_right_request() {
         ),
         ("refresh_token", "refresh_token = \"rt-{name}\"\n"),
     ];
-    let mut text = String::new();
+    let mut text = String::from("[daemon]\nstate_dir = \"state\"\n");
     let mut names = Vec::new();
     for (grant, grant_keys) in grants {
         for auth in ["basic", "post", "none"] {

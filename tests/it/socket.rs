@@ -923,14 +923,15 @@ fn get_and_status_end_to_end() {
 
 #[test]
 fn docs_curl_examples_work() {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    // The README's socket section: from its heading to the next one of its level.
-    let start = readme
-        .find("## The socket API")
-        .expect("the README has a socket section");
-    let rest = &readme[start + 2..];
-    let doc = &rest[..rest.find("\n## ").unwrap_or(rest.len())];
+    // The book's chapters on the socket API and the metrics, every line of them.
+    let doc = ["socket-api.md", "metrics.md"]
+        .map(|chapter| {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("docs/src")
+                .join(chapter);
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        })
+        .join("\n");
     let idp = idp_for("msk", 3600);
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -40,6 +40,8 @@ pub enum Expiry {
     /// No `expires_in`; the token is a JWT whose `exp` is this absolute JSON number
     /// (`1e20`: an absurd one, far past year 9999).
     JwtExp(f64),
+    /// `"expires_in": <this JSON text>` as it is (`0`, `"3600.0"`).
+    Raw(&'static str),
 }
 
 /// One scripted answer.
@@ -76,6 +78,8 @@ pub enum Reply {
     Body(u16, String),
     /// Never answers; the connection stays open until the IdP stops.
     Hang,
+    /// `reply`, its body after a UTF-8 byte-order mark (as some gateways send it).
+    WithBom(Box<Reply>),
     /// Waits this long, then answers `reply`. What the answer holds (a token, a rotated
     /// refresh token) is decided and recorded when the request arrives, as a provider
     /// does: a client that gives up waiting loses what the answer carried.
@@ -109,6 +113,15 @@ impl Reply {
     /// `reply` with Okta's `X-Rate-Limit-Reset` this many seconds ahead.
     pub fn with_okta_reset(secs: u64, reply: Reply) -> Reply {
         Reply::WithOktaReset(secs, Box::new(reply))
+    }
+
+    /// Whether this answer issues a token (and so rotates a refresh token).
+    fn is_token(&self) -> bool {
+        match self {
+            Reply::Token { .. } => true,
+            Reply::WithBom(r) | Reply::WithOktaReset(_, r) | Reply::Slow(_, r) => r.is_token(),
+            _ => false,
+        }
     }
 }
 
@@ -542,7 +555,7 @@ async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
             delay += d;
             reply = *inner;
         }
-        let refresh = (rotates && matches!(reply, Reply::Token { .. })).then(|| {
+        let refresh = (rotates && reply.is_token()).then(|| {
             let n = state.refresh_issued.len() + 1;
             format!("rrt-{n}-{}", random_chars(16))
         });
@@ -570,6 +583,20 @@ fn render(state: &mut State, reply: Reply, refresh: Option<String>) -> Option<(u
     let (status, headers, body): (u16, Vec<(&str, String)>, String) = match reply {
         Reply::Hang => return None,
         Reply::Slow(_, inner) => return render(state, *inner, refresh),
+        Reply::WithBom(inner) => {
+            let (status, bytes) = render(state, *inner, refresh)?;
+            let text = String::from_utf8(bytes).expect("the fake IdP answers UTF-8");
+            let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
+            let head = head
+                .lines()
+                .map(|l| match l.to_ascii_lowercase().strip_prefix("content-length:") {
+                    Some(n) => format!("Content-Length: {}", n.trim().parse::<usize>().unwrap() + 3),
+                    None => l.to_owned(),
+                })
+                .collect::<Vec<_>>()
+                .join("\r\n");
+            return Some((status, format!("{head}\r\n\r\n\u{feff}{body}").into_bytes()));
+        }
         Reply::WithOktaReset(secs, inner) => {
             let (status, bytes) = render(state, *inner, refresh)?;
             return Some((status, with_okta_headers(bytes, secs)));
@@ -788,6 +815,10 @@ fn token_body(
         }
         Expiry::InString(secs) => {
             fields.insert("expires_in".into(), secs.to_string().into());
+        }
+        Expiry::Raw(json) => {
+            let v: serde_json::Value = serde_json::from_str(json).expect("Expiry::Raw is JSON");
+            fields.insert("expires_in".into(), v);
         }
         Expiry::Missing | Expiry::Jwt(_) | Expiry::JwtExp(_) => {}
     }

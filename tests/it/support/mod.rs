@@ -217,6 +217,27 @@ pub fn socket_get(socket: &Path, path: &str) -> Option<(u16, String)> {
     ))
 }
 
+/// `GET /v1/daemon` on the daemon's socket (as root): the config's generation and the
+/// last reload's outcome.
+pub fn daemon_info(socket: &Path) -> Option<serde_json::Value> {
+    let (status, body) = socket_get(socket, "/v1/daemon")?;
+    (status == 200).then(|| serde_json::from_str(&body).ok())?
+}
+
+/// Waits until the daemon on `socket` has reloaded its config to generation `n` or later,
+/// or refused a reload after generation `n - 1` (`last_reload.result`, `refused`):
+/// a reload's outcome as state, not as a log line. Returns `/v1/daemon`'s answer.
+pub fn wait_reload(d: &Daemon, socket: &Path, since: &serde_json::Value) -> serde_json::Value {
+    let at = since["last_reload"]["at"].clone();
+    let generation = since["generation"].as_u64().unwrap_or(0);
+    d.wait_until("a reload's outcome on /v1/daemon", SHORT, || {
+        daemon_info(socket).filter(|v| {
+            v["generation"].as_u64().unwrap_or(0) > generation
+                || (v["last_reload"]["result"] == "refused" && v["last_reload"]["at"] != at)
+        })
+    })
+}
+
 /// A child process that does not outlive a failed test.
 struct KillOnDrop(Child);
 
