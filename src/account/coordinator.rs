@@ -101,10 +101,9 @@ pub trait ClusterStatus: Send + Sync + 'static {
     }
 }
 
-/// How long a request of `account` may be on the wire: what a new leader waits for,
-/// plus the lease's time to live, before it takes over the link of a member that died
-/// mid-request. (Issue #19 gives refresh_token requests a timeout of their own,
-/// `refresh_token_timeout`: this is where it goes.)
+/// How long a request of `account` may be on the wire (`refresh_token_timeout` for the
+/// refresh_token grant): what a new leader waits for, plus the lease's time to live,
+/// before it takes over the link of a member that died mid-request.
 pub fn request_timeout(account: &Account) -> Duration {
-    account.options.timeout
+    account.request_timeout()
 }

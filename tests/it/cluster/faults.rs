@@ -30,7 +30,7 @@ const TTL: Duration = Duration::from_secs(2);
 /// A refresh_token account whose requests may take 10 s: a leader paused for
 /// 3 x lease_ttl (6 s) mid-request still gets its answer.
 const ROTATING: &str = "grant_type = \"refresh_token\"\nrefresh_token = \"rt-seed\"\n\
-                        client_auth = \"none\"\ntimeout = \"10s\"\n";
+                        client_auth = \"none\"\nrefresh_token_timeout = \"10s\"\n";
 /// A client_credentials account.
 const CLIENT: &str = "client_secret = { file = \"secret\" }\n";
 
@@ -357,6 +357,7 @@ fn a_leader_that_dies_mid_request_is_waited_for_then_its_link_is_tried_once_and_
     let proxy = HookProxy::start(idp.addr());
     // Requests of 4 s: the others wait 4 s + lease_ttl for a dead member's answer.
     let grant = ROTATING.replace("timeout = \"10s\"", "timeout = \"4s\"");
+    assert_ne!(grant, ROTATING);
     let nodes = nodes(3, &etcd.endpoints(), &proxy.url_for(&idp.url()), &grant);
     let all: Vec<&Node> = nodes.iter().collect();
     let daemons: Vec<Daemon> = nodes.iter().map(Node::start).collect();
