@@ -565,6 +565,23 @@ const CLUSTER_RECHECK: Duration = Duration::from_secs(5);
 /// identity spent the seed, a record that does not open): an operator has to act.
 const CLUSTER_REFUSED_RECHECK: Duration = Duration::from_secs(60);
 
+/// Counts a chain's claimed refresh as on the wire until its answer is shared: the
+/// daemon's shutdown waits for it (`rotations`), as for the request itself.
+struct Sharing<'a>(&'a tokio::sync::watch::Sender<usize>);
+
+impl<'a> Sharing<'a> {
+    fn start(tx: &'a tokio::sync::watch::Sender<usize>) -> Self {
+        tx.send_modify(|n| *n += 1);
+        Sharing(tx)
+    }
+}
+
+impl Drop for Sharing<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
 /// What news from the cluster means for this member.
 enum ClusterNews {
     Stop,
@@ -945,8 +962,12 @@ impl<'a, E: Endpoint> Task<'a, E> {
         permit: super::slots::RefreshPermit<'_>,
     ) -> Then {
         let name = &self.account().name;
-        // Cluster mode: the link is claimed right before it is sent (issue #20).
+        // Cluster mode: the link is claimed right before it is sent (issue #20), and
+        // shutdown waits for its answer to be shared (for a chain, the only copy of the
+        // next link), as it waits for the request itself.
         let mut after = None;
+        let _sharing = (leading && coordinator.is_some() && self.account().rotates())
+            .then(|| Sharing::start(&self.parts.shared.rotations));
         if let (true, Some(c)) = (leading, coordinator) {
             match self.claim(engine, c, plan).await {
                 Ok(a) => after = a,
@@ -1091,13 +1112,36 @@ impl<'a, E: Endpoint> Task<'a, E> {
         if engine.wait().is_some_and(|(until, _)| until > now) {
             return false;
         }
-        match engine.saved_token(Duration::ZERO) {
+        // The published token: timed as the cluster times it.
+        let token = self.parts.state.borrow().valid_token(now).cloned();
+        match token {
             None => true,
             Some(t) => {
                 let policy = &self.account().options.schedule;
                 now >= t.issued_at + schedule::refresh_delay(policy, t.lifetime(), 1.0)
             }
         }
+    }
+
+    /// Cluster mode: the served token timed as `shared` times it, if that is the same
+    /// token timed more than two seconds apart (this member's wall clock was set).
+    fn retimed(&self, shared: &super::persist::Portable) -> Option<Arc<Token>> {
+        let theirs = shared.token.as_ref()?.to_token();
+        let s = self.parts.state.borrow();
+        let mine = s.token.as_ref()?;
+        if mine.access_token.expose() != theirs.access_token.expose() {
+            return None;
+        }
+        let apart = match theirs.expires_at.duration_since(mine.expires_at) {
+            Ok(d) => d,
+            Err(e) => e.duration(),
+        };
+        (apart > Duration::from_secs(2)).then(|| {
+            let mut t = (**mine).clone();
+            t.issued_at = theirs.issued_at;
+            t.expires_at = theirs.expires_at;
+            Arc::new(t)
+        })
     }
 
     /// Cluster mode, when a refresh is due: whose turn it is. `Some(true)` when this
@@ -1224,6 +1268,20 @@ impl<'a, E: Endpoint> Task<'a, E> {
                 s.failures = 0;
                 s.attempted = true;
                 s.refreshed_by = Some(by);
+            });
+        } else if let Some(token) = self.retimed(&shared.state) {
+            // The same token, timed anew: this member's wall clock was set meanwhile
+            // (the cluster times tokens by the lifetime they have left).
+            tracing::info!(account = %self.account().name, "the wall clock moved: the shared token is timed anew");
+            if let Err(e) = engine.deliver(token.clone(), false).await {
+                tracing::error!(account = %self.account().name, "{e}");
+            }
+            let now = self.now();
+            self.publish(|s| {
+                if s.status == Status::Expired && token.is_valid_at(now) {
+                    s.status = Status::Fresh;
+                }
+                s.token = Some(token);
             });
         }
         if let Some((until, kind)) = engine.wait() {

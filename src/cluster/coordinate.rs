@@ -64,8 +64,8 @@ struct Inner {
     taken: Option<Taken>,
     /// When this member first saw other members' claims (by claim id), newest last.
     claims_seen: VecDeque<(u64, Instant)>,
-    /// This member's claim: where it put the record, and the record it put.
-    mine: Option<(Position, Record)>,
+    /// This member's claim: where it put the record, the record it put, and when.
+    mine: Option<(Position, Record, Instant)>,
     /// The revision of this member's last claim (a request written before it is
     /// answered by it).
     last_claim: i64,
@@ -79,8 +79,27 @@ struct Inner {
 /// member's clock.
 struct Taken {
     revision: i64,
-    /// `(issued_at, expires_at)` in Unix seconds, this member's clock.
-    times: Option<(SystemTime, SystemTime)>,
+    /// Which token it held ([`token_id`]), and when that expires on the monotonic clock.
+    token: Option<[u8; 32]>,
+    expires: Option<Instant>,
+}
+
+/// A digest that tells tokens apart (not a copy of one).
+fn token_id(t: &crate::oauth::Token) -> [u8; 32] {
+    ring::digest::digest(&ring::digest::SHA256, t.access_token.expose().as_bytes())
+        .as_ref()
+        .try_into()
+        .expect("SHA-256 is 32 bytes")
+}
+
+/// The wall-clock time (this member's, `now`) of `at` on the monotonic clock.
+fn wall_of(now: SystemTime, at: Instant) -> SystemTime {
+    let i = Instant::now();
+    if at >= i {
+        now + (at - i)
+    } else {
+        now - (i - at)
+    }
 }
 
 impl Seated {
@@ -204,40 +223,47 @@ impl Seated {
     }
 
     /// The token times of `r` (read at `pos`) on this member's clock: the lifetime it
-    /// had left when written, less the record's age by etcd's clock, from now. The
-    /// same record is timed once.
+    /// had left when written, less the record's age, from now. A record whose write was
+    /// seen as it happened is as old as that; else (a member that joins later, a claim,
+    /// which carries the token's times as they were written) it is timed by etcd's
+    /// clock as both members see it. A token is timed once, on the monotonic clock: a
+    /// step of this member's wall clock moves its times with it.
     fn times(&self, r: &Record, pos: Position) -> Option<(SystemTime, SystemTime)> {
-        if let Some(t) = self
+        let saved = r.state.token.as_ref()?;
+        let token = saved.to_token();
+        let id = token_id(&token);
+        let member = self.seat.member();
+        let cached = self
             .inner()
             .taken
             .as_ref()
-            .filter(|t| t.revision == pos.revision)
-        {
-            return t.times;
-        }
-        let token = r.state.token.as_ref()?.to_token();
-        let member = self.seat.member();
-        let now = member.clock().now();
-        Some(match r.token_left_ms {
-            Some(left) => {
-                // Seen as it was written: its age is since then. Else (a member that
-                // joins later, or missed it) by etcd's clock, as both members see it.
-                let age = match (
-                    self.seat.arrived(pos.revision),
-                    r.written_at_ms,
-                    member.backend_now_ms(),
-                ) {
+            .filter(|t| t.token == Some(id))
+            .and_then(|t| t.expires);
+        let expires = match (cached, r.token_left_ms) {
+            (Some(e), _) => e,
+            (None, Some(left)) => {
+                let live = self
+                    .seat
+                    .arrived(pos.revision)
+                    .filter(|_| r.in_flight.is_none());
+                let age = match (live, r.written_at_ms, member.backend_now_ms()) {
                     (Some(at), _, _) => at.elapsed().as_millis() as i64,
                     (None, Some(w), Some(b)) => b - w,
                     _ => 0,
                 }
                 .clamp(0, left as i64) as u64;
-                let expires = now + Duration::from_millis(left - age);
-                (expires - token.lifetime(), expires)
+                Instant::now() + Duration::from_millis(left - age)
             }
             // Written without it: the writer's times are all there is.
-            None => (token.issued_at, token.expires_at),
-        })
+            (None, None) => return Some((token.issued_at, token.expires_at)),
+        };
+        self.inner().taken = Some(Taken {
+            revision: pos.revision,
+            token: Some(id),
+            expires: Some(expires),
+        });
+        let expires = wall_of(member.clock().now(), expires);
+        Some((expires - token.lifetime(), expires))
     }
 
     /// `state` with its token timed at `times`.
@@ -327,7 +353,7 @@ impl Coordinator for Seated {
             let Stored::Sealed(r, pos) = self.read().await? else {
                 return None;
             };
-            if self.seat.arrived(pos.revision).is_none() {
+            if self.seat.arrived(pos.revision).is_none() || r.in_flight.is_some() {
                 // Not seen as it was written: timed by etcd's clock, once it is known.
                 self.seat.member().calibration().await;
             }
@@ -335,10 +361,16 @@ impl Coordinator for Seated {
             {
                 let mut i = self.inner();
                 i.holds = r.generation;
-                i.taken = Some(Taken {
-                    revision: pos.revision,
-                    times,
-                });
+                match &mut i.taken {
+                    Some(t) => t.revision = pos.revision,
+                    None => {
+                        i.taken = Some(Taken {
+                            revision: pos.revision,
+                            token: None,
+                            expires: None,
+                        })
+                    }
+                }
             }
             Some(Shared {
                 state: Self::retimed(&r.state, times),
@@ -438,7 +470,7 @@ impl Coordinator for Seated {
                         let mut i = self.inner();
                         i.holds = record.generation;
                         i.last_claim = pos.revision;
-                        i.mine = Some((pos, record));
+                        i.mine = Some((pos, record, Instant::now()));
                         Claim::Go { after }
                     }
                     Ok(None) => Claim::Lost,
@@ -454,7 +486,7 @@ impl Coordinator for Seated {
 
     fn share(&self, state: Portable, fresh: bool) -> BoxFuture<'_, bool> {
         Box::pin(async move {
-            let Some((at, claimed)) = self.inner().mine.take() else {
+            let Some((at, claimed, claimed_at)) = self.inner().mine.take() else {
                 return false;
             };
             let member = self.seat.member();
@@ -476,25 +508,48 @@ impl Coordinator for Seated {
             record.provider_offset_ms = member
                 .provider_minus_backend()
                 .or(claimed.provider_offset_ms);
-            match self.seat.write(at, &record).await {
-                Ok(Some(pos)) => {
-                    self.saw(record.generation);
-                    let mut i = self.inner();
-                    i.holds = record.generation;
-                    i.taken = Some(Taken {
-                        revision: pos.revision,
-                        times,
-                    });
-                    true
-                }
-                Ok(None) => {
-                    tracing::warn!(account = %self.name(), "the shared record moved on while this member's request was out: its answer is not shared");
-                    false
-                }
-                Err(e) => {
-                    // Unknown whether it landed: the next read tells.
-                    tracing::warn!(account = %self.name(), "cluster: failed to share the account's state: {e}");
-                    false
+            let token = record.state.token.as_ref().map(|t| token_id(&t.to_token()));
+            let expires =
+                times.map(|(_, e)| Instant::now() + e.duration_since(now).unwrap_or_default());
+            // A chain's answer is the only copy of its next link: it is written for as
+            // long as the claim stands (until the others may take the link over), also
+            // through etcd being out of reach meanwhile.
+            let wait = claimed
+                .in_flight
+                .as_ref()
+                .map_or(Duration::ZERO, |f| Duration::from_millis(f.wait_ms));
+            let give_up = claimed_at + if self.rotates { wait } else { Duration::ZERO };
+            loop {
+                match self.seat.write(at, &record).await {
+                    Ok(Some(pos)) => {
+                        self.saw(record.generation);
+                        let mut i = self.inner();
+                        i.holds = record.generation;
+                        i.taken = Some(Taken {
+                            revision: pos.revision,
+                            token,
+                            expires,
+                        });
+                        return true;
+                    }
+                    Ok(None) => {
+                        // Moved on: another took the link over, or this very write
+                        // landed before an answer to it was lost (the next read tells).
+                        tracing::warn!(account = %self.name(), "the shared record moved on while this member's request was out: its answer is not shared");
+                        return false;
+                    }
+                    Err(e) if Instant::now() >= give_up => {
+                        tracing::error!(account = %self.name(), "failed to share the account's state ({e}){}", if self.rotates {
+                            ": the others may take the link over, and the link this member fetched is lost to them"
+                        } else {
+                            ""
+                        });
+                        return false;
+                    }
+                    Err(e) => {
+                        tracing::debug!(account = %self.name(), "cluster: failed to share the answer, trying again: {e}");
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
                 }
             }
         })
