@@ -49,6 +49,9 @@ pub struct Shared {
     pub state: Portable,
     /// The instance that fetched the token.
     pub fetched_by: String,
+    /// The token's `(issued_at, expires_at)` on this instance's clock, to the
+    /// millisecond (`state` keeps whole seconds).
+    pub times: Option<(SystemTime, SystemTime)>,
 }
 
 pub trait Coordinator: Send + Sync + 'static {
@@ -63,8 +66,15 @@ pub trait Coordinator: Send + Sync + 'static {
     /// else sends it.
     fn claim(&self, state: Portable) -> BoxFuture<'_, Claim>;
     /// After the claimed request: shares this instance's state (`fresh`: with a token
-    /// it just fetched). False if the shared state moved on meanwhile (nothing written).
-    fn share(&self, state: Portable, fresh: bool) -> BoxFuture<'_, bool>;
+    /// it just fetched; `expires_at`: the token's expiry to the millisecond, `state`
+    /// keeps whole seconds). False if the shared state moved on meanwhile (nothing
+    /// written).
+    fn share(
+        &self,
+        state: Portable,
+        fresh: bool,
+        expires_at: Option<SystemTime>,
+    ) -> BoxFuture<'_, bool>;
     /// A member that does not lead asks the leader for a refresh (`force`: ending a
     /// hold for one attempt).
     fn ask_leader(&self, force: bool) -> BoxFuture<'_, bool>;

@@ -993,7 +993,14 @@ impl<'a, E: Endpoint> Task<'a, E> {
         if let (true, Some(c)) = (leading, coordinator) {
             let mut state = engine.portable();
             state.last_error = self.parts.state.borrow().last_error.clone();
-            if c.share(state, fresh).await {
+            let expires_at = self
+                .parts
+                .state
+                .borrow()
+                .token
+                .as_ref()
+                .map(|t| t.expires_at);
+            if c.share(state, fresh, expires_at).await {
                 if fresh {
                     let me = c.me().to_owned();
                     self.publish(|s| s.refreshed_by = Some(me));
@@ -1125,22 +1132,24 @@ impl<'a, E: Endpoint> Task<'a, E> {
 
     /// Cluster mode: the served token timed as `shared` times it, if that is the same
     /// token timed more than two seconds apart (this member's wall clock was set).
-    fn retimed(&self, shared: &super::persist::Portable) -> Option<Arc<Token>> {
-        let theirs = shared.token.as_ref()?.to_token();
+    fn retimed(&self, shared: &super::coordinator::Shared) -> Option<Arc<Token>> {
+        let theirs = shared.state.token.as_ref()?.to_token();
+        let (issued_at, expires_at) = shared.times?;
         let s = self.parts.state.borrow();
         let mine = s.token.as_ref()?;
         if mine.access_token.expose() != theirs.access_token.expose() {
             return None;
         }
-        let apart = match theirs.expires_at.duration_since(mine.expires_at) {
+        let apart = match expires_at.duration_since(mine.expires_at) {
             Ok(d) => d,
             Err(e) => e.duration(),
         };
         (apart > Duration::from_secs(2)).then(|| {
-            let mut t = (**mine).clone();
-            t.issued_at = theirs.issued_at;
-            t.expires_at = theirs.expires_at;
-            Arc::new(t)
+            Arc::new(Token {
+                issued_at,
+                expires_at,
+                ..(**mine).clone()
+            })
         })
     }
 
@@ -1245,6 +1254,15 @@ impl<'a, E: Endpoint> Task<'a, E> {
             return;
         };
         if let Some(token) = engine.adopt(&shared.state).await {
+            // Timed to the millisecond (the engine keeps whole seconds).
+            let token = match shared.times {
+                Some((issued_at, expires_at)) => Arc::new(Token {
+                    issued_at,
+                    expires_at,
+                    ..(*token).clone()
+                }),
+                None => token,
+            };
             let by = shared.fetched_by.clone();
             match engine.deliver(token.clone(), true).await {
                 Ok(()) => {
@@ -1269,7 +1287,7 @@ impl<'a, E: Endpoint> Task<'a, E> {
                 s.attempted = true;
                 s.refreshed_by = Some(by);
             });
-        } else if let Some(token) = self.retimed(&shared.state) {
+        } else if let Some(token) = self.retimed(&shared) {
             // The same token, timed anew: this member's wall clock was set meanwhile
             // (the cluster times tokens by the lifetime they have left).
             tracing::info!(account = %self.account().name, "the wall clock moved: the shared token is timed anew");

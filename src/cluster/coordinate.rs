@@ -375,6 +375,7 @@ impl Coordinator for Seated {
             Some(Shared {
                 state: Self::retimed(&r.state, times),
                 fetched_by: r.fetched_by.clone(),
+                times,
             })
         })
     }
@@ -484,7 +485,12 @@ impl Coordinator for Seated {
         })
     }
 
-    fn share(&self, state: Portable, fresh: bool) -> BoxFuture<'_, bool> {
+    fn share(
+        &self,
+        state: Portable,
+        fresh: bool,
+        expires_at: Option<SystemTime>,
+    ) -> BoxFuture<'_, bool> {
         Box::pin(async move {
             let Some((at, claimed, claimed_at)) = self.inner().mine.take() else {
                 return false;
@@ -496,12 +502,13 @@ impl Coordinator for Seated {
             if fresh {
                 record.fetched_by = member.name().to_owned();
             }
+            // To the millisecond when the caller knows it (the state has whole seconds).
             let times = record
                 .state
                 .token
                 .as_ref()
                 .map(|t| t.to_token())
-                .map(|t| (t.issued_at, t.expires_at));
+                .map(|t| (t.issued_at, expires_at.unwrap_or(t.expires_at)));
             record.token_left_ms =
                 times.map(|(_, e)| e.duration_since(now).unwrap_or_default().as_millis() as u64);
             record.written_at_ms = member.backend_now_ms();

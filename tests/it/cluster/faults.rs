@@ -513,7 +513,12 @@ fn skewed_member(offset: &str, ahead: bool) {
             share * 100.0,
             c.misses
         );
-        assert!(c.valid as f64 >= 0.99 * c.total as f64, "{n}: {c:?}");
+        assert!(
+            c.valid as f64 >= 0.99 * c.total as f64,
+            "{n}: {c:?}\n--- m1 ---\n{}\n--- m2 ---\n{}",
+            d1.log(),
+            _d2.log()
+        );
     }
     no_reuse(&idp);
     paced(&idp, lifetime, Duration::from_millis(500));
