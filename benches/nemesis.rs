@@ -75,11 +75,7 @@ fn args() -> Args {
             "--bench" => a.bench = true,
             "--seed" => a.seed = value("--seed").parse().expect("--seed: a number"),
             "--minutes" => a.minutes = value("--minutes").parse().expect("--minutes: a number"),
-            "--lifetime" => {
-                a.lifetime = value("--lifetime")
-                    .parse()
-                    .expect("--lifetime: seconds")
-            }
+            "--lifetime" => a.lifetime = value("--lifetime").parse().expect("--lifetime: seconds"),
             "--bin" => a.bin = Some(PathBuf::from(value("--bin"))),
             // libtest's flags when run as a test.
             _ => {}
@@ -98,6 +94,8 @@ struct Member {
     clock: Option<PathBuf>,
     daemon: Option<Daemon>,
     bin: Option<PathBuf>,
+    /// The logs of its earlier runs (killed, stopped, started again).
+    logs: String,
 }
 
 impl Member {
@@ -140,7 +138,14 @@ impl Member {
             clock,
             daemon: None,
             bin,
+            logs: String::new(),
         }
+    }
+
+    /// Keeps the log of the run that ended.
+    fn ended(&mut self, log: String) {
+        self.logs.push_str(&log);
+        self.logs.push_str("---- (stopped here) ----\n");
     }
 
     fn start(&mut self) {
@@ -240,13 +245,17 @@ fn main() {
         m.start();
     }
     // Every member serves the chain's first token before the nemesis starts.
-    support::wait_until("every member serving a token", Duration::from_secs(60), || {
-        let t = idp.issued().first()?.clone();
-        members
-            .iter()
-            .all(|m| support::read(&m.token_file()).as_deref() == Some(t.as_str()))
-            .then_some(())
-    });
+    support::wait_until(
+        "every member serving a token",
+        Duration::from_secs(60),
+        || {
+            let t = idp.issued().first()?.clone();
+            members
+                .iter()
+                .all(|m| support::read(&m.token_file()).as_deref() == Some(t.as_str()))
+                .then_some(())
+        },
+    );
     let start = Instant::now();
     let requests_before = idp.requests().len();
 
@@ -294,7 +303,9 @@ fn main() {
         faults += 1;
         match fault {
             Fault::Pause(i, d) => {
-                let Some(pid) = members[i].pid() else { continue };
+                let Some(pid) = members[i].pid() else {
+                    continue;
+                };
                 running[i].store(false, Ordering::SeqCst);
                 kill(pid, Signal::SIGSTOP).expect("stop a member");
                 hold(d);
@@ -302,7 +313,9 @@ fn main() {
                 running[i].store(true, Ordering::SeqCst);
             }
             Fault::Kill(i, d) => {
-                let Some(pid) = members[i].pid() else { continue };
+                let Some(pid) = members[i].pid() else {
+                    continue;
+                };
                 // Stopped first: it sends nothing more while the IdP is looked at.
                 kill(pid, Signal::SIGSTOP).expect("stop a member");
                 hold(Duration::from_millis(50));
@@ -315,7 +328,11 @@ fn main() {
                 }
                 running[i].store(false, Ordering::SeqCst);
                 kill(pid, Signal::SIGKILL).expect("kill a member");
-                members[i].daemon = None;
+                if let Some(d) = members[i].daemon.take() {
+                    let log = d.log();
+                    drop(d);
+                    members[i].ended(log);
+                }
                 hold(d);
                 members[i].start();
                 running[i].store(true, Ordering::SeqCst);
@@ -325,10 +342,14 @@ fn main() {
                     continue;
                 };
                 running[i].store(false, Ordering::SeqCst);
-                let (status, took, _) = daemon.terminate();
+                let (status, took, log) = daemon.terminate();
                 if !status.success() {
-                    println!("           {}: exit {status} after {took:?}", members[i].name);
+                    println!(
+                        "           {}: exit {status} after {took:?}",
+                        members[i].name
+                    );
                 }
+                members[i].ended(log);
                 hold(d);
                 members[i].start();
                 running[i].store(true, Ordering::SeqCst);
@@ -375,13 +396,23 @@ fn main() {
         args.lifetime,
         TTL.as_secs()
     );
-    println!("refresh tokens sent twice: {}{}", reused.len(), if revoked { " (family revoked)" } else { "" });
+    println!(
+        "refresh tokens sent twice: {}{}",
+        reused.len(),
+        if revoked { " (family revoked)" } else { "" }
+    );
     println!(
         "provider requests: {requests} in {:.0} s = {per_lifetime:.2} per token lifetime",
         elapsed.as_secs_f64()
     );
     let reads = reads.lock().unwrap();
-    let pct = |a: u64, b: u64| if b == 0 { 100.0 } else { a as f64 * 100.0 / b as f64 };
+    let pct = |a: u64, b: u64| {
+        if b == 0 {
+            100.0
+        } else {
+            a as f64 * 100.0 / b as f64
+        }
+    };
     for (m, r) in members.iter().zip(reads.iter()) {
         println!(
             "{}: {:.2}% of {} reads found a valid token ({:.2}% of {} while it ran)",
@@ -391,6 +422,18 @@ fn main() {
             pct(r.running_valid, r.running),
             r.running
         );
+    }
+    // The members' logs, for a look at what happened.
+    let dir = PathBuf::from(format!("target/nemesis/seed-{}", args.seed));
+    if std::fs::create_dir_all(&dir).is_ok() {
+        for m in &members {
+            let now = m.daemon.as_ref().map(Daemon::log).unwrap_or_default();
+            let _ = std::fs::write(
+                dir.join(format!("{}.log", m.name)),
+                format!("{}{now}", m.logs),
+            );
+        }
+        println!("members' logs: {}/", dir.display());
     }
     if !reused.is_empty() || revoked {
         std::process::exit(1);

@@ -52,6 +52,10 @@ pub struct Shared {
     /// The token's `(issued_at, expires_at)` on this instance's clock, to the
     /// millisecond (`state` keeps whole seconds).
     pub times: Option<(SystemTime, SystemTime)>,
+    /// The token was not taken from the others before: by the cluster's order (not by
+    /// this instance's wall clock, which may have been set since) it is newer than any
+    /// it took before.
+    pub newer: bool,
 }
 
 pub trait Coordinator: Send + Sync + 'static {

@@ -1253,7 +1253,21 @@ impl<'a, E: Endpoint> Task<'a, E> {
         let Some(shared) = shared else {
             return;
         };
-        if let Some(token) = engine.adopt(&shared.state).await {
+        let mut state = shared.state.clone();
+        if shared.newer {
+            // The cluster orders tokens by its records' generations, not by this member's
+            // wall clock: one set back since it took its token must not make the newer
+            // token look older to the engine.
+            let held = engine.portable();
+            if let (Some(theirs), Some(held)) = (&state.token, &held.token) {
+                if theirs.issued_at_secs() < held.issued_at_secs() {
+                    let mut t = theirs.to_token();
+                    t.issued_at = held.to_token().issued_at;
+                    state.token = Some(super::persist::SavedToken::from_token(&t));
+                }
+            }
+        }
+        if let Some(token) = engine.adopt(&state).await {
             // Timed to the millisecond (the engine keeps whole seconds).
             let token = match shared.times {
                 Some((issued_at, expires_at)) => Arc::new(Token {

@@ -357,7 +357,9 @@ impl Coordinator for Seated {
                 // Not seen as it was written: timed by etcd's clock, once it is known.
                 self.seat.member().calibration().await;
             }
+            let before = self.inner().taken.as_ref().and_then(|t| t.token);
             let times = self.times(&r, pos);
+            let now = self.inner().taken.as_ref().and_then(|t| t.token);
             {
                 let mut i = self.inner();
                 i.holds = r.generation;
@@ -376,6 +378,7 @@ impl Coordinator for Seated {
                 state: Self::retimed(&r.state, times),
                 fetched_by: r.fetched_by.clone(),
                 times,
+                newer: now.is_some() && now != before,
             })
         })
     }
