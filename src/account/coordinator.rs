@@ -85,6 +85,10 @@ pub trait Coordinator: Send + Sync + 'static {
     /// The leader: a refresh another member asked for and no refresh since answered;
     /// `Some(force)` once per request.
     fn asked(&self) -> BoxFuture<'_, Option<bool>>;
+    /// The times of `token` on this instance's clock now, if the cluster timed it (by
+    /// the lifetime it had left, on the monotonic clock): what it is served with after
+    /// this instance's wall clock was set. No call to the others.
+    fn timed(&self, token: &crate::oauth::Token) -> Option<(SystemTime, SystemTime)>;
     /// The provider's `Date` on an answer this instance received at `received`.
     fn provider_date(&self, date: SystemTime, received: SystemTime);
     /// What is wrong with this account's place in the cluster, if anything (another

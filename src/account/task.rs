@@ -934,6 +934,13 @@ impl<'a, E: Endpoint> Task<'a, E> {
                 let due = now >= plan.next || self.now() >= next_wall;
                 if !due {
                     if self.token_expired() {
+                        if let Some(c) = coordinator {
+                            // The cluster times its token by the lifetime it has left: a
+                            // wall clock set forward does not expire it (it is timed anew).
+                            self.retime(engine, c).await;
+                        }
+                    }
+                    if self.token_expired() {
                         self.expire();
                     }
                     return Then::Wait;
@@ -1130,27 +1137,40 @@ impl<'a, E: Endpoint> Task<'a, E> {
         }
     }
 
-    /// Cluster mode: the served token timed as `shared` times it, if that is the same
-    /// token timed more than two seconds apart (this member's wall clock was set).
-    fn retimed(&self, shared: &super::coordinator::Shared) -> Option<Arc<Token>> {
-        let theirs = shared.state.token.as_ref()?.to_token();
-        let (issued_at, expires_at) = shared.times?;
-        let s = self.parts.state.borrow();
-        let mine = s.token.as_ref()?;
-        if mine.access_token.expose() != theirs.access_token.expose() {
-            return None;
-        }
-        let apart = match expires_at.duration_since(mine.expires_at) {
-            Ok(d) => d,
-            Err(e) => e.duration(),
-        };
-        (apart > Duration::from_secs(2)).then(|| {
+    /// Cluster mode: serves the token timed as the cluster times it (by the lifetime it
+    /// had left, on the monotonic clock), when that is more than two seconds off its
+    /// times now: this member's wall clock was set since. No etcd call: also while cut off.
+    async fn retime(&mut self, engine: &Engine<E>, c: &dyn Coordinator) {
+        let token = {
+            let s = self.parts.state.borrow();
+            let Some(mine) = s.token.clone() else { return };
+            let Some((issued_at, expires_at)) = c.timed(&mine) else {
+                return;
+            };
+            let apart = match expires_at.duration_since(mine.expires_at) {
+                Ok(d) => d,
+                Err(e) => e.duration(),
+            };
+            if apart <= Duration::from_secs(2) {
+                return;
+            }
             Arc::new(Token {
                 issued_at,
                 expires_at,
-                ..(**mine).clone()
+                ..(*mine).clone()
             })
-        })
+        };
+        tracing::info!(account = %self.account().name, "the wall clock moved: the shared token is timed anew");
+        if let Err(e) = engine.deliver(token.clone(), false).await {
+            tracing::error!(account = %self.account().name, "{e}");
+        }
+        let now = self.now();
+        self.publish(|s| {
+            if s.status == Status::Expired && token.is_valid_at(now) {
+                s.status = Status::Fresh;
+            }
+            s.token = Some(token);
+        });
     }
 
     /// Cluster mode, when a refresh is due: whose turn it is. `Some(true)` when this
@@ -1301,20 +1321,8 @@ impl<'a, E: Endpoint> Task<'a, E> {
                 s.attempted = true;
                 s.refreshed_by = Some(by);
             });
-        } else if let Some(token) = self.retimed(&shared) {
-            // The same token, timed anew: this member's wall clock was set meanwhile
-            // (the cluster times tokens by the lifetime they have left).
-            tracing::info!(account = %self.account().name, "the wall clock moved: the shared token is timed anew");
-            if let Err(e) = engine.deliver(token.clone(), false).await {
-                tracing::error!(account = %self.account().name, "{e}");
-            }
-            let now = self.now();
-            self.publish(|s| {
-                if s.status == Status::Expired && token.is_valid_at(now) {
-                    s.status = Status::Fresh;
-                }
-                s.token = Some(token);
-            });
+        } else {
+            self.retime(engine, c).await;
         }
         if let Some((until, kind)) = engine.wait() {
             let wait = until.duration_since(self.now()).unwrap_or_default();

@@ -605,6 +605,16 @@ impl Coordinator for Seated {
         })
     }
 
+    fn timed(&self, token: &crate::oauth::Token) -> Option<(SystemTime, SystemTime)> {
+        let i = self.inner();
+        let t = i
+            .taken
+            .as_ref()
+            .filter(|t| t.token == Some(token_id(token)))?;
+        let expires = wall_of(self.seat.member().clock().now(), t.expires?);
+        Some((expires - token.lifetime(), expires))
+    }
+
     fn provider_date(&self, date: SystemTime, received: SystemTime) {
         self.seat.member().note_provider_date(date, received);
     }
