@@ -552,10 +552,10 @@ impl Member {
                         }
                         None => break None,
                     },
-                    _ = ticker.tick() => match self.etcd.progress(idx, &root).await {
-                        Ok((kvs, _)) => {
+                    _ = ticker.tick() => match self.etcd.progress(idx, &root, from).await {
+                        Ok(missed) => {
                             self.contact();
-                            behind = if kvs.iter().any(|kv| kv.mod_revision >= from) { behind + 1 } else { 0 };
+                            behind = if missed > 0 { behind + 1 } else { 0 };
                             if behind >= 2 {
                                 tracing::warn!(member = %self.name, "the cluster watch fell behind etcd: watching again from revision {from}");
                                 break Some(false);

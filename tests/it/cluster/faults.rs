@@ -866,3 +866,56 @@ fn members_that_share_a_name_but_not_its_identity_say_so_and_a_spent_seed_is_nev
     assert_eq!(nodes[2].token(), None);
     no_reuse(&idp);
 }
+
+#[test]
+fn a_member_that_saw_a_newer_generation_refuses_an_older_record_and_sends_nothing() {
+    let Some(etcd) = EtcdCluster::start(1) else {
+        return;
+    };
+    let idp = FakeIdp::start(Reply::token(3600));
+    idp.seed_refresh_token("rt-seed");
+    let nodes = nodes(2, &etcd.endpoints(), &idp.url(), ROTATING);
+    let d0 = nodes[0].start();
+    serving_one_token(&d0, &[&nodes[0]]);
+    let record_key = etcd
+        .etcdctl(&["get", "--prefix", "--keys-only", "/tokend/test/accounts/a/"])
+        .lines()
+        .find(|k| k.ends_with("/record"))
+        .expect("the account's record")
+        .to_owned();
+    // m1 remembers a far newer generation of this record than etcd holds: etcd was
+    // restored from an old backup, say (the record opens at its place, and is older).
+    let state = nodes[1].sb.path("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    tokend::cluster::memory::Memory::new(Some(&state))
+        .store(&record_key, 1000)
+        .unwrap();
+    let d1 = nodes[1].start();
+    d1.wait_for_log("refused the shared record", 1, LONG);
+    assert!(
+        d1.log().contains("older than generation 1000 seen before"),
+        "{}",
+        d1.log()
+    );
+    d1.wait_until("m1 saying so", LONG, || {
+        let w = nodes[1].status()?["cluster_warning"].as_str()?.to_owned();
+        w.contains("refused the shared record").then_some(())
+    });
+    // Made leader (m0 stops), it sends nothing: it does not hold the chain's newest link.
+    let (status, _, _) = d0.terminate();
+    assert!(status.success());
+    d1.wait_until("m1 leading", LONG, || {
+        (nodes[1].leader().as_deref() == Some("m1")).then_some(())
+    });
+    let poke = nodes[1].cmd(&["refresh", "a"]);
+    assert_eq!(poke.code(), Some(0), "{}", poke.stderr);
+    d1.wait_until("m1 holding with why", LONG, || {
+        let e = nodes[1].status()?["last_error"].as_str()?.to_owned();
+        e.contains("does not hold the chain's newest link")
+            .then_some(())
+    });
+    assert_eq!(idp.requests().len(), 1, "m1 sent a link");
+    assert_eq!(nodes[1].token(), None);
+    no_reuse(&idp);
+}
