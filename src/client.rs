@@ -12,8 +12,8 @@ use http_body_util::{BodyExt as _, Empty, Limited};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 
-use crate::commands::Failure;
 use crate::config::{DEFAULT_PATH, DEFAULT_SOCKET};
+use crate::failure::Failure;
 use crate::server::api::{self, AccountInfo, AccountList, ErrorBody, RefreshAccepted};
 
 /// How long a plain request may take.

@@ -12,33 +12,10 @@ use crate::account::engine::{self, Attempt, Engine, Failed, Opened, Shared};
 use crate::account::persist::{self, WaitKind};
 use crate::account::schedule::ErrorClass;
 use crate::clock::Clock;
-use crate::config::{Account, Config, ConfigErrors};
+use crate::config::{Account, Config};
+pub use crate::failure::Failure;
 use crate::oauth::{HttpEndpoint, Transports};
 use crate::output;
-
-/// Why a command failed, and so its exit status.
-#[derive(Debug)]
-pub enum Failure {
-    /// Bad usage or configuration: exit 2 (systemd's RestartPreventExitStatus=2).
-    Usage(anyhow::Error),
-    /// Anything else: exit 1.
-    Runtime(anyhow::Error),
-}
-
-impl Failure {
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            Failure::Usage(_) => 2,
-            Failure::Runtime(_) => 1,
-        }
-    }
-}
-
-impl From<ConfigErrors> for Failure {
-    fn from(e: ConfigErrors) -> Self {
-        Failure::Usage(e.into())
-    }
-}
 
 /// `tokend check`: the config is valid (already, when this runs), every secret reads,
 /// every output directory and the state directory take a file. Prints one line per

@@ -22,6 +22,7 @@ pub mod commands;
 pub mod completion;
 pub mod config;
 pub mod daemon;
+pub mod failure;
 pub mod logging;
 pub mod metrics;
 pub mod oauth;

@@ -10,21 +10,15 @@ use std::time::{Duration, SystemTime};
 use rand::Rng;
 
 use crate::config::SchedulePolicy;
+pub use crate::oauth::caps::{cap_rate_limit, MAX_LIFETIME, RATE_LIMIT_CAP};
 use crate::oauth::Error;
 
 /// The first backoff step and the cap (SPEC §6: from 1 s, capped at 5 min).
 pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
 pub const BACKOFF_CAP: Duration = Duration::from_secs(300);
-/// The longest a provider's rate limit (`Retry-After`, `X-Rate-Limit-Reset`) is obeyed,
-/// also when read back from the state directory: one bad header must not silence an
-/// account for a year.
-pub const RATE_LIMIT_CAP: Duration = Duration::from_secs(3600);
 /// The longest a hold after refused credentials grows to (unless `auth_failure_hold`
 /// itself is longer).
 pub const HOLD_CAP: Duration = Duration::from_secs(24 * 3600);
-/// The longest lifetime a provider can give a token: any `expires_in` or JWT `exp`
-/// beyond it is taken as this.
-pub const MAX_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Refreshes come up to this fraction of the delay early, so accounts configured alike
 /// spread out instead of hitting a provider together.
 pub const REFRESH_JITTER: f64 = 0.05;
@@ -125,12 +119,6 @@ pub fn hold(policy: &SchedulePolicy, refusals: u32) -> Duration {
 /// The longest hold for this policy: [`HOLD_CAP`], or `auth_failure_hold` if longer.
 pub fn hold_cap(policy: &SchedulePolicy) -> Duration {
     HOLD_CAP.max(policy.auth_failure_hold)
-}
-
-/// When a provider's rate limit ends, as obeyed: never more than [`RATE_LIMIT_CAP`]
-/// after `now`, and never in the past.
-pub fn cap_rate_limit(until: SystemTime, now: SystemTime) -> SystemTime {
-    until.clamp(now, now + RATE_LIMIT_CAP)
 }
 
 /// How long to wait after a failure of class `class`: `failures` is the count of

@@ -36,27 +36,13 @@ impl fmt::Debug for ClusterKey {
     }
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum KeyError {
-    #[error("the cluster key must be 64 hex digits (32 bytes, `openssl rand -hex 32`); this one has {0} characters")]
-    Length(usize),
-    #[error("the cluster key must be hex digits only (0-9, a-f)")]
-    NotHex,
-}
+/// What is wrong with a cluster key's text (read in config, as `cluster.key` is checked).
+pub use crate::config::ClusterKeyError as KeyError;
 
 impl ClusterKey {
     /// Parses 64 hex digits (surrounding whitespace ignored).
     pub fn from_hex(text: &str) -> Result<Self, KeyError> {
-        let t = text.trim();
-        if t.len() != 64 {
-            return Err(KeyError::Length(t.chars().count()));
-        }
-        let mut key = [0u8; 32];
-        for (i, pair) in t.as_bytes().chunks(2).enumerate() {
-            let digit = |b: u8| (b as char).to_digit(16).ok_or(KeyError::NotHex);
-            key[i] = (digit(pair[0])? * 16 + digit(pair[1])?) as u8;
-        }
-        Ok(ClusterKey(key))
+        crate::config::parse_hex_key(text).map(|key| ClusterKey(*key))
     }
 
     /// The etcd key prefix of one account: `{prefix}/accounts/{name}/{digest}`. Members

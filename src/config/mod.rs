@@ -1,11 +1,19 @@
 //! Configuration: the TOML file, parsed in two stages (`raw` serde mirror, then `validate`
-//! into the typed [`Config`] below). Every error carries file, line, column and key, and
-//! all of them are reported at once.
+//! into the typed [`Config`] below), then checked against the system (`files`). Every
+//! error carries file, line, column and key, and all of them are reported at once.
 //!
-//! Nothing here does I/O beyond reading the file and checking its mode and the
-//! `state_dir`'s owner and mode; secrets are read later, through [`SecretSpec::read`],
-//! when a request needs them.
+//! Where the I/O is: [`load`] reads the file; `validate` does none (it asks a `Host` for
+//! the ids of the users and groups a config names and for the host's name, the default
+//! cluster `member`); `files` holds everything that touches the system: those lookups
+//! (`files::System`, which [`parse_str`] and [`load`] use), the config file's mode, the
+//! `state_dir`'s owner and mode, the key and certificate files, and the outputs'
+//! resolved paths. Secrets are read later, through [`SecretSpec::read`], when a request
+//! needs them; `keys` parses keys and certificates from what was read.
+//!
+//! Nothing here imports from the layers above it: the cluster key's hex
+//! ([`parse_hex_key`]) and the plain-http rule ([`is_loopback`]) live here for them.
 
+mod files;
 pub mod keys;
 mod raw;
 mod secret;
@@ -20,7 +28,7 @@ use std::time::Duration;
 
 pub use keys::AssertionAlg;
 pub use secret::{Secret, SecretError, SecretSpec};
-pub use validate::parse_str;
+pub use validate::{is_loopback, parse_hex_key, ClusterKeyError};
 
 /// Where the config is looked for when neither `-c` nor `TOKEND_CONFIG` is given.
 pub const DEFAULT_PATH: &str = "/etc/tokend/config.toml";
@@ -478,18 +486,25 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
+/// Parses and validates config text; `path` names the file in errors and anchors
+/// relative paths. Looks up the user and group names it holds (and the host's name) on
+/// this system, but checks no file (see [`load`]).
+pub fn parse_str(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
+    validate::parse(text, path, &files::System).map(|(config, _)| config)
+}
+
 /// Reads and validates the config at `path`: what `run`, reload and `once` use.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-    load_with(path, validate::Checks::Load)
+    load_with(path, files::Checks::Load)
 }
 
 /// [`load`], and also what changes with time (a client certificate that expired, or is
 /// not for its key): `tokend check`.
 pub fn load_checked(path: &Path) -> Result<Config, ConfigErrors> {
-    load_with(path, validate::Checks::Full)
+    load_with(path, files::Checks::Full)
 }
 
-fn load_with(path: &Path, checks: validate::Checks) -> Result<Config, ConfigErrors> {
+fn load_with(path: &Path, checks: files::Checks) -> Result<Config, ConfigErrors> {
     // Absolute from here on (SPEC §6: reloads and secret files are watched whatever
     // path was typed; relative paths in the file are relative to its directory).
     let absolute = std::path::absolute(path);
@@ -505,8 +520,8 @@ fn load_with(path: &Path, checks: validate::Checks) -> Result<Config, ConfigErro
     };
     let text = std::fs::read_to_string(path)
         .map_err(|e| located(format!("failed to read the config file: {e}")))?;
-    let (config, located) = validate::parse(&text, path)?;
-    validate::check_files(&config, located, path, checks)?;
+    let (config, located) = validate::parse(&text, path, &files::System)?;
+    files::check_files(&config, located, path, checks)?;
     Ok(config)
 }
 
@@ -514,4 +529,33 @@ fn load_with(path: &Path, checks: validate::Checks) -> Result<Config, ConfigErro
 pub fn resolve_path(arg: Option<&Path>) -> PathBuf {
     arg.map(Path::to_owned)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::validate::normalized;
+    use crate::config::validate::tests::MINIMAL;
+
+    #[test]
+    fn a_relative_config_path_is_made_absolute() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("c.toml"), MINIMAL).unwrap();
+        let here = std::env::current_dir().unwrap();
+        let rel = pathdiff(dir.path(), &here);
+        let c = crate::config::load(&rel.join("c.toml")).unwrap();
+        assert!(c.path.is_absolute(), "{}", c.path.display());
+        assert_eq!(normalized(&c.path), dir.path().join("c.toml"));
+    }
+
+    /// `to` relative to `from` (both absolute), with `..` as needed.
+    fn pathdiff(to: &Path, from: &Path) -> PathBuf {
+        let mut up = PathBuf::new();
+        let mut base = from.to_owned();
+        while !to.starts_with(&base) {
+            up.push("..");
+            base.pop();
+        }
+        up.join(to.strip_prefix(&base).unwrap())
+    }
 }

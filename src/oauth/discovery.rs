@@ -18,7 +18,7 @@ use std::time::Duration;
 use reqwest::header::ACCEPT;
 use serde::Deserialize;
 
-use super::request::redacted_url;
+use super::redact::redacted_url;
 use super::{error_chain, Error};
 use crate::config::TokenUrl;
 
@@ -70,21 +70,12 @@ fn quoted(s: &str) -> String {
     format!("{q:?}")
 }
 
-fn is_loopback(url: &url::Url) -> bool {
-    match url.host() {
-        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        None => false,
-    }
-}
-
 /// Whether a discovered token endpoint may be used: https, or plain http to loopback,
 /// or with `allow_http` (the rule a configured `token_url` is held to).
 pub fn allowed(url: &url::Url, allow_http: bool) -> bool {
     match url.scheme() {
         "https" => true,
-        "http" => allow_http || is_loopback(url),
+        "http" => allow_http || crate::config::is_loopback(url),
         _ => false,
     }
 }

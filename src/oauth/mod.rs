@@ -3,7 +3,10 @@
 //! scheduling tests can script answers without sockets.
 
 pub mod assertion;
+pub mod caps;
 pub mod discovery;
+pub mod dpop;
+pub mod redact;
 pub mod request;
 pub mod response;
 pub mod transport;

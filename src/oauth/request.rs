@@ -12,6 +12,7 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT, AUTHORIZATION,
 use url::form_urlencoded;
 use zeroize::Zeroizing;
 
+pub use super::redact::redacted_url;
 use super::response::{self, Token};
 use super::{assertion, discovery, error_chain, Endpoint, Error, Transports};
 use crate::clock::Clock;
@@ -76,15 +77,6 @@ impl fmt::Debug for TokenRequest {
             .field("body", &format_args!("<{} bytes>", self.body.len()))
             .finish()
     }
-}
-
-/// The URL as it may appear in logs and errors: no query, no user info.
-pub fn redacted_url(url: &url::Url) -> String {
-    let mut u = url.clone();
-    u.set_query(None);
-    let _ = u.set_password(None);
-    let _ = u.set_username("");
-    u.to_string()
 }
 
 /// Builds the request for `account` to `token_url` with `creds` (RFC 6749 §4.3, §4.4, §6,

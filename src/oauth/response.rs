@@ -10,8 +10,8 @@ use base64::Engine as _;
 use reqwest::header::HeaderMap;
 use serde_json::{Map, Value};
 
+use super::caps::{cap_rate_limit, MAX_LIFETIME, RATE_LIMIT_CAP};
 use super::Error;
-use crate::account::schedule::{cap_rate_limit, MAX_LIFETIME, RATE_LIMIT_CAP};
 use crate::config::Secret;
 
 /// An access token and what the provider said about it.

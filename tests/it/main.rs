@@ -21,10 +21,12 @@
 //! - `keys`: private_key_jwt and tls_client_auth against a real authorization server
 //!   (oidc-provider), discovery (issuer, RFC 8414, fhir_base), `tokend jwks` and the
 //!   key checks of `tokend check`.
+//! - `kube`: the Kubernetes test bed: a real kube-apiserver (tests/k8s/), a service
+//!   account's token and RBAC on leases and secrets, the sidecar manifest validated.
 //!
 //! Helpers live in `support/`: the fake IdP, the daemon runner and bounded waits, a
 //! plain HTTP client for the socket, the scripted endpoint, etcd members, oidc-provider
-//! and the keys and certificates made for it. Daemon tests
+//! and the keys and certificates made for it, a Kubernetes API server. Daemon tests
 //! wait on the daemon's state (its outputs, or `/v1/tokens` on its socket), and on its
 //! log only where the log itself is under test.
 
@@ -34,6 +36,7 @@ mod daemon;
 mod faults;
 mod hostile;
 mod keys;
+mod kube;
 mod lifecycle;
 mod once;
 mod schedule;

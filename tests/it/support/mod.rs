@@ -9,6 +9,7 @@
 pub mod etcd;
 pub mod fake_idp;
 pub mod http;
+pub mod kube;
 pub mod oidc;
 pub mod proxy;
 pub mod scripted;
