@@ -1137,6 +1137,22 @@ impl<'a, E: Endpoint> Task<'a, E> {
         }
     }
 
+    /// Cluster mode: the shared token, timed on this member's clock, when it is valid
+    /// and this member serves no valid token.
+    fn unserved(&self, shared: &super::coordinator::Shared) -> Option<Arc<Token>> {
+        let (issued_at, expires_at) = shared.times?;
+        let now = self.now();
+        if expires_at <= now || self.parts.state.borrow().valid_token(now).is_some() {
+            return None;
+        }
+        let t = shared.state.token.as_ref()?.to_token();
+        Some(Arc::new(Token {
+            issued_at,
+            expires_at,
+            ..t
+        }))
+    }
+
     /// Cluster mode: serves the token timed as the cluster times it (by the lifetime it
     /// had left, on the monotonic clock), when that is more than two seconds off its
     /// times now: this member's wall clock was set since. No etcd call: also while cut off.
@@ -1318,6 +1334,22 @@ impl<'a, E: Endpoint> Task<'a, E> {
                 s.last_refresh = Some(token.issued_at);
                 s.last_error = None;
                 s.failures = 0;
+                s.attempted = true;
+                s.refreshed_by = Some(by);
+            });
+        } else if let Some(token) = self.unserved(&shared) {
+            // The cluster's token, which the engine holds already but which is not
+            // served: its saved copy looked expired at the start (this member's wall
+            // clock was set while it was stopped).
+            let by = shared.fetched_by.clone();
+            if let Err(e) = engine.deliver(token.clone(), false).await {
+                tracing::error!(account = %self.account().name, "{e}");
+            }
+            tracing::info!(account = %self.account().name, refreshed_by = %by, "serving the cluster's token, timed by the lifetime it has left");
+            self.publish(|s| {
+                s.status = Status::Fresh;
+                s.token = Some(token.clone());
+                s.last_refresh = Some(token.issued_at);
                 s.attempted = true;
                 s.refreshed_by = Some(by);
             });
