@@ -431,7 +431,12 @@ pub fn table(accounts: &[AccountInfo], now: SystemTime) -> String {
             status,
             expires,
             last,
-            a.last_error.clone().unwrap_or_else(|| "-".to_owned()),
+            match (&a.last_error, &a.cluster_warning) {
+                (Some(e), Some(w)) => format!("{e}; cluster: {w}"),
+                (Some(e), None) => e.clone(),
+                (None, Some(w)) => format!("cluster: {w}"),
+                (None, None) => "-".to_owned(),
+            },
         ]);
     }
     let mut widths = [0usize; 4];
@@ -504,6 +509,7 @@ mod tests {
                 leader: None,
                 refreshed_by: None,
                 degraded: false,
+                cluster_warning: None,
             },
             AccountInfo {
                 account: "cibmtr".into(),
@@ -516,6 +522,7 @@ mod tests {
                 leader: None,
                 refreshed_by: None,
                 degraded: false,
+                cluster_warning: None,
             },
         ];
         assert_eq!(

@@ -99,6 +99,8 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
     if let Some(c) = &config.cluster {
         sup.member = Some(crate::cluster::join(
             c,
+            config.daemon.state_dir.as_deref(),
+            sup.shared.clock,
             sup.cancel.child_token(),
             &sup.tracker,
         )?);
@@ -418,10 +420,9 @@ impl Supervisor {
         let coordinator = match &self.member {
             Some(m) if account.cluster => {
                 let seat = m.seat(&account.name, &RequestIdentity::of(&account));
-                let rotates = matches!(account.grant, crate::config::Grant::RefreshToken { .. });
                 Some(Box::new(crate::cluster::coordinate::Seated::new(
                     seat,
-                    rotates,
+                    account.clone(),
                     self.on_cluster_loss,
                 ))
                     as Box<dyn account::coordinator::Coordinator>)

@@ -199,6 +199,8 @@ struct Row {
     /// outside cluster mode; and whether this member is cut off.
     leading: Option<f64>,
     degraded: Option<f64>,
+    /// Cluster mode: this member's clock against the provider's (or etcd's), seconds.
+    skew: Option<f64>,
 }
 
 impl Row {
@@ -219,6 +221,7 @@ impl Row {
                 .cluster
                 .as_ref()
                 .map(|_| f64::from(u8::from(state.degraded))),
+            skew: view.cluster.as_ref().and_then(|c| c.clock_skew_seconds()),
         }
     }
 }
@@ -301,6 +304,13 @@ impl Collector for AccountsCollector {
                 "Cluster mode: 1 while this member is cut off from etcd, else 0",
                 None,
                 |r| r.degraded,
+            )?;
+            self.gauge(
+                &mut encoder,
+                "cluster_clock_skew",
+                "Cluster mode: this member's clock minus the provider's (or etcd's, before the provider's is known); said when over 30 s",
+                Some(&Unit::Seconds),
+                |r| r.skew,
             )?;
         }
         {

@@ -53,6 +53,10 @@ pub struct TokenState {
     pub refreshed_by: Option<String>,
     /// Cluster mode: cut off from the cluster (refreshing alone, or waiting for it).
     pub degraded: bool,
+    /// Cluster mode: what is wrong with this member's place in the cluster for this
+    /// account (another key, another identity under the name, a refused record, a
+    /// clock that is off), safe to show.
+    pub cluster_warning: Option<String>,
 }
 
 impl Default for TokenState {
@@ -68,6 +72,7 @@ impl Default for TokenState {
             leader: None,
             refreshed_by: None,
             degraded: false,
+            cluster_warning: None,
         }
     }
 }

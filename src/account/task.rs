@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::alarms::{AlarmKey, Sleeper};
-use super::coordinator::{Coordinator, Turn};
+use super::coordinator::{Claim, Coordinator, Turn};
 use super::engine::{Attempt, Engine, Failed, Shared};
 use super::persist::{Saved, WaitKind};
 use super::schedule::{self, ErrorClass};
@@ -561,6 +561,40 @@ async fn farewell<E: Endpoint>(parts: &Parts<E>, engine: Slot<E>) {
 /// leader's token normally arrives first, through the watch).
 const CLUSTER_RECHECK: Duration = Duration::from_secs(5);
 
+/// How soon a leader looks again after the cluster refused its claim for good (another
+/// identity spent the seed, a record that does not open): an operator has to act.
+const CLUSTER_REFUSED_RECHECK: Duration = Duration::from_secs(60);
+
+/// Counts a chain's claimed refresh as on the wire until its answer is shared: the
+/// daemon's shutdown waits for it (`rotations`), as for the request itself.
+struct Sharing<'a>(&'a tokio::sync::watch::Sender<usize>);
+
+impl<'a> Sharing<'a> {
+    fn start(tx: &'a tokio::sync::watch::Sender<usize>) -> Self {
+        tx.send_modify(|n| *n += 1);
+        Sharing(tx)
+    }
+}
+
+impl Drop for Sharing<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
+/// What news from the cluster means for this member.
+enum ClusterNews {
+    Stop,
+    /// Nothing to do now.
+    Nothing,
+    /// It leads and the token is due.
+    Due,
+    /// It leads and another member asked for a refresh.
+    Asked {
+        force: bool,
+    },
+}
+
 /// Resolves when the coordinator says shared state changed; never without one.
 async fn changed(c: &mut Option<Box<dyn Coordinator>>) {
     match c {
@@ -812,6 +846,9 @@ impl<'a, E: Endpoint> Task<'a, E> {
         let name = &self.account().name;
         let cancel = self.cancel;
         let mut force = false;
+        // A refresh someone asked for (a poke here, or another member's request to this
+        // leader): made even if the schedule says the token is not due.
+        let mut asked = false;
         match woke {
             Woke::Cancelled => return Then::Stop,
             Woke::Poked => {
@@ -851,27 +888,40 @@ impl<'a, E: Endpoint> Task<'a, E> {
                         return Then::Wait;
                     }
                 }
+                asked = true;
             }
             Woke::Cluster => {
-                if let Some(c) = coordinator {
-                    self.follow(engine, c, plan).await;
-                    // A leader that left frees its key: take the lead now, not when
-                    // the token falls due (failover within the lease's time to live).
-                    let turn = tokio::select! {
-                        _ = cancel.cancelled() => return Then::Stop,
-                        t = c.turn() => t,
-                    };
-                    let leader = match turn {
-                        Turn::Lead => Some(c.me().to_owned()),
-                        Turn::Follow(other) => Some(other),
-                        Turn::Alone | Turn::Wait => None,
-                    };
-                    self.publish(|s| {
-                        s.degraded = leader.is_none();
-                        s.leader = leader;
-                    });
+                let Some(c) = coordinator else {
+                    return Then::Wait;
+                };
+                match self.cluster_news(engine, c, plan).await {
+                    ClusterNews::Stop => return Then::Stop,
+                    ClusterNews::Nothing => return Then::Wait,
+                    ClusterNews::Due => {}
+                    ClusterNews::Asked { force: f } => {
+                        if f {
+                            tracing::info!(account = %name, "refresh forced by another member: any hold or rate-limit wait ends for one attempt");
+                            engine.end_hold().await;
+                            plan.hold_until = None;
+                            force = true;
+                        } else if plan.hold_until.is_some_and(|h| h > Instant::now()) {
+                            tracing::info!(account = %name, "refresh asked for by another member, but the account is held after the provider refused its credentials");
+                            return Then::Wait;
+                        } else {
+                            // No sooner than min_refresh_interval after the last request.
+                            let now = Instant::now();
+                            let earliest = plan.last_attempt.map_or(now, |l| {
+                                l + self.account().options.schedule.min_refresh_interval
+                            });
+                            if earliest > now {
+                                plan.next = plan.next.min(earliest);
+                                self.publish_next(plan.next);
+                                return Then::Wait;
+                            }
+                        }
+                        asked = true;
+                    }
                 }
-                return Then::Wait;
             }
             Woke::Timer => {
                 let now = Instant::now();
@@ -884,6 +934,13 @@ impl<'a, E: Endpoint> Task<'a, E> {
                 let due = now >= plan.next || self.now() >= next_wall;
                 if !due {
                     if self.token_expired() {
+                        if let Some(c) = coordinator {
+                            // The cluster times its token by the lifetime it has left: a
+                            // wall clock set forward does not expire it (it is timed anew).
+                            self.retime(engine, c).await;
+                        }
+                    }
+                    if self.token_expired() {
                         self.expire();
                     }
                     return Then::Wait;
@@ -893,7 +950,7 @@ impl<'a, E: Endpoint> Task<'a, E> {
 
         let mut leading = false;
         if let Some(c) = coordinator {
-            match self.turn(engine, c, plan, force).await {
+            match self.turn(engine, c, plan, force, asked).await {
                 Some(lead) => leading = lead,
                 None => return Then::Wait,
             }
@@ -912,25 +969,224 @@ impl<'a, E: Endpoint> Task<'a, E> {
         permit: super::slots::RefreshPermit<'_>,
     ) -> Then {
         let name = &self.account().name;
-        let outcome = engine.attempt_with(permit, self.cancel).await;
+        // Cluster mode: the link is claimed right before it is sent (issue #20), and
+        // shutdown waits for its answer to be shared (for a chain, the only copy of the
+        // next link), as it waits for the request itself.
+        let mut after = None;
+        let _sharing = (leading && coordinator.is_some() && self.account().rotates())
+            .then(|| Sharing::start(&self.parts.shared.rotations));
+        if let (true, Some(c)) = (leading, coordinator) {
+            match self.claim(engine, c, plan).await {
+                Ok(a) => after = a,
+                Err(()) => return Then::Wait,
+            }
+        }
+        let mut outcome = engine.attempt_with(permit, self.cancel).await;
         if matches!(outcome, Attempt::Cancelled) {
             return Then::Stop;
+        }
+        if let (Some(c), Some((date, received))) =
+            (coordinator, self.parts.endpoint.provider_date())
+        {
+            c.provider_date(date, received);
+        }
+        if let (Some(dead), Attempt::Failed(f)) = (&after, &mut outcome) {
+            if f.class == ErrorClass::Rejected {
+                f.message = format!("{}; the refresh token may have been spent by member {dead}, which died mid-request: re-seed (tokend reseed)", f.message);
+            }
         }
         let fresh = matches!(outcome, Attempt::Fresh(_));
         self.handle(outcome, plan);
         if let (true, Some(c)) = (leading, coordinator) {
             let mut state = engine.portable();
             state.last_error = self.parts.state.borrow().last_error.clone();
-            if c.share(state).await {
+            let expires_at = self
+                .parts
+                .state
+                .borrow()
+                .token
+                .as_ref()
+                .map(|t| t.expires_at);
+            if c.share(state, fresh, expires_at).await {
                 if fresh {
                     let me = c.me().to_owned();
                     self.publish(|s| s.refreshed_by = Some(me));
                 }
             } else {
-                tracing::warn!(account = %name, "lost the cluster lead while refreshing: the new leader's token wins");
+                tracing::warn!(account = %name, "the shared state moved on while refreshing: taking what is shared");
+                self.follow(engine, c, plan).await;
             }
         }
         Then::Wait
+    }
+
+    /// Cluster mode: claims the link the engine is about to send. `Ok` with the member
+    /// whose request with it died mid-way, if any; `Err` when nothing is to be sent now
+    /// (`plan` says when to look again).
+    async fn claim(
+        &mut self,
+        engine: &mut Engine<E>,
+        c: &dyn Coordinator,
+        plan: &mut Plan,
+    ) -> Result<Option<String>, ()> {
+        let name = &self.account().name;
+        let claim = c.claim(engine.portable()).await;
+        let now = Instant::now();
+        match claim {
+            Claim::Go { after } => return Ok(after),
+            Claim::Wait { until, why } => {
+                // Said once per wait (each claim has its own end).
+                if plan.next != until {
+                    tracing::info!(account = %name, "{why}");
+                }
+                plan.next = until;
+            }
+            Claim::Lost => {
+                self.follow(engine, c, plan).await;
+                if plan.next <= now {
+                    plan.next = now + Duration::from_secs(1);
+                }
+            }
+            Claim::Refuse(why) => {
+                tracing::error!(account = %name, status = "failing", "{why}");
+                let w = why.clone();
+                self.publish(|s| {
+                    s.last_error = Some(w);
+                    s.attempted = true;
+                });
+                plan.next = now + CLUSTER_REFUSED_RECHECK;
+            }
+        }
+        self.settle_status();
+        self.publish_next(plan.next);
+        Err(())
+    }
+
+    /// After an attempt that was not made: the status says what the account holds again.
+    fn settle_status(&self) {
+        let now = self.now();
+        self.publish(|s| {
+            if s.status == Status::Refreshing {
+                s.status = if s.valid_token(now).is_none() && s.token.is_some() {
+                    Status::Expired
+                } else if s.last_error.is_some() {
+                    Status::Failing
+                } else if s.token.is_some() {
+                    Status::Fresh
+                } else {
+                    Status::Pending
+                };
+            }
+        });
+    }
+
+    /// Cluster mode, on news from the cluster: takes what others shared, and says
+    /// whether this member (leading) has a refresh to make now: one another member
+    /// asked for, or a due one (a new leader refreshes a due token at once, not at
+    /// the next look).
+    async fn cluster_news(
+        &mut self,
+        engine: &mut Engine<E>,
+        c: &dyn Coordinator,
+        plan: &mut Plan,
+    ) -> ClusterNews {
+        self.follow(engine, c, plan).await;
+        // A leader that left frees its key: take the lead now, not when the token
+        // falls due (failover within the lease's time to live).
+        let turn = tokio::select! {
+            _ = self.cancel.cancelled() => return ClusterNews::Stop,
+            t = c.turn() => t,
+        };
+        let leader = match &turn {
+            Turn::Lead => Some(c.me().to_owned()),
+            Turn::Follow(other) => Some(other.clone()),
+            Turn::Alone | Turn::Wait => None,
+        };
+        self.publish(|s| {
+            s.degraded = leader.is_none();
+            s.leader = leader;
+        });
+        if turn != Turn::Lead {
+            return ClusterNews::Nothing;
+        }
+        if let Some(force) = c.asked().await {
+            return ClusterNews::Asked { force };
+        }
+        if self.cluster_due(engine) {
+            ClusterNews::Due
+        } else {
+            ClusterNews::Nothing
+        }
+    }
+
+    /// Cluster mode: whether the account's token is due by its own schedule (or there
+    /// is none), and no wait (a hold, a rate limit, a backoff) is on.
+    fn cluster_due(&self, engine: &Engine<E>) -> bool {
+        let now = self.now();
+        if engine.wait().is_some_and(|(until, _)| until > now) {
+            return false;
+        }
+        // The published token: timed as the cluster times it.
+        let token = self.parts.state.borrow().valid_token(now).cloned();
+        match token {
+            None => true,
+            Some(t) => {
+                let policy = &self.account().options.schedule;
+                now >= t.issued_at + schedule::refresh_delay(policy, t.lifetime(), 1.0)
+            }
+        }
+    }
+
+    /// Cluster mode: the shared token, timed on this member's clock, when it is valid
+    /// and this member serves no valid token.
+    fn unserved(&self, shared: &super::coordinator::Shared) -> Option<Arc<Token>> {
+        let (issued_at, expires_at) = shared.times?;
+        let now = self.now();
+        if expires_at <= now || self.parts.state.borrow().valid_token(now).is_some() {
+            return None;
+        }
+        let t = shared.state.token.as_ref()?.to_token();
+        Some(Arc::new(Token {
+            issued_at,
+            expires_at,
+            ..t
+        }))
+    }
+
+    /// Cluster mode: serves the token timed as the cluster times it (by the lifetime it
+    /// had left, on the monotonic clock), when that is more than two seconds off its
+    /// times now: this member's wall clock was set since. No etcd call: also while cut off.
+    async fn retime(&mut self, engine: &Engine<E>, c: &dyn Coordinator) {
+        let token = {
+            let s = self.parts.state.borrow();
+            let Some(mine) = s.token.clone() else { return };
+            let Some((issued_at, expires_at)) = c.timed(&mine) else {
+                return;
+            };
+            let apart = match expires_at.duration_since(mine.expires_at) {
+                Ok(d) => d,
+                Err(e) => e.duration(),
+            };
+            if apart <= Duration::from_secs(2) {
+                return;
+            }
+            Arc::new(Token {
+                issued_at,
+                expires_at,
+                ..(*mine).clone()
+            })
+        };
+        tracing::info!(account = %self.account().name, "the wall clock moved: the shared token is timed anew");
+        if let Err(e) = engine.deliver(token.clone(), false).await {
+            tracing::error!(account = %self.account().name, "{e}");
+        }
+        let now = self.now();
+        self.publish(|s| {
+            if s.status == Status::Expired && token.is_valid_at(now) {
+                s.status = Status::Fresh;
+            }
+            s.token = Some(token);
+        });
     }
 
     /// Cluster mode, when a refresh is due: whose turn it is. `Some(true)` when this
@@ -943,6 +1199,7 @@ impl<'a, E: Endpoint> Task<'a, E> {
         c: &dyn Coordinator,
         plan: &mut Plan,
         force: bool,
+        asked: bool,
     ) -> Option<bool> {
         let recheck = Instant::now() + CLUSTER_RECHECK;
         let turn = tokio::select! {
@@ -960,21 +1217,41 @@ impl<'a, E: Endpoint> Task<'a, E> {
                 // Taking over: a fresh token another member shared, or its hold, first.
                 self.follow(engine, c, plan).await;
                 let now = Instant::now();
-                if !force && (plan.next > now || plan.hold_until.is_some_and(|h| h > now)) {
+                let held = plan.hold_until.is_some_and(|h| h > now);
+                // A wait the cluster shares (a rate limit, a hold) holds asked refreshes too.
+                let waiting = engine
+                    .wait()
+                    .is_some_and(|(until, kind)| until > self.now() && kind != WaitKind::Backoff);
+                let due = asked || plan.next <= now || self.cluster_due(engine);
+                if !force && (held || waiting || !due) {
                     self.publish_next(plan.next);
                     return None;
                 }
                 Some(true)
             }
             Turn::Follow(leader) => {
-                if force {
-                    tracing::info!(account = %self.account().name, leader = %leader, "refresh forced, but another member leads this account: ask it there");
+                // Due: look again soon. Asked: readers waiting for the answer see that
+                // it comes soon (it normally comes through the watch before that). Said
+                // with the leader, in one change: a reader takes the first as the answer.
+                if plan.next <= Instant::now() {
+                    plan.next = recheck;
+                } else if force || asked {
+                    plan.next = plan.next.min(recheck);
                 }
+                let next = self.wall(plan.next);
                 self.publish(|s| {
-                    s.leader = Some(leader);
+                    s.leader = Some(leader.clone());
                     s.degraded = false;
+                    s.next_attempt = Some(next);
                 });
-                plan.next = recheck;
+                // The leader's token normally comes through the watch; look anyway.
+                self.follow(engine, c, plan).await;
+                if force || asked {
+                    // The leader makes it (exactly one refresh for the cluster).
+                    if c.ask_leader(force).await {
+                        tracing::info!(account = %self.account().name, leader = %leader, force, "asked the leader for a refresh");
+                    }
+                }
                 self.publish_next(plan.next);
                 None
             }
@@ -1001,6 +1278,10 @@ impl<'a, E: Endpoint> Task<'a, E> {
     /// Cluster mode: takes over what other members shared (a newer token is delivered
     /// and served; a hold or rate limit is honoured here too).
     async fn follow(&mut self, engine: &mut Engine<E>, c: &dyn Coordinator, plan: &mut Plan) {
+        let warning = c.warning();
+        if self.parts.state.borrow().cluster_warning != warning {
+            self.publish(|s| s.cluster_warning = warning);
+        }
         let shared = tokio::select! {
             _ = self.cancel.cancelled() => return,
             s = c.shared() => s,
@@ -1008,7 +1289,30 @@ impl<'a, E: Endpoint> Task<'a, E> {
         let Some(shared) = shared else {
             return;
         };
-        if let Some(token) = engine.adopt(&shared.state).await {
+        let mut state = shared.state.clone();
+        if shared.newer {
+            // The cluster orders tokens by its records' generations, not by this member's
+            // wall clock: one set back since it took its token must not make the newer
+            // token look older to the engine.
+            let held = engine.portable();
+            if let (Some(theirs), Some(held)) = (&state.token, &held.token) {
+                if theirs.issued_at_secs() < held.issued_at_secs() {
+                    let mut t = theirs.to_token();
+                    t.issued_at = held.to_token().issued_at;
+                    state.token = Some(super::persist::SavedToken::from_token(&t));
+                }
+            }
+        }
+        if let Some(token) = engine.adopt(&state).await {
+            // Timed to the millisecond (the engine keeps whole seconds).
+            let token = match shared.times {
+                Some((issued_at, expires_at)) => Arc::new(Token {
+                    issued_at,
+                    expires_at,
+                    ..(*token).clone()
+                }),
+                None => token,
+            };
             let by = shared.fetched_by.clone();
             match engine.deliver(token.clone(), true).await {
                 Ok(()) => {
@@ -1033,6 +1337,24 @@ impl<'a, E: Endpoint> Task<'a, E> {
                 s.attempted = true;
                 s.refreshed_by = Some(by);
             });
+        } else if let Some(token) = self.unserved(&shared) {
+            // The cluster's token, which the engine holds already but which is not
+            // served: its saved copy looked expired at the start (this member's wall
+            // clock was set while it was stopped).
+            let by = shared.fetched_by.clone();
+            if let Err(e) = engine.deliver(token.clone(), false).await {
+                tracing::error!(account = %self.account().name, "{e}");
+            }
+            tracing::info!(account = %self.account().name, refreshed_by = %by, "serving the cluster's token, timed by the lifetime it has left");
+            self.publish(|s| {
+                s.status = Status::Fresh;
+                s.token = Some(token.clone());
+                s.last_refresh = Some(token.issued_at);
+                s.attempted = true;
+                s.refreshed_by = Some(by);
+            });
+        } else {
+            self.retime(engine, c).await;
         }
         if let Some((until, kind)) = engine.wait() {
             let wait = until.duration_since(self.now()).unwrap_or_default();

@@ -1,37 +1,138 @@
-//! The account layer's [`Coordinator`] on etcd: whose turn it is (the election, and
-//! `on_cluster_loss` when etcd is out of reach), the shared record read and written
-//! through the account's [`Seat`].
+//! The account layer's [`Coordinator`] on a member's [`Seat`]: the refresh protocol of
+//! issue #20, written down for operators in the README's cluster chapter.
+//!
+//! - **Whose turn.** The election (a leader key under the member's lease), and
+//!   `on_cluster_loss` when etcd is out of reach or this member's key is not the
+//!   cluster's.
+//! - **A chain advances by compare-and-swap on the record, never on leadership alone.**
+//!   Right before it sends, the leader claims the link in one transaction that holds
+//!   only if it still holds the lead and the record is still the one it read: the
+//!   record, one generation on, says the link is in flight (member, claim id, how long
+//!   to wait for it). A failed claim never sends. The answer is written by
+//!   compare-and-swap on the claimed record (not on the lead): a late answer still
+//!   lands if nobody took the link over, and the new link is not lost.
+//! - **A link in flight** of another member: a leader waits for its answer for the
+//!   claim's `wait` (the request's timeout plus `lease_ttl`), counted on its own
+//!   monotonic clock from when it first saw the claim; past that it sends the link
+//!   once more, and a refusal holds the account ("may have been spent by member X,
+//!   which died mid-request: re-seed"). Grants that do not rotate take the link over at
+//!   once (a dead member's request costs at most one extra request).
+//! - **Order by generation.** Every write is one generation on from the record it
+//!   replaces (the compare-and-swap guarantees it); the record is sealed bound to its
+//!   generation and its place in the key's history, and each member remembers the
+//!   highest generation it has seen (`memory`). A record that does not open there, or
+//!   is older than what was seen, is refused loudly; a leader that holds the newest
+//!   link it has seen writes it back over such a record.
+//! - **Time.** A record carries the lifetime its token had left when it was written
+//!   (and when that was, on etcd's clock): each member times the token on its own
+//!   clock from that, never from the writer's wall clock.
+//! - **Identity.** A chain's seed is named in its record by a keyed digest: a seed
+//!   another identity of the account's name has spent is never sent, and members of
+//!   another identity under the same name are shown on every member.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
-use super::member::{Lead, Seat};
-use super::record::Record;
-use crate::account::coordinator::{BoxFuture, Coordinator, Shared, Turn};
-use crate::account::persist::Portable;
-use crate::config::OnClusterLoss;
+use tokio::time::Instant;
+
+use super::member::{KeyCheck, Lead, Position, Seat, Stored};
+use super::record::{InFlight, LeaderRequest, Record};
+use crate::account::coordinator::{
+    request_timeout, BoxFuture, Claim, ClusterStatus, Coordinator, Shared, Turn,
+};
+use crate::account::persist::{Portable, SavedToken};
+use crate::config::{Account, Grant, OnClusterLoss};
 
 pub struct Seated {
     seat: Seat,
+    account: Arc<Account>,
     /// The refresh_token grant never refreshes alone: a second refresher forks the chain.
     rotates: bool,
     on_loss: OnClusterLoss,
-    /// The highest record generation seen, so a write is always newer.
-    generation: AtomicU64,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// The highest record generation seen (also across restarts: `memory`).
+    seen: u64,
+    /// The generation of the record this member last took or wrote: when it is `seen`,
+    /// this member holds the newest link it knows of.
+    holds: u64,
+    /// The last record taken, timed on this member's clock.
+    taken: Option<Taken>,
+    /// When this member first saw other members' claims (by claim id), newest last.
+    claims_seen: VecDeque<(u64, Instant)>,
+    /// This member's claim: where it put the record, the record it put, and when.
+    mine: Option<(Position, Record, Instant)>,
+    /// The revision of this member's last claim (a request written before it is
+    /// answered by it).
+    last_claim: i64,
+    /// A record refused (why), by the revision it was seen at: logged once.
+    refused: Option<(i64, String)>,
+    /// Members of other identities under this account's name, as last told.
+    others_told: Option<String>,
+}
+
+/// A record as this member took it: its revision, and its token's times on this
+/// member's clock.
+struct Taken {
+    revision: i64,
+    /// Which token it held ([`token_id`]), and when that expires on the monotonic clock.
+    token: Option<[u8; 32]>,
+    expires: Option<Instant>,
+}
+
+/// A digest that tells tokens apart (not a copy of one).
+fn token_id(t: &crate::oauth::Token) -> [u8; 32] {
+    ring::digest::digest(&ring::digest::SHA256, t.access_token.expose().as_bytes())
+        .as_ref()
+        .try_into()
+        .expect("SHA-256 is 32 bytes")
+}
+
+/// The wall-clock time (this member's, `now`) of `at` on the monotonic clock.
+fn wall_of(now: SystemTime, at: Instant) -> SystemTime {
+    let i = Instant::now();
+    if at >= i {
+        now + (at - i)
+    } else {
+        now - (i - at)
+    }
 }
 
 impl Seated {
-    pub fn new(seat: Seat, rotates: bool, on_loss: OnClusterLoss) -> Self {
+    pub fn new(seat: Seat, account: Arc<Account>, on_loss: OnClusterLoss) -> Self {
+        let seen = seat.member().memory().load(&seat.record_key());
         Seated {
+            rotates: matches!(account.grant, Grant::RefreshToken { .. }),
             seat,
-            rotates,
+            account,
             on_loss,
-            generation: AtomicU64::new(0),
+            inner: Mutex::new(Inner {
+                seen,
+                ..Inner::default()
+            }),
         }
     }
 
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .expect("never poisoned: no panics under the lock")
+    }
+
+    fn name(&self) -> &str {
+        &self.account.name
+    }
+
+    /// Cut off from the cluster (etcd out of reach long enough, or another key):
+    /// refresh alone only as `on_cluster_loss` allows, and never a chain.
     fn cut_off(&self) -> Turn {
         let member = self.seat.member();
-        let long_enough = member.unreachable_for().is_some_and(|d| d >= member.ttl());
+        let long_enough = member.key_check() == KeyCheck::Mismatch
+            || member.unreachable_for().is_some_and(|d| d >= member.ttl());
         if long_enough && self.on_loss == OnClusterLoss::Refresh && !self.rotates {
             Turn::Alone
         } else {
@@ -39,25 +140,189 @@ impl Seated {
         }
     }
 
-    async fn record(&self) -> Option<Record> {
-        match self.seat.read().await {
-            Ok(Some(r)) => {
-                self.generation.fetch_max(r.generation, Ordering::SeqCst);
-                Some(r)
-            }
-            Ok(None) => None,
-            Err(e) => {
-                tracing::debug!("cluster: {e}");
-                None
+    /// Remembers that generation `g` was seen.
+    fn saw(&self, g: u64) {
+        let mut i = self.inner();
+        if g > i.seen {
+            i.seen = g;
+            drop(i);
+            if let Err(e) = self
+                .seat
+                .member()
+                .memory()
+                .store(&self.seat.record_key(), g)
+            {
+                tracing::error!(account = %self.name(), "failed to remember the shared record's generation: {e}");
             }
         }
     }
-}
 
-/// The token's issue time in a portable state (Unix seconds), for "never older over
-/// newer"; none sorts first.
-fn issued(p: &Portable) -> Option<u64> {
-    p.token.as_ref().map(|t| t.issued_at_secs())
+    /// Says, once per record, that it was refused.
+    fn refuse(&self, pos: Position, why: String) {
+        let mut i = self.inner();
+        if i.refused.as_ref().map(|(r, _)| *r) != Some(pos.revision) {
+            tracing::error!(account = %self.name(), revision = pos.revision, "refused the shared record: {why}");
+        }
+        i.refused = Some((pos.revision, why));
+    }
+
+    /// When this member first saw the claim `id`.
+    fn first_seen(&self, id: u64) -> Instant {
+        let mut i = self.inner();
+        if let Some((_, at)) = i.claims_seen.iter().find(|(c, _)| *c == id) {
+            return *at;
+        }
+        let now = Instant::now();
+        i.claims_seen.push_back((id, now));
+        while i.claims_seen.len() > 16 {
+            i.claims_seen.pop_front();
+        }
+        now
+    }
+
+    /// The record as it is now, judged: a sealed record older than what was seen is
+    /// refused too.
+    async fn read(&self) -> Option<Stored> {
+        let stored = match self.seat.read().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(account = %self.name(), "cluster: {e}");
+                return None;
+            }
+        };
+        Some(match stored {
+            Stored::Sealed(r, pos) if r.generation < self.inner().seen => {
+                let why = format!(
+                    "its generation {} is older than generation {} seen before (an older record put back, or etcd restored from a backup)",
+                    r.generation,
+                    self.inner().seen
+                );
+                self.refuse(pos, why);
+                Stored::Refused(super::record::SealError::Unauthentic, pos)
+            }
+            Stored::Refused(e, pos) => {
+                self.refuse(pos, e.to_string());
+                Stored::Refused(e, pos)
+            }
+            Stored::Sealed(r, pos) => {
+                self.saw(r.generation);
+                {
+                    let mut i = self.inner();
+                    i.refused = None;
+                }
+                if let Some(f) = &r.in_flight {
+                    self.first_seen(f.claim);
+                }
+                if let Some(o) = r.provider_offset_ms {
+                    self.seat.member().note_provider_offset(o);
+                }
+                Stored::Sealed(r, pos)
+            }
+            other => other,
+        })
+    }
+
+    /// The token times of `r` (read at `pos`) on this member's clock: the lifetime it
+    /// had left when written, less the record's age, from now. A record whose write was
+    /// seen as it happened is as old as that; else (a member that joins later, a claim,
+    /// which carries the token's times as they were written) it is timed by etcd's
+    /// clock as both members see it. A token is timed once, on the monotonic clock: a
+    /// step of this member's wall clock moves its times with it.
+    fn times(&self, r: &Record, pos: Position) -> Option<(SystemTime, SystemTime)> {
+        let saved = r.state.token.as_ref()?;
+        let token = saved.to_token();
+        let id = token_id(&token);
+        let member = self.seat.member();
+        let cached = self
+            .inner()
+            .taken
+            .as_ref()
+            .filter(|t| t.token == Some(id))
+            .and_then(|t| t.expires);
+        let expires = match (cached, r.token_left_ms) {
+            (Some(e), _) => e,
+            (None, Some(left)) => {
+                let live = self
+                    .seat
+                    .arrived(pos.revision)
+                    .filter(|_| r.in_flight.is_none());
+                let age = match (live, r.written_at_ms, member.backend_now_ms()) {
+                    (Some(at), _, _) => at.elapsed().as_millis() as i64,
+                    (None, Some(w), Some(b)) => b - w,
+                    _ => 0,
+                }
+                .clamp(0, left as i64) as u64;
+                Instant::now() + Duration::from_millis(left - age)
+            }
+            // Written without it: the writer's times are all there is.
+            (None, None) => return Some((token.issued_at, token.expires_at)),
+        };
+        self.inner().taken = Some(Taken {
+            revision: pos.revision,
+            token: Some(id),
+            expires: Some(expires),
+        });
+        let expires = wall_of(member.clock().now(), expires);
+        Some((expires - token.lifetime(), expires))
+    }
+
+    /// `state` with its token timed at `times`.
+    fn retimed(state: &Portable, times: Option<(SystemTime, SystemTime)>) -> Portable {
+        let mut p = state.clone();
+        if let (Some(t), Some((issued, expires))) = (&state.token, times) {
+            let mut token = t.to_token();
+            token.issued_at = issued;
+            token.expires_at = expires;
+            p.token = Some(SavedToken::from_token(&token));
+        }
+        p
+    }
+
+    /// The configured seed of the refresh_token grant, if readable.
+    fn seed(&self) -> Option<String> {
+        match &self.account.grant {
+            Grant::RefreshToken { refresh_token } => {
+                refresh_token.read().ok().map(|s| s.expose().to_owned())
+            }
+            _ => None,
+        }
+    }
+
+    /// A new record, one generation on from `base` (or from what was seen), holding
+    /// `state`.
+    fn next_record(&self, base: Option<&Record>, state: Portable) -> Record {
+        let member = self.seat.member();
+        let generation = base.map_or(0, |b| b.generation).max(self.inner().seen) + 1;
+        Record {
+            generation,
+            fetched_by: base.map_or_else(|| member.name().to_owned(), |b| b.fetched_by.clone()),
+            token_left_ms: base.and_then(|b| b.token_left_ms),
+            written_at_ms: base.and_then(|b| b.written_at_ms),
+            provider_offset_ms: base.and_then(|b| b.provider_offset_ms),
+            seed: base.and_then(|b| b.seed.clone()),
+            in_flight: None,
+            state,
+        }
+    }
+
+    /// Where a claim on a record that does not open, or is older than what was seen,
+    /// leads: this member writes its own state back over it if it holds the newest
+    /// link it has seen; otherwise the account is held.
+    fn refused_claim(&self, state: &Portable) -> Option<String> {
+        let i = self.inner();
+        let why = i
+            .refused
+            .as_ref()
+            .map(|(_, w)| w.clone())
+            .unwrap_or_else(|| "the shared record does not open".into());
+        if !self.rotates || (i.seen > 0 && i.holds == i.seen && state.refresh_token.is_some()) {
+            return None;
+        }
+        Some(format!(
+            "{why}; this member does not hold the chain's newest link (generation {}), so it sends none: re-seed (tokend reseed) once the cause is known",
+            i.seen
+        ))
+    }
 }
 
 impl Coordinator for Seated {
@@ -67,12 +332,16 @@ impl Coordinator for Seated {
 
     fn turn(&self) -> BoxFuture<'_, Turn> {
         Box::pin(async move {
+            match self.seat.member().key_check() {
+                KeyCheck::Ok => {}
+                _ => return self.cut_off(),
+            }
             match self.seat.campaign().await {
                 Ok(Lead::Me) => Turn::Lead,
                 Ok(Lead::Other(name)) => Turn::Follow(name),
                 Ok(Lead::Unknown) => self.cut_off(),
                 Err(e) => {
-                    tracing::debug!("cluster: {e}");
+                    tracing::debug!(account = %self.name(), "cluster: {e}");
                     self.cut_off()
                 }
             }
@@ -81,43 +350,310 @@ impl Coordinator for Seated {
 
     fn shared(&self) -> BoxFuture<'_, Option<Shared>> {
         Box::pin(async move {
-            let r = self.record().await?;
+            let Stored::Sealed(r, pos) = self.read().await? else {
+                return None;
+            };
+            if self.seat.arrived(pos.revision).is_none() || r.in_flight.is_some() {
+                // Not seen as it was written: timed by etcd's clock, once it is known.
+                self.seat.member().calibration().await;
+            }
+            let before = self.inner().taken.as_ref().and_then(|t| t.token);
+            let times = self.times(&r, pos);
+            let now = self.inner().taken.as_ref().and_then(|t| t.token);
+            {
+                let mut i = self.inner();
+                i.holds = r.generation;
+                match &mut i.taken {
+                    Some(t) => t.revision = pos.revision,
+                    None => {
+                        i.taken = Some(Taken {
+                            revision: pos.revision,
+                            token: None,
+                            expires: None,
+                        })
+                    }
+                }
+            }
             Some(Shared {
-                state: r.state.clone(),
+                state: Self::retimed(&r.state, times),
                 fetched_by: r.fetched_by.clone(),
+                times,
+                newer: now.is_some() && now != before,
             })
         })
     }
 
-    fn share(&self, state: Portable) -> BoxFuture<'_, bool> {
+    fn claim(&self, state: Portable) -> BoxFuture<'_, Claim> {
         Box::pin(async move {
-            // A newer shared token is never overwritten by an older one (a member that
-            // was cut off comes back with what it fetched meanwhile).
-            if let Some(current) = self.record().await {
-                if issued(&current.state) > issued(&state) {
-                    return true;
+            for _ in 0..3 {
+                let Some(stored) = self.read().await else {
+                    return Claim::Lost;
+                };
+                let (base, at, mut after) = match stored {
+                    Stored::Absent => {
+                        if let Some(refused) = self.spent_elsewhere(&state).await {
+                            return Claim::Refuse(refused);
+                        }
+                        match self.seat.create().await {
+                            Ok(_) => continue,
+                            Err(e) => {
+                                tracing::debug!(account = %self.name(), "cluster: {e}");
+                                return Claim::Lost;
+                            }
+                        }
+                    }
+                    Stored::New(at) => {
+                        if let Some(refused) = self.spent_elsewhere(&state).await {
+                            return Claim::Refuse(refused);
+                        }
+                        (None, at, None)
+                    }
+                    Stored::Refused(_, at) => {
+                        if let Some(held) = self.refused_claim(&state) {
+                            return Claim::Refuse(held);
+                        }
+                        tracing::warn!(account = %self.name(), "writing this member's state (the newest link it has seen) back over the refused record");
+                        (None, at, None)
+                    }
+                    Stored::Sealed(r, at) => {
+                        let mut after = None;
+                        if let Some(f) = &r.in_flight {
+                            if self.rotates {
+                                let until =
+                                    self.first_seen(f.claim) + Duration::from_millis(f.wait_ms);
+                                if Instant::now() < until {
+                                    return Claim::Wait {
+                                        until,
+                                        why: format!(
+                                            "member {} is asking the provider with the chain's current link: waiting up to {} for its answer",
+                                            f.member,
+                                            humantime::format_duration(Duration::from_secs(
+                                                until.saturating_duration_since(Instant::now()).as_secs() + 1
+                                            ))
+                                        ),
+                                    };
+                                }
+                            }
+                            after = Some(f.member.clone());
+                        }
+                        if self.rotates && r.state.refresh_token != state.refresh_token {
+                            // Another link than this member's: take it first.
+                            return Claim::Lost;
+                        }
+                        (Some(*r), at, after)
+                    }
+                };
+                let member = self.seat.member();
+                let mut record = self.next_record(
+                    base.as_ref(),
+                    match &base {
+                        Some(b) => b.state.clone(),
+                        None => state.clone(),
+                    },
+                );
+                if record.seed.is_none() {
+                    record.seed = self.seed().map(|s| member.key().seed_digest(&s));
+                }
+                if !self.rotates {
+                    // A dead member's request costs nothing here: no link to wait for.
+                    after = None;
+                }
+                let wait = request_timeout(&self.account) + member.ttl();
+                record.in_flight = Some(InFlight {
+                    member: member.name().to_owned(),
+                    claim: rand::random(),
+                    wait_ms: wait.as_millis() as u64,
+                    after: after.clone(),
+                });
+                return match self.seat.claim(at, &record).await {
+                    Ok(Some(pos)) => {
+                        if let Some(a) = &after {
+                            tracing::warn!(account = %self.name(), "member {a} died with a request on the wire (no answer within its time): sending the chain's link once more");
+                        }
+                        self.saw(record.generation);
+                        let mut i = self.inner();
+                        i.holds = record.generation;
+                        i.last_claim = pos.revision;
+                        i.mine = Some((pos, record, Instant::now()));
+                        Claim::Go { after }
+                    }
+                    Ok(None) => Claim::Lost,
+                    Err(e) => {
+                        tracing::debug!(account = %self.name(), "cluster: {e}");
+                        Claim::Lost
+                    }
+                };
+            }
+            Claim::Lost
+        })
+    }
+
+    fn share(
+        &self,
+        state: Portable,
+        fresh: bool,
+        expires_at: Option<SystemTime>,
+    ) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            let Some((at, claimed, claimed_at)) = self.inner().mine.take() else {
+                return false;
+            };
+            let member = self.seat.member();
+            let now = member.clock().now();
+            let mut record = self.next_record(Some(&claimed), state);
+            record.generation = claimed.generation + 1;
+            if fresh {
+                record.fetched_by = member.name().to_owned();
+            }
+            // To the millisecond when the caller knows it (the state has whole seconds).
+            let times = record
+                .state
+                .token
+                .as_ref()
+                .map(|t| t.to_token())
+                .map(|t| (t.issued_at, expires_at.unwrap_or(t.expires_at)));
+            record.token_left_ms =
+                times.map(|(_, e)| e.duration_since(now).unwrap_or_default().as_millis() as u64);
+            record.written_at_ms = member.backend_now_ms();
+            record.provider_offset_ms = member
+                .provider_minus_backend()
+                .or(claimed.provider_offset_ms);
+            let token = record.state.token.as_ref().map(|t| token_id(&t.to_token()));
+            let expires =
+                times.map(|(_, e)| Instant::now() + e.duration_since(now).unwrap_or_default());
+            // A chain's answer is the only copy of its next link: it is written for as
+            // long as the claim stands (until the others may take the link over), also
+            // through etcd being out of reach meanwhile.
+            let wait = claimed
+                .in_flight
+                .as_ref()
+                .map_or(Duration::ZERO, |f| Duration::from_millis(f.wait_ms));
+            let give_up = claimed_at + if self.rotates { wait } else { Duration::ZERO };
+            loop {
+                match self.seat.write(at, &record).await {
+                    Ok(Some(pos)) => {
+                        self.saw(record.generation);
+                        let mut i = self.inner();
+                        i.holds = record.generation;
+                        i.taken = Some(Taken {
+                            revision: pos.revision,
+                            token,
+                            expires,
+                        });
+                        return true;
+                    }
+                    Ok(None) => {
+                        // Moved on: another took the link over, or this very write
+                        // landed before an answer to it was lost (the next read tells).
+                        tracing::warn!(account = %self.name(), "the shared record moved on while this member's request was out: its answer is not shared");
+                        return false;
+                    }
+                    Err(e) if Instant::now() >= give_up => {
+                        tracing::error!(account = %self.name(), "failed to share the account's state ({e}){}", if self.rotates {
+                            ": the others may take the link over, and the link this member fetched is lost to them"
+                        } else {
+                            ""
+                        });
+                        return false;
+                    }
+                    Err(e) => {
+                        tracing::debug!(account = %self.name(), "cluster: failed to share the answer, trying again: {e}");
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
                 }
             }
-            let record = Record {
-                generation: self.generation.fetch_add(1, Ordering::SeqCst) + 1,
-                fetched_by: self.seat.member().name().to_owned(),
-                state,
+        })
+    }
+
+    fn ask_leader(&self, force: bool) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            let held = self.inner().taken.as_ref().map_or(0, |t| t.revision);
+            let request = LeaderRequest {
+                member: self.seat.member().name().to_owned(),
+                id: rand::random(),
+                force,
+                held,
             };
-            match self.seat.publish(&record).await {
-                Ok(written) => written,
+            match self.seat.ask(&request).await {
+                Ok(()) => true,
                 Err(e) => {
-                    tracing::warn!("cluster: failed to share the account's state: {e}");
+                    tracing::warn!(account = %self.name(), "failed to ask the leader for a refresh: {e}");
                     false
                 }
             }
         })
     }
 
+    fn asked(&self) -> BoxFuture<'_, Option<bool>> {
+        Box::pin(async move {
+            let (request, _) = match self.seat.take_request().await {
+                Ok(r) => r?,
+                Err(e) => {
+                    tracing::debug!(account = %self.name(), "cluster: {e}");
+                    return None;
+                }
+            };
+            // A refresh claimed after the record the member held answers it (members
+            // asking at once cause one refresh).
+            let last = self.inner().last_claim;
+            if !request.force && last > 0 && last >= request.held {
+                tracing::debug!(account = %self.name(), member = %request.member, "a refresh since answers the member's request");
+                return None;
+            }
+            tracing::info!(account = %self.name(), member = %request.member, force = request.force, "member asked for a refresh");
+            Some(request.force)
+        })
+    }
+
+    fn timed(&self, token: &crate::oauth::Token) -> Option<(SystemTime, SystemTime)> {
+        let i = self.inner();
+        let t = i
+            .taken
+            .as_ref()
+            .filter(|t| t.token == Some(token_id(token)))?;
+        let expires = wall_of(self.seat.member().clock().now(), t.expires?);
+        Some((expires - token.lifetime(), expires))
+    }
+
+    fn provider_date(&self, date: SystemTime, received: SystemTime) {
+        self.seat.member().note_provider_date(date, received);
+    }
+
+    fn warning(&self) -> Option<String> {
+        let member = self.seat.member();
+        let mut parts = Vec::new();
+        if member.key_check() == KeyCheck::Mismatch {
+            parts.push(super::member::mismatch_message(member.prefix()));
+        }
+        let others = self.seat.other_identities();
+        let told = (!others.is_empty()).then(|| {
+            format!(
+                "members {} share the name {:?} with another identity (token_url, grant_type, client_id, username, scope or extra_params differ): they are another account, refreshed apart; make the settings agree",
+                others.into_iter().collect::<Vec<_>>().join(", "),
+                self.name()
+            )
+        });
+        {
+            let mut i = self.inner();
+            if told != i.others_told {
+                if let Some(t) = &told {
+                    tracing::error!(account = %self.name(), "{t}");
+                }
+                i.others_told = told.clone();
+            }
+            if let Some((_, why)) = &i.refused {
+                parts.push(format!("refused the shared record: {why}"));
+            }
+        }
+        parts.extend(told);
+        parts.extend(member.skew_warning());
+        (!parts.is_empty()).then(|| parts.join("; "))
+    }
+
     fn resign(&self) -> BoxFuture<'_, ()> {
         // Bounded: at shutdown the member's lease is revoked anyway.
         Box::pin(async move {
-            let _ = tokio::time::timeout(std::time::Duration::from_millis(300), self.seat.resign())
-                .await;
+            let _ = tokio::time::timeout(Duration::from_millis(300), self.seat.resign()).await;
         })
     }
 
@@ -125,7 +661,35 @@ impl Coordinator for Seated {
         self.seat.member().name()
     }
 
-    fn status(&self) -> std::sync::Arc<dyn crate::account::coordinator::ClusterStatus> {
+    fn status(&self) -> Arc<dyn ClusterStatus> {
         self.seat.member().clone()
+    }
+}
+
+impl Seated {
+    /// Before a chain starts from the configured seed: whether another identity of this
+    /// account's name has spent that seed already (its record names it). Then it is
+    /// never sent: why.
+    async fn spent_elsewhere(&self, state: &Portable) -> Option<String> {
+        if !self.rotates || state.refresh_token.is_some() {
+            return None;
+        }
+        let digest = self
+            .seed()
+            .map(|s| self.seat.member().key().seed_digest(&s))?;
+        let others = match self.seat.others().await {
+            Ok(o) => o,
+            Err(e) => {
+                return Some(format!(
+                    "could not make sure no other identity of this account spent its seed ({e}): not starting the chain yet"
+                ))
+            }
+        };
+        others.iter().any(|r| r.seed.as_deref() == Some(digest.as_str())).then(|| {
+            format!(
+                "the configured refresh_token was already spent by another identity of account {:?} (members whose token_url, grant_type, client_id, username, scope or extra_params differ from this one's): it is never sent again; make the settings agree on every member",
+                self.name()
+            )
+        })
     }
 }

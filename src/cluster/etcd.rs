@@ -1,20 +1,31 @@
 //! A small etcd v3 client over etcd's JSON gateway (`/v3/...`, in every etcd since 3.3),
-//! on the reqwest client already in the tree: leases, ranges, puts, guarded
-//! transactions and watches, which is all cluster mode needs. Chosen over the gRPC
-//! client (etcd-client) because that one needs `protoc` and tonic at build time for
-//! the same few calls; the gateway speaks the same API, as JSON with base64 bytes.
+//! on the reqwest client already in the tree: leases, ranges, guarded transactions and
+//! watches, which is all cluster mode needs. Chosen over the gRPC client (etcd-client)
+//! because that one needs `protoc` and tonic at build time for the same few calls; the
+//! gateway speaks the same API, as JSON with base64 bytes and 64-bit numbers as strings.
 //!
-//! Every call tries the endpoints in turn, starting from the one that answered last.
+//! The wire is typed: one serde struct per request and answer, below, and nothing
+//! outside this file knows the gateway's JSON. Every call has a deadline: each endpoint
+//! gets [`Etcd::attempt_timeout`] (a fraction of the lease's time to live, so that a hung
+//! member is left behind before a lease lapses), then the next is tried; the one that
+//! answered is tried first next time. A watch has no deadline of its own: the member
+//! checks its endpoint's progress beside it ([`Etcd::progress`]) and moves it elsewhere.
+//!
+//! Every answer's `Date` header feeds [`BackendClock`]: etcd's time, as this member sees
+//! it, which is what members compare their clocks against.
+//!
 //! Errors name the endpoint and never a value (values are sealed records anyway).
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use serde_json::{json, Value};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::clock::Clock;
 use crate::config::Secret;
 
 #[derive(Debug, thiserror::Error)]
@@ -32,12 +43,14 @@ pub enum EtcdError {
 }
 
 /// One key and its value, as etcd keeps it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Kv {
     pub key: String,
     pub value: Vec<u8>,
     pub create_revision: i64,
     pub mod_revision: i64,
+    /// How many times the key was written since it was created (1 for a new key).
+    pub version: i64,
     /// The lease the key is attached to, 0 for none.
     pub lease: i64,
 }
@@ -49,6 +62,8 @@ pub enum Compare {
     Value(String, Vec<u8>),
     /// The key's create revision equals this (0: the key does not exist).
     CreateRevision(String, i64),
+    /// The key's last modification was at this revision (0: the key does not exist).
+    ModRevision(String, i64),
     /// The key is attached to this lease.
     Lease(String, i64),
 }
@@ -65,10 +80,12 @@ pub enum Op {
     Delete(String),
 }
 
-/// What a transaction did: whether its conditions held, and the keys its gets read.
+/// What a transaction did: whether its conditions held, the revision it ran at (the
+/// revision of its writes, when it wrote), and the keys its gets read.
 #[derive(Debug)]
 pub struct TxnResult {
     pub succeeded: bool,
+    pub revision: i64,
     pub kvs: Vec<Kv>,
 }
 
@@ -79,12 +96,440 @@ pub enum Event {
     Delete { key: String, mod_revision: i64 },
 }
 
+/// How a watch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchEnd {
+    /// The stream ended (etcd went away, or cancelled the watch); the last revision
+    /// it reported. Watch again from the next one.
+    Ended { last: i64 },
+    /// The revision asked for was compacted away: what happened before
+    /// `compact_revision` is gone; read the state again and watch from there.
+    Compacted { compact_revision: i64 },
+}
+
+// ---- The wire: the gateway's JSON, typed ---------------------------------------------
+
+/// Bytes as the gateway writes them: base64.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Bytes64(Vec<u8>);
+
+impl Serialize for Bytes64 {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&B64.encode(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Bytes64 {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        B64.decode(s)
+            .map(Bytes64)
+            .map_err(|_| serde::de::Error::custom("not base64"))
+    }
+}
+
+impl From<&str> for Bytes64 {
+    fn from(s: &str) -> Self {
+        Bytes64(s.as_bytes().to_vec())
+    }
+}
+
+/// A 64-bit number as the gateway writes it: a string (a JSON number is taken too).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct I64(i64);
+
+impl Serialize for I64 {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for I64 {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            S(String),
+            N(i64),
+        }
+        match Either::deserialize(d)? {
+            Either::N(n) => Ok(I64(n)),
+            Either::S(s) => s
+                .parse()
+                .map(I64)
+                .map_err(|_| serde::de::Error::custom("not a 64-bit number")),
+        }
+    }
+}
+
+#[derive(Deserialize, Default, Debug)]
+struct ResponseHeader {
+    #[serde(default)]
+    revision: I64,
+}
+
+#[derive(Deserialize, Debug)]
+struct WireKv {
+    key: Bytes64,
+    #[serde(default)]
+    value: Bytes64,
+    #[serde(default)]
+    create_revision: I64,
+    #[serde(default)]
+    mod_revision: I64,
+    #[serde(default)]
+    version: I64,
+    #[serde(default)]
+    lease: I64,
+}
+
+impl WireKv {
+    fn into_kv(self) -> Option<Kv> {
+        Some(Kv {
+            key: String::from_utf8(self.key.0).ok()?,
+            value: self.value.0,
+            create_revision: self.create_revision.0,
+            mod_revision: self.mod_revision.0,
+            version: self.version.0,
+            lease: self.lease.0,
+        })
+    }
+}
+
+#[derive(Serialize, Debug, Default)]
+struct RangeRequest {
+    key: Bytes64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    range_end: Option<Bytes64>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    keys_only: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    count_only: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    min_mod_revision: Option<I64>,
+}
+
+#[derive(Deserialize, Debug)]
+struct RangeResponse {
+    #[serde(default)]
+    header: ResponseHeader,
+    #[serde(default)]
+    kvs: Vec<WireKv>,
+    #[serde(default)]
+    count: I64,
+}
+
+#[derive(Serialize, Debug)]
+struct PutRequest {
+    key: Bytes64,
+    value: Bytes64,
+    #[serde(skip_serializing_if = "is_zero")]
+    lease: I64,
+}
+
+fn is_zero(n: &I64) -> bool {
+    n.0 == 0
+}
+
+#[derive(Serialize, Debug)]
+struct DeleteRangeRequest {
+    key: Bytes64,
+}
+
+#[derive(Serialize, Debug)]
+enum RequestOp {
+    #[serde(rename = "request_put")]
+    Put(PutRequest),
+    #[serde(rename = "request_range")]
+    Range(RangeRequest),
+    #[serde(rename = "request_delete_range")]
+    Delete(DeleteRangeRequest),
+}
+
+#[derive(Serialize, Debug)]
+struct WireCompare {
+    key: Bytes64,
+    target: &'static str,
+    result: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    create_revision: Option<I64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mod_revision: Option<I64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lease: Option<I64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<Bytes64>,
+}
+
+impl From<&Compare> for WireCompare {
+    fn from(c: &Compare) -> Self {
+        let mut w = WireCompare {
+            key: Bytes64::default(),
+            target: "",
+            result: "EQUAL",
+            create_revision: None,
+            mod_revision: None,
+            lease: None,
+            value: None,
+        };
+        match c {
+            Compare::Value(k, v) => {
+                w.key = k.as_str().into();
+                w.target = "VALUE";
+                w.value = Some(Bytes64(v.clone()));
+            }
+            Compare::CreateRevision(k, r) => {
+                w.key = k.as_str().into();
+                w.target = "CREATE";
+                w.create_revision = Some(I64(*r));
+            }
+            Compare::ModRevision(k, r) => {
+                w.key = k.as_str().into();
+                w.target = "MOD";
+                w.mod_revision = Some(I64(*r));
+            }
+            Compare::Lease(k, l) => {
+                w.key = k.as_str().into();
+                w.target = "LEASE";
+                w.lease = Some(I64(*l));
+            }
+        }
+        w
+    }
+}
+
+impl From<&Op> for RequestOp {
+    fn from(o: &Op) -> Self {
+        match o {
+            Op::Put { key, value, lease } => RequestOp::Put(PutRequest {
+                key: key.as_str().into(),
+                value: Bytes64(value.clone()),
+                lease: I64(*lease),
+            }),
+            Op::Get(key) => RequestOp::Range(RangeRequest {
+                key: key.as_str().into(),
+                ..RangeRequest::default()
+            }),
+            Op::Delete(key) => RequestOp::Delete(DeleteRangeRequest {
+                key: key.as_str().into(),
+            }),
+        }
+    }
+}
+
+#[derive(Serialize, Debug)]
+struct TxnRequest {
+    compare: Vec<WireCompare>,
+    success: Vec<RequestOp>,
+    failure: Vec<RequestOp>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+struct ResponseOp {
+    #[serde(default)]
+    response_range: Option<RangeResponse>,
+}
+
+#[derive(Deserialize, Debug)]
+struct TxnResponse {
+    #[serde(default)]
+    header: ResponseHeader,
+    #[serde(default)]
+    succeeded: bool,
+    #[serde(default)]
+    responses: Vec<ResponseOp>,
+}
+
+#[derive(Serialize, Debug)]
+struct LeaseGrantRequest {
+    #[serde(rename = "TTL")]
+    ttl: I64,
+}
+
+#[derive(Deserialize, Debug)]
+struct LeaseGrantResponse {
+    #[serde(rename = "ID", default)]
+    id: I64,
+    #[serde(rename = "TTL", default)]
+    ttl: I64,
+    #[serde(default)]
+    error: String,
+}
+
+#[derive(Serialize, Debug)]
+struct LeaseIdRequest {
+    #[serde(rename = "ID")]
+    id: I64,
+}
+
+#[derive(Deserialize, Debug)]
+struct LeaseKeepAliveResponse {
+    #[serde(default)]
+    result: Option<LeaseKeepAliveResult>,
+}
+
+#[derive(Deserialize, Debug)]
+struct LeaseKeepAliveResult {
+    #[serde(rename = "TTL", default)]
+    ttl: I64,
+}
+
+#[derive(Serialize, Debug)]
+struct WatchRequest {
+    create_request: WatchCreateRequest,
+}
+
+#[derive(Serialize, Debug)]
+struct WatchCreateRequest {
+    key: Bytes64,
+    range_end: Bytes64,
+    start_revision: I64,
+}
+
+/// One line of the gateway's watch stream.
+#[derive(Deserialize, Debug)]
+struct WatchLine {
+    #[serde(default)]
+    result: Option<WatchResponse>,
+}
+
+#[derive(Deserialize, Debug)]
+struct WatchResponse {
+    #[serde(default)]
+    header: ResponseHeader,
+    #[serde(default)]
+    canceled: bool,
+    #[serde(default)]
+    compact_revision: I64,
+    #[serde(default)]
+    events: Vec<WireEvent>,
+}
+
+#[derive(Deserialize, Debug)]
+struct WireEvent {
+    /// `PUT` is the zero value, left out.
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+    kv: WireKv,
+}
+
+#[derive(Serialize)]
+struct AuthRequest<'a> {
+    name: &'a str,
+    password: &'a str,
+}
+
+#[derive(Deserialize)]
+struct AuthResponse {
+    #[serde(default)]
+    token: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct ErrorBody {
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+// ---- The backend's clock --------------------------------------------------------------
+
+/// etcd's time as this member sees it: the offset of etcd's clock (its answers' `Date`
+/// headers) from this member's wall clock. A `Date` has whole seconds, so each answer
+/// only bounds the offset: the server wrote it at some time in `[date, date + 1 s)`,
+/// between our sending and our receiving. The intersection of the last answers' bounds
+/// narrows it to well under a second within a few answers; bounds that stop agreeing
+/// (this member's clock was set, or another etcd member's clock differs) drop the
+/// older ones.
+#[derive(Debug, Default)]
+pub struct BackendClock {
+    /// (lowest, highest) offset in milliseconds, one pair per answer, newest last.
+    bounds: Mutex<VecDeque<(i64, i64)>>,
+}
+
+/// How long authenticating to etcd may take, besides the call it is for.
+const AUTH_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How many answers' bounds are kept.
+const CLOCK_SAMPLES: usize = 32;
+
+fn unix_ms(t: SystemTime) -> i64 {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => d.as_millis() as i64,
+        Err(e) => -(e.duration().as_millis() as i64),
+    }
+}
+
+impl BackendClock {
+    /// Records an answer sent at `sent` and received at `received` (this member's
+    /// clock) whose `Date` said `date`.
+    pub fn observe(&self, date: SystemTime, sent: SystemTime, received: SystemTime) {
+        let d = unix_ms(date);
+        let lo = d - unix_ms(received);
+        let hi = d + 1000 - unix_ms(sent);
+        if lo > hi {
+            return;
+        }
+        let mut b = self.bounds.lock().expect("never poisoned");
+        b.push_back((lo, hi));
+        while b.len() > CLOCK_SAMPLES {
+            b.pop_front();
+        }
+        // Keep the newest samples that agree with each other.
+        while b.len() > 1 {
+            let (l, h) = intersect(b.iter());
+            if l <= h {
+                break;
+            }
+            b.pop_front();
+        }
+    }
+
+    /// The backend's clock minus this member's, in milliseconds (the middle of what the
+    /// answers allow), if any answer came.
+    pub fn offset_ms(&self) -> Option<i64> {
+        let b = self.bounds.lock().expect("never poisoned");
+        if b.is_empty() {
+            return None;
+        }
+        let (l, h) = intersect(b.iter());
+        Some(l + (h - l) / 2)
+    }
+
+    /// How far apart the offset's bounds still are (milliseconds), if any answer came.
+    pub fn uncertainty_ms(&self) -> Option<i64> {
+        let b = self.bounds.lock().expect("never poisoned");
+        if b.is_empty() {
+            return None;
+        }
+        let (l, h) = intersect(b.iter());
+        Some(h - l)
+    }
+
+    /// The backend's time now, in Unix milliseconds, by `clock` and the offset.
+    pub fn now_ms(&self, clock: Clock) -> Option<i64> {
+        Some(unix_ms(clock.now()) + self.offset_ms()?)
+    }
+}
+
+fn intersect<'a>(b: impl Iterator<Item = &'a (i64, i64)>) -> (i64, i64) {
+    b.fold((i64::MIN, i64::MAX), |(l, h), (bl, bh)| {
+        (l.max(*bl), h.min(*bh))
+    })
+}
+
+// ---- The client ------------------------------------------------------------------------
+
 pub struct Etcd {
     client: reqwest::Client,
     endpoints: Vec<url::Url>,
     current: AtomicUsize,
     auth: Option<(String, Secret)>,
     token: Mutex<Option<String>>,
+    attempt_timeout: Duration,
+    clock: Clock,
+    backend_clock: BackendClock,
 }
 
 impl std::fmt::Debug for Etcd {
@@ -102,17 +547,6 @@ impl std::fmt::Debug for Etcd {
     }
 }
 
-fn json_post(client: &reqwest::Client, url: url::Url, body: &Value) -> reqwest::RequestBuilder {
-    client
-        .post(url)
-        .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .body(serde_json::to_vec(body).expect("JSON always serializes"))
-}
-
-fn b64(bytes: &[u8]) -> String {
-    B64.encode(bytes)
-}
-
 /// The end of the range of every key that starts with `prefix`.
 fn prefix_end(prefix: &str) -> Vec<u8> {
     let mut end = prefix.as_bytes().to_vec();
@@ -125,37 +559,22 @@ fn prefix_end(prefix: &str) -> Vec<u8> {
     vec![0]
 }
 
-/// etcd's JSON writes 64-bit numbers as strings, and leaves zero values out.
-fn int(v: &Value) -> i64 {
-    match v {
-        Value::String(s) => s.parse().unwrap_or(0),
-        Value::Number(n) => n.as_i64().unwrap_or(0),
-        _ => 0,
-    }
-}
-
-fn kv(v: &Value) -> Option<Kv> {
-    let key = B64.decode(v.get("key")?.as_str()?).ok()?;
-    let value = match v.get("value").and_then(Value::as_str) {
-        Some(s) => B64.decode(s).ok()?,
-        None => Vec::new(),
-    };
-    Some(Kv {
-        key: String::from_utf8(key).ok()?,
-        value,
-        create_revision: v.get("create_revision").map_or(0, int),
-        mod_revision: v.get("mod_revision").map_or(0, int),
-        lease: v.get("lease").map_or(0, int),
-    })
+/// What one endpoint's answer was, before it is read as a particular answer.
+struct Answer {
+    bytes: bytes::Bytes,
 }
 
 impl Etcd {
     /// A client of the members at `endpoints` (`http://` or `https://` URLs). `client`
-    /// carries TLS settings (CA, client certificate) and timeouts.
+    /// carries TLS settings (CA, client certificate); each endpoint gets
+    /// `attempt_timeout` per call before the next is tried. `clock` is this member's
+    /// wall clock, which answers' `Date` headers are compared with.
     pub fn new(
         client: reqwest::Client,
         endpoints: Vec<url::Url>,
         auth: Option<(String, Secret)>,
+        attempt_timeout: Duration,
+        clock: Clock,
     ) -> Self {
         Etcd {
             client,
@@ -163,21 +582,68 @@ impl Etcd {
             current: AtomicUsize::new(0),
             auth,
             token: Mutex::new(None),
+            attempt_timeout,
+            clock,
+            backend_clock: BackendClock::default(),
         }
     }
 
-    /// POSTs `body` to `path` on the first endpoint that answers.
-    async fn call(&self, path: &str, body: &Value) -> Result<Value, EtcdError> {
+    /// How long one endpoint gets per call.
+    pub fn attempt_timeout(&self) -> Duration {
+        self.attempt_timeout
+    }
+
+    /// etcd's clock, as its answers told it.
+    pub fn backend_clock(&self) -> &BackendClock {
+        &self.backend_clock
+    }
+
+    /// How many endpoints there are.
+    pub fn endpoint_count(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    /// The endpoint that answered last (the one calls try first).
+    pub fn current(&self) -> usize {
+        self.current.load(Ordering::Relaxed) % self.endpoints.len().max(1)
+    }
+
+    /// Moves calls away from endpoint `idx` (it hung): the next one is tried first.
+    pub fn avoid(&self, idx: usize) {
+        let n = self.endpoints.len().max(1);
+        let _ = self.current.compare_exchange(
+            idx % n,
+            (idx + 1) % n,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// POSTs `body` to `path` on the first endpoint that answers; its answer.
+    async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl Serialize,
+    ) -> Result<T, EtcdError> {
+        let body = serde_json::to_vec(body).expect("requests always serialize");
         let n = self.endpoints.len();
-        let start = self.current.load(Ordering::Relaxed);
+        let start = self.current();
         let mut last = String::from("no endpoint configured");
         for i in 0..n {
             let idx = (start + i) % n;
-            let endpoint = &self.endpoints[idx];
-            match self.call_one(endpoint, path, body).await {
-                Ok(v) => {
+            let limit = self.limit();
+            let attempt = tokio::time::timeout(limit, self.call_one(idx, path, &body));
+            let result = match attempt.await {
+                Ok(r) => r,
+                Err(_) => Err(EtcdError::Unreachable(format!(
+                    "{}: no answer within {limit:?}",
+                    self.endpoints[idx]
+                ))),
+            };
+            match result {
+                Ok(a) => {
                     self.current.store(idx, Ordering::Relaxed);
-                    return Ok(v);
+                    return parse(&self.endpoints[idx], &a.bytes);
                 }
                 Err(EtcdError::Unreachable(reason)) => last = reason,
                 Err(e) => return Err(e),
@@ -186,52 +652,38 @@ impl Etcd {
         Err(EtcdError::Unreachable(last))
     }
 
-    async fn call_one(
-        &self,
-        endpoint: &url::Url,
-        path: &str,
-        body: &Value,
-    ) -> Result<Value, EtcdError> {
+    /// How long the next call may take on one endpoint: longer while it has to
+    /// authenticate first (etcd checks passwords with bcrypt, slowly on purpose).
+    fn limit(&self) -> Duration {
+        if self.auth.is_some() && self.token.lock().expect("never poisoned").is_none() {
+            self.attempt_timeout + AUTH_TIMEOUT
+        } else {
+            self.attempt_timeout
+        }
+    }
+
+    /// One endpoint's answer to `path` (re-authenticating once when the token expired).
+    async fn call_one(&self, idx: usize, path: &str, body: &[u8]) -> Result<Answer, EtcdError> {
+        let endpoint = &self.endpoints[idx];
         let mut retried_auth = false;
         loop {
             let token = self.auth_token(endpoint).await?;
-            let url = endpoint.join(path).map_err(|e| EtcdError::Malformed {
-                endpoint: endpoint.to_string(),
-                reason: e.to_string(),
-            })?;
-            let mut req = json_post(&self.client, url, body);
-            if let Some(t) = &token {
-                req = req.header("Authorization", t);
-            }
-            let resp = req.send().await.map_err(|e| {
-                EtcdError::Unreachable(format!(
-                    "{endpoint}: {}",
-                    crate::oauth::error_chain(&e.without_url())
-                ))
-            })?;
+            let resp = self
+                .post(endpoint, path, body.to_vec(), token.as_deref())
+                .await?;
             let status = resp.status().as_u16();
-            let bytes = resp.bytes().await.map_err(|e| {
-                EtcdError::Unreachable(format!(
-                    "{endpoint}: {}",
-                    crate::oauth::error_chain(&e.without_url())
-                ))
-            })?;
-            let value: Value =
-                serde_json::from_slice(&bytes).map_err(|e| EtcdError::Malformed {
-                    endpoint: endpoint.to_string(),
-                    reason: format!("not JSON ({:?})", e.classify()),
-                })?;
+            let bytes = resp.bytes().await.map_err(|e| unreachable(endpoint, e))?;
             if status == 200 {
-                return Ok(value);
+                return Ok(Answer { bytes });
             }
-            let message = value
-                .get("message")
-                .or_else(|| value.get("error"))
-                .and_then(Value::as_str)
+            let err: ErrorBody = serde_json::from_slice(&bytes).unwrap_or_default();
+            let message: String = err
+                .message
+                .or(err.error)
                 .unwrap_or_default()
                 .chars()
                 .take(200)
-                .collect::<String>();
+                .collect();
             // An expired auth token: authenticate again, once.
             if self.auth.is_some() && !retried_auth && message.contains("token") {
                 *self.token.lock().expect("never poisoned") = None;
@@ -252,6 +704,39 @@ impl Etcd {
         }
     }
 
+    /// Sends one POST, noting the answer's `Date`.
+    async fn post(
+        &self,
+        endpoint: &url::Url,
+        path: &str,
+        body: Vec<u8>,
+        token: Option<&str>,
+    ) -> Result<reqwest::Response, EtcdError> {
+        let url = endpoint.join(path).map_err(|e| EtcdError::Malformed {
+            endpoint: endpoint.to_string(),
+            reason: e.to_string(),
+        })?;
+        let mut req = self
+            .client
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
+        if let Some(t) = token {
+            req = req.header("Authorization", t);
+        }
+        let sent = self.clock.now();
+        let resp = req.send().await.map_err(|e| unreachable(endpoint, e))?;
+        let date = resp
+            .headers()
+            .get(reqwest::header::DATE)
+            .and_then(|d| d.to_str().ok())
+            .and_then(|d| httpdate::parse_http_date(d).ok());
+        if let Some(date) = date {
+            self.backend_clock.observe(date, sent, self.clock.now());
+        }
+        Ok(resp)
+    }
+
     async fn auth_token(&self, endpoint: &url::Url) -> Result<Option<String>, EtcdError> {
         let Some((user, password)) = &self.auth else {
             return Ok(None);
@@ -259,109 +744,122 @@ impl Etcd {
         if let Some(t) = self.token.lock().expect("never poisoned").clone() {
             return Ok(Some(t));
         }
-        let url = endpoint
-            .join("/v3/auth/authenticate")
-            .map_err(|e| EtcdError::Malformed {
-                endpoint: endpoint.to_string(),
-                reason: e.to_string(),
-            })?;
+        let body = zeroize::Zeroizing::new(
+            serde_json::to_vec(&AuthRequest {
+                name: user,
+                password: password.expose(),
+            })
+            .expect("JSON always serializes"),
+        );
         let resp = self
-            .client
-            .post(url)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(
-                zeroize::Zeroizing::new(
-                    serde_json::to_vec(&json!({ "name": user, "password": password.expose() }))
-                        .expect("JSON always serializes"),
-                )
-                .to_vec(),
-            )
-            .send()
-            .await
-            .map_err(|e| {
-                EtcdError::Unreachable(format!(
-                    "{endpoint}: {}",
-                    crate::oauth::error_chain(&e.without_url())
-                ))
-            })?;
+            .post(endpoint, "/v3/auth/authenticate", body.to_vec(), None)
+            .await?;
         let status = resp.status().as_u16();
-        let v: Value = resp
+        let answer: Option<AuthResponse> = resp
             .bytes()
             .await
             .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .ok_or_else(|| EtcdError::Malformed {
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let Some(answer) = answer else {
+            return Err(EtcdError::Malformed {
                 endpoint: endpoint.to_string(),
                 reason: "authentication answer is not JSON".into(),
-            })?;
-        let token = v
-            .get("token")
-            .and_then(Value::as_str)
-            .ok_or_else(|| EtcdError::Status {
-                endpoint: endpoint.to_string(),
-                status,
-                message: "authentication failed (check the cluster username and password)".into(),
-            })?;
-        *self.token.lock().expect("never poisoned") = Some(token.to_owned());
-        Ok(Some(token.to_owned()))
+            });
+        };
+        let token = answer.token.ok_or_else(|| EtcdError::Status {
+            endpoint: endpoint.to_string(),
+            status,
+            message: "authentication failed (check the cluster username and password)".into(),
+        })?;
+        *self.token.lock().expect("never poisoned") = Some(token.clone());
+        Ok(Some(token))
     }
 
-    /// A new lease of `ttl`; its id.
-    pub async fn grant(&self, ttl: Duration) -> Result<i64, EtcdError> {
-        let v = self
+    /// A new lease of `ttl`: its id and the time to live etcd granted.
+    pub async fn grant(&self, ttl: Duration) -> Result<(i64, Duration), EtcdError> {
+        let r: LeaseGrantResponse = self
             .call(
                 "/v3/lease/grant",
-                &json!({ "TTL": ttl.as_secs().max(1).to_string() }),
+                &LeaseGrantRequest {
+                    ttl: I64(ttl.as_secs().max(1) as i64),
+                },
             )
             .await?;
-        Ok(v.get("ID").map_or(0, int))
+        if r.id.0 == 0 || !r.error.is_empty() {
+            return Err(EtcdError::Malformed {
+                endpoint: self.endpoints[self.current()].to_string(),
+                reason: format!("no lease granted ({})", r.error),
+            });
+        }
+        Ok((r.id.0, Duration::from_secs(r.ttl.0.max(0) as u64)))
     }
 
-    /// Renews lease `id`; false if it expired (or never was).
-    pub async fn keepalive(&self, id: i64) -> Result<bool, EtcdError> {
-        let v = self
-            .call("/v3/lease/keepalive", &json!({ "ID": id.to_string() }))
+    /// Renews lease `id`: the time to live it has again, or `None` if it expired (or
+    /// never was).
+    pub async fn keepalive(&self, id: i64) -> Result<Option<Duration>, EtcdError> {
+        let r: LeaseKeepAliveResponse = self
+            .call("/v3/lease/keepalive", &LeaseIdRequest { id: I64(id) })
             .await?;
-        let ttl = v.get("result").and_then(|r| r.get("TTL")).map_or(0, int);
-        Ok(ttl > 0)
+        let ttl = r.result.map_or(0, |r| r.ttl.0);
+        Ok((ttl > 0).then(|| Duration::from_secs(ttl as u64)))
     }
 
     /// Ends lease `id` now: every key attached to it goes.
     pub async fn revoke(&self, id: i64) -> Result<(), EtcdError> {
-        self.call("/v3/lease/revoke", &json!({ "ID": id.to_string() }))
+        self.call::<serde::de::IgnoredAny>("/v3/lease/revoke", &LeaseIdRequest { id: I64(id) })
             .await
             .map(drop)
     }
 
     /// Every key under `prefix`, and the revision they were read at.
     pub async fn get_prefix(&self, prefix: &str) -> Result<(Vec<Kv>, i64), EtcdError> {
-        let v = self
-            .call(
-                "/v3/kv/range",
-                &json!({ "key": b64(prefix.as_bytes()), "range_end": b64(&prefix_end(prefix)) }),
-            )
+        let r: RangeResponse = self
+            .call("/v3/kv/range", &prefix_range(prefix, false))
             .await?;
-        let revision = v
-            .get("header")
-            .and_then(|h| h.get("revision"))
-            .map_or(0, int);
-        let kvs = v
-            .get("kvs")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(kv).collect())
-            .unwrap_or_default();
-        Ok((kvs, revision))
+        Ok(range_kvs(r))
+    }
+
+    /// How many keys under `prefix` were written at revision `since` or later, read
+    /// through endpoint `idx` only, within one attempt's time: whether that member still
+    /// answers with a quorum behind it (a watch through it is alive), and whether a watch
+    /// that has seen everything before `since` missed something. A count, not the keys:
+    /// cheap with thousands of accounts.
+    pub async fn progress(&self, idx: usize, prefix: &str, since: i64) -> Result<i64, EtcdError> {
+        let req = RangeRequest {
+            count_only: true,
+            min_mod_revision: Some(I64(since)),
+            ..prefix_range(prefix, false)
+        };
+        let body = serde_json::to_vec(&req).expect("requests serialize");
+        let idx = idx % self.endpoints.len().max(1);
+        let endpoint = &self.endpoints[idx];
+        let answer = tokio::time::timeout(
+            self.attempt_timeout,
+            self.call_one(idx, "/v3/kv/range", &body),
+        )
+        .await
+        .map_err(|_| {
+            EtcdError::Unreachable(format!(
+                "{endpoint}: no answer within {:?}",
+                self.attempt_timeout
+            ))
+        })??;
+        let r: RangeResponse = parse(endpoint, &answer.bytes)?;
+        Ok(r.count.0)
     }
 
     /// One key.
     pub async fn get(&self, key: &str) -> Result<Option<Kv>, EtcdError> {
-        let v = self
-            .call("/v3/kv/range", &json!({ "key": b64(key.as_bytes()) }))
+        let r: RangeResponse = self
+            .call(
+                "/v3/kv/range",
+                &RangeRequest {
+                    key: key.into(),
+                    ..RangeRequest::default()
+                },
+            )
             .await?;
-        Ok(v.get("kvs")
-            .and_then(Value::as_array)
-            .and_then(|a| a.first())
-            .and_then(kv))
+        Ok(r.kvs.into_iter().find_map(WireKv::into_kv))
     }
 
     /// If every `compare` holds, `success`, else `failure`, atomically.
@@ -371,90 +869,67 @@ impl Etcd {
         success: &[Op],
         failure: &[Op],
     ) -> Result<TxnResult, EtcdError> {
-        let cmp: Vec<Value> = compare
-            .iter()
-            .map(|c| match c {
-                Compare::Value(k, v) => json!({"key": b64(k.as_bytes()), "target": "VALUE", "result": "EQUAL", "value": b64(v)}),
-                Compare::CreateRevision(k, r) => json!({"key": b64(k.as_bytes()), "target": "CREATE", "result": "EQUAL", "create_revision": r.to_string()}),
-                Compare::Lease(k, l) => json!({"key": b64(k.as_bytes()), "target": "LEASE", "result": "EQUAL", "lease": l.to_string()}),
-            })
-            .collect();
-        let ops = |ops: &[Op]| -> Vec<Value> {
-            ops.iter()
-                .map(|o| match o {
-                    Op::Put { key, value, lease } => json!({"request_put": {"key": b64(key.as_bytes()), "value": b64(value), "lease": lease.to_string()}}),
-                    Op::Get(key) => json!({"request_range": {"key": b64(key.as_bytes())}}),
-                    Op::Delete(key) => json!({"request_delete_range": {"key": b64(key.as_bytes())}}),
-                })
-                .collect()
+        let req = TxnRequest {
+            compare: compare.iter().map(WireCompare::from).collect(),
+            success: success.iter().map(RequestOp::from).collect(),
+            failure: failure.iter().map(RequestOp::from).collect(),
         };
-        let v = self
-            .call(
-                "/v3/kv/txn",
-                &json!({ "compare": cmp, "success": ops(success), "failure": ops(failure) }),
-            )
-            .await?;
-        let succeeded = v.get("succeeded").and_then(Value::as_bool).unwrap_or(false);
-        let kvs = v
-            .get("responses")
-            .and_then(Value::as_array)
-            .map(|rs| {
-                rs.iter()
-                    .filter_map(|r| r.get("response_range"))
-                    .filter_map(|r| r.get("kvs").and_then(Value::as_array))
-                    .flatten()
-                    .filter_map(kv)
-                    .collect()
-            })
-            .unwrap_or_default();
-        Ok(TxnResult { succeeded, kvs })
+        let r: TxnResponse = self.call("/v3/kv/txn", &req).await?;
+        Ok(TxnResult {
+            succeeded: r.succeeded,
+            revision: r.header.revision.0,
+            kvs: r
+                .responses
+                .into_iter()
+                .filter_map(|r| r.response_range)
+                .flat_map(|r| r.kvs)
+                .filter_map(WireKv::into_kv)
+                .collect(),
+        })
     }
 
-    /// Watches every key under `prefix` from revision `from` on, sending each change to
-    /// `tx` until the stream ends (an error or etcd going away; the caller watches again
-    /// from the last revision it saw). Returns the last revision seen.
+    /// Watches every key under `prefix` from revision `from` on, through endpoint
+    /// `idx`, sending each change to `tx` until the stream ends. Connecting is bounded
+    /// by one attempt's time; the stream itself is not (the caller checks the
+    /// endpoint's [`Etcd::progress`] beside it and drops this future when it stalls).
     pub async fn watch(
         &self,
+        idx: usize,
         prefix: &str,
         from: i64,
         tx: &tokio::sync::mpsc::Sender<Event>,
-    ) -> Result<i64, EtcdError> {
+    ) -> Result<WatchEnd, EtcdError> {
         let n = self.endpoints.len().max(1);
-        let idx = self.current.load(Ordering::Relaxed) % n;
         let endpoint = self
             .endpoints
-            .get(idx)
+            .get(idx % n)
             .ok_or_else(|| EtcdError::Unreachable("no endpoint configured".into()))?;
-        let token = self.auth_token(endpoint).await?;
-        let url = endpoint
-            .join("/v3/watch")
-            .map_err(|e| EtcdError::Malformed {
-                endpoint: endpoint.to_string(),
-                reason: e.to_string(),
-            })?;
-        let body = json!({"create_request": {
-            "key": b64(prefix.as_bytes()),
-            "range_end": b64(&prefix_end(prefix)),
-            "start_revision": from.to_string(),
-        }});
-        // A watch is a long-lived answer: no overall timeout, but the stream's reads are
-        // bounded by the caller (it restarts the watch on any error).
-        let mut req = json_post(&self.client, url, &body).timeout(Duration::from_secs(24 * 3600));
-        if let Some(t) = &token {
-            req = req.header("Authorization", t);
-        }
-        let unreachable = |e: reqwest::Error| {
-            // Next time, another member.
-            self.current.store((idx + 1) % n, Ordering::Relaxed);
-            EtcdError::Unreachable(format!(
-                "{endpoint}: {}",
-                crate::oauth::error_chain(&e.without_url())
-            ))
+        let body = serde_json::to_vec(&WatchRequest {
+            create_request: WatchCreateRequest {
+                key: prefix.into(),
+                range_end: Bytes64(prefix_end(prefix)),
+                start_revision: I64(from),
+            },
+        })
+        .expect("requests always serialize");
+        let connect = async {
+            let token = self.auth_token(endpoint).await?;
+            self.post(endpoint, "/v3/watch", body, token.as_deref())
+                .await
         };
-        let mut resp = req.send().await.map_err(unreachable)?;
+        let limit = self.limit();
+        let mut resp = tokio::time::timeout(limit, connect).await.map_err(|_| {
+            EtcdError::Unreachable(format!("{endpoint}: no answer within {limit:?}"))
+        })??;
+        if resp.status().as_u16() != 200 {
+            return Err(EtcdError::Unreachable(format!(
+                "{endpoint}: watch answered HTTP {}",
+                resp.status().as_u16()
+            )));
+        }
         let mut buf: Vec<u8> = Vec::new();
         let mut last = from.saturating_sub(1);
-        while let Some(chunk) = resp.chunk().await.map_err(unreachable)? {
+        while let Some(chunk) = resp.chunk().await.map_err(|e| unreachable(endpoint, e))? {
             buf.extend_from_slice(&chunk);
             if buf.len() > 16 * 1024 * 1024 {
                 return Err(EtcdError::Malformed {
@@ -465,53 +940,73 @@ impl Etcd {
             // The gateway writes one JSON object per line.
             while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=nl).collect();
-                let Ok(v) = serde_json::from_slice::<Value>(&line) else {
+                let Ok(WatchLine {
+                    result: Some(result),
+                }) = serde_json::from_slice::<WatchLine>(&line)
+                else {
                     continue;
                 };
-                let Some(result) = v.get("result") else {
-                    continue;
-                };
-                if result.get("canceled").and_then(Value::as_bool) == Some(true) {
-                    return Ok(last);
+                if result.compact_revision.0 > 0 {
+                    return Ok(WatchEnd::Compacted {
+                        compact_revision: result.compact_revision.0,
+                    });
                 }
-                if let Some(rev) = result.get("header").and_then(|h| h.get("revision")) {
-                    last = last.max(int(rev));
+                if result.canceled {
+                    return Ok(WatchEnd::Ended { last });
                 }
-                for e in result
-                    .get("events")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
-                    let Some(kv_v) = e.get("kv") else { continue };
-                    let event = if e.get("type").and_then(Value::as_str) == Some("DELETE") {
-                        let Some(k) = kv_v
-                            .get("key")
-                            .and_then(Value::as_str)
-                            .and_then(|k| B64.decode(k).ok())
-                            .and_then(|k| String::from_utf8(k).ok())
-                        else {
-                            continue;
-                        };
-                        let mod_revision = kv_v.get("mod_revision").map_or(0, int);
-                        last = last.max(mod_revision);
+                last = last.max(result.header.revision.0);
+                for e in result.events {
+                    let Some(kv) = e.kv.into_kv() else { continue };
+                    last = last.max(kv.mod_revision);
+                    let event = if e.kind.as_deref() == Some("DELETE") {
                         Event::Delete {
-                            key: k,
-                            mod_revision,
+                            key: kv.key,
+                            mod_revision: kv.mod_revision,
                         }
                     } else {
-                        let Some(kv) = kv(kv_v) else { continue };
-                        last = last.max(kv.mod_revision);
                         Event::Put(kv)
                     };
                     if tx.send(event).await.is_err() {
-                        return Ok(last);
+                        return Ok(WatchEnd::Ended { last });
                     }
                 }
             }
         }
-        Ok(last)
+        Ok(WatchEnd::Ended { last })
     }
+}
+
+fn prefix_range(prefix: &str, keys_only: bool) -> RangeRequest {
+    RangeRequest {
+        key: prefix.into(),
+        range_end: Some(Bytes64(prefix_end(prefix))),
+        keys_only,
+        ..RangeRequest::default()
+    }
+}
+
+fn range_kvs(r: RangeResponse) -> (Vec<Kv>, i64) {
+    (
+        r.kvs.into_iter().filter_map(WireKv::into_kv).collect(),
+        r.header.revision.0,
+    )
+}
+
+fn parse<T: serde::de::DeserializeOwned>(
+    endpoint: &url::Url,
+    bytes: &[u8],
+) -> Result<T, EtcdError> {
+    serde_json::from_slice(bytes).map_err(|e| EtcdError::Malformed {
+        endpoint: endpoint.to_string(),
+        reason: format!("not the expected JSON ({:?})", e.classify()),
+    })
+}
+
+fn unreachable(endpoint: &url::Url, e: reqwest::Error) -> EtcdError {
+    EtcdError::Unreachable(format!(
+        "{endpoint}: {}",
+        crate::oauth::error_chain(&e.without_url())
+    ))
 }
 
 #[cfg(test)]
@@ -527,16 +1022,81 @@ mod tests {
 
     #[test]
     fn etcd_json_numbers_are_strings_and_zero_values_are_left_out() {
-        let v = serde_json::json!({"key": b64(b"k"), "create_revision": "5", "mod_revision": "9"});
+        let kv: WireKv =
+            serde_json::from_str(r#"{"key":"aw==","create_revision":"5","mod_revision":"9"}"#)
+                .unwrap();
         assert_eq!(
-            kv(&v),
+            kv.into_kv(),
             Some(Kv {
                 key: "k".into(),
                 value: Vec::new(),
                 create_revision: 5,
                 mod_revision: 9,
+                version: 0,
                 lease: 0
             })
         );
+    }
+
+    #[test]
+    fn requests_are_written_as_the_gateway_reads_them() {
+        let req = TxnRequest {
+            compare: vec![
+                (&Compare::ModRevision("k".into(), 0)).into(),
+                (&Compare::Lease("l".into(), 7)).into(),
+            ],
+            success: vec![(&Op::Put {
+                key: "k".into(),
+                value: b"v".to_vec(),
+                lease: 0,
+            })
+                .into()],
+            failure: vec![(&Op::Get("k".into())).into()],
+        };
+        assert_eq!(
+            serde_json::to_string(&req).unwrap(),
+            r#"{"compare":[{"key":"aw==","target":"MOD","result":"EQUAL","mod_revision":"0"},{"key":"bA==","target":"LEASE","result":"EQUAL","lease":"7"}],"success":[{"request_put":{"key":"aw==","value":"dg=="}}],"failure":[{"request_range":{"key":"aw=="}}]}"#
+        );
+    }
+
+    #[test]
+    fn a_compacted_watch_says_where_history_starts() {
+        let line: WatchLine = serde_json::from_str(
+            r#"{"result":{"header":{"raft_term":"2"},"canceled":true,"compact_revision":"3"}}"#,
+        )
+        .unwrap();
+        let r = line.result.unwrap();
+        assert!(r.canceled);
+        assert_eq!(r.compact_revision, I64(3));
+        let put: WatchLine = serde_json::from_str(
+            r#"{"result":{"header":{"revision":"4"},"events":[{"kv":{"key":"aw==","mod_revision":"4","version":"1"}},{"type":"DELETE","kv":{"key":"aw==","mod_revision":"5"}}]}}"#,
+        )
+        .unwrap();
+        let events = put.result.unwrap().events;
+        assert_eq!(events[0].kind, None);
+        assert_eq!(events[1].kind.as_deref(), Some("DELETE"));
+    }
+
+    #[test]
+    fn the_backend_clock_narrows_to_what_every_answer_allows() {
+        let c = BackendClock::default();
+        assert_eq!(c.offset_ms(), None);
+        let t = |ms: i64| SystemTime::UNIX_EPOCH + Duration::from_millis(ms as u64);
+        // The server is 5 minutes and 300 ms ahead; round trips of 10 ms.
+        let skew = 300_300;
+        for local in (1_000_000i64..1_010_000).step_by(370) {
+            let server = local + 5 + skew;
+            let date = t(server - server % 1000);
+            c.observe(date, t(local), t(local + 10));
+        }
+        let off = c.offset_ms().unwrap();
+        assert!((off - skew).abs() < 50, "{off}");
+        // This member's clock is set back a minute: the old bounds no longer agree.
+        for local in (1_000_000i64..1_004_000).step_by(370) {
+            let server = local + 5 + skew + 60_000;
+            c.observe(t(server - server % 1000), t(local), t(local + 10));
+        }
+        let off = c.offset_ms().unwrap();
+        assert!((off - skew - 60_000).abs() < 500, "{off}");
     }
 }

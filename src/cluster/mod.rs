@@ -1,14 +1,16 @@
 //! Cluster mode (SPEC §8): tokend instances that share an etcd cluster and a `prefix`
 //! share their accounts, one member refreshing each and every member publishing the
 //! same token. An etcd v3 client over the JSON gateway (`etcd`), the sealed shared
-//! record and keyed account paths (`record`), this member's lease, watch and elections
-//! (`member`), and the account layer's coordinator built on them (`coordinate`). The
+//! record and keyed account paths (`record`), this member's key check, lease, watch and
+//! elections (`member`), what it remembers across restarts (`memory`), and the account
+//! layer's coordinator built on them: the fenced refresh protocol (`coordinate`). The
 //! refresh engine does the refreshing; this layer only decides who, and carries the
 //! result to the others.
 
 pub mod coordinate;
 pub mod etcd;
 pub mod member;
+pub mod memory;
 pub mod record;
 
 use std::sync::Arc;
@@ -18,56 +20,84 @@ use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::clock::Clock;
 use crate::config::ClusterConfig;
 
-/// How long one etcd call may take before the next member is tried: a member without
-/// quorum does not answer, and an account waits on these calls.
-const ETCD_TIMEOUT: Duration = Duration::from_millis(1500);
+/// How long one etcd call may take on one endpoint before the next is tried: a member
+/// without quorum, or one that hangs, does not answer, and the lease must be renewed
+/// through another before it lapses (a renewal every third of its time to live, so a
+/// quarter of it is left for one endpoint that does not answer).
+pub fn attempt_timeout(lease_ttl: Duration) -> Duration {
+    (lease_ttl / 4).clamp(Duration::from_millis(250), Duration::from_millis(1500))
+}
 
-/// Joins the cluster `config` describes, until `cancel`.
+/// Joins the cluster `config` describes, until `cancel`. What the member remembers
+/// across restarts lives under `state_dir`.
 pub fn join(
     config: &ClusterConfig,
+    state_dir: Option<&std::path::Path>,
+    clock: Clock,
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) -> anyhow::Result<Arc<member::Member>> {
-    let (etcd, key) = connect(config)?;
+    let (etcd, key) = connect(config, clock)?;
     tracing::info!(member = %config.member, prefix = %config.prefix, "joining the cluster");
     Ok(member::Member::start(
         etcd,
-        key,
-        &config.prefix,
-        &config.member,
-        config.lease_ttl,
+        member::Settings {
+            key,
+            prefix: config.prefix.clone(),
+            name: config.member.clone(),
+            ttl: config.lease_ttl,
+            clock,
+            memory: memory::Memory::new(state_dir),
+        },
         cancel,
         tracker,
     ))
 }
 
 /// For `tokend check`: reads the cluster's prefix once. Says how many accounts the
-/// cluster shares, or why etcd cannot be reached.
+/// cluster shares, or why this member would not take part (etcd out of reach, or a key
+/// that is not the cluster's).
 pub async fn probe(config: &ClusterConfig) -> anyhow::Result<String> {
-    let (etcd, _) = connect(config)?;
-    let (kvs, _) = etcd
-        .get_prefix(&format!("{}/accounts/", config.prefix))
-        .await?;
+    let (etcd, key) = connect(config, Clock::System)?;
+    let prefix = config.prefix.trim_end_matches('/');
+    let (kvs, _) = etcd.get_prefix(&format!("{prefix}/")).await?;
+    if let Some(check) = kvs.iter().find(|kv| kv.key == format!("{prefix}/keycheck")) {
+        if !key.opens_check(prefix, &check.value) {
+            anyhow::bail!("{}", member::mismatch_message(prefix));
+        }
+    }
     let leaders = kvs.iter().filter(|kv| kv.key.ends_with("/leader")).count();
-    Ok(format!(
-        "etcd reachable; {leaders} shared account(s) have a leader under {}",
-        config.prefix
-    ))
+    let mut line =
+        format!("etcd reachable; {leaders} shared account(s) have a leader under {prefix}");
+    if let Some(off) = etcd.backend_clock().offset_ms() {
+        let off = std::time::Duration::from_millis(off.unsigned_abs());
+        if off > member::SKEW_LIMIT {
+            line.push_str(&format!(
+                "; this host's clock is off etcd's by {}",
+                humantime::format_duration(std::time::Duration::from_secs(off.as_secs()))
+            ));
+        }
+    }
+    Ok(line)
 }
 
 /// The etcd client and the record key `config` describes.
-fn connect(config: &ClusterConfig) -> anyhow::Result<(etcd::Etcd, record::ClusterKey)> {
+fn connect(
+    config: &ClusterConfig,
+    clock: Clock,
+) -> anyhow::Result<(etcd::Etcd, record::ClusterKey)> {
     let key_text = config
         .key
         .read()
         .with_context(|| format!("cluster.key from {}", config.key.describe()))?;
     let key = record::ClusterKey::from_hex(key_text.expose())
         .with_context(|| format!("cluster.key from {}", config.key.describe()))?;
+    let attempt = attempt_timeout(config.lease_ttl);
     let mut b = reqwest::Client::builder()
-        .timeout(ETCD_TIMEOUT)
-        .connect_timeout(Duration::from_millis(500))
+        .connect_timeout(attempt)
         .user_agent(concat!("tokend/", env!("CARGO_PKG_VERSION")));
     if let Some(ca) = &config.ca_file {
         let pem = std::fs::read(ca)
@@ -112,5 +142,8 @@ fn connect(config: &ClusterConfig) -> anyhow::Result<(etcd::Etcd, record::Cluste
         (None, None) => None,
         _ => anyhow::bail!("cluster.username and cluster.password go together"),
     };
-    Ok((etcd::Etcd::new(client, config.endpoints.clone(), auth), key))
+    Ok((
+        etcd::Etcd::new(client, config.endpoints.clone(), auth, attempt, clock),
+        key,
+    ))
 }

@@ -127,6 +127,12 @@ pub trait Endpoint: Send + Sync + 'static {
     fn discovered_token_url(&self) -> Option<url::Url> {
         None
     }
+
+    /// The `Date` header of the provider's last answer, and when it was received (this
+    /// host's clock): cluster mode compares the clocks (issue #20).
+    fn provider_date(&self) -> Option<(SystemTime, SystemTime)> {
+        None
+    }
 }
 
 pub use request::HttpEndpoint;

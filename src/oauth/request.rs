@@ -5,6 +5,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use base64::Engine as _;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
@@ -201,6 +202,8 @@ pub struct HttpEndpoint {
     /// `issuer` / `fhir_base`: the token endpoint as last discovered (or known from the
     /// state directory), and whether it is to be discovered again before the next request.
     discovered: std::sync::Mutex<Discovered>,
+    /// The `Date` of the last answer and when it came (cluster mode compares clocks).
+    date: std::sync::Mutex<Option<(SystemTime, SystemTime)>>,
 }
 
 #[derive(Default)]
@@ -235,6 +238,7 @@ impl HttpEndpoint {
             clock,
             refresh_token: Default::default(),
             discovered: Default::default(),
+            date: Default::default(),
         })
     }
 
@@ -329,6 +333,13 @@ impl HttpEndpoint {
             .map_err(transport)?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
+        if let Some(date) = headers
+            .get(reqwest::header::DATE)
+            .and_then(|d| d.to_str().ok())
+            .and_then(|d| httpdate::parse_http_date(d).ok())
+        {
+            *self.date.lock().expect("never poisoned") = Some((date, self.clock.now()));
+        }
         let mut body = Vec::new();
         while let Some(chunk) = resp.chunk().await.map_err(transport)? {
             if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
@@ -406,6 +417,10 @@ impl Endpoint for HttpEndpoint {
         {
             d.url = Some(Box::new(url));
         }
+    }
+
+    fn provider_date(&self) -> Option<(SystemTime, SystemTime)> {
+        *self.date.lock().expect("never poisoned")
     }
 
     fn discovered_token_url(&self) -> Option<url::Url> {

@@ -158,6 +158,11 @@ pub struct AccountInfo {
     /// and refreshes alone only as `on_cluster_loss` allows).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub degraded: bool,
+    /// Cluster mode: what is wrong with this member's place in the cluster for this
+    /// account (another cluster key, another identity under its name, a shared record
+    /// refused, a clock that is off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_warning: Option<String>,
 }
 
 /// `GET /v1/cluster` (cluster mode only).
@@ -167,6 +172,12 @@ pub struct ClusterInfo {
     pub member: String,
     /// Whether it reaches etcd.
     pub reachable: bool,
+    /// Why it takes no part (another cluster key), or that its clock is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+    /// Its clock against the provider's (or etcd's), in seconds: positive when ahead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_skew_seconds: Option<i64>,
     /// The accounts the caller may read that this member shares with the cluster.
     pub accounts: Vec<ClusterAccount>,
 }

@@ -383,6 +383,7 @@ fn info(view: &AccountView, now: SystemTime) -> AccountInfo {
         leader: s.leader.clone(),
         refreshed_by: s.refreshed_by.clone(),
         degraded: s.degraded,
+        cluster_warning: s.cluster_warning.clone(),
     }
 }
 
@@ -401,6 +402,8 @@ fn cluster(ctx: &Ctx, peer: &super::Peer) -> Response<Body> {
     let info = api::ClusterInfo {
         member: status.member().to_owned(),
         reachable: status.reachable(),
+        problem: status.problem(),
+        clock_skew_seconds: status.clock_skew_seconds().map(|s| s.round() as i64),
         accounts: accounts
             .values()
             .filter(|v| v.cluster.is_some() && peer.may_read(&v.account.options.access))

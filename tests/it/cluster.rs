@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use tokend::cluster::etcd::{Compare, Etcd, Event, Op};
-use tokend::cluster::record::{ClusterKey, Record};
+use tokend::cluster::record::{ClusterKey, Place, Record};
 
 use crate::support::etcd::EtcdCluster;
 
@@ -20,6 +20,20 @@ fn portable(rt: &str) -> tokend::account::persist::Portable {
     }
 }
 
+/// A record of generation `generation` fetched by `by`, holding refresh token `rt`.
+fn record(generation: u64, by: &str, rt: &str) -> Record {
+    Record {
+        generation,
+        fetched_by: by.into(),
+        state: portable(rt),
+        token_left_ms: None,
+        written_at_ms: None,
+        provider_offset_ms: None,
+        seed: None,
+        in_flight: None,
+    }
+}
+
 fn client(endpoints: &[String]) -> Etcd {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
@@ -29,6 +43,8 @@ fn client(endpoints: &[String]) -> Etcd {
         http,
         endpoints.iter().map(|e| e.parse().unwrap()).collect(),
         None,
+        Duration::from_secs(2),
+        tokend::clock::Clock::System,
     )
 }
 
@@ -40,8 +56,8 @@ async fn an_election_key_has_one_holder_until_its_lease_goes() {
     let etcd = client(&cluster.endpoints());
     let key = "/t/accounts/a/x/leader";
     let (la, lb) = (
-        etcd.grant(Duration::from_secs(5)).await.unwrap(),
-        etcd.grant(Duration::from_secs(5)).await.unwrap(),
+        etcd.grant(Duration::from_secs(5)).await.unwrap().0,
+        etcd.grant(Duration::from_secs(5)).await.unwrap().0,
     );
     let campaign = |who: &'static str, lease: i64| {
         let etcd = &etcd;
@@ -64,7 +80,7 @@ async fn an_election_key_has_one_holder_until_its_lease_goes() {
     assert!(!lost.succeeded);
     assert_eq!(lost.kvs[0].value, b"a", "the loser learns who leads");
     assert_eq!(lost.kvs[0].lease, la);
-    assert!(etcd.keepalive(la).await.unwrap());
+    assert!(etcd.keepalive(la).await.unwrap().is_some());
 
     // A write guarded by the lead fails once the lead is gone.
     let guarded = |lease: i64| {
@@ -93,7 +109,7 @@ async fn an_election_key_has_one_holder_until_its_lease_goes() {
     assert!(!guarded(la).await, "a deposed leader's write fails");
     assert!(campaign("b", lb).await.succeeded, "the next one takes over");
     assert!(
-        !etcd.keepalive(la).await.unwrap(),
+        etcd.keepalive(la).await.unwrap().is_none(),
         "a revoked lease stays gone"
     );
 }
@@ -108,7 +124,7 @@ async fn a_watch_sees_puts_and_deletes_under_its_prefix_only() {
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
     let watcher = tokio::spawn({
         let etcd = etcd.clone();
-        async move { etcd.watch("/w/", rev + 1, &tx).await }
+        async move { etcd.watch(0, "/w/", rev + 1, &tx).await }
     });
     let put = |k: &'static str| {
         let etcd = etcd.clone();
@@ -192,17 +208,19 @@ async fn a_sealed_record_round_trips_through_etcd_and_shows_no_token() {
     let etcd = client(&cluster.endpoints());
     let key = ClusterKey::from_hex(&"ab".repeat(32)).unwrap();
     let at = "/s/accounts/a/x/record";
-    let record = Record {
-        generation: 1,
-        fetched_by: "host-a".into(),
-        state: portable("tok-in-etcd rt-in-etcd"),
+    let record = record(1, "host-a", "tok-in-etcd rt-in-etcd");
+    // A new key: created at the put's revision, version 1.
+    let (_, rev) = etcd.get_prefix("/s/").await.unwrap();
+    let place = Place {
+        create_revision: rev + 1,
+        version: 1,
     };
-    let sealed = key.seal(at, &record);
+    let sealed = key.seal(at, place, &record);
     etcd.txn(
         &[],
         &[Op::Put {
             key: at.into(),
-            value: sealed.into_bytes(),
+            value: sealed,
             lease: 0,
         }],
         &[],
@@ -212,16 +230,35 @@ async fn a_sealed_record_round_trips_through_etcd_and_shows_no_token() {
     let stored = etcd.get(at).await.unwrap().unwrap();
     let raw = String::from_utf8_lossy(&stored.value).into_owned();
     assert!(!raw.contains("tok-in-etcd") && !raw.contains("rt-in-etcd"));
-    use base64::Engine as _;
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(&stored.value)
-        .unwrap();
-    assert!(key.open(at, &bytes).unwrap() == record);
+    let found = Place {
+        create_revision: stored.create_revision,
+        version: stored.version,
+    };
+    assert_eq!(found, place);
+    assert!(key.open(at, found, &stored.value).unwrap() == record);
+    // Put back as it was, over itself: the key's version moved on, and it is refused.
+    etcd.txn(
+        &[],
+        &[Op::Put {
+            key: at.into(),
+            value: stored.value.clone(),
+            lease: 0,
+        }],
+        &[],
+    )
+    .await
+    .unwrap();
+    let again = etcd.get(at).await.unwrap().unwrap();
+    let moved = Place {
+        create_revision: again.create_revision,
+        version: again.version,
+    };
+    assert!(key.open(at, moved, &again.value).is_err());
 }
 
 mod election {
     use super::*;
-    use tokend::cluster::member::{Lead, Member};
+    use tokend::cluster::member::{Lead, Member, Settings, Stored};
     use tokio::time::Instant;
     use tokio_util::sync::CancellationToken;
 
@@ -242,14 +279,22 @@ mod election {
         let cancel = CancellationToken::new();
         let m = Member::start(
             client(&cluster.endpoints()),
-            ClusterKey::from_hex(KEY).unwrap(),
-            "/tokend/test",
-            name,
-            ttl,
+            settings(name, ttl),
             cancel.clone(),
             &tokio_util::task::TaskTracker::new(),
         );
         (m, cancel)
+    }
+
+    fn settings(name: &str, ttl: Duration) -> Settings {
+        Settings {
+            key: ClusterKey::from_hex(KEY).unwrap(),
+            prefix: "/tokend/test".into(),
+            name: name.into(),
+            ttl,
+            clock: tokend::clock::Clock::System,
+            memory: tokend::cluster::memory::Memory::new(None),
+        }
     }
 
     /// Campaigns until `seat` leads, for at most `limit`; how long it took.
@@ -262,14 +307,6 @@ mod election {
             assert!(start.elapsed() < limit, "no lead within {limit:?}");
             // Bounded poll of a remote state: the watch would do too, this is simpler.
             tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn record(generation: u64, by: &str) -> Record {
-        Record {
-            generation,
-            fetched_by: by.into(),
-            state: portable(&format!("rt-{generation}")),
         }
     }
 
@@ -288,16 +325,44 @@ mod election {
         let mut sb = b.seat("a", &identity());
         assert_eq!(sa.campaign().await.unwrap(), Lead::Me);
         assert_eq!(sb.campaign().await.unwrap(), Lead::Other("host-a".into()));
-        assert!(sa.publish(&record(1, "host-a")).await.unwrap());
+        // The leader creates the record's key, then writes by compare-and-swap on it.
+        assert!(!sb.create().await.unwrap(), "a follower cannot create it");
+        assert!(sa.create().await.unwrap());
+        let Stored::New(at) = sa.read().await.unwrap() else {
+            panic!("a new record key")
+        };
+        let written = sa
+            .claim(at, &record(1, "host-a", "rt-1"))
+            .await
+            .unwrap()
+            .expect("the leader's claim holds");
         assert!(
-            !sb.publish(&record(2, "host-b")).await.unwrap(),
-            "a follower cannot write"
+            sb.claim(written, &record(2, "host-b", "rt-2"))
+                .await
+                .unwrap()
+                .is_none(),
+            "a follower cannot claim"
+        );
+        assert!(
+            sa.claim(at, &record(2, "host-a", "rt-2"))
+                .await
+                .unwrap()
+                .is_none(),
+            "not over a record that moved on"
         );
         tokio::time::timeout(Duration::from_secs(5), sb.changed())
             .await
             .expect("the follower is told");
-        let seen = sb.read().await.unwrap().unwrap();
+        let Stored::Sealed(seen, _) = sb.read().await.unwrap() else {
+            panic!("a sealed record")
+        };
         assert_eq!((seen.generation, seen.fetched_by.as_str()), (1, "host-a"));
+        // An answer is written whoever leads, if the record is still the claimed one.
+        assert!(sb
+            .write(written, &record(2, "host-b", "rt-2"))
+            .await
+            .unwrap()
+            .is_some());
     }
 
     #[tokio::test]
@@ -340,10 +405,7 @@ mod election {
             rt.block_on(async {
                 let d = Member::start(
                     client(&endpoints),
-                    ClusterKey::from_hex(KEY).unwrap(),
-                    "/tokend/test",
-                    "host-d",
-                    ttl,
+                    settings("host-d", ttl),
                     CancellationToken::new(),
                     &tokio_util::task::TaskTracker::new(),
                 );
@@ -373,10 +435,7 @@ mod election {
             failover <= ttl + Duration::from_secs(1) + Duration::from_millis(500),
             "{failover:?}"
         );
-        assert!(
-            !sa.publish(&record(9, "host-a")).await.unwrap(),
-            "the stopped one cannot write"
-        );
+        assert!(!sa.create().await.unwrap(), "the stopped one cannot write");
     }
 }
 
@@ -1010,3 +1069,5 @@ mod members {
         assert!(!check.stdout.contains("wrong"));
     }
 }
+
+mod faults;

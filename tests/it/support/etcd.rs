@@ -264,6 +264,40 @@ impl EtcdCluster {
         }
     }
 
+    /// Stops member `i` with SIGSTOP: it hangs, its connections stay open, and the
+    /// others keep their quorum.
+    pub fn pause(&self, i: usize) {
+        self.signal(i, nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// Lets member `i` go on after [`EtcdCluster::pause`].
+    pub fn resume(&self, i: usize) {
+        self.signal(i, nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal(&self, i: usize, signal: nix::sys::signal::Signal) {
+        if let Some(c) = &self.members[i].child {
+            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+            nix::sys::signal::kill(pid, signal).expect("signal etcd");
+        }
+    }
+
+    /// `etcdctl ARGS` against every member; its output.
+    pub fn etcdctl(&self, args: &[&str]) -> String {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoints().join(",")))
+            .args(args)
+            .output()
+            .expect("etcdctl runs");
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Starts member `i` again, on its data directory.
     pub fn restart(&mut self, i: usize) {
         self.kill(i);

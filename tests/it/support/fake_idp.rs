@@ -206,6 +206,8 @@ struct State {
     requests: Vec<Request>,
     issued: Vec<String>,
     issued_set: HashSet<String>,
+    /// When each token with an `expires_in` expires, by this process's clock.
+    expiries: std::collections::HashMap<String, Instant>,
     /// Refresh tokens handed out with tokens for the refresh_token grant (rotation).
     refresh_issued: Vec<String>,
     /// Refresh-token families; empty until a seed is given, and then every refresh
@@ -299,6 +301,7 @@ impl FakeIdp {
                 requests: Vec::new(),
                 issued: Vec::new(),
                 issued_set: HashSet::new(),
+                expiries: Default::default(),
                 refresh_issued: Vec::new(),
                 families: Vec::new(),
             }),
@@ -421,6 +424,14 @@ impl FakeIdp {
     /// Every refresh token handed out (one with each token for the refresh_token grant).
     pub fn refresh_issued(&self) -> Vec<String> {
         self.shared.lock().refresh_issued.clone()
+    }
+
+    /// When a token expires (tokens issued with an `expires_in`), by the test's clock,
+    /// for another thread (a sampler of token files): what tells whether a member
+    /// serves a valid token, whatever the member's clock says.
+    pub fn expiry_reader(&self) -> impl Fn(&str) -> Option<Instant> + Send + 'static {
+        let shared = self.shared.clone();
+        move |token| shared.lock().expiries.get(token).copied()
     }
 
     /// Whether this IdP issued `token` (recorded before the answer is sent).
@@ -593,6 +604,11 @@ fn render(state: &mut State, reply: Reply, refresh: Option<String>) -> Option<(u
         Reply::Token { expiry, len } => {
             let n = state.issued.len() + 1;
             let (token, body) = token_body(&state.prefix, n, &expiry, len, refresh.clone());
+            if let Expiry::In(secs) | Expiry::InString(secs) = expiry {
+                state
+                    .expiries
+                    .insert(token.clone(), Instant::now() + Duration::from_secs(secs));
+            }
             state.issued.push(token.clone());
             state.refresh_issued.extend(refresh);
             state.issued_set.insert(token);
@@ -738,9 +754,11 @@ fn response(status: u16, headers: &[(&str, String)], body: &str) -> Vec<u8> {
     } else {
         "application/json"
     };
+    // A Date, as every provider sends: cluster members compare their clocks with it.
     let mut out = format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\ncache-control: no-store\r\n",
-        body.len()
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\ncache-control: no-store\r\ndate: {}\r\n",
+        body.len(),
+        httpdate::fmt_http_date(SystemTime::now())
     );
     for (name, value) in headers {
         out.push_str(&format!("{name}: {value}\r\n"));
