@@ -504,6 +504,8 @@ mod tests {
                 leader: None,
                 refreshed_by: None,
                 degraded: false,
+                urls: Vec::new(),
+                credential_username: "oauth2".into(),
             },
             AccountInfo {
                 account: "cibmtr".into(),
@@ -516,6 +518,8 @@ mod tests {
                 leader: None,
                 refreshed_by: None,
                 degraded: false,
+                urls: Vec::new(),
+                credential_username: "oauth2".into(),
             },
         ];
         assert_eq!(

@@ -158,6 +158,13 @@ pub struct AccountInfo {
     /// and refreshes alone only as `on_cluster_loss` allows).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub degraded: bool,
+    /// The resource URLs the token is for (`urls`): the credential helpers of git and
+    /// container tools pick an account by them, from this list, in the same round trip.
+    #[serde(default)]
+    pub urls: Vec<String>,
+    /// The user name those helpers send beside the token (`credential_username`).
+    #[serde(default)]
+    pub credential_username: String,
 }
 
 /// `GET /v1/cluster` (cluster mode only).

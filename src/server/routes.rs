@@ -383,6 +383,8 @@ fn info(view: &AccountView, now: SystemTime) -> AccountInfo {
         leader: s.leader.clone(),
         refreshed_by: s.refreshed_by.clone(),
         degraded: s.degraded,
+        urls: view.account.urls.iter().map(|u| u.to_string()).collect(),
+        credential_username: view.account.options.credential_username.clone(),
     }
 }
 
