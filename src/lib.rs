@@ -21,6 +21,7 @@ pub mod cluster;
 pub mod commands;
 pub mod completion;
 pub mod config;
+pub mod credential;
 pub mod daemon;
 pub mod failure;
 pub mod logging;
