@@ -83,7 +83,7 @@ pub(super) fn account(
         OnExpiry::Remove,
     );
     let outputs = output::outputs(cx, &at, &name, has_socket);
-    let urls = super::credential::urls(cx, &at, allow_http);
+    let urls = super::credential::urls(cx, &at, &|u| allow_http || is_loopback(u));
 
     if cx.errors.len() > before {
         return None;

@@ -9,7 +9,6 @@
 //! http only where the account may send its secrets that way (the token would cross the
 //! network in the clear).
 
-use super::account::is_loopback;
 use super::{At, Ctx};
 use crate::config::raw::RawAccount;
 
@@ -30,8 +29,13 @@ pub(super) fn defaults(cx: &mut Ctx<'_>, defaults: &RawAccount) {
     }
 }
 
-/// `urls`: each an absolute http(s) URL with a host; none twice.
-pub(super) fn urls(cx: &mut Ctx<'_>, at: &At<'_>, allow_http: bool) -> Vec<url::Url> {
+/// `urls`: each an absolute http(s) URL with a host; none twice; plain http only where
+/// `http_ok` says the account may send over it (the plain-http rule of its token_url).
+pub(super) fn urls(
+    cx: &mut Ctx<'_>,
+    at: &At<'_>,
+    http_ok: &dyn Fn(&url::Url) -> bool,
+) -> Vec<url::Url> {
     let Some(list) = &at.a.urls else {
         return Vec::new();
     };
@@ -41,7 +45,7 @@ pub(super) fn urls(cx: &mut Ctx<'_>, at: &At<'_>, allow_http: bool) -> Vec<url::
         let text = u.get_ref();
         let why = match url::Url::parse(text) {
             Err(e) => Some(format!("{text:?} is not a URL: {e}")),
-            Ok(url) => match problem(&url, allow_http) {
+            Ok(url) => match problem(&url, http_ok) {
                 Some(why) => Some(format!("{text:?}: {why}")),
                 None if urls.contains(&url) => Some(format!("{text:?} is listed twice")),
                 None => {
@@ -60,7 +64,7 @@ pub(super) fn urls(cx: &mut Ctx<'_>, at: &At<'_>, allow_http: bool) -> Vec<url::
 }
 
 /// Why `url` cannot be one of an account's `urls`, if it cannot.
-fn problem(url: &url::Url, allow_http: bool) -> Option<&'static str> {
+fn problem(url: &url::Url, http_ok: &dyn Fn(&url::Url) -> bool) -> Option<&'static str> {
     if !matches!(url.scheme(), "https" | "http") || !url.has_host() {
         return Some("must be an absolute http:// or https:// URL with a host");
     }
@@ -70,7 +74,7 @@ fn problem(url: &url::Url, allow_http: bool) -> Option<&'static str> {
     if url.query().is_some() || url.fragment().is_some() {
         return Some("has a query or fragment: urls are prefixes of paths");
     }
-    if url.scheme() == "http" && !allow_http && !is_loopback(url) {
+    if url.scheme() == "http" && !http_ok(url) {
         return Some("plain http:// would send the token in the clear: use https://, or set allow_http = true for this account");
     }
     None
