@@ -10,6 +10,10 @@
 //!   registration scripts. They ask `tokend` itself at each TAB (`TOKEND_COMPLETE`), so
 //!   subcommands, options and the config's account names come from the installed binary.
 //!
+//! - `TARGET/release/docker-credential-tokend`: a symbolic link to `tokend` beside the
+//!   binary, which the .deb installs as it is (tokend called by that name is the container
+//!   tools' credential helper; the .rpm's `%post` makes the link instead).
+//!
 //! DIR defaults to `TARGET/release/dist` (TARGET: `CARGO_TARGET_DIR`, else `target/`),
 //! where the packages' asset lists look (`target/release/` is cargo-deb's and
 //! cargo-generate-rpm's name for the real target directory). The output depends on the
@@ -53,13 +57,13 @@ fn workspace() -> PathBuf {
 
 fn dist(dir: Option<PathBuf>) -> Result<PathBuf, String> {
     let root = workspace();
-    let dir = dir.unwrap_or_else(|| {
-        std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .map(|t| if t.is_absolute() { t } else { root.join(t) })
-            .unwrap_or_else(|| root.join("target"))
-            .join("release/dist")
-    });
+    let release = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|t| if t.is_absolute() { t } else { root.join(t) })
+        .unwrap_or_else(|| root.join("target"))
+        .join("release");
+    let dir = dir.unwrap_or_else(|| release.join("dist"));
+    helper_link(&release)?;
     let man = dir.join("man");
     let man_gz = dir.join("man-gz");
     let completions = dir.join("completions");
@@ -82,6 +86,22 @@ fn dist(dir: Option<PathBuf>) -> Result<PathBuf, String> {
     gzip_all(&man, &man_gz)?;
     completion_scripts(&completions)?;
     Ok(dir)
+}
+
+/// `RELEASE/docker-credential-tokend -> tokend`, made anew (a link, relative: installed
+/// beside `/usr/bin/tokend` it points at it).
+fn helper_link(release: &Path) -> Result<(), String> {
+    let link = release.join(tokend::cli::DOCKER_HELPER);
+    std::fs::create_dir_all(release)
+        .map_err(|e| format!("failed to create {}: {e}", release.display()))?;
+    match std::fs::remove_file(&link) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(format!("failed to remove {}: {e}", link.display()))
+        }
+        _ => {}
+    }
+    std::os::unix::fs::symlink(BIN, &link)
+        .map_err(|e| format!("failed to link {} to {BIN}: {e}", link.display()))
 }
 
 /// tokend's version (not this crate's).
