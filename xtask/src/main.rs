@@ -1,7 +1,9 @@
 //! `cargo xtask dist [DIR]`: writes what the .deb and .rpm install beside the binary,
 //! generated from the sources each time (never committed, so it cannot drift):
 //!
-//! - `DIR/man/tokend.1` and `tokend-SUBCOMMAND.1`: clap_mangen from `tokend::cli`;
+//! - `DIR/man/tokend.1` and `tokend-SUBCOMMAND.1`: clap_mangen from `tokend::cli`, and
+//!   `docker-credential-tokend.1` (`tokend credential docker` under the name the container
+//!   tools run it by);
 //! - `DIR/man/tokend.toml.5`: the book's configuration chapter
 //!   (`docs/src/configuration.md`) turned into a man page by [`roff`];
 //! - `DIR/man-gz/`: the same pages gzipped (no name, no time: the same bytes each run),
@@ -167,6 +169,8 @@ fn man_pages(dir: &Path) -> Result<(), String> {
         .iter()
         .map(|s| format!("\\fB{s}\\fR(1)"))
         .collect();
+    let helper = tokend::cli::DOCKER_HELPER;
+    all.push(format!("\\fB{helper}\\fR(1)"));
     all.push("\\fBtokend.toml\\fR(5)".to_owned());
     // Built, each subcommand is named `tokend-NAME` (the page's title and file name)
     // and used as `tokend NAME` (its synopsis).
@@ -177,6 +181,23 @@ fn man_pages(dir: &Path) -> Result<(), String> {
         ];
         page(sub.clone(), see)?;
     }
+    // The same binary by another name (a link the packages install): a page of its own.
+    let docker = cmd
+        .find_subcommand("credential")
+        .and_then(|c| c.find_subcommand("docker"))
+        .ok_or("no `tokend credential docker` in the command line")?
+        .clone()
+        .name(helper)
+        .display_name(helper)
+        .bin_name(helper);
+    page(
+        docker,
+        vec![
+            format!("\\fB{BIN}-credential\\fR(1)"),
+            format!("\\fB{BIN}\\fR(1)"),
+            "\\fBtokend.toml\\fR(5)".to_owned(),
+        ],
+    )?;
     page(cmd.clone(), all)
 }
 
