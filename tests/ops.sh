@@ -44,27 +44,12 @@ mdbook_version=0.5.4
 # left out of the schemathesis run until they exist (delete an id when its endpoint lands).
 not_served_yet=(mintDpopProof)
 
-passed=0
-failed=0
+# shellcheck source=tests/lib.sh
+. tests/lib.sh
 work=$(mktemp -d)
 started_pids=()   # processes this script started, stopped at exit
 idp_dir=""        # the OAuth2 server's directory, stopped at exit
 
-ok() { passed=$((passed + 1)); printf 'ok   %s\n' "$1"; }
-not_ok() {
-    failed=$((failed + 1))
-    printf 'FAIL %s\n' "$1"
-    if [ -n "${2:-}" ]; then printf '%s\n' "$2" | tail -n 40 | sed 's/^/     /'; fi
-}
-# check WHAT COMMAND...: passes when COMMAND exits 0; shows its output when it does not.
-check() {
-    local what=$1 out
-    shift
-    if out=$("$@" 2>&1); then ok "$what"; else not_ok "$what" "$out"; fi
-}
-step() { printf '\n== %s (%d s)\n' "$1" $((SECONDS - started)); }
-skip() { printf 'skip %s\n' "$1"; }
-is_root() { [ "$(id -u)" -eq 0 ]; }
 # A tool that could not be had: a failure under CI (a check that skips there is no
 # check), a skip elsewhere.
 missing() {
@@ -78,25 +63,10 @@ finish() {
     for pid in "${started_pids[@]}"; do wait "$pid" 2>/dev/null; done
     if [ -n "$idp_dir" ]; then scripts/oauth-server stop --dir "$idp_dir" >/dev/null 2>&1; fi
     rm -rf "$work"
-    if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then
-        not_ok "tests/ops.sh stopped early (exit status $status)"
-    fi
-    printf '\ntook %d s\n' $((SECONDS - started))
-    printf '%d passed, %d failed\n' "$passed" "$failed"
-    if [ "$failed" -ne 0 ]; then exit 1; fi
+    summary tests/ops.sh "$status"
 }
 trap finish EXIT
 
-# Waits up to $1 seconds for the command after it to succeed.
-wait_for() {
-    local deadline=$((SECONDS + $1))
-    shift
-    until "$@" >/dev/null 2>&1; do
-        if ((SECONDS >= deadline)); then return 1; fi
-        sleep 0.1
-    done
-}
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 # ---------------------------------------------------------------------------------------
 step "tools"

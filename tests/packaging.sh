@@ -28,27 +28,12 @@ max_exposure=1.5
 started=$SECONDS
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 
-passed=0
-failed=0
+# shellcheck source=tests/lib.sh
+. tests/lib.sh
 installed=0     # the .deb is installed by this script
 made_user=0     # the tokend user is made by this script
 work=$(mktemp -d)
 
-ok() { passed=$((passed + 1)); printf 'ok   %s\n' "$1"; }
-not_ok() {
-    failed=$((failed + 1))
-    printf 'FAIL %s\n' "$1"
-    if [ -n "${2:-}" ]; then printf '%s\n' "$2" | tail -n 40 | sed 's/^/     /'; fi
-}
-# check WHAT COMMAND...: passes when COMMAND exits 0; shows its output when it does not.
-check() {
-    local what=$1 out
-    shift
-    if out=$("$@" 2>&1); then ok "$what"; else not_ok "$what" "$out"; fi
-}
-step() { printf '\n== %s\n' "$1"; }
-skip() { printf 'skip %s\n' "$1"; }
-is_root() { [ "$(id -u)" -eq 0 ]; }
 # A linter pip could not install: a failure in CI (a check that skips there is no check),
 # a skip on a workstation without PyPI.
 lint_missing() {
@@ -70,12 +55,7 @@ finish() {
     if [ "$installed" -eq 1 ]; then dpkg -P tokend >/dev/null 2>&1; fi
     if [ "$made_user" -eq 1 ]; then remove_user; fi
     rm -rf "$work"
-    if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then
-        not_ok "tests/packaging.sh stopped early (exit status $status)"
-    fi
-    printf '\ntook %d s\n' $((SECONDS - started))
-    printf '%d passed, %d failed\n' "$passed" "$failed"
-    if [ "$failed" -ne 0 ]; then exit 1; fi
+    summary tests/packaging.sh "$status"
 }
 trap finish EXIT
 

@@ -46,40 +46,8 @@ image=localhost/tokend:service-test
 prefix=tokend-service-test
 kube=""            # the rewritten Kubernetes example, while it is played
 
-passed=0
-failed=0
-ok() { passed=$((passed + 1)); printf 'ok   %s\n' "$1"; }
-not_ok() {
-    failed=$((failed + 1))
-    printf 'FAIL %s\n' "$1"
-    if [ -n "${2:-}" ]; then printf '%s\n' "$2" | tail -n 40 | sed 's/^/     /'; fi
-}
-# check WHAT COMMAND...: passes when COMMAND exits 0; shows its output when it does not.
-check() {
-    local what=$1 out
-    shift
-    if out=$("$@" 2>&1); then ok "$what"; else not_ok "$what" "$out"; fi
-}
-# expect WHAT WANT GOT
-expect() {
-    if [ "$2" = "$3" ]; then ok "$1"; else not_ok "$1" "want: $2"$'\n'"got:  $3"; fi
-}
-step() { printf '\n== %s (%d s)\n' "$1" $((SECONDS - started)); }
-skip() { printf 'skip %s\n' "$1"; }
-# A part that cannot run here: a skip, but a failure in CI (a check that skips there is
-# no check).
-cannot_run() {
-    if [ -n "${CI:-}" ]; then not_ok "$1" "${2:-}"; else skip "$1"; fi
-}
-# wait_for SECONDS COMMAND...: polls COMMAND until it succeeds; fails after SECONDS.
-wait_for() {
-    local deadline=$((SECONDS + $1))
-    shift
-    until "$@" >/dev/null 2>&1; do
-        if [ "$SECONDS" -ge "$deadline" ]; then return 1; fi
-        sleep 0.2
-    done
-}
+# shellcheck source=tests/lib.sh
+. tests/lib.sh
 
 in_machine() {
     timeout 60 nsenter -t "$leader" -a -- /usr/bin/env -i \
@@ -126,12 +94,7 @@ finish() {
     remove_containers
     if [ -f "$oauth/server.pid" ]; then scripts/oauth-server stop --dir "$oauth" >/dev/null 2>&1; fi
     rm -rf "$work"
-    if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then
-        not_ok "tests/service.sh stopped early (exit status $status)"
-    fi
-    printf '\ntook %d s\n' $((SECONDS - started))
-    printf '%d passed, %d failed\n' "$passed" "$failed"
-    if [ "$failed" -ne 0 ]; then exit 1; fi
+    summary tests/service.sh "$status"
 }
 trap finish EXIT
 

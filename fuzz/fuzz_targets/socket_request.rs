@@ -98,7 +98,7 @@ fn world() -> &'static World {
         for mut account in config.accounts {
             let state = match account.name.as_str() {
                 "msk" => {
-                    account.access.users = vec![1000];
+                    std::sync::Arc::make_mut(&mut account.options).access.users = vec![1000];
                     TokenState {
                         status: AccountStatus::Fresh,
                         token: Some(token(
@@ -112,7 +112,7 @@ fn world() -> &'static World {
                     }
                 }
                 "cibmtr" => {
-                    account.access.groups = vec![2000];
+                    std::sync::Arc::make_mut(&mut account.options).access.groups = vec![2000];
                     TokenState {
                         status: AccountStatus::Failing,
                         last_error: Some(

@@ -251,6 +251,68 @@ impl PrivateKey {
         }
     }
 
+    /// A new EC key on P-256 (`p384`: P-384), and its PKCS#8 PEM to keep: the DPoP key
+    /// tokend makes when none is configured (RFC 9449 §2).
+    pub fn generate_ec(p384: bool) -> Result<(PrivateKey, Secret), KeyError> {
+        let curve = if p384 { Curve::P384 } else { Curve::P256 };
+        let rng = SystemRandom::new();
+        let failed = || KeyError::Unsupported("a key ring could not make".into());
+        let der = Zeroizing::new(
+            EcdsaKeyPair::generate_pkcs8(curve.signing(), &rng)
+                .map_err(|_| failed())?
+                .as_ref()
+                .to_vec(),
+        );
+        let body = base64::engine::general_purpose::STANDARD.encode(&*der);
+        let mut pem = String::from("-----BEGIN PRIVATE KEY-----\n");
+        for line in body.as_bytes().chunks(64) {
+            pem.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+            pem.push('\n');
+        }
+        pem.push_str("-----END PRIVATE KEY-----\n");
+        let pem = Secret::new(pem);
+        Ok((PrivateKey::from_pem(&pem)?, pem))
+    }
+
+    /// Whether this is an RSA key (else EC), and for EC whether on P-384.
+    pub fn is_rsa(&self) -> bool {
+        matches!(self.inner, Inner::Rsa(_))
+    }
+
+    /// Whether this is an EC key on P-384.
+    pub fn is_p384(&self) -> bool {
+        matches!(self.inner, Inner::Ec(_, Curve::P384))
+    }
+
+    /// The RSASSA-PSS signature (SHA-256, MGF1, a salt of 32 bytes: JWS `PS256`, RFC 7518
+    /// §3.5) of `message`, with an RSA key.
+    pub fn sign_ps256(&self, message: &[u8]) -> Result<Vec<u8>, KeyError> {
+        let Inner::Rsa(k) = &self.inner else {
+            return Err(KeyError::Unsupported(format!(
+                "{}, but PS256 needs an RSA key",
+                self.kind()
+            )));
+        };
+        let mut sig = vec![0; k.public().modulus_len()];
+        k.sign(
+            &signature::RSA_PSS_SHA256,
+            &SystemRandom::new(),
+            message,
+            &mut sig,
+        )
+        .map_err(|_| KeyError::Unsupported("a key ring could not sign with".into()))?;
+        Ok(sig)
+    }
+
+    /// The public key alone as a JWK (RFC 7517): what a DPoP proof's header carries.
+    pub fn public_jwk_bare(&self) -> serde_json::Value {
+        let mut jwk = serde_json::Map::new();
+        for (k, v) in self.public_members() {
+            jwk.insert(k.into(), v.into());
+        }
+        serde_json::Value::Object(jwk)
+    }
+
     /// The RFC 7638 JWK thumbprint (SHA-256, base64url): the `kid` when none is configured.
     pub fn thumbprint(&self) -> String {
         thumbprint(&self.public_members())

@@ -5,6 +5,7 @@
 pub mod assertion;
 pub mod caps;
 pub mod discovery;
+pub mod dpop;
 pub mod redact;
 pub mod request;
 pub mod response;

@@ -31,14 +31,14 @@ fn sandbox(seed: &str) -> Sandbox {
 /// A config with a socket and `state_dir = "state"`, and refresh_token account `name`
 /// (seed in the file `rt`, a raw output `out/NAME`) with `extra` lines.
 fn config(sb: &Sandbox, url: &str, name: &str, extra: &str) -> String {
-    format!(
-        "[daemon]\nsocket = \"{}\"\nstate_dir = \"state\"\n\
-         [[account]]\nname = \"{name}\"\ntoken_url = \"{url}\"\nclient_id = \"id\"\n\
-         client_auth = \"none\"\ngrant_type = \"refresh_token\"\nrefresh_token = {{ file = \"rt\" }}\n\
-         min_refresh_interval = \"1s\"\n{extra}\n\
-         [[account.output]]\npath = \"out/{name}\"\n",
-        sb.path("tokend.sock").display()
-    )
+    let account = crate::support::config::account(name, url)
+        .public_client()
+        .with("grant_type = \"refresh_token\"\nrefresh_token = { file = \"rt\" }")
+        .with("min_refresh_interval = \"1s\"")
+        .with(extra)
+        .output(&format!("out/{name}"));
+    crate::support::config::daemon(&sb.path("tokend.sock"), "state_dir = \"state\"")
+        + &account.toml()
 }
 
 /// No refresh token was presented twice, and the family is alive.

@@ -40,10 +40,7 @@ fn sandbox() -> Sandbox {
 
 /// The `[daemon]` section: a socket in the sandbox and `state_dir = "state"`.
 fn daemon_section(sb: &Sandbox) -> String {
-    format!(
-        "[daemon]\nsocket = \"{}\"\nstate_dir = \"state\"\n",
-        socket(sb).display()
-    )
+    crate::support::config::daemon(&socket(sb), "state_dir = \"state\"")
 }
 
 fn socket(sb: &Sandbox) -> PathBuf {
@@ -53,12 +50,12 @@ fn socket(sb: &Sandbox) -> PathBuf {
 /// Account `name` with `extra` lines, a raw output `out/NAME` and a json one
 /// `out/NAME.json`.
 fn account(name: &str, url: &str, extra: &str) -> String {
-    format!(
-        "[[account]]\nname = \"{name}\"\ntoken_url = \"{url}\"\nclient_id = \"id-{name}\"\n\
-         client_secret = {{ file = \"secret\" }}\n{extra}\n\
-         [[account.output]]\npath = \"out/{name}\"\n\
-         [[account.output]]\npath = \"out/{name}.json\"\nformat = \"json\"\n"
-    )
+    crate::support::config::account(name, url)
+        .client_id(&format!("id-{name}"))
+        .with(extra)
+        .output(&format!("out/{name}"))
+        .json_output(&format!("out/{name}.json"))
+        .toml()
 }
 
 /// Replaces the config the way editors do, then sends SIGHUP (the watcher may reload

@@ -17,11 +17,11 @@ fn sandbox() -> Sandbox {
 }
 
 fn account(name: &str, url: &str, extra: &str) -> String {
-    format!(
-        "[[account]]\nname = \"{name}\"\ntoken_url = \"{url}\"\nclient_id = \"id-{name}\"\n\
-         client_secret = {{ file = \"secret\" }}\n{extra}\n\
-         [[account.output]]\npath = \"out/{name}\"\n"
-    )
+    crate::support::config::account(name, url)
+        .client_id(&format!("id-{name}"))
+        .with(extra)
+        .output(&format!("out/{name}"))
+        .toml()
 }
 
 #[test]

@@ -37,10 +37,11 @@ fn wait_fresh(d: &Daemon, sb: &Sandbox, names: &[&str]) {
 }
 
 fn account(name: &str, url: &str, client_id: &str, extra: &str) -> String {
-    format!(
-        "[[account]]\nname = \"{name}\"\ntoken_url = \"{url}\"\nclient_id = \"{client_id}\"\n\
-         client_secret = {{ file = \"secret\" }}\n{extra}\n[[account.output]]\npath = \"out/{name}\"\n"
-    )
+    crate::support::config::account(name, url)
+        .client_id(client_id)
+        .with(extra)
+        .output(&format!("out/{name}"))
+        .toml()
 }
 
 fn sandbox() -> Sandbox {

@@ -44,10 +44,12 @@ fn account(name: &str, url: &str, extra: &str) -> String {
     } else {
         "min_refresh_interval = \"1s\"\n"
     };
-    format!(
-        "[[account]]\nname = \"{name}\"\ntoken_url = \"{url}\"\ngrant_type = \"client_credentials\"\n\
-         client_id = \"id\"\nclient_secret = {{ env = \"{SECRET_ENV}\" }}\n{interval}{extra}\n"
-    )
+    crate::support::config::account(name, url)
+        .secret_env(SECRET_ENV)
+        .with(&format!(
+            "grant_type = \"client_credentials\"\n{interval}{extra}"
+        ))
+        .toml()
 }
 
 /// `tokend run` and the sandbox holding its config and socket; killed when dropped.
@@ -900,8 +902,13 @@ fn get_and_status_end_to_end() {
     let out = d.tokend(&["status", "--socket", sock]);
     assert!(out.status.success());
     let table = out.stdout;
-    let lines: Vec<&str> = table.lines().collect();
+    let lines: Vec<&str> = table.lines().take_while(|l| !l.is_empty()).collect();
     assert_eq!(lines.len(), 3, "{table}");
+    // Then, for root, the daemon's own line (GET /v1/daemon).
+    assert!(
+        table.contains("(generation 1, loaded "),
+        "the config's generation: {table}"
+    );
     assert!(
         lines[0].starts_with("ACCOUNT  STATUS   EXPIRES IN  LAST REFRESH  LAST ERROR"),
         "{table}"

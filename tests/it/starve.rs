@@ -114,13 +114,14 @@ impl Drop for Flood {
 /// A config whose account `a` rotates every second, reading `secret` for each request,
 /// readable over the socket (mode 0666) by [`READER`].
 fn config(url: &str) -> String {
-    format!(
-        "[daemon]\nsocket = \"tokend.sock\"\nsocket_mode = \"0666\"\nstate_dir = \"state\"\n\
-         [[account]]\nname = \"a\"\ntoken_url = \"{url}\"\nclient_id = \"id\"\n\
-         client_secret = {{ file = \"secret\" }}\nrefresh_every = \"1s\"\nmin_refresh_interval = \"1s\"\n\
-         [account.access]\nusers = [\"{READER}\"]\n\
-         [[account.output]]\npath = \"out/a\"\n"
-    )
+    let account = crate::support::config::account("a", url)
+        .with("refresh_every = \"1s\"\nmin_refresh_interval = \"1s\"")
+        .with(&format!("[account.access]\nusers = [\"{READER}\"]"))
+        .output("out/a");
+    crate::support::config::daemon(
+        std::path::Path::new("tokend.sock"),
+        "socket_mode = \"0666\"\nstate_dir = \"state\"",
+    ) + &account.toml()
 }
 
 /// `tokend get a` as `uid`: its exit status and output.

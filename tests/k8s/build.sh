@@ -15,11 +15,13 @@
 # go.mod (less comments), go.sum and the build flags, the script exits at once. Go's module cache and
 # build cache live under the same cache directory (k8s/gomod, k8s/gocache), so a CI cache
 # of ${TOKEND_CACHE:-.cache} keeps them; bin/ alone (197 MB) is enough to skip the build.
-# A cold build downloads 92 MB of modules (12 s) and compiles for 14 to 19 minutes of CPU
-# time, 90% of it kube-apiserver: about 8 to 10 minutes on 2 idle cores, 35 minutes seen
-# on 2 cores shared with other builds. tests/k8s/NOTES.md has the measurements. Needs Go
+# A cold build downloads 92 MB of modules (13 s) and compiles for 14 to 22 minutes of CPU
+# time, 90% of it kube-apiserver: about 8 to 11 minutes on 2 idle cores, 29 to 35 minutes
+# seen on 2 cores shared with other builds. tests/k8s/NOTES.md has the measurements. Needs Go
 # 1.26 or newer (go.mod's go line); the builds run under nice.
 set -euo pipefail
+# One block, read whole before it runs: editing this file during a build cannot change it.
+{
 
 here=$(cd -P -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd -P -- "$here/../.." && pwd)
@@ -142,3 +144,5 @@ echo "tests/k8s/build.sh: built in $(($(date +%s) - start)) s:"
 ls -l "$bin"
 "$bin/kube-apiserver" --version
 "$bin/etcd" --version | head -1
+exit
+}
