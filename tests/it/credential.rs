@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use serde_json::{json, Value};
 
+use crate::support::config;
 use crate::support::fake_idp::{FakeIdp, Reply};
 use crate::support::git_http::{git, GitServer};
 use crate::support::kube::{KubeApiServer, Options};
@@ -44,12 +45,15 @@ const NOBODY: [&str; 4] = [
 // A daemon on a socket anyone may connect to.
 // ---------------------------------------------------------------------------------
 
-/// One `[[account]]` against `token_url`; `extra` goes last.
+/// One `[[account]]` against `token_url`: client id `NAME-client`, the secret from the
+/// environment, refreshes allowed a second apart; `extra` goes last.
 fn account(name: &str, token_url: &str, extra: &str) -> String {
-    format!(
-        "[[account]]\nname = \"{name}\"\ntoken_url = \"{token_url}\"\nclient_id = \"{name}-client\"\n\
-         client_secret = {{ env = \"{SECRET_ENV}\" }}\nmin_refresh_interval = \"1s\"\n{extra}\n"
-    )
+    config::account(name, token_url)
+        .client_id(&format!("{name}-client"))
+        .secret_env(SECRET_ENV)
+        .with("min_refresh_interval = \"1s\"")
+        .with(extra)
+        .toml()
 }
 
 /// `tokend run` serving `accounts`; killed when dropped.
@@ -66,8 +70,8 @@ impl Running {
         std::fs::set_permissions(sb.path(""), std::fs::Permissions::from_mode(0o755)).unwrap();
         let socket = sb.path("tokend.sock");
         let config = sb.config(&format!(
-            "[daemon]\nsocket = \"{}\"\nsocket_mode = \"0666\"\nlog_format = \"text\"\n\n{accounts}",
-            socket.display()
+            "{}{accounts}",
+            config::daemon(&socket, "socket_mode = \"0666\"\nlog_format = \"text\"")
         ));
         let daemon = Daemon::start_with_env(&config, &[(SECRET_ENV, "s3cret")]);
         daemon.wait_until("the daemon to answer on its socket", LONG, || {
@@ -266,6 +270,8 @@ fn audited_jtis(server: &KubeApiServer) -> Vec<String> {
         .collect()
 }
 
+// Named `kube...`: scripts/test runs it with the Kubernetes tests, once the API server is
+// built.
 #[test]
 fn kubectl_authenticates_with_the_exec_plugin_and_the_next_call_takes_the_rotated_token() {
     let dir = tempfile::tempdir().unwrap();
