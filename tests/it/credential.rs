@@ -940,6 +940,20 @@ fn the_kubectl_plugin_is_one_socket_round_trip_and_fast() {
         before + 2,
         "one request of the plugin's, one /metrics"
     );
+    let v: Value = serde_json::from_str(&out.stdout).expect("an ExecCredential");
+    assert_eq!(v["status"]["token"], d.token("kube").as_str());
+
+    // --min-valid: a token that lasts that long, or one line saying why there is none.
+    let min = |m: &str| {
+        let mut a = args.to_vec();
+        a.extend(["--min-valid", m]);
+        helper(&[], &a, "", &[])
+    };
+    let out = min("10m");
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    let out = min("2h");
+    assert_eq!((out.code(), out.stdout.as_str()), (Some(1), ""));
+    assert_one_line(&out.stderr, "less than min_valid 2h");
 
     // A guard against a regression by an order of magnitude (BENCHMARKS.md has the
     // measure: a release build, hyperfine): debug build, whatever else runs beside.
