@@ -95,7 +95,7 @@ impl Daemon {
             .request(Method::GET, api::TOKENS, TIMEOUT)
             .await?;
         if answer.status != StatusCode::OK {
-            return Err(Error::Answered(answer.message()));
+            return Err(Error::Answered(one_line(&answer.message())));
         }
         serde_json::from_slice::<AccountList>(&answer.body)
             .map(|l| l.accounts)
@@ -129,7 +129,7 @@ impl Daemon {
                 })
             }
             StatusCode::NOT_FOUND => Err(self.no_account(account)),
-            _ => Err(Error::Answered(answer.message())),
+            _ => Err(Error::Answered(one_line(&answer.message()))),
         }
     }
 
@@ -145,7 +145,7 @@ impl Daemon {
                 .map(drop)
                 .map_err(|e| Error::Answered(format!("tokend answered an unexpected body: {e}"))),
             StatusCode::NOT_FOUND => Err(self.no_account(account)),
-            _ => Err(Error::Answered(answer.message())),
+            _ => Err(Error::Answered(one_line(&answer.message()))),
         }
     }
 
@@ -156,6 +156,17 @@ impl Daemon {
             socket: self.socket.clone(),
         }
     }
+}
+
+/// The daemon's message on one line: it may quote a provider's `error_description`, and
+/// each tool shows a helper's failure as one line.
+fn one_line(message: &str) -> String {
+    message
+        .split(char::is_control)
+        .filter(|part| !part.trim().is_empty())
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn parse_time(s: &str) -> Option<SystemTime> {
@@ -352,6 +363,16 @@ mod tests {
         );
         assert_eq!(pick(&accounts, url("https://example.org/x.git")), None);
         assert!(Target::url(url::Url::parse("cert:///etc/x.pem").unwrap()).is_none());
+    }
+
+    #[test]
+    fn the_daemons_message_is_one_line() {
+        assert_eq!(
+            one_line(
+                "account \"a\" has no valid token (failing: invalid_grant: no\r\nmore\ttries)"
+            ),
+            "account \"a\" has no valid token (failing: invalid_grant: no more tries)"
+        );
     }
 
     #[test]
