@@ -79,40 +79,37 @@ impl Registry {
             let seen = seen.clone();
             move |req| token_endpoint(&signer, &accept, &seen, &req)
         });
-        let port = free_port();
-        let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {data}\n\
-                 http:\n  addr: 127.0.0.1:{port}\nauth:\n  token:\n    realm: {realm}/token\n    \
-                 service: {SERVICE}\n    issuer: {ISSUER}\n    rootcertbundle: {bundle}\n",
-                data = dir.path().join("data").display(),
-                realm = tokens.url(),
-                bundle = dir.path().join("token.crt").display(),
-            ),
-        )
-        .expect("write the registry's config");
-        let log = std::fs::File::create(dir.path().join("registry.log")).expect("a log file");
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone a file"))
-            .stderr(log)
-            .spawn()
-            .expect("start docker-registry");
-        let registry = Registry {
-            child,
-            port,
-            _tokens: tokens,
-            seen,
-            dir,
-        };
-        super::wait_until("the registry to answer", super::LONG, || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-        });
-        registry
+        let realm = tokens.url();
+        // A free port, chosen again if another process takes it before the registry binds
+        // it (as tests/k8s/apiserver.sh does).
+        for attempt in 1..=3 {
+            let port = free_port();
+            let mut child = spawn(dir.path(), port, &realm);
+            let up = super::wait_until("the registry to answer or exit", super::LONG, || {
+                if answers(port) {
+                    return Some(true);
+                }
+                child
+                    .try_wait()
+                    .expect("wait for docker-registry")
+                    .map(|_| false)
+            });
+            if up {
+                return Registry {
+                    child,
+                    port,
+                    _tokens: tokens,
+                    seen,
+                    dir,
+                };
+            }
+            let log = std::fs::read_to_string(dir.path().join("registry.log")).unwrap_or_default();
+            assert!(
+                attempt < 3 && log.contains("address already in use"),
+                "docker-registry did not start:\n{log}"
+            );
+        }
+        unreachable!("the loop returns or panics")
     }
 
     /// `127.0.0.1:PORT`, as the container tools name it.
@@ -136,6 +133,47 @@ impl Drop for Registry {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Starts `docker-registry serve` on `port` with token authentication at `realm`.
+fn spawn(dir: &Path, port: u16, realm: &str) -> Child {
+    let config = dir.join("config.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {data}\n\
+             http:\n  addr: 127.0.0.1:{port}\nauth:\n  token:\n    realm: {realm}/token\n    \
+             service: {SERVICE}\n    issuer: {ISSUER}\n    rootcertbundle: {bundle}\n",
+            data = dir.join("data").display(),
+            bundle = dir.join("token.crt").display(),
+        ),
+    )
+    .expect("write the registry's config");
+    let log = std::fs::File::create(dir.join("registry.log")).expect("a log file");
+    Command::new("docker-registry")
+        .arg("serve")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("clone a file"))
+        .stderr(log)
+        .spawn()
+        .expect("start docker-registry")
+}
+
+/// Whether a registry (not any server) answers on `port`: `GET /v2/` names the API.
+fn answers(port: u16) -> bool {
+    use std::io::{Read as _, Write as _};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+    let mut answer = String::new();
+    s.write_all(b"GET /v2/ HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .is_ok()
+        && s.read_to_string(&mut answer).is_ok()
+        && answer
+            .to_ascii_lowercase()
+            .contains("docker-distribution-api-version: registry/2.0")
 }
 
 fn free_port() -> u16 {
