@@ -50,6 +50,79 @@ pub enum Command {
     /// Only root or the daemon's own user. Through the running daemon, else directly
     /// in state_dir
     Reseed(ReseedArgs),
+    /// Credential helpers: kubectl's exec plugin, git's credential.helper, and the
+    /// container tools' credHelpers (docker-credential-tokend). They ask the running
+    /// daemon and answer in each tool's own protocol
+    #[command(subcommand)]
+    Credential(CredentialCommand),
+}
+
+/// `tokend credential ...` (SPEC §5).
+#[derive(Subcommand, Debug)]
+pub enum CredentialCommand {
+    /// A kubectl / client-go exec credential plugin: prints an ExecCredential with the
+    /// account's token and its expiry, in the apiVersion KUBERNETES_EXEC_INFO names
+    /// (client.authentication.k8s.io/v1 or v1beta1; default v1)
+    Kubectl(KubectlArgs),
+    /// A git credential helper (git config credential.helper "/usr/bin/tokend credential
+    /// git"): the account whose urls match git's URL best; a Bearer credential where git
+    /// offers capability[]=authtype, else credential_username and the token
+    Git(GitArgs),
+    /// The container tools' credential helper (docker, podman, buildah, skopeo), also run
+    /// as docker-credential-tokend: get, store, erase or list, the registry on stdin
+    Docker(DockerArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct KubectlArgs {
+    #[command(flatten)]
+    pub socket: SocketArgs,
+    /// The account
+    #[arg(value_name = "ACCOUNT", add = ArgValueCandidates::new(account_names))]
+    pub account: String,
+    /// The token must stay valid at least this long (e.g. 1m): the daemon refreshes
+    /// first if it would expire sooner (no sooner than min_refresh_interval allows)
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub min_valid: Option<std::time::Duration>,
+}
+
+#[derive(Args, Debug)]
+pub struct GitArgs {
+    #[command(flatten)]
+    pub socket: SocketArgs,
+    /// What git asks: get (a credential), store (ignored: the daemon holds the token) or
+    /// erase (the server refused it: ask the daemon for a refresh); other actions are
+    /// ignored, as git's protocol asks
+    #[arg(value_name = "ACTION")]
+    pub action: String,
+}
+
+#[derive(Args, Debug)]
+pub struct DockerArgs {
+    #[command(flatten)]
+    pub socket: SocketArgs,
+    /// get (the registry on stdin; prints ServerURL, Username, Secret), list (the URLs
+    /// you may read), store (ignored: the daemon holds the token) or erase (asks the
+    /// daemon for a refresh)
+    #[arg(value_name = "ACTION")]
+    pub action: String,
+}
+
+/// The name the container tools run the helper by (`credHelpers` value `tokend`): the
+/// packages install it as a link to `tokend`.
+pub const DOCKER_HELPER: &str = "docker-credential-tokend";
+
+/// The command line as clap should see it: `docker-credential-tokend ARGS...` is
+/// `tokend credential docker ARGS...`.
+pub fn args(mut argv: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let called = argv
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .is_some_and(|n| n == DOCKER_HELPER);
+    if called {
+        argv.splice(..1, ["tokend", "credential", "docker"].map(Into::into));
+    }
+    argv
 }
 
 #[derive(Args, Debug)]
@@ -100,7 +173,7 @@ pub struct OnceArgs {
     pub min_valid: Option<std::time::Duration>,
 }
 
-/// Where `get`, `status` and `refresh` find the daemon.
+/// Where `get`, `status`, `refresh` and the credential helpers find the daemon.
 #[derive(Args, Debug)]
 pub struct SocketArgs {
     /// The config file; only its `[daemon] socket` is read
@@ -165,5 +238,27 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn called_as_the_docker_helper() {
+        let argv = |v: &[&str]| {
+            v.iter()
+                .map(Into::into)
+                .collect::<Vec<std::ffi::OsString>>()
+        };
+        assert_eq!(
+            args(argv(&["/usr/bin/docker-credential-tokend", "get"])),
+            argv(&["tokend", "credential", "docker", "get"])
+        );
+        assert_eq!(
+            args(argv(&["tokend", "status"])),
+            argv(&["tokend", "status"])
+        );
+        let cli = Cli::try_parse_from(args(argv(&["docker-credential-tokend", "list"]))).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Credential(CredentialCommand::Docker(DockerArgs { ref action, .. })) if action == "list"
+        ));
     }
 }

@@ -510,6 +510,8 @@ mod tests {
                 refreshed_by: None,
                 degraded: false,
                 cluster_warning: None,
+                urls: Vec::new(),
+                credential_username: "oauth2".into(),
             },
             AccountInfo {
                 account: "cibmtr".into(),
@@ -523,6 +525,8 @@ mod tests {
                 refreshed_by: None,
                 degraded: false,
                 cluster_warning: None,
+                urls: Vec::new(),
+                credential_username: "oauth2".into(),
             },
         ];
         assert_eq!(

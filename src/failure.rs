@@ -11,13 +11,16 @@ pub enum Failure {
     Usage(anyhow::Error),
     /// Anything else: exit 1.
     Runtime(anyhow::Error),
+    /// A runtime failure already told, in the form the caller's protocol wants (a
+    /// credential helper's error message on stdout): exit 1, nothing more on stderr.
+    Reported,
 }
 
 impl Failure {
     pub fn exit_code(&self) -> u8 {
         match self {
             Failure::Usage(_) => 2,
-            Failure::Runtime(_) => 1,
+            Failure::Runtime(_) | Failure::Reported => 1,
         }
     }
 }

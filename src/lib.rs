@@ -11,7 +11,9 @@
 //! purely, when to ask again and what a failure means; [`account::engine`] is the one
 //! lifecycle (lock, restore, attempt, classify, save, deliver) that `run` and `once`
 //! share. With `[cluster]`, [`cluster`] decides which tokend of many refreshes each
-//! account and carries the result to the others over etcd.
+//! account and carries the result to the others over etcd. Readers ask the [`server`]
+//! over its socket ([`client`]); the credential helpers of kubectl, git and container
+//! tools ([`credential`]) are such readers, each speaking its tool's protocol.
 
 pub mod account;
 pub mod cli;
@@ -21,6 +23,7 @@ pub mod cluster;
 pub mod commands;
 pub mod completion;
 pub mod config;
+pub mod credential;
 pub mod daemon;
 pub mod failure;
 pub mod logging;

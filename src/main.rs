@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{CommandFactory as _, Parser as _};
-use tokend::cli::{Cli, Command};
+use tokend::cli::{Cli, Command, CredentialCommand};
 use tokend::client;
 use tokend::commands::{self, Failure};
 use tokend::config::{self, Config};
@@ -14,12 +14,13 @@ fn main() -> ExitCode {
     clap_complete::CompleteEnv::with_factory(Cli::command)
         .var(tokend::completion::VAR)
         .complete();
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(tokend::cli::args(std::env::args_os().collect()));
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            let (Failure::Usage(e) | Failure::Runtime(e)) = &f;
-            eprintln!("tokend: {e:#}");
+            if let Failure::Usage(e) | Failure::Runtime(e) = &f {
+                eprintln!("tokend: {e:#}");
+            }
             ExitCode::from(f.exit_code())
         }
     }
@@ -45,6 +46,42 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
         .map_err(|e| {
             Failure::Runtime(anyhow::Error::new(e).context("failed to start the async runtime"))
         })
+}
+
+/// The credential helpers' runtime: one thread, no pool to start (kubectl runs the plugin
+/// on every command).
+fn helper_runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            Failure::Runtime(anyhow::Error::new(e).context("failed to start the async runtime"))
+        })
+}
+
+fn socket(args: &tokend::cli::SocketArgs) -> Result<std::path::PathBuf, Failure> {
+    client::resolve_socket(args.socket.as_deref(), args.config.as_deref())
+}
+
+fn credential(command: CredentialCommand) -> Result<(), Failure> {
+    use tokend::credential::{docker, git, kubectl};
+    match command {
+        CredentialCommand::Kubectl(args) => {
+            let exec_info = std::env::var("KUBERNETES_EXEC_INFO").ok();
+            helper_runtime()?.block_on(kubectl::run(
+                &socket(&args.socket)?,
+                &args.account,
+                args.min_valid,
+                exec_info.as_deref(),
+            ))
+        }
+        CredentialCommand::Git(args) => {
+            helper_runtime()?.block_on(git::run(&socket(&args.socket)?, &args.action))
+        }
+        CredentialCommand::Docker(args) => {
+            helper_runtime()?.block_on(docker::run(socket(&args.socket), &args.action))
+        }
+    }
 }
 
 fn dispatch(cli: Cli) -> Result<(), Failure> {
@@ -106,5 +143,6 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 .unwrap_or(config::DEFAULT_PATH.as_ref());
             runtime()?.block_on(commands::reseed(config, &socket, &args.account))
         }
+        Command::Credential(c) => credential(c),
     }
 }

@@ -150,9 +150,10 @@ printf 'subcommands: %s\n' "$(echo $subcommands)"
 
 # ---------------------------------------------------------------------------------------
 step "man pages"
-expected_pages="tokend.1 tokend.toml.5"
+# docker-credential-tokend.1: tokend called by the name the container tools run it by.
+expected_pages="tokend.1 tokend.toml.5 docker-credential-tokend.1"
 for s in $subcommands; do expected_pages+=" tokend-$s.1"; done
-check "man: one page per command, and tokend.toml.5" \
+check "man: one page per command (and docker-credential-tokend), and tokend.toml.5" \
     diff <(tr ' ' '\n' <<<"$expected_pages" | sort) <(ls "$dist/man" | sort)
 if command -v man >/dev/null; then
     for page in $expected_pages; do

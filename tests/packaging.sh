@@ -183,6 +183,9 @@ EOF
 man_pages "-rw-r--r-- 0/0 ./usr/share/man" .gz; } | sort)
 check "deb: exactly the expected files, owned by root, with their modes" \
     diff <(printf '%s\n' "$expected_deb_files") <(printf '%s\n' "$deb_files")
+check "deb: the one symbolic link is /usr/bin/docker-credential-tokend -> tokend (the container tools' credential helper)" \
+    test "$(dpkg-deb -c "$deb" | awk '$1 ~ /^l/ { p = $6; sub(/^\.\//, "", p); print p, $7, $8 }')" \
+    = "usr/bin/docker-credential-tokend -> tokend"
 check "deb: no enable links in the package" \
     bash -c '! dpkg-deb -c "$1" | grep -q "\.wants/"' _ "$deb"
 
@@ -228,6 +231,9 @@ check "deb: the changelog's version is the package's" test \
     "$(zcat "$work/deb-root/usr/share/doc/tokend/changelog.Debian.gz" | head -n 1 | sed -n 's/^tokend (\(.*\)) .*/\1/p')" \
     = "$(dpkg-deb -f "$deb" Version)"
 check "deb: the packaged /usr/bin/tokend --help runs" "$work/deb-root/usr/bin/tokend" --help
+check "deb: the packaged docker-credential-tokend runs as the container tools' helper" bash -c \
+    'out=$(TOKEND_SOCKET=/nonexistent "$1" list); test $? -eq 1 && grep -q "tokend is not running" <<<"$out"' \
+    _ "$work/deb-root/usr/bin/docker-credential-tokend"
 
 # ---------------------------------------------------------------------------------------
 step "the .rpm"
@@ -277,6 +283,9 @@ done
 sysusers_line=$(grep -v '^#' systemd/sysusers.d/tokend.conf | grep -v '^$')
 check "rpm: %pre creates the user of systemd/sysusers.d/tokend.conf" \
     grep -qF "echo '$sysusers_line'" packaging/rpm/pre_install.sh
+check "rpm: %post links /usr/bin/docker-credential-tokend to tokend, %postun removes that link on erase" bash -c \
+    'grep -qxF "    ln -sfn tokend /usr/bin/docker-credential-tokend" "$1" && grep -qF "rm -f /usr/bin/docker-credential-tokend" "$2"' \
+    _ packaging/rpm/post_install.sh packaging/rpm/post_uninstall.sh
 check "rpm: %post neither enables nor starts tokend" bash -c \
     '! grep -v "^ *#" "$1" | grep -E "systemctl[^#]* (enable|start|restart|preset)( |$)"' _ packaging/rpm/post_install.sh
 
@@ -506,7 +515,7 @@ user_is_right() {
 }
 purged_clean() {
     local left=""
-    for p in /etc/tokend /var/lib/tokend /run/tokend /usr/bin/tokend \
+    for p in /etc/tokend /var/lib/tokend /run/tokend /usr/bin/tokend /usr/bin/docker-credential-tokend \
         /var/lib/systemd/deb-systemd-helper-enabled/tokend.service.dsh-also; do
         if [ -e "$p" ]; then left+=" $p"; fi
     done
@@ -524,6 +533,8 @@ install_round() {
     check "$name: dpkg -i" env PATH="$path" dpkg -i "$deb"
     check "$name: system user and group tokend, home /var/lib/tokend, no login shell" user_is_right
     check "$name: /usr/bin/tokend --help runs" /usr/bin/tokend --help
+    check "$name: /usr/bin/docker-credential-tokend is tokend as the container tools' helper" bash -c \
+        'test "$(readlink /usr/bin/docker-credential-tokend)" = tokend && out=$(TOKEND_SOCKET=/nonexistent docker-credential-tokend list); test $? -eq 1 && grep -q "tokend is not running" <<<"$out"'
     check "$name: /etc/tokend/config.toml is root:tokend 0640" \
         test "$(stat -c '%U:%G %a' /etc/tokend/config.toml)" = "root:tokend 640"
     check "$name: /etc/tokend/secrets is root:tokend 0750" \

@@ -17,4 +17,11 @@ fi
 if [ -d /run/systemd/system ]; then
     systemctl daemon-reload >/dev/null 2>&1 || :
 fi
+# The container tools' credential helper is tokend called by another name (credHelpers
+# "tokend" runs docker-credential-tokend). cargo-generate-rpm packages no symbolic links,
+# so the link is made here (and removed by %postun on erase); a file of that name that
+# is not a link is left alone.
+if [ ! -e /usr/bin/docker-credential-tokend ] || [ -L /usr/bin/docker-credential-tokend ]; then
+    ln -sfn tokend /usr/bin/docker-credential-tokend
+fi
 exit 0

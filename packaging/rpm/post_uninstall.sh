@@ -10,5 +10,9 @@ if [ -d /run/systemd/system ]; then
 fi
 if [ "$1" -eq 0 ]; then
     rmdir /etc/tokend/secrets /etc/tokend 2>/dev/null || :
+    # The link %post made, if it is still ours.
+    if [ "$(readlink /usr/bin/docker-credential-tokend 2>/dev/null)" = tokend ]; then
+        rm -f /usr/bin/docker-credential-tokend
+    fi
 fi
 exit 0

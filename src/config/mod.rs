@@ -28,7 +28,7 @@ use std::time::Duration;
 
 pub use keys::AssertionAlg;
 pub use secret::{Secret, SecretError, SecretSpec};
-pub use validate::{is_loopback, parse_hex_key, ClusterKeyError};
+pub use validate::{is_loopback, parse_hex_key, ClusterKeyError, DEFAULT_CREDENTIAL_USERNAME};
 
 /// Where the config is looked for when neither `-c` nor `TOKEND_CONFIG` is given.
 pub const DEFAULT_PATH: &str = "/etc/tokend/config.toml";
@@ -137,6 +137,9 @@ pub struct Account {
     pub options: Arc<Options>,
     pub on_expiry: OnExpiry,
     pub outputs: Vec<Output>,
+    /// The resource URLs the token is for (`urls`): the credential helpers of git and
+    /// container tools pick the account whose URL is the longest prefix of theirs.
+    pub urls: Vec<url::Url>,
     /// Shared with the cluster (when there is a `[cluster]`); `cluster = false` opts out.
     pub cluster: bool,
 }
@@ -174,6 +177,11 @@ impl fmt::Debug for Account {
             .field("hook_timeout", &self.options.hook_timeout)
             .field("outputs", &self.outputs)
             .field("access", &self.options.access)
+            .field(
+                "urls",
+                &self.urls.iter().map(url::Url::as_str).collect::<Vec<_>>(),
+            )
+            .field("credential_username", &self.options.credential_username)
             .field("cluster", &self.cluster)
             .finish()
     }
@@ -201,6 +209,8 @@ pub struct Options {
     pub on_refresh_signal: Option<SignalHook>,
     pub hook_timeout: Duration,
     pub access: Access,
+    /// The user name git and container tools send beside the token (`oauth2` unless set).
+    pub credential_username: String,
 }
 
 impl Account {

@@ -91,6 +91,11 @@ pub(crate) struct RawAccount {
     pub on_refresh_signal: Option<S<RawSignal>>,
     pub hook_timeout: Option<S<String>>,
 
+    /// The resource URLs the token is for: credential helpers pick the account by them.
+    pub urls: Option<S<Vec<S<String>>>>,
+    /// The user name git and container tools send beside the token.
+    pub credential_username: Option<S<String>>,
+
     pub output: Option<Vec<S<RawOutput>>>,
     pub access: Option<S<RawAccess>>,
 }

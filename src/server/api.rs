@@ -163,6 +163,13 @@ pub struct AccountInfo {
     /// refused, a clock that is off).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_warning: Option<String>,
+    /// The resource URLs the token is for (`urls`): the credential helpers of git and
+    /// container tools pick an account by them, from this list, in the same round trip.
+    #[serde(default)]
+    pub urls: Vec<String>,
+    /// The user name those helpers send beside the token (`credential_username`).
+    #[serde(default)]
+    pub credential_username: String,
 }
 
 /// `GET /v1/cluster` (cluster mode only).

@@ -384,6 +384,8 @@ fn info(view: &AccountView, now: SystemTime) -> AccountInfo {
         refreshed_by: s.refreshed_by.clone(),
         degraded: s.degraded,
         cluster_warning: s.cluster_warning.clone(),
+        urls: view.account.urls.iter().map(|u| u.to_string()).collect(),
+        credential_username: view.account.options.credential_username.clone(),
     }
 }
 

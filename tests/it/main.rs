@@ -24,6 +24,10 @@
 //! - `kube`: the Kubernetes test bed: a real kube-apiserver (tests/k8s/), a service
 //!   account's token and RBAC on leases and secrets, the sidecar manifest validated.
 //!
+//! - `credential`: the credential helpers with the real tools: kubectl's exec plugin
+//!   against kube-apiserver trusting oidc-provider's JWTs, git clone and push against
+//!   `git http-backend`, podman against docker-registry; each helper's failure paths.
+//!
 //! Helpers live in `support/`: the fake IdP, the daemon runner and bounded waits, a
 //! plain HTTP client for the socket, the scripted endpoint, etcd members, oidc-provider
 //! and the keys and certificates made for it, a Kubernetes API server. Daemon tests
@@ -32,6 +36,7 @@
 
 mod chain;
 mod cluster;
+mod credential;
 mod daemon;
 mod faults;
 mod hostile;

@@ -6,7 +6,11 @@
 //   node server.mjs CONFIG.json
 //
 // CONFIG.json: { "ttl": seconds of an access token, "clients": [oidc-provider client
-// metadata...], "tls": { "key", "cert", "ca" } (PEM file paths; optional) }.
+// metadata...], "tls": { "key", "cert", "ca" } (PEM file paths; optional), "https": {
+// "key", "cert" } (optional: the issuer itself on https, no client certificate asked),
+// "resource": "URI" (optional: a resource server, RFC 8707; a token request naming it
+// gets a signed JWT access token (RS256, RFC 9068) with that audience, its keys at the
+// issuer's jwks_uri) }.
 //
 // Serves, on 127.0.0.1 (ports chosen by the kernel):
 // - http://127.0.0.1:P: the issuer. /.well-known/openid-configuration (oidc-provider's
@@ -35,7 +39,7 @@ if (!modules) {
   console.error('server.mjs: OIDC_PROVIDER_MODULES (the node_modules install.sh made) is not set');
   process.exit(2);
 }
-const { default: Provider } = await import(
+const { default: Provider, errors } = await import(
   pathToFileURL(path.join(modules, 'oidc-provider', 'lib', 'index.js')).href
 );
 
@@ -48,9 +52,37 @@ function listen(server) {
   });
 }
 
-const plain = http.createServer();
+const plain = config.https
+  ? https.createServer({
+    key: fs.readFileSync(config.https.key),
+    cert: fs.readFileSync(config.https.cert),
+  })
+  : http.createServer();
 const port = await listen(plain);
-const issuer = `http://127.0.0.1:${port}`;
+const issuer = `${config.https ? 'https' : 'http'}://127.0.0.1:${port}`;
+
+// A resource server's JWT access tokens are signed with a key made for this run.
+const resourceServer = config.resource
+  ? (() => {
+    const { privateKey } = crypto.generateKeyPairSync('rsa', { modulusLength: 2048 });
+    const jwk = { ...privateKey.export({ format: 'jwk' }), kid: 'tokend-test', use: 'sig', alg: 'RS256' };
+    return {
+      jwks: { keys: [jwk] },
+      info: (ctx, resource) => {
+        if (resource !== config.resource) {
+          throw new errors.InvalidTarget(`no resource server ${resource}`);
+        }
+        return {
+          scope: 'api',
+          audience: resource,
+          accessTokenFormat: 'jwt',
+          accessTokenTTL: config.ttl,
+          jwt: { sign: { alg: 'RS256' } },
+        };
+      },
+    };
+  })()
+  : undefined;
 
 const log = [];
 const issued = [];
@@ -72,6 +104,12 @@ const provider = new Provider(issuer, {
   },
   features: {
     clientCredentials: { enabled: true },
+    ...(resourceServer && {
+      resourceIndicators: {
+        enabled: true,
+        getResourceServerInfo: resourceServer.info,
+      },
+    }),
     devInteractions: { enabled: false },
     mTLS: {
       enabled: true,
@@ -86,6 +124,7 @@ const provider = new Provider(issuer, {
       },
     },
   },
+  ...(resourceServer && { jwks: resourceServer.jwks }),
   scopes: ['system/*.read'],
   ttl: { ClientCredentials: config.ttl },
 });

@@ -1,7 +1,9 @@
 //! `cargo xtask dist [DIR]`: writes what the .deb and .rpm install beside the binary,
 //! generated from the sources each time (never committed, so it cannot drift):
 //!
-//! - `DIR/man/tokend.1` and `tokend-SUBCOMMAND.1`: clap_mangen from `tokend::cli`;
+//! - `DIR/man/tokend.1` and `tokend-SUBCOMMAND.1`: clap_mangen from `tokend::cli`, and
+//!   `docker-credential-tokend.1` (`tokend credential docker` under the name the container
+//!   tools run it by);
 //! - `DIR/man/tokend.toml.5`: the book's configuration chapter
 //!   (`docs/src/configuration.md`) turned into a man page by [`roff`];
 //! - `DIR/man-gz/`: the same pages gzipped (no name, no time: the same bytes each run),
@@ -9,6 +11,10 @@
 //! - `DIR/completions/tokend.bash`, `_tokend`, `tokend.fish`: clap_complete's dynamic
 //!   registration scripts. They ask `tokend` itself at each TAB (`TOKEND_COMPLETE`), so
 //!   subcommands, options and the config's account names come from the installed binary.
+//!
+//! - `TARGET/release/docker-credential-tokend`: a symbolic link to `tokend` beside the
+//!   binary, which the .deb installs as it is (tokend called by that name is the container
+//!   tools' credential helper; the .rpm's `%post` makes the link instead).
 //!
 //! DIR defaults to `TARGET/release/dist` (TARGET: `CARGO_TARGET_DIR`, else `target/`),
 //! where the packages' asset lists look (`target/release/` is cargo-deb's and
@@ -53,13 +59,13 @@ fn workspace() -> PathBuf {
 
 fn dist(dir: Option<PathBuf>) -> Result<PathBuf, String> {
     let root = workspace();
-    let dir = dir.unwrap_or_else(|| {
-        std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .map(|t| if t.is_absolute() { t } else { root.join(t) })
-            .unwrap_or_else(|| root.join("target"))
-            .join("release/dist")
-    });
+    let release = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|t| if t.is_absolute() { t } else { root.join(t) })
+        .unwrap_or_else(|| root.join("target"))
+        .join("release");
+    let dir = dir.unwrap_or_else(|| release.join("dist"));
+    helper_link(&release)?;
     let man = dir.join("man");
     let man_gz = dir.join("man-gz");
     let completions = dir.join("completions");
@@ -82,6 +88,22 @@ fn dist(dir: Option<PathBuf>) -> Result<PathBuf, String> {
     gzip_all(&man, &man_gz)?;
     completion_scripts(&completions)?;
     Ok(dir)
+}
+
+/// `RELEASE/docker-credential-tokend -> tokend`, made anew (a link, relative: installed
+/// beside `/usr/bin/tokend` it points at it).
+fn helper_link(release: &Path) -> Result<(), String> {
+    let link = release.join(tokend::cli::DOCKER_HELPER);
+    std::fs::create_dir_all(release)
+        .map_err(|e| format!("failed to create {}: {e}", release.display()))?;
+    match std::fs::remove_file(&link) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(format!("failed to remove {}: {e}", link.display()))
+        }
+        _ => {}
+    }
+    std::os::unix::fs::symlink(BIN, &link)
+        .map_err(|e| format!("failed to link {} to {BIN}: {e}", link.display()))
 }
 
 /// tokend's version (not this crate's).
@@ -147,6 +169,8 @@ fn man_pages(dir: &Path) -> Result<(), String> {
         .iter()
         .map(|s| format!("\\fB{s}\\fR(1)"))
         .collect();
+    let helper = tokend::cli::DOCKER_HELPER;
+    all.push(format!("\\fB{helper}\\fR(1)"));
     all.push("\\fBtokend.toml\\fR(5)".to_owned());
     // Built, each subcommand is named `tokend-NAME` (the page's title and file name)
     // and used as `tokend NAME` (its synopsis).
@@ -157,6 +181,23 @@ fn man_pages(dir: &Path) -> Result<(), String> {
         ];
         page(sub.clone(), see)?;
     }
+    // The same binary by another name (a link the packages install): a page of its own.
+    let docker = cmd
+        .find_subcommand("credential")
+        .and_then(|c| c.find_subcommand("docker"))
+        .ok_or("no `tokend credential docker` in the command line")?
+        .clone()
+        .name(helper)
+        .display_name(helper)
+        .bin_name(helper);
+    page(
+        docker,
+        vec![
+            format!("\\fB{BIN}-credential\\fR(1)"),
+            format!("\\fB{BIN}\\fR(1)"),
+            "\\fBtokend.toml\\fR(5)".to_owned(),
+        ],
+    )?;
     page(cmd.clone(), all)
 }
 

@@ -83,6 +83,7 @@ pub(super) fn account(
         OnExpiry::Remove,
     );
     let outputs = output::outputs(cx, &at, &name, has_socket);
+    let urls = super::credential::urls(cx, &at, &|u| allow_http || is_loopback(u));
 
     if cx.errors.len() > before {
         return None;
@@ -103,6 +104,7 @@ pub(super) fn account(
         options: share(&mut cx.options, options),
         on_expiry,
         outputs,
+        urls,
         cluster: pick!(a, d, cluster).is_none_or(|c| *c.get_ref()),
     })
 }
@@ -135,6 +137,7 @@ fn options(cx: &mut Ctx<'_>, at: &At<'_>) -> Options {
     );
     let ca_file = pick!(a, d, ca_file).map(|c| cx.path(c.get_ref()));
     let access = access(cx, at);
+    let credential_username = super::credential::username(cx, at);
     Options {
         extra_params,
         extra_headers,
@@ -147,6 +150,7 @@ fn options(cx: &mut Ctx<'_>, at: &At<'_>) -> Options {
         on_refresh_signal,
         hook_timeout,
         access,
+        credential_username,
     }
 }
 

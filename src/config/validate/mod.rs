@@ -10,7 +10,8 @@
 //! keys with a did-you-mean, type errors, line and column), `values` (durations, choices,
 //! modes, secrets, users and groups, as every section writes them), `daemon`, `cluster`,
 //! `account`, `auth` (client authentication, private_key_jwt, client certificates, the
-//! grant) and `output`. This file holds the walk over the whole file and what holds
+//! grant), `credential` (what the credential helpers read: `urls`, `credential_username`)
+//! and `output`. This file holds the walk over the whole file and what holds
 //! across accounts (names, state_dir, output paths).
 
 /// An account's key as written, or else as `[defaults]` has it.
@@ -23,6 +24,7 @@ macro_rules! pick {
 mod account;
 mod auth;
 mod cluster;
+mod credential;
 mod daemon;
 mod output;
 mod recover;
@@ -42,6 +44,7 @@ use recover::Lines;
 
 pub use account::is_loopback;
 pub use cluster::{parse_hex_key, ClusterKeyError};
+pub use credential::DEFAULT_CREDENTIAL_USERNAME;
 pub(crate) use output::normalized;
 
 /// What the parse asks of the machine it runs on: the ids of the users and groups a
@@ -106,6 +109,7 @@ pub(super) fn parse(
     let daemon = daemon::daemon(&mut cx, raw.daemon);
     let cluster = raw.cluster.and_then(|c| cluster::cluster(&mut cx, c));
     account::defaults(&mut cx, &raw.defaults);
+    credential::defaults(&mut cx, &raw.defaults);
     let accounts = accounts(&mut cx, raw.accounts, &raw.defaults, &daemon);
     if !cx.errors.is_empty() {
         cx.errors.sort_by_key(|e| (e.line, e.column));

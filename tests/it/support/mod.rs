@@ -1,7 +1,9 @@
 //! Helpers for the integration tests: a [`Sandbox`] directory for configs and outputs,
 //! the real binary run once ([`once`]) or as a daemon ([`Daemon`], stderr captured),
-//! bounded waiting on state ([`wait_until`]), the fake IdP ([`fake_idp`]), and a plain
-//! HTTP client for the daemon's socket ([`http`]).
+//! bounded waiting on state ([`wait_until`]), the fake IdP ([`fake_idp`]), a plain
+//! HTTP client for the daemon's socket ([`http`]), and the servers credential helpers'
+//! tools talk to: git over HTTP ([`git_http`]) and a container registry ([`registry`]),
+//! both on a small HTTP server ([`web`]).
 //!
 //! Nothing here sleeps to wait for a state: it polls the state itself, inside a timeout
 //! that only bounds a failure.
@@ -9,11 +11,14 @@
 pub mod config;
 pub mod etcd;
 pub mod fake_idp;
+pub mod git_http;
 pub mod http;
 pub mod kube;
 pub mod oidc;
 pub mod proxy;
+pub mod registry;
 pub mod scripted;
+pub mod web;
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};

@@ -44,11 +44,14 @@ pub struct OidcProvider {
     pub port: u16,
     /// The mutual-TLS port (0 without `tls` in the config).
     pub tls_port: u16,
+    /// The issuer itself is on https (`https` in the config).
+    https: bool,
     _dir: tempfile::TempDir,
 }
 
 impl OidcProvider {
-    /// Starts a server with `config` (see server.mjs: `ttl`, `clients`, `tls`).
+    /// Starts a server with `config` (see server.mjs: `ttl`, `clients`, `tls`, `https`,
+    /// `resource`).
     pub fn start(config: serde_json::Value) -> OidcProvider {
         let modules = modules();
         let dir = tempfile::tempdir().unwrap();
@@ -95,13 +98,15 @@ impl OidcProvider {
             child,
             port,
             tls_port,
+            https: config["https"].is_object(),
             _dir: dir,
         }
     }
 
-    /// The issuer: `http://127.0.0.1:P`.
+    /// The issuer: `http://127.0.0.1:P` (`https://` with `https` in the config).
     pub fn issuer(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// The mutual-TLS side: `https://127.0.0.1:Q`.
