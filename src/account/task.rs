@@ -327,10 +327,11 @@ pub fn spawn_coordinated<E: Endpoint>(
         coordinator,
         plan: None,
         expired: None,
+        timed: None,
         deaths: 0,
         alarm: None,
         awake: None,
-        next_wall: SystemTime::UNIX_EPOCH,
+        next_boot: Duration::ZERO,
     });
     if after.is_none() && live.coordinator.is_none() {
         // Parked at once, due now: the alarms start the tasks, at most
@@ -404,15 +405,17 @@ struct Live<E> {
     plan: Option<Plan>,
     /// The token whose expiry was already acted on.
     expired: Option<Arc<Token>>,
+    /// When the held token expires on the boot clock.
+    timed: Option<Timed>,
     /// Panics so far (the restart's backoff grows with them).
     deaths: u32,
-    /// While parked: its alarm, and when its next request is due on the wall clock.
+    /// While parked: its alarm, and when its next request is due on the boot clock.
     alarm: Option<AlarmKey>,
     /// While it runs because its alarm rang: one of the few places of accounts awake at
     /// once ([`Alarms::new`](super::alarms::Alarms::new)); given back when it parks, or
     /// while it waits for a refresh slot its provider's share does not give it.
     awake: Option<OwnedSemaphorePermit>,
-    next_wall: SystemTime,
+    next_boot: Duration,
 }
 
 impl<E: Endpoint> Parked for Live<E> {
@@ -466,13 +469,14 @@ async fn supervise<E: Endpoint>(
         live.parts.shared.alarms.unset(key);
     }
     let cancel = live.parts.inbox.start_run(&live.parts.root);
-    let mut woke = woke.map(|w| (w, live.next_wall));
+    let mut woke = woke.map(|w| (w, live.next_boot));
     loop {
         let live_ = &mut *live;
         let mut task = Task {
             parts: &live_.parts,
             cancel: &cancel,
             expired: live_.expired.take(),
+            timed: live_.timed.take(),
         };
         let run = task.run(
             &mut live_.engine,
@@ -483,15 +487,16 @@ async fn supervise<E: Endpoint>(
         );
         let outcome = AssertUnwindSafe(run).catch_unwind().await;
         live_.expired = task.expired.take();
+        live_.timed = task.timed.take();
         let died = match outcome {
             Ok(Exit::Stop) => break,
-            Ok(Exit::Park { wake, next_wall }) => {
-                live.next_wall = next_wall;
+            Ok(Exit::Park { wake, next_boot }) => {
+                live.next_boot = next_boot;
                 match park(live, wake) {
                     None => return,
                     Some((back, w)) => {
                         live = back;
-                        woke = Some((w, next_wall));
+                        woke = Some((w, next_boot));
                         continue;
                     }
                 }
@@ -619,6 +624,17 @@ struct Task<'a, E> {
     /// The token whose expiry was already acted on, so an expired token is expired
     /// once (a pointer: what a waiting task holds is counted, issue #11).
     expired: Option<Arc<Token>>,
+    /// When the held token expires on the boot clock.
+    timed: Option<Timed>,
+}
+
+/// A token's expiry on the boot clock, taken when the task first saw it: the provider
+/// counts its lifetime in real seconds, which a wall clock set since does not change.
+#[derive(Clone, Copy)]
+struct Timed {
+    /// The token's `expires_at` when it was timed (which token this is for).
+    expires_at: SystemTime,
+    deadline: Duration,
 }
 
 /// What the loop waits for next.
@@ -646,10 +662,10 @@ enum Woke {
 enum Exit {
     Stop,
     /// Nothing to do until `wake` (or a poke): park (the plan's next request is due at
-    /// `next_wall` on the wall clock).
+    /// `next_boot` on the boot clock: a suspend does not delay it).
     Park {
         wake: Instant,
-        next_wall: SystemTime,
+        next_boot: Duration,
     },
 }
 
@@ -685,7 +701,7 @@ impl<'a, E: Endpoint> Task<'a, E> {
         coordinator: &mut Option<Box<dyn Coordinator>>,
         plan: &mut Option<Plan>,
         awake: &mut Option<OwnedSemaphorePermit>,
-        mut resumed: Option<(Woke, SystemTime)>,
+        mut resumed: Option<(Woke, Duration)>,
     ) -> Exit {
         let parts = self.parts;
         if let Slot::Closed(in_memory) = slot {
@@ -706,7 +722,7 @@ impl<'a, E: Endpoint> Task<'a, E> {
                 // leader is shown from the start, not from the next change).
                 resumed = coordinator
                     .is_some()
-                    .then(|| (Woke::Cluster, self.wall(p.next)));
+                    .then(|| (Woke::Cluster, self.boot_at(p.next)));
                 plan.insert(p)
             }
         };
@@ -719,20 +735,20 @@ impl<'a, E: Endpoint> Task<'a, E> {
                 .expiry_instant()
                 .map_or(plan.next, |e| e.min(plan.next));
             let wake = plan.redeliver.map_or(wake, |r| r.min(wake));
-            let (woke, next_wall) = match resumed.take() {
+            let (woke, next_boot) = match resumed.take() {
                 Some(r) => r,
                 // Due already (at start, every account is): no round trip to the alarms.
                 None if coordinator.is_none() && wake <= Instant::now() => {
-                    (Woke::Timer, self.wall(plan.next))
+                    (Woke::Timer, self.boot_at(plan.next))
                 }
                 None if coordinator.is_none() => {
                     return Exit::Park {
                         wake,
-                        next_wall: self.wall(plan.next),
+                        next_boot: self.boot_at(plan.next),
                     }
                 }
                 None => {
-                    let next_wall = self.wall(plan.next);
+                    let next_boot = self.boot_at(plan.next);
                     let woke = tokio::select! {
                         biased;
                         _ = self.cancel.cancelled() => Woke::Cancelled,
@@ -744,10 +760,10 @@ impl<'a, E: Endpoint> Task<'a, E> {
                             Woke::Timer
                         }
                     };
-                    (woke, next_wall)
+                    (woke, next_boot)
                 }
             };
-            let then = Box::pin(self.woke(woke, engine, coordinator.as_deref(), plan, next_wall));
+            let then = Box::pin(self.woke(woke, engine, coordinator.as_deref(), plan, next_boot));
             let leading = match then.await {
                 Then::Wait => continue,
                 Then::Stop => return Exit::Stop,
@@ -757,7 +773,7 @@ impl<'a, E: Endpoint> Task<'a, E> {
                         Some(until) if !force && coordinator.is_none() => {
                             return Exit::Park {
                                 wake: until,
-                                next_wall: self.wall(plan.next),
+                                next_boot: self.boot_at(plan.next),
                             }
                         }
                         Some(until) if !force => {
@@ -841,7 +857,7 @@ impl<'a, E: Endpoint> Task<'a, E> {
         engine: &mut Engine<E>,
         coordinator: Option<&dyn Coordinator>,
         plan: &mut Plan,
-        next_wall: SystemTime,
+        next_boot: Duration,
     ) -> Then {
         let name = &self.account().name;
         let cancel = self.cancel;
@@ -931,13 +947,17 @@ impl<'a, E: Endpoint> Task<'a, E> {
                     self.handle(outcome, plan);
                     return Then::Wait;
                 }
-                let due = now >= plan.next || self.now() >= next_wall;
+                // Due by the boot clock: a refresh that fell due while the machine
+                // slept happens on resume; one for a wall clock set forward does not.
+                let due = now >= plan.next || self.parts.shared.clock.boot() >= next_boot;
                 if !due {
-                    if self.token_expired() {
-                        if let Some(c) = coordinator {
-                            // The cluster times its token by the lifetime it has left: a
-                            // wall clock set forward does not expire it (it is timed anew).
-                            self.retime(engine, c).await;
+                    if self.wall_was_set() {
+                        // The token is timed anew by the lifetime it has left: a wall
+                        // clock set forward does not expire it, one set back does not
+                        // keep it past its time (the cluster times its token itself).
+                        match coordinator {
+                            Some(c) => self.retime(engine, c).await,
+                            None => self.retime_alone(engine).await,
                         }
                     }
                     if self.token_expired() {
@@ -1566,6 +1586,80 @@ impl<'a, E: Endpoint> Task<'a, E> {
         self.now() + at.saturating_duration_since(Instant::now())
     }
 
+    /// The boot-clock time of a point on tokio's clock.
+    fn boot_at(&self, at: Instant) -> Duration {
+        self.parts.shared.clock.boot() + at.saturating_duration_since(Instant::now())
+    }
+
+    /// The held token's expiry on the boot clock (timed now if it is new to this task).
+    fn deadline(&mut self) -> Option<Duration> {
+        let expires_at = self.parts.state.borrow().token.as_ref()?.expires_at;
+        match self.timed {
+            Some(t) if t.expires_at == expires_at => Some(t.deadline),
+            _ => {
+                let clock = self.parts.shared.clock;
+                let left = expires_at.duration_since(clock.now()).unwrap_or_default();
+                let deadline = clock.boot() + left;
+                self.timed = Some(Timed {
+                    expires_at,
+                    deadline,
+                });
+                Some(deadline)
+            }
+        }
+    }
+
+    /// Whether the wall clock was set since the held token was timed: its `expires_at`
+    /// is more than two seconds off what the boot clock says is left of it.
+    fn wall_was_set(&mut self) -> bool {
+        let Some(deadline) = self.deadline() else {
+            return false;
+        };
+        let Some(Timed { expires_at, .. }) = self.timed else {
+            return false;
+        };
+        let clock = self.parts.shared.clock;
+        let by_boot = clock.now() + deadline.saturating_sub(clock.boot());
+        let apart = match by_boot.duration_since(expires_at) {
+            Ok(d) => d,
+            Err(e) => e.duration(),
+        };
+        // A token past its time by both clocks is not timed anew: it expired.
+        apart > Duration::from_secs(2) && deadline > clock.boot()
+    }
+
+    /// Without a cluster: serves the held token with its times moved by as much as the
+    /// wall clock was set (written to its outputs and state again, without hooks).
+    async fn retime_alone(&mut self, engine: &Engine<E>) {
+        let Some(deadline) = self.deadline() else {
+            return;
+        };
+        let clock = self.parts.shared.clock;
+        let token = {
+            let s = self.parts.state.borrow();
+            let Some(mine) = s.token.clone() else { return };
+            let expires_at = clock.now() + deadline.saturating_sub(clock.boot());
+            let lifetime = mine
+                .expires_at
+                .duration_since(mine.issued_at)
+                .unwrap_or_default();
+            Arc::new(Token {
+                issued_at: expires_at.checked_sub(lifetime).unwrap_or(expires_at),
+                expires_at,
+                ..(*mine).clone()
+            })
+        };
+        tracing::info!(account = %self.account().name, "the wall clock was set: the token is timed anew by the lifetime it has left");
+        if let Err(e) = engine.deliver(token.clone(), false).await {
+            tracing::error!(account = %self.account().name, "{e}");
+        }
+        self.timed = Some(Timed {
+            expires_at: token.expires_at,
+            deadline,
+        });
+        self.publish(|s| s.token = Some(token));
+    }
+
     /// Whether the expiry of `t` was acted on already.
     fn expiry_handled(&self, t: &Token) -> bool {
         self.expired
@@ -1573,12 +1667,16 @@ impl<'a, E: Endpoint> Task<'a, E> {
             .is_some_and(|e| e.expires_at == t.expires_at)
     }
 
-    /// Whether the held token has expired by the wall clock and was not yet acted on.
-    fn token_expired(&self) -> bool {
+    /// Whether the held token has expired (by the boot clock: the lifetime the
+    /// provider gave it has run out) and was not yet acted on.
+    fn token_expired(&mut self) -> bool {
+        let Some(deadline) = self.deadline() else {
+            return false;
+        };
         let s = self.parts.state.borrow();
         s.token
             .as_ref()
-            .is_some_and(|t| !self.expiry_handled(t) && !t.is_valid_at(self.now()))
+            .is_some_and(|t| !self.expiry_handled(t) && self.parts.shared.clock.boot() >= deadline)
     }
 
     fn fail(&mut self, f: &Failed, failures: u32) {
@@ -1633,13 +1731,13 @@ impl<'a, E: Endpoint> Task<'a, E> {
     }
 
     /// When the held token expires, on tokio's clock, unless that was already handled.
-    fn expiry_instant(&self) -> Option<Instant> {
+    fn expiry_instant(&mut self) -> Option<Instant> {
+        let deadline = self.deadline()?;
         let s = self.parts.state.borrow();
-        let t = s.token.as_ref()?;
-        if self.expiry_handled(t) {
+        if self.expiry_handled(s.token.as_ref()?) {
             return None;
         }
-        let left = t.expires_at.duration_since(self.now()).unwrap_or_default();
+        let left = deadline.saturating_sub(self.parts.shared.clock.boot());
         Some(Instant::now() + left)
     }
 
