@@ -473,10 +473,13 @@ fn kill_9_during_writes_leaves_outputs_and_state_whole() {
     let mut left = Vec::new();
     let whole = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         d.wait_until("the new daemon's clean-up and a whole token", SHORT, || {
-            let raw = sb.read("out/a").filter(|t| idp.is_issued(t))?;
+            // The killed rounds' files first: out/a may be round 49's for a while.
             left = tmp_files(&sb);
             left.retain(|f| stale.contains(f));
-            left.is_empty().then_some(raw)
+            if !left.is_empty() {
+                return None;
+            }
+            sb.read("out/a").filter(|t| idp.is_issued(t))
         })
     }));
     assert!(
@@ -494,10 +497,12 @@ fn kill_9_during_writes_leaves_outputs_and_state_whole() {
 fn tmp_files(sb: &Sandbox) -> Vec<String> {
     ["out", "state"]
         .iter()
-        .filter_map(|d| std::fs::read_dir(sb.path(d)).ok())
-        .flatten()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter_map(|d| Some((d, std::fs::read_dir(sb.path(d)).ok()?)))
+        .flat_map(|(d, entries)| {
+            entries
+                .flatten()
+                .map(move |e| format!("{d}/{}", e.file_name().to_string_lossy()))
+        })
         .filter(|n| n.ends_with(".tokend-tmp"))
         .collect()
 }
