@@ -40,6 +40,7 @@ mod credential;
 mod daemon;
 mod faults;
 mod hostile;
+mod inprocess;
 mod keys;
 mod kube;
 mod lifecycle;
