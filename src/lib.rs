@@ -27,7 +27,6 @@ pub mod credential;
 pub mod daemon;
 pub mod failure;
 pub mod logging;
-pub mod metrics;
 pub mod oauth;
 pub mod output;
 pub mod server;

@@ -26,9 +26,9 @@ use super::identity::SiblingKey;
 use super::persist::{self, AccountLock, Loaded, Locked, Saved, WaitKind};
 use super::schedule::{self, ErrorClass};
 use super::slots::RefreshPermit;
+use crate::account::metrics::Metrics;
 use crate::clock::{Clock, WallJumps};
 use crate::config::{Account, Grant};
-use crate::metrics::Metrics;
 use crate::oauth::{Endpoint, Token};
 use crate::output;
 

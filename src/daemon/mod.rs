@@ -141,7 +141,7 @@ impl Daemon {
     }
 
     /// The accounts' counters.
-    pub fn metrics(&self) -> Arc<crate::metrics::Metrics> {
+    pub fn metrics(&self) -> Arc<crate::account::metrics::Metrics> {
         self.sup.shared.metrics.clone()
     }
 

@@ -40,9 +40,9 @@ pub use listen::{bind_tcp, bind_unix, raise_fd_limit, SocketFile};
 
 use peer::Peer;
 
+use crate::account::metrics::Metrics;
 use crate::account::Accounts;
 use crate::config::DaemonConfig;
-use crate::metrics::Metrics;
 
 /// The bounds of the server. [`Limits::default`] is what the daemon uses; tests pass
 /// shorter times.

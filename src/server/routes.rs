@@ -472,7 +472,7 @@ fn metrics(ctx: &Ctx, caller: &Caller) -> Response<Body> {
         accounts.values().filter(|v| visible(caller, v)),
         SystemTime::now(),
     );
-    respond(StatusCode::OK, crate::metrics::CONTENT_TYPE, text)
+    respond(StatusCode::OK, crate::account::metrics::CONTENT_TYPE, text)
 }
 
 /// `POST /v1/tokens/{account}/refresh[?force=true]`: 202; the account refreshes as
