@@ -31,6 +31,7 @@ use crate::oauth::{Endpoint, Token};
 
 mod cluster;
 mod parking;
+mod restore;
 mod run;
 mod timing;
 
