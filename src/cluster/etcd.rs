@@ -203,8 +203,6 @@ struct RangeRequest {
     range_end: Option<Bytes64>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     keys_only: bool,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    count_only: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     min_mod_revision: Option<I64>,
 }
@@ -215,8 +213,6 @@ struct RangeResponse {
     header: ResponseHeader,
     #[serde(default)]
     kvs: Vec<WireKv>,
-    #[serde(default)]
-    count: I64,
 }
 
 #[derive(Serialize, Debug)]
@@ -822,11 +818,14 @@ impl Etcd {
     /// How many keys under `prefix` were written at revision `since` or later, read
     /// through endpoint `idx` only, within one attempt's time: whether that member still
     /// answers with a quorum behind it (a watch through it is alive), and whether a watch
-    /// that has seen everything before `since` missed something. A count, not the keys:
-    /// cheap with thousands of accounts.
+    /// that has seen everything before `since` missed something. Keys without values:
+    /// the answer is empty unless the watch missed something.
     pub async fn progress(&self, idx: usize, prefix: &str, since: i64) -> Result<i64, EtcdError> {
+        // Keys only, not `count_only`: etcd counts every key of the range, whatever
+        // `min_mod_revision` says (3.4 and 3.5 alike); only the keys it returns are
+        // filtered by it (so a watch that was up to date looked behind).
         let req = RangeRequest {
-            count_only: true,
+            keys_only: true,
             min_mod_revision: Some(I64(since)),
             ..prefix_range(prefix, false)
         };
@@ -845,7 +844,7 @@ impl Etcd {
             ))
         })??;
         let r: RangeResponse = parse(endpoint, &answer.bytes)?;
-        Ok(r.count.0)
+        Ok(r.kvs.len() as i64)
     }
 
     /// One key.

@@ -82,8 +82,11 @@ pub struct Member {
     /// The member's lease; none until granted, and after it lapsed.
     lease: watch::Sender<Option<Lease>>,
     key_check: watch::Sender<KeyCheck>,
-    /// When etcd last answered.
-    last_contact: Mutex<Option<Instant>>,
+    /// Since when etcd has not answered a call this member made (none while it
+    /// answers): out of reach is counted from a call that failed, not from the last
+    /// answer, so a member that was stopped (SIGSTOP, a VM migrated) is not cut off
+    /// before it even asked again.
+    unanswered: Mutex<Option<Instant>>,
     /// Each seat's change counter, by its path.
     seats: Mutex<HashMap<String, watch::Sender<u64>>>,
     /// The live members of each account identity (by path), from their `members/` keys.
@@ -151,7 +154,7 @@ impl Member {
             key_check: watch::Sender::new(KeyCheck::Unknown),
             // Out of reach counts from the start: a member that just started has not
             // been cut off for a lease's time yet.
-            last_contact: Mutex::new(Some(Instant::now())),
+            unanswered: Mutex::new(None),
             seats: Mutex::new(HashMap::new()),
             presence: Mutex::new(HashMap::new()),
             provider: Mutex::new(ProviderClock::default()),
@@ -231,25 +234,29 @@ impl Member {
         self.etcd.backend_clock().now_ms(self.clock)
     }
 
-    /// Whether etcd answered within the lease's time to live.
+    /// Whether etcd answered this member's calls within the lease's time to live of
+    /// the first that failed.
     pub fn reachable(&self) -> bool {
-        self.last_contact
-            .lock()
-            .expect("never poisoned")
-            .is_some_and(|t| t.elapsed() < self.ttl)
+        self.unreachable_for().is_none()
     }
 
-    /// How long etcd has not answered (none while it does).
+    /// How long etcd has not answered this member's calls, once that is the lease's
+    /// time to live or more (none before).
     pub fn unreachable_for(&self) -> Option<Duration> {
-        match *self.last_contact.lock().expect("never poisoned") {
-            Some(t) if t.elapsed() < self.ttl => None,
-            Some(t) => Some(t.elapsed()),
-            None => Some(Duration::MAX),
-        }
+        let since = (*self.unanswered.lock().expect("never poisoned"))?;
+        Some(since.elapsed()).filter(|d| *d >= self.ttl)
     }
 
     fn contact(&self) {
-        *self.last_contact.lock().expect("never poisoned") = Some(Instant::now());
+        *self.unanswered.lock().expect("never poisoned") = None;
+    }
+
+    /// A call to etcd failed (no endpoint answered).
+    fn no_answer(&self) {
+        self.unanswered
+            .lock()
+            .expect("never poisoned")
+            .get_or_insert_with(Instant::now);
     }
 
     /// The member's lease, if it is surely alive now (with a margin of a tenth of its
@@ -395,7 +402,10 @@ impl Member {
                         self.key_check.send_replace(now);
                         self.bump_all();
                     }
-                    Err(e) => tracing::debug!(member = %self.name, "cluster: {e}"),
+                    Err(e) => {
+                        self.no_answer();
+                        tracing::debug!(member = %self.name, "cluster: {e}");
+                    }
                 }
             }
             checks = checks.wrapping_add(1);
@@ -436,7 +446,10 @@ impl Member {
                     }));
                     self.announce_all().await;
                 }
-                Err(e) => tracing::debug!(member = %self.name, "cluster: {e}"),
+                Err(e) => {
+                    self.no_answer();
+                    tracing::debug!(member = %self.name, "cluster: {e}");
+                }
             },
             Some(l) => match self.etcd.keepalive(l.id).await {
                 Ok(Some(ttl)) => {
@@ -453,6 +466,7 @@ impl Member {
                     self.bump_all();
                 }
                 Err(e) => {
+                    self.no_answer();
                     tracing::debug!(member = %self.name, "cluster: {e}");
                     if Instant::now() >= l.until {
                         tracing::warn!(member = %self.name, "etcd unreachable for the lease's time to live: its leads are lost");
@@ -521,6 +535,7 @@ impl Member {
                         from = rev + 1;
                     }
                     Err(_) => {
+                        self.no_answer();
                         tokio::select! {
                             _ = cancel.cancelled() => return,
                             _ = tokio::time::sleep(check) => continue,

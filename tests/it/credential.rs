@@ -26,7 +26,8 @@ use crate::support::config;
 use crate::support::fake_idp::{FakeIdp, Reply};
 use crate::support::git_http::{git, GitServer};
 use crate::support::kube::{KubeApiServer, Options};
-use crate::support::oidc::{OidcProvider, Pki};
+use crate::support::oidc::OidcProvider;
+use crate::support::pki::Pki;
 use crate::support::registry::{self, Podman, Registry};
 use crate::support::{
     account_status, finish, socket_get, tokend, Daemon, Finished, Sandbox, LONG, SHORT,

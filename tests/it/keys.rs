@@ -13,7 +13,8 @@ use std::path::Path;
 use serde_json::json;
 
 use crate::support::fake_idp::{FakeIdp, Reply};
-use crate::support::oidc::{make_key, OidcProvider, Pki};
+use crate::support::oidc::OidcProvider;
+use crate::support::pki::{make_key, Pki};
 use crate::support::{account_status, finish, once, tokend, Daemon, Sandbox, LONG, SHORT};
 
 /// `tokend jwks -c CONFIG ACCOUNTS...`: the JWK set it prints.

@@ -919,3 +919,122 @@ fn a_member_that_saw_a_newer_generation_refuses_an_older_record_and_sends_nothin
     assert_eq!(nodes[1].token(), None);
     no_reuse(&idp);
 }
+
+/// Clock ticks of CPU (user and system) process `pid` has used.
+fn cpu_ticks(pid: nix::unistd::Pid) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the member runs");
+    // Fields after the command (which may hold spaces), from the state on: utime and
+    // stime are the 12th and 13th.
+    let after = &stat[stat.rfind(')').expect("(comm)") + 2..];
+    let fields: Vec<&str> = after.split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Token requests member `node` made itself, as its metrics count them.
+fn own_attempts(node: &Node) -> u64 {
+    let (status, text) =
+        crate::support::socket_get(&node.socket(), "/metrics").expect("the member's metrics");
+    assert_eq!(status, 200, "{text}");
+    text.lines()
+        .filter(|l| l.starts_with("tokend_refresh_attempts_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+#[test]
+fn a_member_paused_past_a_compaction_adopts_the_latest_record_quietly_and_asks_nothing() {
+    let Some(mut etcd) = EtcdCluster::start(3) else {
+        return;
+    };
+    let lifetime = Duration::from_secs(4);
+    let idp = FakeIdp::start(Reply::token(lifetime.as_secs()));
+    let nodes = nodes(3, &etcd.endpoints(), &idp.url(), CLIENT);
+    for n in &nodes {
+        // A lease of 6 s: the renewals and watch checks of a usual deployment's pace
+        // (lease_ttl 15 s by default), not of the 2 s the other tests take.
+        let text = std::fs::read_to_string(&n.config).expect("the config");
+        n.sb.config(&text.replace("lease_ttl = \"2s\"", "lease_ttl = \"6s\""));
+    }
+    let all: Vec<&Node> = nodes.iter().collect();
+    let daemons: Vec<Daemon> = nodes.iter().map(Node::start).collect();
+    serving_one_token(&daemons[0], &all);
+    let leader = one_leader(&daemons[0], &all);
+    let f = (leader + 1) % 3;
+    let (follower, d) = (&nodes[f], &daemons[leader]);
+    let others: Vec<&Node> = all
+        .iter()
+        .copied()
+        .filter(|n| n.name != follower.name)
+        .collect();
+    assert_eq!(own_attempts(follower), 0, "{} never led", follower.name);
+
+    // Stopped while the others write two more records.
+    kill(daemons[f].pid(), Signal::SIGSTOP).unwrap();
+    let before = idp.issued().len();
+    serving_issued(
+        d,
+        &idp,
+        &others,
+        before + 2,
+        "two tokens while it is stopped",
+    );
+    // etcd compacted past the revision its watch had reached, and the etcd member it
+    // watched through (every member talks to member 0 first) killed: its watch must
+    // start again, from a revision that is gone.
+    let header = etcd.etcdctl(&["get", "/tokend/test", "--prefix", "-w", "json"]);
+    let header: serde_json::Value = serde_json::from_str(&header).expect("etcdctl's json");
+    let revision = header["header"]["revision"].as_u64().expect("a revision");
+    etcd.etcdctl(&["compact", &revision.to_string()]);
+    etcd.kill(0);
+    // The next token lives a minute: the CPU measured below is the member's own, not
+    // that of adopting the cluster's rotations.
+    idp.push(Reply::token(60));
+    let issued = idp.issued().len();
+    serving_issued(
+        d,
+        &idp,
+        &others,
+        issued + 1,
+        "the others on the two members left",
+    );
+
+    kill(daemons[f].pid(), Signal::SIGCONT).unwrap();
+    let latest = d.wait_until("the resumed member serving the latest token", LONG, || {
+        let t = idp.issued().last()?.clone();
+        (follower.token()? == t).then_some(t)
+    });
+    println!("{} adopted token #{}", follower.name, idp.issued().len());
+    // Quiet from then on: a watch that restarts in a loop costs CPU, and nothing of
+    // what it adopts sends it to the provider.
+    let ticks_per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .expect("a clock tick rate") as u64;
+    // The third member, which was never stopped, is the measure of a follower's work.
+    let third = 3 - leader - f;
+    let start = [f, third].map(|i| cpu_ticks(daemons[i].pid()));
+    let window = Instant::now();
+    while window.elapsed() < Duration::from_secs(10) {
+        // The measurement's window, not a wait for a state; the member keeps up meanwhile.
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let ms = |i: usize, from: u64| {
+        Duration::from_millis((cpu_ticks(daemons[i].pid()) - from) * 1000 / ticks_per_second)
+    };
+    let (used, usual) = (ms(f, start[0]), ms(third, start[1]));
+    println!(
+        "{} used {used:?} of CPU in 10 s after it adopted ({}, never stopped: {usual:?})",
+        follower.name, nodes[third].name
+    );
+    assert!(used < Duration::from_millis(100), "{used:?} of CPU in 10 s");
+    assert_eq!(
+        own_attempts(follower),
+        0,
+        "the resumed member asked the provider:\n{}",
+        daemons[f].log()
+    );
+    let status = follower.status().expect("its status");
+    assert_ne!(status["refreshed_by"], follower.name.as_str(), "{status}");
+    assert_ne!(follower.token(), None);
+    assert!(idp.is_issued(&latest));
+}

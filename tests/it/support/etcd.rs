@@ -7,7 +7,7 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::oidc::openssl;
+use super::pki::Pki;
 
 /// A loopback port free right now (bound and released; etcd binds it next).
 fn free_port() -> u16 {
@@ -43,64 +43,23 @@ pub struct Tls {
 }
 
 fn make_tls(dir: &std::path::Path) -> Tls {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let mut ca = vec!["req", "-x509", "-days", "2", "-subj", "/CN=tokend-test-ca"];
-    ca.extend(ec);
-    ca.extend(["-keyout", "ca.key", "-out", "ca.pem"]);
-    openssl(dir, &ca);
+    let pki = Pki::new(dir);
     // etcd's JSON gateway calls its own gRPC side with the server certificate as a
     // client certificate: it needs both usages.
-    for (name, ext) in [
-        (
-            "server",
-            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
-        ),
-        ("client", "extendedKeyUsage=clientAuth\n"),
-    ] {
-        std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
-        let (key, csr, pem) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("{name}.pem"),
-        );
-        let mut req = vec!["req", "-subj", "/CN=tokend-test"];
-        req.extend(ec);
-        req.extend(["-keyout", &key, "-out", &csr]);
-        openssl(dir, &req);
-        let ext = format!("{name}.ext");
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-extfile",
-                &ext,
-                "-out",
-                &pem,
-            ],
-        );
-    }
+    let (server_cert, server_key) = pki.issue(
+        "etcd",
+        "127.0.0.1",
+        "subjectAltName = IP:127.0.0.1\nextendedKeyUsage = serverAuth, clientAuth\n",
+        "p256",
+        "ca",
+    );
+    let (client_cert, client_key) = pki.client("client", "tokend-test", "p256", "ca");
     Tls {
-        ca: dir.join("ca.pem"),
-        client_cert: dir.join("client.pem"),
-        client_key: dir.join("client.key"),
-        server_cert: dir.join("server.pem"),
-        server_key: dir.join("server.key"),
+        ca: pki.path("ca.crt"),
+        client_cert,
+        client_key,
+        server_cert,
+        server_key,
     }
 }
 

@@ -15,6 +15,7 @@ pub mod git_http;
 pub mod http;
 pub mod kube;
 pub mod oidc;
+pub mod pki;
 pub mod proxy;
 pub mod registry;
 pub mod scripted;

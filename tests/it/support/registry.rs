@@ -20,7 +20,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 
-use super::oidc::{make_key, openssl};
+use super::pki::{openssl, Pki};
 use super::web::{Request, Response, Server};
 
 /// The registry's `service` (the tokens' audience) and the token issuer it trusts.
@@ -193,7 +193,11 @@ struct Signer {
 
 impl Signer {
     fn new(dir: &Path) -> Signer {
-        make_key(dir, "token.key", "p256");
+        // A self-signed P-256 certificate, as a CA is.
+        Pki {
+            dir: dir.to_owned(),
+        }
+        .ca("token");
         openssl(
             dir,
             &[
@@ -206,22 +210,6 @@ impl Signer {
                 "DER",
                 "-out",
                 "token.p8",
-            ],
-        );
-        openssl(
-            dir,
-            &[
-                "req",
-                "-new",
-                "-x509",
-                "-key",
-                "token.key",
-                "-subj",
-                "/CN=tokend test registry tokens",
-                "-days",
-                "2",
-                "-out",
-                "token.crt",
             ],
         );
         openssl(
