@@ -573,8 +573,9 @@ fn move_file(from: &Path, to: &Path) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::fixtures::{account, rt_account, token};
     use super::*;
-    use crate::config::parse_str;
+
     use std::time::{Duration, SystemTime};
 
     fn found(l: Loaded) -> Saved {
@@ -583,40 +584,6 @@ mod tests {
             Loaded::Missing => panic!("no state"),
             Loaded::Damaged(why) => panic!("damaged: {why}"),
             Loaded::ChainInUse(by) => panic!("in use by {by}"),
-        }
-    }
-
-    fn account(scope: &str) -> Account {
-        let text = format!(
-            "[[account]]\nname = \"a\"\ntoken_url = \"https://idp.example/t\"\nclient_id = \"id\"\nclient_secret = {{ env = \"S\" }}\nscope = \"{scope}\"\n[[account.output]]\npath = \"/x\"\n"
-        );
-        parse_str(&text, Path::new("/c.toml"))
-            .unwrap()
-            .accounts
-            .remove(0)
-    }
-
-    fn rt_account(seed: &str, scope: &str) -> Account {
-        let text = format!(
-            "[daemon]\nstate_dir = \"/s\"\n[[account]]\nname = \"a\"\ntoken_url = \"https://idp.example/t\"\nclient_id = \"id\"\n\
-             client_auth = \"none\"\ngrant_type = \"refresh_token\"\nrefresh_token = \"{seed}\"\nscope = \"{scope}\"\n\
-             [[account.output]]\npath = \"/x\"\n"
-        );
-        parse_str(&text, Path::new("/c.toml"))
-            .unwrap()
-            .accounts
-            .remove(0)
-    }
-
-    fn token(now: SystemTime, lifetime: u64) -> Token {
-        Token {
-            access_token: Secret::new("tok"),
-            token_type: "Bearer".into(),
-            issued_at: now,
-            expires_at: now + Duration::from_secs(lifetime),
-            scope: None,
-            refresh_token: None,
-            extra: Default::default(),
         }
     }
 

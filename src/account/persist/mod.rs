@@ -25,3 +25,47 @@ fn ensure_dir(dir: &Path) -> std::io::Result<()> {
         .mode(0o700)
         .create(dir)
 }
+
+/// What the tests of the state directory build their accounts and tokens from.
+#[cfg(test)]
+mod fixtures {
+    use std::path::Path;
+    use std::time::{Duration, SystemTime};
+
+    use crate::config::{parse_str, Account, Secret};
+    use crate::oauth::Token;
+
+    pub(super) fn account(scope: &str) -> Account {
+        let text = format!(
+            "[[account]]\nname = \"a\"\ntoken_url = \"https://idp.example/t\"\nclient_id = \"id\"\nclient_secret = {{ env = \"S\" }}\nscope = \"{scope}\"\n[[account.output]]\npath = \"/x\"\n"
+        );
+        parse_str(&text, Path::new("/c.toml"))
+            .unwrap()
+            .accounts
+            .remove(0)
+    }
+
+    pub(super) fn rt_account(seed: &str, scope: &str) -> Account {
+        let text = format!(
+            "[daemon]\nstate_dir = \"/s\"\n[[account]]\nname = \"a\"\ntoken_url = \"https://idp.example/t\"\nclient_id = \"id\"\n\
+             client_auth = \"none\"\ngrant_type = \"refresh_token\"\nrefresh_token = \"{seed}\"\nscope = \"{scope}\"\n\
+             [[account.output]]\npath = \"/x\"\n"
+        );
+        parse_str(&text, Path::new("/c.toml"))
+            .unwrap()
+            .accounts
+            .remove(0)
+    }
+
+    pub(super) fn token(now: SystemTime, lifetime: u64) -> Token {
+        Token {
+            access_token: Secret::new("tok"),
+            token_type: "Bearer".into(),
+            issued_at: now,
+            expires_at: now + Duration::from_secs(lifetime),
+            scope: None,
+            refresh_token: None,
+            extra: Default::default(),
+        }
+    }
+}
