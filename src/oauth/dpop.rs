@@ -15,46 +15,8 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use crate::config::keys::{b64url, KeyError, PrivateKey};
+pub use crate::config::DpopAlg;
 use crate::config::{AssertionAlg, Secret};
-
-/// The JWS algorithms of a DPoP key (`dpop_alg`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DpopAlg {
-    Es256,
-    Es384,
-    Rs256,
-    Ps256,
-}
-
-impl DpopAlg {
-    pub const ALL: [(&'static str, DpopAlg); 4] = [
-        ("ES256", DpopAlg::Es256),
-        ("ES384", DpopAlg::Es384),
-        ("RS256", DpopAlg::Rs256),
-        ("PS256", DpopAlg::Ps256),
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DpopAlg::Es256 => "ES256",
-            DpopAlg::Es384 => "ES384",
-            DpopAlg::Rs256 => "RS256",
-            DpopAlg::Ps256 => "PS256",
-        }
-    }
-
-    /// Whether tokend can make a key for this algorithm itself (EC only: ring makes no
-    /// RSA keys; an RSA algorithm needs `dpop_key`).
-    pub fn can_generate(self) -> bool {
-        matches!(self, DpopAlg::Es256 | DpopAlg::Es384)
-    }
-}
-
-impl fmt::Display for DpopAlg {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// A DPoP key and the algorithm it signs with. `Debug` shows the key's kind only.
 pub struct DpopKey {
@@ -77,22 +39,7 @@ impl DpopKey {
     /// The key in `pem` for `alg`; an error says what the key is and what `alg` needs.
     pub fn from_pem(pem: &Secret, alg: DpopAlg) -> Result<Self, KeyError> {
         let key = PrivateKey::from_pem(pem)?;
-        let fits = match alg {
-            DpopAlg::Es256 => key.check_alg(AssertionAlg::Es256).is_ok(),
-            DpopAlg::Es384 => key.check_alg(AssertionAlg::Es384).is_ok(),
-            DpopAlg::Rs256 | DpopAlg::Ps256 => key.is_rsa(),
-        };
-        if !fits {
-            let wants = match alg {
-                DpopAlg::Es256 => "an EC P-256 key",
-                DpopAlg::Es384 => "an EC P-384 key",
-                DpopAlg::Rs256 | DpopAlg::Ps256 => "an RSA key",
-            };
-            return Err(KeyError::Unsupported(format!(
-                "{}, but dpop_alg = \"{alg}\" needs {wants}",
-                key.kind()
-            )));
-        }
+        alg.check_key(&key)?;
         let jwk = key.public_jwk_bare();
         Ok(DpopKey { key, alg, jwk })
     }
