@@ -29,6 +29,7 @@ use super::slots::RefreshPermit;
 use crate::clock::{Clock, WallJumps};
 use crate::config::{Account, Grant};
 use crate::metrics::Metrics;
+use crate::oauth::dpop::DpopKey;
 use crate::oauth::{Endpoint, Token};
 use crate::output;
 
@@ -232,6 +233,9 @@ pub struct Engine<E> {
     /// Another account (named) runs the chain this account's seed began: nothing is sent
     /// until it stops and its chain can be taken over ([`persist::load_for`]).
     conflict: Option<String>,
+    /// `token_binding = "dpop"`: the key the token is bound to (`dpop_key`, or the one
+    /// kept in `state_dir`, or the one a cluster's leader shares), or why there is none.
+    dpop: Result<Option<Arc<DpopKey>>, String>,
 }
 
 impl<E: Endpoint> Engine<E> {
@@ -352,7 +356,22 @@ impl<E: Endpoint> Engine<E> {
             tracing::info!(account = %account.name, "the refused credentials were replaced: the hold ends");
             saved.end_hold();
         }
+        let dpop = match account.dpop.is_some() {
+            true => {
+                let (a, dir) = (account.clone(), shared.state_dir.clone());
+                tokio::task::spawn_blocking(move || dpop_key(&a, dir.as_deref()))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("failed to load the DPoP key: {e}")))
+                    .map(|k| Some(Arc::new(k)))
+            }
+            false => Ok(None),
+        };
+        if let Err(e) = &dpop {
+            tracing::error!(account = %account.name, "{e}");
+        }
+        endpoint.use_dpop_key(dpop.clone().ok().flatten());
         let engine = Engine {
+            dpop,
             sibling: SiblingKey::of(&account).map(|k| shared.siblings.cell(&k)),
             account,
             endpoint,
@@ -373,6 +392,12 @@ impl<E: Endpoint> Engine<E> {
 
     pub fn account(&self) -> &Arc<Account> {
         &self.account
+    }
+
+    /// The DPoP key the account's tokens are bound to (`token_binding = "dpop"`), for
+    /// readers' proofs.
+    pub fn dpop_key(&self) -> Option<Arc<DpopKey>> {
+        self.dpop.clone().ok().flatten()
     }
 
     fn now(&self) -> SystemTime {
@@ -483,6 +508,12 @@ impl<E: Endpoint> Engine<E> {
     ) -> Attempt {
         if let Some(refused) = self.chain_blocked().await {
             return Attempt::Failed(refused);
+        }
+        if let Err(e) = &self.dpop {
+            // Without its key a DPoP account asks nothing: a token it cannot prove is
+            // worth nothing to its readers.
+            let e = e.clone();
+            return Attempt::Failed(self.local(e, None, false));
         }
         let cell = self.sibling.clone();
         let mut guard = match &cell {
@@ -784,6 +815,26 @@ impl<E: Endpoint> Engine<E> {
             }
         }
         self.saved
+    }
+}
+
+/// The DPoP key of a `token_binding = "dpop"` account: `dpop_key`, else the one kept in
+/// `state_dir` (made there the first time). Errors name the file, never the key.
+fn dpop_key(account: &Account, state_dir: Option<&std::path::Path>) -> Result<DpopKey, String> {
+    let config = account
+        .dpop
+        .as_ref()
+        .expect("called for DPoP accounts only");
+    match (&config.key, state_dir) {
+        (Some(spec), _) => {
+            let pem = spec
+                .read()
+                .map_err(|e| format!("failed to read the dpop_key: {e}"))?;
+            DpopKey::from_pem(&pem, config.alg)
+                .map_err(|e| format!("failed to use the dpop_key: {} {e}", spec.describe()))
+        }
+        (None, Some(dir)) => persist::dpop_key::load_or_make(dir, &account.name, config.alg),
+        (None, None) => Err("token_binding = \"dpop\" without dpop_key needs a state_dir".into()),
     }
 }
 

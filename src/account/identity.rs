@@ -83,9 +83,10 @@ impl std::fmt::Debug for SiblingKey {
 }
 
 impl SiblingKey {
-    /// The key of `a`; none for the refresh_token grant, whose rotation chain is its own.
+    /// The key of `a`; none for the refresh_token grant, whose rotation chain is its own,
+    /// and for a DPoP-bound account, whose token is bound to its own key.
     pub fn of(a: &Account) -> Option<Self> {
-        if matches!(a.grant, Grant::RefreshToken { .. }) {
+        if matches!(a.grant, Grant::RefreshToken { .. }) || a.dpop.is_some() {
             return None;
         }
         Some(SiblingKey {

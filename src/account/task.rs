@@ -823,14 +823,18 @@ impl<'a, E: Endpoint> Task<'a, E> {
                 tracing::info!(account = %parts.account.name, removed, "removed stale temporary files");
             }
         }
-        Engine::open(
+        let engine = Engine::open(
             parts.account.clone(),
             parts.endpoint.clone(),
             parts.shared.clone(),
             in_memory.map(|s| *s),
             self.cancel,
         )
-        .await
+        .await?;
+        if let Some(key) = engine.dpop_key() {
+            parts.state.send_modify(|s| s.dpop = Some(key));
+        }
+        Some(engine)
     }
 
     /// Handles what woke the loop: a poke, news from the cluster, or a timer; says
@@ -1441,7 +1445,12 @@ impl<'a, E: Endpoint> Task<'a, E> {
             }
         } else {
             // Nothing for this request: readers must not see another request's token.
-            self.publish(|s| *s = TokenState::default());
+            self.publish(|s| {
+                *s = TokenState {
+                    dpop: s.dpop.take(),
+                    ..TokenState::default()
+                }
+            });
         }
         if let Some(at) = engine.changed_request_not_before() {
             let wait = at.duration_since(now).unwrap_or_default();

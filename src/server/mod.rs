@@ -14,6 +14,7 @@
 //! that stops moving, request bodies, and how long a `min_valid` request waits.
 
 pub mod api;
+mod dpop;
 mod listen;
 pub mod peer;
 mod routes;

@@ -1,0 +1,276 @@
+//! `POST /v1/tokens/{account}/dpop` (SPEC §4, §9): a DPoP proof for one request a reader
+//! is about to make with a DPoP-bound token, signed with the key tokend keeps, with the
+//! token it is for. The key never leaves tokend; a reader gets a proof for one method
+//! and one URL, and only for a URL under one of the account's `urls`.
+//!
+//! The same access rules as reading the token (an account the caller may not read is
+//! answered like one that does not exist). The routing is in `routes`; the proof itself
+//! is made in `oauth::dpop`.
+
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Response, StatusCode};
+
+use super::api::{code, DpopProof, DpopRequest, ErrorBody};
+use super::Ctx;
+use crate::clock::rfc3339;
+
+type Body = Full<Bytes>;
+
+/// The longest nonce passed through (servers send a few dozen characters).
+const MAX_NONCE: usize = 1024;
+
+/// `POST /v1/tokens/{account}/dpop`.
+pub(super) async fn proof(
+    ctx: &Ctx,
+    peer: &super::Peer,
+    name: &str,
+    parts: &hyper::http::request::Parts,
+    body: Incoming,
+) -> Response<Body> {
+    let limits = &ctx.limits;
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limits.max_body as u64) {
+        return too_large(limits.max_body);
+    }
+    let bytes = match tokio::time::timeout(
+        limits.body_timeout,
+        Limited::new(body, limits.max_body).collect(),
+    )
+    .await
+    {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return too_large(limits.max_body)
+        }
+        Ok(Err(e)) => {
+            return closing(bad(format!("failed to read the request body: {e}")));
+        }
+        Err(_) => {
+            return closing(error(
+                StatusCode::REQUEST_TIMEOUT,
+                code::REQUEST_TIMEOUT,
+                "the request body did not arrive in time".into(),
+            ))
+        }
+    };
+    let accounts = ctx.accounts.borrow().clone();
+    let Some(view) = accounts
+        .get(name)
+        .filter(|v| peer.may_read(&v.account.options.access))
+    else {
+        return error(
+            StatusCode::NOT_FOUND,
+            code::NOT_FOUND,
+            format!("no account {name:?} that you may read"),
+        );
+    };
+    let req: DpopRequest = match serde_json::from_slice(&bytes) {
+        Ok(r) => r,
+        // serde_json names the position and the field, never the input's values.
+        Err(e) => {
+            return bad(format!(
+                "the body must be JSON {{\"method\", \"url\", \"nonce\"?}}: {e}"
+            ))
+        }
+    };
+    let account = &view.account;
+    if account.dpop.is_none() {
+        return bad(format!(
+            "account {name:?} is not DPoP-bound (token_binding = \"dpop\"): send its token as a Bearer token"
+        ));
+    }
+    if req.method.is_empty() || !req.method.bytes().all(is_tchar) {
+        return bad(format!("{:?} is not an HTTP method", req.method));
+    }
+    if let Some(n) = &req.nonce {
+        if n.is_empty() || n.len() > MAX_NONCE || !n.bytes().all(|b| b.is_ascii_graphic()) {
+            return bad(
+                "the nonce is not a DPoP-Nonce value (1 to 1024 visible ASCII characters)".into(),
+            );
+        }
+    }
+    let url = match url::Url::parse(&req.url) {
+        Ok(u) => u,
+        Err(e) => return bad(format!("{:?} is not a URL: {e}", req.url)),
+    };
+    if !account.urls.iter().any(|base| under(&url, base)) {
+        let urls: Vec<&str> = account.urls.iter().map(url::Url::as_str).collect();
+        return bad(format!(
+            "{} is not under the urls of account {name:?} ({}): proofs are minted only for those",
+            crate::oauth::dpop::htu(&url),
+            urls.join(", ")
+        ));
+    }
+    let now = SystemTime::now();
+    let (token, key, retry) = {
+        let s = view.state.borrow();
+        let retry = s
+            .next_attempt
+            .and_then(|n| n.duration_since(now).ok())
+            .map_or(1, |d| d.as_secs().clamp(1, 3600));
+        (s.valid_token(now).cloned(), s.dpop.clone(), retry)
+    };
+    let (Some(token), Some(key)) = (token, key) else {
+        let mut resp = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            code::NO_TOKEN,
+            format!("account {name:?} has no valid token; try again in {retry}s"),
+        );
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(retry));
+        return resp;
+    };
+    let proof = match key.proof(
+        &req.method,
+        &url,
+        Some(token.access_token.expose()),
+        req.nonce.as_deref(),
+        now,
+    ) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(account = %name, "failed to sign a DPoP proof: {e}");
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("failed to sign a DPoP proof: {e}"),
+            );
+        }
+    };
+    let body = DpopProof {
+        authorization: format!("DPoP {}", token.access_token.expose()),
+        dpop: proof.expose().to_owned(),
+        expires_at: rfc3339(token.expires_at),
+    };
+    let mut resp = json(StatusCode::OK, &body);
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// Whether `url` is under `base`: the same origin, and a path that is `base`'s or goes
+/// on below it (at a `/`: `https://h/api` covers `/api` and `/api/x`, not `/apix`). A
+/// URL with a user or password is under nothing.
+pub(crate) fn under(url: &url::Url, base: &url::Url) -> bool {
+    if url.scheme() != base.scheme()
+        || url.host() != base.host()
+        || url.port_or_known_default() != base.port_or_known_default()
+        || !url.username().is_empty()
+        || url.password().is_some()
+    {
+        return false;
+    }
+    let (path, prefix) = (url.path(), base.path());
+    match path.strip_prefix(prefix) {
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+/// RFC 9110 §5.6.2 `tchar`: what a method is made of.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn bad(message: String) -> Response<Body> {
+    error(StatusCode::BAD_REQUEST, code::BAD_REQUEST, message)
+}
+
+fn too_large(max: usize) -> Response<Body> {
+    closing(error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        code::PAYLOAD_TOO_LARGE,
+        format!("request bodies are limited to {max} bytes"),
+    ))
+}
+
+/// The connection's last answer: the request's body may be unread.
+fn closing(mut resp: Response<Body>) -> Response<Body> {
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+fn error(status: StatusCode, code: &str, message: String) -> Response<Body> {
+    json(
+        status,
+        &ErrorBody {
+            error: code.to_owned(),
+            message,
+        },
+    )
+}
+
+fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    let mut body = serde_json::to_vec(value).expect("the wire types always serialize");
+    body.push(b'\n');
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_url_is_under_a_base_at_a_path_boundary_on_the_same_origin() {
+        let u = |s: &str| url::Url::parse(s).unwrap();
+        for (url, base, want) in [
+            (
+                "https://fhir.example/r4/Patient?x=1",
+                "https://fhir.example/r4/",
+                true,
+            ),
+            ("https://fhir.example/r4", "https://fhir.example/r4", true),
+            ("https://fhir.example/r4/x", "https://fhir.example/r4", true),
+            ("https://fhir.example/r4x", "https://fhir.example/r4", false),
+            (
+                "https://fhir.example:443/r4/x",
+                "https://fhir.example/r4/",
+                true,
+            ),
+            (
+                "https://fhir.example:8443/r4/x",
+                "https://fhir.example/r4/",
+                false,
+            ),
+            (
+                "http://fhir.example/r4/x",
+                "https://fhir.example/r4/",
+                false,
+            ),
+            (
+                "https://evil.example/r4/x",
+                "https://fhir.example/r4/",
+                false,
+            ),
+            (
+                "https://fhir.example.evil/r4/x",
+                "https://fhir.example/",
+                false,
+            ),
+            (
+                "https://u:p@fhir.example/r4/x",
+                "https://fhir.example/",
+                false,
+            ),
+            ("https://fhir.example/", "https://fhir.example/r4/", false),
+        ] {
+            assert_eq!(under(&u(url), &u(base)), want, "{url} under {base}");
+        }
+    }
+}
