@@ -10,7 +10,8 @@
 // "key", "cert" } (optional: the issuer itself on https, no client certificate asked),
 // "resource": "URI" (optional: a resource server, RFC 8707; a token request naming it
 // gets a signed JWT access token (RS256, RFC 9068) with that audience, its keys at the
-// issuer's jwks_uri) }.
+// issuer's jwks_uri), "dpop": { "nonce": bool } (optional: DPoP, RFC 9449, turned on;
+// with "nonce" every token request needs a server nonce, `use_dpop_nonce` first) }.
 //
 // Serves, on 127.0.0.1 (ports chosen by the kernel):
 // - http://127.0.0.1:P: the issuer. /.well-known/openid-configuration (oidc-provider's
@@ -101,9 +102,17 @@ const provider = new Provider(issuer, {
   clientAuthMethods: ['private_key_jwt', 'tls_client_auth', 'client_secret_basic'],
   enabledJWA: {
     clientAuthSigningAlgValues: ['RS256', 'RS384', 'ES256', 'ES384'],
+    dPoPSigningAlgValues: ['ES256', 'ES384', 'RS256', 'PS256'],
   },
   features: {
     clientCredentials: { enabled: true },
+    ...(config.dpop && {
+      dPoP: {
+        enabled: true,
+        nonceSecret: crypto.randomBytes(32),
+        requireNonce: () => Boolean(config.dpop.nonce),
+      },
+    }),
     ...(resourceServer && {
       resourceIndicators: {
         enabled: true,

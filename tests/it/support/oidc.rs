@@ -140,6 +140,63 @@ impl Drop for OidcProvider {
     }
 }
 
+/// A DPoP resource server (`tests/oidc-provider/resource.mjs`, with jose) that trusts
+/// `issuer`'s JWT access tokens and checks every proof in full; killed when dropped.
+pub struct ResourceServer {
+    child: Child,
+    pub port: u16,
+}
+
+impl ResourceServer {
+    pub fn start(issuer: &str) -> ResourceServer {
+        let mut child = Command::new("node")
+            .arg(repo().join("tests/oidc-provider/resource.mjs"))
+            .arg(issuer)
+            .env("OIDC_PROVIDER_MODULES", modules())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start node (apt-get install nodejs)");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(START).unwrap_or_default();
+        let port = match line.strip_prefix("READY ") {
+            Some(p) => p.trim().parse().unwrap(),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the resource server did not start ({line:?})");
+            }
+        };
+        ResourceServer { child, port }
+    }
+
+    /// `http://127.0.0.1:P`.
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// How many requests it accepted and refused so far.
+    pub fn stats(&self) -> (u64, u64) {
+        let v: serde_json::Value =
+            serde_json::from_str(&get(self.port, "/test/stats")).expect("stats are JSON");
+        (v["ok"].as_u64().unwrap(), v["refused"].as_u64().unwrap())
+    }
+}
+
+impl Drop for ResourceServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// GET `path` from 127.0.0.1:`port` (HTTP/1.0: the answer ends with the connection).
 fn get(port: u16, path: &str) -> String {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the server");

@@ -1,0 +1,364 @@
+//! DPoP (RFC 9449, SPEC §9, issue 23) against a real authorization server with DPoP on
+//! (oidc-provider, with and without server nonces) and a resource server written with
+//! jose that checks every proof in full (`tests/oidc-provider/resource.mjs`): the token
+//! is bound to tokend's key (cnf.jkt), readers' proofs made through `tokend get --dpop`
+//! and curl pass, a replayed proof and a URL outside `urls` are refused, a restart keeps
+//! the bound token and the key (no request), and the key stays out of the log (trace),
+//! the state file and the socket's other answers.
+//!
+//! The daemon runs as its own process; the tests wait on its socket, never on a clock.
+
+use std::io::Write as _;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use crate::support::config;
+use crate::support::oidc::{OidcProvider, ResourceServer};
+use crate::support::{finish, socket_get, tokend, Daemon, Sandbox, LONG, SHORT};
+
+const SECRET_ENV: &str = "TOKEND_T_SECRET";
+/// The audience of the JWT access tokens (RFC 8707 resource indicator).
+const AUDIENCE: &str = "https://fhir.example/r4";
+
+fn provider(nonce: bool) -> OidcProvider {
+    OidcProvider::start(json!({
+        "ttl": 600,
+        "clients": [{
+            "client_id": "fhir-client", "client_secret": "s3cret",
+            "token_endpoint_auth_method": "client_secret_basic",
+            "grant_types": ["client_credentials"], "redirect_uris": [], "response_types": [],
+        }],
+        "resource": AUDIENCE,
+        "dpop": {"nonce": nonce},
+    }))
+}
+
+/// A daemon (log level trace) with one DPoP account `fhir` against `idp`, proofs for
+/// `urls`; its state in `state/`.
+struct Running {
+    daemon: Daemon,
+    sb: Sandbox,
+}
+
+impl Running {
+    fn config(sb: &Sandbox, idp: &OidcProvider, urls: &str) -> std::path::PathBuf {
+        let account = config::account("fhir", &format!("{}/token", idp.issuer()))
+            .client_id("fhir-client")
+            .secret_env(SECRET_ENV)
+            .with(&format!(
+                "extra_params = {{ resource = \"{AUDIENCE}\" }}\ntoken_binding = \"dpop\"\nurls = [\"{urls}\"]"
+            ))
+            .toml();
+        sb.config(&format!(
+            "{}{account}",
+            config::daemon(
+                &sb.path("tokend.sock"),
+                "state_dir = \"state\"\nlog_level = \"trace\"\nlog_format = \"text\""
+            )
+        ))
+    }
+
+    fn start(sb: Sandbox, config: &Path) -> Running {
+        let daemon = Daemon::start_with_env(config, &[(SECRET_ENV, "s3cret")]);
+        let r = Running { daemon, sb };
+        r.daemon.wait_until("the account's token", LONG, || {
+            socket_get(&r.sb.path("tokend.sock"), "/v1/tokens/fhir/raw").filter(|(s, _)| *s == 200)
+        });
+        r
+    }
+
+    fn socket(&self) -> String {
+        self.sb.path("tokend.sock").display().to_string()
+    }
+
+    fn token(&self) -> String {
+        socket_get(&self.sb.path("tokend.sock"), "/v1/tokens/fhir/raw")
+            .expect("the socket answers")
+            .1
+    }
+
+    /// `tokend get fhir --dpop METHOD URL [--nonce N]`.
+    fn get_dpop(&self, method: &str, url: &str, nonce: Option<&str>) -> crate::support::Finished {
+        let mut cmd = tokend();
+        cmd.args([
+            "get",
+            "fhir",
+            "--socket",
+            &self.socket(),
+            "--dpop",
+            method,
+            url,
+        ]);
+        if let Some(n) = nonce {
+            cmd.args(["--nonce", n]);
+        }
+        finish(cmd, SHORT)
+    }
+}
+
+/// `curl -H @- URL` with `headers` on stdin: the status and the body.
+fn curl(url: &str, headers: &str) -> (u16, Value) {
+    let mut child = Command::new("curl")
+        .args(["-s", "-w", "\n%{http_code}", "-H", "@-", url])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run curl");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(headers.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (
+        code.parse().unwrap(),
+        serde_json::from_str(body).unwrap_or(Value::Null),
+    )
+}
+
+fn jwt_part(jwt: &str, i: usize) -> Value {
+    let part = jwt.split('.').nth(i).unwrap();
+    serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(part)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+/// The resource server's nonce: the `DPoP-Nonce` of its first refusal.
+fn rs_nonce(rs: &ResourceServer) -> String {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            &format!("{}/fhir/metadata", rs.base()),
+        ])
+        .output()
+        .unwrap();
+    let head = String::from_utf8(out.stdout).unwrap();
+    head.lines()
+        .find_map(|l| {
+            l.strip_prefix("DPoP-Nonce: ")
+                .or_else(|| l.strip_prefix("dpop-nonce: "))
+        })
+        .expect("the resource server sends a nonce")
+        .trim()
+        .to_owned()
+}
+
+/// The proofs of `n` requests through `tokend get --dpop` and curl, all accepted.
+fn requests_pass(d: &Running, rs: &ResourceServer, nonce: &str, n: usize) {
+    let threads = 4;
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            s.spawn(move || {
+                for i in (t..n).step_by(threads) {
+                    let url = format!("{}/fhir/Patient/{i}?_format=json", rs.base());
+                    let got = d.get_dpop("GET", &url, Some(nonce));
+                    assert_eq!(got.code(), Some(0), "{}", got.stderr);
+                    let (code, body) = curl(&url, &got.stdout);
+                    assert_eq!(code, 200, "request {i}: {body}");
+                }
+            });
+        }
+    });
+}
+
+fn bound_and_accepted(nonce_at_the_token_endpoint: bool, requests: usize) {
+    let idp = provider(nonce_at_the_token_endpoint);
+    let rs = ResourceServer::start(&idp.issuer());
+    let sb = Sandbox::new();
+    let config = Running::config(&sb, &idp, &format!("{}/fhir/", rs.base()));
+    let d = Running::start(sb, &config);
+
+    // The token is a DPoP-bound JWT: cnf.jkt is the thumbprint of the key tokend keeps.
+    let token = d.token();
+    let claims = jwt_part(&token, 1);
+    let got = d.get_dpop("GET", &format!("{}/fhir/metadata", rs.base()), None);
+    assert_eq!(got.code(), Some(0), "{}", got.stderr);
+    let mut lines = got.stdout.lines();
+    assert_eq!(
+        lines.next(),
+        Some(format!("Authorization: DPoP {token}").as_str())
+    );
+    let proof = lines
+        .next()
+        .unwrap()
+        .strip_prefix("DPoP: ")
+        .unwrap()
+        .to_owned();
+    let jwk = jwt_part(&proof, 0)["jwk"].clone();
+    assert!(jwk.get("d").is_none(), "no private part in the proof");
+    let jkt = {
+        let canon = format!(
+            "{{\"crv\":{},\"kty\":{},\"x\":{},\"y\":{}}}",
+            jwk["crv"], jwk["kty"], jwk["x"], jwk["y"]
+        );
+        let digest = ring::digest::digest(&ring::digest::SHA256, canon.as_bytes());
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest.as_ref())
+    };
+    assert_eq!(claims["cnf"]["jkt"], jkt, "bound to tokend's key: {claims}");
+    let log = idp.requests_of("fhir-client");
+    if nonce_at_the_token_endpoint {
+        assert_eq!(log[0]["error"], "use_dpop_nonce", "{log:?}");
+        assert_eq!(
+            log[1]["status"], 200,
+            "retried at once with the nonce: {log:?}"
+        );
+    }
+    assert_eq!(
+        log.iter().filter(|r| r["status"] == 200).count(),
+        1,
+        "{log:?}"
+    );
+
+    // Without the resource server's nonce: refused with one; with it: accepted.
+    let (code, body) = curl(&format!("{}/fhir/metadata", rs.base()), &got.stdout);
+    assert_eq!(
+        (code, body["error"].as_str()),
+        (401, Some("use_dpop_nonce"))
+    );
+    let nonce = rs_nonce(&rs);
+    requests_pass(&d, &rs, &nonce, requests);
+    assert_eq!(rs.stats().0, requests as u64);
+
+    // A proof replayed is refused (jti seen), one for another URL too.
+    let url = format!("{}/fhir/Patient/x", rs.base());
+    let got = d.get_dpop("GET", &url, Some(&nonce));
+    assert_eq!(curl(&url, &got.stdout).0, 200);
+    let (code, body) = curl(&url, &got.stdout);
+    assert_eq!(code, 401, "a replayed proof: {body}");
+    assert!(
+        body["why"].as_str().unwrap().contains("jti replayed"),
+        "{body}"
+    );
+    let (code, body) = curl(&format!("{}/fhir/Patient/y", rs.base()), &got.stdout);
+    assert!(
+        code == 401 && body["why"].as_str().unwrap().contains("htu"),
+        "{body}"
+    );
+
+    // A URL outside `urls`: tokend mints nothing (400).
+    for outside in [
+        format!("{}/admin", rs.base()),
+        "https://evil.example/fhir/".to_owned(),
+    ] {
+        let (status, body) = post_dpop(&d, &json!({"method": "GET", "url": outside}));
+        assert_eq!(status, 400, "{body}");
+        assert!(body.contains("is not under the urls"), "{body}");
+        let got = d.get_dpop("GET", &outside, None);
+        assert_ne!(got.code(), Some(0));
+        assert!(
+            got.stderr.contains("is not under the urls"),
+            "{}",
+            got.stderr
+        );
+    }
+}
+
+/// `POST /v1/tokens/fhir/dpop` with `body`, through curl on the socket.
+fn post_dpop(d: &Running, body: &Value) -> (u16, String) {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-w",
+            "\n%{http_code}",
+            "--unix-socket",
+            &d.socket(),
+            "-d",
+            &body.to_string(),
+            "http://tokend/v1/tokens/fhir/dpop",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.parse().unwrap(), body.to_owned())
+}
+
+#[test]
+fn a_client_credentials_token_is_bound_and_1000_proofs_pass_a_resource_server() {
+    bound_and_accepted(false, 1000);
+}
+
+#[test]
+fn a_token_endpoint_that_requires_nonces_is_asked_again_with_one() {
+    bound_and_accepted(true, 20);
+}
+
+#[test]
+fn a_restart_keeps_the_key_and_the_bound_token_and_asks_nothing() {
+    let idp = provider(false);
+    let rs = ResourceServer::start(&idp.issuer());
+    let sb = Sandbox::new();
+    let config = Running::config(&sb, &idp, &format!("{}/fhir/", rs.base()));
+    let d = Running::start(sb, &config);
+    let token = d.token();
+    let (_, _, log) = d.daemon.terminate();
+    let before = idp.requests_of("fhir-client").len();
+    let sb = d.sb;
+
+    // The key: its own file, 0600; nowhere else in state_dir, nor in the log at trace.
+    let key_file = sb.path("state/fhir.dpop.pem");
+    let meta = std::fs::metadata(&key_file).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o600);
+    let pem = std::fs::read_to_string(&key_file).unwrap();
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    assert!(!log.contains(&body[..40]), "the key is in the log");
+    let state = std::fs::read_to_string(sb.path("state/fhir.json")).unwrap();
+    assert!(!state.contains(&body[..40]) && !state.contains("PRIVATE KEY"));
+    assert!(log.contains("made a DPoP key"), "{log}");
+
+    let d = Running::start(sb, &config);
+    assert_eq!(d.token(), token, "the saved token is served again");
+    let nonce = rs_nonce(&rs);
+    requests_pass(&d, &rs, &nonce, 10);
+    assert_eq!(
+        idp.requests_of("fhir-client").len(),
+        before,
+        "no request after the restart"
+    );
+    let (_, _, log) = d.daemon.terminate();
+    assert!(!log.contains(&body[..40]), "the key is in the log");
+    assert!(!log.contains("made a DPoP key"), "the kept key is used");
+}
+
+#[test]
+fn a_server_that_ignores_the_binding_makes_the_account_fail_clearly() {
+    // DPoP off at the server: it answers token_type Bearer.
+    let idp = OidcProvider::start(json!({
+        "ttl": 600,
+        "clients": [{
+            "client_id": "fhir-client", "client_secret": "s3cret",
+            "token_endpoint_auth_method": "client_secret_basic",
+            "grant_types": ["client_credentials"], "redirect_uris": [], "response_types": [],
+        }],
+        "resource": AUDIENCE,
+    }));
+    let sb = Sandbox::new();
+    let config = Running::config(&sb, &idp, "https://fhir.example/r4/");
+    let daemon = Daemon::start_with_env(&config, &[(SECRET_ENV, "s3cret")]);
+    let socket = sb.path("tokend.sock");
+    let error = daemon.wait_until("the account to fail", LONG, || {
+        let (_, body) = socket_get(&socket, "/v1/tokens")?;
+        let v: Value = serde_json::from_str(&body).ok()?;
+        v["accounts"][0]["last_error"].as_str().map(str::to_owned)
+    });
+    assert!(
+        error.contains("not \"DPoP\"") && error.contains("ignored the DPoP proof"),
+        "{error}"
+    );
+    let (status, _) = socket_get(&socket, "/v1/tokens/fhir/raw").unwrap();
+    assert_eq!(status, 503, "no unbound token is served");
+}
