@@ -27,7 +27,7 @@ use super::persist::{self, AccountLock, Loaded, Locked, Saved, WaitKind};
 use super::schedule::{self, ErrorClass};
 use super::slots::RefreshPermit;
 use crate::clock::{Clock, WallJumps};
-use crate::config::{Account, Grant};
+use crate::config::{Account, Grant, Secret};
 use crate::metrics::Metrics;
 use crate::oauth::dpop::DpopKey;
 use crate::oauth::{Endpoint, Token};
@@ -236,6 +236,8 @@ pub struct Engine<E> {
     /// `token_binding = "dpop"`: the key the token is bound to (`dpop_key`, or the one
     /// kept in `state_dir`, or the one a cluster's leader shares), or why there is none.
     dpop: Result<Option<Arc<DpopKey>>, String>,
+    /// The PEM of `dpop`, for the cluster's sealed record.
+    dpop_pem: Option<Secret>,
 }
 
 impl<E: Endpoint> Engine<E> {
@@ -356,15 +358,18 @@ impl<E: Endpoint> Engine<E> {
             tracing::info!(account = %account.name, "the refused credentials were replaced: the hold ends");
             saved.end_hold();
         }
-        let dpop = match account.dpop.is_some() {
+        let (dpop, dpop_pem) = match account.dpop.is_some() {
             true => {
                 let (a, dir) = (account.clone(), shared.state_dir.clone());
-                tokio::task::spawn_blocking(move || dpop_key(&a, dir.as_deref()))
+                match tokio::task::spawn_blocking(move || dpop_key(&a, dir.as_deref()))
                     .await
                     .unwrap_or_else(|e| Err(format!("failed to load the DPoP key: {e}")))
-                    .map(|k| Some(Arc::new(k)))
+                {
+                    Ok((key, pem)) => (Ok(Some(Arc::new(key))), Some(pem)),
+                    Err(e) => (Err(e), None),
+                }
             }
-            false => Ok(None),
+            false => (Ok(None), None),
         };
         if let Err(e) = &dpop {
             tracing::error!(account = %account.name, "{e}");
@@ -372,6 +377,7 @@ impl<E: Endpoint> Engine<E> {
         endpoint.use_dpop_key(dpop.clone().ok().flatten());
         let engine = Engine {
             dpop,
+            dpop_pem,
             sibling: SiblingKey::of(&account).map(|k| shared.siblings.cell(&k)),
             account,
             endpoint,
@@ -458,19 +464,60 @@ impl<E: Endpoint> Engine<E> {
 
     /// What other cluster members may take over from this account's state.
     pub fn portable(&self) -> super::persist::Portable {
-        self.saved.portable()
+        let mut p = self.saved.portable();
+        p.dpop_key = self.dpop_pem.as_ref().map(|p| p.expose().to_owned());
+        p
     }
 
     /// Takes over what another member shared (a newer token, the chain's refresh token,
     /// a hold or rate limit), and saves it. Returns the token if it is new here; the
     /// caller delivers it.
     pub async fn adopt(&mut self, shared: &super::persist::Portable) -> Option<Arc<Token>> {
+        self.adopt_dpop_key(shared.dpop_key.as_deref()).await;
         let before = self.saved.generation();
         let token = self.saved.adopt(&self.account, shared);
         if self.saved.generation() != before {
             self.save_quietly().await;
         }
         token
+    }
+
+    /// Takes the DPoP key another member shares, if it is another key than this one's:
+    /// the shared token is bound to it. Kept in `state_dir` unless `dpop_key` is
+    /// configured (that file is the operator's).
+    async fn adopt_dpop_key(&mut self, pem: Option<&str>) {
+        let (Some(config), Some(pem)) = (self.account.dpop.as_deref(), pem) else {
+            return;
+        };
+        let pem = Secret::new(pem);
+        let key = match DpopKey::from_pem(&pem, config.alg) {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(account = %self.account.name, "the DPoP key another member shares {e}: not taken");
+                return;
+            }
+        };
+        if self
+            .dpop_key()
+            .is_some_and(|mine| mine.thumbprint() == key.thumbprint())
+        {
+            return;
+        }
+        tracing::info!(account = %self.account.name, jkt = %key.thumbprint(), "taking the DPoP key the cluster shares");
+        if let (None, Some(dir)) = (&config.key, self.shared.state_dir.clone()) {
+            let (name, p) = (self.account.name.clone(), pem.clone());
+            let saved =
+                tokio::task::spawn_blocking(move || persist::dpop_key::save(&dir, &name, &p))
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()));
+            if let Err(e) = saved {
+                tracing::error!(account = %self.account.name, "{e}");
+            }
+        }
+        let key = Arc::new(key);
+        self.endpoint.use_dpop_key(Some(key.clone()));
+        self.dpop = Ok(Some(key));
+        self.dpop_pem = Some(pem);
     }
 
     /// Whether a fetched token still waits for its delivery.
@@ -820,7 +867,10 @@ impl<E: Endpoint> Engine<E> {
 
 /// The DPoP key of a `token_binding = "dpop"` account: `dpop_key`, else the one kept in
 /// `state_dir` (made there the first time). Errors name the file, never the key.
-fn dpop_key(account: &Account, state_dir: Option<&std::path::Path>) -> Result<DpopKey, String> {
+fn dpop_key(
+    account: &Account,
+    state_dir: Option<&std::path::Path>,
+) -> Result<(DpopKey, Secret), String> {
     let config = account
         .dpop
         .as_ref()
@@ -830,8 +880,9 @@ fn dpop_key(account: &Account, state_dir: Option<&std::path::Path>) -> Result<Dp
             let pem = spec
                 .read()
                 .map_err(|e| format!("failed to read the dpop_key: {e}"))?;
-            DpopKey::from_pem(&pem, config.alg)
-                .map_err(|e| format!("failed to use the dpop_key: {} {e}", spec.describe()))
+            let key = DpopKey::from_pem(&pem, config.alg)
+                .map_err(|e| format!("failed to use the dpop_key: {} {e}", spec.describe()))?;
+            Ok((key, pem))
         }
         (None, Some(dir)) => persist::dpop_key::load_or_make(dir, &account.name, config.alg),
         (None, None) => Err("token_binding = \"dpop\" without dpop_key needs a state_dir".into()),

@@ -1307,7 +1307,20 @@ impl<'a, E: Endpoint> Task<'a, E> {
                 }
             }
         }
-        if let Some(token) = engine.adopt(&state).await {
+        let taken = engine.adopt(&state).await;
+        if let Some(key) = engine.dpop_key() {
+            if !self
+                .parts
+                .state
+                .borrow()
+                .dpop
+                .as_ref()
+                .is_some_and(|k| Arc::ptr_eq(k, &key))
+            {
+                self.publish(|s| s.dpop = Some(key));
+            }
+        }
+        if let Some(token) = taken {
             // Timed to the millisecond (the engine keeps whole seconds).
             let token = match shared.times {
                 Some((issued_at, expires_at)) => Arc::new(Token {

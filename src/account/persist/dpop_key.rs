@@ -20,11 +20,11 @@ pub fn path(dir: &Path, name: &str) -> PathBuf {
 
 /// The account's kept key, or a new one (saved before it is used). Errors say which file
 /// and why, never the key.
-pub fn load_or_make(dir: &Path, name: &str, alg: DpopAlg) -> Result<DpopKey, String> {
+pub fn load_or_make(dir: &Path, name: &str, alg: DpopAlg) -> Result<(DpopKey, Secret), String> {
     let file = path(dir, name);
     match std::fs::read_to_string(&file) {
-        Ok(pem) => match DpopKey::from_pem(&Secret::new(pem), alg) {
-            Ok(key) => return Ok(key),
+        Ok(pem) => match DpopKey::from_pem(&Secret::new(pem.clone()), alg) {
+            Ok(key) => return Ok((key, Secret::new(pem))),
             Err(e) => {
                 tracing::warn!(account = %name, "the DPoP key in {} {e}: making a new one", file.display());
             }
@@ -41,7 +41,7 @@ pub fn load_or_make(dir: &Path, name: &str, alg: DpopAlg) -> Result<DpopKey, Str
         DpopKey::generate(alg).map_err(|e| format!("failed to make a DPoP key: {e}"))?;
     save(dir, name, &pem)?;
     tracing::info!(account = %name, jkt = %key.thumbprint(), "made a DPoP key, kept in {}", file.display());
-    Ok(key)
+    Ok((key, pem))
 }
 
 /// Keeps `pem` as the account's key (mode 0600, atomically): one it made, or the one a
@@ -62,13 +62,14 @@ mod tests {
     #[test]
     fn a_key_is_made_once_with_mode_0600_and_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let first = load_or_make(dir.path(), "fhir", DpopAlg::Es256).unwrap();
+        let (first, pem) = load_or_make(dir.path(), "fhir", DpopAlg::Es256).unwrap();
+        assert!(pem.expose().contains("PRIVATE KEY"));
         let meta = std::fs::metadata(path(dir.path(), "fhir")).unwrap();
         assert_eq!(meta.mode() & 0o777, 0o600);
-        let again = load_or_make(dir.path(), "fhir", DpopAlg::Es256).unwrap();
+        let (again, _) = load_or_make(dir.path(), "fhir", DpopAlg::Es256).unwrap();
         assert_eq!(first.thumbprint(), again.thumbprint());
         // Another algorithm: a new key of its kind.
-        let p384 = load_or_make(dir.path(), "fhir", DpopAlg::Es384).unwrap();
+        let (p384, _) = load_or_make(dir.path(), "fhir", DpopAlg::Es384).unwrap();
         assert_ne!(p384.thumbprint(), first.thumbprint());
         assert_eq!(p384.alg(), DpopAlg::Es384);
         let state = std::fs::read_dir(dir.path())
