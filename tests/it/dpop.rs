@@ -362,3 +362,109 @@ fn a_server_that_ignores_the_binding_makes_the_account_fail_clearly() {
     let (status, _) = socket_get(&socket, "/v1/tokens/fhir/raw").unwrap();
     assert_eq!(status, 503, "no unbound token is served");
 }
+
+#[test]
+fn a_follower_mints_proofs_for_the_leaders_token_and_etcd_holds_no_key_in_the_clear() {
+    let Some(etcd) = crate::support::etcd::EtcdCluster::start(1) else {
+        return;
+    };
+    let idp = provider(false);
+    let rs = ResourceServer::start(&idp.issuer());
+    let endpoints: Vec<String> = etcd
+        .endpoints()
+        .iter()
+        .map(|e| format!("\"{e}\""))
+        .collect();
+    let members: Vec<(Sandbox, Daemon)> = (0..2)
+        .map(|i| {
+            let sb = Sandbox::new();
+            let account = config::account("fhir", &format!("{}/token", idp.issuer()))
+                .client_id("fhir-client")
+                .secret_env(SECRET_ENV)
+                .with(&format!(
+                    "extra_params = {{ resource = \"{AUDIENCE}\" }}\ntoken_binding = \"dpop\"\nurls = [\"{}/fhir/\"]",
+                    rs.base()
+                ))
+                .toml();
+            let config = sb.config(&format!(
+                "{}[cluster]\nendpoints = [{}]\nprefix = \"/tokend/dpop\"\nmember = \"m{i}\"\n\
+                 lease_ttl = \"2s\"\nkey = \"00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\"\n\n{account}",
+                config::daemon(
+                    &sb.path("tokend.sock"),
+                    "state_dir = \"state\"\nlog_level = \"trace\"\nlog_format = \"text\""
+                ),
+                endpoints.join(", ")
+            ));
+            let d = Daemon::start_with_env(&config, &[(SECRET_ENV, "s3cret")]);
+            (sb, d)
+        })
+        .collect();
+    let status = |sb: &Sandbox| {
+        crate::support::account_status(&sb.path("tokend.sock"), "fhir").unwrap_or(Value::Null)
+    };
+    let token = members[0]
+        .1
+        .wait_until("both members serving one token", LONG, || {
+            let t: Vec<String> = members
+                .iter()
+                .filter_map(|(sb, _)| {
+                    socket_get(&sb.path("tokend.sock"), "/v1/tokens/fhir/raw")
+                        .filter(|(s, _)| *s == 200)
+                        .map(|(_, b)| b)
+                })
+                .collect();
+            (t.len() == 2 && t[0] == t[1]).then(|| t[0].clone())
+        });
+    let leader = members[0].1.wait_until("a leader known to both", LONG, || {
+        let l: Vec<String> = members
+            .iter()
+            .filter_map(|(sb, _)| status(sb)["leader"].as_str().map(str::to_owned))
+            .collect();
+        (l.len() == 2 && l[0] == l[1]).then(|| l[0].clone())
+    });
+    let follower = if leader == "m0" { 1 } else { 0 };
+    assert_eq!(
+        idp.requests_of("fhir-client")
+            .iter()
+            .filter(|r| r["status"] == 200)
+            .count(),
+        1,
+        "one token for the cluster"
+    );
+
+    // The follower's proofs, with its own socket, for the leader's token.
+    let sb = &members[follower].0;
+    let socket = sb.path("tokend.sock").display().to_string();
+    let nonce = rs_nonce(&rs);
+    for i in 0..20 {
+        let url = format!("{}/fhir/Observation/{i}", rs.base());
+        let mut cmd = tokend();
+        cmd.args([
+            "get", "fhir", "--socket", &socket, "--dpop", "GET", &url, "--nonce", &nonce,
+        ]);
+        let got = finish(cmd, SHORT);
+        assert_eq!(got.code(), Some(0), "{}", got.stderr);
+        assert!(got
+            .stdout
+            .starts_with(&format!("Authorization: DPoP {token}\n")));
+        let (code, body) = curl(&url, &got.stdout);
+        assert_eq!(code, 200, "a follower's proof: {body}");
+    }
+
+    // The key: in each member's own 0600 file, never in etcd in the clear nor in a log.
+    let pem = std::fs::read_to_string(members[follower].0.path("state/fhir.dpop.pem")).unwrap();
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let leaders_pem =
+        std::fs::read_to_string(members[1 - follower].0.path("state/fhir.dpop.pem")).unwrap();
+    assert_eq!(pem, leaders_pem, "the follower keeps the leader's key");
+    let stored = etcd.etcdctl(&["get", "--prefix", "/tokend/dpop"]);
+    assert!(stored.contains("/tokend/dpop"), "{stored}");
+    assert!(
+        !stored.contains(&body[..40]) && !stored.contains("PRIVATE KEY"),
+        "the key is in etcd in the clear"
+    );
+    for (_, d) in members {
+        let (_, _, log) = d.terminate();
+        assert!(!log.contains(&body[..40]), "the key is in the log");
+    }
+}
