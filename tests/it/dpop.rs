@@ -31,6 +31,11 @@ fn provider(nonce: bool) -> OidcProvider {
             "client_id": "fhir-client", "client_secret": "s3cret",
             "token_endpoint_auth_method": "client_secret_basic",
             "grant_types": ["client_credentials"], "redirect_uris": [], "response_types": [],
+        }, {
+            "client_id": "chain-client", "client_secret": "s3cret",
+            "token_endpoint_auth_method": "client_secret_basic",
+            "grant_types": ["refresh_token", "authorization_code"],
+            "redirect_uris": ["https://client.example/cb"], "response_types": ["code"],
         }],
         "resource": AUDIENCE,
         "dpop": {"nonce": nonce},
@@ -46,11 +51,22 @@ struct Running {
 
 impl Running {
     fn config(sb: &Sandbox, idp: &OidcProvider, urls: &str) -> std::path::PathBuf {
+        Self::config_with(sb, idp, urls, "fhir-client", "")
+    }
+
+    /// [`Running::config`] for client `client`, with more account keys.
+    fn config_with(
+        sb: &Sandbox,
+        idp: &OidcProvider,
+        urls: &str,
+        client: &str,
+        extra: &str,
+    ) -> std::path::PathBuf {
         let account = config::account("fhir", &format!("{}/token", idp.issuer()))
-            .client_id("fhir-client")
+            .client_id(client)
             .secret_env(SECRET_ENV)
             .with(&format!(
-                "extra_params = {{ resource = \"{AUDIENCE}\" }}\ntoken_binding = \"dpop\"\nurls = [\"{urls}\"]"
+                "extra_params = {{ resource = \"{AUDIENCE}\" }}\ntoken_binding = \"dpop\"\nurls = [\"{urls}\"]\n{extra}"
             ))
             .toml();
         sb.config(&format!(
@@ -332,6 +348,52 @@ fn a_restart_keeps_the_key_and_the_bound_token_and_asks_nothing() {
     let (_, _, log) = d.daemon.terminate();
     assert!(!log.contains(&body[..40]), "the key is in the log");
     assert!(!log.contains("made a DPoP key"), "the kept key is used");
+}
+
+#[test]
+fn a_refresh_token_account_gets_bound_tokens_along_its_chain() {
+    let idp = provider(true);
+    let rs = ResourceServer::start(&idp.issuer());
+    let sb = Sandbox::new();
+    let seed = idp.refresh_token("chain-client");
+    sb.write(&sb.path("seed"), &seed, 0o600);
+    let config = Running::config_with(
+        &sb,
+        &idp,
+        &format!("{}/fhir/", rs.base()),
+        "chain-client",
+        "grant_type = \"refresh_token\"\nrefresh_token = { file = \"seed\" }\nmin_refresh_interval = \"1s\"",
+    );
+    let d = Running::start(sb, &config);
+    let nonce = rs_nonce(&rs);
+    let first = d.token();
+    let jkt = jwt_part(&first, 1)["cnf"]["jkt"].clone();
+    assert!(jkt.is_string(), "a bound token: {}", jwt_part(&first, 1));
+    requests_pass(&d, &rs, &nonce, 10);
+
+    // The next link: a new token, bound to the same key, and proofs for it pass.
+    let refresh = finish(
+        {
+            let mut c = tokend();
+            c.args(["refresh", "fhir", "--socket", &d.socket()]);
+            c
+        },
+        SHORT,
+    );
+    assert_eq!(refresh.code(), Some(0), "{}", refresh.stderr);
+    let second = d
+        .daemon
+        .wait_until("the next token of the chain", LONG, || {
+            Some(d.token()).filter(|t| *t != first)
+        });
+    assert_eq!(jwt_part(&second, 1)["cnf"]["jkt"], jkt);
+    requests_pass(&d, &rs, &nonce, 10);
+    let log = idp.requests_of("chain-client");
+    assert_eq!(
+        log.iter().filter(|r| r["status"] == 200).count(),
+        2,
+        "two links: {log:?}"
+    );
 }
 
 #[test]

@@ -22,6 +22,8 @@
 //   http://127.0.0.1:P/as8414, whose openid-configuration is absent).
 // - https://127.0.0.1:Q (with "tls"): the same, behind TLS that requires a client
 //   certificate signed by tls.ca (mutual TLS, RFC 8705), for tls_client_auth.
+// - GET /test/refresh_token?client_id=C: a refresh token of a grant made for client C
+//   (the refresh_token grant's seed, without a browser).
 // - GET /test/log: every token request so far, as JSON lines of
 //   {"client_id", "status", "error", "tls"}, and GET /test/issued: the access tokens
 //   issued so far (so tests can tell that a token is this server's).
@@ -134,8 +136,12 @@ const provider = new Provider(issuer, {
     },
   },
   ...(resourceServer && { jwks: resourceServer.jwks }),
-  scopes: ['system/*.read'],
-  ttl: { ClientCredentials: config.ttl },
+  // offline_access turns the refresh_token grant on (`/test/refresh_token`).
+  scopes: ['system/*.read', 'offline_access'],
+  // Every ttl set: a default's NOTICE would go to stdout.
+  ttl: {
+    ClientCredentials: config.ttl, AccessToken: config.ttl, Grant: 86400, RefreshToken: 86400,
+  },
 });
 
 provider.on('client_credentials.saved', (token) => issued.push(token.jti));
@@ -160,6 +166,33 @@ provider.use(async (ctx, next) => {
       scopes_supported: ['system/*.read'],
       capabilities: ['client-confidential-asymmetric'],
     };
+    return;
+  }
+  if (ctx.path === '/test/refresh_token') {
+    // A refresh token of a grant made for the test (as if the user had consented),
+    // for the client named in the query: what a refresh_token account starts from.
+    let client;
+    try {
+      client = await provider.Client.find(ctx.query.client_id);
+    } catch (e) {
+      ctx.status = 400;
+      ctx.body = { error: e.message, error_description: e.error_description };
+      return;
+    }
+    const grant = new provider.Grant({ accountId: 'alice', clientId: client.clientId });
+    grant.addOIDCScope('offline_access');
+    if (config.resource) grant.addResourceScope(config.resource, 'api');
+    const grantId = await grant.save();
+    const rt = new provider.RefreshToken({
+      client,
+      accountId: 'alice',
+      grantId,
+      gty: 'authorization_code',
+      authTime: Math.floor(Date.now() / 1000),
+      scope: config.resource ? 'offline_access api' : 'offline_access',
+      ...(config.resource && { resource: config.resource }),
+    });
+    ctx.body = { refresh_token: await rt.save() };
     return;
   }
   if (ctx.path === '/.well-known/oauth-authorization-server/as8414') {

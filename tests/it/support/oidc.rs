@@ -70,9 +70,12 @@ impl OidcProvider {
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
+            let mut out = std::io::BufReader::new(stdout);
             let mut line = String::new();
-            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            let _ = out.read_line(&mut line);
             let _ = tx.send(line);
+            // Drained to the end: node dies of EPIPE writing to a closed stdout.
+            let _ = std::io::copy(&mut out, &mut std::io::sink());
         });
         // Drained so that a chatty server never blocks; shown if it does not start.
         let (etx, erx) = std::sync::mpsc::channel();
@@ -127,6 +130,20 @@ impl OidcProvider {
             .collect()
     }
 
+    /// A refresh token of a grant made for `client_id` (the seed of a refresh_token
+    /// account).
+    pub fn refresh_token(&self, client_id: &str) -> String {
+        let v: serde_json::Value = serde_json::from_str(&get(
+            self.port,
+            &format!("/test/refresh_token?client_id={client_id}"),
+        ))
+        .expect("JSON");
+        v["refresh_token"]
+            .as_str()
+            .expect("a refresh token")
+            .to_owned()
+    }
+
     /// The access tokens the server issued so far.
     pub fn issued(&self) -> Vec<String> {
         serde_json::from_str(&get(self.port, "/test/issued")).expect("the list is JSON")
@@ -161,9 +178,12 @@ impl ResourceServer {
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
+            let mut out = std::io::BufReader::new(stdout);
             let mut line = String::new();
-            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            let _ = out.read_line(&mut line);
             let _ = tx.send(line);
+            // Drained to the end: node dies of EPIPE writing to a closed stdout.
+            let _ = std::io::copy(&mut out, &mut std::io::sink());
         });
         let line = rx.recv_timeout(START).unwrap_or_default();
         let port = match line.strip_prefix("READY ") {
@@ -205,7 +225,10 @@ fn get(port: u16, path: &str) -> String {
     let mut answer = String::new();
     s.read_to_string(&mut answer).expect("read the answer");
     let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
-    assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
+    assert!(
+        head.starts_with("HTTP/1.1 200"),
+        "GET {path}: {head}\n{body}"
+    );
     body.to_owned()
 }
 
