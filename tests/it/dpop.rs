@@ -149,6 +149,19 @@ fn jwt_part(jwt: &str, i: usize) -> Value {
     .unwrap()
 }
 
+/// The RFC 7638 thumbprint of a public JWK (EC or RSA).
+fn jkt(jwk: &Value) -> String {
+    let canon = match jwk["kty"].as_str() {
+        Some("EC") => format!(
+            "{{\"crv\":{},\"kty\":\"EC\",\"x\":{},\"y\":{}}}",
+            jwk["crv"], jwk["x"], jwk["y"]
+        ),
+        _ => format!("{{\"e\":{},\"kty\":\"RSA\",\"n\":{}}}", jwk["e"], jwk["n"]),
+    };
+    let digest = ring::digest::digest(&ring::digest::SHA256, canon.as_bytes());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest.as_ref())
+}
+
 /// The resource server's nonce: the `DPoP-Nonce` of its first refusal.
 fn rs_nonce(rs: &ResourceServer) -> String {
     let out = Command::new("curl")
@@ -216,15 +229,11 @@ fn bound_and_accepted(nonce_at_the_token_endpoint: bool, requests: usize) {
         .to_owned();
     let jwk = jwt_part(&proof, 0)["jwk"].clone();
     assert!(jwk.get("d").is_none(), "no private part in the proof");
-    let jkt = {
-        let canon = format!(
-            "{{\"crv\":{},\"kty\":{},\"x\":{},\"y\":{}}}",
-            jwk["crv"], jwk["kty"], jwk["x"], jwk["y"]
-        );
-        let digest = ring::digest::digest(&ring::digest::SHA256, canon.as_bytes());
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest.as_ref())
-    };
-    assert_eq!(claims["cnf"]["jkt"], jkt, "bound to tokend's key: {claims}");
+    assert_eq!(
+        claims["cnf"]["jkt"],
+        jkt(&jwk),
+        "bound to tokend's key: {claims}"
+    );
     let log = idp.requests_of("fhir-client");
     if nonce_at_the_token_endpoint {
         assert_eq!(log[0]["error"], "use_dpop_nonce", "{log:?}");
@@ -393,6 +402,71 @@ fn a_refresh_token_account_gets_bound_tokens_along_its_chain() {
         log.iter().filter(|r| r["status"] == 200).count(),
         2,
         "two links: {log:?}"
+    );
+}
+
+#[test]
+fn private_key_jwt_with_a_configured_ps256_dpop_key_gets_a_bound_token() {
+    let sb = Sandbox::new();
+    let root = sb.path("");
+    crate::support::oidc::make_key(&root, "client.pem", "p384");
+    crate::support::oidc::make_key(&root, "dpop.pem", "rsa-pkcs8");
+    let config = |issuer: &str, urls: &str| {
+        sb.config(&format!(
+            "{}[[account]]\nname = \"fhir\"\ntoken_url = \"{issuer}/token\"\nclient_id = \"pkj-client\"\n\
+             client_auth = \"private_key_jwt\"\nprivate_key = {{ file = \"client.pem\" }}\n\
+             extra_params = {{ resource = \"{AUDIENCE}\" }}\ntoken_binding = \"dpop\"\n\
+             dpop_alg = \"PS256\"\ndpop_key = {{ file = \"dpop.pem\" }}\nurls = [\"{urls}\"]\n",
+            config::daemon(&sb.path("tokend.sock"), "log_level = \"trace\"")
+        ))
+    };
+    let path = config("https://idp.invalid", "https://fhir.invalid/");
+    let mut cmd = tokend();
+    cmd.args(["jwks", "-c"]).arg(&path).arg("fhir");
+    let jwks: Value = serde_json::from_str(&finish(cmd, SHORT).stdout).unwrap();
+    let idp = OidcProvider::start(json!({
+        "ttl": 600,
+        "clients": [{
+            "client_id": "pkj-client",
+            "token_endpoint_auth_method": "private_key_jwt",
+            "token_endpoint_auth_signing_alg": "ES384",
+            "jwks": jwks,
+            "grant_types": ["client_credentials"], "redirect_uris": [], "response_types": [],
+        }],
+        "resource": AUDIENCE,
+        "dpop": {"nonce": true},
+    }));
+    let rs = ResourceServer::start(&idp.issuer());
+    let path = config(&idp.issuer(), &format!("{}/fhir/", rs.base()));
+    let d = Running::start(sb, &path);
+    let token = d.token();
+    let got = d.get_dpop("POST", &format!("{}/fhir/Bundle", rs.base()), None);
+    let proof = got
+        .stdout
+        .lines()
+        .nth(1)
+        .unwrap()
+        .strip_prefix("DPoP: ")
+        .unwrap();
+    let header = jwt_part(proof, 0);
+    assert_eq!(header["alg"], "PS256");
+    assert_eq!(jwt_part(&token, 1)["cnf"]["jkt"], jkt(&header["jwk"]));
+    let log = idp.requests_of("pkj-client");
+    assert_eq!(
+        (log[0]["error"].as_str(), log[1]["status"].as_u64()),
+        (Some("use_dpop_nonce"), Some(200)),
+        "a new assertion and proof with the nonce: {log:?}"
+    );
+    let nonce = rs_nonce(&rs);
+    requests_pass(&d, &rs, &nonce, 10);
+    let (_, _, log) = d.daemon.terminate();
+    let pem = std::fs::read_to_string(d.sb.path("dpop.pem")).unwrap();
+    for line in pem.lines().filter(|l| !l.starts_with("-----")) {
+        assert!(!log.contains(line), "a line of the DPoP key in the log");
+    }
+    assert!(
+        !d.sb.path("state").exists() || std::fs::read_dir(d.sb.path("state")).unwrap().count() == 0,
+        "a configured key is not copied"
     );
 }
 
