@@ -473,9 +473,13 @@ impl<E: Endpoint> Engine<E> {
     /// a hold or rate limit), and saves it. Returns the token if it is new here; the
     /// caller delivers it.
     pub async fn adopt(&mut self, shared: &super::persist::Portable) -> Option<Arc<Token>> {
-        self.adopt_dpop_key(shared.dpop_key.as_deref()).await;
         let before = self.saved.generation();
         let token = self.saved.adopt(&self.account, shared);
+        if token.is_some() {
+            // The key goes with the token it is bound to: taken only with a token taken
+            // (one of this member's own, newer, stays with this member's key).
+            self.adopt_dpop_key(shared.dpop_key.as_deref()).await;
+        }
         if self.saved.generation() != before {
             self.save_quietly().await;
         }
@@ -489,6 +493,13 @@ impl<E: Endpoint> Engine<E> {
         let (Some(config), Some(pem)) = (self.account.dpop.as_deref(), pem) else {
             return;
         };
+        if self
+            .dpop_pem
+            .as_ref()
+            .is_some_and(|mine| mine.expose() == pem)
+        {
+            return;
+        }
         let pem = Secret::new(pem);
         let key = match DpopKey::from_pem(&pem, config.alg) {
             Ok(k) => k,

@@ -319,3 +319,22 @@ pub mod published {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_of_a_state_shows_the_dpop_key_kind_only() {
+        let (key, pem) = DpopKey::generate(crate::config::DpopAlg::Es256).unwrap();
+        let state = TokenState {
+            dpop: Some(Arc::new(key)),
+            ..TokenState::default()
+        };
+        let dbg = format!("{state:?}");
+        assert!(dbg.contains("EC P-256"), "{dbg}");
+        for line in pem.expose().lines().filter(|l| !l.starts_with("-----")) {
+            assert!(!dbg.contains(line), "{dbg}");
+        }
+    }
+}
