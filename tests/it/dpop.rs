@@ -242,6 +242,25 @@ fn bound_and_accepted(nonce_at_the_token_endpoint: bool, requests: usize) {
             "retried at once with the nonce: {log:?}"
         );
     }
+    // One attempt, a success: the nonce's round trip is no failure.
+    let (_, metrics) = socket_get(&d.sb.path("tokend.sock"), "/metrics").unwrap();
+    let attempts: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("tokend_refresh_attempts_total{account=\"fhir\""))
+        .collect();
+    assert!(
+        attempts
+            .iter()
+            .any(|l| l.contains("result=\"success\"") && l.ends_with(" 1")),
+        "{attempts:?}"
+    );
+    assert!(
+        attempts
+            .iter()
+            .filter(|l| !l.contains("result=\"success\""))
+            .all(|l| l.ends_with(" 0")),
+        "{attempts:?}"
+    );
     assert_eq!(
         log.iter().filter(|r| r["status"] == 200).count(),
         1,
