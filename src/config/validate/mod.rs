@@ -560,10 +560,25 @@ grant_type = "password"
             Some(Duration::from_secs(25 * 60))
         );
         // The commented SMART Backend Services account parses once uncommented.
+        let uncommented = |marker: &str| -> String {
+            text.split(marker)
+                .nth(1)
+                .expect("the example has the account")
+                .split("\n\n")
+                .next()
+                .expect("a section")
+                .lines()
+                .map(|l| l.strip_prefix('#').unwrap_or(l))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
         let ehr: String = text
             .split("#[[account]]\n#name = \"ehr\"")
             .nth(1)
             .expect("the example has the SMART account")
+            .split("\n\n# A FHIR API")
+            .next()
+            .expect("a section")
             .lines()
             .map(|l| l.strip_prefix('#').unwrap_or(l))
             .collect::<Vec<_>>()
@@ -580,6 +595,17 @@ grant_type = "password"
             ehr.assertion.as_ref().unwrap().alg,
             Some(AssertionAlg::Rs384)
         );
+        // And the commented DPoP account, with the daemon's socket and state_dir.
+        let fhir = uncommented("#[[account]]\n#name = \"fhir\"");
+        let c = parse_str(
+            &format!(
+                "[daemon]\nsocket = \"/run/t.sock\"\nstate_dir = \"/var/lib/tokend\"\n\
+                 [[account]]\nname = \"fhir\"{fhir}"
+            ),
+            Path::new("config.example.toml"),
+        )
+        .unwrap();
+        assert!(c.accounts[0].dpop.is_some());
     }
 
     #[test]
