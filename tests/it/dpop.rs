@@ -73,7 +73,7 @@ impl Running {
             "{}{account}",
             config::daemon(
                 &sb.path("tokend.sock"),
-                "state_dir = \"state\"\nlog_level = \"trace\"\nlog_format = \"text\""
+                "state_dir = \"state\"\nlog_level = \"trace\"\nlog_format = \"text\"\nsocket_mode = \"0666\""
             )
         ))
     }
@@ -292,6 +292,37 @@ fn bound_and_accepted(nonce_at_the_token_endpoint: bool, requests: usize) {
         code == 401 && body["why"].as_str().unwrap().contains("htu"),
         "{body}"
     );
+
+    // Someone outside the account's `access` gets what an unknown account gets (404);
+    // switching to nobody takes root, as CI runs.
+    if nix::unistd::geteuid().is_root() {
+        std::fs::set_permissions(
+            d.sb.path(""),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_tokend"))
+            .args([
+                "get",
+                "fhir",
+                "--socket",
+                &d.socket(),
+                "--dpop",
+                "GET",
+                &url,
+            ]);
+        let stranger = finish(cmd, SHORT);
+        assert_ne!(stranger.code(), Some(0));
+        assert!(
+            stranger
+                .stderr
+                .contains("no account \"fhir\" that you (uid 65534) may read"),
+            "{}",
+            stranger.stderr
+        );
+    }
 
     // A URL outside `urls`: tokend mints nothing (400).
     for outside in [
