@@ -22,8 +22,9 @@ use crate::config::{AssertionAlg, Secret};
 pub struct DpopKey {
     key: PrivateKey,
     alg: DpopAlg,
-    /// The public JWK, as every proof's header carries it.
-    jwk: serde_json::Value,
+    /// The proof header (`typ`, `alg`, the public `jwk`), base64url: the same for every
+    /// proof of this key, so encoded once.
+    header: String,
 }
 
 impl fmt::Debug for DpopKey {
@@ -40,8 +41,8 @@ impl DpopKey {
     pub fn from_pem(pem: &Secret, alg: DpopAlg) -> Result<Self, KeyError> {
         let key = PrivateKey::from_pem(pem)?;
         alg.check_key(&key)?;
-        let jwk = key.public_jwk_bare();
-        Ok(DpopKey { key, alg, jwk })
+        let header = header(&key, alg);
+        Ok(DpopKey { key, alg, header })
     }
 
     /// A new key for `alg` (EC only, see [`DpopAlg::can_generate`]) and its PEM to keep.
@@ -52,8 +53,8 @@ impl DpopKey {
             )));
         }
         let (key, pem) = PrivateKey::generate_ec(alg == DpopAlg::Es384)?;
-        let jwk = key.public_jwk_bare();
-        Ok((DpopKey { key, alg, jwk }, pem))
+        let header = header(&key, alg);
+        Ok((DpopKey { key, alg, header }, pem))
     }
 
     pub fn alg(&self) -> DpopAlg {
@@ -77,12 +78,6 @@ impl DpopKey {
         now: SystemTime,
     ) -> Result<Secret, KeyError> {
         #[derive(Serialize)]
-        struct Header<'a> {
-            typ: &'static str,
-            alg: &'static str,
-            jwk: &'a serde_json::Value,
-        }
-        #[derive(Serialize)]
         struct Claims<'a> {
             jti: String,
             htm: &'a str,
@@ -93,11 +88,6 @@ impl DpopKey {
             #[serde(skip_serializing_if = "Option::is_none")]
             nonce: Option<&'a str>,
         }
-        let header = Header {
-            typ: "dpop+jwt",
-            alg: self.alg.as_str(),
-            jwk: &self.jwk,
-        };
         let claims = Claims {
             jti: b64url(&rand::random::<[u8; 16]>()),
             htm: method,
@@ -109,10 +99,9 @@ impl DpopKey {
             ath: token.map(ath),
             nonce,
         };
-        let header = serde_json::to_vec(&header).expect("a header serializes");
         let payload =
             zeroize::Zeroizing::new(serde_json::to_vec(&claims).expect("claims serialize"));
-        let input = format!("{}.{}", b64url(&header), b64url(&payload));
+        let input = format!("{}.{}", self.header, b64url(&payload));
         let signature = match self.alg {
             DpopAlg::Es256 => self.key.sign(AssertionAlg::Es256, input.as_bytes())?,
             DpopAlg::Es384 => self.key.sign(AssertionAlg::Es384, input.as_bytes())?,
@@ -121,6 +110,22 @@ impl DpopKey {
         };
         Ok(Secret::new(format!("{input}.{}", b64url(&signature))))
     }
+}
+
+/// The base64url of a proof's JOSE header for `key` (RFC 9449 §4.2).
+fn header(key: &PrivateKey, alg: DpopAlg) -> String {
+    #[derive(Serialize)]
+    struct Header {
+        typ: &'static str,
+        alg: &'static str,
+        jwk: serde_json::Value,
+    }
+    let header = Header {
+        typ: "dpop+jwt",
+        alg: alg.as_str(),
+        jwk: key.public_jwk_bare(),
+    };
+    b64url(&serde_json::to_vec(&header).expect("a header serializes"))
 }
 
 /// `htu` (RFC 9449 §4.2): the URL without its query and fragment.
