@@ -3,7 +3,7 @@
 //! clock can make wall time follow it.
 
 use std::pin::pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -16,11 +16,13 @@ pub enum Clock {
     System,
     /// Wall time that advances with tokio's (possibly paused) clock, from an anchor,
     /// plus `skew` milliseconds: tests move it to stand for a suspend, during which
-    /// the wall clock runs and the monotonic one does not.
+    /// the wall clock and the boot clock run and the monotonic one does not; plus `set`
+    /// milliseconds (either way): the wall clock set, which moves no other clock.
     Tokio {
         wall: SystemTime,
         at: Instant,
         skew: &'static AtomicU64,
+        set: &'static AtomicI64,
     },
 }
 
@@ -30,20 +32,55 @@ impl Clock {
         Self::tokio_with_skew(Box::leak(Box::default()))
     }
 
-    /// A tokio-following clock whose wall time is ahead by `skew` milliseconds.
+    /// A tokio-following clock whose wall time is ahead by `skew` milliseconds (time
+    /// the machine slept).
     pub fn tokio_with_skew(skew: &'static AtomicU64) -> Self {
+        Self::tokio_with(skew, Box::leak(Box::default()))
+    }
+
+    /// A tokio-following clock that slept `skew` milliseconds and whose wall clock was
+    /// set `set` milliseconds off (ahead when positive).
+    pub fn tokio_with(skew: &'static AtomicU64, set: &'static AtomicI64) -> Self {
         Clock::Tokio {
             wall: SystemTime::now(),
             at: Instant::now(),
             skew,
+            set,
         }
     }
 
     pub fn now(&self) -> SystemTime {
         match self {
             Clock::System => SystemTime::now(),
-            Clock::Tokio { wall, at, skew } => {
-                *wall + at.elapsed() + Duration::from_millis(skew.load(Ordering::Relaxed))
+            Clock::Tokio { wall, set, .. } => {
+                let set = set.load(Ordering::Relaxed);
+                let t = *wall + self.boot();
+                let by = Duration::from_millis(set.unsigned_abs());
+                if set >= 0 {
+                    t + by
+                } else {
+                    t - by
+                }
+            }
+        }
+    }
+
+    /// The boot clock: time since an arbitrary start that runs on while the machine
+    /// sleeps (as the wall clock does) and that nobody sets (as nobody sets the
+    /// monotonic one). Only differences mean anything. A token's lifetime runs on it:
+    /// the provider counts real seconds, whatever this host's wall clock is set to.
+    pub fn boot(&self) -> Duration {
+        match self {
+            Clock::System => nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+                .map(Duration::from)
+                .unwrap_or_else(|_| {
+                    // Every Linux has CLOCK_BOOTTIME (2.6.39); the monotonic clock is
+                    // the next best: it only misses time asleep.
+                    static START: OnceLock<std::time::Instant> = OnceLock::new();
+                    START.get_or_init(std::time::Instant::now).elapsed()
+                }),
+            Clock::Tokio { at, skew, .. } => {
+                at.elapsed() + Duration::from_millis(skew.load(Ordering::Relaxed))
             }
         }
     }

@@ -12,7 +12,7 @@
 //! lifecycle (lock, restore, attempt, classify, save, deliver) that `run` and `once`
 //! share. With `[cluster]`, [`cluster`] decides which tokend of many refreshes each
 //! account and carries the result to the others over etcd. Readers ask the [`server`]
-//! over its socket ([`client`]); the credential helpers of kubectl, git and container
+//! over its socket ([`client`]), which [`service`] wires to the daemon's published state; the credential helpers of kubectl, git and container
 //! tools ([`credential`]) are such readers, each speaking its tool's protocol.
 
 pub mod account;
@@ -27,9 +27,9 @@ pub mod credential;
 pub mod daemon;
 pub mod failure;
 pub mod logging;
-pub mod metrics;
 pub mod oauth;
 pub mod output;
 pub mod server;
+pub mod service;
 pub mod systemd;
 pub mod watch;

@@ -90,7 +90,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             tokend::daemon::tune_allocator();
             let config = load(&args.config)?;
             runtime()?
-                .block_on(tokend::daemon::run(config, Default::default()))
+                .block_on(tokend::service::run(config, Default::default()))
                 .map_err(Failure::Runtime)
         }
         Command::Check(args) => {

@@ -9,6 +9,7 @@ pub mod coordinator;
 pub mod engine;
 pub mod hooks;
 pub mod identity;
+pub mod metrics;
 pub mod persist;
 pub mod registry;
 pub mod schedule;

@@ -9,17 +9,16 @@
 
 use std::time::SystemTime;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full, Limited};
+use http_body_util::{BodyExt as _, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Response, StatusCode};
 
-use super::api::{code, DpopProof, DpopRequest, ErrorBody};
+use super::api::{code, DpopProof, DpopRequest};
+use super::reply::{closing, error, json, no_account, too_large, Body};
+use super::tokens::{readable, secs, unavailable};
 use super::Ctx;
 use crate::clock::rfc3339;
-
-type Body = Full<Bytes>;
 
 /// The longest nonce passed through (servers send a few dozen characters).
 const MAX_NONCE: usize = 1024;
@@ -58,20 +57,16 @@ pub(super) async fn proof(
             return closing(error(
                 StatusCode::REQUEST_TIMEOUT,
                 code::REQUEST_TIMEOUT,
-                "the request body did not arrive in time".into(),
+                format!(
+                    "the request body did not arrive within {}",
+                    secs(limits.body_timeout)
+                ),
             ))
         }
     };
     let accounts = ctx.accounts.borrow().clone();
-    let Some(view) = accounts
-        .get(name)
-        .filter(|v| peer.may_read(&v.account.options.access))
-    else {
-        return error(
-            StatusCode::NOT_FOUND,
-            code::NOT_FOUND,
-            format!("no account {name:?} that you may read"),
-        );
+    let Some(view) = readable(&accounts, peer, name) else {
+        return no_account(name);
     };
     let req: DpopRequest = match serde_json::from_slice(&bytes) {
         Ok(r) => r,
@@ -111,23 +106,12 @@ pub(super) async fn proof(
         ));
     }
     let now = SystemTime::now();
-    let (token, key, retry) = {
+    let (token, key) = {
         let s = view.state.borrow();
-        let retry = s
-            .next_attempt
-            .and_then(|n| n.duration_since(now).ok())
-            .map_or(1, |d| d.as_secs().clamp(1, 3600));
-        (s.valid_token(now).cloned(), s.dpop.clone(), retry)
-    };
-    let (Some(token), Some(key)) = (token, key) else {
-        let mut resp = error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            code::NO_TOKEN,
-            format!("account {name:?} has no valid token; try again in {retry}s"),
-        );
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(retry));
-        return resp;
+        match (s.valid_token(now).cloned(), s.dpop.clone()) {
+            (Some(t), Some(k)) => (t, k),
+            _ => return unavailable(name, &s, now, None),
+        }
     };
     let proof = match key.proof(
         &req.method,
@@ -184,44 +168,6 @@ fn is_tchar(b: u8) -> bool {
 fn bad(message: String) -> Response<Body> {
     error(StatusCode::BAD_REQUEST, code::BAD_REQUEST, message)
 }
-
-fn too_large(max: usize) -> Response<Body> {
-    closing(error(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        code::PAYLOAD_TOO_LARGE,
-        format!("request bodies are limited to {max} bytes"),
-    ))
-}
-
-/// The connection's last answer: the request's body may be unread.
-fn closing(mut resp: Response<Body>) -> Response<Body> {
-    resp.headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    resp
-}
-
-fn error(status: StatusCode, code: &str, message: String) -> Response<Body> {
-    json(
-        status,
-        &ErrorBody {
-            error: code.to_owned(),
-            message,
-        },
-    )
-}
-
-fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
-    let mut body = serde_json::to_vec(value).expect("the wire types always serialize");
-    body.push(b'\n');
-    let mut resp = Response::new(Full::new(body.into()));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    resp
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -44,6 +44,7 @@ mod daemon;
 mod dpop;
 mod faults;
 mod hostile;
+mod inprocess;
 mod keys;
 mod kube;
 mod lifecycle;

@@ -3,7 +3,7 @@
 //! holds it, what it publishes while failing. Times are exact here: a paused clock only
 //! moves to the next timer.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokend::clock::Clock;
@@ -271,6 +271,57 @@ async fn a_refresh_due_during_a_suspend_happens_on_resume() {
         "refreshed {after:?} after resume, not at once"
     );
     run.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wall_clock_set_by_hours_neither_refreshes_nor_expires_a_valid_token() {
+    // The wall clock set (by hand, or stepped by NTP) moves neither the monotonic nor
+    // the boot clock: the token has the lifetime the provider gave it, in real seconds.
+    static SLEPT_MS: AtomicU64 = AtomicU64::new(0);
+    static SET_MS: AtomicI64 = AtomicI64::new(0);
+    let clock = Clock::tokio_with(&SLEPT_MS, &SET_MS);
+    let r = Running::start_with_clock("refresh_ratio = 0.8", Step::Token(HOUR), [], clock);
+    r.endpoint.wait_calls(1).await;
+    let first = r
+        .wait_state("the first token", |s| s.status == Status::Fresh)
+        .await
+        .token
+        .expect("a token");
+    tokio::time::sleep(10 * MIN).await;
+
+    let five_hours: i64 = 5 * 3600 * 1000;
+    SET_MS.store(five_hours, Ordering::Relaxed);
+    let ahead = r
+        .wait_state("the token timed anew, five hours later", |s| {
+            s.token
+                .as_ref()
+                .is_some_and(|t| t.expires_at > first.expires_at + 4 * HOUR)
+        })
+        .await;
+    assert_eq!(ahead.status, Status::Fresh, "served on");
+    let t = ahead.token.unwrap();
+    let moved = t.expires_at.duration_since(first.expires_at).unwrap();
+    assert!(
+        moved.abs_diff(5 * HOUR) <= secs(2),
+        "moved by as much as the clock: {moved:?}"
+    );
+    assert_eq!(t.access_token, first.access_token, "the same token");
+
+    SET_MS.store(-five_hours, Ordering::Relaxed);
+    let behind = r
+        .wait_state("the token timed anew, five hours earlier", |s| {
+            s.token
+                .as_ref()
+                .is_some_and(|t| t.expires_at + 4 * HOUR < first.expires_at)
+        })
+        .await;
+    assert_eq!(behind.status, Status::Fresh, "served on");
+    assert_eq!(r.endpoint.calls().len(), 1, "no request for either jump");
+
+    // Refreshed at 80% of the lifetime, as if nobody had touched the clock.
+    let calls = r.endpoint.wait_calls(2).await;
+    assert_jittered(calls[1] - calls[0], 48 * MIN);
+    r.stop().await;
 }
 
 #[tokio::test(start_paused = true)]

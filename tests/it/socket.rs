@@ -991,7 +991,7 @@ struct Served {
     _dir: tempfile::TempDir,
     _file: tokend::server::SocketFile,
     socket: PathBuf,
-    metrics: Arc<tokend::metrics::Metrics>,
+    metrics: Arc<tokend::account::metrics::Metrics>,
     cancel: tokio_util::sync::CancellationToken,
 }
 
@@ -1001,7 +1001,7 @@ fn serve(limits: tokend::server::Limits) -> Served {
     let (listener, file) = tokend::server::bind_unix(&socket, 0o600, None).unwrap();
     let (_tx, rx) = tokio::sync::watch::channel(tokend::account::Accounts::default());
     let cancel = tokio_util::sync::CancellationToken::new();
-    let metrics = Arc::new(tokend::metrics::Metrics::new());
+    let metrics = Arc::new(tokend::account::metrics::Metrics::new());
     tokio::spawn(tokend::server::serve_with(
         listener,
         rx,

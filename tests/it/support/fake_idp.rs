@@ -605,9 +605,10 @@ fn render(state: &mut State, reply: Reply, refresh: Option<String>) -> Option<(u
             let n = state.issued.len() + 1;
             let (token, body) = token_body(&state.prefix, n, &expiry, len, refresh.clone());
             if let Expiry::In(secs) | Expiry::InString(secs) = expiry {
-                state
-                    .expiries
-                    .insert(token.clone(), Instant::now() + Duration::from_secs(secs));
+                // A lifetime past what an Instant holds (u64::MAX seconds) never ends.
+                if let Some(at) = Instant::now().checked_add(Duration::from_secs(secs)) {
+                    state.expiries.insert(token.clone(), at);
+                }
             }
             state.issued.push(token.clone());
             state.refresh_issued.extend(refresh);

@@ -1,15 +1,13 @@
-//! The supervisor: owns the map of running accounts, starts their tasks, and turns
-//! signals into shutdown. Everyone else reads account state through `watch` receivers.
+//! The supervisor: the map of running accounts, their starts and stops, a reload's
+//! diff (which accounts start, stop, restart or are renamed), and the summary systemd
+//! and the socket are told.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
-use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{mpsc, watch};
-use tokio::time::Instant;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -18,221 +16,9 @@ use crate::account::{self, persist, AccountHandle, Accounts, Predecessor, Shared
 use crate::clock::Clock;
 use crate::config::{Account, Config, Output};
 use crate::oauth::{HttpEndpoint, Transports};
-use crate::systemd::{self, Notifier};
-use crate::watch::Watcher;
+use crate::systemd::Notifier;
 
-/// What the daemon says about itself (`GET /v1/daemon`, `tokend status`): the config
-/// it runs, which generation of it, since when, and how the last reload went. Published
-/// by the supervisor on a `watch` channel; the socket server reads it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DaemonState {
-    /// The config file (absolute).
-    pub config: PathBuf,
-    /// 1 at start, one more for each reload that was applied.
-    pub generation: u64,
-    /// When the running generation was loaded.
-    pub loaded_at: std::time::SystemTime,
-    /// The last reload asked for (SIGHUP or a change of the file), if any.
-    pub last_reload: Option<ReloadOutcome>,
-}
-
-/// How a reload went.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReloadOutcome {
-    pub at: std::time::SystemTime,
-    /// Empty when it was applied; else why it was refused, one line per error as
-    /// `tokend check` prints them.
-    pub errors: Vec<String>,
-}
-
-/// How a burst of file events may last before it is looked at.
-const WATCH_SETTLE: Duration = Duration::from_millis(200);
-
-/// How often, at most, the supervisor looks at every account's state for READY and
-/// STATUS= (issue #11: at start every account publishes, and each look costs O(accounts)).
-const SUMMARY_EVERY: Duration = Duration::from_millis(50);
-
-/// How long shutdown waits for account tasks (SPEC §6: stop within a second).
-const SHUTDOWN_GRACE: Duration = Duration::from_millis(800);
-
-/// Runs the daemon until SIGTERM or SIGINT (or `shutdown` is cancelled).
-pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    // Signal streams exist before anything starts, so an early signal is not lost.
-    let mut sigterm = signal(SignalKind::terminate()).context("failed to listen for SIGTERM")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("failed to listen for SIGINT")?;
-    let mut sighup = signal(SignalKind::hangup()).context("failed to listen for SIGHUP")?;
-
-    let notifier = Notifier::from_env();
-    let watchdog = systemd::watchdog_interval();
-    let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
-
-    // The config file and the secret files are watched, from before any account starts
-    // or the socket answers: an edit made once tokend answers is never missed. A failed
-    // watch leaves SIGHUP.
-    let path = config.path.clone();
-    let (watch_tx, mut watch_rx) = mpsc::channel(1);
-    let mut watcher = Watcher::new(watch_tx)
-        .map_err(|e| tracing::warn!("failed to watch files for changes ({e}); reload with SIGHUP"))
-        .ok();
-    if let Some(w) = &mut watcher {
-        let secrets = config
-            .accounts
-            .iter()
-            .flat_map(|a| a.secrets().into_iter().filter_map(|(_, s)| s.path()));
-        let files: Vec<PathBuf> = std::iter::once(path.clone()).chain(secrets).collect();
-        w.watch_files(files.iter().map(PathBuf::as_path));
-    }
-    let mut config_text = read_digest(&path);
-
-    // Every descriptor the hard limit allows (the socket's share of them is bounded).
-    crate::server::raise_fd_limit();
-    // Bound before any account starts: a second daemon fails here, before it asks a
-    // provider for anything.
-    let listeners = crate::server::bind(&config.daemon)?;
-    let mut sup = Supervisor::new(&config);
-    let info = watch::Sender::new(std::sync::Arc::new(DaemonState {
-        config: path.clone(),
-        generation: 1,
-        loaded_at: sup.shared.clock.now(),
-        last_reload: None,
-    }));
-    if let Some(c) = &config.cluster {
-        sup.member = Some(crate::cluster::join(
-            c,
-            config.daemon.state_dir.as_deref(),
-            sup.shared.clock,
-            sup.cancel.child_token(),
-            &sup.tracker,
-        )?);
-        sup.on_cluster_loss = c.on_cluster_loss;
-    }
-    sup.retire_unknown(&config);
-    let count = config.accounts.len();
-    // Each account's config is kept once, behind its Arc (issue #11: not also here).
-    let accounts: Vec<Arc<Account>> = std::mem::take(&mut config.accounts)
-        .into_iter()
-        .map(Arc::new)
-        .collect();
-    // Temporary files a killed tokend left, for every account at once before any
-    // writes: one read of each directory (issue #11).
-    let accounts = tokio::task::spawn_blocking(move || {
-        let removed = crate::output::clean_stale_all(&accounts);
-        for (a, removed) in accounts.iter().zip(removed).filter(|(_, n)| *n > 0) {
-            tracing::info!(account = %a.name, removed, "removed stale temporary files");
-        }
-        accounts
-    })
-    .await
-    .context("failed to look for stale temporary files")?;
-    for a in accounts {
-        let endpoint = HttpEndpoint::new(a.clone(), sup.shared.clock, &sup.transports)
-            .with_context(|| format!("account {}", a.name))?;
-        sup.start(a, endpoint, TokenState::default(), false);
-    }
-    sup.publish();
-    let server = listeners.spawn(
-        sup.views.subscribe(),
-        sup.shared.metrics.clone(),
-        info.subscribe(),
-        config.daemon.max_concurrent_refreshes,
-    )?;
-    tracing::info!(accounts = count, config = %path.display(), "tokend started");
-
-    // READY=1 once every account had its first try, or at startup_timeout.
-    let startup_deadline = Instant::now() + config.daemon.startup_timeout;
-    let mut ready = false;
-    let mut status = String::new();
-    loop {
-        let summary = sup.summary();
-        let summarized = Instant::now();
-        if !ready && (sup.all_attempted() || Instant::now() >= startup_deadline) {
-            ready = true;
-            trim_heap();
-            tracing::info!("ready: {summary}");
-            notifier.ready(&summary);
-            status = summary;
-        } else if ready && summary != status {
-            notifier.status(&summary);
-            status = summary;
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break }
-            _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break }
-            _ = sighup.recv() => {
-                tracing::info!("SIGHUP: reloading {}", path.display());
-                config_text = sup.reload_from(&path, &notifier, &info);
-                if let Some(w) = &mut watcher {
-                    w.watch_files(sup.watched_files(&path).iter().map(PathBuf::as_path));
-                }
-            }
-            Some(()) = watch_rx.recv() => {
-                // Let a burst of events (write, rename, chmod, symlink swap) settle.
-                tokio::time::sleep(WATCH_SETTLE).await;
-                while watch_rx.try_recv().is_ok() {}
-                if read_digest(&path) != config_text {
-                    tracing::info!("{} changed: reloading", path.display());
-                    config_text = sup.reload_from(&path, &notifier, &info);
-                    if let Some(w) = &mut watcher {
-                        w.watch_files(sup.watched_files(&path).iter().map(PathBuf::as_path));
-                    }
-                }
-                if let Some(w) = &mut watcher {
-                    w.rewatch();
-                }
-                sup.check_secrets();
-            }
-            _ = sup.shared.changed.notified() => {
-                // The summary looks at every account: with thousands of accounts
-                // publishing at start, it is made at most every SUMMARY_EVERY.
-                tokio::time::sleep_until(summarized + SUMMARY_EVERY).await;
-            }
-            _ = tokio::time::sleep_until(startup_deadline), if !ready => {}
-            _ = watchdog_tick.tick(), if watchdog.is_some() => notifier.watchdog(),
-        }
-    }
-    notifier.stopping();
-    server.shutdown().await;
-    sup.shutdown().await;
-    Ok(())
-}
-
-/// The SHA-256 of the file at `path`, if it can be read: what tells a change of the
-/// config from other events in its directory (kept rather than the text, which is
-/// megabytes with thousands of accounts: issue #11).
-fn read_digest(path: &Path) -> Option<[u8; 32]> {
-    let text = std::fs::read(path).ok()?;
-    let digest = ring::digest::digest(&ring::digest::SHA256, &text);
-    Some(digest.as_ref().try_into().expect("SHA-256 is 32 bytes"))
-}
-
-/// Sets the allocator up for a daemon that lives long with many small objects: glibc
-/// gives each thread that allocates an arena of its own (up to eight per core), and
-/// what an arena keeps for its thread's next allocations stays resident. One arena for
-/// all threads (issue #11): with two, how much of the start's work landed in the second
-/// depended on which threads the scheduler ran, and 10,000 accounts took 39 or 44 MiB
-/// from run to run; with one, 39 every time (the runtime has two workers, so the
-/// arena's lock is seldom contended). Call before any thread starts.
-pub fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt takes no pointers; called before other threads exist.
-    unsafe {
-        nix::libc::mallopt(nix::libc::M_ARENA_MAX, 1);
-    }
-}
-
-/// Gives the heap's free pages back to the kernel. At start every account's first
-/// request is in flight at once (waiting for a permit), and glibc keeps what they freed
-/// as resident memory otherwise: with 10,000 accounts, most of the daemon's RSS
-/// (issue #11). Done once when ready and after each reload; it costs milliseconds.
-fn trim_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim takes no pointers; it only walks the allocator's free lists,
-    // under the allocator's own locks.
-    unsafe {
-        nix::libc::malloc_trim(0);
-    }
-}
+use super::{read_digest, trim_heap, DaemonState, ReloadOutcome, SHUTDOWN_GRACE};
 
 /// A running account, as the supervisor keeps it.
 struct Running {
@@ -249,29 +35,29 @@ impl std::ops::Deref for Running {
     }
 }
 
-struct Supervisor {
+pub(super) struct Supervisor {
     accounts: BTreeMap<String, Running>,
-    shared: Shared,
-    cancel: CancellationToken,
-    tracker: TaskTracker,
-    views: watch::Sender<Accounts>,
+    pub(super) shared: Shared,
+    pub(super) cancel: CancellationToken,
+    pub(super) tracker: TaskTracker,
+    pub(super) views: watch::Sender<Accounts>,
     /// Accounts stopped by a reload whose task may still be finishing (a refresh_token
     /// request on the wire): an account of the same name starts after it.
-    stopping: BTreeMap<String, Predecessor>,
+    pub(super) stopping: BTreeMap<String, Predecessor>,
     /// This tokend in its cluster, with `[cluster]`.
-    member: Option<Arc<crate::cluster::member::Member>>,
-    on_cluster_loss: crate::config::OnClusterLoss,
+    pub(super) member: Option<Arc<crate::cluster::member::Member>>,
+    pub(super) on_cluster_loss: crate::config::OnClusterLoss,
     /// The `[cluster]` joined at start (changes take effect at a restart).
-    cluster: Option<crate::config::ClusterConfig>,
+    pub(super) cluster: Option<crate::config::ClusterConfig>,
     /// HTTP clients, shared by accounts that connect the same way.
-    transports: Arc<Transports>,
+    pub(super) transports: Arc<Transports>,
 }
 
 /// How long SIGTERM waits for refresh_token requests on the wire (SPEC §6).
 const ROTATION_GRACE: Duration = Duration::from_secs(10);
 
 impl Supervisor {
-    fn new(config: &Config) -> Self {
+    pub(super) fn new(config: &Config) -> Self {
         Supervisor {
             accounts: BTreeMap::new(),
             shared: Shared::new(
@@ -294,7 +80,7 @@ impl Supervisor {
     /// RELOADING=1 and READY=1; an invalid config, or one with an account that cannot
     /// start, is logged and changes nothing. Returns the digest of the file as read, to
     /// tell later whether it changed.
-    fn reload_from(
+    pub(super) fn reload_from(
         &mut self,
         path: &Path,
         notifier: &Notifier,
@@ -337,7 +123,7 @@ impl Supervisor {
     }
 
     /// The files whose changes matter: the config and every secret file.
-    fn watched_files(&self, config: &Path) -> Vec<PathBuf> {
+    pub(super) fn watched_files(&self, config: &Path) -> Vec<PathBuf> {
         let mut files = vec![config.to_owned()];
         for h in self.accounts.values() {
             files.extend(
@@ -352,7 +138,7 @@ impl Supervisor {
     }
 
     /// Pokes every account whose credentials changed since last looked at.
-    fn check_secrets(&mut self) {
+    pub(super) fn check_secrets(&mut self) {
         for (name, h) in &mut self.accounts {
             let now = CredentialsDigest::in_memory(&h.view.account);
             if now != h.credentials {
@@ -363,14 +149,14 @@ impl Supervisor {
         }
     }
 
-    fn all_attempted(&self) -> bool {
+    pub(super) fn all_attempted(&self) -> bool {
         self.accounts
             .values()
             .all(|h| h.view.state.borrow().attempted)
     }
 
     /// One line for systemd's STATUS=: "3 accounts: 2 fresh, 1 failing".
-    fn summary(&self) -> String {
+    pub(super) fn summary(&self) -> String {
         let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
         for h in self.accounts.values() {
             *counts
@@ -387,7 +173,7 @@ impl Supervisor {
     }
 
     /// Tells readers the current set of accounts.
-    fn publish(&mut self) {
+    pub(super) fn publish(&mut self) {
         self.stopping.retain(|_, p| !p.is_done());
         let map = self
             .accounts
@@ -399,7 +185,7 @@ impl Supervisor {
 
     /// The state of accounts no longer configured goes to `state_dir/retired/` (at
     /// start: they were removed while tokend was down).
-    fn retire_unknown(&self, config: &Config) {
+    pub(super) fn retire_unknown(&self, config: &Config) {
         if let Some(dir) = &self.shared.state_dir {
             let names: Vec<&str> = config.accounts.iter().map(|a| a.name.as_str()).collect();
             persist::retire_unknown(dir, &names);
@@ -409,7 +195,7 @@ impl Supervisor {
     /// Starts an account: after its previous instance, if one is still finishing;
     /// readers see `initial` until it publishes. With `clean_stale` it first removes
     /// temporary files a killed writer left beside its outputs.
-    fn start(
+    pub(super) fn start(
         &mut self,
         account: Arc<Account>,
         endpoint: HttpEndpoint,
@@ -454,7 +240,7 @@ impl Supervisor {
     /// schedule, changed ones restart (after a refresh_token request on the wire is
     /// answered and saved), new ones start, removed ones stop, remove their outputs and
     /// retire their state. If any new or changed account cannot start, nothing changes.
-    fn reload(&mut self, config: Config) -> Result<(), String> {
+    pub(super) fn reload(&mut self, config: Config) -> Result<(), String> {
         if config.cluster != self.cluster {
             tracing::warn!("[cluster] changed: that takes effect at the next restart");
         }
@@ -532,7 +318,7 @@ impl Supervisor {
 
     /// A removed account (still stopping) whose configured refresh_token is `new`'s: the
     /// account `new` was renamed from.
-    fn renamed_from(&self, new: &Account) -> Option<String> {
+    pub(super) fn renamed_from(&self, new: &Account) -> Option<String> {
         let crate::config::Grant::RefreshToken { refresh_token } = &new.grant else {
             return None;
         };
@@ -549,7 +335,7 @@ impl Supervisor {
         })
     }
 
-    async fn shutdown(self) {
+    pub(super) async fn shutdown(self) {
         self.cancel.cancel();
         // Parked accounts have no task to notice: each is woken to finish.
         for running in self.accounts.values() {

@@ -25,8 +25,8 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::account::schedule::{self, ErrorClass};
-use crate::account::{AccountView, Status};
+use super::schedule::{self, ErrorClass};
+use super::{AccountView, Status};
 use crate::oauth::{Error, Token};
 
 /// The content type of [`Metrics::encode`]'s output.
