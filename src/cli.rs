@@ -206,6 +206,13 @@ pub struct GetArgs {
     /// its last request)
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub min_valid: Option<std::time::Duration>,
+    /// For a DPoP-bound account: print the `Authorization: DPoP ...` and `DPoP: ...`
+    /// header lines of one request of METHOD to URL (`curl -H @- URL`)
+    #[arg(long, num_args = 2, value_names = ["METHOD", "URL"], conflicts_with_all = ["json", "min_valid"])]
+    pub dpop: Option<Vec<String>>,
+    /// With --dpop: the resource server's DPoP-Nonce
+    #[arg(long, value_name = "N", requires = "dpop")]
+    pub nonce: Option<String>,
 }
 
 #[derive(Args, Debug)]

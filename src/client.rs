@@ -74,7 +74,7 @@ impl Client {
         path: &str,
         timeout: Duration,
     ) -> Result<Answer, Error> {
-        tokio::time::timeout(timeout, self.exchange(method, path))
+        tokio::time::timeout(timeout, self.exchange(method, path, Empty::<Bytes>::new()))
             .await
             .map_err(|_| Error::Timeout {
                 socket: self.socket.clone(),
@@ -82,7 +82,27 @@ impl Client {
             })?
     }
 
-    async fn exchange(&self, method: Method, path: &str) -> Result<Answer, Error> {
+    /// One `POST` with a JSON body on its own connection.
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Answer, Error> {
+        let body = http_body_util::Full::new(Bytes::from(body));
+        tokio::time::timeout(timeout, self.exchange(Method::POST, path, body))
+            .await
+            .map_err(|_| Error::Timeout {
+                socket: self.socket.clone(),
+                after: timeout,
+            })?
+    }
+
+    async fn exchange<B>(&self, method: Method, path: &str, body: B) -> Result<Answer, Error>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let stream = self.connect().await?;
         let protocol = |e: &dyn std::fmt::Display| Error::Protocol {
             socket: self.socket.clone(),
@@ -92,12 +112,13 @@ impl Client {
             .await
             .map_err(|e| protocol(&e))?;
         let conn = tokio::spawn(conn);
-        let req = Request::builder()
-            .method(method)
+        let mut req = Request::builder()
             .uri(path)
-            .header(hyper::header::HOST, "tokend")
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| protocol(&e))?;
+            .header(hyper::header::HOST, "tokend");
+        if method == Method::POST {
+            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let req = req.method(method).body(body).map_err(|e| protocol(&e))?;
         let resp = sender.send_request(req).await.map_err(|e| protocol(&e))?;
         let status = resp.status();
         let body = Limited::new(resp.into_body(), MAX_ANSWER)
@@ -224,6 +245,44 @@ fn runtime_error(e: Error) -> Failure {
 
 /// `tokend get ACCOUNT`: prints the token (raw: no newline unless stdout is a terminal;
 /// `--json`: the json output format).
+/// `tokend get ACCOUNT --dpop METHOD URL [--nonce N]` (SPEC §5, §9): the two header
+/// lines of one request with a DPoP-bound token, for `curl -H @-`.
+pub async fn get_dpop(
+    socket: &Path,
+    account: &str,
+    method: &str,
+    url: &str,
+    nonce: Option<&str>,
+) -> Result<(), Failure> {
+    let body = serde_json::to_vec(&api::DpopRequest {
+        method: method.to_owned(),
+        url: url.to_owned(),
+        nonce: nonce.map(str::to_owned),
+    })
+    .expect("a request always serializes");
+    let answer = Client::new(socket)
+        .post_json(&api::dpop_path(account), body, TIMEOUT)
+        .await
+        .map_err(runtime_error)?;
+    match answer.status {
+        StatusCode::OK => {
+            let proof: api::DpopProof = serde_json::from_slice(&answer.body).map_err(|e| {
+                Failure::Runtime(anyhow::anyhow!("the daemon's answer is not a proof: {e}"))
+            })?;
+            let lines = zeroize::Zeroizing::new(format!(
+                "Authorization: {}\nDPoP: {}\n",
+                proof.authorization, proof.dpop
+            ));
+            let mut out = std::io::stdout().lock();
+            out.write_all(lines.as_bytes())
+                .and_then(|()| out.flush())
+                .map_err(|e| Failure::Runtime(anyhow::anyhow!("failed to write the headers: {e}")))
+        }
+        StatusCode::NOT_FOUND => Err(no_account(socket, account)),
+        _ => Err(Failure::Runtime(anyhow::anyhow!("{}", answer.message()))),
+    }
+}
+
 pub async fn get(
     socket: &Path,
     account: &str,

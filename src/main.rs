@@ -109,12 +109,21 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 args.socket.socket.as_deref(),
                 args.socket.config.as_deref(),
             )?;
-            runtime()?.block_on(client::get(
-                &socket,
-                &args.account,
-                args.json,
-                args.min_valid,
-            ))
+            match args.dpop.as_deref() {
+                Some([method, url]) => runtime()?.block_on(client::get_dpop(
+                    &socket,
+                    &args.account,
+                    method,
+                    url,
+                    args.nonce.as_deref(),
+                )),
+                _ => runtime()?.block_on(client::get(
+                    &socket,
+                    &args.account,
+                    args.json,
+                    args.min_valid,
+                )),
+            }
         }
         Command::Status(args) => {
             let socket = client::resolve_socket(

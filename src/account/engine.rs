@@ -28,7 +28,8 @@ use super::schedule::{self, ErrorClass};
 use super::slots::RefreshPermit;
 use crate::account::metrics::Metrics;
 use crate::clock::{Clock, WallJumps};
-use crate::config::{Account, Grant};
+use crate::config::{Account, Grant, Secret};
+use crate::oauth::dpop::DpopKey;
 use crate::oauth::{Endpoint, Token};
 use crate::output;
 
@@ -232,6 +233,11 @@ pub struct Engine<E> {
     /// Another account (named) runs the chain this account's seed began: nothing is sent
     /// until it stops and its chain can be taken over ([`persist::load_for`]).
     conflict: Option<String>,
+    /// `token_binding = "dpop"`: the key the token is bound to (`dpop_key`, or the one
+    /// kept in `state_dir`, or the one a cluster's leader shares), or why there is none.
+    dpop: Result<Option<Arc<DpopKey>>, String>,
+    /// The PEM of `dpop`, for the cluster's sealed record.
+    dpop_pem: Option<Secret>,
 }
 
 impl<E: Endpoint> Engine<E> {
@@ -352,7 +358,26 @@ impl<E: Endpoint> Engine<E> {
             tracing::info!(account = %account.name, "the refused credentials were replaced: the hold ends");
             saved.end_hold();
         }
+        let (dpop, dpop_pem) = match account.dpop.is_some() {
+            true => {
+                let (a, dir) = (account.clone(), shared.state_dir.clone());
+                match tokio::task::spawn_blocking(move || dpop_key(&a, dir.as_deref()))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("failed to load the DPoP key: {e}")))
+                {
+                    Ok((key, pem)) => (Ok(Some(Arc::new(key))), Some(pem)),
+                    Err(e) => (Err(e), None),
+                }
+            }
+            false => (Ok(None), None),
+        };
+        if let Err(e) = &dpop {
+            tracing::error!(account = %account.name, "{e}");
+        }
+        endpoint.use_dpop_key(dpop.clone().ok().flatten());
         let engine = Engine {
+            dpop,
+            dpop_pem,
             sibling: SiblingKey::of(&account).map(|k| shared.siblings.cell(&k)),
             account,
             endpoint,
@@ -373,6 +398,12 @@ impl<E: Endpoint> Engine<E> {
 
     pub fn account(&self) -> &Arc<Account> {
         &self.account
+    }
+
+    /// The DPoP key the account's tokens are bound to (`token_binding = "dpop"`), for
+    /// readers' proofs.
+    pub fn dpop_key(&self) -> Option<Arc<DpopKey>> {
+        self.dpop.clone().ok().flatten()
     }
 
     fn now(&self) -> SystemTime {
@@ -433,7 +464,9 @@ impl<E: Endpoint> Engine<E> {
 
     /// What other cluster members may take over from this account's state.
     pub fn portable(&self) -> super::persist::Portable {
-        self.saved.portable()
+        let mut p = self.saved.portable();
+        p.dpop_key = self.dpop_pem.as_ref().map(|p| p.expose().to_owned());
+        p
     }
 
     /// Takes over what another member shared (a newer token, the chain's refresh token,
@@ -442,10 +475,60 @@ impl<E: Endpoint> Engine<E> {
     pub async fn adopt(&mut self, shared: &super::persist::Portable) -> Option<Arc<Token>> {
         let before = self.saved.generation();
         let token = self.saved.adopt(&self.account, shared);
+        if token.is_some() {
+            // The key goes with the token it is bound to: taken only with a token taken
+            // (one of this member's own, newer, stays with this member's key).
+            self.adopt_dpop_key(shared.dpop_key.as_deref()).await;
+        }
         if self.saved.generation() != before {
             self.save_quietly().await;
         }
         token
+    }
+
+    /// Takes the DPoP key another member shares, if it is another key than this one's:
+    /// the shared token is bound to it. Kept in `state_dir` unless `dpop_key` is
+    /// configured (that file is the operator's).
+    async fn adopt_dpop_key(&mut self, pem: Option<&str>) {
+        let (Some(config), Some(pem)) = (self.account.dpop.as_deref(), pem) else {
+            return;
+        };
+        if self
+            .dpop_pem
+            .as_ref()
+            .is_some_and(|mine| mine.expose() == pem)
+        {
+            return;
+        }
+        let pem = Secret::new(pem);
+        let key = match DpopKey::from_pem(&pem, config.alg) {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(account = %self.account.name, "the DPoP key another member shares {e}: not taken");
+                return;
+            }
+        };
+        if self
+            .dpop_key()
+            .is_some_and(|mine| mine.thumbprint() == key.thumbprint())
+        {
+            return;
+        }
+        tracing::info!(account = %self.account.name, jkt = %key.thumbprint(), "taking the DPoP key the cluster shares");
+        if let (None, Some(dir)) = (&config.key, self.shared.state_dir.clone()) {
+            let (name, p) = (self.account.name.clone(), pem.clone());
+            let saved =
+                tokio::task::spawn_blocking(move || persist::dpop_key::save(&dir, &name, &p))
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()));
+            if let Err(e) = saved {
+                tracing::error!(account = %self.account.name, "{e}");
+            }
+        }
+        let key = Arc::new(key);
+        self.endpoint.use_dpop_key(Some(key.clone()));
+        self.dpop = Ok(Some(key));
+        self.dpop_pem = Some(pem);
     }
 
     /// Whether a fetched token still waits for its delivery.
@@ -483,6 +566,12 @@ impl<E: Endpoint> Engine<E> {
     ) -> Attempt {
         if let Some(refused) = self.chain_blocked().await {
             return Attempt::Failed(refused);
+        }
+        if let Err(e) = &self.dpop {
+            // Without its key a DPoP account asks nothing: a token it cannot prove is
+            // worth nothing to its readers.
+            let e = e.clone();
+            return Attempt::Failed(self.local(e, None, false));
         }
         let cell = self.sibling.clone();
         let mut guard = match &cell {
@@ -784,6 +873,30 @@ impl<E: Endpoint> Engine<E> {
             }
         }
         self.saved
+    }
+}
+
+/// The DPoP key of a `token_binding = "dpop"` account: `dpop_key`, else the one kept in
+/// `state_dir` (made there the first time). Errors name the file, never the key.
+fn dpop_key(
+    account: &Account,
+    state_dir: Option<&std::path::Path>,
+) -> Result<(DpopKey, Secret), String> {
+    let config = account
+        .dpop
+        .as_ref()
+        .expect("called for DPoP accounts only");
+    match (&config.key, state_dir) {
+        (Some(spec), _) => {
+            let pem = spec
+                .read()
+                .map_err(|e| format!("failed to read the dpop_key: {e}"))?;
+            let key = DpopKey::from_pem(&pem, config.alg)
+                .map_err(|e| format!("failed to use the dpop_key: {} {e}", spec.describe()))?;
+            Ok((key, pem))
+        }
+        (None, Some(dir)) => persist::dpop_key::load_or_make(dir, &account.name, config.alg),
+        (None, None) => Err("token_binding = \"dpop\" without dpop_key needs a state_dir".into()),
     }
 }
 

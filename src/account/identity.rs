@@ -27,6 +27,11 @@ pub struct RequestIdentity {
     username: Option<String>,
     scope: Option<String>,
     extra_params: Vec<(String, String)>,
+    /// `token_binding = "dpop"` and its algorithm (`dpop ES256`): a bearer token is not
+    /// one bound to a key, nor one bound to a key of another kind. Absent for a bearer
+    /// account, so its saved state and cluster path stay what they were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    token_binding: Option<String>,
 }
 
 impl RequestIdentity {
@@ -46,6 +51,7 @@ impl RequestIdentity {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+            token_binding: a.dpop.as_ref().map(|d| format!("dpop {}", d.alg)),
         }
     }
 
@@ -83,9 +89,10 @@ impl std::fmt::Debug for SiblingKey {
 }
 
 impl SiblingKey {
-    /// The key of `a`; none for the refresh_token grant, whose rotation chain is its own.
+    /// The key of `a`; none for the refresh_token grant, whose rotation chain is its own,
+    /// and for a DPoP-bound account, whose token is bound to its own key.
     pub fn of(a: &Account) -> Option<Self> {
-        if matches!(a.grant, Grant::RefreshToken { .. }) {
+        if matches!(a.grant, Grant::RefreshToken { .. }) || a.dpop.is_some() {
             return None;
         }
         Some(SiblingKey {
@@ -336,5 +343,35 @@ mod tests {
             SiblingKey::of(&account("proxy = \"http://u:pw@p:1\""))
         );
         assert!(!dbg.contains("pw@"), "{dbg}");
+    }
+
+    #[test]
+    fn a_dpop_bound_request_is_another_request_and_has_no_siblings() {
+        let parse = |binding: &str| {
+            let text = format!(
+                "[daemon]\nsocket = \"/t.sock\"\nstate_dir = \"/s\"\n[[account]]\nname = \"a\"\n\
+                 token_url = \"https://idp.example/t\"\nclient_id = \"id\"\nclient_secret = \"s3cret\"\n\
+                 urls = [\"https://api.example/\"]\n{binding}\n"
+            );
+            parse_str(&text, Path::new("/c.toml"))
+                .unwrap()
+                .accounts
+                .remove(0)
+        };
+        let bearer = parse("");
+        let dpop = parse("token_binding = \"dpop\"");
+        let p384 = parse("token_binding = \"dpop\"\ndpop_alg = \"ES384\"");
+        let ids = [&bearer, &dpop, &p384].map(|a| RequestIdentity::of(a).digest());
+        assert!(ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2]);
+        // A bearer account's identity is written as it always was.
+        let json = serde_json::to_value(RequestIdentity::of(&bearer)).unwrap();
+        assert!(json.get("token_binding").is_none(), "{json}");
+        let json = serde_json::to_value(RequestIdentity::of(&dpop)).unwrap();
+        assert_eq!(json["token_binding"], "dpop ES256");
+        assert!(SiblingKey::of(&bearer).is_some());
+        assert!(
+            SiblingKey::of(&dpop).is_none(),
+            "each DPoP account has its own key"
+        );
     }
 }

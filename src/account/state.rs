@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use crate::oauth::dpop::DpopKey;
 use crate::oauth::Token;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -57,6 +58,9 @@ pub struct TokenState {
     /// account (another key, another identity under the name, a refused record, a
     /// clock that is off), safe to show.
     pub cluster_warning: Option<String>,
+    /// `token_binding = "dpop"`: the key the token is bound to, for readers' proofs
+    /// (SPEC §9). `Debug` shows its kind only.
+    pub dpop: Option<Arc<DpopKey>>,
 }
 
 impl Default for TokenState {
@@ -73,6 +77,7 @@ impl Default for TokenState {
             refreshed_by: None,
             degraded: false,
             cluster_warning: None,
+            dpop: None,
         }
     }
 }
@@ -311,6 +316,25 @@ pub mod published {
             assert_eq!(rx.has_changed(), Err(Closed));
             assert_eq!(rx.changed().await, Err(Closed));
             assert!(rx.wait_for(|v| *v > 3).await.is_err());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_of_a_state_shows_the_dpop_key_kind_only() {
+        let (key, pem) = DpopKey::generate(crate::config::DpopAlg::Es256).unwrap();
+        let state = TokenState {
+            dpop: Some(Arc::new(key)),
+            ..TokenState::default()
+        };
+        let dbg = format!("{state:?}");
+        assert!(dbg.contains("EC P-256"), "{dbg}");
+        for line in pem.expose().lines().filter(|l| !l.starts_with("-----")) {
+            assert!(!dbg.contains(line), "{dbg}");
         }
     }
 }

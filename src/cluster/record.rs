@@ -303,6 +303,7 @@ mod tests {
                 wait: None,
                 refusals: 0,
                 last_error: None,
+                dpop_key: None,
             },
             token_left_ms: Some(1000),
             written_at_ms: None,

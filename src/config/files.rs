@@ -201,6 +201,11 @@ fn check_key_file(k: &KeyFile, checks: Checks) -> Result<(), ConfigError> {
                 })?;
             }
         }
+        KeyUse::Dpop { alg } => {
+            let key = keys::PrivateKey::from_pem(&pem).map_err(|e| err(format!("{source} {e}")))?;
+            alg.check_key(&key)
+                .map_err(|e| err(format!("{source} {e}")))?;
+        }
         KeyUse::ClientKey => {}
         KeyUse::ClientCert { key } => {
             let info = keys::certificate_info(pem.expose().as_bytes())

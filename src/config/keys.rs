@@ -68,6 +68,67 @@ impl fmt::Display for AssertionAlg {
     }
 }
 
+/// The JWS algorithms of a DPoP key (`dpop_alg`, RFC 9449; `oauth::dpop` signs with it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DpopAlg {
+    Es256,
+    Es384,
+    Rs256,
+    Ps256,
+}
+
+impl DpopAlg {
+    pub const ALL: [(&'static str, DpopAlg); 4] = [
+        ("ES256", DpopAlg::Es256),
+        ("ES384", DpopAlg::Es384),
+        ("RS256", DpopAlg::Rs256),
+        ("PS256", DpopAlg::Ps256),
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DpopAlg::Es256 => "ES256",
+            DpopAlg::Es384 => "ES384",
+            DpopAlg::Rs256 => "RS256",
+            DpopAlg::Ps256 => "PS256",
+        }
+    }
+
+    /// Whether `key` signs with this algorithm; the error says what the key is and
+    /// what the algorithm needs.
+    pub fn check_key(self, key: &PrivateKey) -> Result<(), KeyError> {
+        let fits = match self {
+            DpopAlg::Es256 => key.check_alg(AssertionAlg::Es256).is_ok(),
+            DpopAlg::Es384 => key.check_alg(AssertionAlg::Es384).is_ok(),
+            DpopAlg::Rs256 | DpopAlg::Ps256 => key.is_rsa(),
+        };
+        if fits {
+            return Ok(());
+        }
+        let wants = match self {
+            DpopAlg::Es256 => "an EC P-256 key",
+            DpopAlg::Es384 => "an EC P-384 key",
+            DpopAlg::Rs256 | DpopAlg::Ps256 => "an RSA key",
+        };
+        Err(KeyError::Unsupported(format!(
+            "{}, but dpop_alg = \"{self}\" needs {wants}",
+            key.kind()
+        )))
+    }
+
+    /// Whether tokend can make a key for this algorithm itself (EC only: ring makes no
+    /// RSA keys; an RSA algorithm needs `dpop_key`).
+    pub fn can_generate(self) -> bool {
+        matches!(self, DpopAlg::Es256 | DpopAlg::Es384)
+    }
+}
+
+impl fmt::Display for DpopAlg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Why a key or certificate cannot be used. Never holds key material.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {

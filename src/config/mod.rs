@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use keys::AssertionAlg;
+pub use keys::{AssertionAlg, DpopAlg};
 pub use secret::{Secret, SecretError, SecretSpec};
 pub use validate::{is_loopback, parse_hex_key, ClusterKeyError, DEFAULT_CREDENTIAL_USERNAME};
 
@@ -142,6 +142,18 @@ pub struct Account {
     pub urls: Vec<url::Url>,
     /// Shared with the cluster (when there is a `[cluster]`); `cluster = false` opts out.
     pub cluster: bool,
+    /// `token_binding = "dpop"` (SPEC §9): the token is bound to a key tokend keeps.
+    pub dpop: Option<Box<DpopConfig>>,
+}
+
+/// `token_binding = "dpop"` (RFC 9449): the algorithm and where the key is. `Debug`
+/// shows where the key comes from, never the key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DpopConfig {
+    pub alg: DpopAlg,
+    /// `dpop_key`; none: a key tokend makes once and keeps in `state_dir`
+    /// (`NAME.dpop.pem`, mode 0600).
+    pub key: Option<SecretSpec>,
 }
 
 impl fmt::Debug for Account {
@@ -183,6 +195,7 @@ impl fmt::Debug for Account {
             )
             .field("credential_username", &self.options.credential_username)
             .field("cluster", &self.cluster)
+            .field("dpop", &self.dpop)
             .finish()
     }
 }
@@ -248,6 +261,9 @@ impl Account {
             // renewal) ends a hold like a new secret does.
             v.push(("client_cert", &c.cert));
             v.push(("client_key", &c.key));
+        }
+        if let Some(k) = self.dpop.as_ref().and_then(|d| d.key.as_ref()) {
+            v.push(("dpop_key", k));
         }
         v
     }

@@ -91,6 +91,11 @@ pub(crate) struct RawAccount {
     pub on_refresh_signal: Option<S<RawSignal>>,
     pub hook_timeout: Option<S<String>>,
 
+    /// `"dpop"`: sender-constrained tokens (RFC 9449); `"bearer"` (the default) not.
+    pub token_binding: Option<S<String>>,
+    pub dpop_alg: Option<S<String>>,
+    pub dpop_key: Option<S<toml::Value>>,
+
     /// The resource URLs the token is for: credential helpers pick the account by them.
     pub urls: Option<S<Vec<S<String>>>>,
     /// The user name git and container tools send beside the token.

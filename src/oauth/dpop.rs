@@ -15,53 +15,16 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use crate::config::keys::{b64url, KeyError, PrivateKey};
+pub use crate::config::DpopAlg;
 use crate::config::{AssertionAlg, Secret};
-
-/// The JWS algorithms of a DPoP key (`dpop_alg`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DpopAlg {
-    Es256,
-    Es384,
-    Rs256,
-    Ps256,
-}
-
-impl DpopAlg {
-    pub const ALL: [(&'static str, DpopAlg); 4] = [
-        ("ES256", DpopAlg::Es256),
-        ("ES384", DpopAlg::Es384),
-        ("RS256", DpopAlg::Rs256),
-        ("PS256", DpopAlg::Ps256),
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DpopAlg::Es256 => "ES256",
-            DpopAlg::Es384 => "ES384",
-            DpopAlg::Rs256 => "RS256",
-            DpopAlg::Ps256 => "PS256",
-        }
-    }
-
-    /// Whether tokend can make a key for this algorithm itself (EC only: ring makes no
-    /// RSA keys; an RSA algorithm needs `dpop_key`).
-    pub fn can_generate(self) -> bool {
-        matches!(self, DpopAlg::Es256 | DpopAlg::Es384)
-    }
-}
-
-impl fmt::Display for DpopAlg {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// A DPoP key and the algorithm it signs with. `Debug` shows the key's kind only.
 pub struct DpopKey {
     key: PrivateKey,
     alg: DpopAlg,
-    /// The public JWK, as every proof's header carries it.
-    jwk: serde_json::Value,
+    /// The proof header (`typ`, `alg`, the public `jwk`), base64url: the same for every
+    /// proof of this key, so encoded once.
+    header: String,
 }
 
 impl fmt::Debug for DpopKey {
@@ -77,24 +40,9 @@ impl DpopKey {
     /// The key in `pem` for `alg`; an error says what the key is and what `alg` needs.
     pub fn from_pem(pem: &Secret, alg: DpopAlg) -> Result<Self, KeyError> {
         let key = PrivateKey::from_pem(pem)?;
-        let fits = match alg {
-            DpopAlg::Es256 => key.check_alg(AssertionAlg::Es256).is_ok(),
-            DpopAlg::Es384 => key.check_alg(AssertionAlg::Es384).is_ok(),
-            DpopAlg::Rs256 | DpopAlg::Ps256 => key.is_rsa(),
-        };
-        if !fits {
-            let wants = match alg {
-                DpopAlg::Es256 => "an EC P-256 key",
-                DpopAlg::Es384 => "an EC P-384 key",
-                DpopAlg::Rs256 | DpopAlg::Ps256 => "an RSA key",
-            };
-            return Err(KeyError::Unsupported(format!(
-                "{}, but dpop_alg = \"{alg}\" needs {wants}",
-                key.kind()
-            )));
-        }
-        let jwk = key.public_jwk_bare();
-        Ok(DpopKey { key, alg, jwk })
+        alg.check_key(&key)?;
+        let header = header(&key, alg);
+        Ok(DpopKey { key, alg, header })
     }
 
     /// A new key for `alg` (EC only, see [`DpopAlg::can_generate`]) and its PEM to keep.
@@ -105,8 +53,8 @@ impl DpopKey {
             )));
         }
         let (key, pem) = PrivateKey::generate_ec(alg == DpopAlg::Es384)?;
-        let jwk = key.public_jwk_bare();
-        Ok((DpopKey { key, alg, jwk }, pem))
+        let header = header(&key, alg);
+        Ok((DpopKey { key, alg, header }, pem))
     }
 
     pub fn alg(&self) -> DpopAlg {
@@ -130,12 +78,6 @@ impl DpopKey {
         now: SystemTime,
     ) -> Result<Secret, KeyError> {
         #[derive(Serialize)]
-        struct Header<'a> {
-            typ: &'static str,
-            alg: &'static str,
-            jwk: &'a serde_json::Value,
-        }
-        #[derive(Serialize)]
         struct Claims<'a> {
             jti: String,
             htm: &'a str,
@@ -146,11 +88,6 @@ impl DpopKey {
             #[serde(skip_serializing_if = "Option::is_none")]
             nonce: Option<&'a str>,
         }
-        let header = Header {
-            typ: "dpop+jwt",
-            alg: self.alg.as_str(),
-            jwk: &self.jwk,
-        };
         let claims = Claims {
             jti: b64url(&rand::random::<[u8; 16]>()),
             htm: method,
@@ -162,10 +99,9 @@ impl DpopKey {
             ath: token.map(ath),
             nonce,
         };
-        let header = serde_json::to_vec(&header).expect("a header serializes");
         let payload =
             zeroize::Zeroizing::new(serde_json::to_vec(&claims).expect("claims serialize"));
-        let input = format!("{}.{}", b64url(&header), b64url(&payload));
+        let input = format!("{}.{}", self.header, b64url(&payload));
         let signature = match self.alg {
             DpopAlg::Es256 => self.key.sign(AssertionAlg::Es256, input.as_bytes())?,
             DpopAlg::Es384 => self.key.sign(AssertionAlg::Es384, input.as_bytes())?,
@@ -174,6 +110,22 @@ impl DpopKey {
         };
         Ok(Secret::new(format!("{input}.{}", b64url(&signature))))
     }
+}
+
+/// The base64url of a proof's JOSE header for `key` (RFC 9449 §4.2).
+fn header(key: &PrivateKey, alg: DpopAlg) -> String {
+    #[derive(Serialize)]
+    struct Header {
+        typ: &'static str,
+        alg: &'static str,
+        jwk: serde_json::Value,
+    }
+    let header = Header {
+        typ: "dpop+jwt",
+        alg: alg.as_str(),
+        jwk: key.public_jwk_bare(),
+    };
+    b64url(&serde_json::to_vec(&header).expect("a header serializes"))
 }
 
 /// `htu` (RFC 9449 §4.2): the URL without its query and fragment.

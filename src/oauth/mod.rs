@@ -128,6 +128,10 @@ pub trait Endpoint: Send + Sync + 'static {
         None
     }
 
+    /// The DPoP key the next [`Endpoint::fetch`] proves its requests with
+    /// (`token_binding = "dpop"`): the refresh engine keeps it and sets it.
+    fn use_dpop_key(&self, _key: Option<std::sync::Arc<dpop::DpopKey>>) {}
+
     /// The `Date` header of the provider's last answer, and when it was received (this
     /// host's clock): cluster mode compares the clocks (issue #20).
     fn provider_date(&self) -> Option<(SystemTime, SystemTime)> {

@@ -12,6 +12,7 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT, AUTHORIZATION,
 use url::form_urlencoded;
 use zeroize::Zeroizing;
 
+use super::dpop::DpopKey;
 pub use super::redact::redacted_url;
 use super::response::{self, Token};
 use super::{assertion, discovery, error_chain, Endpoint, Error, Transports};
@@ -204,6 +205,9 @@ pub struct HttpEndpoint {
     discovered: std::sync::Mutex<Discovered>,
     /// The `Date` of the last answer and when it came (cluster mode compares clocks).
     date: std::sync::Mutex<Option<(SystemTime, SystemTime)>>,
+    /// `token_binding = "dpop"`: the key every request proves itself with, as the
+    /// refresh engine set it.
+    dpop: std::sync::Mutex<Option<Arc<DpopKey>>>,
 }
 
 #[derive(Default)]
@@ -239,6 +243,7 @@ impl HttpEndpoint {
             refresh_token: Default::default(),
             discovered: Default::default(),
             date: Default::default(),
+            dpop: Default::default(),
         })
     }
 
@@ -305,7 +310,12 @@ impl HttpEndpoint {
         }
     }
 
-    async fn send(&self, client: &reqwest::Client, req: TokenRequest) -> Result<Token, Error> {
+    async fn send(
+        &self,
+        client: &reqwest::Client,
+        req: TokenRequest,
+        token_url: &url::Url,
+    ) -> Result<Token, Error> {
         let url = redacted_url(&req.url);
         let transport = |e: reqwest::Error| {
             if e.is_timeout() {
@@ -333,6 +343,12 @@ impl HttpEndpoint {
             .map_err(transport)?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
+        if self.account.dpop.is_some() {
+            // RFC 9449 §8: the newest nonce, from an error or a success alike.
+            if let Some(n) = headers.get("dpop-nonce").and_then(|n| n.to_str().ok()) {
+                self.transports.set_dpop_nonce(token_url, n);
+            }
+        }
         if let Some(date) = headers
             .get(reqwest::header::DATE)
             .and_then(|d| d.to_str().ok())
@@ -365,6 +381,50 @@ impl HttpEndpoint {
     }
 }
 
+impl HttpEndpoint {
+    /// One request: a fresh client assertion (its `jti` is new each time) and, for a
+    /// DPoP account, a fresh proof with the provider's newest nonce.
+    async fn try_once(
+        &self,
+        client: &reqwest::Client,
+        token_url: &url::Url,
+        creds: &mut Credentials,
+        dpop: Option<&DpopKey>,
+    ) -> Result<Token, Error> {
+        let now = self.clock.now();
+        if let Some(pem) = &creds.private_key {
+            let signed = assertion::client_assertion(&self.account, pem, token_url, now).map_err(
+                |source| Error::Key {
+                    what: "private key",
+                    from: self
+                        .account
+                        .assertion
+                        .as_ref()
+                        .map_or_else(String::new, |a| a.private_key.describe()),
+                    source,
+                },
+            )?;
+            creds.client_assertion = Some(signed);
+        }
+        let mut req = build(&self.account, token_url, creds);
+        if let Some(key) = dpop {
+            let nonce = self.transports.dpop_nonce(token_url);
+            let proof = key
+                .proof("POST", token_url, None, nonce.as_deref(), now)
+                .map_err(|source| Error::Key {
+                    what: "DPoP key",
+                    from: "dpop_key".into(),
+                    source,
+                })?;
+            let mut value =
+                HeaderValue::from_str(proof.expose()).expect("a JWS is a valid header value");
+            value.set_sensitive(true);
+            req.headers.insert(HeaderName::from_static("dpop"), value);
+        }
+        self.send(client, req, token_url).await
+    }
+}
+
 impl Endpoint for HttpEndpoint {
     async fn fetch(&self) -> Result<Token, Error> {
         let mut creds = Credentials::read(&self.account)?;
@@ -374,23 +434,39 @@ impl Endpoint for HttpEndpoint {
         }
         let client = self.client()?;
         let token_url = self.token_url(&client).await?;
-        if let Some(pem) = &creds.private_key {
-            let signed =
-                assertion::client_assertion(&self.account, pem, &token_url, self.clock.now())
-                    .map_err(|source| Error::Key {
-                        what: "private key",
-                        from: self
-                            .account
-                            .assertion
-                            .as_ref()
-                            .map_or_else(String::new, |a| a.private_key.describe()),
-                        source,
-                    })?;
-            creds.client_assertion = Some(signed);
+        let dpop = self.dpop.lock().expect("never poisoned").clone();
+        if self.account.dpop.is_some() && dpop.is_none() {
+            return Err(Error::Key {
+                what: "DPoP key",
+                from: "the refresh engine".into(),
+                source: crate::config::keys::KeyError::Unsupported("no key yet".into()),
+            });
         }
-        let result = self
-            .send(&client, build(&self.account, &token_url, &creds))
+        // RFC 9449 §8: a server that wants a nonce answers `use_dpop_nonce` with one;
+        // the request is made again at once with it, once (not a failure).
+        let mut result = self
+            .try_once(&client, &token_url, &mut creds, dpop.as_deref())
             .await;
+        if let (Some(_), Err(e)) = (&dpop, &result) {
+            if e.oauth_code() == Some("use_dpop_nonce") {
+                tracing::debug!(account = %self.account.name, "the token endpoint asked for a DPoP nonce; asking again with it");
+                result = self
+                    .try_once(&client, &token_url, &mut creds, dpop.as_deref())
+                    .await;
+            }
+        }
+        if let (Some(_), Ok(token)) = (&dpop, &result) {
+            if !token.token_type.eq_ignore_ascii_case("DPoP") {
+                return Err(Error::Malformed {
+                    status: 200,
+                    reason: format!(
+                        "token_type is {:?}, not \"DPoP\": the server ignored the DPoP proof and issued an unbound token (turn DPoP on for this client at the provider, or set token_binding = \"bearer\")",
+                        token.token_type
+                    ),
+                    rotated: token.refresh_token.clone(),
+                });
+            }
+        }
         if let Err(e) = &result {
             // The endpoint may have moved: discover again before the next request. Not
             // for an answer of the server's own (a refusal, a rate limit, an OAuth error).
@@ -421,6 +497,10 @@ impl Endpoint for HttpEndpoint {
 
     fn provider_date(&self) -> Option<(SystemTime, SystemTime)> {
         *self.date.lock().expect("never poisoned")
+    }
+
+    fn use_dpop_key(&self, key: Option<Arc<DpopKey>>) {
+        *self.dpop.lock().expect("never poisoned") = key;
     }
 
     fn discovered_token_url(&self) -> Option<url::Url> {

@@ -47,6 +47,9 @@ pub struct Transports {
     clients: Mutex<HashMap<TransportKey, Arc<reqwest::Client>>>,
     built: AtomicUsize,
     discovery_epoch: AtomicU64,
+    /// The newest `DPoP-Nonce` each token endpoint sent (RFC 9449 §8), by its URL
+    /// without query: every DPoP account of that provider proves with it.
+    dpop_nonces: Mutex<HashMap<String, String>>,
 }
 
 /// A client certificate chain and its key, as PEM, read for one client; zeroed when
@@ -133,6 +136,25 @@ impl Transports {
     /// endpoint again before its next request.
     pub fn rediscover(&self) {
         self.discovery_epoch.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The newest `DPoP-Nonce` the token endpoint at `url` sent, if any.
+    pub fn dpop_nonce(&self, url: &url::Url) -> Option<String> {
+        let key = super::dpop::htu(url);
+        self.dpop_nonces
+            .lock()
+            .expect("never poisoned")
+            .get(&key)
+            .cloned()
+    }
+
+    /// Keeps `nonce` as the newest the token endpoint at `url` sent.
+    pub fn set_dpop_nonce(&self, url: &url::Url, nonce: &str) {
+        let key = super::dpop::htu(url);
+        self.dpop_nonces
+            .lock()
+            .expect("never poisoned")
+            .insert(key, nonce.to_owned());
     }
 
     /// The current discovery epoch (see [`Transports::rediscover`]).

@@ -70,6 +70,33 @@ pub fn refresh_path(account: &str) -> String {
     format!("{TOKENS}/{account}/refresh")
 }
 
+/// `POST /v1/tokens/{account}/dpop` (SPEC §9): a [`DpopRequest`] in, a [`DpopProof`]
+/// out.
+pub fn dpop_path(account: &str) -> String {
+    format!("{TOKENS}/{account}/dpop")
+}
+
+/// What a reader is about to send with a DPoP-bound token: the method, the URL (under
+/// one of the account's `urls`), and the resource server's `DPoP-Nonce`, if it sent one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpopRequest {
+    pub method: String,
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
+}
+
+/// The two headers of one request: `Authorization` (`DPoP <token>`) and `DPoP` (the
+/// proof, for that method and URL only, with a `jti` of its own); `expires_at` is the
+/// token's, RFC 3339 UTC. No `Debug`: both are credentials.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DpopProof {
+    pub authorization: String,
+    pub dpop: String,
+    pub expires_at: String,
+}
+
 /// The query parameter of the refresh `POST`: `force=true` also ends a hold or a
 /// rate-limit wait, for one attempt. Only root or the daemon's own user may ask for it
 /// (else 403, [`code::FORBIDDEN`]).

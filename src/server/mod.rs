@@ -15,6 +15,7 @@
 
 pub mod api;
 mod connection;
+mod dpop;
 mod listen;
 pub mod peer;
 mod refresh;

@@ -89,6 +89,10 @@ async fn route(req: Request<Incoming>, ctx: &Ctx, caller: &Caller) -> Response<B
             refresh(ctx, peer, name, action == "reseed", &parts, body).await
         }
         "refresh" | "reseed" => not_allowed("POST"),
+        "dpop" if parts.method == Method::POST => {
+            super::dpop::proof(ctx, peer, name, &parts, body).await
+        }
+        "dpop" => not_allowed("POST"),
         _ => no_endpoint(path),
     }
 }

@@ -17,6 +17,7 @@ fn portable(rt: &str) -> tokend::account::persist::Portable {
         wait: None,
         refusals: 0,
         last_error: None,
+        dpop_key: None,
     }
 }
 

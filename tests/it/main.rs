@@ -28,6 +28,9 @@
 //!   against kube-apiserver trusting oidc-provider's JWTs, git clone and push against
 //!   `git http-backend`, podman against docker-registry; each helper's failure paths.
 //!
+//! - `dpop`: DPoP-bound tokens (RFC 9449) against oidc-provider with DPoP on, proofs
+//!   checked by a jose resource server; restart, refusals, the key kept out of sight.
+//!
 //! Helpers live in `support/`: the fake IdP, the daemon runner and bounded waits, a
 //! plain HTTP client for the socket, the scripted endpoint, etcd members, oidc-provider
 //! and the keys and certificates made for it, a Kubernetes API server. Daemon tests
@@ -38,6 +41,7 @@ mod chain;
 mod cluster;
 mod credential;
 mod daemon;
+mod dpop;
 mod faults;
 mod hostile;
 mod inprocess;

@@ -10,7 +10,8 @@
 // "key", "cert" } (optional: the issuer itself on https, no client certificate asked),
 // "resource": "URI" (optional: a resource server, RFC 8707; a token request naming it
 // gets a signed JWT access token (RS256, RFC 9068) with that audience, its keys at the
-// issuer's jwks_uri) }.
+// issuer's jwks_uri), "dpop": { "nonce": bool } (optional: DPoP, RFC 9449, turned on;
+// with "nonce" every token request needs a server nonce, `use_dpop_nonce` first) }.
 //
 // Serves, on 127.0.0.1 (ports chosen by the kernel):
 // - http://127.0.0.1:P: the issuer. /.well-known/openid-configuration (oidc-provider's
@@ -21,6 +22,8 @@
 //   http://127.0.0.1:P/as8414, whose openid-configuration is absent).
 // - https://127.0.0.1:Q (with "tls"): the same, behind TLS that requires a client
 //   certificate signed by tls.ca (mutual TLS, RFC 8705), for tls_client_auth.
+// - GET /test/refresh_token?client_id=C: a refresh token of a grant made for client C
+//   (the refresh_token grant's seed, without a browser).
 // - GET /test/log: every token request so far, as JSON lines of
 //   {"client_id", "status", "error", "tls"}, and GET /test/issued: the access tokens
 //   issued so far (so tests can tell that a token is this server's).
@@ -101,9 +104,17 @@ const provider = new Provider(issuer, {
   clientAuthMethods: ['private_key_jwt', 'tls_client_auth', 'client_secret_basic'],
   enabledJWA: {
     clientAuthSigningAlgValues: ['RS256', 'RS384', 'ES256', 'ES384'],
+    dPoPSigningAlgValues: ['ES256', 'ES384', 'RS256', 'PS256'],
   },
   features: {
     clientCredentials: { enabled: true },
+    ...(config.dpop && {
+      dPoP: {
+        enabled: true,
+        nonceSecret: crypto.randomBytes(32),
+        requireNonce: () => Boolean(config.dpop.nonce),
+      },
+    }),
     ...(resourceServer && {
       resourceIndicators: {
         enabled: true,
@@ -125,8 +136,12 @@ const provider = new Provider(issuer, {
     },
   },
   ...(resourceServer && { jwks: resourceServer.jwks }),
-  scopes: ['system/*.read'],
-  ttl: { ClientCredentials: config.ttl },
+  // offline_access turns the refresh_token grant on (`/test/refresh_token`).
+  scopes: ['system/*.read', 'offline_access'],
+  // Every ttl set: a default's NOTICE would go to stdout.
+  ttl: {
+    ClientCredentials: config.ttl, AccessToken: config.ttl, Grant: 86400, RefreshToken: 86400,
+  },
 });
 
 provider.on('client_credentials.saved', (token) => issued.push(token.jti));
@@ -151,6 +166,33 @@ provider.use(async (ctx, next) => {
       scopes_supported: ['system/*.read'],
       capabilities: ['client-confidential-asymmetric'],
     };
+    return;
+  }
+  if (ctx.path === '/test/refresh_token') {
+    // A refresh token of a grant made for the test (as if the user had consented),
+    // for the client named in the query: what a refresh_token account starts from.
+    let client;
+    try {
+      client = await provider.Client.find(ctx.query.client_id);
+    } catch (e) {
+      ctx.status = 400;
+      ctx.body = { error: e.message, error_description: e.error_description };
+      return;
+    }
+    const grant = new provider.Grant({ accountId: 'alice', clientId: client.clientId });
+    grant.addOIDCScope('offline_access');
+    if (config.resource) grant.addResourceScope(config.resource, 'api');
+    const grantId = await grant.save();
+    const rt = new provider.RefreshToken({
+      client,
+      accountId: 'alice',
+      grantId,
+      gty: 'authorization_code',
+      authTime: Math.floor(Date.now() / 1000),
+      scope: config.resource ? 'offline_access api' : 'offline_access',
+      ...(config.resource && { resource: config.resource }),
+    });
+    ctx.body = { refresh_token: await rt.save() };
     return;
   }
   if (ctx.path === '/.well-known/oauth-authorization-server/as8414') {

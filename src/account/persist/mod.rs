@@ -4,9 +4,11 @@
 //! or a crash loop does not ask the provider again while a token is still fresh, nor
 //! sooner than planned.
 //!
-//! `saved` is the model, `file` the state file, `lock` the per-account lock. Only the
+//! `saved` is the model, `file` the state file, `lock` the per-account lock, `dpop_key`
+//! the DPoP key tokend made for an account. Only the
 //! refresh engine (`engine`) reads and writes these.
 
+pub mod dpop_key;
 mod file;
 mod lock;
 mod saved;

@@ -56,12 +56,19 @@ pub struct Portable {
     /// Why the last request failed, if it did (safe to show: no secret, no token).
     #[serde(default)]
     pub last_error: Option<String>,
+    /// `token_binding = "dpop"`: the PEM of the key the token is bound to, so that every
+    /// member mints proofs for the shared token (SPEC §9). Only ever in the sealed record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dpop_key: Option<String>,
 }
 
 impl Drop for Portable {
     fn drop(&mut self) {
         if let Some(rt) = &mut self.refresh_token {
             zeroize::Zeroize::zeroize(rt);
+        }
+        if let Some(k) = &mut self.dpop_key {
+            zeroize::Zeroize::zeroize(k);
         }
     }
 }
@@ -457,6 +464,7 @@ impl Saved {
             wait: self.wait,
             refusals: self.refusals,
             last_error: None,
+            dpop_key: None,
         }
     }
 

@@ -396,7 +396,21 @@ impl<'a, E: Endpoint> Task<'a, E> {
                 }
             }
         }
-        if let Some(token) = engine.adopt(&state).await {
+        let taken = engine.adopt(&state).await;
+        if let Some(key) = engine.dpop_key() {
+            // The key another member shared goes with its token (SPEC §9).
+            if !self
+                .parts
+                .state
+                .borrow()
+                .dpop
+                .as_ref()
+                .is_some_and(|k| Arc::ptr_eq(k, &key))
+            {
+                self.publish(|s| s.dpop = Some(key));
+            }
+        }
+        if let Some(token) = taken {
             self.serve_adopted(engine, token, &shared, plan).await;
         } else if let Some(token) = self.unserved(&shared) {
             // The cluster's token, which the engine holds already but which is not

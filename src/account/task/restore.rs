@@ -30,14 +30,18 @@ impl<'a, E: Endpoint> Task<'a, E> {
                 tracing::info!(account = %parts.account.name, removed, "removed stale temporary files");
             }
         }
-        Engine::open(
+        let engine = Engine::open(
             parts.account.clone(),
             parts.endpoint.clone(),
             parts.shared.clone(),
             in_memory.map(|s| *s),
             self.cancel,
         )
-        .await
+        .await?;
+        if let Some(key) = engine.dpop_key() {
+            parts.state.send_modify(|s| s.dpop = Some(key));
+        }
+        Some(engine)
     }
 
     /// Publishes a saved token that is still valid, without asking the provider, and
@@ -102,7 +106,12 @@ impl<'a, E: Endpoint> Task<'a, E> {
             }
         } else {
             // Nothing for this request: readers must not see another request's token.
-            self.publish(|s| *s = TokenState::default());
+            self.publish(|s| {
+                *s = TokenState {
+                    dpop: s.dpop.take(),
+                    ..TokenState::default()
+                }
+            });
         }
         if let Some(at) = engine.changed_request_not_before() {
             let wait = at.duration_since(now).unwrap_or_default();

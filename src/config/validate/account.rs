@@ -84,6 +84,7 @@ pub(super) fn account(
     );
     let outputs = output::outputs(cx, &at, &name, has_socket);
     let urls = super::credential::urls(cx, &at, &|u| allow_http || is_loopback(u));
+    let dpop = super::binding::binding(cx, &at, has_socket);
 
     if cx.errors.len() > before {
         return None;
@@ -106,6 +107,7 @@ pub(super) fn account(
         outputs,
         urls,
         cluster: pick!(a, d, cluster).is_none_or(|c| *c.get_ref()),
+        dpop: dpop.map(Box::new),
     })
 }
 

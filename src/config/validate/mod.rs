@@ -10,7 +10,8 @@
 //! keys with a did-you-mean, type errors, line and column), `values` (durations, choices,
 //! modes, secrets, users and groups, as every section writes them), `daemon`, `cluster`,
 //! `account`, `auth` (client authentication, private_key_jwt, client certificates, the
-//! grant), `credential` (what the credential helpers read: `urls`, `credential_username`)
+//! grant), `credential` (what the credential helpers read: `urls`, `credential_username`),
+//! `binding` (`token_binding`, DPoP)
 //! and `output`. This file holds the walk over the whole file and what holds
 //! across accounts (names, state_dir, output paths).
 
@@ -23,6 +24,7 @@ macro_rules! pick {
 
 mod account;
 mod auth;
+mod binding;
 mod cluster;
 mod credential;
 mod daemon;
@@ -86,6 +88,8 @@ pub(super) enum KeyUse {
     ClientKey,
     /// A client certificate, and the key that goes with it.
     ClientCert { key: SecretSpec },
+    /// A DPoP key (`dpop_key`) for this algorithm.
+    Dpop { alg: super::DpopAlg },
 }
 
 /// Parses and validates config text; `file` names the file in errors and anchors
@@ -155,6 +159,11 @@ fn accounts(
             .as_ref()
             .or(defaults.grant_type.as_ref())
             .map_or(span.clone(), |g| g.span());
+        let binding_at = raw
+            .token_binding
+            .as_ref()
+            .or(defaults.token_binding.as_ref())
+            .map_or(span.clone(), |g| g.span());
         let has_socket = daemon.socket.is_some();
         let Some(a) = account::account(cx, &label, raw, defaults, span.clone(), has_socket) else {
             continue;
@@ -176,6 +185,13 @@ fn accounts(
                 grant_at,
                 format!("{label}.grant_type"),
                 "grant_type = \"refresh_token\" needs [daemon] state_dir: the provider rotates the refresh token, and the rotated one must survive a restart (the configured one is spent after the first refresh)",
+            );
+        }
+        if a.dpop.as_ref().is_some_and(|d| d.key.is_none()) && daemon.state_dir.is_none() {
+            cx.err(
+                binding_at,
+                format!("{label}.token_binding"),
+                "token_binding = \"dpop\" without dpop_key needs [daemon] state_dir: tokend makes the key once and keeps it there, so that a restart keeps the tokens already bound to it",
             );
         }
         paths.check(cx, &label, &a, path_spans);
@@ -544,10 +560,25 @@ grant_type = "password"
             Some(Duration::from_secs(25 * 60))
         );
         // The commented SMART Backend Services account parses once uncommented.
+        let uncommented = |marker: &str| -> String {
+            text.split(marker)
+                .nth(1)
+                .expect("the example has the account")
+                .split("\n\n")
+                .next()
+                .expect("a section")
+                .lines()
+                .map(|l| l.strip_prefix('#').unwrap_or(l))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
         let ehr: String = text
             .split("#[[account]]\n#name = \"ehr\"")
             .nth(1)
             .expect("the example has the SMART account")
+            .split("\n\n# A FHIR API")
+            .next()
+            .expect("a section")
             .lines()
             .map(|l| l.strip_prefix('#').unwrap_or(l))
             .collect::<Vec<_>>()
@@ -564,6 +595,17 @@ grant_type = "password"
             ehr.assertion.as_ref().unwrap().alg,
             Some(AssertionAlg::Rs384)
         );
+        // And the commented DPoP account, with the daemon's socket and state_dir.
+        let fhir = uncommented("#[[account]]\n#name = \"fhir\"");
+        let c = parse_str(
+            &format!(
+                "[daemon]\nsocket = \"/run/t.sock\"\nstate_dir = \"/var/lib/tokend\"\n\
+                 [[account]]\nname = \"fhir\"{fhir}"
+            ),
+            Path::new("config.example.toml"),
+        )
+        .unwrap();
+        assert!(c.accounts[0].dpop.is_some());
     }
 
     #[test]

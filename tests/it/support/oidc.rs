@@ -70,9 +70,12 @@ impl OidcProvider {
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
+            let mut out = std::io::BufReader::new(stdout);
             let mut line = String::new();
-            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            let _ = out.read_line(&mut line);
             let _ = tx.send(line);
+            // Drained to the end: node dies of EPIPE writing to a closed stdout.
+            let _ = std::io::copy(&mut out, &mut std::io::sink());
         });
         // Drained so that a chatty server never blocks; shown if it does not start.
         let (etx, erx) = std::sync::mpsc::channel();
@@ -127,6 +130,20 @@ impl OidcProvider {
             .collect()
     }
 
+    /// A refresh token of a grant made for `client_id` (the seed of a refresh_token
+    /// account).
+    pub fn refresh_token(&self, client_id: &str) -> String {
+        let v: serde_json::Value = serde_json::from_str(&get(
+            self.port,
+            &format!("/test/refresh_token?client_id={client_id}"),
+        ))
+        .expect("JSON");
+        v["refresh_token"]
+            .as_str()
+            .expect("a refresh token")
+            .to_owned()
+    }
+
     /// The access tokens the server issued so far.
     pub fn issued(&self) -> Vec<String> {
         serde_json::from_str(&get(self.port, "/test/issued")).expect("the list is JSON")
@@ -134,6 +151,66 @@ impl OidcProvider {
 }
 
 impl Drop for OidcProvider {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A DPoP resource server (`tests/oidc-provider/resource.mjs`, with jose) that trusts
+/// `issuer`'s JWT access tokens and checks every proof in full; killed when dropped.
+pub struct ResourceServer {
+    child: Child,
+    pub port: u16,
+}
+
+impl ResourceServer {
+    pub fn start(issuer: &str) -> ResourceServer {
+        let mut child = Command::new("node")
+            .arg(repo().join("tests/oidc-provider/resource.mjs"))
+            .arg(issuer)
+            .env("OIDC_PROVIDER_MODULES", modules())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start node (apt-get install nodejs)");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut out = std::io::BufReader::new(stdout);
+            let mut line = String::new();
+            let _ = out.read_line(&mut line);
+            let _ = tx.send(line);
+            // Drained to the end: node dies of EPIPE writing to a closed stdout.
+            let _ = std::io::copy(&mut out, &mut std::io::sink());
+        });
+        let line = rx.recv_timeout(START).unwrap_or_default();
+        let port = match line.strip_prefix("READY ") {
+            Some(p) => p.trim().parse().unwrap(),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the resource server did not start ({line:?})");
+            }
+        };
+        ResourceServer { child, port }
+    }
+
+    /// `http://127.0.0.1:P`.
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// How many requests it accepted and refused so far.
+    pub fn stats(&self) -> (u64, u64) {
+        let v: serde_json::Value =
+            serde_json::from_str(&get(self.port, "/test/stats")).expect("stats are JSON");
+        (v["ok"].as_u64().unwrap(), v["refused"].as_u64().unwrap())
+    }
+}
+
+impl Drop for ResourceServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -148,6 +225,9 @@ fn get(port: u16, path: &str) -> String {
     let mut answer = String::new();
     s.read_to_string(&mut answer).expect("read the answer");
     let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
-    assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
+    assert!(
+        head.starts_with("HTTP/1.1 200"),
+        "GET {path}: {head}\n{body}"
+    );
     body.to_owned()
 }
