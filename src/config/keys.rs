@@ -527,7 +527,7 @@ pub fn certificate_info(pem: &[u8]) -> Result<CertInfo, KeyError> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+pub mod tests {
     use super::*;
 
     /// Keys made once with openssl for these tests (they protect nothing).
