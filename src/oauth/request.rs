@@ -109,6 +109,53 @@ pub fn build(account: &Account, token_url: &url::Url, creds: &Credentials) -> To
 
     let mut headers = HeaderMap::new();
     headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+    authenticate(account, creds, &mut form, &mut headers);
+    for (k, v) in &account.options.extra_headers {
+        // Names were checked when the config was validated; a value that is not a valid
+        // header value is dropped rather than sent mangled.
+        if let (Ok(name), Ok(mut value)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v.expose()),
+        ) {
+            value.set_sensitive(true);
+            headers.insert(name, value);
+        }
+    }
+
+    let encoded = Zeroizing::new(
+        form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(&form)
+            .finish(),
+    );
+    let mut url = token_url.clone();
+    let body = match account.params_in {
+        ParamsIn::Body => {
+            headers.insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/x-www-form-urlencoded"),
+            );
+            encoded
+        }
+        ParamsIn::Query => {
+            let query = Zeroizing::new(match url.query() {
+                Some(q) if !q.is_empty() => format!("{q}&{}", *encoded),
+                _ => encoded.to_string(),
+            });
+            url.set_query(Some(&query));
+            Zeroizing::new(String::new())
+        }
+    };
+    TokenRequest { url, headers, body }
+}
+
+/// The client's authentication (RFC 6749 §2.3.1, RFC 7523 §2.2, RFC 8705 §2.1): a Basic
+/// header, or fields of the form.
+fn authenticate<'a>(
+    account: &'a Account,
+    creds: &'a Credentials,
+    form: &mut Vec<(&'a str, &'a str)>,
+    headers: &mut HeaderMap,
+) {
     let secret = creds.client_secret.as_ref().map_or("", |s| s.expose());
     match account.client_auth {
         ClientAuth::Basic => {
@@ -147,42 +194,6 @@ pub fn build(account: &Account, token_url: &url::Url, creds: &Credentials) -> To
             ));
         }
     }
-    for (k, v) in &account.options.extra_headers {
-        // Names were checked when the config was validated; a value that is not a valid
-        // header value is dropped rather than sent mangled.
-        if let (Ok(name), Ok(mut value)) = (
-            HeaderName::from_bytes(k.as_bytes()),
-            HeaderValue::from_str(v.expose()),
-        ) {
-            value.set_sensitive(true);
-            headers.insert(name, value);
-        }
-    }
-
-    let encoded = Zeroizing::new(
-        form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(&form)
-            .finish(),
-    );
-    let mut url = token_url.clone();
-    let body = match account.params_in {
-        ParamsIn::Body => {
-            headers.insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static("application/x-www-form-urlencoded"),
-            );
-            encoded
-        }
-        ParamsIn::Query => {
-            let query = Zeroizing::new(match url.query() {
-                Some(q) if !q.is_empty() => format!("{q}&{}", *encoded),
-                _ => encoded.to_string(),
-            });
-            url.set_query(Some(&query));
-            Zeroizing::new(String::new())
-        }
-    };
-    TokenRequest { url, headers, body }
 }
 
 fn form_encode(s: &str) -> String {

@@ -9,14 +9,13 @@
 
 use std::time::SystemTime;
 
-use http_body_util::{BodyExt as _, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Response, StatusCode};
 
 use super::api::{code, DpopProof, DpopRequest};
-use super::reply::{closing, error, json, no_account, too_large, Body};
-use super::tokens::{readable, secs, unavailable};
+use super::reply::{error, json, no_account, read_body, Body};
+use super::tokens::{readable, unavailable};
 use super::Ctx;
 use crate::clock::rfc3339;
 
@@ -31,38 +30,9 @@ pub(super) async fn proof(
     parts: &hyper::http::request::Parts,
     body: Incoming,
 ) -> Response<Body> {
-    let limits = &ctx.limits;
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limits.max_body as u64) {
-        return too_large(limits.max_body);
-    }
-    let bytes = match tokio::time::timeout(
-        limits.body_timeout,
-        Limited::new(body, limits.max_body).collect(),
-    )
-    .await
-    {
-        Ok(Ok(b)) => b.to_bytes(),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            return too_large(limits.max_body)
-        }
-        Ok(Err(e)) => {
-            return closing(bad(format!("failed to read the request body: {e}")));
-        }
-        Err(_) => {
-            return closing(error(
-                StatusCode::REQUEST_TIMEOUT,
-                code::REQUEST_TIMEOUT,
-                format!(
-                    "the request body did not arrive within {}",
-                    secs(limits.body_timeout)
-                ),
-            ))
-        }
+    let bytes = match read_body(&ctx.limits, parts, body).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
     };
     let accounts = ctx.accounts.borrow().clone();
     let Some(view) = readable(&accounts, peer, name) else {

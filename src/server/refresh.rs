@@ -1,14 +1,12 @@
 //! `POST /v1/tokens/{account}/refresh` (and `force`, `reseed`): the operator's pokes,
 //! with who may send which.
 
-use http_body_util::{BodyExt as _, Limited};
 use hyper::body::Incoming;
-use hyper::header::{self};
 use hyper::{Response, StatusCode};
 
 use super::api::{self, code};
 use super::reply::*;
-use super::tokens::{readable, secs};
+use super::tokens::readable;
 use super::Ctx;
 
 /// The `force` query parameter of the refresh `POST`: false when absent.
@@ -49,42 +47,8 @@ pub(super) async fn refresh(
     parts: &hyper::http::request::Parts,
     body: Incoming,
 ) -> Response<Body> {
-    let limits = &ctx.limits;
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limits.max_body as u64) {
-        return too_large(limits.max_body);
-    }
-    match tokio::time::timeout(
-        limits.body_timeout,
-        Limited::new(body, limits.max_body).collect(),
-    )
-    .await
-    {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            return too_large(limits.max_body)
-        }
-        Ok(Err(e)) => {
-            return closing(error(
-                StatusCode::BAD_REQUEST,
-                code::BAD_REQUEST,
-                format!("failed to read the request body: {e}"),
-            ))
-        }
-        Err(_) => {
-            return closing(error(
-                StatusCode::REQUEST_TIMEOUT,
-                code::REQUEST_TIMEOUT,
-                format!(
-                    "the request body did not arrive within {}",
-                    secs(limits.body_timeout)
-                ),
-            ))
-        }
+    if let Err(resp) = read_body(&ctx.limits, parts, body).await {
+        return resp;
     }
     let force = match force(parts.uri.query()) {
         Ok(f) => f,

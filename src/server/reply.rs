@@ -1,6 +1,8 @@
 //! The answers every route shares: JSON bodies, the error body of SPEC §4 with its
 //! code, and the fixed refusals (404, 405, 413, a closing daemon).
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{self, HeaderValue};
@@ -87,4 +89,48 @@ pub(super) fn respond(
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     resp
+}
+
+/// The body of a request, read within the server's limits (its size, and the time it
+/// may take to arrive), or the answer that says which limit it broke.
+pub(super) async fn read_body(
+    limits: &super::Limits,
+    parts: &hyper::http::request::Parts,
+    body: hyper::body::Incoming,
+) -> Result<Bytes, Response<Body>> {
+    use http_body_util::{BodyExt as _, Limited};
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limits.max_body as u64) {
+        return Err(too_large(limits.max_body));
+    }
+    match tokio::time::timeout(
+        limits.body_timeout,
+        Limited::new(body, limits.max_body).collect(),
+    )
+    .await
+    {
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large(limits.max_body)),
+        Ok(Err(e)) => Err(closing(error(
+            StatusCode::BAD_REQUEST,
+            code::BAD_REQUEST,
+            format!("failed to read the request body: {e}"),
+        ))),
+        Err(_) => Err(closing(error(
+            StatusCode::REQUEST_TIMEOUT,
+            code::REQUEST_TIMEOUT,
+            format!(
+                "the request body did not arrive within {}",
+                secs(limits.body_timeout)
+            ),
+        ))),
+    }
+}
+
+pub(super) fn secs(d: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(Duration::from_secs(d.as_secs()))
 }

@@ -206,10 +206,6 @@ pub(super) fn unavailable(
     resp
 }
 
-pub(super) fn secs(d: Duration) -> humantime::FormattedDuration {
-    humantime::format_duration(Duration::from_secs(d.as_secs()))
-}
-
 /// The `min_valid` query parameter, if any.
 #[allow(clippy::result_large_err)]
 pub(super) fn min_valid(query: Option<&str>) -> Result<Option<Duration>, Response<Body>> {
