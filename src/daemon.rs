@@ -259,7 +259,7 @@ struct Supervisor {
     /// request on the wire): an account of the same name starts after it.
     stopping: BTreeMap<String, Predecessor>,
     /// This tokend in its cluster, with `[cluster]`.
-    member: Option<Arc<crate::cluster::member::Member>>,
+    member: Option<crate::cluster::Joined>,
     on_cluster_loss: crate::config::OnClusterLoss,
     /// The `[cluster]` joined at start (changes take effect at a restart).
     cluster: Option<crate::config::ClusterConfig>,
@@ -419,13 +419,7 @@ impl Supervisor {
         let after = self.stopping.remove(&account.name);
         let coordinator = match &self.member {
             Some(m) if account.cluster => {
-                let seat = m.seat(&account.name, &RequestIdentity::of(&account));
-                Some(Box::new(crate::cluster::coordinate::Seated::new(
-                    seat,
-                    account.clone(),
-                    self.on_cluster_loss,
-                ))
-                    as Box<dyn account::coordinator::Coordinator>)
+                Some(m.coordinator(account.clone(), self.on_cluster_loss))
             }
             _ => None,
         };
