@@ -1,7 +1,8 @@
 //! Cluster mode (SPEC §8): tokend instances that share an etcd cluster and a `prefix`
 //! share their accounts, one member refreshing each and every member publishing the
-//! same token. An etcd v3 client over the JSON gateway (`etcd`), the sealed shared
-//! record and keyed account paths (`record`), this member's key check, lease, watch and
+//! same token; or the members of one Kubernetes namespace, through a Lease and a Secret
+//! per account (`kubernetes`). The seam both stores implement (`backend`); an etcd v3
+//! client over the JSON gateway (`etcd`), the sealed shared record and keyed account paths (`record`), this member's key check, lease, watch and
 //! elections (`member`), what it remembers across restarts (`memory`), and the account
 //! layer's coordinator built on them: the fenced refresh protocol (`coordinate`). The
 //! refresh engine does the refreshing; this layer only decides who, and carries the
@@ -10,6 +11,7 @@
 pub mod backend;
 pub mod coordinate;
 pub mod etcd;
+#[cfg(feature = "kubernetes")]
 pub mod kubernetes;
 pub mod member;
 pub mod memory;
@@ -37,6 +39,7 @@ pub fn attempt_timeout(lease_ttl: Duration) -> Duration {
 #[derive(Debug, Clone)]
 pub enum Joined {
     Etcd(Arc<member::Member>),
+    #[cfg(feature = "kubernetes")]
     Kubernetes(Arc<kubernetes::KubeMember>),
 }
 
@@ -54,6 +57,7 @@ impl Joined {
                 account,
                 on_loss,
             )),
+            #[cfg(feature = "kubernetes")]
             Joined::Kubernetes(m) => Box::new(coordinate::Seated::new(
                 m.seat(&account.name, &identity),
                 account,
@@ -72,6 +76,11 @@ pub fn join(
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) -> anyhow::Result<Joined> {
+    #[cfg(not(feature = "kubernetes"))]
+    if config.backend == crate::config::ClusterBackend::Kubernetes {
+        anyhow::bail!("{WITHOUT_KUBERNETES}");
+    }
+    #[cfg(feature = "kubernetes")]
     if config.backend == crate::config::ClusterBackend::Kubernetes {
         let (kube, key) = connect_kubernetes(config)?;
         tracing::info!(member = %config.member, namespace = %kube.namespace(), "joining the cluster on the Kubernetes API");
@@ -110,6 +119,11 @@ pub fn join(
 /// cluster shares, or why this member would not take part (etcd out of reach, or a key
 /// that is not the cluster's).
 pub async fn probe(config: &ClusterConfig) -> anyhow::Result<String> {
+    #[cfg(not(feature = "kubernetes"))]
+    if config.backend == crate::config::ClusterBackend::Kubernetes {
+        anyhow::bail!("{WITHOUT_KUBERNETES}");
+    }
+    #[cfg(feature = "kubernetes")]
     if config.backend == crate::config::ClusterBackend::Kubernetes {
         let (kube, _) = connect_kubernetes(config)?;
         let selector = format!(
@@ -159,8 +173,12 @@ fn cluster_key(config: &ClusterConfig) -> anyhow::Result<record::ClusterKey> {
         .with_context(|| format!("cluster.key from {}", config.key.describe()))
 }
 
+#[cfg(not(feature = "kubernetes"))]
+const WITHOUT_KUBERNETES: &str = "cluster.backend = \"kubernetes\": this tokend was built without the Kubernetes backend (cargo feature \"kubernetes\")";
+
 /// The Kubernetes client and the record key `config` describes: a kubeconfig's current
 /// context, else the pod's service account.
+#[cfg(feature = "kubernetes")]
 fn connect_kubernetes(
     config: &ClusterConfig,
 ) -> anyhow::Result<(kubernetes::client::Kube, record::ClusterKey)> {
