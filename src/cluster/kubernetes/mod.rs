@@ -307,6 +307,16 @@ impl KubeMember {
             if last_renewal.elapsed() >= renew_every {
                 last_renewal = Instant::now();
                 self.renew_all().await;
+                // A member that holds nothing and hears nothing still knows whether the
+                // API server answers (a quiet namespace is no outage).
+                let quiet = self.last_contact.lock().expect("never poisoned").elapsed();
+                if quiet >= renew_every {
+                    let r = self
+                        .kube
+                        .get::<SecretObject>(Resource::Secrets, &self.keycheck_name())
+                        .await;
+                    let _ = self.outcome("get secrets", r);
+                }
             }
             self.lapse_others();
             tokio::select! {
@@ -417,6 +427,10 @@ impl KubeMember {
     async fn watch_objects(self: Arc<Self>, r: Resource, cancel: CancellationToken) {
         let selector = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
         let retry = (self.ttl / 4).max(Duration::from_millis(250));
+        let what = match r {
+            Resource::Secrets => "watch secrets",
+            Resource::Leases => "watch leases",
+        };
         let mut from: Option<String> = None;
         loop {
             if from.is_none() {
@@ -470,7 +484,7 @@ impl KubeMember {
                     }
                     ev = rx.recv() => match ev {
                         Some(ev) => {
-                            self.contact();
+                            let _ = self.outcome(what, Ok(()));
                             if let Some(rv) = self.on_event(r, ev) {
                                 from = Some(rv);
                             }
@@ -486,11 +500,6 @@ impl KubeMember {
                     from = None;
                 }
                 WatchEnd::Failed(e) => {
-                    let what = if matches!(r, Resource::Secrets) {
-                        "watch secrets"
-                    } else {
-                        "watch leases"
-                    };
                     let _ = self.outcome::<()>(what, Err(e));
                     tokio::select! {
                         _ = cancel.cancelled() => return,

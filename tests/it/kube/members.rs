@@ -271,3 +271,275 @@ fn kube_a_role_without_update_on_secrets_is_a_clear_error_and_the_token_stays() 
     assert_eq!(n.token().as_deref().map(str::trim), Some("last-token"));
     assert!(d.log().contains("may not update secrets"), "{}", d.log());
 }
+
+/// Done when 4: a refresh-token chain through 10 leader kills (each restarted at once):
+/// no refresh token sent twice, the family never revoked.
+#[test]
+fn kube_a_refresh_token_chain_survives_ten_leader_kills_with_no_token_sent_twice() {
+    let Some(kube) = KubeApiServer::shared() else {
+        return;
+    };
+    let ns = "kube-chain";
+    let idp = FakeIdp::start(Reply::token(6));
+    idp.seed_refresh_token("rt-seed");
+    let extra =
+        "grant_type = \"refresh_token\"\nrefresh_token = \"rt-seed\"\nclient_auth = \"none\"";
+    let nodes = nodes(kube, ns, &idp, 3, &ALL, extra);
+    for n in &nodes {
+        let text = std::fs::read_to_string(&n.config).unwrap();
+        n.sb.write(
+            &n.config,
+            &text.replace("client_secret = { file = \"secret\" }\n", ""),
+            0o600,
+        );
+    }
+    let mut daemons: Vec<Option<Daemon>> = nodes
+        .iter()
+        .map(|n| Some(Daemon::start(&n.config)))
+        .collect();
+    for round in 0..10 {
+        let live = daemons.iter().position(Option::is_some).unwrap();
+        let d = daemons[live].as_ref().unwrap();
+        let seen = idp.issued().len();
+        // A new token everywhere: no request on the wire now (the next at 80% of 6 s),
+        // so the kill loses nothing (a kill -9 mid-request loses the rotated token with
+        // the process, in a cluster or not).
+        d.wait_until("a new token everywhere", LONG, || {
+            let issued = idp.issued();
+            let t = issued.last().filter(|_| issued.len() > seen)?.clone();
+            nodes
+                .iter()
+                .all(|n| n.token().as_deref() == Some(t.as_str()))
+                .then_some(())
+        });
+        let leader = d.wait_until("a leader", SHORT, || nodes[live].leader());
+        let li: usize = leader[1..].parse().unwrap();
+        println!("round {round}: {leader} leads");
+        assert_eq!(idp.requests().len(), idp.issued().len());
+        let gone = daemons[li].take().unwrap();
+        nix::sys::signal::kill(gone.pid(), nix::sys::signal::Signal::SIGKILL).unwrap();
+        drop(gone);
+        daemons[li] = Some(Daemon::start(&nodes[li].config));
+    }
+    let d = daemons[0].as_ref().unwrap();
+    let before = idp.issued().len();
+    d.wait_until("two more rotations", Duration::from_secs(40), || {
+        (idp.issued().len() >= before + 2).then_some(())
+    });
+    assert!(
+        idp.reused_refresh_tokens().is_empty(),
+        "a refresh token was sent twice: {:?}",
+        idp.reused_refresh_tokens()
+    );
+    assert!(!idp.family_revoked("rt-seed"));
+}
+
+/// Done when 6, in-cluster: the member finds the API server through
+/// KUBERNETES_SERVICE_HOST/PORT and the service account's directory (token, ca.crt,
+/// namespace); the token file is replaced by a new token and the old one revoked (its
+/// bound Secret deleted): the member goes on without a restart.
+#[test]
+fn kube_a_rotated_service_account_token_file_is_read_again_in_cluster() {
+    let Some(kube) = KubeApiServer::shared() else {
+        return;
+    };
+    let ns = "kube-rotate";
+    let idp = FakeIdp::start(Reply::token(3600));
+    let mut nodes = nodes(kube, ns, &idp, 1, &ALL, "");
+    let n = nodes.remove(0);
+    // The pod's service account directory.
+    let sa = n.sb.path("serviceaccount");
+    std::fs::create_dir_all(&sa).unwrap();
+    std::fs::copy(kube.ca_cert(), sa.join("ca.crt")).unwrap();
+    std::fs::write(sa.join("namespace"), ns).unwrap();
+    // A token bound to a Secret: deleting the Secret revokes it.
+    let mint = |bound: &str| {
+        kube.admin(&["create", "secret", "generic", bound, "-n", ns]);
+        kube.admin(&[
+            "create",
+            "token",
+            "m0",
+            "-n",
+            ns,
+            "--bound-object-kind=Secret",
+            &format!("--bound-object-name={bound}"),
+            "--duration=3600s",
+        ])
+        .trim()
+        .to_owned()
+    };
+    let write_token = |t: &str| {
+        // As the kubelet does: a new file renamed over the old.
+        let tmp = sa.join(".token.new");
+        std::fs::write(&tmp, t).unwrap();
+        std::fs::rename(&tmp, sa.join("token")).unwrap();
+    };
+    write_token(&mint("bound-1"));
+    let text = std::fs::read_to_string(&n.config).unwrap();
+    let kubeconfig_line = text
+        .lines()
+        .find(|l| l.starts_with("kubeconfig = "))
+        .unwrap()
+        .to_owned();
+    n.sb.write(
+        &n.config,
+        &text.replace(&format!("{kubeconfig_line}\n"), ""),
+        0o600,
+    );
+    let server = url::Url::parse(kube.server()).unwrap();
+    let host = server.host_str().unwrap().to_owned();
+    let port = server.port_or_known_default().unwrap().to_string();
+    let d = Daemon::start_with_env(
+        &n.config,
+        &[
+            ("KUBERNETES_SERVICE_HOST", host.as_str()),
+            ("KUBERNETES_SERVICE_PORT", port.as_str()),
+            ("TOKEND_SERVICEACCOUNT_DIR", sa.to_str().unwrap()),
+        ],
+    );
+    d.wait_until("a token", LONG, || n.token());
+    d.wait_until("leading", SHORT, || {
+        (n.leader().as_deref() == Some("m0")).then_some(())
+    });
+
+    write_token(&mint("bound-2"));
+    kube.admin(&["delete", "secret", "bound-1", "-n", ns]);
+    // The member renews its Lease every third of lease_ttl: with the old token only, it
+    // would lose the lead and say 401. A refresh asked now must go through it.
+    let before = idp.requests().len();
+    let refresh = crate::support::finish(
+        {
+            let mut c = crate::support::tokend();
+            c.args(["refresh", "a", "--socket"])
+                .arg(n.sb.path("tokend.sock"));
+            c
+        },
+        SHORT,
+    );
+    assert_eq!(refresh.code(), Some(0), "{}", refresh.stderr);
+    d.wait_until("the refresh through the new token", LONG, || {
+        (idp.requests().len() > before).then_some(())
+    });
+    d.wait_until("the refreshed token shared", LONG, || {
+        let t = n.token()?;
+        (idp.issued().last() == Some(&t)).then_some(())
+    });
+    let v = n.cluster().unwrap();
+    assert_eq!(v["reachable"], true, "{v}");
+    assert!(v["problem"].is_null(), "{v}");
+    assert!(
+        d.log().contains("the service account token changed"),
+        "{}",
+        d.log()
+    );
+}
+
+/// Done when 7: `tokend once` beside a running cluster (an init container of a new
+/// replica) adopts the shared token: its output holds it, and the provider is not asked.
+#[test]
+fn kube_once_beside_a_running_cluster_adopts_the_shared_token() {
+    let Some(kube) = KubeApiServer::shared() else {
+        return;
+    };
+    let ns = "kube-once";
+    let idp = FakeIdp::start(Reply::token(3600));
+    let nodes = nodes(kube, ns, &idp, 3, &ALL, "");
+    let daemons: Vec<Daemon> = nodes[..2]
+        .iter()
+        .map(|n| Daemon::start(&n.config))
+        .collect();
+    let running: Vec<&Node> = nodes[..2].iter().collect();
+    let token = serving_one_token(&daemons[0], &running);
+    assert_eq!(idp.requests().len(), 1);
+    let once = crate::support::once(&nodes[2].config, &[]);
+    assert_eq!(once.code(), Some(0), "{}", once.stderr);
+    assert_eq!(nodes[2].token().as_deref(), Some(token.as_str()));
+    assert_eq!(idp.requests().len(), 1, "once asked the provider nothing");
+}
+
+/// The kube-apiserver process of `kube` (from apiserver.sh's DIR/pids).
+fn apiserver_pid(kube: &KubeApiServer) -> nix::unistd::Pid {
+    let pids = std::fs::read_to_string(kube.dir().join("pids")).unwrap();
+    let pid = pids
+        .lines()
+        .find(|l| l.ends_with("kube-apiserver"))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("apiserver.sh lists kube-apiserver's pid");
+    nix::unistd::Pid::from_raw(pid.parse().unwrap())
+}
+
+/// Done when 3: the API server stopped (SIGSTOP: it answers nothing) for 3 x lease_ttl,
+/// then going on: every member serves on meanwhile (degraded), then they converge on one
+/// leader and one token, and no record is refused (none older put over a newer one).
+#[test]
+fn kube_the_api_server_stopped_for_three_lease_ttls_members_serve_on_then_converge() {
+    let Some(kube) = KubeApiServer::start(&Default::default()) else {
+        return;
+    };
+    let ns = "kube-outage";
+    let idp = FakeIdp::start(Reply::token(8));
+    let nodes = nodes(&kube, ns, &idp, 3, &ALL, "");
+    let daemons: Vec<Daemon> = nodes.iter().map(|n| Daemon::start(&n.config)).collect();
+    let all: Vec<&Node> = nodes.iter().collect();
+    let d0 = &daemons[0];
+    serving_one_token(d0, &all);
+    d0.wait_until("a leader", SHORT, || nodes[0].leader());
+
+    let apiserver = apiserver_pid(&kube);
+    nix::sys::signal::kill(apiserver, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let stopped = Instant::now();
+    for n in &nodes {
+        d0.wait_until(&format!("{} degraded", n.name), LONG, || {
+            let s = crate::support::account_status(&n.sb.path("tokend.sock"), "a")?;
+            (s["degraded"] == true).then_some(())
+        });
+    }
+    // Serving on: each output holds a token the IdP issued and that has not expired.
+    let during = idp.issued();
+    for n in &nodes {
+        let t = n.token().expect("a token meanwhile");
+        assert!(
+            during.contains(&t),
+            "{} serves a token the IdP issued",
+            n.name
+        );
+    }
+    // 3 x lease_ttl (2 s) in all, measured from the stop; a bound on a fault's length,
+    // not a wait for a state.
+    let outage = Duration::from_secs(6);
+    std::thread::sleep(outage.saturating_sub(stopped.elapsed()));
+    nix::sys::signal::kill(apiserver, nix::sys::signal::Signal::SIGCONT).unwrap();
+
+    let leader = d0.wait_until("one leader known to all, none degraded", LONG, || {
+        let mut leaders = Vec::new();
+        for n in &nodes {
+            let s = crate::support::account_status(&n.sb.path("tokend.sock"), "a")?;
+            if s["degraded"] != false {
+                return None;
+            }
+            leaders.push(s["leader"].as_str()?.to_owned());
+        }
+        leaders
+            .iter()
+            .all(|l| *l == leaders[0])
+            .then(|| leaders[0].clone())
+    });
+    println!("after the outage {leader} leads");
+    // The next token the leader fetches reaches every member.
+    let seen = idp.issued().len();
+    d0.wait_until("a new token everywhere", Duration::from_secs(30), || {
+        let issued = idp.issued();
+        let t = issued.last().filter(|_| issued.len() > seen)?.clone();
+        nodes
+            .iter()
+            .all(|n| n.token().as_deref() == Some(t.as_str()))
+            .then_some(())
+    });
+    for d in &daemons {
+        assert!(
+            !d.log().contains("refused the shared record"),
+            "{}",
+            d.log()
+        );
+    }
+}
