@@ -43,6 +43,8 @@ pub enum KubeError {
     NoNamespace(String),
     #[error("failed to read the service account token {path}: {reason}")]
     NoToken { path: String, reason: String },
+    #[error("failed to read the API server's answer: {0}")]
+    Malformed(String),
     #[error("the API server answered {status} to {verb} {resource}: {message}")]
     Status {
         status: u16,
@@ -56,7 +58,7 @@ impl KubeError {
     /// Whether an operator must act (RBAC, token, namespace), as opposed to a server out
     /// of reach for now.
     pub fn needs_operator(&self) -> bool {
-        !matches!(self, KubeError::Unreachable(_))
+        !matches!(self, KubeError::Unreachable(_) | KubeError::Malformed(_))
     }
 }
 
@@ -96,7 +98,10 @@ pub struct LeaseSpec {
 #[derive(Serialize, Deserialize, Clone, Debug)]
 #[serde(rename_all = "camelCase")]
 pub struct Lease {
+    /// Items of a list have none.
+    #[serde(default)]
     pub api_version: String,
+    #[serde(default)]
     pub kind: String,
     pub metadata: ObjectMeta,
     #[serde(default)]
@@ -119,13 +124,16 @@ impl Lease {
 #[derive(Serialize, Deserialize, Clone)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretObject {
+    /// Items of a list have none.
+    #[serde(default)]
     pub api_version: String,
+    #[serde(default)]
     pub kind: String,
     pub metadata: ObjectMeta,
     #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
     pub type_: Option<String>,
-    /// Base64 values, as the API has them.
-    #[serde(default)]
+    /// Base64 values, as the API has them (`null` when empty).
+    #[serde(default, deserialize_with = "null_is_empty")]
     pub data: BTreeMap<String, String>,
 }
 
@@ -162,6 +170,12 @@ impl SecretObject {
             base64::engine::general_purpose::STANDARD.encode(value),
         );
     }
+}
+
+fn null_is_empty<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    Ok(Option::<BTreeMap<String, String>>::deserialize(d)?.unwrap_or_default())
 }
 
 #[derive(Deserialize)]

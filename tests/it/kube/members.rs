@@ -510,20 +510,34 @@ fn kube_the_api_server_stopped_for_three_lease_ttls_members_serve_on_then_conver
     std::thread::sleep(outage.saturating_sub(stopped.elapsed()));
     nix::sys::signal::kill(apiserver, nix::sys::signal::Signal::SIGCONT).unwrap();
 
-    let leader = d0.wait_until("one leader known to all, none degraded", LONG, || {
-        let mut leaders = Vec::new();
-        for n in &nodes {
-            let s = crate::support::account_status(&n.sb.path("tokend.sock"), "a")?;
-            if s["degraded"] != false {
-                return None;
+    let converged = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        crate::support::wait_until("one leader known to all, none degraded", LONG, || {
+            let mut leaders = Vec::new();
+            for n in &nodes {
+                let s = crate::support::account_status(&n.sb.path("tokend.sock"), "a")?;
+                // Said only when true.
+                if s["degraded"] == true {
+                    return None;
+                }
+                leaders.push(s["leader"].as_str()?.to_owned());
             }
-            leaders.push(s["leader"].as_str()?.to_owned());
+            leaders
+                .iter()
+                .all(|l| *l == leaders[0])
+                .then(|| leaders[0].clone())
+        })
+    }));
+    let Ok(leader) = converged else {
+        for (n, d) in nodes.iter().zip(&daemons) {
+            eprintln!(
+                "--- {}: {:?}\n{}",
+                n.name,
+                crate::support::account_status(&n.sb.path("tokend.sock"), "a"),
+                d.log()
+            );
         }
-        leaders
-            .iter()
-            .all(|l| *l == leaders[0])
-            .then(|| leaders[0].clone())
-    });
+        panic!("no convergence after the outage");
+    };
     println!("after the outage {leader} leads");
     // The next token the leader fetches reaches every member.
     let seen = idp.issued().len();
