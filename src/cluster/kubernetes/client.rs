@@ -31,7 +31,7 @@ pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "tokend");
 pub enum KubeError {
     #[error("the Kubernetes API server is out of reach: {0}")]
     Unreachable(String),
-    #[error("forbidden: this member's service account may not {verb} {resource} in namespace {namespace:?}; apply the Role of packaging/kubernetes/ (verbs get, list, watch, create, update on leases.coordination.k8s.io and secrets) and bind it to the service account")]
+    #[error("forbidden: this member's service account may not {verb} {resource} in namespace {namespace:?}; apply the Role of packaging/kubernetes/ (verbs get, list, watch, create, update on leases.coordination.k8s.io and secrets) and bind it to the service account (or set cluster.namespace to the namespace the Role is in)")]
     Forbidden {
         verb: &'static str,
         resource: &'static str,

@@ -557,3 +557,100 @@ fn kube_the_api_server_stopped_for_three_lease_ttls_members_serve_on_then_conver
         );
     }
 }
+
+/// Clear errors for what operators get wrong, each keeping the member's last token: a
+/// member with another cluster key takes no part and says so; one whose namespace is
+/// not its Role's is refused naming the namespace; a record Secret altered by hand is
+/// refused loudly, and the leader writes its state back over it.
+#[test]
+fn kube_another_key_a_wrong_namespace_and_an_altered_secret_are_said_clearly() {
+    let Some(kube) = KubeApiServer::shared() else {
+        return;
+    };
+    let ns = "kube-mistakes";
+    let idp = FakeIdp::start(Reply::token(3600));
+    let nodes = nodes(kube, ns, &idp, 3, &ALL, "");
+    let other_key = "ff".repeat(32);
+    let edit = |n: &Node, from: &str, to: &str| {
+        let text = std::fs::read_to_string(&n.config).unwrap();
+        assert!(text.contains(from));
+        n.sb.write(&n.config, &text.replace(from, to), 0o600);
+    };
+    edit(&nodes[1], KEY, &other_key);
+    edit(
+        &nodes[2],
+        &format!("namespace = \"{ns}\""),
+        "namespace = \"kube-elsewhere\"",
+    );
+    for n in &nodes[1..] {
+        std::fs::create_dir_all(n.sb.path("out")).unwrap();
+        n.sb.write(&n.sb.path("out/a"), "last-token\n", 0o600);
+    }
+    let d0 = Daemon::start(&nodes[0].config);
+    d0.wait_until("m0 serving", LONG, || nodes[0].token());
+    let d1 = Daemon::start(&nodes[1].config);
+    let d2 = Daemon::start(&nodes[2].config);
+    let problem = |n: &Node, d: &Daemon| {
+        d.wait_until(&format!("{}'s problem said", n.name), LONG, || {
+            n.cluster()?["problem"].as_str().map(str::to_owned)
+        })
+    };
+    let p1 = problem(&nodes[1], &d1);
+    assert!(p1.contains("another cluster.key"), "{p1}");
+    let p2 = problem(&nodes[2], &d2);
+    for word in [
+        "may not get secrets",
+        "\"kube-elsewhere\"",
+        "cluster.namespace",
+    ] {
+        assert!(p2.contains(word), "{word:?} in {p2:?}");
+    }
+    assert_eq!(
+        nodes[2].token().as_deref().map(str::trim),
+        Some("last-token")
+    );
+    assert!(!p1.contains(KEY) && !p1.contains(&other_key));
+
+    // The record Secret altered by hand.
+    let names = kube.admin(&[
+        "get",
+        "secrets",
+        "-n",
+        ns,
+        "-l",
+        "app.kubernetes.io/managed-by=tokend",
+        "-o",
+        "name",
+    ]);
+    let record = names
+        .lines()
+        .find(|l| !l.ends_with("-ask") && !l.contains("keycheck"))
+        .expect("the record Secret")
+        .to_owned();
+    kube.admin(&[
+        "patch",
+        &record,
+        "-n",
+        ns,
+        "-p",
+        r#"{"data":{"record":"dGFtcGVyZWQ="}}"#,
+    ]);
+    d0.wait_for_log("refused the shared record", 1, LONG);
+    let served = nodes[0].token().unwrap();
+    assert!(idp.is_issued(&served), "m0 serves on");
+    // The leader writes its state back: the record opens again.
+    let d0_refresh = crate::support::finish(
+        {
+            let mut c = crate::support::tokend();
+            c.args(["refresh", "a", "--socket"])
+                .arg(nodes[0].sb.path("tokend.sock"));
+            c
+        },
+        SHORT,
+    );
+    assert_eq!(d0_refresh.code(), Some(0), "{}", d0_refresh.stderr);
+    d0.wait_until("the record written back", LONG, || {
+        let data = kube.admin(&["get", &record, "-n", ns, "-o", "jsonpath={.data.record}"]);
+        (data.trim() != "dGFtcGVyZWQ=").then_some(())
+    });
+}
