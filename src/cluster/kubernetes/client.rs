@@ -926,3 +926,73 @@ pub fn micro_time(t: SystemTime) -> String {
     );
     t.format(&f).expect("a UTC time always formats")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kubeconfig_gives_its_current_contexts_server_namespace_and_token_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("ca.crt"),
+            "not read until the client is made",
+        )
+        .unwrap();
+        let text = "apiVersion: v1\nkind: Config\nclusters:\n- name: other\n  cluster:\n    server: https://10.9.9.9:6443\n\
+                    - name: c\n  cluster:\n    server: https://127.0.0.1:6443\n    certificate-authority: ca.crt\n\
+                    users:\n- name: u\n  user:\n    tokenFile: token\n\
+                    contexts:\n- name: x\n  context:\n    cluster: other\n    user: u\n\
+                    - name: ctx\n  context:\n    cluster: c\n    user: u\n    namespace: payments\n\
+                    current-context: ctx\n";
+        let path = dir.path().join("kube");
+        std::fs::write(&path, text).unwrap();
+        let c = Connection::from_kubeconfig(&path, None).unwrap();
+        assert_eq!(c.server.as_str(), "https://127.0.0.1:6443/");
+        assert_eq!(c.namespace, "payments");
+        assert!(c.ca.is_some());
+        let TokenSource::File { path: token, .. } = &c.token else {
+            panic!("a token file")
+        };
+        assert_eq!(token, &dir.path().join("token"));
+        // The configured namespace wins; a missing token file is said when first used.
+        let c = Connection::from_kubeconfig(&path, Some("other")).unwrap();
+        assert_eq!(c.namespace, "other");
+        let e = c.token.token(false).unwrap_err();
+        assert!(matches!(e, KubeError::NoToken { .. }), "{e}");
+
+        std::fs::write(&path, "users: [token: secret-value\n").unwrap();
+        let e = Connection::from_kubeconfig(&path, None).err().unwrap();
+        assert!(!format!("{e:#}").contains("secret-value"), "{e:#}");
+    }
+
+    #[test]
+    fn a_token_file_is_read_again_when_it_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "one\n").unwrap();
+        let source = TokenSource::File {
+            path: path.clone(),
+            cached: Mutex::new(None),
+        };
+        assert_eq!(source.token(false).unwrap().unwrap().expose(), "one");
+        let tmp = dir.path().join("new");
+        std::fs::write(&tmp, "two-longer\n").unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        assert_eq!(source.token(false).unwrap().unwrap().expose(), "two-longer");
+    }
+
+    #[test]
+    fn list_items_without_api_version_parse_and_a_secret_hides_its_data() {
+        let list = r#"{"metadata":{"resourceVersion":"42"},"items":[{"metadata":{"name":"tokend-x","resourceVersion":"41","uid":"u"},"data":{"record":"c2VhbGVk"}},{"metadata":{"name":"e"},"data":null}]}"#;
+        let l: List<SecretObject> = serde_json::from_str(list).unwrap();
+        assert_eq!(l.metadata.resource_version, "42");
+        assert_eq!(l.items[0].get("record").unwrap(), b"sealed");
+        assert!(l.items[1].data.is_empty());
+        assert!(!format!("{:?}", l.items[0]).contains("c2VhbGVk"));
+        assert_eq!(
+            micro_time(SystemTime::UNIX_EPOCH + Duration::from_micros(1_500_000)),
+            "1970-01-01T00:00:01.500000Z"
+        );
+    }
+}

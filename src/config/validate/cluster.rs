@@ -321,6 +321,47 @@ mod tests {
     }
 
     #[test]
+    fn the_kubernetes_backend_takes_a_namespace_and_a_kubeconfig_and_no_etcd_keys() {
+        let out = OUT;
+        let key = "ab".repeat(32);
+        let good = format!(
+            "[cluster]\nbackend = \"kubernetes\"\nnamespace = \"payments\"\n\
+             kubeconfig = \"kube\"\nmember = \"m1\"\nkey = \"{key}\"\n\n{REF_SECRET}{out}"
+        );
+        let c = parse_str(&good, Path::new("/etc/tokend/c.toml")).unwrap();
+        let cl = c.cluster.unwrap();
+        assert_eq!(cl.backend, ClusterBackend::Kubernetes);
+        assert_eq!(cl.namespace.as_deref(), Some("payments"));
+        assert_eq!(
+            cl.kubeconfig.as_deref(),
+            Some(Path::new("/etc/tokend/kube"))
+        );
+        assert_eq!(
+            cl.prefix, "/tokend",
+            "members of a namespace share by default"
+        );
+        assert!(cl.endpoints.is_empty());
+
+        let bad = good.replace("\"payments\"", "\"Payments_1\"").replace(
+            "member = ",
+            "endpoints = [\"http://127.0.0.1:2379\"]\nmember = ",
+        );
+        let errs = parse_str(&bad, Path::new("/c.toml")).unwrap_err().0;
+        let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["cluster.namespace", "cluster.endpoints"], "{errs:?}");
+
+        let etcd = format!(
+            "[cluster]\nendpoints = [\"http://127.0.0.1:2379\"]\nprefix = \"/t\"\n\
+             namespace = \"payments\"\nkey = \"{key}\"\n\n{REF_SECRET}{out}"
+        );
+        let errs = parse_str(&etcd, Path::new("/c.toml")).unwrap_err().0;
+        assert_eq!(errs[0].key, "cluster.namespace");
+        let other = good.replace("\"kubernetes\"", "\"consul\"");
+        let errs = parse_str(&other, Path::new("/c.toml")).unwrap_err().0;
+        assert!(errs.iter().any(|e| e.key == "cluster.backend"), "{errs:?}");
+    }
+
+    #[test]
     fn a_cluster_key_is_64_hex_digits() {
         let hex = "00ff1122334455667788990aabbccddeeff00112233445566778899aabbccdde";
         let key = parse_hex_key(&format!(" {hex}\n")).unwrap();
