@@ -131,7 +131,18 @@ fn kube_members_share_one_request_per_lifetime_and_the_secret_shows_nothing_in_c
         let v = n.cluster().expect("/v1/cluster answers");
         assert_eq!(v["member"], n.name.as_str());
         assert_eq!(v["reachable"], true, "{v}");
+        assert_eq!(v["accounts"][0]["leader"], leaders[0].as_str(), "{v}");
     }
+    let mut check = crate::support::tokend();
+    check.arg("check").arg("-c").arg(&nodes[0].config);
+    let check = crate::support::finish(check, SHORT);
+    assert!(
+        check
+            .stdout
+            .contains("the Kubernetes API server is reachable; 1 Lease(s) of tokend"),
+        "{}",
+        check.stdout
+    );
 
     // Who leads, as the operator sees it.
     let held = kube.admin(&[
