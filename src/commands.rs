@@ -273,6 +273,25 @@ pub async fn once(
         config.daemon.state_dir.clone(),
     );
     let transports = Arc::new(Transports::default());
+    // Cluster mode: this run is a member while it lasts (an init container beside a
+    // running Deployment), and leaves when done.
+    let leave = CancellationToken::new();
+    let member_tasks = tokio_util::task::TaskTracker::new();
+    let member = match &config.cluster {
+        Some(c) => Some((
+            crate::cluster::join(
+                c,
+                config.daemon.state_dir.as_deref(),
+                Clock::System,
+                leave.clone(),
+                &member_tasks,
+            )
+            .map_err(Failure::Runtime)?,
+            c.on_cluster_loss,
+            c.lease_ttl,
+        )),
+        None => None,
+    };
     let mut set = tokio::task::JoinSet::new();
     for a in config
         .accounts
@@ -280,9 +299,16 @@ pub async fn once(
         .filter(|a| names.is_empty() || names.contains(&a.name))
     {
         let (a, shared, transports) = (Arc::new(a.clone()), shared.clone(), transports.clone());
+        let member = member.clone().filter(|_| a.cluster);
         set.spawn(async move {
             let name = a.name.clone();
-            (name, once_account(a, shared, &transports, min_valid).await)
+            let result = match member {
+                Some((m, on_loss, ttl)) => {
+                    once_clustered(a, shared, &transports, &m, on_loss, ttl).await
+                }
+                None => once_account(a, shared, &transports, min_valid).await,
+            };
+            (name, result)
         });
     }
     let mut failed = Vec::new();
@@ -293,6 +319,10 @@ pub async fn once(
             failed.push(name);
         }
     }
+    // Leaves the cluster: the leads this run took are released at once.
+    leave.cancel();
+    member_tasks.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), member_tasks.wait()).await;
     if failed.is_empty() {
         Ok(())
     } else {
@@ -403,6 +433,72 @@ async fn once_account(
         tokio::time::sleep(pause).await;
     }
     unreachable!("the last attempt returns")
+}
+
+/// `once` for an account shared in a cluster (SPEC §8, issue #22): the account runs as
+/// in the daemon, coordinated with the others, until it serves a valid token: a fresh
+/// shared token is adopted (no request), and the provider is asked only by the leader
+/// (after its claim, so a refresh token is never sent twice). Then it stops.
+async fn once_clustered(
+    account: Arc<Account>,
+    shared: Shared,
+    transports: &Arc<Transports>,
+    member: &crate::cluster::Joined,
+    on_loss: crate::config::OnClusterLoss,
+    lease_ttl: Duration,
+) -> anyhow::Result<()> {
+    use crate::account::state::Status;
+    let endpoint = HttpEndpoint::new(account.clone(), Clock::System, transports)?;
+    let cancel = CancellationToken::new();
+    let tasks = tokio_util::task::TaskTracker::new();
+    let handle = crate::account::spawn_coordinated(
+        account.clone(),
+        endpoint,
+        shared,
+        Some(member.coordinator(account.clone(), on_loss)),
+        None,
+        Default::default(),
+        true,
+        cancel.clone(),
+        &tasks,
+    );
+    let mut state = handle.view.state.clone();
+    // Long enough for a lead to lapse and the request to be answered.
+    let limit = lease_ttl * 3 + account.request_timeout() + Duration::from_secs(5);
+    let outcome = tokio::time::timeout(limit, async {
+        loop {
+            {
+                let s = state.borrow_and_update();
+                if s.status == Status::Fresh && s.valid_token(SystemTime::now()).is_some() {
+                    return Ok(s.refreshed_by.clone());
+                }
+                if s.status == Status::Failing {
+                    if let Some(e) = &s.last_error {
+                        return Err(anyhow::anyhow!("{e}"));
+                    }
+                }
+            }
+            if state.changed().await.is_err() {
+                anyhow::bail!("the account stopped before it had a token");
+            }
+        }
+    })
+    .await;
+    handle.stop(false, Vec::new());
+    cancel.cancel();
+    tasks.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
+    match outcome {
+        Ok(Ok(by)) => {
+            tracing::info!(account = %account.name, fetched_by = by.as_deref().unwrap_or("?"), "the cluster's token written to {} output(s)", account.outputs.len());
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e),
+        Err(_) => anyhow::bail!(
+            "no token from the cluster within {}",
+            humantime::format_duration(limit)
+        ),
+    }
 }
 
 /// A token was fetched but its delivery failed: retry the delivery only.

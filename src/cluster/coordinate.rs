@@ -36,7 +36,8 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use super::member::{KeyCheck, Lead, Position, Seat, Stored};
+use super::backend::{AccountSeat, MemberView};
+use super::member::{KeyCheck, Lead, Position, Stored};
 use super::record::{InFlight, LeaderRequest, Record};
 use crate::account::coordinator::{
     request_timeout, BoxFuture, Claim, ClusterStatus, Coordinator, Shared, Turn,
@@ -44,8 +45,8 @@ use crate::account::coordinator::{
 use crate::account::persist::{Portable, SavedToken};
 use crate::config::{Account, Grant, OnClusterLoss};
 
-pub struct Seated {
-    seat: Seat,
+pub struct Seated<S: AccountSeat> {
+    seat: S,
     account: Arc<Account>,
     /// The refresh_token grant never refreshes alone: a second refresher forks the chain.
     rotates: bool,
@@ -102,8 +103,8 @@ fn wall_of(now: SystemTime, at: Instant) -> SystemTime {
     }
 }
 
-impl Seated {
-    pub fn new(seat: Seat, account: Arc<Account>, on_loss: OnClusterLoss) -> Self {
+impl<S: AccountSeat> Seated<S> {
+    pub fn new(seat: S, account: Arc<Account>, on_loss: OnClusterLoss) -> Self {
         let seen = seat.member().memory().load(&seat.record_key());
         Seated {
             rotates: matches!(account.grant, Grant::RefreshToken { .. }),
@@ -325,7 +326,7 @@ impl Seated {
     }
 }
 
-impl Coordinator for Seated {
+impl<S: AccountSeat> Coordinator for Seated<S> {
     fn changed(&mut self) -> BoxFuture<'_, ()> {
         Box::pin(self.seat.changed())
     }
@@ -623,7 +624,7 @@ impl Coordinator for Seated {
         let member = self.seat.member();
         let mut parts = Vec::new();
         if member.key_check() == KeyCheck::Mismatch {
-            parts.push(super::member::mismatch_message(member.prefix()));
+            parts.push(member.mismatch_message());
         }
         let others = self.seat.other_identities();
         let told = (!others.is_empty()).then(|| {
@@ -662,11 +663,11 @@ impl Coordinator for Seated {
     }
 
     fn status(&self) -> Arc<dyn ClusterStatus> {
-        self.seat.member().clone()
+        self.seat.status()
     }
 }
 
-impl Seated {
+impl<S: AccountSeat> Seated<S> {
     /// Before a chain starts from the configured seed: whether another identity of this
     /// account's name has spent that seed already (its record names it). Then it is
     /// never sent: why.

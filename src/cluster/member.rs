@@ -1069,6 +1069,116 @@ impl Seat {
     }
 }
 
+impl super::backend::MemberView for Member {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn ttl(&self) -> Duration {
+        self.ttl
+    }
+    fn clock(&self) -> Clock {
+        self.clock
+    }
+    fn key(&self) -> &ClusterKey {
+        &self.key
+    }
+    fn memory(&self) -> &Memory {
+        &self.memory
+    }
+    fn key_check(&self) -> KeyCheck {
+        Member::key_check(self)
+    }
+    fn mismatch_message(&self) -> String {
+        mismatch_message(&self.prefix)
+    }
+    fn unreachable_for(&self) -> Option<Duration> {
+        Member::unreachable_for(self)
+    }
+    fn backend_now_ms(&self) -> Option<i64> {
+        Member::backend_now_ms(self)
+    }
+    fn calibration(&self) -> impl std::future::Future<Output = ()> + Send {
+        Member::calibration(self)
+    }
+    fn note_provider_offset(&self, provider_minus_backend: i64) {
+        Member::note_provider_offset(self, provider_minus_backend)
+    }
+    fn note_provider_date(&self, date: SystemTime, received: SystemTime) {
+        Member::note_provider_date(self, date, received)
+    }
+    fn provider_minus_backend(&self) -> Option<i64> {
+        Member::provider_minus_backend(self)
+    }
+    fn skew_warning(&self) -> Option<String> {
+        Member::skew_warning(self)
+    }
+}
+
+impl super::backend::AccountSeat for Seat {
+    type Member = Member;
+    type Error = EtcdError;
+
+    fn member(&self) -> &Member {
+        &self.member
+    }
+    fn status(&self) -> Arc<dyn crate::account::coordinator::ClusterStatus> {
+        self.member.clone()
+    }
+    fn record_key(&self) -> String {
+        Seat::record_key(self)
+    }
+    fn arrived(&self, revision: i64) -> Option<Instant> {
+        Seat::arrived(self, revision)
+    }
+    fn changed(&mut self) -> impl std::future::Future<Output = ()> + Send {
+        Seat::changed(self)
+    }
+    fn campaign(&self) -> impl std::future::Future<Output = Result<Lead, EtcdError>> + Send {
+        Seat::campaign(self)
+    }
+    fn read(&self) -> impl std::future::Future<Output = Result<Stored, EtcdError>> + Send {
+        Seat::read(self)
+    }
+    fn create(&self) -> impl std::future::Future<Output = Result<bool, EtcdError>> + Send {
+        Seat::create(self)
+    }
+    fn claim(
+        &self,
+        at: Position,
+        record: &Record,
+    ) -> impl std::future::Future<Output = Result<Option<Position>, EtcdError>> + Send {
+        Seat::claim(self, at, record)
+    }
+    fn write(
+        &self,
+        at: Position,
+        record: &Record,
+    ) -> impl std::future::Future<Output = Result<Option<Position>, EtcdError>> + Send {
+        Seat::write(self, at, record)
+    }
+    fn others(&self) -> impl std::future::Future<Output = Result<Vec<Record>, EtcdError>> + Send {
+        Seat::others(self)
+    }
+    fn other_identities(&self) -> BTreeSet<String> {
+        Seat::other_identities(self)
+    }
+    fn ask(
+        &self,
+        request: &LeaderRequest,
+    ) -> impl std::future::Future<Output = Result<(), EtcdError>> + Send {
+        Seat::ask(self, request)
+    }
+    fn take_request(
+        &self,
+    ) -> impl std::future::Future<Output = Result<Option<(LeaderRequest, i64)>, EtcdError>> + Send
+    {
+        Seat::take_request(self)
+    }
+    fn resign(&self) -> impl std::future::Future<Output = Result<(), EtcdError>> + Send {
+        Seat::resign(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -48,6 +48,9 @@ pub struct Config {
 /// accounts, one member refreshing each.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClusterConfig {
+    /// Where the members meet: etcd (`endpoints` and the TLS and auth below) or the
+    /// Kubernetes API (`namespace`, `kubeconfig`).
+    pub backend: ClusterBackend,
     pub endpoints: Vec<url::Url>,
     pub prefix: String,
     pub member: String,
@@ -60,6 +63,17 @@ pub struct ClusterConfig {
     pub username: Option<String>,
     pub password: Option<SecretSpec>,
     pub on_cluster_loss: OnClusterLoss,
+    /// Kubernetes: the namespace of the Leases and Secrets (none: the service account's).
+    pub namespace: Option<String>,
+    /// Kubernetes: a kubeconfig (none: the in-cluster configuration).
+    pub kubeconfig: Option<PathBuf>,
+}
+
+/// `cluster.backend` (SPEC §8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterBackend {
+    Etcd,
+    Kubernetes,
 }
 
 /// What a member does when a token is due and etcd has been unreachable for `lease_ttl`.

@@ -41,6 +41,8 @@ pub(crate) struct RawCluster {
     pub username: Option<S<String>>,
     pub password: Option<S<toml::Value>>,
     pub on_cluster_loss: Option<S<String>>,
+    pub namespace: Option<S<String>>,
+    pub kubeconfig: Option<S<String>>,
 }
 
 /// One `[[account]]`, and also `[defaults]` (which may not hold `name` or `output`).

@@ -45,7 +45,7 @@ pub(super) struct Supervisor {
     /// request on the wire): an account of the same name starts after it.
     pub(super) stopping: BTreeMap<String, Predecessor>,
     /// This tokend in its cluster, with `[cluster]`.
-    pub(super) member: Option<Arc<crate::cluster::member::Member>>,
+    pub(super) member: Option<crate::cluster::Joined>,
     pub(super) on_cluster_loss: crate::config::OnClusterLoss,
     /// The `[cluster]` joined at start (changes take effect at a restart).
     pub(super) cluster: Option<crate::config::ClusterConfig>,
@@ -205,13 +205,7 @@ impl Supervisor {
         let after = self.stopping.remove(&account.name);
         let coordinator = match &self.member {
             Some(m) if account.cluster => {
-                let seat = m.seat(&account.name, &RequestIdentity::of(&account));
-                Some(Box::new(crate::cluster::coordinate::Seated::new(
-                    seat,
-                    account.clone(),
-                    self.on_cluster_loss,
-                ))
-                    as Box<dyn account::coordinator::Coordinator>)
+                Some(m.coordinator(account.clone(), self.on_cluster_loss))
             }
             _ => None,
         };

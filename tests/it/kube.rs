@@ -243,6 +243,33 @@ fn the_sidecar_manifest_passes_the_api_servers_validation() {
     );
 }
 
+/// Done when 8: every manifest of packaging/kubernetes/ (the single-pod sidecar and the
+/// 3-replica cluster with its ServiceAccount, Role, RoleBinding and key) passes the API
+/// server's validation, RBAC objects included.
+#[test]
+fn kube_every_packaged_manifest_passes_a_server_dry_run() {
+    let Some(kube) = KubeApiServer::shared() else {
+        return;
+    };
+    let ns = "kube-packaging";
+    kube.create_namespace(ns);
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/kubernetes/");
+    let out = kube.admin(&["apply", "--dry-run=server", "-n", ns, "-f", dir]);
+    assert_eq!(
+        out.matches("(server dry run)").count(),
+        3 + 7,
+        "the sidecar's 3 objects and the cluster's 7: {out}"
+    );
+    for kind in [
+        "role.rbac",
+        "rolebinding.rbac",
+        "serviceaccount/tokend",
+        "deployment.apps/tokend-cluster-example",
+    ] {
+        assert!(out.contains(kind), "{kind} in {out}");
+    }
+}
+
 #[test]
 fn a_server_of_its_own_reads_an_authentication_config_and_stops_when_dropped() {
     let config = tempfile::NamedTempFile::new().expect("a file for the authentication config");
@@ -307,3 +334,4 @@ fn a_server_of_its_own_reads_an_authentication_config_and_stops_when_dropped() {
         "the API server still answers after the drop"
     );
 }
+mod members;

@@ -14,7 +14,7 @@ use zeroize::Zeroizing;
 use super::{valid_name, Ctx};
 use crate::config::raw::{RawCluster, S};
 use crate::config::secret::SecretSpec;
-use crate::config::{ClusterConfig, OnClusterLoss};
+use crate::config::{ClusterBackend, ClusterConfig, OnClusterLoss};
 
 /// What is wrong with the text of a cluster key.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -43,13 +43,65 @@ pub fn parse_hex_key(text: &str) -> Result<Zeroizing<[u8; 32]>, ClusterKeyError>
 /// `[cluster]` (SPEC §8); `None` (with errors reported) when it cannot be used.
 pub(super) fn cluster(cx: &mut Ctx<'_>, raw: RawCluster) -> Option<ClusterConfig> {
     let at = |s: &Option<S<String>>| s.as_ref().map_or(0..0, |v| v.span());
-    if let Some(b) = &raw.backend {
-        if b.get_ref() != "etcd" {
-            cx.err(b.span(), "cluster.backend", "the only backend is \"etcd\"");
+    let backend = match raw.backend.as_ref().map(|b| b.get_ref().as_str()) {
+        None | Some("etcd") => ClusterBackend::Etcd,
+        Some("kubernetes") => ClusterBackend::Kubernetes,
+        Some(_) => {
+            cx.err(
+                at(&raw.backend),
+                "cluster.backend",
+                "\"etcd\" or \"kubernetes\"",
+            );
+            ClusterBackend::Etcd
         }
-    }
-    let endpoints = endpoints(cx, &raw);
-    let prefix = prefix(cx, &raw);
+    };
+    let (endpoints, prefix) = match backend {
+        ClusterBackend::Etcd => {
+            for (k, set) in [
+                ("cluster.namespace", raw.namespace.is_some()),
+                ("cluster.kubeconfig", raw.kubeconfig.is_some()),
+            ] {
+                if set {
+                    cx.err(0..0, k, "only with backend = \"kubernetes\"");
+                }
+            }
+            (endpoints(cx, &raw), prefix(cx, &raw))
+        }
+        ClusterBackend::Kubernetes => {
+            let etcd_only = [
+                (
+                    "cluster.endpoints",
+                    raw.endpoints.as_ref().map(|v| v.span()),
+                ),
+                ("cluster.ca_file", raw.ca_file.as_ref().map(|v| v.span())),
+                (
+                    "cluster.cert_file",
+                    raw.cert_file.as_ref().map(|v| v.span()),
+                ),
+                ("cluster.key_file", raw.key_file.as_ref().map(|v| v.span())),
+                ("cluster.username", raw.username.as_ref().map(|v| v.span())),
+                ("cluster.password", raw.password.as_ref().map(|v| v.span())),
+            ];
+            for (k, span) in etcd_only {
+                if let Some(span) = span {
+                    cx.err(span, k, "only with backend = \"etcd\" (the Kubernetes backend reaches the API server in-cluster or through `kubeconfig`)");
+                }
+            }
+            if let Some(ns) = &raw.namespace {
+                if !dns_label(ns.get_ref()) {
+                    cx.err(ns.span(), "cluster.namespace", "a Kubernetes namespace: 1 to 63 of a-z 0-9 -, starting and ending with a letter or digit");
+                }
+            }
+            // Members with the same prefix share accounts; the Kubernetes backend's
+            // objects are named by a digest of it, so one namespace may hold several.
+            let prefix = if raw.prefix.is_some() {
+                prefix(cx, &raw)
+            } else {
+                "/tokend".to_owned()
+            };
+            (Vec::new(), prefix)
+        }
+    };
     let member = member(cx, &raw);
     let lease_ttl = cx.duration(&raw.lease_ttl, "cluster.lease_ttl", Duration::from_secs(10));
     if lease_ttl < Duration::from_secs(2) {
@@ -74,6 +126,9 @@ pub(super) fn cluster(cx: &mut Ctx<'_>, raw: RawCluster) -> Option<ClusterConfig
         .as_ref()
         .and_then(|p| cx.secret(p, "cluster.password"));
     Some(ClusterConfig {
+        backend,
+        namespace: raw.namespace.as_ref().map(|n| n.get_ref().clone()),
+        kubeconfig: raw.kubeconfig.as_ref().map(|p| cx.path(p.get_ref())),
         endpoints,
         prefix,
         member,
@@ -86,6 +141,16 @@ pub(super) fn cluster(cx: &mut Ctx<'_>, raw: RawCluster) -> Option<ClusterConfig
         password,
         on_cluster_loss,
     })
+}
+
+/// A Kubernetes namespace's name (RFC 1123 label).
+fn dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    (1..=63).contains(&b.len())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
 }
 
 /// `endpoints`: at least one, each an http:// or https:// URL.
@@ -253,6 +318,47 @@ mod tests {
         ] {
             assert!(keys.contains(&k), "{k} in {keys:?}");
         }
+    }
+
+    #[test]
+    fn the_kubernetes_backend_takes_a_namespace_and_a_kubeconfig_and_no_etcd_keys() {
+        let out = OUT;
+        let key = "ab".repeat(32);
+        let good = format!(
+            "[cluster]\nbackend = \"kubernetes\"\nnamespace = \"payments\"\n\
+             kubeconfig = \"kube\"\nmember = \"m1\"\nkey = \"{key}\"\n\n{REF_SECRET}{out}"
+        );
+        let c = parse_str(&good, Path::new("/etc/tokend/c.toml")).unwrap();
+        let cl = c.cluster.unwrap();
+        assert_eq!(cl.backend, ClusterBackend::Kubernetes);
+        assert_eq!(cl.namespace.as_deref(), Some("payments"));
+        assert_eq!(
+            cl.kubeconfig.as_deref(),
+            Some(Path::new("/etc/tokend/kube"))
+        );
+        assert_eq!(
+            cl.prefix, "/tokend",
+            "members of a namespace share by default"
+        );
+        assert!(cl.endpoints.is_empty());
+
+        let bad = good.replace("\"payments\"", "\"Payments_1\"").replace(
+            "member = ",
+            "endpoints = [\"http://127.0.0.1:2379\"]\nmember = ",
+        );
+        let errs = parse_str(&bad, Path::new("/c.toml")).unwrap_err().0;
+        let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["cluster.namespace", "cluster.endpoints"], "{errs:?}");
+
+        let etcd = format!(
+            "[cluster]\nendpoints = [\"http://127.0.0.1:2379\"]\nprefix = \"/t\"\n\
+             namespace = \"payments\"\nkey = \"{key}\"\n\n{REF_SECRET}{out}"
+        );
+        let errs = parse_str(&etcd, Path::new("/c.toml")).unwrap_err().0;
+        assert_eq!(errs[0].key, "cluster.namespace");
+        let other = good.replace("\"kubernetes\"", "\"consul\"");
+        let errs = parse_str(&other, Path::new("/c.toml")).unwrap_err().0;
+        assert!(errs.iter().any(|e| e.key == "cluster.backend"), "{errs:?}");
     }
 
     #[test]
