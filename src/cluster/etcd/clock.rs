@@ -1,0 +1,91 @@
+//! etcd's clock as its answers tell it (the `Date` of each answer against this host's):
+//! what records are timed by when this member's own clock is off.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use crate::clock::Clock;
+
+// ---- The backend's clock --------------------------------------------------------------
+
+/// etcd's time as this member sees it: the offset of etcd's clock (its answers' `Date`
+/// headers) from this member's wall clock. A `Date` has whole seconds, so each answer
+/// only bounds the offset: the server wrote it at some time in `[date, date + 1 s)`,
+/// between our sending and our receiving. The intersection of the last answers' bounds
+/// narrows it to well under a second within a few answers; bounds that stop agreeing
+/// (this member's clock was set, or another etcd member's clock differs) drop the
+/// older ones.
+#[derive(Debug, Default)]
+pub struct BackendClock {
+    /// (lowest, highest) offset in milliseconds, one pair per answer, newest last.
+    bounds: Mutex<VecDeque<(i64, i64)>>,
+}
+
+/// How many answers' bounds are kept.
+const CLOCK_SAMPLES: usize = 32;
+
+fn unix_ms(t: SystemTime) -> i64 {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => d.as_millis() as i64,
+        Err(e) => -(e.duration().as_millis() as i64),
+    }
+}
+
+impl BackendClock {
+    /// Records an answer sent at `sent` and received at `received` (this member's
+    /// clock) whose `Date` said `date`.
+    pub fn observe(&self, date: SystemTime, sent: SystemTime, received: SystemTime) {
+        let d = unix_ms(date);
+        let lo = d - unix_ms(received);
+        let hi = d + 1000 - unix_ms(sent);
+        if lo > hi {
+            return;
+        }
+        let mut b = self.bounds.lock().expect("never poisoned");
+        b.push_back((lo, hi));
+        while b.len() > CLOCK_SAMPLES {
+            b.pop_front();
+        }
+        // Keep the newest samples that agree with each other.
+        while b.len() > 1 {
+            let (l, h) = intersect(b.iter());
+            if l <= h {
+                break;
+            }
+            b.pop_front();
+        }
+    }
+
+    /// The backend's clock minus this member's, in milliseconds (the middle of what the
+    /// answers allow), if any answer came.
+    pub fn offset_ms(&self) -> Option<i64> {
+        let b = self.bounds.lock().expect("never poisoned");
+        if b.is_empty() {
+            return None;
+        }
+        let (l, h) = intersect(b.iter());
+        Some(l + (h - l) / 2)
+    }
+
+    /// How far apart the offset's bounds still are (milliseconds), if any answer came.
+    pub fn uncertainty_ms(&self) -> Option<i64> {
+        let b = self.bounds.lock().expect("never poisoned");
+        if b.is_empty() {
+            return None;
+        }
+        let (l, h) = intersect(b.iter());
+        Some(h - l)
+    }
+
+    /// The backend's time now, in Unix milliseconds, by `clock` and the offset.
+    pub fn now_ms(&self, clock: Clock) -> Option<i64> {
+        Some(unix_ms(clock.now()) + self.offset_ms()?)
+    }
+}
+
+fn intersect<'a>(b: impl Iterator<Item = &'a (i64, i64)>) -> (i64, i64) {
+    b.fold((i64::MIN, i64::MAX), |(l, h), (bl, bh)| {
+        (l.max(*bl), h.min(*bh))
+    })
+}
