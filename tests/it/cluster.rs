@@ -619,6 +619,27 @@ mod members {
         }
     }
 
+    /// Issue #22 (and #12's gap): `tokend once` beside a running cluster adopts the
+    /// shared token: its output holds it, and the provider is not asked.
+    #[test]
+    fn once_beside_a_running_cluster_adopts_the_shared_token() {
+        let Some(etcd) = EtcdCluster::start(1) else {
+            return;
+        };
+        let idp = FakeIdp::start(Reply::token(3600));
+        let nodes = nodes(&etcd, &idp, 3, "");
+        let daemons: Vec<Daemon> = nodes[..2]
+            .iter()
+            .map(|n| Daemon::start(&n.config))
+            .collect();
+        let token = serving_one_token(&daemons[0], &nodes[..2]);
+        assert_eq!(idp.requests().len(), 1);
+        let once = crate::support::once(&nodes[2].config, &[]);
+        assert_eq!(once.code(), Some(0), "{}", once.stderr);
+        assert_eq!(nodes[2].token().as_deref(), Some(token.as_str()));
+        assert_eq!(idp.requests().len(), 1, "once asked the provider nothing");
+    }
+
     #[test]
     fn a_killed_leader_is_replaced_within_the_lease_and_a_stopped_one_at_once() {
         let Some(etcd) = EtcdCluster::start(1) else {

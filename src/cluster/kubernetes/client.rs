@@ -224,6 +224,8 @@ pub enum WatchEvent {
         labels: BTreeMap<String, String>,
         resource_version: String,
         deleted: bool,
+        /// A Lease's `holderIdentity` (empty: released).
+        holder: Option<String>,
     },
     /// A bookmark: nothing changed up to this resourceVersion.
     Bookmark(String),
@@ -886,6 +888,11 @@ impl Kube {
                         labels: meta.labels,
                         resource_version: rv,
                         deleted: ev.kind == "DELETED",
+                        holder: ev
+                            .object
+                            .pointer("/spec/holderIdentity")
+                            .and_then(|h| h.as_str())
+                            .map(str::to_owned),
                     }
                 };
                 if tx.send(out).await.is_err() {

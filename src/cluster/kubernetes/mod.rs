@@ -518,11 +518,29 @@ impl KubeMember {
                 name,
                 labels,
                 resource_version,
-                deleted: _,
+                deleted,
+                holder,
             } => {
                 let seat = labels.get(SEAT_LABEL);
                 let mut seats = self.seats.lock().expect("never poisoned");
                 if let Some(s) = seat.and_then(|id| seats.get_mut(id)) {
+                    if matches!(r, Resource::Leases) && !deleted {
+                        // A renewal by the holder this member knows of (or by itself) is
+                        // no news: it restarts the lapse timer, without a read.
+                        let holder = holder.unwrap_or_default();
+                        let renewal = match &mut s.lease.other {
+                            Some((h, rv, seen, _, told)) if *h == holder && !holder.is_empty() => {
+                                *rv = resource_version.clone();
+                                *seen = Instant::now();
+                                *told = false;
+                                true
+                            }
+                            _ => false,
+                        };
+                        if renewal || (holder == self.name && s.lease.mine.is_some()) {
+                            return Some(resource_version);
+                        }
+                    }
                     if matches!(r, Resource::Secrets)
                         && Some(&name) == seat.map(|id| secret_name(id)).as_ref()
                     {
