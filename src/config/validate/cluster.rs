@@ -55,53 +55,7 @@ pub(super) fn cluster(cx: &mut Ctx<'_>, raw: RawCluster) -> Option<ClusterConfig
             ClusterBackend::Etcd
         }
     };
-    let (endpoints, prefix) = match backend {
-        ClusterBackend::Etcd => {
-            for (k, set) in [
-                ("cluster.namespace", raw.namespace.is_some()),
-                ("cluster.kubeconfig", raw.kubeconfig.is_some()),
-            ] {
-                if set {
-                    cx.err(0..0, k, "only with backend = \"kubernetes\"");
-                }
-            }
-            (endpoints(cx, &raw), prefix(cx, &raw))
-        }
-        ClusterBackend::Kubernetes => {
-            let etcd_only = [
-                (
-                    "cluster.endpoints",
-                    raw.endpoints.as_ref().map(|v| v.span()),
-                ),
-                ("cluster.ca_file", raw.ca_file.as_ref().map(|v| v.span())),
-                (
-                    "cluster.cert_file",
-                    raw.cert_file.as_ref().map(|v| v.span()),
-                ),
-                ("cluster.key_file", raw.key_file.as_ref().map(|v| v.span())),
-                ("cluster.username", raw.username.as_ref().map(|v| v.span())),
-                ("cluster.password", raw.password.as_ref().map(|v| v.span())),
-            ];
-            for (k, span) in etcd_only {
-                if let Some(span) = span {
-                    cx.err(span, k, "only with backend = \"etcd\" (the Kubernetes backend reaches the API server in-cluster or through `kubeconfig`)");
-                }
-            }
-            if let Some(ns) = &raw.namespace {
-                if !dns_label(ns.get_ref()) {
-                    cx.err(ns.span(), "cluster.namespace", "a Kubernetes namespace: 1 to 63 of a-z 0-9 -, starting and ending with a letter or digit");
-                }
-            }
-            // Members with the same prefix share accounts; the Kubernetes backend's
-            // objects are named by a digest of it, so one namespace may hold several.
-            let prefix = if raw.prefix.is_some() {
-                prefix(cx, &raw)
-            } else {
-                "/tokend".to_owned()
-            };
-            (Vec::new(), prefix)
-        }
-    };
+    let (endpoints, prefix) = backend_keys(cx, &raw, backend);
     let member = member(cx, &raw);
     let lease_ttl = cx.duration(&raw.lease_ttl, "cluster.lease_ttl", Duration::from_secs(10));
     if lease_ttl < Duration::from_secs(2) {
@@ -141,6 +95,62 @@ pub(super) fn cluster(cx: &mut Ctx<'_>, raw: RawCluster) -> Option<ClusterConfig
         password,
         on_cluster_loss,
     })
+}
+
+/// The keys of one backend only: those of the other refused; the endpoints and the key
+/// prefix of `backend`.
+fn backend_keys(
+    cx: &mut Ctx<'_>,
+    raw: &RawCluster,
+    backend: ClusterBackend,
+) -> (Vec<url::Url>, String) {
+    match backend {
+        ClusterBackend::Etcd => {
+            for (k, set) in [
+                ("cluster.namespace", raw.namespace.is_some()),
+                ("cluster.kubeconfig", raw.kubeconfig.is_some()),
+            ] {
+                if set {
+                    cx.err(0..0, k, "only with backend = \"kubernetes\"");
+                }
+            }
+            (endpoints(cx, raw), prefix(cx, raw))
+        }
+        ClusterBackend::Kubernetes => {
+            let etcd_only = [
+                (
+                    "cluster.endpoints",
+                    raw.endpoints.as_ref().map(|v| v.span()),
+                ),
+                ("cluster.ca_file", raw.ca_file.as_ref().map(|v| v.span())),
+                (
+                    "cluster.cert_file",
+                    raw.cert_file.as_ref().map(|v| v.span()),
+                ),
+                ("cluster.key_file", raw.key_file.as_ref().map(|v| v.span())),
+                ("cluster.username", raw.username.as_ref().map(|v| v.span())),
+                ("cluster.password", raw.password.as_ref().map(|v| v.span())),
+            ];
+            for (k, span) in etcd_only {
+                if let Some(span) = span {
+                    cx.err(span, k, "only with backend = \"etcd\" (the Kubernetes backend reaches the API server in-cluster or through `kubeconfig`)");
+                }
+            }
+            if let Some(ns) = &raw.namespace {
+                if !dns_label(ns.get_ref()) {
+                    cx.err(ns.span(), "cluster.namespace", "a Kubernetes namespace: 1 to 63 of a-z 0-9 -, starting and ending with a letter or digit");
+                }
+            }
+            // Members with the same prefix share accounts; the Kubernetes backend's
+            // objects are named by a digest of it, so one namespace may hold several.
+            let prefix = if raw.prefix.is_some() {
+                prefix(cx, raw)
+            } else {
+                "/tokend".to_owned()
+            };
+            (Vec::new(), prefix)
+        }
+    }
 }
 
 /// A Kubernetes namespace's name (RFC 1123 label).
