@@ -36,8 +36,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use super::backend::{AccountSeat, MemberView};
-use super::member::{KeyCheck, Lead, Position, Stored};
+use super::backend::{AccountSeat, KeyCheck, Lead, MemberView, Position, Stored};
 use super::record::{InFlight, LeaderRequest, Record};
 use crate::account::coordinator::{
     request_timeout, BoxFuture, Claim, ClusterStatus, Coordinator, Shared, Turn,
