@@ -19,7 +19,7 @@ pub(super) enum ClaimBase {
     /// Claim over it: the record the claim goes on from (none: this member's state),
     /// where it is, and the member whose request died in flight, if one did.
     Over {
-        base: Option<Record>,
+        base: Option<Box<Record>>,
         at: Position,
         after: Option<String>,
     },
@@ -79,7 +79,7 @@ impl<S: AccountSeat> Seated<S> {
                     return ClaimBase::Decided(Claim::Lost);
                 }
                 ClaimBase::Over {
-                    base: Some(*r),
+                    base: Some(r),
                     at,
                     after,
                 }

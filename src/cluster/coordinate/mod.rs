@@ -378,7 +378,7 @@ impl<S: AccountSeat> Coordinator for Seated<S> {
                 };
                 // A dead member's request costs nothing here: no link to wait for.
                 let after = if self.rotates { after } else { None };
-                let record = self.claim_record(base.as_ref(), &state, after.clone());
+                let record = self.claim_record(base.as_deref(), &state, after.clone());
                 return self.write_claim(at, record, after).await;
             }
             Claim::Lost
