@@ -18,9 +18,8 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use super::member::{KeyCheck, Lead, Position, Stored};
 use super::memory::Memory;
-use super::record::{ClusterKey, LeaderRequest, Record};
+use super::record::{ClusterKey, LeaderRequest, Place, Record, SealError};
 use crate::account::coordinator::ClusterStatus;
 use crate::clock::Clock;
 
@@ -92,4 +91,45 @@ pub trait AccountSeat: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<(LeaderRequest, i64)>, Self::Error>> + Send;
     /// Gives up the lead, if held.
     fn resign(&self) -> impl Future<Output = Result<(), Self::Error>> + Send;
+}
+
+/// Who leads an account, as this member last learned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lead {
+    /// This member.
+    Me,
+    /// Another member, by name.
+    Other(String),
+    /// Nobody (the key is free), or not known (etcd unreachable, or this member takes
+    /// no part).
+    Unknown,
+}
+
+/// Whether this member's cluster key is the cluster's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyCheck {
+    /// Not known yet (etcd not reached yet).
+    Unknown,
+    Ok,
+    /// Another key sealed the cluster's key check: this member takes no part.
+    Mismatch,
+}
+
+/// Where a record is in etcd: the revision of its last write and its place in its
+/// key's history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub revision: i64,
+    pub place: Place,
+}
+
+/// An account's record key, as read.
+pub enum Stored {
+    /// No record key.
+    Absent,
+    /// Created, not written yet.
+    New(Position),
+    Sealed(Box<Record>, Position),
+    /// There, but it does not open here (another key, altered, put back).
+    Refused(SealError, Position),
 }

@@ -30,20 +30,20 @@
 //!   another identity of the account's name has spent is never sent, and members of
 //!   another identity under the same name are shown on every member.
 
+mod claim;
+
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use super::backend::{AccountSeat, MemberView};
-use super::member::{KeyCheck, Lead, Position, Stored};
-use super::record::{InFlight, LeaderRequest, Record};
-use crate::account::coordinator::{
-    request_timeout, BoxFuture, Claim, ClusterStatus, Coordinator, Shared, Turn,
-};
+use super::backend::{AccountSeat, KeyCheck, Lead, MemberView, Position, Stored};
+use super::record::{LeaderRequest, Record};
+use crate::account::coordinator::{BoxFuture, Claim, ClusterStatus, Coordinator, Shared, Turn};
 use crate::account::persist::{Portable, SavedToken};
 use crate::config::{Account, Grant, OnClusterLoss};
+use claim::ClaimBase;
 
 pub struct Seated<S: AccountSeat> {
     seat: S,
@@ -305,25 +305,6 @@ impl<S: AccountSeat> Seated<S> {
             state,
         }
     }
-
-    /// Where a claim on a record that does not open, or is older than what was seen,
-    /// leads: this member writes its own state back over it if it holds the newest
-    /// link it has seen; otherwise the account is held.
-    fn refused_claim(&self, state: &Portable) -> Option<String> {
-        let i = self.inner();
-        let why = i
-            .refused
-            .as_ref()
-            .map(|(_, w)| w.clone())
-            .unwrap_or_else(|| "the shared record does not open".into());
-        if !self.rotates || (i.seen > 0 && i.holds == i.seen && state.refresh_token.is_some()) {
-            return None;
-        }
-        Some(format!(
-            "{why}; this member does not hold the chain's newest link (generation {}), so it sends none: re-seed (tokend reseed) once the cause is known",
-            i.seen
-        ))
-    }
 }
 
 impl<S: AccountSeat> Coordinator for Seated<S> {
@@ -390,100 +371,15 @@ impl<S: AccountSeat> Coordinator for Seated<S> {
                 let Some(stored) = self.read().await else {
                     return Claim::Lost;
                 };
-                let (base, at, mut after) = match stored {
-                    Stored::Absent => {
-                        if let Some(refused) = self.spent_elsewhere(&state).await {
-                            return Claim::Refuse(refused);
-                        }
-                        match self.seat.create().await {
-                            Ok(_) => continue,
-                            Err(e) => {
-                                tracing::debug!(account = %self.name(), "cluster: {e}");
-                                return Claim::Lost;
-                            }
-                        }
-                    }
-                    Stored::New(at) => {
-                        if let Some(refused) = self.spent_elsewhere(&state).await {
-                            return Claim::Refuse(refused);
-                        }
-                        (None, at, None)
-                    }
-                    Stored::Refused(_, at) => {
-                        if let Some(held) = self.refused_claim(&state) {
-                            return Claim::Refuse(held);
-                        }
-                        tracing::warn!(account = %self.name(), "writing this member's state (the newest link it has seen) back over the refused record");
-                        (None, at, None)
-                    }
-                    Stored::Sealed(r, at) => {
-                        let mut after = None;
-                        if let Some(f) = &r.in_flight {
-                            if self.rotates {
-                                let until =
-                                    self.first_seen(f.claim) + Duration::from_millis(f.wait_ms);
-                                if Instant::now() < until {
-                                    return Claim::Wait {
-                                        until,
-                                        why: format!(
-                                            "member {} is asking the provider with the chain's current link: waiting up to {} for its answer",
-                                            f.member,
-                                            humantime::format_duration(Duration::from_secs(
-                                                until.saturating_duration_since(Instant::now()).as_secs() + 1
-                                            ))
-                                        ),
-                                    };
-                                }
-                            }
-                            after = Some(f.member.clone());
-                        }
-                        if self.rotates && r.state.refresh_token != state.refresh_token {
-                            // Another link than this member's: take it first.
-                            return Claim::Lost;
-                        }
-                        (Some(*r), at, after)
-                    }
+                let (base, at, after) = match self.claim_base(stored, &state).await {
+                    ClaimBase::Over { base, at, after } => (base, at, after),
+                    ClaimBase::Created => continue,
+                    ClaimBase::Decided(claim) => return claim,
                 };
-                let member = self.seat.member();
-                let mut record = self.next_record(
-                    base.as_ref(),
-                    match &base {
-                        Some(b) => b.state.clone(),
-                        None => state.clone(),
-                    },
-                );
-                if record.seed.is_none() {
-                    record.seed = self.seed().map(|s| member.key().seed_digest(&s));
-                }
-                if !self.rotates {
-                    // A dead member's request costs nothing here: no link to wait for.
-                    after = None;
-                }
-                let wait = request_timeout(&self.account) + member.ttl();
-                record.in_flight = Some(InFlight {
-                    member: member.name().to_owned(),
-                    claim: rand::random(),
-                    wait_ms: wait.as_millis() as u64,
-                    after: after.clone(),
-                });
-                return match self.seat.claim(at, &record).await {
-                    Ok(Some(pos)) => {
-                        if let Some(a) = &after {
-                            tracing::warn!(account = %self.name(), "member {a} died with a request on the wire (no answer within its time): sending the chain's link once more");
-                        }
-                        self.saw(record.generation);
-                        let mut i = self.inner();
-                        i.holds = record.generation;
-                        i.last_claim = pos.revision;
-                        i.mine = Some((pos, record, Instant::now()));
-                        Claim::Go { after }
-                    }
-                    Ok(None) => Claim::Lost,
-                    Err(e) => {
-                        tracing::debug!(account = %self.name(), "cluster: {e}");
-                        Claim::Lost
-                    }
-                };
+                // A dead member's request costs nothing here: no link to wait for.
+                let after = if self.rotates { after } else { None };
+                let record = self.claim_record(base.as_deref(), &state, after.clone());
+                return self.write_claim(at, record, after).await;
             }
             Claim::Lost
         })
@@ -664,33 +560,5 @@ impl<S: AccountSeat> Coordinator for Seated<S> {
 
     fn status(&self) -> Arc<dyn ClusterStatus> {
         self.seat.status()
-    }
-}
-
-impl<S: AccountSeat> Seated<S> {
-    /// Before a chain starts from the configured seed: whether another identity of this
-    /// account's name has spent that seed already (its record names it). Then it is
-    /// never sent: why.
-    async fn spent_elsewhere(&self, state: &Portable) -> Option<String> {
-        if !self.rotates || state.refresh_token.is_some() {
-            return None;
-        }
-        let digest = self
-            .seed()
-            .map(|s| self.seat.member().key().seed_digest(&s))?;
-        let others = match self.seat.others().await {
-            Ok(o) => o,
-            Err(e) => {
-                return Some(format!(
-                    "could not make sure no other identity of this account spent its seed ({e}): not starting the chain yet"
-                ))
-            }
-        };
-        others.iter().any(|r| r.seed.as_deref() == Some(digest.as_str())).then(|| {
-            format!(
-                "the configured refresh_token was already spent by another identity of account {:?} (members whose token_url, grant_type, client_id, username, scope or extra_params differ from this one's): it is never sent again; make the settings agree on every member",
-                self.name()
-            )
-        })
     }
 }
