@@ -361,7 +361,9 @@ check "unit: commented LoadCredential= examples and the CAP_CHOWN drop-in" bash 
 # verify needs ExecStart's binary to exist: verify a copy that runs the one just built.
 mkdir -p "$work/verify"
 sed "s|^ExecStart=/usr/bin/tokend |ExecStart=$bin |" "$unit" >"$work/verify/tokend.service"
-verify_out=$(systemd-analyze verify "$work/verify/tokend.service" 2>&1) && verify_rc=0 || verify_rc=$?
+# --man=no: Documentation= names the man pages, which the package installs and this
+# machine need not have (tests/ops.sh renders them).
+verify_out=$(systemd-analyze verify --man=no "$work/verify/tokend.service" 2>&1) && verify_rc=0 || verify_rc=$?
 check "unit: systemd-analyze verify is clean" bash -c \
     'test "$1" -eq 0 && ! grep -i tokend <<<"$2"' _ "$verify_rc" "$verify_out"
 
