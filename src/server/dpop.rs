@@ -20,7 +20,7 @@ use super::Ctx;
 use crate::clock::rfc3339;
 
 /// The longest nonce passed through (servers send a few dozen characters).
-const MAX_NONCE: usize = 1024;
+const MAX_NONCE: usize = 512;
 
 /// `POST /v1/tokens/{account}/dpop`.
 pub(super) async fn proof(
@@ -38,6 +38,18 @@ pub(super) async fn proof(
     let Some(view) = readable(&accounts, peer, name) else {
         return no_account(name);
     };
+    let account = &view.account;
+    if account.dpop.is_none() {
+        // Whatever the body says: the account is not one that takes proofs (as a
+        // reseed of an account without a chain: 409).
+        return error(
+            StatusCode::CONFLICT,
+            code::CONFLICT,
+            format!(
+                "account {name:?} is not DPoP-bound (token_binding = \"dpop\"): send its token as a Bearer token"
+            ),
+        );
+    }
     let req: DpopRequest = match serde_json::from_slice(&bytes) {
         Ok(r) => r,
         // serde_json names the position and the field, never the input's values.
@@ -47,19 +59,13 @@ pub(super) async fn proof(
             ))
         }
     };
-    let account = &view.account;
-    if account.dpop.is_none() {
-        return bad(format!(
-            "account {name:?} is not DPoP-bound (token_binding = \"dpop\"): send its token as a Bearer token"
-        ));
-    }
-    if req.method.is_empty() || !req.method.bytes().all(is_tchar) {
+    if req.method.is_empty() || req.method.len() > 32 || !req.method.bytes().all(is_tchar) {
         return bad(format!("{:?} is not an HTTP method", req.method));
     }
     if let Some(n) = &req.nonce {
         if n.is_empty() || n.len() > MAX_NONCE || !n.bytes().all(|b| b.is_ascii_graphic()) {
             return bad(
-                "the nonce is not a DPoP-Nonce value (1 to 1024 visible ASCII characters)".into(),
+                "the nonce is not a DPoP-Nonce value (1 to 512 visible ASCII characters)".into(),
             );
         }
     }
