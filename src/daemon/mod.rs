@@ -249,12 +249,15 @@ impl Daemon {
         // Let a burst of events (write, rename, chmod, symlink swap) settle.
         tokio::time::sleep(WATCH_SETTLE).await;
         while self.watch_rx.try_recv().is_ok() {}
+        // Watched afresh before the file is read: an edit from here on is an event, one
+        // made before is in what is read. (Watched afresh after a reload, an edit made
+        // while the reload ran, and seen by the old watch only, was lost.)
+        if let Some(w) = &mut self.watcher {
+            w.rewatch();
+        }
         if read_digest(&self.config.path) != self.config_text {
             tracing::info!("{} changed: reloading", self.config.path.display());
             self.reload();
-        }
-        if let Some(w) = &mut self.watcher {
-            w.rewatch();
         }
         self.sup.check_secrets();
     }
