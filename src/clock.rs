@@ -162,6 +162,15 @@ async fn watch_jumps(jumps: Weak<WallJumps>, clock: Clock) {
     }
 }
 
+/// Unix milliseconds of `t`, negative before 1970: how cluster members compare their
+/// clocks with their store's and the provider's.
+pub fn unix_ms(t: SystemTime) -> i64 {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => d.as_millis() as i64,
+        Err(e) => -(e.duration().as_millis() as i64),
+    }
+}
+
 /// The latest time RFC 3339 can write: 9999-12-31T23:59:59Z.
 const LATEST_RFC3339: u64 = 253_402_300_799;
 

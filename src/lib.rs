@@ -26,6 +26,7 @@ pub mod config;
 pub mod credential;
 pub mod daemon;
 pub mod failure;
+pub mod hex;
 pub mod logging;
 pub mod oauth;
 pub mod output;

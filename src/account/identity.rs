@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{
     Account, AssertionConfig, BasicEncoding, ClientAuth, Grant, ParamsIn, Secret, SecretSpec,
 };
+use crate::hex::hex;
 
 /// What a token is issued for: endpoint, grant, client, user, scope and parameters.
 /// Holds no secret, so it may be shown and stored as is.
@@ -263,10 +264,6 @@ pub fn secret_digest(salt: &str, secret: &Secret) -> String {
 /// A fresh random salt, as hex.
 pub fn new_salt() -> String {
     hex(&rand::random::<[u8; 16]>())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

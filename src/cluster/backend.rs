@@ -23,6 +23,17 @@ use super::record::{ClusterKey, LeaderRequest, Place, Record, SealError};
 use crate::account::coordinator::ClusterStatus;
 use crate::clock::Clock;
 
+/// What a member is made of, whatever its store: the same `[cluster]` settings for
+/// etcd and for the Kubernetes API.
+pub struct Settings {
+    pub key: ClusterKey,
+    pub prefix: String,
+    pub name: String,
+    pub ttl: Duration,
+    pub clock: Clock,
+    pub memory: Memory,
+}
+
 /// One member of a cluster, whatever its store.
 pub trait MemberView: Send + Sync + 'static {
     fn name(&self) -> &str;

@@ -37,10 +37,7 @@ impl Memory {
     fn file(&self, at: &str) -> Option<PathBuf> {
         let dir = self.dir.as_ref()?;
         let digest = ring::digest::digest(&ring::digest::SHA256, at.as_bytes());
-        let hex: String = digest.as_ref()[..12]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let hex = crate::hex::hex(&digest.as_ref()[..12]);
         let name = at
             .rsplit('/')
             .nth(2)

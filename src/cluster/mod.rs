@@ -86,14 +86,7 @@ pub fn join(
         tracing::info!(member = %config.member, namespace = %kube.namespace(), "joining the cluster on the Kubernetes API");
         return Ok(Joined::Kubernetes(kubernetes::KubeMember::start(
             kube,
-            kubernetes::Settings {
-                key,
-                prefix: config.prefix.clone(),
-                name: config.member.clone(),
-                ttl: config.lease_ttl,
-                clock,
-                memory: memory::Memory::new(state_dir),
-            },
+            settings(config, key, clock, state_dir),
             cancel,
             tracker,
         )));
@@ -102,17 +95,27 @@ pub fn join(
     tracing::info!(member = %config.member, prefix = %config.prefix, "joining the cluster");
     Ok(Joined::Etcd(member::Member::start(
         etcd,
-        member::Settings {
-            key,
-            prefix: config.prefix.clone(),
-            name: config.member.clone(),
-            ttl: config.lease_ttl,
-            clock,
-            memory: memory::Memory::new(state_dir),
-        },
+        settings(config, key, clock, state_dir),
         cancel,
         tracker,
     )))
+}
+
+/// What a member is made of, on either backend.
+fn settings(
+    config: &ClusterConfig,
+    key: record::ClusterKey,
+    clock: Clock,
+    state_dir: Option<&std::path::Path>,
+) -> backend::Settings {
+    backend::Settings {
+        key,
+        prefix: config.prefix.clone(),
+        name: config.member.clone(),
+        ttl: config.lease_ttl,
+        clock,
+        memory: memory::Memory::new(state_dir),
+    }
 }
 
 /// For `tokend check`: reads the cluster's prefix once. Says how many accounts the

@@ -53,10 +53,7 @@ impl ClusterKey {
         let k = hmac::Key::new(hmac::HMAC_SHA256, &self.0);
         let encoded = serde_json::to_vec(identity).expect("an identity always serializes");
         let tag = hmac::sign(&k, &encoded);
-        let digest: String = tag.as_ref()[..16]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let digest = crate::hex::hex(&tag.as_ref()[..16]);
         format!("{}/accounts/{name}/{digest}", prefix.trim_end_matches('/'))
     }
 
@@ -74,10 +71,7 @@ impl ClusterKey {
         let mut ctx = hmac::Context::with_key(&k);
         ctx.update(b"tokend-seed/1\0");
         ctx.update(secret.as_bytes());
-        ctx.sign().as_ref()[..16]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        crate::hex::hex(&ctx.sign().as_ref()[..16])
     }
 
     /// Seals `plain` bound to `aad`: base64 of nonce || ciphertext || tag.

@@ -424,6 +424,11 @@ pub mod tests {
         }
     }
 
+    /// The first error `load_in` reports; panics if the config loads.
+    fn first_error(text: &str, files: &[(&str, &str, u32)], full: bool) -> ConfigError {
+        load_in(text, files, full).unwrap_err().0.remove(0)
+    }
+
     #[test]
     fn a_private_key_must_parse_fit_its_algorithm_and_be_tokend_s_alone() {
         use crate::config::keys::tests::{P256_SEC1, RSA_PKCS1};
@@ -433,10 +438,7 @@ pub mod tests {
             load_in(&text, &[], false).is_ok(),
             "a missing key is left to check and to the request"
         );
-        let e = load_in(&text, &[("key.pem", P256_SEC1, 0o640)], false)
-            .unwrap_err()
-            .0
-            .remove(0);
+        let e = first_error(&text, &[("key.pem", P256_SEC1, 0o640)], false);
         assert_eq!(
             (e.key.as_str(), e.line, e.column),
             ("account.k.private_key", 6, 15),
@@ -447,20 +449,14 @@ pub mod tests {
                 && e.message.contains("chmod 600"),
             "{e}"
         );
-        let e = load_in(&text, &[("key.pem", "junk", 0o600)], false)
-            .unwrap_err()
-            .0
-            .remove(0);
+        let e = first_error(&text, &[("key.pem", "junk", 0o600)], false);
         assert_eq!(e.key, "account.k.private_key");
         assert!(
             e.message.contains("key.pem holds no PEM private key"),
             "{e}"
         );
         let wrong = format!("{KEYED}assertion_alg = \"ES384\"\n{OUT}");
-        let e = load_in(&wrong, &[("key.pem", P256_SEC1, 0o600)], false)
-            .unwrap_err()
-            .0
-            .remove(0);
+        let e = first_error(&wrong, &[("key.pem", P256_SEC1, 0o600)], false);
         assert_eq!(
             (e.key.as_str(), e.line, e.column),
             ("account.k.assertion_alg", 7, 17),
@@ -494,10 +490,7 @@ pub mod tests {
             load_in(&text, &files(expired), false).is_ok(),
             "run starts (and serves the others)"
         );
-        let e = load_in(&text, &files(expired), true)
-            .unwrap_err()
-            .0
-            .remove(0);
+        let e = first_error(&text, &files(expired), true);
         assert_eq!(
             (e.key.as_str(), e.line, e.column),
             ("account.m.client_cert", 6, 15),
@@ -508,15 +501,12 @@ pub mod tests {
                 .contains("(CN=tokend-expired) expired at 2020-01-02T00:00:00Z"),
             "{e}"
         );
-        let e = load_in(&text, &files(other), true).unwrap_err().0.remove(0);
+        let e = first_error(&text, &files(other), true);
         assert!(e.message.contains("is not for the key in file"), "{e}");
-        let e = load_in(&text, &files("no cert"), false)
-            .unwrap_err()
-            .0
-            .remove(0);
+        let e = first_error(&text, &files("no cert"), false);
         assert!(e.message.contains("holds no PEM certificate"), "{e}");
         let open_key = [("c.pem", good, 0o644), ("k.pem", P256_SEC1, 0o604)];
-        let e = load_in(&text, &open_key, false).unwrap_err().0.remove(0);
+        let e = first_error(&text, &open_key, false);
         assert_eq!(e.key, "account.m.client_key");
     }
 }

@@ -312,8 +312,12 @@ fn an_account_with_only_fhir_base_client_id_a_key_file_and_a_kid_gets_and_keeps_
     let seen = rotations(&d, &sandbox, &server, "out/smart", 3);
     assert_eq!(seen.len(), 3);
     let socket = sandbox.path("tokend.sock");
-    let status = account_status(&socket, "smart").expect("the daemon answers");
-    assert_eq!(status["status"], "fresh", "{status}");
+    // Fresh between its refreshes (a read during one says "refreshing": the lifetime is
+    // 3 s), with no error on record.
+    let status = d.wait_until("smart fresh between its refreshes", LONG, || {
+        account_status(&socket, "smart").filter(|s| s["status"] == "fresh")
+    });
+    assert_eq!(status["last_error"], serde_json::Value::Null, "{status}");
     let (_, _, log) = d.terminate();
     assert_log_has_no_key_material(&log, &[&key]);
 }

@@ -25,20 +25,13 @@ pub struct BackendClock {
 /// How many answers' bounds are kept.
 const CLOCK_SAMPLES: usize = 32;
 
-fn unix_ms(t: SystemTime) -> i64 {
-    match t.duration_since(SystemTime::UNIX_EPOCH) {
-        Ok(d) => d.as_millis() as i64,
-        Err(e) => -(e.duration().as_millis() as i64),
-    }
-}
-
 impl BackendClock {
     /// Records an answer sent at `sent` and received at `received` (this member's
     /// clock) whose `Date` said `date`.
     pub fn observe(&self, date: SystemTime, sent: SystemTime, received: SystemTime) {
-        let d = unix_ms(date);
-        let lo = d - unix_ms(received);
-        let hi = d + 1000 - unix_ms(sent);
+        let d = crate::clock::unix_ms(date);
+        let lo = d - crate::clock::unix_ms(received);
+        let hi = d + 1000 - crate::clock::unix_ms(sent);
         if lo > hi {
             return;
         }
@@ -80,7 +73,7 @@ impl BackendClock {
 
     /// The backend's time now, in Unix milliseconds, by `clock` and the offset.
     pub fn now_ms(&self, clock: Clock) -> Option<i64> {
-        Some(unix_ms(clock.now()) + self.offset_ms()?)
+        Some(crate::clock::unix_ms(clock.now()) + self.offset_ms()?)
     }
 }
 

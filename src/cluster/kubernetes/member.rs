@@ -19,10 +19,11 @@ use super::client::{Kube, KubeError, Lease, ObjectMeta, Resource, SecretObject, 
 use super::names::{NAME_LABEL, SEAT_LABEL};
 use crate::account::coordinator::ClusterStatus;
 use crate::clock::Clock;
-use crate::cluster::backend::MemberView;
+use crate::cluster::backend::{MemberView, Settings};
 use crate::cluster::member::KeyCheck;
 use crate::cluster::memory::Memory;
 use crate::cluster::record::ClusterKey;
+use crate::hex::hex;
 
 /// What this member knows of one seat's Lease.
 #[derive(Default)]
@@ -69,27 +70,6 @@ impl std::fmt::Debug for KubeMember {
             .field("namespace", &self.kube.namespace())
             .finish_non_exhaustive()
     }
-}
-
-/// What a member is made of, besides the client.
-pub struct Settings {
-    pub key: ClusterKey,
-    pub prefix: String,
-    pub name: String,
-    pub ttl: Duration,
-    pub clock: Clock,
-    pub memory: Memory,
-}
-
-fn unix_ms(t: SystemTime) -> i64 {
-    match t.duration_since(SystemTime::UNIX_EPOCH) {
-        Ok(d) => d.as_millis() as i64,
-        Err(e) => -(e.duration().as_millis() as i64),
-    }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl KubeMember {
@@ -365,7 +345,7 @@ impl MemberView for KubeMember {
     fn note_provider_offset(&self, _provider_minus_backend: i64) {}
     fn note_provider_date(&self, date: SystemTime, received: SystemTime) {
         *self.provider.lock().expect("never poisoned") =
-            Some(unix_ms(date) + 500 - unix_ms(received));
+            Some(crate::clock::unix_ms(date) + 500 - crate::clock::unix_ms(received));
     }
     fn provider_minus_backend(&self) -> Option<i64> {
         let direct = (*self.provider.lock().expect("never poisoned"))?;

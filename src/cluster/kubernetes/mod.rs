@@ -40,5 +40,5 @@ mod objects;
 mod seat;
 mod watch;
 
-pub use self::member::{KubeMember, Settings};
+pub use self::member::KubeMember;
 pub use self::seat::KubeSeat;

@@ -69,7 +69,7 @@ impl Member {
     /// member's clock).
     pub fn note_provider_date(&self, date: SystemTime, received: SystemTime) {
         // A Date has whole seconds: the middle of the second it names.
-        let offset = unix_ms(date) + 500 - unix_ms(received);
+        let offset = crate::clock::unix_ms(date) + 500 - crate::clock::unix_ms(received);
         self.provider.lock().expect("never poisoned").direct = Some((offset, Instant::now()));
         self.tell_skew();
     }
@@ -140,12 +140,5 @@ impl Member {
             }
             _ => {}
         }
-    }
-}
-
-fn unix_ms(t: SystemTime) -> i64 {
-    match t.duration_since(SystemTime::UNIX_EPOCH) {
-        Ok(d) => d.as_millis() as i64,
-        Err(e) => -(e.duration().as_millis() as i64),
     }
 }

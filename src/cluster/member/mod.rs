@@ -38,6 +38,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use super::backend::Settings;
 use super::etcd::Etcd;
 use super::memory::Memory;
 use super::record::ClusterKey;
@@ -92,16 +93,6 @@ impl std::fmt::Debug for Member {
             .field("prefix", &self.prefix)
             .finish_non_exhaustive()
     }
-}
-
-/// What a member is made of, besides etcd.
-pub struct Settings {
-    pub key: ClusterKey,
-    pub prefix: String,
-    pub name: String,
-    pub ttl: Duration,
-    pub clock: Clock,
-    pub memory: Memory,
 }
 
 impl Member {
