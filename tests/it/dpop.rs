@@ -410,6 +410,59 @@ fn a_restart_keeps_the_key_and_the_bound_token_and_asks_nothing() {
 }
 
 #[test]
+fn a_replaced_dpop_key_makes_the_restart_ask_for_a_token_bound_to_the_new_key() {
+    let idp = provider(false);
+    let rs = ResourceServer::start(&idp.issuer());
+    let sb = Sandbox::new();
+    let root = sb.path("");
+    crate::support::pki::make_key(&root, "dpop.pem", "p256");
+    let config = Running::config_with(
+        &sb,
+        &idp,
+        &format!("{}/fhir/", rs.base()),
+        "fhir-client",
+        "dpop_key = { file = \"dpop.pem\" }",
+    );
+    let d = Running::start(sb, &config);
+    let old = d.token();
+    d.daemon.terminate();
+    let before = idp.requests_of("fhir-client").len();
+    let sb = d.sb;
+
+    // The operator replaces the key: the saved token is bound to the old one, and no
+    // proof of the new key would pass with it.
+    crate::support::pki::make_key(&root, "dpop.pem", "p256");
+    let d = Running::start(sb, &config);
+    let new = d.token();
+    assert_ne!(
+        new, old,
+        "the token bound to the replaced key is not served"
+    );
+    let got = d.get_dpop("GET", &format!("{}/fhir/metadata", rs.base()), None);
+    assert_eq!(got.code(), Some(0), "{}", got.stderr);
+    let proof = got
+        .stdout
+        .lines()
+        .nth(1)
+        .unwrap()
+        .strip_prefix("DPoP: ")
+        .unwrap();
+    let key = jkt(&jwt_part(proof, 0)["jwk"]);
+    assert_eq!(
+        jwt_part(&new, 1)["cnf"]["jkt"],
+        key.as_str(),
+        "bound to the new key"
+    );
+    assert_ne!(jwt_part(&old, 1)["cnf"]["jkt"], key.as_str());
+    requests_pass(&d, &rs, &rs_nonce(&rs), 10);
+    assert_eq!(
+        idp.requests_of("fhir-client").len(),
+        before + 1,
+        "one request for the new key"
+    );
+}
+
+#[test]
 fn a_refresh_token_account_gets_bound_tokens_along_its_chain() {
     let idp = provider(true);
     let rs = ResourceServer::start(&idp.issuer());

@@ -244,8 +244,12 @@ impl<E: Endpoint> Engine<E> {
             }
             false => (Ok(None), None),
         };
-        if let Err(e) = &dpop {
-            tracing::error!(account = %account.name, "{e}");
+        match &dpop {
+            Err(e) => tracing::error!(account = %account.name, "{e}"),
+            Ok(Some(key)) if saved.forget_token_bound_elsewhere(&key.thumbprint()) => {
+                tracing::info!(account = %account.name, jkt = %key.thumbprint(), "the saved token is bound to another DPoP key than the account's (dpop_key replaced): not served, a new one is asked for");
+            }
+            Ok(_) => {}
         }
         endpoint.use_dpop_key(dpop.clone().ok().flatten());
         let engine = Engine {
@@ -352,6 +356,8 @@ impl<E: Endpoint> Engine<E> {
             // The key goes with the token it is bound to: taken only with a token taken
             // (one of this member's own, newer, stays with this member's key).
             self.adopt_dpop_key(shared.dpop_key.as_deref()).await;
+            self.saved
+                .bind_token(self.dpop_key().map(|k| k.thumbprint()));
         }
         if self.saved.generation() != before {
             self.save_quietly().await;

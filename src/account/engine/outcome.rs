@@ -26,6 +26,8 @@ impl<E: Endpoint> Engine<E> {
         permit: Option<RefreshPermit<'_>>,
     ) -> Attempt {
         self.saved.record(&self.account, &token);
+        self.saved
+            .bind_token(self.dpop_key().map(|k| k.thumbprint()));
         self.unsaved = true;
         self.undelivered = Some(token);
         self.finish_delivery(!cancel.is_cancelled(), permit).await

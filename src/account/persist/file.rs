@@ -31,6 +31,8 @@ struct FileOut<'a> {
     salt: &'a str,
     issued_for: RequestIdentity,
     token: Option<TokenOut<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token_jkt: Option<&'a str>,
     chain: Option<&'a Chain>,
     wait: Option<Wait>,
     failures: u32,
@@ -51,6 +53,8 @@ struct FileIn {
     salt: Box<str>,
     issued_for: RequestIdentity,
     token: Option<SavedToken>,
+    #[serde(default)]
+    token_jkt: Option<Box<str>>,
     chain: Option<Box<Chain>>,
     wait: Option<Wait>,
     failures: u32,
@@ -72,6 +76,7 @@ impl From<FileIn> for Saved {
             salt: f.salt,
             issued_for: f.issued_for.digest(),
             token: f.token.as_ref().map(|t| Arc::new(t.to_token())),
+            token_jkt: f.token_jkt,
             chain: f.chain,
             wait: f.wait,
             failures: f.failures,
@@ -116,12 +121,14 @@ fn form<'a>(saved: &'a Saved, account: &Account) -> FileOut<'a> {
         .as_deref()
         .filter(|_| issued_for.digest() == saved.issued_for)
         .map(TokenOut::of);
+    let token_jkt = saved.token_jkt.as_deref().filter(|_| token.is_some());
     FileOut {
         version: VERSION,
         generation: saved.generation,
         salt: &saved.salt,
         issued_for,
         token,
+        token_jkt,
         chain: saved.chain.as_deref(),
         wait: saved.wait,
         failures: saved.failures,
@@ -161,6 +168,7 @@ impl SavedV1 {
             salt: salt.into(),
             issued_for: self.fingerprint.digest(),
             token: self.token.as_ref().map(|t| Arc::new(t.to_token())),
+            token_jkt: None,
             wait: self.not_before.map(|until| Wait {
                 until,
                 kind: if held {
@@ -636,6 +644,41 @@ mod tests {
                 .is_none(),
             "other scope"
         );
+    }
+
+    #[test]
+    fn a_token_bound_to_a_replaced_dpop_key_is_kept_on_disk_and_forgotten_for_another_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = account("full");
+        let mut s = Saved::new(&a);
+        s.record(&a, &Arc::new(token(SystemTime::now(), 3600)));
+        s.bind_token(Some("jkt-old".into()));
+        save(dir.path(), &a, &s).unwrap();
+        let file: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("a.json")).unwrap()).unwrap();
+        assert_eq!(file["token_jkt"], "jkt-old");
+
+        let mut back = found(load(dir.path(), "a"));
+        assert!(
+            !back.forget_token_bound_elsewhere("jkt-old"),
+            "the same key"
+        );
+        assert!(back.token(&a).is_some());
+        let generation = back.generation();
+        assert!(
+            back.forget_token_bound_elsewhere("jkt-new"),
+            "a replaced key"
+        );
+        assert!(back.token(&a).is_none() && back.generation() > generation);
+        save(dir.path(), &a, &back).unwrap();
+        let file: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("a.json")).unwrap()).unwrap();
+        assert!(file["token"].is_null() && file.get("token_jkt").is_none());
+
+        // A bearer token, or one saved before the key was kept: served with any key.
+        let mut bearer = Saved::new(&a);
+        bearer.record(&a, &Arc::new(token(SystemTime::now(), 3600)));
+        assert!(!bearer.forget_token_bound_elsewhere("jkt-new"));
     }
 
     #[test]

@@ -113,6 +113,11 @@ pub struct Saved {
     /// for the same request.
     pub(super) issued_for: [u8; 32],
     pub(super) token: Option<Arc<Token>>,
+    /// `token_binding = "dpop"`: the RFC 7638 thumbprint of the key `token` is bound
+    /// to. A token bound to another key than the account's now (`dpop_key` replaced) is
+    /// not served: no proof of the new key would pass. None for a bearer token, and in
+    /// files written before it was kept (taken as the account's key).
+    pub(super) token_jkt: Option<Box<str>>,
     pub(super) chain: Option<Box<Chain>>,
     pub(super) wait: Option<Wait>,
     /// Transient failures in a row (backoff grows with them, also across restarts).
@@ -227,6 +232,7 @@ impl Saved {
             salt: identity::new_salt().into(),
             issued_for: RequestIdentity::of(account).digest(),
             token: None,
+            token_jkt: None,
             chain: None,
             wait: None,
             failures: 0,
@@ -274,6 +280,24 @@ impl Saved {
         self.failures = 0;
         self.refusals = 0;
         self.hold_key = None;
+    }
+
+    /// Notes which DPoP key (by thumbprint) the token held is bound to; none for a
+    /// bearer token.
+    pub fn bind_token(&mut self, jkt: Option<String>) {
+        self.token_jkt = jkt.map(Into::into);
+    }
+
+    /// Forgets a token bound to another DPoP key than the one of thumbprint `jkt` (the
+    /// account's key was replaced); whether there was one.
+    pub fn forget_token_bound_elsewhere(&mut self, jkt: &str) -> bool {
+        if self.token.is_none() || self.token_jkt.as_deref().is_none_or(|t| t == jkt) {
+            return false;
+        }
+        self.token = None;
+        self.token_jkt = None;
+        self.generation += 1;
+        true
     }
 
     /// Records the refresh token a provider rotated the chain to (refresh_token grant
