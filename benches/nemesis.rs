@@ -14,7 +14,8 @@
 //! when the file holds a token the IdP issued and has not seen expire. At the end it
 //! prints the refresh tokens sent twice (must be 0: it exits 1 otherwise), the provider
 //! requests per token lifetime, and per member the share of reads that found a valid
-//! token, of all reads and of those while the member ran.
+//! token, of all reads, of those while the member ran, and of those while it ran and was
+//! not cut off from etcd.
 //!
 //! One exception is kept out by the nemesis itself: a kill -9 never lands while an answer
 //! that rotated the refresh token is on its way to the member that asked (within 1.5 s
@@ -181,13 +182,17 @@ fn faketime_library() -> String {
     String::from_utf8(out.stdout).expect("a path")
 }
 
-/// Per member: reads, reads that found a valid token, and the same while it ran.
+/// Per member: reads, reads that found a valid token, the same while it ran, and while
+/// it ran and was not cut off from etcd (a member cut off cannot learn the cluster's
+/// next token, nor renew a refresh-token chain alone: SPEC §8).
 #[derive(Debug, Default, Clone, Copy)]
 struct Reads {
     total: u64,
     valid: u64,
     running: u64,
     running_valid: u64,
+    connected: u64,
+    connected_valid: u64,
 }
 
 /// A fault the nemesis plays, and for how long.
@@ -263,10 +268,17 @@ fn main() {
     let files: Vec<PathBuf> = members.iter().map(Member::token_file).collect();
     let running: Arc<Vec<AtomicBool>> =
         Arc::new((0..MEMBERS).map(|_| AtomicBool::new(true)).collect());
+    let cut_off: Arc<Vec<AtomicBool>> =
+        Arc::new((0..MEMBERS).map(|_| AtomicBool::new(false)).collect());
     let reads: Arc<Mutex<Vec<Reads>>> = Arc::new(Mutex::new(vec![Reads::default(); MEMBERS]));
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = std::thread::spawn({
-        let (running, reads, stop) = (running.clone(), reads.clone(), stop.clone());
+        let (running, cut_off, reads, stop) = (
+            running.clone(),
+            cut_off.clone(),
+            reads.clone(),
+            stop.clone(),
+        );
         let expires = idp.expiry_reader();
         move || {
             while !stop.load(Ordering::SeqCst) {
@@ -277,11 +289,14 @@ fn main() {
                         .and_then(&expires)
                         .is_some_and(|e| e > Instant::now());
                     let up = running[i].load(Ordering::SeqCst);
+                    let connected = up && !cut_off[i].load(Ordering::SeqCst);
                     let mut r = reads.lock().unwrap();
                     r[i].total += 1;
                     r[i].valid += u64::from(valid);
                     r[i].running += u64::from(up);
                     r[i].running_valid += u64::from(up && valid);
+                    r[i].connected += u64::from(connected);
+                    r[i].connected_valid += u64::from(connected && valid);
                 }
                 hold(Duration::from_millis(100));
             }
@@ -370,6 +385,7 @@ fn main() {
                 etcd.wait_healthy(Duration::from_secs(30));
             }
             Fault::Cut(i, d) => {
+                cut_off[i].store(true, Ordering::SeqCst);
                 for p in &members[i].proxies {
                     p.cut();
                 }
@@ -377,6 +393,7 @@ fn main() {
                 for p in &members[i].proxies {
                     p.restore();
                 }
+                cut_off[i].store(false, Ordering::SeqCst);
             }
         }
     }
@@ -415,12 +432,14 @@ fn main() {
     };
     for (m, r) in members.iter().zip(reads.iter()) {
         println!(
-            "{}: {:.2}% of {} reads found a valid token ({:.2}% of {} while it ran)",
+            "{}: {:.2}% of {} reads found a valid token ({:.2}% of {} while it ran; {:.2}% of {} while it ran and was not cut off from etcd)",
             m.name,
             pct(r.valid, r.total),
             r.total,
             pct(r.running_valid, r.running),
-            r.running
+            r.running,
+            pct(r.connected_valid, r.connected),
+            r.connected
         );
     }
     // The members' logs, for a look at what happened.
