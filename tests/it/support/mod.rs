@@ -8,6 +8,7 @@
 //! Nothing here sleeps to wait for a state: it polls the state itself, inside a timeout
 //! that only bounds a failure.
 
+pub mod cluster;
 pub mod config;
 pub mod etcd;
 pub mod fake_idp;
