@@ -8,7 +8,7 @@
 //! Run elsewhere, those tests fail with "needs root" rather than passing unseen.
 
 use std::io::{Read as _, Write as _};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _, PermissionsExt as _};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -21,7 +21,8 @@ use serde_json::Value;
 use crate::support::fake_idp::{FakeIdp, Reply};
 use crate::support::http::{parse_answer, request, Answer};
 use crate::support::{
-    finish, socket_get, tokend, tokend_via, wait_until, Daemon, Finished, Sandbox, LONG, SHORT,
+    finish, free_port, socket_get, tokend, tokend_via, wait_until, Daemon, Finished, Sandbox, LONG,
+    SHORT,
 };
 
 const SECRET_ENV: &str = "TOKEND_T_SECRET";
@@ -713,11 +714,7 @@ fn min_valid_refreshes_first_within_min_refresh_interval() {
 #[test]
 fn health_and_metrics_on_the_socket_and_the_tcp_listener() {
     let (idp_a, idp_b) = (idp_for("a", 3600), idp_for("b", 3600));
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let d = Running::start(
         &format!("metrics_listen = \"127.0.0.1:{port}\""),
         &[
@@ -940,11 +937,7 @@ fn docs_curl_examples_work() {
         })
         .join("\n");
     let idp = idp_for("msk", 3600);
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let d = Running::start(
         &format!("metrics_listen = \"127.0.0.1:{port}\""),
         &account("msk", &idp.url(), ""),

@@ -71,6 +71,14 @@ fn clean_env(mut cmd: Command) -> Command {
     cmd
 }
 
+/// A loopback port free right now (bound and released: whoever binds it next gets it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
 /// Polls `f` until it returns `Some`, for at most `timeout`; panics naming `what`.
 pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
