@@ -583,21 +583,26 @@ mode = "{mode}"
             .filter(|t| !t.is_empty())
     }
 
-    /// Starts `tokend run` and waits until it answers on its socket (its signal
-    /// handlers are installed before that).
-    fn start_daemon(&mut self) {
-        assert!(self.daemon.is_none());
-        self.runs += 1;
-        let log = std::fs::File::create(self.daemon_log()).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_tokend"))
-            .args(["run", "-c"])
+    /// `tokend COMMAND -c CONFIG`, its stdout and stderr to a new file `log`.
+    fn spawn_logged(&self, command: &str, log: &Path) -> Child {
+        let log = std::fs::File::create(log).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_tokend"))
+            .args([command, "-c"])
             .arg(&self.config)
             .env_remove("JOURNAL_STREAM")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Starts `tokend run` and waits until it answers on its socket (its signal
+    /// handlers are installed before that).
+    fn start_daemon(&mut self) {
+        assert!(self.daemon.is_none());
+        self.runs += 1;
+        let child = self.spawn_logged("run", &self.daemon_log());
         self.daemon = Some(Killed(child));
         let socket = self.server.path("tokend.sock");
         let up = poll(Duration::from_secs(15), || {
@@ -681,16 +686,7 @@ mode = "{mode}"
     /// Starts a `tokend once` beside whatever runs now; it is checked at the end.
     fn spawn_once(&mut self) {
         let log_path = self.logs.join(format!("once-{}.log", self.onces.len() + 1));
-        let log = std::fs::File::create(&log_path).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_tokend"))
-            .args(["once", "-c"])
-            .arg(&self.config)
-            .env_remove("JOURNAL_STREAM")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let child = self.spawn_logged("once", &log_path);
         self.onces.push((log_path, Killed(child)));
         self.note(&format!("tokend once #{} started", self.onces.len()));
     }
