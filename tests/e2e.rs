@@ -14,7 +14,7 @@ mod support;
 use std::collections::{BTreeMap, HashSet};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// A running server; stopped when dropped (also when a test panics).
@@ -172,6 +172,27 @@ fn tokend(args: &[&str], config: &Path) -> Output {
         .unwrap()
 }
 
+/// `tokend run -c CONFIG`, its stderr to `stderr`.
+fn run(config: &Path, stderr: Stdio) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_tokend"))
+        .args(["run", "-c"])
+        .arg(config)
+        .stdin(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap()
+}
+
+/// SIGTERM to `child` (`tokend run`), which then ends with success.
+fn terminate(mut child: Child) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
 fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().mode() & 0o777
 }
@@ -231,13 +252,7 @@ fn once_reports_the_providers_error_and_exits_1() {
 fn run_keeps_tokens_fresh_through_five_rotations() {
     let server = Server::start(4);
     let config = server.config("cc-secret\n");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tokend"))
-        .args(["run", "-c"])
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = run(&config, Stdio::piped());
 
     // 4-second tokens, refreshed at 80%: six generations in well under a minute.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -273,13 +288,7 @@ fn run_keeps_tokens_fresh_through_five_rotations() {
         "every generation has new tokens for every account"
     );
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let status = child.wait().unwrap();
-    assert!(status.success());
+    terminate(child);
     assert!(server.tokens().is_some(), "SIGTERM keeps the token files");
 }
 
@@ -390,13 +399,7 @@ path = "out/rt"
     );
     let out = server.path("out/rt");
     let run_until_rotations = |n: usize| -> Vec<String> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tokend"))
-            .args(["run", "-c"])
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let child = run(&config, Stdio::null());
         let deadline = Instant::now() + Duration::from_secs(40);
         let mut seen: Vec<String> = Vec::new();
         while seen.len() < n {
@@ -416,12 +419,7 @@ path = "out/rt"
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        assert!(child.wait().unwrap().success());
+        terminate(child);
         seen
     };
     let first = run_until_rotations(3);
@@ -585,21 +583,26 @@ mode = "{mode}"
             .filter(|t| !t.is_empty())
     }
 
-    /// Starts `tokend run` and waits until it answers on its socket (its signal
-    /// handlers are installed before that).
-    fn start_daemon(&mut self) {
-        assert!(self.daemon.is_none());
-        self.runs += 1;
-        let log = std::fs::File::create(self.daemon_log()).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_tokend"))
-            .args(["run", "-c"])
+    /// `tokend COMMAND -c CONFIG`, its stdout and stderr to a new file `log`.
+    fn spawn_logged(&self, command: &str, log: &Path) -> Child {
+        let log = std::fs::File::create(log).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_tokend"))
+            .args([command, "-c"])
             .arg(&self.config)
             .env_remove("JOURNAL_STREAM")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Starts `tokend run` and waits until it answers on its socket (its signal
+    /// handlers are installed before that).
+    fn start_daemon(&mut self) {
+        assert!(self.daemon.is_none());
+        self.runs += 1;
+        let child = self.spawn_logged("run", &self.daemon_log());
         self.daemon = Some(Killed(child));
         let socket = self.server.path("tokend.sock");
         let up = poll(Duration::from_secs(15), || {
@@ -683,16 +686,7 @@ mode = "{mode}"
     /// Starts a `tokend once` beside whatever runs now; it is checked at the end.
     fn spawn_once(&mut self) {
         let log_path = self.logs.join(format!("once-{}.log", self.onces.len() + 1));
-        let log = std::fs::File::create(&log_path).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_tokend"))
-            .args(["once", "-c"])
-            .arg(&self.config)
-            .env_remove("JOURNAL_STREAM")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let child = self.spawn_logged("once", &log_path);
         self.onces.push((log_path, Killed(child)));
         self.note(&format!("tokend once #{} started", self.onces.len()));
     }

@@ -76,6 +76,21 @@ fn status(sb: &Sandbox, name: &str) -> Option<serde_json::Value> {
     account_status(&sb.path("tokend.sock"), name)
 }
 
+/// `tokend reseed a -c CONFIG`, which succeeds: what it printed.
+fn reseed(sb: &Sandbox) -> String {
+    let out = tokend()
+        .args(["reseed", "a", "-c"])
+        .arg(sb.path("config.toml"))
+        .output()
+        .expect("tokend reseed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[test]
 fn a_rotated_refresh_token_in_an_answer_with_a_bad_expiry_is_kept() {
     let idp = FakeIdp::start(Reply::token(3600));
@@ -246,33 +261,13 @@ fn reseed_starts_the_chain_again_through_the_daemon_and_without_one() {
         .output()
         .expect("setpriv");
     assert!(!nobody.status.success());
-    let out = tokend()
-        .args(["reseed", "a", "-c"])
-        .arg(sb.path("config.toml"))
-        .output()
-        .expect("tokend reseed");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("re-seeded"));
+    assert!(reseed(&sb).contains("re-seeded"));
     let token = d.wait_until("a token from the seed", LONG, || sb.read("out/a"));
     assert!(idp.is_issued(&token));
     assert_eq!(idp.refresh_tokens_presented(), vec![SEED.to_owned()]);
     drop(d);
     // Without a daemon: in state_dir, the old state kept aside.
-    let out = tokend()
-        .args(["reseed", "a", "-c"])
-        .arg(sb.path("config.toml"))
-        .output()
-        .expect("tokend reseed");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let said = String::from_utf8_lossy(&out.stdout);
+    let said = reseed(&sb);
     assert!(said.contains("no daemon answered"), "{said}");
     assert!(said.contains("kept as"), "{said}");
     assert_chain_whole(&idp, SEED);

@@ -444,24 +444,15 @@ mod election {
 mod members {
     use std::time::Instant;
 
+    use crate::support::cluster::{
+        all_degraded, chain_through_leader_kills, etcd_backend, index, kill_9,
+        once_adopts_the_shared_token, one_leader, one_request_per_lifetime, serving_one_token,
+        start_one_token_one_leader, Node, CLIENT, KEY,
+    };
     use crate::support::fake_idp::{FakeIdp, Reply};
-    use crate::support::{Daemon, Sandbox, LONG, SHORT};
+    use crate::support::{Daemon, LONG, SHORT};
 
     use super::*;
-
-    const KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
-
-    struct Node {
-        name: String,
-        sb: Sandbox,
-        config: std::path::PathBuf,
-    }
-
-    impl Node {
-        fn token(&self) -> Option<String> {
-            self.sb.read("out/a")
-        }
-    }
 
     /// `n` members (`m0`, `m1`, ...) sharing account `a` (`extra` lines), each with its
     /// own sandbox, outputs and state_dir.
@@ -484,42 +475,15 @@ mod members {
                     (Some(via), true) => vec![via.clone()],
                     _ => direct.clone(),
                 };
-                let endpoints: Vec<String> = mine.iter().map(|e| format!("\"{e}\"")).collect();
-                let sb = Sandbox::new();
-                sb.write(&sb.path("secret"), "client-secret\n", 0o600);
-                let name = format!("m{i}");
-                let config = sb.config(&format!(
-                    "[daemon]\nstate_dir = \"state\"\nsocket = \"tokend.sock\"\n\n\
-                     [cluster]\nendpoints = [{}]\nprefix = \"/tokend/test\"\nmember = \"{name}\"\n\
-                     lease_ttl = \"2s\"\nkey = \"{KEY}\"\n\n\
-                     [[account]]\nname = \"a\"\ntoken_url = \"{}\"\nclient_id = \"id\"\n\
-                     client_secret = {{ file = \"secret\" }}\nmin_refresh_interval = \"1s\"\n{extra}\n\
-                     [[account.output]]\npath = \"out/a\"\n",
-                    endpoints.join(", "),
-                    idp.url()
-                ));
-                Node { name, sb, config }
+                Node::new(
+                    i,
+                    &etcd_backend(&mine),
+                    KEY,
+                    &idp.url(),
+                    &format!("{CLIENT}{extra}"),
+                )
             })
             .collect()
-    }
-
-    /// Waits until every member serves one token; that token.
-    fn serving_one_token(d: &Daemon, nodes: &[Node]) -> String {
-        d.wait_until("every member serving one token", LONG, || {
-            let t = nodes[0].token()?;
-            nodes
-                .iter()
-                .all(|n| n.token().as_deref() == Some(t.as_str()))
-                .then_some(t)
-        })
-    }
-
-    /// Waits until every member names the same leader; its name.
-    fn one_leader(d: &Daemon, nodes: &[Node]) -> String {
-        d.wait_until("one leader known to all", LONG, || {
-            let l: Vec<String> = nodes.iter().filter_map(leader_of).collect();
-            (l.len() == nodes.len() && l.iter().all(|x| *x == l[0])).then(|| l[0].clone())
-        })
     }
 
     /// Waits until every member shows the leader's failure (the leader's failure is the
@@ -527,30 +491,11 @@ mod members {
     fn all_failing(d: &Daemon, nodes: &[Node]) {
         for n in nodes {
             d.wait_until(&format!("{} failing", n.name), LONG, || {
-                let s = crate::support::account_status(&n.sb.path("tokend.sock"), "a")?;
+                let s = n.status()?;
                 let failed = s["status"] == "failing" || s["status"] == "expired";
                 (failed && s["last_error"].is_string()).then_some(())
             });
         }
-    }
-
-    /// kill -9 of member `i`.
-    fn kill_9(daemons: &mut [Option<Daemon>], i: usize) {
-        let d = daemons[i].take().expect("a running member");
-        nix::sys::signal::kill(d.pid(), nix::sys::signal::Signal::SIGKILL).unwrap();
-    }
-
-    /// `tokend COMMAND FLAG PATH` (`check -c CONFIG`, `status --socket SOCKET`), to its end.
-    fn tokend_cmd(command: &str, flag: &str, path: &std::path::Path) -> crate::support::Finished {
-        let mut c = crate::support::tokend();
-        c.arg(command).arg(flag).arg(path);
-        crate::support::finish(c, SHORT)
-    }
-
-    fn leader_of(node: &Node) -> Option<String> {
-        crate::support::account_status(&node.sb.path("tokend.sock"), "a")?["leader"]
-            .as_str()
-            .map(str::to_owned)
     }
 
     #[test]
@@ -560,61 +505,27 @@ mod members {
         };
         let idp = FakeIdp::start(Reply::token(4));
         let nodes = nodes(&etcd, &idp, 3, "");
-        let daemons: Vec<Daemon> = nodes.iter().map(|n| Daemon::start(&n.config)).collect();
+        let daemons: Vec<Daemon> = nodes.iter().map(Node::start).collect();
         // Three cycles of 4-second tokens (refreshed at about 3.2 s).
-        let tokens = daemons[0].wait_until("three tokens issued", Duration::from_secs(30), || {
-            (idp.issued().len() >= 3).then(|| idp.issued())
-        });
-        for t in &tokens[..3] {
+        let leader =
+            one_request_per_lifetime(&daemons[0], &idp, &nodes, &daemons, Duration::from_secs(30));
+        for t in &idp.issued()[..3] {
             assert!(idp.is_issued(t));
         }
-        // Every member serves the latest token within a second of its write.
-        let latest = idp.issued().last().cloned().unwrap();
-        for (n, d) in nodes.iter().zip(&daemons) {
-            d.wait_until(
-                &format!("{} serving the latest token", n.name),
-                SHORT,
-                || {
-                    n.token()
-                        .filter(|t| *t == latest || idp.issued().last() == Some(t))
-                },
-            );
-        }
-        let issued = idp.issued().len();
-        let requests = idp.requests().len();
-        assert_eq!(requests, issued, "every request got a token");
-        // Over that time, one member asked: at most one request per cycle.
-        let first = idp.requests()[0].at;
-        let span = idp.requests().last().unwrap().at - first;
-        assert!(
-            (requests as f64) <= span.as_secs_f64() / 3.0 + 1.5,
-            "{requests} requests in {span:?} for 3 members"
-        );
-        let leaders: Vec<String> = nodes.iter().filter_map(leader_of).collect();
-        assert_eq!(
-            leaders.len(),
-            3,
-            "every member knows who leads: {leaders:?}"
-        );
-        assert!(leaders.iter().all(|l| *l == leaders[0]), "{leaders:?}");
         for n in &nodes {
-            let (code, body) =
-                crate::support::socket_get(&n.sb.path("tokend.sock"), "/v1/cluster").unwrap();
-            assert_eq!(code, 200, "{body}");
-            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let v = n.cluster().expect("/v1/cluster answers 200");
             assert_eq!(v["member"], n.name.as_str());
             assert_eq!(v["reachable"], true);
             assert_eq!(v["accounts"][0]["account"], "a");
-            assert_eq!(v["accounts"][0]["leader"], leaders[0].as_str());
-            let (_, metrics) =
-                crate::support::socket_get(&n.sb.path("tokend.sock"), "/metrics").unwrap();
-            let leading = if n.name == leaders[0] { 1 } else { 0 };
+            assert_eq!(v["accounts"][0]["leader"], leader.as_str());
+            let (_, metrics) = crate::support::socket_get(&n.socket(), "/metrics").unwrap();
+            let leading = if n.name == leader { 1 } else { 0 };
             assert!(
                 metrics.contains(&format!("tokend_cluster_leader{{account=\"a\"}} {leading}")),
                 "{metrics}"
             );
             assert!(metrics.contains("tokend_cluster_degraded{account=\"a\"} 0"));
-            let check = tokend_cmd("check", "-c", &n.config);
+            let check = n.check();
             assert!(check.stdout.contains("etcd reachable"), "{}", check.stdout);
         }
     }
@@ -628,16 +539,7 @@ mod members {
         };
         let idp = FakeIdp::start(Reply::token(3600));
         let nodes = nodes(&etcd, &idp, 3, "");
-        let daemons: Vec<Daemon> = nodes[..2]
-            .iter()
-            .map(|n| Daemon::start(&n.config))
-            .collect();
-        let token = serving_one_token(&daemons[0], &nodes[..2]);
-        assert_eq!(idp.requests().len(), 1);
-        let once = crate::support::once(&nodes[2].config, &[]);
-        assert_eq!(once.code(), Some(0), "{}", once.stderr);
-        assert_eq!(nodes[2].token().as_deref(), Some(token.as_str()));
-        assert_eq!(idp.requests().len(), 1, "once asked the provider nothing");
+        once_adopts_the_shared_token(&idp, &nodes);
     }
 
     #[test]
@@ -647,17 +549,8 @@ mod members {
         };
         let idp = FakeIdp::start(Reply::token(3600));
         let nodes = nodes(&etcd, &idp, 3, "refresh_every = \"12s\"");
-        let mut daemons: Vec<Option<Daemon>> = nodes
-            .iter()
-            .map(|n| Some(Daemon::start(&n.config)))
-            .collect();
-        let token = serving_one_token(daemons[0].as_ref().unwrap(), &nodes);
-        assert_eq!(idp.requests().len(), 1, "joining members asked nothing");
-        let leader = daemons[0]
-            .as_ref()
-            .unwrap()
-            .wait_until("a leader", SHORT, || leader_of(&nodes[0]));
-        let li: usize = leader[1..].parse().unwrap();
+        let (mut daemons, token, leader) = start_one_token_one_leader(&idp, &nodes);
+        let li = index(&leader);
 
         // kill -9 the leader: another leads within lease_ttl + 1 s.
         kill_9(&mut daemons, li);
@@ -668,7 +561,8 @@ mod members {
                 .as_ref()
                 .unwrap()
                 .wait_until("a new leader", LONG, || {
-                    leader_of(&nodes[other])
+                    nodes[other]
+                        .leader()
                         .filter(|l| *l != leader)
                         .map(|l| (l, t0.elapsed()))
                 });
@@ -682,7 +576,7 @@ mod members {
         assert_eq!(nodes[other].token().unwrap(), token);
 
         // SIGTERM the new leader: handover at once.
-        let ni: usize = new_leader[1..].parse().unwrap();
+        let ni = index(&new_leader);
         let last = (0..3).find(|i| *i != li && *i != ni).unwrap();
         let t1 = Instant::now();
         let (status, _, log) = daemons[ni].take().unwrap().terminate();
@@ -692,7 +586,7 @@ mod members {
                 .as_ref()
                 .unwrap()
                 .wait_until("the last member leading", LONG, || {
-                    (leader_of(&nodes[last]).as_deref() == Some(nodes[last].name.as_str()))
+                    (nodes[last].leader().as_deref() == Some(nodes[last].name.as_str()))
                         .then(|| t1.elapsed())
                 });
         println!("handover after SIGTERM: {took:?}");
@@ -716,22 +610,19 @@ mod members {
         let extra = "grant_type = \"password\"\nusername = \"svc\"\npassword = \"wrong\"\n\
                      auth_failure_hold = \"3s\"";
         let nodes = nodes(&etcd, &idp, 3, extra);
-        let mut daemons: Vec<Option<Daemon>> = nodes
-            .iter()
-            .map(|n| Some(Daemon::start(&n.config)))
-            .collect();
+        let mut daemons: Vec<Option<Daemon>> = nodes.iter().map(|n| Some(n.start())).collect();
         let leader = {
             let d0 = daemons[0].as_ref().unwrap();
             d0.wait_until("the first refusal", SHORT, || {
                 idp.requests().first().map(|_| ())
             });
-            let leader = d0.wait_until("a leader", SHORT, || leader_of(&nodes[0]));
+            let leader = d0.wait_until("a leader", SHORT, || nodes[0].leader());
             // Every member holds (the hold is the cluster's).
             all_failing(d0, &nodes);
             leader
         };
         // Kill the leader: its successor honours the hold.
-        let li: usize = leader[1..].parse().unwrap();
+        let li = index(&leader);
         kill_9(&mut daemons, li);
         let live = daemons.iter().flatten().next().unwrap();
         let reqs = live.wait_until("the third refusal", Duration::from_secs(30), || {
@@ -759,58 +650,9 @@ mod members {
             "grant_type = \"refresh_token\"\nrefresh_token = \"rt-seed\"\nclient_auth = \"none\"";
         let nodes = nodes(&etcd, &idp, 3, extra);
         for n in &nodes {
-            let text = std::fs::read_to_string(&n.config).unwrap();
-            n.sb.write(
-                &n.config,
-                &text.replace("client_secret = { file = \"secret\" }\n", ""),
-                0o600,
-            );
+            n.edit_config("client_secret = { file = \"secret\" }\n", "");
         }
-        let mut daemons: Vec<Option<Daemon>> = nodes
-            .iter()
-            .map(|n| Some(Daemon::start(&n.config)))
-            .collect();
-        for round in 0..3 {
-            let live = daemons.iter().position(Option::is_some).unwrap();
-            let d = daemons[live].as_ref().unwrap();
-            let seen = idp.issued().len();
-            // A new token arrived and every live member serves it: no request is on the
-            // wire now (the next comes at 80% of 6 s), so a kill loses nothing. (A kill
-            // -9 while a refresh_token request is on the wire loses the rotated token
-            // with the process, in a cluster or not.)
-            let latest = d.wait_until("a new token everywhere", LONG, || {
-                let issued = idp.issued();
-                let t = issued.last().filter(|_| issued.len() > seen)?.clone();
-                nodes
-                    .iter()
-                    .zip(&daemons)
-                    .filter(|(_, d)| d.is_some())
-                    .all(|(n, _)| n.token().as_deref() == Some(t.as_str()))
-                    .then_some(t)
-            });
-            let leader = d.wait_until("a leader", SHORT, || leader_of(&nodes[live]));
-            let li: usize = leader[1..].parse().unwrap();
-            println!("round {round}: {leader} leads, serving {}", &latest[..8]);
-            assert_eq!(
-                idp.requests().len(),
-                idp.issued().len(),
-                "no request on the wire at the kill"
-            );
-            kill_9(&mut daemons, li);
-            // Restarted at once: it comes back as a follower (or leader) of the same chain.
-            daemons[li] = Some(Daemon::start(&nodes[li].config));
-        }
-        let d = daemons[0].as_ref().unwrap();
-        let before = idp.issued().len();
-        d.wait_until("two more rotations", Duration::from_secs(40), || {
-            (idp.issued().len() >= before + 2).then_some(())
-        });
-        assert!(
-            idp.reused_refresh_tokens().is_empty(),
-            "a refresh token was sent twice: {:?}",
-            idp.reused_refresh_tokens()
-        );
-        assert!(!idp.family_revoked("rt-seed"));
+        chain_through_leader_kills(&idp, &nodes, 3);
     }
 
     #[test]
@@ -820,26 +662,20 @@ mod members {
         };
         let idp = FakeIdp::start(Reply::token(8));
         let nodes = nodes(&etcd, &idp, 3, "");
-        let daemons: Vec<Daemon> = nodes.iter().map(|n| Daemon::start(&n.config)).collect();
+        let daemons: Vec<Daemon> = nodes.iter().map(Node::start).collect();
         let d0 = &daemons[0];
         let first = serving_one_token(d0, &nodes);
-        d0.wait_until("a leader", SHORT, || leader_of(&nodes[0]));
+        d0.wait_until("a leader", SHORT, || nodes[0].leader());
         let (before, lost_at) = (idp.requests().len(), Instant::now());
         // Two of three etcd members die: no quorum.
         etcd.kill(1);
         etcd.kill(2);
-        for n in &nodes {
-            d0.wait_until(&format!("{} degraded", n.name), LONG, || {
-                let s = crate::support::account_status(&n.sb.path("tokend.sock"), "a")?;
-                (s["degraded"] == true).then_some(())
-            });
-        }
+        all_degraded(d0, &nodes);
         // Said by health (still 200: the token is valid) and by `tokend status`.
-        let sock = nodes[0].sb.path("tokend.sock");
-        let (code, body) = crate::support::socket_get(&sock, "/v1/health").unwrap();
+        let (code, body) = crate::support::socket_get(&nodes[0].socket(), "/v1/health").unwrap();
         assert_eq!(code, 200, "{body}");
         assert!(body.contains("\"degraded\":[\"a\"]"), "{body}");
-        let status = tokend_cmd("status", "--socket", &sock);
+        let status = nodes[0].cmd_within(&["status"], SHORT);
         // "fresh, degraded", or "refreshing, degraded" when the 8 s token falls due now.
         assert!(status.stdout.contains(", degraded"), "{}", status.stdout);
         // Tokens keep being served; when due (8 s tokens, at about 6.4 s), each member
@@ -864,10 +700,8 @@ mod members {
         etcd.restart(1);
         etcd.restart(2);
         etcd.wait_healthy(Duration::from_secs(30));
-        d0.wait_until("one leader again, known to all", LONG, || {
-            let leaders: Vec<String> = nodes.iter().filter_map(leader_of).collect();
-            (leaders.len() == 3 && leaders.iter().all(|l| *l == leaders[0])).then_some(())
-        });
+        // One leader again, known to all.
+        one_leader(d0, &nodes);
         let (mark, at) = (idp.requests().len(), Instant::now());
         d0.wait_until("two more cycles", Duration::from_secs(40), || {
             (at.elapsed() > Duration::from_secs(14)).then_some(())
@@ -907,8 +741,8 @@ mod members {
         let (mark, at, before) = (idp.requests().len(), Instant::now(), cut_off.token());
         proxy.cut();
         d0.wait_until("m2 degraded, m0 not", LONG, || {
-            let s2 = crate::support::account_status(&cut_off.sb.path("tokend.sock"), "a")?;
-            let s0 = crate::support::account_status(&nodes[0].sb.path("tokend.sock"), "a")?;
+            let s2 = cut_off.status()?;
+            let s0 = nodes[0].status()?;
             (s2["degraded"] == true && s0["degraded"].is_null()).then_some(())
         });
         // m2 refreshes on its own when due; the others go on with their leader.
@@ -930,7 +764,7 @@ mod members {
         // Back: m2 follows the leader again and serves the cluster's token.
         proxy.restore();
         d0.wait_until("m2 following and serving the cluster's token", LONG, || {
-            let s2 = crate::support::account_status(&cut_off.sb.path("tokend.sock"), "a")?;
+            let s2 = cut_off.status()?;
             let t0 = nodes[0].token()?;
             (s2["degraded"].is_null()
                 && s2["leader"].as_str().is_some()
@@ -946,7 +780,7 @@ mod members {
         };
         let idp = FakeIdp::start(Reply::token(3600));
         let nodes = nodes(&etcd, &idp, 3, "refresh_every = \"8s\"");
-        let daemons: Vec<Daemon> = nodes.iter().map(|n| Daemon::start(&n.config)).collect();
+        let daemons: Vec<Daemon> = nodes.iter().map(Node::start).collect();
         let d0 = &daemons[0];
         one_leader(d0, &nodes);
         // A leader can be known before its first request is on the wire.
@@ -966,7 +800,7 @@ mod members {
             assert!(*g >= Duration::from_secs(7), "an extra request: {gaps:?}");
         }
         assert!(reqs[0].at == first);
-        let l: Vec<String> = nodes.iter().filter_map(leader_of).collect();
+        let l: Vec<String> = nodes.iter().filter_map(Node::leader).collect();
         assert!(l.len() == 3 && l.iter().all(|x| *x == l[0]), "{l:?}");
     }
 
@@ -977,10 +811,7 @@ mod members {
         };
         let idp = FakeIdp::start(Reply::token(4));
         let nodes = nodes(&etcd, &idp, 3, "");
-        let mut daemons: Vec<Option<Daemon>> = nodes
-            .iter()
-            .map(|n| Some(Daemon::start(&n.config)))
-            .collect();
+        let mut daemons: Vec<Option<Daemon>> = nodes.iter().map(|n| Some(n.start())).collect();
         let leader = {
             let d0 = daemons[0].as_ref().unwrap();
             serving_one_token(d0, &nodes);
@@ -991,9 +822,9 @@ mod members {
             });
             // Every member learns the wait before the leader goes.
             all_failing(d0, &nodes);
-            d0.wait_until("a leader", SHORT, || leader_of(&nodes[0]))
+            d0.wait_until("a leader", SHORT, || nodes[0].leader())
         };
-        let li: usize = leader[1..].parse().unwrap();
+        let li = index(&leader);
         kill_9(&mut daemons, li);
         let live = daemons.iter().flatten().next().unwrap();
         let reqs = live.wait_until(
@@ -1018,7 +849,7 @@ mod members {
         let idp = FakeIdp::start(Reply::token(3600));
         let nodes = nodes(&etcd, &idp, 2, "");
         for n in &nodes {
-            let text = std::fs::read_to_string(&n.config).unwrap().replace(
+            n.edit_config(
                 "lease_ttl = \"2s\"\n",
                 &format!(
                     "lease_ttl = \"2s\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = {{ file = \"{}\" }}\n",
@@ -1027,11 +858,10 @@ mod members {
                     tls.client_key.display()
                 ),
             );
-            n.sb.write(&n.config, &text, 0o600);
         }
-        let daemons: Vec<Daemon> = nodes.iter().map(|n| Daemon::start(&n.config)).collect();
+        let daemons: Vec<Daemon> = nodes.iter().map(Node::start).collect();
         daemons[0].wait_until("one leader known to both, one token", SHORT, || {
-            let l: Vec<String> = nodes.iter().filter_map(leader_of).collect();
+            let l: Vec<String> = nodes.iter().filter_map(Node::leader).collect();
             let t = nodes[0].token()?;
             (l.len() == 2 && l[0] == l[1] && nodes[1].token().as_deref() == Some(t.as_str()))
                 .then_some(())
@@ -1045,7 +875,7 @@ mod members {
             .map(|l| format!("{l}\n"))
             .collect();
         nodes[0].sb.write(&nodes[0].config, &no_cert, 0o600);
-        let check = tokend_cmd("check", "-c", &nodes[0].config);
+        let check = nodes[0].check();
         assert_eq!(check.code(), Some(1), "{}", check.stdout);
         assert!(
             check.stdout.contains("FAIL  cluster member m0"),
@@ -1063,14 +893,13 @@ mod members {
         let idp = FakeIdp::start(Reply::token(3600));
         let nodes = nodes(&etcd, &idp, 2, "");
         for n in &nodes {
-            let text = std::fs::read_to_string(&n.config).unwrap().replace(
+            n.edit_config(
                 "lease_ttl = \"2s\"\n",
                 "lease_ttl = \"2s\"\nusername = \"tokend\"\npassword = { file = \"etcd-password\" }\n",
             );
-            n.sb.write(&n.config, &text, 0o600);
             n.sb.write(&n.sb.path("etcd-password"), "etcd-s3cret\n", 0o600);
         }
-        let daemons: Vec<Daemon> = nodes.iter().map(|n| Daemon::start(&n.config)).collect();
+        let daemons: Vec<Daemon> = nodes.iter().map(Node::start).collect();
         one_leader(&daemons[0], &nodes);
         serving_one_token(&daemons[0], &nodes);
         assert_eq!(idp.requests().len(), 1);
@@ -1081,7 +910,7 @@ mod members {
         nodes[0]
             .sb
             .write(&nodes[0].sb.path("etcd-password"), "wrong\n", 0o600);
-        let check = tokend_cmd("check", "-c", &nodes[0].config);
+        let check = nodes[0].check();
         assert_eq!(check.code(), Some(1), "{}", check.stdout);
         assert!(
             check.stdout.contains("authentication failed"),

@@ -117,16 +117,18 @@ fn a_service_account_token_writes_leases_and_secrets_as_far_as_its_role_allows()
         "create the Secret",
         as_member(&["create", "-f", &file.to_string_lossy()]),
     );
-    let holder = ok(
-        "get the Lease",
-        as_member(&[
-            "get",
-            "lease",
-            "tokend-test",
-            "-o=jsonpath={.spec.holderIdentity}",
-        ]),
-    );
-    assert_eq!(holder, "member-a");
+    let holder = || {
+        ok(
+            "get the Lease",
+            as_member(&[
+                "get",
+                "lease",
+                "tokend-test",
+                "-o=jsonpath={.spec.holderIdentity}",
+            ]),
+        )
+    };
+    assert_eq!(holder(), "member-a");
     let listed = ok(
         "list the Secrets by label",
         as_member(&[
@@ -156,16 +158,7 @@ fn a_service_account_token_writes_leases_and_secrets_as_far_as_its_role_allows()
         "update the Lease",
         as_member(&["replace", "-f", &file.to_string_lossy()]),
     );
-    let holder = ok(
-        "get the Lease",
-        as_member(&[
-            "get",
-            "lease",
-            "tokend-test",
-            "-o=jsonpath={.spec.holderIdentity}",
-        ]),
-    );
-    assert_eq!(holder, "member-b");
+    assert_eq!(holder(), "member-b");
     let stale = as_member(&["replace", "-f", &file.to_string_lossy()]);
     assert!(
         !stale.success(),
@@ -212,16 +205,7 @@ fn a_service_account_token_writes_leases_and_secrets_as_far_as_its_role_allows()
             out.stderr
         );
     }
-    let holder = ok(
-        "get the Lease",
-        as_member(&[
-            "get",
-            "lease",
-            "tokend-test",
-            "-o=jsonpath={.spec.holderIdentity}",
-        ]),
-    );
-    assert_eq!(holder, "member-b", "a refused update changed the Lease");
+    assert_eq!(holder(), "member-b", "a refused update changed the Lease");
 }
 
 #[test]

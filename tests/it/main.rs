@@ -33,7 +33,8 @@
 //!
 //! Helpers live in `support/`: the fake IdP, the daemon runner and bounded waits, a
 //! plain HTTP client for the socket, the scripted endpoint, etcd members, oidc-provider
-//! and the keys and certificates made for it, a Kubernetes API server. Daemon tests
+//! and the keys and certificates made for it, a Kubernetes API server, and the members of
+//! a tokend cluster with the waits on them that the etcd and Kubernetes suites share. Daemon tests
 //! wait on the daemon's state (its outputs, or `/v1/tokens` on its socket), and on its
 //! log only where the log itself is under test.
 

@@ -8,7 +8,7 @@
 //! Run elsewhere, those tests fail with "needs root" rather than passing unseen.
 
 use std::io::{Read as _, Write as _};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _, PermissionsExt as _};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -21,7 +21,8 @@ use serde_json::Value;
 use crate::support::fake_idp::{FakeIdp, Reply};
 use crate::support::http::{parse_answer, request, Answer};
 use crate::support::{
-    finish, socket_get, tokend, tokend_via, wait_until, Daemon, Finished, Sandbox, LONG, SHORT,
+    finish, free_port, socket_get, tokend, tokend_via, wait_until, Daemon, Finished, Sandbox, LONG,
+    SHORT,
 };
 
 const SECRET_ENV: &str = "TOKEND_T_SECRET";
@@ -50,6 +51,23 @@ fn account(name: &str, url: &str, extra: &str) -> String {
             "grant_type = \"client_credentials\"\n{interval}{extra}"
         ))
         .toml()
+}
+
+/// A daemon serving account `name` (tokens of an hour from an IdP of its own, `extra`
+/// lines) and account `down`, whose provider answers 503, once `name` serves a token:
+/// the two IdPs (to keep), the daemon and that token.
+fn beside_a_down_account(name: &str, extra: &str) -> ([FakeIdp; 2], Running, String) {
+    let (up, down) = (idp_for(name, 3600), FakeIdp::start(Reply::Status(503)));
+    let d = Running::start(
+        "",
+        &[
+            account(name, &up.url(), extra),
+            account("down", &down.url(), ""),
+        ]
+        .concat(),
+    );
+    let token = d.token(name);
+    ([up, down], d, token)
 }
 
 /// `tokend run` and the sandbox holding its config and socket; killed when dropped.
@@ -100,6 +118,14 @@ impl Running {
         self.wait(&format!("{account}'s token"), || {
             let r = self.get(&format!("/v1/tokens/{account}/raw"));
             (r.status == 200).then(|| r.text())
+        })
+    }
+
+    /// Waits until account `down`, the first in `/v1/tokens`, has failed; the list then.
+    fn down_failing(&self) -> Value {
+        self.wait("down's first failure", || {
+            let l = self.get("/v1/tokens").json();
+            (l["accounts"][0]["status"] == "failing").then_some(l)
         })
     }
 
@@ -384,21 +410,9 @@ fn token_endpoints_serve_json_raw_and_list() {
 
 #[test]
 fn account_without_a_token_answers_503_with_retry_after() {
-    let (up, down) = (idp_for("up", 3600), FakeIdp::start(Reply::Status(503)));
-    let d = Running::start(
-        "",
-        &[
-            account("up", &up.url(), ""),
-            account("down", &down.url(), ""),
-        ]
-        .concat(),
-    );
-    d.token("up");
+    let (_idps, d, _) = beside_a_down_account("up", "");
     // Wait for the first failure to be recorded.
-    let list = d.wait("down's first failure", || {
-        let l = d.get("/v1/tokens").json();
-        (l["accounts"][0]["status"] == "failing").then_some(l)
-    });
+    let list = d.down_failing();
     let down = &list["accounts"][0];
     assert_eq!(down["account"], "down");
     assert_eq!(down["valid"], false);
@@ -713,11 +727,7 @@ fn min_valid_refreshes_first_within_min_refresh_interval() {
 #[test]
 fn health_and_metrics_on_the_socket_and_the_tcp_listener() {
     let (idp_a, idp_b) = (idp_for("a", 3600), idp_for("b", 3600));
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let d = Running::start(
         &format!("metrics_listen = \"127.0.0.1:{port}\""),
         &[
@@ -847,16 +857,7 @@ fn socket_file_lifecycle() {
 
 #[test]
 fn get_and_status_end_to_end() {
-    let (msk, down) = (idp_for("msk", 3600), FakeIdp::start(Reply::Status(503)));
-    let d = Running::start(
-        "",
-        &[
-            account("msk", &msk.url(), "scope = \"full\""),
-            account("down", &down.url(), ""),
-        ]
-        .concat(),
-    );
-    let token = d.token("msk");
+    let (_idps, d, token) = beside_a_down_account("msk", "scope = \"full\"");
     let sock = d.socket.to_str().unwrap();
 
     // Raw: exactly the token, no newline (stdout is no terminal here).
@@ -881,10 +882,7 @@ fn get_and_status_end_to_end() {
     let out = d.tokend(&["get", "--socket", sock, "nope"]);
     assert_eq!(out.code(), Some(1));
     assert!(out.stderr.contains("no account \"nope\""));
-    d.wait("down's first failure", || {
-        let l = d.get("/v1/tokens").json();
-        (l["accounts"][0]["status"] == "failing").then_some(())
-    });
+    d.down_failing();
     let out = d.tokend(&["get", "--socket", sock, "down"]);
     assert_eq!(out.code(), Some(1));
     let err = &out.stderr;
@@ -940,11 +938,7 @@ fn docs_curl_examples_work() {
         })
         .join("\n");
     let idp = idp_for("msk", 3600);
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let d = Running::start(
         &format!("metrics_listen = \"127.0.0.1:{port}\""),
         &account("msk", &idp.url(), ""),

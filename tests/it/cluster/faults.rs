@@ -18,12 +18,14 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 
+use crate::support::cluster::{
+    etcd_backend, index, no_reuse, one_leader, serving_one_token, Node, CLIENT, KEY,
+};
 use crate::support::etcd::EtcdCluster;
 use crate::support::fake_idp::{FakeIdp, Reply};
 use crate::support::proxy::{HookProxy, Stage};
-use crate::support::{Daemon, Finished, Sandbox, LONG, SHORT};
+use crate::support::{Daemon, LONG, SHORT};
 
-const KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 const OTHER_KEY: &str = "ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100";
 const TTL: Duration = Duration::from_secs(2);
 
@@ -31,104 +33,41 @@ const TTL: Duration = Duration::from_secs(2);
 /// 3 x lease_ttl (6 s) mid-request still gets its answer.
 const ROTATING: &str = "grant_type = \"refresh_token\"\nrefresh_token = \"rt-seed\"\n\
                         client_auth = \"none\"\nrefresh_token_timeout = \"10s\"\n";
-/// A client_credentials account.
-const CLIENT: &str = "client_secret = { file = \"secret\" }\n";
 
-struct Node {
-    name: String,
-    sb: Sandbox,
-    config: PathBuf,
-}
-
-impl Node {
-    /// Member `m{i}` of a cluster on `endpoints`, sharing account `a` at `token_url`
-    /// (`grant`: [`ROTATING`] or [`CLIENT`], and any other lines), sealing with `key`.
-    fn new(i: usize, endpoints: &[String], token_url: &str, key: &str, grant: &str) -> Node {
-        let sb = Sandbox::new();
-        sb.write(&sb.path("secret"), "client-secret\n", 0o600);
-        let name = format!("m{i}");
-        let endpoints: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
-        let config = sb.config(&format!(
-            "[daemon]\nstate_dir = \"state\"\nsocket = \"tokend.sock\"\n\n\
-             [cluster]\nendpoints = [{}]\nprefix = \"/tokend/test\"\nmember = \"{name}\"\n\
-             lease_ttl = \"2s\"\nkey = \"{key}\"\n\n\
-             [[account]]\nname = \"a\"\ntoken_url = \"{token_url}\"\nclient_id = \"id\"\n\
-             min_refresh_interval = \"1s\"\n{grant}\n\
-             [[account.output]]\npath = \"out/a\"\n",
-            endpoints.join(", "),
-        ));
-        Node { name, sb, config }
-    }
-
-    fn token(&self) -> Option<String> {
-        self.sb.read("out/a")
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.sb.path("tokend.sock")
-    }
-
-    fn status(&self) -> Option<serde_json::Value> {
-        crate::support::account_status(&self.socket(), "a")
-    }
-
-    fn leader(&self) -> Option<String> {
-        self.status()?["leader"].as_str().map(str::to_owned)
-    }
-
-    fn start(&self) -> Daemon {
-        Daemon::start(&self.config)
-    }
-
-    /// `tokend run` with its wall clock `offset` off (libfaketime, e.g. `+5m`); the
-    /// monotonic clock is left alone, as a clock that is set leaves it. The library is
-    /// preloaded into tokend itself (the `faketime` wrapper would stand between the
-    /// test and the daemon's signals).
-    fn start_skewed(&self, offset: &str) -> Daemon {
-        let mut cmd = crate::support::tokend();
-        cmd.env("LD_PRELOAD", faketime_library())
-            .env("FAKETIME", offset)
-            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
-            .arg("run")
-            .arg("-c")
-            .arg(&self.config);
-        Daemon::spawn(cmd)
-    }
-
-    /// `tokend ARGS --socket SOCKET`, to its end.
-    fn cmd(&self, args: &[&str]) -> Finished {
-        let mut c = crate::support::tokend();
-        c.args(args).arg("--socket").arg(self.socket());
-        crate::support::finish(c, LONG)
-    }
-}
-
-/// What Debian's `faketime` preloads (asked of it: no path is written here).
-fn faketime_library() -> String {
-    let out = std::process::Command::new("faketime")
-        .args(["-f", "+0", "sh", "-c", "printf %s \"$LD_PRELOAD\""])
-        .output()
-        .expect("faketime runs (Debian's faketime; scripts/test installs it)");
-    let lib = String::from_utf8(out.stdout).expect("a path");
-    assert!(lib.contains("faketime"), "faketime preloads {lib:?}");
-    lib
+/// Member `m{i}` of a cluster on `endpoints`, sharing account `a` at `token_url`
+/// (`grant`: [`ROTATING`] or [`CLIENT`], and any other lines), sealing with `key`.
+fn node(i: usize, endpoints: &[String], token_url: &str, key: &str, grant: &str) -> Node {
+    Node::new(i, &etcd_backend(endpoints), key, token_url, grant)
 }
 
 fn nodes(n: usize, endpoints: &[String], token_url: &str, grant: &str) -> Vec<Node> {
     (0..n)
-        .map(|i| Node::new(i, endpoints, token_url, KEY, grant))
+        .map(|i| node(i, endpoints, token_url, KEY, grant))
         .collect()
 }
 
-/// Waits until every member in `nodes` serves one token; that token.
-fn serving_one_token(d: &Daemon, nodes: &[&Node]) -> String {
-    d.wait_until("every member serving one token", LONG, || {
-        let t = nodes[0].token()?;
-        nodes
-            .iter()
-            .all(|n| n.token().as_deref() == Some(t.as_str()))
-            .then_some(t)
-    })
+/// etcd of `members` members, the fake IdP issuing tokens of `lifetime` in a
+/// refresh-token family seeded `rt-seed`, and `n` members with a [`ROTATING`] account
+/// on it; `None` where etcd is not installed.
+fn rotating_cluster(
+    members: usize,
+    lifetime: Duration,
+    n: usize,
+) -> Option<(EtcdCluster, FakeIdp, Vec<Node>)> {
+    let etcd = EtcdCluster::start(members)?;
+    let idp = FakeIdp::start(Reply::token(lifetime.as_secs()));
+    idp.seed_refresh_token("rt-seed");
+    let nodes = nodes(n, &etcd.endpoints(), &idp.url(), ROTATING);
+    Some((etcd, idp, nodes))
+}
+
+/// The etcd key of account `a`'s shared record.
+fn record_key(etcd: &EtcdCluster) -> String {
+    etcd.etcdctl(&["get", "--prefix", "--keys-only", "/tokend/test/accounts/a/"])
+        .lines()
+        .find(|k| k.ends_with("/record"))
+        .expect("the account's record")
+        .to_owned()
 }
 
 /// Waits until every member in `nodes` serves the `n`-th token the IdP issued (1-based).
@@ -143,25 +82,28 @@ fn serving_issued(d: &Daemon, idp: &FakeIdp, nodes: &[&Node], n: usize, what: &s
 }
 
 /// Waits until every member in `nodes` names the same leader; its index.
-fn one_leader(d: &Daemon, nodes: &[&Node]) -> usize {
-    d.wait_until("one leader known to all", LONG, || {
-        let l: Vec<String> = nodes.iter().filter_map(|n| n.leader()).collect();
-        (l.len() == nodes.len() && l.iter().all(|x| *x == l[0]))
-            .then(|| l[0][1..].parse().expect("members are named m<i>"))
-    })
+fn leader_index(d: &Daemon, nodes: &[&Node]) -> usize {
+    index(&one_leader(d, nodes))
 }
 
-/// No refresh token was presented twice, and the chain's family is alive.
-fn no_reuse(idp: &FakeIdp) {
-    assert!(
-        idp.reused_refresh_tokens().is_empty(),
-        "a refresh token was sent twice: {:?}",
-        idp.reused_refresh_tokens()
-    );
-    assert!(
-        !idp.family_revoked("rt-seed"),
-        "the chain's family was revoked"
-    );
+/// The members but `i`.
+fn all_but(nodes: &[Node], i: usize) -> Vec<&Node> {
+    nodes
+        .iter()
+        .enumerate()
+        .filter(|(j, _)| *j != i)
+        .map(|(_, n)| n)
+        .collect()
+}
+
+/// Waits until the members but `li` name the same leader, another than `li`; its index.
+fn another_leader(d: &Daemon, nodes: &[Node], li: usize) -> usize {
+    let others = all_but(nodes, li);
+    d.wait_until("another member leading", LONG, || {
+        let l = others[0].leader()?;
+        let i: usize = l[1..].parse().ok()?;
+        (i != li && others[1].leader().as_deref() == Some(l.as_str())).then_some(i)
+    })
 }
 
 /// Token requests no closer together than a token's refresh point allows: at most one
@@ -258,7 +200,7 @@ fn paused_leader(stage: Stage) {
     let daemons: Vec<Daemon> = nodes.iter().map(Node::start).collect();
     let d0 = &daemons[0];
     serving_one_token(d0, &all);
-    let li = one_leader(d0, &all);
+    let li = leader_index(d0, &all);
     let pid = daemons[li].pid();
     // When the leader was stopped, and when it went on.
     type Window = Option<(Instant, Option<Instant>)>;
@@ -284,12 +226,7 @@ fn paused_leader(stage: Stage) {
     });
     // Another member leads once the stopped one's lease lapsed; it is asked to refresh,
     // and finds the link in flight.
-    let others: Vec<&Node> = (0..3).filter(|i| *i != li).map(|i| &nodes[i]).collect();
-    let ni = d0.wait_until("another member leading", LONG, || {
-        let l = others[0].leader()?;
-        let i: usize = l[1..].parse().ok()?;
-        (i != li && others[1].leader().as_deref() == Some(l.as_str())).then_some(i)
-    });
+    let ni = another_leader(d0, &nodes, li);
     let took = stopped.elapsed();
     let poke = nodes[ni].cmd(&["refresh", "a"]);
     assert_eq!(poke.code(), Some(0), "{}", poke.stderr);
@@ -322,7 +259,7 @@ fn paused_leader(stage: Stage) {
     );
     assert_eq!(idp.requests().len(), 2, "the new leader did not ask again");
     // And the chain goes on from it: one more refresh, asked on a member that does not lead.
-    let leader = one_leader(d0, &all);
+    let leader = leader_index(d0, &all);
     let asker = (0..3).find(|i| *i != leader).unwrap();
     let poke = nodes[asker].cmd(&["refresh", "a"]);
     assert_eq!(poke.code(), Some(0), "{}", poke.stderr);
@@ -362,7 +299,7 @@ fn a_leader_that_dies_mid_request_is_waited_for_then_its_link_is_tried_once_and_
     let all: Vec<&Node> = nodes.iter().collect();
     let daemons: Vec<Daemon> = nodes.iter().map(Node::start).collect();
     serving_one_token(&daemons[0], &all);
-    let li = one_leader(&daemons[0], &all);
+    let li = leader_index(&daemons[0], &all);
     // Waits go through a member that lives.
     let d0 = &daemons[(li + 1) % 3];
     let pid = daemons[li].pid();
@@ -382,12 +319,8 @@ fn a_leader_that_dies_mid_request_is_waited_for_then_its_link_is_tried_once_and_
     let poke = nodes[li].cmd(&["refresh", "a"]);
     assert_eq!(poke.code(), Some(0), "{}", poke.stderr);
     let killed_at = d0.wait_until("the leader killed", LONG, || *killed.lock().unwrap());
-    let live: Vec<&Node> = (0..3).filter(|i| *i != li).map(|i| &nodes[i]).collect();
-    let ni = d0.wait_until("another member leading", LONG, || {
-        let l = live[0].leader()?;
-        let i: usize = l[1..].parse().ok()?;
-        (i != li && live[1].leader().as_deref() == Some(l.as_str())).then_some(i)
-    });
+    let live = all_but(&nodes, li);
+    let ni = another_leader(d0, &nodes, li);
     let poke = nodes[ni].cmd(&["refresh", "a"]);
     assert_eq!(poke.code(), Some(0), "{}", poke.stderr);
     let reqs = d0.wait_until("the link tried once more", Duration::from_secs(30), || {
@@ -428,13 +361,10 @@ fn a_leader_that_dies_mid_request_is_waited_for_then_its_link_is_tried_once_and_
 /// SIGTERM, comes back as a follower: every member serves a valid token throughout and
 /// refreshes on time, and the skewed member says its clock is off (status, log, metric).
 fn skewed_member(offset: &str, ahead: bool) {
-    let Some(etcd) = EtcdCluster::start(1) else {
+    let lifetime = Duration::from_secs(8);
+    let Some((_etcd, idp, nodes)) = rotating_cluster(1, lifetime, 3) else {
         return;
     };
-    let lifetime = Duration::from_secs(8);
-    let idp = FakeIdp::start(Reply::token(lifetime.as_secs()));
-    idp.seed_refresh_token("rt-seed");
-    let nodes = nodes(3, &etcd.endpoints(), &idp.url(), ROTATING);
     let all: Vec<&Node> = nodes.iter().collect();
     let skewed = nodes[0].start_skewed(offset);
     skewed.wait_until("m0 leading", LONG, || {
@@ -537,19 +467,10 @@ fn a_member_five_minutes_behind_serves_and_refreshes_on_time_and_says_its_clock_
 
 #[test]
 fn a_member_with_another_cluster_key_takes_no_part_and_says_why() {
-    let Some(etcd) = EtcdCluster::start(1) else {
+    let Some((etcd, idp, mut nodes)) = rotating_cluster(1, Duration::from_secs(6), 2) else {
         return;
     };
-    let idp = FakeIdp::start(Reply::token(6));
-    idp.seed_refresh_token("rt-seed");
-    let mut nodes = nodes(2, &etcd.endpoints(), &idp.url(), ROTATING);
-    nodes.push(Node::new(
-        2,
-        &etcd.endpoints(),
-        &idp.url(),
-        OTHER_KEY,
-        ROTATING,
-    ));
+    nodes.push(node(2, &etcd.endpoints(), &idp.url(), OTHER_KEY, ROTATING));
     let d0 = nodes[0].start();
     let _d1 = nodes[1].start();
     serving_one_token(&d0, &[&nodes[0], &nodes[1]]);
@@ -561,14 +482,7 @@ fn a_member_with_another_cluster_key_takes_no_part_and_says_why() {
         (w.contains(why) && s["degraded"] == true && s["leader"].is_null()).then_some(())
     });
     assert!(d2.log().contains(why), "said in the log too:\n{}", d2.log());
-    let check = crate::support::finish(
-        {
-            let mut c = crate::support::tokend();
-            c.arg("check").arg("-c").arg(&nodes[2].config);
-            c
-        },
-        SHORT,
-    );
+    let check = nodes[2].check();
     assert_eq!(check.code(), Some(1), "{}", check.stdout);
     assert!(
         check.stdout.contains("FAIL  cluster member m2") && check.stdout.contains(why),
@@ -598,23 +512,15 @@ fn a_member_with_another_cluster_key_takes_no_part_and_says_why() {
 
 #[test]
 fn an_older_record_put_back_is_refused_by_every_member_and_the_chain_goes_on() {
-    let Some(etcd) = EtcdCluster::start(1) else {
+    let lifetime = Duration::from_secs(6);
+    let Some((etcd, idp, nodes)) = rotating_cluster(1, lifetime, 3) else {
         return;
     };
-    let lifetime = Duration::from_secs(6);
-    let idp = FakeIdp::start(Reply::token(lifetime.as_secs()));
-    idp.seed_refresh_token("rt-seed");
-    let nodes = nodes(3, &etcd.endpoints(), &idp.url(), ROTATING);
     let d0 = nodes[0].start();
     let _d1 = nodes[1].start();
     let two = [&nodes[0], &nodes[1]];
     serving_one_token(&d0, &two);
-    let record_key = etcd
-        .etcdctl(&["get", "--prefix", "--keys-only", "/tokend/test/accounts/a/"])
-        .lines()
-        .find(|k| k.ends_with("/record"))
-        .expect("the account's record")
-        .to_owned();
+    let record_key = record_key(&etcd);
     let old = etcd.etcdctl(&["get", "--print-value-only", &record_key]);
     let old = old.trim_end_matches('\n').to_owned();
     assert!(old.starts_with("2."), "{old}");
@@ -645,13 +551,10 @@ fn an_older_record_put_back_is_refused_by_every_member_and_the_chain_goes_on() {
 
 #[test]
 fn a_hung_etcd_member_is_left_behind_and_every_member_keeps_a_valid_token() {
-    let Some(etcd) = EtcdCluster::start(3) else {
+    let lifetime = Duration::from_secs(6);
+    let Some((etcd, idp, nodes)) = rotating_cluster(3, lifetime, 3) else {
         return;
     };
-    let lifetime = Duration::from_secs(6);
-    let idp = FakeIdp::start(Reply::token(lifetime.as_secs()));
-    idp.seed_refresh_token("rt-seed");
-    let nodes = nodes(3, &etcd.endpoints(), &idp.url(), ROTATING);
     let all: Vec<&Node> = nodes.iter().collect();
     let daemons: Vec<Daemon> = nodes.iter().map(Node::start).collect();
     let d0 = &daemons[0];
@@ -705,7 +608,7 @@ fn a_leader_killed_as_its_token_falls_due_is_replaced_in_time_and_no_member_goes
     let all: Vec<&Node> = nodes.iter().collect();
     let daemons: Vec<Daemon> = nodes.iter().map(Node::start).collect();
     let first = serving_one_token(&daemons[0], &all);
-    let li = one_leader(&daemons[0], &all);
+    let li = leader_index(&daemons[0], &all);
     let pid = daemons[li].pid();
     let sampler = Sampler::start(&all, &idp);
     let killed: Arc<Mutex<Option<Instant>>> = Arc::default();
@@ -719,7 +622,7 @@ fn a_leader_killed_as_its_token_falls_due_is_replaced_in_time_and_no_member_goes
             false
         }
     }));
-    let live: Vec<&Node> = (0..3).filter(|i| *i != li).map(|i| &nodes[i]).collect();
+    let live = all_but(&nodes, li);
     let live_daemon = &daemons[(li + 1) % 3];
     let killed_at = live_daemon.wait_until(
         "the leader killed as its token fell due",
@@ -765,7 +668,7 @@ fn refresh_and_get_min_valid_on_any_member_cause_exactly_one_refresh_for_the_clu
     let daemons: Vec<Daemon> = nodes.iter().map(Node::start).collect();
     let d0 = &daemons[0];
     serving_one_token(d0, &all);
-    let li = one_leader(d0, &all);
+    let li = leader_index(d0, &all);
     let followers: Vec<usize> = (0..3).filter(|i| *i != li).collect();
     let mut n = 1;
     // `refresh` on a member that does not lead: the leader refreshes, once.
@@ -833,15 +736,12 @@ fn refresh_and_get_min_valid_on_any_member_cause_exactly_one_refresh_for_the_clu
 
 #[test]
 fn members_that_share_a_name_but_not_its_identity_say_so_and_a_spent_seed_is_never_sent() {
-    let Some(etcd) = EtcdCluster::start(1) else {
+    let Some((etcd, idp, mut nodes)) = rotating_cluster(1, Duration::from_secs(3600), 2) else {
         return;
     };
-    let idp = FakeIdp::start(Reply::token(3600));
-    idp.seed_refresh_token("rt-seed");
-    let mut nodes = nodes(2, &etcd.endpoints(), &idp.url(), ROTATING);
     // The same provider spelled another way: another identity, the same seed.
     let elsewhere = idp.url().replace("127.0.0.1", "localhost");
-    nodes.push(Node::new(2, &etcd.endpoints(), &elsewhere, KEY, ROTATING));
+    nodes.push(node(2, &etcd.endpoints(), &elsewhere, KEY, ROTATING));
     let d0 = nodes[0].start();
     let _d1 = nodes[1].start();
     serving_one_token(&d0, &[&nodes[0], &nodes[1]]);
@@ -876,20 +776,12 @@ fn members_that_share_a_name_but_not_its_identity_say_so_and_a_spent_seed_is_nev
 
 #[test]
 fn a_member_that_saw_a_newer_generation_refuses_an_older_record_and_sends_nothing() {
-    let Some(etcd) = EtcdCluster::start(1) else {
+    let Some((etcd, idp, nodes)) = rotating_cluster(1, Duration::from_secs(3600), 2) else {
         return;
     };
-    let idp = FakeIdp::start(Reply::token(3600));
-    idp.seed_refresh_token("rt-seed");
-    let nodes = nodes(2, &etcd.endpoints(), &idp.url(), ROTATING);
     let d0 = nodes[0].start();
     serving_one_token(&d0, &[&nodes[0]]);
-    let record_key = etcd
-        .etcdctl(&["get", "--prefix", "--keys-only", "/tokend/test/accounts/a/"])
-        .lines()
-        .find(|k| k.ends_with("/record"))
-        .expect("the account's record")
-        .to_owned();
+    let record_key = record_key(&etcd);
     // m1 remembers a far newer generation of this record than etcd holds: etcd was
     // restored from an old backup, say (the record opens at its place, and is older).
     let state = nodes[1].sb.path("state");
@@ -961,7 +853,7 @@ fn a_member_paused_past_a_compaction_adopts_the_latest_record_quietly_and_asks_n
     let all: Vec<&Node> = nodes.iter().collect();
     let daemons: Vec<Daemon> = nodes.iter().map(Node::start).collect();
     serving_one_token(&daemons[0], &all);
-    let leader = one_leader(&daemons[0], &all);
+    let leader = leader_index(&daemons[0], &all);
     let f = (leader + 1) % 3;
     let (follower, d) = (&nodes[f], &daemons[leader]);
     let others: Vec<&Node> = all

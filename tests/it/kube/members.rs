@@ -3,38 +3,18 @@
 //! service account of its own limited by the Role tokend ships (leases and secrets: get,
 //! list, watch, create, update). One namespace per test on the shared server.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::support::cluster::{
+    all_degraded, chain_through_leader_kills, index, kill_9, once_adopts_the_shared_token,
+    one_request_per_lifetime, serving_a_new_token, serving_one_token, start_one_token_one_leader,
+    Node, CLIENT, KEY,
+};
 use crate::support::fake_idp::{FakeIdp, Reply};
 use crate::support::kube::KubeApiServer;
-use crate::support::{Daemon, Sandbox, LONG, SHORT};
+use crate::support::{Daemon, LONG, SHORT};
 
-const KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 const ALL: [&str; 5] = ["get", "list", "watch", "create", "update"];
-
-struct Node {
-    name: String,
-    sb: Sandbox,
-    config: PathBuf,
-}
-
-impl Node {
-    fn token(&self) -> Option<String> {
-        self.sb.read("out/a")
-    }
-
-    fn leader(&self) -> Option<String> {
-        crate::support::account_status(&self.sb.path("tokend.sock"), "a")?["leader"]
-            .as_str()
-            .map(str::to_owned)
-    }
-
-    fn cluster(&self) -> Option<serde_json::Value> {
-        let (code, body) = crate::support::socket_get(&self.sb.path("tokend.sock"), "/v1/cluster")?;
-        (code == 200).then(|| serde_json::from_str(&body).ok())?
-    }
-}
 
 /// A namespace of the test's own, and `n` members (`m0`, ...) each with a service
 /// account (`verbs` on leases and secrets) and a kubeconfig of its own, sharing account
@@ -54,32 +34,13 @@ fn nodes(
             kube.create_service_account(ns, &name);
             kube.apply(ns, &super::role(ns, &name, verbs));
             let kubeconfig = kube.service_account_kubeconfig(ns, &name);
-            let sb = Sandbox::new();
-            sb.write(&sb.path("secret"), "client-secret\n", 0o600);
-            let config = sb.config(&format!(
-                "[daemon]\nstate_dir = \"state\"\nsocket = \"tokend.sock\"\n\n\
-                 [cluster]\nbackend = \"kubernetes\"\nkubeconfig = \"{}\"\nnamespace = \"{ns}\"\n\
-                 member = \"{name}\"\nlease_ttl = \"2s\"\nkey = \"{KEY}\"\n\n\
-                 [[account]]\nname = \"a\"\ntoken_url = \"{}\"\nclient_id = \"id\"\n\
-                 client_secret = {{ file = \"secret\" }}\nmin_refresh_interval = \"1s\"\n{extra}\n\
-                 [[account.output]]\npath = \"out/a\"\n",
-                kubeconfig.display(),
-                idp.url()
-            ));
-            Node { name, sb, config }
+            let backend = format!(
+                "backend = \"kubernetes\"\nkubeconfig = \"{}\"\nnamespace = \"{ns}\"\n",
+                kubeconfig.display()
+            );
+            Node::new(i, &backend, KEY, &idp.url(), &format!("{CLIENT}{extra}"))
         })
         .collect()
-}
-
-/// Waits until every member serves one token; that token.
-fn serving_one_token(d: &Daemon, nodes: &[&Node]) -> String {
-    d.wait_until("every member serving one token", LONG, || {
-        let t = nodes[0].token()?;
-        nodes
-            .iter()
-            .all(|n| n.token().as_deref() == Some(t.as_str()))
-            .then_some(t)
-    })
 }
 
 /// Done when 1 and 9: three members, one provider request per token lifetime, the same
@@ -92,50 +53,17 @@ fn kube_members_share_one_request_per_lifetime_and_the_secret_shows_nothing_in_c
     let ns = "kube-share";
     let idp = FakeIdp::start(Reply::token(4));
     let nodes = nodes(kube, ns, &idp, 3, &ALL, "");
-    let daemons: Vec<Daemon> = nodes.iter().map(|n| Daemon::start(&n.config)).collect();
+    let daemons: Vec<Daemon> = nodes.iter().map(Node::start).collect();
     // Three lifetimes of 4-second tokens (refreshed at about 3.2 s).
-    daemons[0].wait_until("three tokens issued", Duration::from_secs(40), || {
-        (idp.issued().len() >= 3).then_some(())
-    });
-    let latest = idp.issued().last().cloned().unwrap();
-    for (n, d) in nodes.iter().zip(&daemons) {
-        d.wait_until(
-            &format!("{} serving the latest token", n.name),
-            SHORT,
-            || {
-                n.token()
-                    .filter(|t| *t == latest || idp.issued().last() == Some(t))
-            },
-        );
-    }
-    let requests = idp.requests();
-    assert_eq!(
-        requests.len(),
-        idp.issued().len(),
-        "every request got a token"
-    );
-    let span = requests.last().unwrap().at - requests[0].at;
-    assert!(
-        (requests.len() as f64) <= span.as_secs_f64() / 3.0 + 1.5,
-        "{} requests in {span:?} for 3 members",
-        requests.len()
-    );
-    let leaders: Vec<String> = nodes.iter().filter_map(Node::leader).collect();
-    assert_eq!(
-        leaders.len(),
-        3,
-        "every member knows who leads: {leaders:?}"
-    );
-    assert!(leaders.iter().all(|l| *l == leaders[0]), "{leaders:?}");
+    let leader =
+        one_request_per_lifetime(&daemons[0], &idp, &nodes, &daemons, Duration::from_secs(40));
     for n in &nodes {
         let v = n.cluster().expect("/v1/cluster answers");
         assert_eq!(v["member"], n.name.as_str());
         assert_eq!(v["reachable"], true, "{v}");
-        assert_eq!(v["accounts"][0]["leader"], leaders[0].as_str(), "{v}");
+        assert_eq!(v["accounts"][0]["leader"], leader.as_str(), "{v}");
     }
-    let mut check = crate::support::tokend();
-    check.arg("check").arg("-c").arg(&nodes[0].config);
-    let check = crate::support::finish(check, SHORT);
+    let check = nodes[0].check();
     assert!(
         check
             .stdout
@@ -155,7 +83,7 @@ fn kube_members_share_one_request_per_lifetime_and_the_secret_shows_nothing_in_c
         "-o",
         "jsonpath={.items[*].spec.holderIdentity}",
     ]);
-    assert_eq!(held.trim(), leaders[0]);
+    assert_eq!(held.trim(), leader);
 
     // Done when 9: nothing in the clear.
     let yaml = kube.admin(&["get", "secret", "-n", ns, "-o", "yaml"]);
@@ -201,22 +129,11 @@ fn kube_a_killed_leader_is_replaced_within_the_lease_and_a_stopped_one_at_once()
     let ns = "kube-failover";
     let idp = FakeIdp::start(Reply::token(3600));
     let nodes = nodes(kube, ns, &idp, 3, &ALL, "refresh_every = \"30s\"");
-    let mut daemons: Vec<Option<Daemon>> = nodes
-        .iter()
-        .map(|n| Some(Daemon::start(&n.config)))
-        .collect();
-    let all: Vec<&Node> = nodes.iter().collect();
-    let token = serving_one_token(daemons[0].as_ref().unwrap(), &all);
-    assert_eq!(idp.requests().len(), 1, "joining members asked nothing");
-    let leader = daemons[0]
-        .as_ref()
-        .unwrap()
-        .wait_until("a leader", SHORT, || nodes[0].leader());
-    let li: usize = leader[1..].parse().unwrap();
+    let (mut daemons, token, leader) = start_one_token_one_leader(&idp, &nodes);
+    let li = index(&leader);
 
     // kill -9: another member leads within lease_ttl (2 s) + 1 s.
-    let d = daemons[li].take().unwrap();
-    nix::sys::signal::kill(d.pid(), nix::sys::signal::Signal::SIGKILL).unwrap();
+    kill_9(&mut daemons, li);
     let killed = Instant::now();
     let others: Vec<usize> = (0..3).filter(|i| *i != li).collect();
     let watcher = daemons[others[0]].as_ref().unwrap();
@@ -240,7 +157,7 @@ fn kube_a_killed_leader_is_replaced_within_the_lease_and_a_stopped_one_at_once()
     );
 
     // SIGTERM of the new leader: the last member leads in under a second.
-    let ni: usize = next[1..].parse().unwrap();
+    let ni = index(&next);
     let last = others.iter().copied().find(|i| *i != ni).unwrap();
     let (status, _, _) = daemons[ni].take().unwrap().terminate();
     assert!(status.success());
@@ -297,52 +214,9 @@ fn kube_a_refresh_token_chain_survives_ten_leader_kills_with_no_token_sent_twice
         "grant_type = \"refresh_token\"\nrefresh_token = \"rt-seed\"\nclient_auth = \"none\"";
     let nodes = nodes(kube, ns, &idp, 3, &ALL, extra);
     for n in &nodes {
-        let text = std::fs::read_to_string(&n.config).unwrap();
-        n.sb.write(
-            &n.config,
-            &text.replace("client_secret = { file = \"secret\" }\n", ""),
-            0o600,
-        );
+        n.edit_config("client_secret = { file = \"secret\" }\n", "");
     }
-    let mut daemons: Vec<Option<Daemon>> = nodes
-        .iter()
-        .map(|n| Some(Daemon::start(&n.config)))
-        .collect();
-    for round in 0..10 {
-        let live = daemons.iter().position(Option::is_some).unwrap();
-        let d = daemons[live].as_ref().unwrap();
-        let seen = idp.issued().len();
-        // A new token everywhere: no request on the wire now (the next at 80% of 6 s),
-        // so the kill loses nothing (a kill -9 mid-request loses the rotated token with
-        // the process, in a cluster or not).
-        d.wait_until("a new token everywhere", LONG, || {
-            let issued = idp.issued();
-            let t = issued.last().filter(|_| issued.len() > seen)?.clone();
-            nodes
-                .iter()
-                .all(|n| n.token().as_deref() == Some(t.as_str()))
-                .then_some(())
-        });
-        let leader = d.wait_until("a leader", SHORT, || nodes[live].leader());
-        let li: usize = leader[1..].parse().unwrap();
-        println!("round {round}: {leader} leads");
-        assert_eq!(idp.requests().len(), idp.issued().len());
-        let gone = daemons[li].take().unwrap();
-        nix::sys::signal::kill(gone.pid(), nix::sys::signal::Signal::SIGKILL).unwrap();
-        drop(gone);
-        daemons[li] = Some(Daemon::start(&nodes[li].config));
-    }
-    let d = daemons[0].as_ref().unwrap();
-    let before = idp.issued().len();
-    d.wait_until("two more rotations", Duration::from_secs(40), || {
-        (idp.issued().len() >= before + 2).then_some(())
-    });
-    assert!(
-        idp.reused_refresh_tokens().is_empty(),
-        "a refresh token was sent twice: {:?}",
-        idp.reused_refresh_tokens()
-    );
-    assert!(!idp.family_revoked("rt-seed"));
+    chain_through_leader_kills(&idp, &nodes, 10);
 }
 
 /// Done when 6, in-cluster: the member finds the API server through
@@ -392,11 +266,7 @@ fn kube_a_rotated_service_account_token_file_is_read_again_in_cluster() {
         .find(|l| l.starts_with("kubeconfig = "))
         .unwrap()
         .to_owned();
-    n.sb.write(
-        &n.config,
-        &text.replace(&format!("{kubeconfig_line}\n"), ""),
-        0o600,
-    );
+    n.edit_config(&format!("{kubeconfig_line}\n"), "");
     let server = url::Url::parse(kube.server()).unwrap();
     let host = server.host_str().unwrap().to_owned();
     let port = server.port_or_known_default().unwrap().to_string();
@@ -418,15 +288,7 @@ fn kube_a_rotated_service_account_token_file_is_read_again_in_cluster() {
     // The member renews its Lease every third of lease_ttl: with the old token only, it
     // would lose the lead and say 401. A refresh asked now must go through it.
     let before = idp.requests().len();
-    let refresh = crate::support::finish(
-        {
-            let mut c = crate::support::tokend();
-            c.args(["refresh", "a", "--socket"])
-                .arg(n.sb.path("tokend.sock"));
-            c
-        },
-        SHORT,
-    );
+    let refresh = n.cmd_within(&["refresh", "a"], SHORT);
     assert_eq!(refresh.code(), Some(0), "{}", refresh.stderr);
     d.wait_until("the refresh through the new token", LONG, || {
         (idp.requests().len() > before).then_some(())
@@ -455,17 +317,7 @@ fn kube_once_beside_a_running_cluster_adopts_the_shared_token() {
     let ns = "kube-once";
     let idp = FakeIdp::start(Reply::token(3600));
     let nodes = nodes(kube, ns, &idp, 3, &ALL, "");
-    let daemons: Vec<Daemon> = nodes[..2]
-        .iter()
-        .map(|n| Daemon::start(&n.config))
-        .collect();
-    let running: Vec<&Node> = nodes[..2].iter().collect();
-    let token = serving_one_token(&daemons[0], &running);
-    assert_eq!(idp.requests().len(), 1);
-    let once = crate::support::once(&nodes[2].config, &[]);
-    assert_eq!(once.code(), Some(0), "{}", once.stderr);
-    assert_eq!(nodes[2].token().as_deref(), Some(token.as_str()));
-    assert_eq!(idp.requests().len(), 1, "once asked the provider nothing");
+    once_adopts_the_shared_token(&idp, &nodes);
 }
 
 /// The kube-apiserver process of `kube` (from apiserver.sh's DIR/pids).
@@ -490,21 +342,15 @@ fn kube_the_api_server_stopped_for_three_lease_ttls_members_serve_on_then_conver
     let ns = "kube-outage";
     let idp = FakeIdp::start(Reply::token(8));
     let nodes = nodes(&kube, ns, &idp, 3, &ALL, "");
-    let daemons: Vec<Daemon> = nodes.iter().map(|n| Daemon::start(&n.config)).collect();
-    let all: Vec<&Node> = nodes.iter().collect();
+    let daemons: Vec<Daemon> = nodes.iter().map(Node::start).collect();
     let d0 = &daemons[0];
-    serving_one_token(d0, &all);
+    serving_one_token(d0, &nodes);
     d0.wait_until("a leader", SHORT, || nodes[0].leader());
 
     let apiserver = apiserver_pid(&kube);
     nix::sys::signal::kill(apiserver, nix::sys::signal::Signal::SIGSTOP).unwrap();
     let stopped = Instant::now();
-    for n in &nodes {
-        d0.wait_until(&format!("{} degraded", n.name), LONG, || {
-            let s = crate::support::account_status(&n.sb.path("tokend.sock"), "a")?;
-            (s["degraded"] == true).then_some(())
-        });
-    }
+    all_degraded(d0, &nodes);
     // Serving on: each output holds a token the IdP issued and that has not expired.
     let during = idp.issued();
     for n in &nodes {
@@ -525,7 +371,7 @@ fn kube_the_api_server_stopped_for_three_lease_ttls_members_serve_on_then_conver
         crate::support::wait_until("one leader known to all, none degraded", LONG, || {
             let mut leaders = Vec::new();
             for n in &nodes {
-                let s = crate::support::account_status(&n.sb.path("tokend.sock"), "a")?;
+                let s = n.status()?;
                 // Said only when true.
                 if s["degraded"] == true {
                     return None;
@@ -540,26 +386,14 @@ fn kube_the_api_server_stopped_for_three_lease_ttls_members_serve_on_then_conver
     }));
     let Ok(leader) = converged else {
         for (n, d) in nodes.iter().zip(&daemons) {
-            eprintln!(
-                "--- {}: {:?}\n{}",
-                n.name,
-                crate::support::account_status(&n.sb.path("tokend.sock"), "a"),
-                d.log()
-            );
+            eprintln!("--- {}: {:?}\n{}", n.name, n.status(), d.log());
         }
         panic!("no convergence after the outage");
     };
     println!("after the outage {leader} leads");
     // The next token the leader fetches reaches every member.
     let seen = idp.issued().len();
-    d0.wait_until("a new token everywhere", Duration::from_secs(30), || {
-        let issued = idp.issued();
-        let t = issued.last().filter(|_| issued.len() > seen)?.clone();
-        nodes
-            .iter()
-            .all(|n| n.token().as_deref() == Some(t.as_str()))
-            .then_some(())
-    });
+    serving_a_new_token(d0, &idp, &nodes, seen, Duration::from_secs(30));
     for d in &daemons {
         assert!(
             !d.log().contains("refused the shared record"),
@@ -582,14 +416,8 @@ fn kube_another_key_a_wrong_namespace_and_an_altered_secret_are_said_clearly() {
     let idp = FakeIdp::start(Reply::token(3600));
     let nodes = nodes(kube, ns, &idp, 3, &ALL, "");
     let other_key = "ff".repeat(32);
-    let edit = |n: &Node, from: &str, to: &str| {
-        let text = std::fs::read_to_string(&n.config).unwrap();
-        assert!(text.contains(from));
-        n.sb.write(&n.config, &text.replace(from, to), 0o600);
-    };
-    edit(&nodes[1], KEY, &other_key);
-    edit(
-        &nodes[2],
+    nodes[1].edit_config(KEY, &other_key);
+    nodes[2].edit_config(
         &format!("namespace = \"{ns}\""),
         "namespace = \"kube-elsewhere\"",
     );
@@ -650,15 +478,7 @@ fn kube_another_key_a_wrong_namespace_and_an_altered_secret_are_said_clearly() {
     let served = nodes[0].token().unwrap();
     assert!(idp.is_issued(&served), "m0 serves on");
     // The leader writes its state back: the record opens again.
-    let d0_refresh = crate::support::finish(
-        {
-            let mut c = crate::support::tokend();
-            c.args(["refresh", "a", "--socket"])
-                .arg(nodes[0].sb.path("tokend.sock"));
-            c
-        },
-        SHORT,
-    );
+    let d0_refresh = nodes[0].cmd_within(&["refresh", "a"], SHORT);
     assert_eq!(d0_refresh.code(), Some(0), "{}", d0_refresh.stderr);
     d0.wait_until("the record written back", LONG, || {
         let data = kube.admin(&["get", &record, "-n", ns, "-o", "jsonpath={.data.record}"]);

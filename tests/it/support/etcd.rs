@@ -3,19 +3,11 @@
 //! when dropped. `EtcdCluster::start` returns `None` (and the test says it skipped) only
 //! where no `etcd` binary exists; `scripts/test` installs it, so CI runs these tests.
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::free_port;
 use super::pki::Pki;
-
-/// A loopback port free right now (bound and released; etcd binds it next).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
-}
 
 struct Member {
     name: String,

@@ -8,6 +8,7 @@
 //! Nothing here sleeps to wait for a state: it polls the state itself, inside a timeout
 //! that only bounds a failure.
 
+pub mod cluster;
 pub mod config;
 pub mod etcd;
 pub mod fake_idp;
@@ -68,6 +69,14 @@ fn clean_env(mut cmd: Command) -> Command {
     }
     cmd.stdin(Stdio::null());
     cmd
+}
+
+/// A loopback port free right now (bound and released: whoever binds it next gets it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
 }
 
 /// Polls `f` until it returns `Some`, for at most `timeout`; panics naming `what`.

@@ -66,17 +66,7 @@ impl OidcProvider {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start node (apt-get install nodejs)");
-        let stdout = child.stdout.take().unwrap();
         let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut out = std::io::BufReader::new(stdout);
-            let mut line = String::new();
-            let _ = out.read_line(&mut line);
-            let _ = tx.send(line);
-            // Drained to the end: node dies of EPIPE writing to a closed stdout.
-            let _ = std::io::copy(&mut out, &mut std::io::sink());
-        });
         // Drained so that a chatty server never blocks; shown if it does not start.
         let (etx, erx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -84,7 +74,7 @@ impl OidcProvider {
             let _ = std::io::BufReader::new(stderr).read_to_string(&mut text);
             let _ = etx.send(text);
         });
-        let line = rx.recv_timeout(START).unwrap_or_default();
+        let line = first_line(&mut child);
         let mut words = line.split_whitespace();
         let (port, tls_port) = match (words.next(), words.next(), words.next()) {
             (Some("READY"), Some(p), Some(q)) => (p.parse().unwrap(), q.parse().unwrap()),
@@ -175,17 +165,7 @@ impl ResourceServer {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start node (apt-get install nodejs)");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut out = std::io::BufReader::new(stdout);
-            let mut line = String::new();
-            let _ = out.read_line(&mut line);
-            let _ = tx.send(line);
-            // Drained to the end: node dies of EPIPE writing to a closed stdout.
-            let _ = std::io::copy(&mut out, &mut std::io::sink());
-        });
-        let line = rx.recv_timeout(START).unwrap_or_default();
+        let line = first_line(&mut child);
         let port = match line.strip_prefix("READY ") {
             Some(p) => p.trim().parse().unwrap(),
             None => {
@@ -215,6 +195,21 @@ impl Drop for ResourceServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The first line `child` writes on its (piped) stdout, within [`START`]; empty if none.
+/// The rest is drained to the end: node dies of EPIPE writing to a closed stdout.
+fn first_line(child: &mut Child) -> String {
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut out = std::io::BufReader::new(stdout);
+        let mut line = String::new();
+        let _ = out.read_line(&mut line);
+        let _ = tx.send(line);
+        let _ = std::io::copy(&mut out, &mut std::io::sink());
+    });
+    rx.recv_timeout(START).unwrap_or_default()
 }
 
 /// GET `path` from 127.0.0.1:`port` (HTTP/1.0: the answer ends with the connection).

@@ -83,7 +83,7 @@ impl Registry {
         // A free port, chosen again if another process takes it before the registry binds
         // it (as tests/k8s/apiserver.sh does).
         for attempt in 1..=3 {
-            let port = free_port();
+            let port = super::free_port();
             let mut child = spawn(dir.path(), port, &realm);
             let up = super::wait_until("the registry to answer or exit", super::LONG, || {
                 if answers(port) {
@@ -174,13 +174,6 @@ fn answers(port: u16) -> bool {
         && answer
             .to_ascii_lowercase()
             .contains("docker-distribution-api-version: registry/2.0")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 /// Signs registry tokens: an EC P-256 key and its self-signed certificate, made with
