@@ -64,6 +64,10 @@ struct AccountMetrics {
     buckets: [AtomicU32; DURATION_BUCKETS.len() + 1],
     /// The sum of the durations in seconds, as `f64` bits.
     sum: AtomicU64,
+    /// Tokens that expired without a renewal.
+    expirations: AtomicU32,
+    /// Cluster mode: refreshes put off for another member's request in flight.
+    link_waits: AtomicU32,
 }
 
 impl AccountMetrics {
@@ -125,6 +129,22 @@ impl Metrics {
         let m = self.account(account);
         m.attempts[index].fetch_add(1, Ordering::Relaxed);
         m.observe(took.as_secs_f64());
+    }
+
+    /// Records a token of `account` that expired before a new one came (its outputs
+    /// then follow `on_expiry`).
+    pub fn token_expired(&self, account: &str) {
+        self.account(account)
+            .expirations
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Cluster mode: records a refresh of `account` put off because another member is
+    /// asking the provider with the chain's current link (its answer is waited for).
+    pub fn cluster_link_wait(&self, account: &str) {
+        self.account(account)
+            .link_waits
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Records a configuration reload (SIGHUP or a change of the file).
@@ -266,6 +286,26 @@ impl AccountsCollector {
     }
 }
 
+impl AccountsCollector {
+    /// A per-account counter of the accounts that recorded something.
+    fn counter(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        value: impl Fn(&AccountMetrics) -> &AtomicU32,
+    ) -> Result<(), std::fmt::Error> {
+        let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for row in &self.rows {
+            let Some(m) = &row.recorded else { continue };
+            let labels = [("account", row.name.as_str())];
+            ConstCounter::new(u64::from(value(m).load(Ordering::Relaxed)))
+                .encode(metric.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
 impl Collector for AccountsCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         self.gauge(
@@ -312,7 +352,19 @@ impl Collector for AccountsCollector {
                 Some(&Unit::Seconds),
                 |r| r.skew,
             )?;
+            self.counter(
+                &mut encoder,
+                "cluster_link_waits",
+                "Cluster mode: refreshes put off because another member was asking the provider with the chain's current link",
+                |m| &m.link_waits,
+            )?;
         }
+        self.counter(
+            &mut encoder,
+            "token_expirations",
+            "Tokens that expired before a new one came (the outputs then follow on_expiry)",
+            |m| &m.expirations,
+        )?;
         {
             let mut metric = encoder.encode_descriptor(
                 "account_status",

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 
 use crate::support::fake_idp::{Expiry, FakeIdp, Reply};
-use crate::support::{account_status, read, Daemon, Sandbox, LONG, SHORT};
+use crate::support::{account_status, metric, read, Daemon, Sandbox, LONG, SHORT};
 
 /// One account `a` with `extra` config lines and a raw output `tok`, served on the
 /// socket `tokend.sock` beside the config.
@@ -249,6 +249,14 @@ fn expired_token_outputs_are_removed_with_on_expiry_remove() {
         idp.requests().len() >= 2,
         "a refresh was tried before the token expired"
     );
+    assert_eq!(
+        metric(
+            &sandbox.path("tokend.sock"),
+            "tokend_token_expirations_total{account=\"a\"}"
+        ),
+        Some(1.0),
+        "one expiry counted"
+    );
     let (status, _, log) = d.terminate();
     assert!(status.success(), "{status:?}\n{log}");
     assert!(log.contains("token expired without renewal"), "{log}");
@@ -266,9 +274,12 @@ fn expired_token_outputs_stay_with_on_expiry_keep() {
     wait_for_account(&d, &sandbox, "the account to show expired", LONG, |a| {
         (a["status"] == "expired" && a["valid"] == false).then_some(())
     });
-    // `expired` is also what a failed attempt after the expiry publishes; only the
-    // log tells that the expiry itself was handled, and its outputs kept.
-    d.wait_for_log("token expired without renewal", 1, LONG);
+    // `expired` is also what a failed attempt after the expiry publishes; the counter
+    // tells that the expiry itself was handled, and its outputs kept.
+    let socket = sandbox.path("tokend.sock");
+    d.wait_until("the expiry handled", LONG, || {
+        metric(&socket, "tokend_token_expirations_total{account=\"a\"}").filter(|v| *v >= 1.0)
+    });
     assert_eq!(sandbox.read("tok"), Some(t1), "kept after expiry");
 }
 

@@ -79,6 +79,7 @@ impl<'a, E: Endpoint> Task<'a, E> {
                 // Said once per wait (each claim has its own end).
                 if plan.next != until {
                     tracing::info!(account = %name, "{why}");
+                    self.parts.shared.metrics.cluster_link_wait(name);
                 }
                 plan.next = until;
             }

@@ -230,11 +230,15 @@ fn paused_leader(stage: Stage) {
     let took = stopped.elapsed();
     let poke = nodes[ni].cmd(&["refresh", "a"]);
     assert_eq!(poke.code(), Some(0), "{}", poke.stderr);
-    daemons[ni].wait_for_log(
-        &format!("member m{li} is asking the provider with the chain's current link"),
-        1,
-        SHORT,
-    );
+    // It puts the refresh off for the stopped leader's request (counted, and said in
+    // its log).
+    daemons[ni].wait_until("the new leader waiting for the link in flight", SHORT, || {
+        crate::support::metric(
+            &nodes[ni].socket(),
+            "tokend_cluster_link_waits_total{account=\"a\"}",
+        )
+        .filter(|v| *v >= 1.0)
+    });
     let resumed = d0.wait_until("the leader resumed", LONG, || {
         window.lock().unwrap().and_then(|(_, r)| r)
     });

@@ -215,6 +215,20 @@ pub fn status_json(socket: &Path) -> Option<serde_json::Value> {
     }))
 }
 
+/// The value of the metric line `series` (name and labels as the daemon writes them,
+/// e.g. `tokend_token_expirations_total{account="a"}`) on the socket's `/metrics`; `None`
+/// if the socket does not answer or has no such line.
+pub fn metric(socket: &Path, series: &str) -> Option<f64> {
+    let (status, text) = socket_get(socket, "/metrics")?;
+    if status != 200 {
+        return None;
+    }
+    text.lines().find_map(|l| {
+        let value = l.strip_prefix(series)?.strip_prefix(' ')?;
+        value.trim().parse().ok()
+    })
+}
+
 /// One account's entry of [`status_json`].
 pub fn account_status(socket: &Path, account: &str) -> Option<serde_json::Value> {
     status_json(socket)?["accounts"]
