@@ -364,6 +364,14 @@ impl<'a, E: Endpoint> Task<'a, E> {
         }
     }
 
+    /// Cluster mode: the status says what the coordinator warns of, if it changed.
+    fn publish_warning(&self, c: &dyn Coordinator) {
+        let warning = c.warning();
+        if self.parts.state.borrow().cluster_warning != warning {
+            self.publish(|s| s.cluster_warning = warning);
+        }
+    }
+
     /// Cluster mode: takes over what other members shared (a newer token is delivered
     /// and served; a hold or rate limit is honoured here too).
     pub(super) async fn follow(
@@ -372,14 +380,13 @@ impl<'a, E: Endpoint> Task<'a, E> {
         c: &dyn Coordinator,
         plan: &mut Plan,
     ) {
-        let warning = c.warning();
-        if self.parts.state.borrow().cluster_warning != warning {
-            self.publish(|s| s.cluster_warning = warning);
-        }
+        self.publish_warning(c);
         let shared = tokio::select! {
             _ = self.cancel.cancelled() => return,
             s = c.shared() => s,
         };
+        // What it read may have been refused (another key, an older generation).
+        self.publish_warning(c);
         let Some(shared) = shared else {
             return;
         };

@@ -132,7 +132,10 @@ impl<'a, E: Endpoint> Task<'a, E> {
         self.expired = self.parts.state.borrow().token.clone();
         let removed = output::remove_all(self.account());
         tracing::warn!(account = %self.account().name, status = "expired", "token expired without renewal");
-        self.parts.shared.metrics.token_expired(&self.account().name);
+        self.parts
+            .shared
+            .metrics
+            .token_expired(&self.account().name);
         if let Err(e) = removed {
             tracing::error!(account = %self.account().name, "{e}");
         }

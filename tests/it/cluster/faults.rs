@@ -232,13 +232,17 @@ fn paused_leader(stage: Stage) {
     assert_eq!(poke.code(), Some(0), "{}", poke.stderr);
     // It puts the refresh off for the stopped leader's request (counted, and said in
     // its log).
-    daemons[ni].wait_until("the new leader waiting for the link in flight", SHORT, || {
-        crate::support::metric(
-            &nodes[ni].socket(),
-            "tokend_cluster_link_waits_total{account=\"a\"}",
-        )
-        .filter(|v| *v >= 1.0)
-    });
+    daemons[ni].wait_until(
+        "the new leader waiting for the link in flight",
+        SHORT,
+        || {
+            crate::support::metric(
+                &nodes[ni].socket(),
+                "tokend_cluster_link_waits_total{account=\"a\"}",
+            )
+            .filter(|v| *v >= 1.0)
+        },
+    );
     let resumed = d0.wait_until("the leader resumed", LONG, || {
         window.lock().unwrap().and_then(|(_, r)| r)
     });

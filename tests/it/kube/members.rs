@@ -474,7 +474,10 @@ fn kube_another_key_a_wrong_namespace_and_an_altered_secret_are_said_clearly() {
         "-p",
         r#"{"data":{"record":"dGFtcGVyZWQ="}}"#,
     ]);
-    d0.wait_for_log("refused the shared record", 1, LONG);
+    d0.wait_until("m0 saying it refused the record", LONG, || {
+        let w = nodes[0].status()?["cluster_warning"].as_str()?.to_owned();
+        w.contains("refused the shared record").then_some(())
+    });
     let served = nodes[0].token().unwrap();
     assert!(idp.is_issued(&served), "m0 serves on");
     // The leader writes its state back: the record opens again.

@@ -354,25 +354,6 @@ impl Daemon {
             .clone()
     }
 
-    /// Waits until stderr holds `needle` at least `count` times.
-    pub fn wait_for_log(&self, needle: &str, count: usize, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        let mut text = self.log.text.lock().unwrap_or_else(|e| e.into_inner());
-        while text.matches(needle).count() < count {
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "timed out after {timeout:?} waiting for {count} x {needle:?} in the log:\n{text}"
-            );
-            text = self
-                .log
-                .changed
-                .wait_timeout(text, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-    }
-
     /// [`wait_until`], with the daemon's log in the panic message.
     pub fn wait_until<T>(&self, what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
