@@ -87,6 +87,20 @@ impl Running {
         r
     }
 
+    /// Started with [`Running::config_with`] for client `client` and proofs for the
+    /// resource server's `/fhir/`; with its config's path.
+    fn start_for(
+        sb: Sandbox,
+        idp: &OidcProvider,
+        rs: &ResourceServer,
+        client: &str,
+        extra: &str,
+    ) -> (Running, std::path::PathBuf) {
+        let urls = format!("{}/fhir/", rs.base());
+        let config = Self::config_with(&sb, idp, &urls, client, extra);
+        (Running::start(sb, &config), config)
+    }
+
     fn socket(&self) -> String {
         self.sb.path("tokend.sock").display().to_string()
     }
@@ -416,14 +430,13 @@ fn a_replaced_dpop_key_makes_the_restart_ask_for_a_token_bound_to_the_new_key() 
     let sb = Sandbox::new();
     let root = sb.path("");
     crate::support::pki::make_key(&root, "dpop.pem", "p256");
-    let config = Running::config_with(
-        &sb,
+    let (d, config) = Running::start_for(
+        sb,
         &idp,
-        &format!("{}/fhir/", rs.base()),
+        &rs,
         "fhir-client",
         "dpop_key = { file = \"dpop.pem\" }",
     );
-    let d = Running::start(sb, &config);
     let old = d.token();
     d.daemon.terminate();
     let before = idp.requests_of("fhir-client").len();
@@ -469,14 +482,13 @@ fn a_refresh_token_account_gets_bound_tokens_along_its_chain() {
     let sb = Sandbox::new();
     let seed = idp.refresh_token("chain-client");
     sb.write(&sb.path("seed"), &seed, 0o600);
-    let config = Running::config_with(
-        &sb,
+    let (d, _) = Running::start_for(
+        sb,
         &idp,
-        &format!("{}/fhir/", rs.base()),
+        &rs,
         "chain-client",
         "grant_type = \"refresh_token\"\nrefresh_token = { file = \"seed\" }\nmin_refresh_interval = \"1s\"",
     );
-    let d = Running::start(sb, &config);
     let nonce = rs_nonce(&rs);
     let first = d.token();
     let jkt = jwt_part(&first, 1)["cnf"]["jkt"].clone();
