@@ -306,6 +306,40 @@ impl AccountsCollector {
     }
 }
 
+impl AccountsCollector {
+    /// The cluster-mode families: who leads, who is cut off, clock skew, link waits.
+    fn encode_cluster(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        self.gauge(
+            encoder,
+            "cluster_leader",
+            "Cluster mode: 1 while this member refreshes the account, else 0",
+            None,
+            |r| r.leading,
+        )?;
+        self.gauge(
+            encoder,
+            "cluster_degraded",
+            "Cluster mode: 1 while this member is cut off from etcd, else 0",
+            None,
+            |r| r.degraded,
+        )?;
+        self.gauge(
+            encoder,
+            "cluster_clock_skew",
+            "Cluster mode: this member's clock minus the provider's (or etcd's, before the provider's is known); said when over 30 s",
+            Some(&Unit::Seconds),
+            |r| r.skew,
+        )?;
+        self.counter(
+            encoder,
+            "cluster_link_waits",
+            "Cluster mode: refreshes put off because another member was asking the provider with the chain's current link",
+            |m| &m.link_waits,
+        )?;
+        Ok(())
+    }
+}
+
 impl Collector for AccountsCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         self.gauge(
@@ -331,33 +365,7 @@ impl Collector for AccountsCollector {
         )?;
         // Only in cluster mode.
         if self.rows.iter().any(|r| r.leading.is_some()) {
-            self.gauge(
-                &mut encoder,
-                "cluster_leader",
-                "Cluster mode: 1 while this member refreshes the account, else 0",
-                None,
-                |r| r.leading,
-            )?;
-            self.gauge(
-                &mut encoder,
-                "cluster_degraded",
-                "Cluster mode: 1 while this member is cut off from etcd, else 0",
-                None,
-                |r| r.degraded,
-            )?;
-            self.gauge(
-                &mut encoder,
-                "cluster_clock_skew",
-                "Cluster mode: this member's clock minus the provider's (or etcd's, before the provider's is known); said when over 30 s",
-                Some(&Unit::Seconds),
-                |r| r.skew,
-            )?;
-            self.counter(
-                &mut encoder,
-                "cluster_link_waits",
-                "Cluster mode: refreshes put off because another member was asking the provider with the chain's current link",
-                |m| &m.link_waits,
-            )?;
+            self.encode_cluster(&mut encoder)?;
         }
         self.counter(
             &mut encoder,
