@@ -210,8 +210,8 @@ pub struct GetArgs {
     /// header lines of one request of METHOD to URL (`curl -H @- URL`)
     #[arg(long, num_args = 2, value_names = ["METHOD", "URL"], conflicts_with_all = ["json", "min_valid"])]
     pub dpop: Option<Vec<String>>,
-    /// With --dpop: the resource server's DPoP-Nonce
-    #[arg(long, value_name = "N", requires = "dpop")]
+    /// With --dpop: the resource server's DPoP-Nonce (it may begin with "-": base64url)
+    #[arg(long, value_name = "N", requires = "dpop", allow_hyphen_values = true)]
     pub nonce: Option<String>,
 }
 
@@ -267,5 +267,25 @@ mod tests {
             cli.command,
             Command::Credential(CredentialCommand::Docker(DockerArgs { ref action, .. })) if action == "list"
         ));
+    }
+
+    #[test]
+    fn a_dpop_nonce_may_begin_with_a_hyphen() {
+        // base64url nonces begin with "-" one time in 64.
+        let cli = Cli::try_parse_from([
+            "tokend",
+            "get",
+            "fhir",
+            "--dpop",
+            "GET",
+            "https://fhir.example/r4/Patient",
+            "--nonce",
+            "-PqZ3",
+        ])
+        .unwrap();
+        let Command::Get(get) = cli.command else {
+            panic!("not get: {:?}", cli.command);
+        };
+        assert_eq!(get.nonce.as_deref(), Some("-PqZ3"));
     }
 }
