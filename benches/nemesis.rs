@@ -272,15 +272,19 @@ fn main() {
         Arc::new((0..MEMBERS).map(|_| AtomicBool::new(false)).collect());
     let reads: Arc<Mutex<Vec<Reads>>> = Arc::new(Mutex::new(vec![Reads::default(); MEMBERS]));
     let stop = Arc::new(AtomicBool::new(false));
+    // Each stretch of reads without a valid token: member, first such read, next valid.
+    let gaps: Arc<Mutex<Vec<(usize, Instant, Instant)>>> = Arc::default();
     let sampler = std::thread::spawn({
-        let (running, cut_off, reads, stop) = (
+        let (running, cut_off, reads, stop, gaps) = (
             running.clone(),
             cut_off.clone(),
             reads.clone(),
             stop.clone(),
+            gaps.clone(),
         );
         let expires = idp.expiry_reader();
         move || {
+            let mut invalid_since: Vec<Option<Instant>> = vec![None; files.len()];
             while !stop.load(Ordering::SeqCst) {
                 for (i, f) in files.iter().enumerate() {
                     let valid = std::fs::read_to_string(f)
@@ -297,8 +301,21 @@ fn main() {
                     r[i].running_valid += u64::from(up && valid);
                     r[i].connected += u64::from(connected);
                     r[i].connected_valid += u64::from(connected && valid);
+                    match (valid, invalid_since[i]) {
+                        (false, None) => invalid_since[i] = Some(Instant::now()),
+                        (true, Some(from)) => {
+                            gaps.lock().unwrap().push((i, from, Instant::now()));
+                            invalid_since[i] = None;
+                        }
+                        _ => {}
+                    }
                 }
                 hold(Duration::from_millis(100));
+            }
+            for (i, from) in invalid_since.iter().enumerate() {
+                if let Some(from) = from {
+                    gaps.lock().unwrap().push((i, *from, Instant::now()));
+                }
             }
         }
     });
@@ -440,6 +457,18 @@ fn main() {
             r.running,
             pct(r.connected_valid, r.connected),
             r.connected
+        );
+    }
+    // When each member read no valid token, on the faults' clock (seconds into the run).
+    let gaps = gaps.lock().unwrap();
+    println!("stretches without a valid token: {}", gaps.len());
+    for (i, from, to) in gaps.iter() {
+        println!(
+            "  {}: {:7.1}s to {:7.1}s ({:.1} s)",
+            members[*i].name,
+            at(*from),
+            at(*to),
+            to.duration_since(*from).as_secs_f64()
         );
     }
     // The members' logs, for a look at what happened.
