@@ -153,6 +153,15 @@ fn curl(url: &str, headers: &str) -> (u16, Value) {
     )
 }
 
+/// The proof of `tokend get --dpop`'s output: its second line, `DPoP: <proof>`.
+fn proof_line(stdout: &str) -> &str {
+    stdout
+        .lines()
+        .nth(1)
+        .and_then(|l| l.strip_prefix("DPoP: "))
+        .unwrap_or_else(|| panic!("no DPoP line in {stdout:?}"))
+}
+
 fn jwt_part(jwt: &str, i: usize) -> Value {
     let part = jwt.split('.').nth(i).unwrap();
     serde_json::from_slice(
@@ -453,13 +462,7 @@ fn a_replaced_dpop_key_makes_the_restart_ask_for_a_token_bound_to_the_new_key() 
     );
     let got = d.get_dpop("GET", &format!("{}/fhir/metadata", rs.base()), None);
     assert_eq!(got.code(), Some(0), "{}", got.stderr);
-    let proof = got
-        .stdout
-        .lines()
-        .nth(1)
-        .unwrap()
-        .strip_prefix("DPoP: ")
-        .unwrap();
+    let proof = proof_line(&got.stdout);
     let key = jkt(&jwt_part(proof, 0)["jwk"]);
     assert_eq!(
         jwt_part(&new, 1)["cnf"]["jkt"],
@@ -556,13 +559,7 @@ fn private_key_jwt_with_a_configured_ps256_dpop_key_gets_a_bound_token() {
     let d = Running::start(sb, &path);
     let token = d.token();
     let got = d.get_dpop("POST", &format!("{}/fhir/Bundle", rs.base()), None);
-    let proof = got
-        .stdout
-        .lines()
-        .nth(1)
-        .unwrap()
-        .strip_prefix("DPoP: ")
-        .unwrap();
+    let proof = proof_line(&got.stdout);
     let header = jwt_part(proof, 0);
     assert_eq!(header["alg"], "PS256");
     assert_eq!(jwt_part(&token, 1)["cnf"]["jkt"], jkt(&header["jwk"]));
