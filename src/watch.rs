@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use notify::{RecursiveMode, Watcher as _};
-use tokio::sync::mpsc;
 
 pub struct Watcher {
     inner: notify::RecommendedWatcher,
@@ -21,8 +20,9 @@ pub struct Watcher {
 }
 
 impl Watcher {
-    /// A watcher that sends `()` on `tx` after any change (coalesced: capacity-1 channel).
-    pub fn new(tx: mpsc::Sender<()>) -> notify::Result<Self> {
+    /// A watcher that calls `on_change` after any change of a watched file (from the
+    /// watcher's thread: it must not block).
+    pub fn new(on_change: impl Fn() + Send + 'static) -> notify::Result<Self> {
         let files: Arc<Mutex<BTreeSet<PathBuf>>> = Arc::default();
         let inner = notify::recommended_watcher({
             let files = files.clone();
@@ -41,7 +41,7 @@ impl Watcher {
                     Err(_) => true,
                 };
                 if relevant {
-                    let _ = tx.try_send(());
+                    on_change();
                 }
             }
         })?;

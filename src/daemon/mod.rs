@@ -1,25 +1,27 @@
 //! The daemon (`tokend run` without its socket server): the supervisor of the running
-//! accounts (`supervisor`), reloads, signals and systemd. Everyone else reads account
-//! state through `watch` receivers.
+//! accounts (`supervisor`), what it is wired to (`wiring`: the [`Control`] stream that
+//! signals and file events feed, the clock, how accounts reach providers), reloads and
+//! systemd. Everyone else reads account state through `watch` receivers; the socket
+//! server is bound and served by the caller (`service`, or a test).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::account::{Accounts, TokenState};
 use crate::config::{Account, Config};
-use crate::oauth::HttpEndpoint;
 use crate::systemd::{self, Notifier};
 use crate::watch::Watcher;
 
 mod supervisor;
+mod wiring;
 use supervisor::Supervisor;
+pub use wiring::{system, Connect, Control, Http, Wiring};
 
 /// What the daemon says about itself (`GET /v1/daemon`, `tokend status`): the config
 /// it runs, which generation of it, since when, and how the last reload went. Published
@@ -60,41 +62,62 @@ pub(super) const SHUTDOWN_GRACE: Duration = Duration::from_millis(800);
 /// is not part of it: it reads what the daemon publishes ([`Daemon::views`],
 /// [`Daemon::info`], [`Daemon::metrics`]), and so can a test, in-process.
 ///
+/// What drives it besides its accounts is its [`Wiring`]: a stream of [`Control`]s
+/// (signals and file events, or a test's), the clock, and how it reaches providers
+/// ([`Connect`]); so a test runs it in process, on a paused clock, against scripted
+/// endpoints, and tells it to reload as SIGHUP does.
+///
 /// Three steps, so whoever wires it can act between them: [`Daemon::new`] (signal
 /// streams and file watches exist before anything starts, so an early signal or edit
 /// is not lost), [`Daemon::start`] (the cluster joined, every account started), and
-/// [`Daemon::run`] (until SIGTERM, SIGINT or `shutdown`), then [`Daemon::shutdown`].
-pub struct Daemon {
+/// [`Daemon::run`] (until [`Control::Stop`] or `shutdown`), then [`Daemon::shutdown`].
+pub struct Daemon<C: Connect = Http> {
     /// The config without its accounts (their tasks own them once started).
     config: Config,
-    sigterm: Signal,
-    sigint: Signal,
-    sighup: Signal,
+    controls: mpsc::Receiver<Control>,
     notifier: Notifier,
     watcher: Option<Watcher>,
-    watch_rx: mpsc::Receiver<()>,
     /// The digest of the config file as last read.
     config_text: Option<[u8; 32]>,
-    sup: Supervisor,
+    sup: Supervisor<C>,
     info: watch::Sender<Arc<DaemonState>>,
 }
 
-impl Daemon {
-    /// Listens for signals and watches the config and secret files; starts nothing.
-    pub fn new(config: Config) -> anyhow::Result<Daemon> {
-        let sigterm = signal(SignalKind::terminate()).context("failed to listen for SIGTERM")?;
-        let sigint = signal(SignalKind::interrupt()).context("failed to listen for SIGINT")?;
-        let sighup = signal(SignalKind::hangup()).context("failed to listen for SIGHUP")?;
+impl Daemon<Http> {
+    /// The daemon as `tokend run` wires it ([`wiring::system`]): signals, file watches,
+    /// the system clock, HTTP. Starts nothing.
+    pub fn new(config: Config) -> anyhow::Result<Daemon<Http>> {
+        Ok(Daemon::wired(config, system()?))
+    }
+}
+
+impl<C: Connect> Daemon<C> {
+    /// The daemon on `wiring`; watches the config and secret files if the wiring says
+    /// so. Starts nothing.
+    pub fn wired(config: Config, wiring: Wiring<C>) -> Daemon<C> {
+        let Wiring {
+            controls,
+            sender,
+            clock,
+            connect,
+            watch_files,
+        } = wiring;
         // The config file and the secret files are watched from before any account
         // starts or the socket answers: an edit made once tokend answers is never
         // missed. A failed watch leaves SIGHUP.
         let path = config.path.clone();
-        let (watch_tx, watch_rx) = mpsc::channel(1);
-        let mut watcher = Watcher::new(watch_tx)
-            .map_err(|e| {
-                tracing::warn!("failed to watch files for changes ({e}); reload with SIGHUP")
-            })
-            .ok();
+        let watcher = watch_files.then(|| {
+            let on_change = move || {
+                // A full stream already holds a look at the files.
+                let _ = sender.try_send(Control::FilesChanged);
+            };
+            Watcher::new(on_change)
+                .map_err(|e| {
+                    tracing::warn!("failed to watch files for changes ({e}); reload with SIGHUP")
+                })
+                .ok()
+        });
+        let mut watcher = watcher.flatten();
         if let Some(w) = &mut watcher {
             let secrets = config
                 .accounts
@@ -104,25 +127,22 @@ impl Daemon {
             w.watch_files(files.iter().map(PathBuf::as_path));
         }
         let config_text = read_digest(&path);
-        let sup = Supervisor::new(&config);
+        let sup = Supervisor::new(&config, clock, connect);
         let info = watch::Sender::new(Arc::new(DaemonState {
             config: path,
             generation: 1,
             loaded_at: sup.shared.clock.now(),
             last_reload: None,
         }));
-        Ok(Daemon {
+        Daemon {
             config,
-            sigterm,
-            sigint,
-            sighup,
+            controls,
             notifier: Notifier::from_env(),
             watcher,
-            watch_rx,
             config_text,
             sup,
             info,
-        })
+        }
     }
 
     /// The config it was made with (its accounts gone once started).
@@ -176,7 +196,9 @@ impl Daemon {
         .await
         .context("failed to look for stale temporary files")?;
         for a in accounts {
-            let endpoint = HttpEndpoint::new(a.clone(), sup.shared.clock, &sup.transports)
+            let endpoint = sup
+                .connect
+                .connect(a.clone(), sup.shared.clock)
                 .with_context(|| format!("account {}", a.name))?;
             sup.start(a, endpoint, TokenState::default(), false);
         }
@@ -184,8 +206,8 @@ impl Daemon {
         Ok(())
     }
 
-    /// Runs until SIGTERM or SIGINT (or `shutdown` is cancelled): reloads on SIGHUP and
-    /// on changes of the watched files, tells systemd READY=1 once every account had
+    /// Runs until [`Control::Stop`] (SIGTERM, SIGINT) or `shutdown`: reloads on
+    /// [`Control::Reload`] (SIGHUP) and on changes of the watched files, tells systemd READY=1 once every account had
     /// its first try (or at `startup_timeout`), then STATUS= and the watchdog.
     pub async fn run(&mut self, shutdown: CancellationToken) {
         let watchdog = systemd::watchdog_interval();
@@ -209,13 +231,11 @@ impl Daemon {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = self.sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break }
-                _ = self.sigint.recv() => { tracing::info!("SIGINT: stopping"); break }
-                _ = self.sighup.recv() => {
-                    tracing::info!("SIGHUP: reloading {}", self.config.path.display());
-                    self.reload();
+                Some(control) = self.controls.recv() => {
+                    if self.apply(control).await == Control::Stop {
+                        break;
+                    }
                 }
-                Some(()) = self.watch_rx.recv() => self.files_changed().await,
                 _ = self.sup.shared.changed.notified() => {
                     // The summary looks at every account: with thousands of accounts
                     // publishing at start, it is made at most every SUMMARY_EVERY.
@@ -234,6 +254,20 @@ impl Daemon {
         self.sup.shutdown().await;
     }
 
+    /// Acts on `control`; returns [`Control::Stop`] when the daemon is to stop (asked
+    /// for now, or while file events were being coalesced).
+    async fn apply(&mut self, control: Control) -> Control {
+        match control {
+            Control::Stop => Control::Stop,
+            Control::Reload => {
+                tracing::info!("reloading {}", self.config.path.display());
+                self.reload();
+                Control::Reload
+            }
+            Control::FilesChanged => self.files_changed().await,
+        }
+    }
+
     /// Reads the config file again and applies it, and watches the files it names.
     fn reload(&mut self) {
         let path = self.config.path.clone();
@@ -244,22 +278,34 @@ impl Daemon {
     }
 
     /// A watched file changed: a reload if the config's text did, and a look at the
-    /// secret files either way.
-    async fn files_changed(&mut self) {
-        // Let a burst of events (write, rename, chmod, symlink swap) settle.
+    /// secret files either way. Returns [`Control::Stop`] if one came meanwhile.
+    async fn files_changed(&mut self) -> Control {
+        // Let a burst of events (write, rename, chmod, symlink swap) settle; what else
+        // came meanwhile is kept: a reload asked for is done by this one, a stop ends it.
         tokio::time::sleep(WATCH_SETTLE).await;
-        while self.watch_rx.try_recv().is_ok() {}
+        let mut then = Control::FilesChanged;
+        while let Ok(c) = self.controls.try_recv() {
+            match c {
+                Control::Stop => return Control::Stop,
+                Control::Reload => then = Control::Reload,
+                Control::FilesChanged => {}
+            }
+        }
         // Watched afresh before the file is read: an edit from here on is an event, one
         // made before is in what is read. (Watched afresh after a reload, an edit made
         // while the reload ran, and seen by the old watch only, was lost.)
         if let Some(w) = &mut self.watcher {
             w.rewatch();
         }
-        if read_digest(&self.config.path) != self.config_text {
+        if then == Control::Reload {
+            tracing::info!("reloading {}", self.config.path.display());
+            self.reload();
+        } else if read_digest(&self.config.path) != self.config_text {
             tracing::info!("{} changed: reloading", self.config.path.display());
             self.reload();
         }
         self.sup.check_secrets();
+        then
     }
 }
 

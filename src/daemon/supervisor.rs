@@ -15,9 +15,9 @@ use crate::account::identity::{CredentialsDigest, RequestIdentity};
 use crate::account::{self, persist, AccountHandle, Accounts, Predecessor, Shared, TokenState};
 use crate::clock::Clock;
 use crate::config::{Account, Config, Output};
-use crate::oauth::{HttpEndpoint, Transports};
 use crate::systemd::Notifier;
 
+use super::wiring::Connect;
 use super::{read_digest, trim_heap, DaemonState, ReloadOutcome, SHUTDOWN_GRACE};
 
 /// A running account, as the supervisor keeps it.
@@ -35,7 +35,7 @@ impl std::ops::Deref for Running {
     }
 }
 
-pub(super) struct Supervisor {
+pub(super) struct Supervisor<C> {
     accounts: BTreeMap<String, Running>,
     pub(super) shared: Shared,
     pub(super) cancel: CancellationToken,
@@ -49,20 +49,21 @@ pub(super) struct Supervisor {
     pub(super) on_cluster_loss: crate::config::OnClusterLoss,
     /// The `[cluster]` joined at start (changes take effect at a restart).
     pub(super) cluster: Option<crate::config::ClusterConfig>,
-    /// HTTP clients, shared by accounts that connect the same way.
-    pub(super) transports: Arc<Transports>,
+    /// How accounts reach their providers (HTTP clients, shared by accounts that
+    /// connect the same way).
+    pub(super) connect: C,
 }
 
 /// How long SIGTERM waits for refresh_token requests on the wire (SPEC §6).
 const ROTATION_GRACE: Duration = Duration::from_secs(10);
 
-impl Supervisor {
-    pub(super) fn new(config: &Config) -> Self {
+impl<C: Connect> Supervisor<C> {
+    pub(super) fn new(config: &Config, clock: Clock, connect: C) -> Self {
         Supervisor {
             accounts: BTreeMap::new(),
             shared: Shared::new(
                 config.daemon.max_concurrent_refreshes,
-                Clock::System,
+                clock,
                 config.daemon.state_dir.clone(),
             ),
             cancel: CancellationToken::new(),
@@ -72,7 +73,7 @@ impl Supervisor {
             member: None,
             on_cluster_loss: crate::config::OnClusterLoss::Refresh,
             cluster: config.cluster.clone(),
-            transports: Arc::new(Transports::default()),
+            connect,
         }
     }
 
@@ -198,7 +199,7 @@ impl Supervisor {
     pub(super) fn start(
         &mut self,
         account: Arc<Account>,
-        endpoint: HttpEndpoint,
+        endpoint: C::Endpoint,
         initial: TokenState,
         clean_stale: bool,
     ) {
@@ -253,7 +254,7 @@ impl Supervisor {
         let mut problems = Vec::new();
         for a in wanted {
             let a = Arc::new(a);
-            match HttpEndpoint::new(a.clone(), self.shared.clock, &self.transports) {
+            match self.connect.connect(a.clone(), self.shared.clock) {
                 Ok(e) => ready.push((a.name.clone(), a, e)),
                 Err(e) => problems.push(format!("account {} cannot start: {e}", a.name)),
             }
@@ -303,10 +304,10 @@ impl Supervisor {
             }
             self.start(new, endpoint, initial, true);
         }
-        self.transports.prune();
-        // Accounts that discover their token endpoint do so again before their next
-        // request (SPEC §1: discovery at start and reload).
-        self.transports.rediscover();
+        // Clients no account uses are dropped; accounts that discover their token
+        // endpoint do so again before their next request (SPEC §1: discovery at start
+        // and reload).
+        self.connect.reloaded();
         Ok(())
     }
 

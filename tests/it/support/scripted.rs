@@ -233,3 +233,52 @@ impl Running {
             .expect("the account task stops when cancelled");
     }
 }
+
+/// A [`Connect`](tokend::daemon::Connect) for an in-process daemon: each account gets
+/// the [`Scripted`] endpoint kept under its name (one made with `default` on first
+/// use), the same one again when the account restarts, so its calls add up.
+#[derive(Clone)]
+pub struct ScriptedConnect {
+    endpoints: Arc<Mutex<std::collections::HashMap<String, Scripted>>>,
+    default: Step,
+}
+
+impl ScriptedConnect {
+    pub fn new(default: Step) -> ScriptedConnect {
+        ScriptedConnect {
+            endpoints: Arc::default(),
+            default,
+        }
+    }
+
+    /// Account `name`'s endpoint (made now if it has none yet), with `queue` to answer
+    /// first.
+    pub fn script(&self, name: &str, clock: Clock, queue: impl IntoIterator<Item = Step>) {
+        let e = Scripted::new(clock, self.default.clone(), queue);
+        self.endpoints
+            .lock()
+            .expect("not poisoned")
+            .insert(name.to_owned(), e);
+    }
+
+    /// Account `name`'s endpoint; panics if it never connected.
+    pub fn endpoint(&self, name: &str) -> Scripted {
+        self.endpoints.lock().expect("not poisoned")[name].clone()
+    }
+}
+
+impl tokend::daemon::Connect for ScriptedConnect {
+    type Endpoint = Scripted;
+
+    fn connect(
+        &self,
+        account: Arc<tokend::config::Account>,
+        clock: Clock,
+    ) -> Result<Scripted, Error> {
+        let mut endpoints = self.endpoints.lock().expect("not poisoned");
+        Ok(endpoints
+            .entry(account.name.clone())
+            .or_insert_with(|| Scripted::new(clock, self.default.clone(), []))
+            .clone())
+    }
+}
