@@ -10,7 +10,8 @@
 //! check every answer's status and read exactly its length. Each scenario runs N times
 //! (`--runs`, default 3) for `--seconds` (default 5) after a warm-up; the run with the
 //! median rate is shown. Without `--bench` (as `cargo test --all-targets` runs it) it
-//! only checks every scenario, briefly.
+//! only checks every scenario, briefly. `--bin PATH` measures another build of tokend
+//! (one with symbols, under a profiler).
 
 mod common;
 
@@ -55,7 +56,8 @@ fn main() {
     let args = Args::from_env();
     let seconds = args.number("--seconds", 5.0);
     let runs = args.number("--runs", 3.0) as usize;
-    let daemon = common::start_daemon(&Launcher::direct(BIN), "DPoP", |dir, socket, addr| {
+    let bin = args.value("--bin").unwrap_or(BIN).to_owned();
+    let daemon = common::start_daemon(&Launcher::direct(&bin), "DPoP", |dir, socket, addr| {
         std::fs::create_dir(dir.join("state")).unwrap();
         format!(
             "[daemon]\nsocket = \"{}\"\nstate_dir = \"state\"\nlog_format = \"text\"\nlog_level = \"warn\"\n\n\
@@ -80,7 +82,7 @@ fn main() {
         return;
     }
     println!(
-        "tokend DPoP benchmark: {BIN}, a {TOKEN_LEN}-character token, ES256, keep-alive, {runs} runs of {seconds} s per scenario (the median run shown), {} CPUs, load average {}",
+        "tokend DPoP benchmark: {bin}, a {TOKEN_LEN}-character token, ES256, keep-alive, {runs} runs of {seconds} s per scenario (the median run shown), {} CPUs, load average {}",
         common::cpus(),
         common::load_average()
     );

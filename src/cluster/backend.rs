@@ -49,6 +49,10 @@ pub trait MemberView: Send + Sync + 'static {
     fn unreachable_for(&self) -> Option<Duration>;
     /// The store's time now (Unix milliseconds), as its answers told this member.
     fn backend_now_ms(&self) -> Option<i64>;
+    /// The latest the store's time can be now (Unix milliseconds), by what its answers
+    /// allow: what a record read (not seen arrive) is timed by, so that its token is
+    /// never taken for younger than it is, also before the clock is known well.
+    fn backend_latest_ms(&self) -> Option<i64>;
     /// Waits (a few seconds at most, at the start) until the store's clock is known well.
     fn calibration(&self) -> impl Future<Output = ()> + Send;
     fn note_provider_offset(&self, provider_minus_backend: i64);

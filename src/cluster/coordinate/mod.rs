@@ -247,7 +247,7 @@ impl<S: AccountSeat> Seated<S> {
                     .seat
                     .arrived(pos.revision)
                     .filter(|_| r.in_flight.is_none());
-                let age = match (live, r.written_at_ms, member.backend_now_ms()) {
+                let age = match (live, r.written_at_ms, member.backend_latest_ms()) {
                     (Some(at), _, _) => at.elapsed().as_millis() as i64,
                     (None, Some(w), Some(b)) => b - w,
                     _ => 0,
@@ -335,8 +335,12 @@ impl<S: AccountSeat> Coordinator for Seated<S> {
             let Stored::Sealed(r, pos) = self.read().await? else {
                 return None;
             };
-            if self.seat.arrived(pos.revision).is_none() || r.in_flight.is_some() {
-                // Not seen as it was written: timed by etcd's clock, once it is known.
+            let seen = self.seat.arrived(pos.revision).is_some() && r.in_flight.is_none();
+            if !seen && self.seat.member().backend_latest_ms().is_none() {
+                // Not seen as it was written: timed by the store's clock, of which no
+                // answer told anything yet. (After one answer it is timed at once, as
+                // old as it can be: a member that just started serves the cluster's
+                // token within milliseconds, not once the clock is known to 150 ms.)
                 self.seat.member().calibration().await;
             }
             let before = self.inner().taken.as_ref().and_then(|t| t.token);

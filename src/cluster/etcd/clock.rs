@@ -75,10 +75,57 @@ impl BackendClock {
     pub fn now_ms(&self, clock: Clock) -> Option<i64> {
         Some(crate::clock::unix_ms(clock.now()) + self.offset_ms()?)
     }
+
+    /// The latest the backend's time can be now (Unix milliseconds): by the highest
+    /// offset its answers allow. A record timed by it is never taken for younger than
+    /// it is, however few answers came yet.
+    pub fn latest_ms(&self, clock: Clock) -> Option<i64> {
+        let b = self.bounds.lock().expect("never poisoned");
+        if b.is_empty() {
+            return None;
+        }
+        let (_, h) = intersect(b.iter());
+        Some(crate::clock::unix_ms(clock.now()) + h)
+    }
 }
 
 fn intersect<'a>(b: impl Iterator<Item = &'a (i64, i64)>) -> (i64, i64) {
     b.fold((i64::MIN, i64::MAX), |(l, h), (bl, bh)| {
         (l.max(*bl), h.min(*bh))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn one_answer_bounds_the_backends_time_and_the_latest_is_never_behind_it() {
+        let c = BackendClock::default();
+        let clock = Clock::System;
+        assert_eq!(c.latest_ms(clock), None, "no answer: nothing known");
+        // The backend is 2,300 ms ahead; its Date (whole seconds) came on an answer
+        // that took 4 ms.
+        let sent = SystemTime::now();
+        let received = sent + Duration::from_millis(4);
+        let backend_at_reply = crate::clock::unix_ms(sent) + 2 + 2_300;
+        let date = SystemTime::UNIX_EPOCH
+            + Duration::from_millis((backend_at_reply - backend_at_reply % 1000) as u64);
+        c.observe(date, sent, received);
+        let mine = crate::clock::unix_ms(clock.now());
+        let (latest, middle) = (c.latest_ms(clock).unwrap(), c.now_ms(clock).unwrap());
+        let truth = mine + 2_300;
+        assert!(
+            latest >= truth,
+            "latest {latest} is behind the truth {truth}"
+        );
+        assert!(
+            latest - truth <= 1_000,
+            "within a Date's second: {}",
+            latest - truth
+        );
+        assert!(middle <= latest);
+        assert!(c.uncertainty_ms().unwrap() <= 1_004);
+    }
 }

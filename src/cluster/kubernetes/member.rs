@@ -338,6 +338,9 @@ impl MemberView for KubeMember {
     fn backend_now_ms(&self) -> Option<i64> {
         self.kube.backend_clock().now_ms(self.clock)
     }
+    fn backend_latest_ms(&self) -> Option<i64> {
+        self.kube.backend_clock().latest_ms(self.clock)
+    }
     async fn calibration(&self) {
         let mut rx = self.calibration.subscribe();
         let _ = rx.wait_for(|done| *done).await;

@@ -279,6 +279,9 @@ impl super::backend::MemberView for Member {
     fn backend_now_ms(&self) -> Option<i64> {
         Member::backend_now_ms(self)
     }
+    fn backend_latest_ms(&self) -> Option<i64> {
+        self.etcd.backend_clock().latest_ms(self.clock)
+    }
     fn calibration(&self) -> impl std::future::Future<Output = ()> + Send {
         Member::calibration(self)
     }
