@@ -260,8 +260,11 @@ impl<C: Connect> Daemon<C> {
         match control {
             Control::Stop => Control::Stop,
             Control::Reload => {
+                // SIGHUP is also how an operator without a working file watch says a
+                // secret file changed: its accounts are looked at too.
                 tracing::info!("reloading {}", self.config.path.display());
                 self.reload();
+                self.sup.check_secrets();
                 Control::Reload
             }
             Control::FilesChanged => self.files_changed().await,
