@@ -347,11 +347,16 @@ impl<E: Endpoint> Engine<E> {
     }
 
     /// Takes over what another member shared (a newer token, the chain's refresh token,
-    /// a hold or rate limit), and saves it. Returns the token if it is new here; the
-    /// caller delivers it.
-    pub async fn adopt(&mut self, shared: &super::persist::Portable) -> Option<Arc<Token>> {
+    /// a hold or rate limit), and saves it. `newer`: the cluster ordered its token after
+    /// the one held here (whatever their `issued_at` say). Returns the token if it is new
+    /// here; the caller delivers it.
+    pub async fn adopt(
+        &mut self,
+        shared: &super::persist::Portable,
+        newer: bool,
+    ) -> Option<Arc<Token>> {
         let before = self.saved.generation();
-        let token = self.saved.adopt(&self.account, shared);
+        let token = self.saved.adopt(&self.account, shared, newer);
         if token.is_some() {
             // The key goes with the token it is bound to: taken only with a token taken
             // (one of this member's own, newer, stays with this member's key).

@@ -195,11 +195,6 @@ pub(super) fn time(s: u64) -> SystemTime {
 }
 
 impl SavedToken {
-    /// When it was issued, in Unix seconds.
-    pub fn issued_at_secs(&self) -> u64 {
-        self.issued_at
-    }
-
     pub fn from_token(t: &Token) -> Self {
         SavedToken {
             access_token: t.access_token.expose().to_owned(),
@@ -492,15 +487,22 @@ impl Saved {
         }
     }
 
-    /// Takes over what another member shared: its token if it is newer than this one's,
+    /// Takes over what another member shared: its token if it is newer than this one's
+    /// (`ordered_newer`: the cluster says so, by its records' order; else by `issued_at`),
     /// its refresh token, and its wait and refusals (a hold is the cluster's, not one
     /// member's). Returns the token if it is new here.
-    pub fn adopt(&mut self, account: &Account, p: &Portable) -> Option<Arc<Token>> {
+    pub fn adopt(
+        &mut self,
+        account: &Account,
+        p: &Portable,
+        ordered_newer: bool,
+    ) -> Option<Arc<Token>> {
         let mine = self.token(account);
         // In whole seconds, as shared.
         let newer = p.token.as_ref().filter(|t| {
             mine.as_ref().is_none_or(|m| {
-                t.issued_at >= secs(m.issued_at) && t.access_token != m.access_token.expose()
+                (ordered_newer || t.issued_at >= secs(m.issued_at))
+                    && t.access_token != m.access_token.expose()
             })
         });
         let mut taken = None;
@@ -582,6 +584,34 @@ mod tests {
         assert!(
             !json.contains("seed-1"),
             "the seed is kept as a digest only"
+        );
+    }
+
+    #[test]
+    fn a_token_the_cluster_orders_newer_is_taken_whatever_its_issued_at_says() {
+        let a = account("x");
+        let now = SystemTime::now();
+        let mut s = Saved::new(&a);
+        s.record(&a, &Arc::new(token(now, 60)));
+        // This member's clock was set back two minutes since it took its token: the
+        // cluster's next token looks issued before it.
+        let mut theirs = token(now - Duration::from_secs(120), 60);
+        theirs.access_token = Secret::new("the cluster's next token");
+        let mut shared = s.portable();
+        shared.token = Some(SavedToken::from_token(&theirs));
+        assert!(
+            s.clone().adopt(&a, &shared, false).is_none(),
+            "by issued_at: older"
+        );
+        let taken = s.adopt(&a, &shared, true).expect("ordered newer: taken");
+        assert_eq!(taken.access_token.expose(), "the cluster's next token");
+        assert!(
+            taken.issued_at <= taken.expires_at,
+            "its times as the record timed them"
+        );
+        assert_eq!(
+            s.token(&a).unwrap().access_token.expose(),
+            "the cluster's next token"
         );
     }
 

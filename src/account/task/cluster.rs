@@ -390,21 +390,13 @@ impl<'a, E: Endpoint> Task<'a, E> {
         let Some(shared) = shared else {
             return;
         };
-        let mut state = shared.state.clone();
-        if shared.newer {
-            // The cluster orders tokens by its records' generations, not by this member's
-            // wall clock: one set back since it took its token must not make the newer
-            // token look older to the engine.
-            let held = engine.portable();
-            if let (Some(theirs), Some(held)) = (&state.token, &held.token) {
-                if theirs.issued_at_secs() < held.issued_at_secs() {
-                    let mut t = theirs.to_token();
-                    t.issued_at = held.to_token().issued_at;
-                    state.token = Some(crate::account::persist::SavedToken::from_token(&t));
-                }
-            }
-        }
-        let taken = engine.adopt(&state).await;
+        // The cluster orders tokens by its records' generations, not by this member's
+        // wall clock: a clock set back since this member took its token must not make
+        // the newer token look older to the engine. (Its times are left as the record
+        // timed them: an `issued_at` carried over from before the clock was set made
+        // tokens that were issued after they expired, which a restart then scheduled
+        // minutes late.)
+        let taken = engine.adopt(&shared.state, shared.newer).await;
         if let Some(key) = engine.dpop_key() {
             // The key another member shared goes with its token (SPEC §9).
             if !self

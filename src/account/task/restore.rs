@@ -58,10 +58,14 @@ impl<'a, E: Endpoint> Task<'a, E> {
         };
         if let Some(token) = engine.saved_token(Duration::ZERO) {
             let jitter = rand::Rng::gen(&mut rand::thread_rng());
-            let due = token.issued_at
+            // Scheduled from no later than now: a token "issued" in the future (the wall
+            // clock was set back since it was saved) is due by the lifetime it has left,
+            // never after it expired.
+            let issued = token.issued_at.min(now);
+            let due = issued
                 + schedule::refresh_delay(
                     &self.account().options.schedule,
-                    token.lifetime(),
+                    token.expires_at.duration_since(issued).unwrap_or_default(),
                     jitter,
                 );
             let wait = due.duration_since(now).unwrap_or_default();
