@@ -35,6 +35,8 @@ retry-after: 1\r\nconnection: close\r\ncontent-length: 69\r\n\r\n\
 /// rather than spinning on an error that repeats.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
+/// Serves `listener` until `cancel`, its connections seated in `seats` (the listener's,
+/// shared by every thread that serves it).
 pub(super) async fn run<L: Listen>(
     listener: L,
     accounts: watch::Receiver<Accounts>,
@@ -42,10 +44,10 @@ pub(super) async fn run<L: Listen>(
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
     limits: Limits,
+    seats: seats::Seats,
 ) {
     let http = http_builder(&limits);
     let daemon_uid = nix::unistd::geteuid().as_raw();
-    let seats = seats::Seats::new(limits.max_connections);
     let ctx = Arc::new(Ctx {
         accounts,
         daemon,

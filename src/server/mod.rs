@@ -103,7 +103,8 @@ pub async fn serve_with(
     limits: Limits,
 ) -> io::Result<()> {
     let listener = UnixListener::from_std(listener)?;
-    run(listener, accounts, None, metrics, cancel, limits).await;
+    let seats = seats::Seats::new(limits.max_connections);
+    run(listener, accounts, None, metrics, cancel, limits, seats).await;
     Ok(())
 }
 
@@ -116,8 +117,32 @@ pub async fn serve_daemon(
     cancel: CancellationToken,
     limits: Limits,
 ) -> io::Result<()> {
+    let seats = seats::Seats::new(limits.max_connections);
+    serve_seated(listener, accounts, daemon, metrics, cancel, limits, seats).await
+}
+
+/// [`serve_daemon`] with the listener's seats given: one of the threads that serve the
+/// same listener.
+async fn serve_seated(
+    listener: std::os::unix::net::UnixListener,
+    accounts: watch::Receiver<Accounts>,
+    daemon: watch::Receiver<Arc<crate::daemon::DaemonState>>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+    limits: Limits,
+    seats: seats::Seats,
+) -> io::Result<()> {
     let listener = UnixListener::from_std(listener)?;
-    run(listener, accounts, Some(daemon), metrics, cancel, limits).await;
+    run(
+        listener,
+        accounts,
+        Some(daemon),
+        metrics,
+        cancel,
+        limits,
+        seats,
+    )
+    .await;
     Ok(())
 }
 
@@ -132,7 +157,8 @@ pub async fn serve_metrics(
     limits: Limits,
 ) -> io::Result<()> {
     let listener = TcpListener::from_std(listener)?;
-    run(listener, accounts, None, metrics, cancel, limits).await;
+    let seats = seats::Seats::new(limits.max_connections);
+    run(listener, accounts, None, metrics, cancel, limits, seats).await;
     Ok(())
 }
 
@@ -155,12 +181,12 @@ pub fn bind(daemon: &DaemonConfig) -> anyhow::Result<Listeners> {
 }
 
 impl Listeners {
-    /// Starts serving, on a thread of its own with a single-threaded runtime; the
-    /// accounts come from the supervisor's map, the counters from `metrics` (the
-    /// daemon's, shared with its accounts).
+    /// Starts serving, on threads of their own (one per CPU, up to [`SOCKET_THREADS`]),
+    /// each with a single-threaded runtime; the accounts come from the supervisor's map,
+    /// the counters from `metrics` (the daemon's, shared with its accounts).
     ///
-    /// Why a thread of its own: an answer takes microseconds of CPU, so what a request
-    /// costs is mostly wake-ups, and one thread that owns its listeners and connections
+    /// Why threads of their own: an answer takes microseconds of CPU, so what a request
+    /// costs is mostly wake-ups, and a thread that owns its listeners and connections
     /// has the fewest (no hand-offs between worker threads; BENCHMARKS.md). Refreshes
     /// never wait behind the socket, nor the socket behind them.
     ///
@@ -185,7 +211,6 @@ impl Listeners {
             );
         }
         let cancel = CancellationToken::new();
-        let (done_tx, done) = tokio::sync::oneshot::channel();
         let Listeners { unix, tcp } = self;
         let (unix, socket) = match unix {
             Some((l, file)) => {
@@ -197,42 +222,97 @@ impl Listeners {
         if let Some(addr) = tcp.as_ref().and_then(|l| l.local_addr().ok()) {
             tracing::info!("serving /metrics and /v1/health on http://{addr}");
         }
+        // The Unix socket's other threads accept on copies of its descriptor; every
+        // thread seats its connections in the listener's one set of seats.
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, SOCKET_THREADS);
+        let copies: Vec<_> = match &unix {
+            Some(l) => (1..threads).filter_map(|_| l.try_clone().ok()).collect(),
+            None => Vec::new(),
+        };
+        let seats = seats::Seats::new(limits.max_connections);
+        let serving = Serving {
+            accounts,
+            metrics,
+            daemon,
+            limits,
+            seats,
+            stop: cancel.clone(),
+        };
+        let mut done = vec![serving.clone().on_thread(unix, tcp)?];
+        for copy in copies {
+            done.push(serving.clone().on_thread(Some(copy), None)?);
+        }
+        Ok(Server {
+            cancel,
+            done,
+            socket,
+        })
+    }
+}
+
+/// How many threads serve the Unix socket at most: one per CPU, up to two. Each owns
+/// the connections it accepted (no hand-offs between threads: what a request costs is
+/// mostly wake-ups); two let a CPU-bound answer (a DPoP proof's signature) run beside
+/// another instead of queueing behind it (BENCHMARKS.md, DPoP).
+const SOCKET_THREADS: usize = 2;
+
+/// What every socket thread serves from.
+#[derive(Clone)]
+struct Serving {
+    accounts: watch::Receiver<Accounts>,
+    metrics: Arc<Metrics>,
+    daemon: watch::Receiver<Arc<crate::daemon::DaemonState>>,
+    limits: Limits,
+    seats: seats::Seats,
+    stop: CancellationToken,
+}
+
+impl Serving {
+    /// Serves `unix` (and `tcp`) on a thread of its own with a single-threaded runtime,
+    /// until `stop`; the receiver hears when the thread is done.
+    fn on_thread(
+        self,
+        unix: Option<std::os::unix::net::UnixListener>,
+        tcp: Option<std::net::TcpListener>,
+    ) -> anyhow::Result<tokio::sync::oneshot::Receiver<()>> {
+        let (done_tx, done) = tokio::sync::oneshot::channel();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| anyhow::anyhow!("failed to start the socket server's runtime: {e}"))?;
-        let stop = cancel.clone();
+        let s = self;
         std::thread::Builder::new()
             .name("tokend-socket".into())
             .spawn(move || {
                 runtime.block_on(async move {
                     let unix = async {
                         if let Some(l) = unix {
-                            if let Err(e) = serve_daemon(
+                            let served = serve_seated(
                                 l,
-                                accounts.clone(),
-                                daemon.clone(),
-                                metrics.clone(),
-                                stop.clone(),
-                                limits.clone(),
-                            )
-                            .await
-                            {
+                                s.accounts.clone(),
+                                s.daemon.clone(),
+                                s.metrics.clone(),
+                                s.stop.clone(),
+                                s.limits.clone(),
+                                s.seats.clone(),
+                            );
+                            if let Err(e) = served.await {
                                 tracing::error!("the socket server failed: {e}");
                             }
                         }
                     };
                     let tcp = async {
                         if let Some(l) = tcp {
-                            if let Err(e) = serve_metrics(
+                            let served = serve_metrics(
                                 l,
-                                accounts.clone(),
-                                metrics.clone(),
-                                stop.clone(),
-                                limits.clone(),
-                            )
-                            .await
-                            {
+                                s.accounts.clone(),
+                                s.metrics.clone(),
+                                s.stop.clone(),
+                                s.limits.clone(),
+                            );
+                            if let Err(e) = served.await {
                                 tracing::error!("the metrics listener failed: {e}");
                             }
                         }
@@ -244,18 +324,15 @@ impl Listeners {
                 let _ = done_tx.send(());
             })
             .map_err(|e| anyhow::anyhow!("failed to start the socket server's thread: {e}"))?;
-        Ok(Server {
-            cancel,
-            done,
-            socket,
-        })
+        Ok(done)
     }
 }
 
 /// The running server.
 pub struct Server {
     cancel: CancellationToken,
-    done: tokio::sync::oneshot::Receiver<()>,
+    /// One per thread.
+    done: Vec<tokio::sync::oneshot::Receiver<()>>,
     /// Removed when the server is dropped.
     socket: Option<SocketFile>,
 }
@@ -265,7 +342,8 @@ impl Server {
     pub async fn shutdown(self) {
         self.cancel.cancel();
         let wait = Limits::default().shutdown_grace + Duration::from_millis(100);
-        if tokio::time::timeout(wait, self.done).await.is_err() {
+        let all = futures_util::future::join_all(self.done);
+        if tokio::time::timeout(wait, all).await.is_err() {
             tracing::warn!("the socket server did not stop within {wait:?}");
         }
         drop(self.socket);
