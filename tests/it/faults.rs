@@ -150,8 +150,12 @@ fn a_403_is_held(reply: Reply) {
         account("a", &idp.url(), extra)
     )));
     let first = wait_requests(&d, &idp, 1)[0].at;
-    let status = wait_for_socket(&d, &sb, "a");
-    assert_eq!(status["status"], "failing", "{status}");
+    // Failing once its answer is taken in (it is "refreshing" until then), and all
+    // through the hold; refused again after it, failing again.
+    d.wait_until("status failing after the refusal", SHORT, || {
+        let s = account_status(&socket(&sb), "a")?;
+        (s["status"] == "failing").then_some(())
+    });
     // The next request is the first after the refusal: none came within the hold.
     let second = wait_requests(&d, &idp, 2)[1].at;
     assert!(
