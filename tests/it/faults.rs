@@ -67,13 +67,6 @@ fn reload(d: &Daemon, sb: &Sandbox, text: &str) {
     nix::sys::signal::kill(d.pid(), nix::sys::signal::Signal::SIGHUP).expect("signal tokend");
 }
 
-/// Waits until the daemon answers on its socket.
-fn wait_for_socket(d: &Daemon, sb: &Sandbox, name: &str) -> serde_json::Value {
-    d.wait_until("the daemon to answer on its socket", SHORT, || {
-        account_status(&socket(sb), name)
-    })
-}
-
 /// The `expires_at` of a json output, as a system time.
 fn expires_at(json: &str) -> SystemTime {
     let v: serde_json::Value = serde_json::from_str(json).expect("the json output is JSON");
