@@ -117,22 +117,8 @@ pub async fn serve_daemon(
     cancel: CancellationToken,
     limits: Limits,
 ) -> io::Result<()> {
-    let seats = seats::Seats::new(limits.max_connections);
-    serve_seated(listener, accounts, daemon, metrics, cancel, limits, seats).await
-}
-
-/// [`serve_daemon`] with the listener's seats given: one of the threads that serve the
-/// same listener.
-async fn serve_seated(
-    listener: std::os::unix::net::UnixListener,
-    accounts: watch::Receiver<Accounts>,
-    daemon: watch::Receiver<Arc<crate::daemon::DaemonState>>,
-    metrics: Arc<Metrics>,
-    cancel: CancellationToken,
-    limits: Limits,
-    seats: seats::Seats,
-) -> io::Result<()> {
     let listener = UnixListener::from_std(listener)?;
+    let seats = seats::Seats::new(limits.max_connections);
     run(
         listener,
         accounts,
@@ -288,19 +274,16 @@ impl Serving {
             .spawn(move || {
                 runtime.block_on(async move {
                     let unix = async {
-                        if let Some(l) = unix {
-                            let served = serve_seated(
-                                l,
-                                s.accounts.clone(),
-                                s.daemon.clone(),
-                                s.metrics.clone(),
-                                s.stop.clone(),
-                                s.limits.clone(),
-                                s.seats.clone(),
-                            );
-                            if let Err(e) = served.await {
-                                tracing::error!("the socket server failed: {e}");
+                        match unix.map(UnixListener::from_std) {
+                            Some(Ok(l)) => {
+                                let daemon = Some(s.daemon.clone());
+                                let (accounts, metrics) = (s.accounts.clone(), s.metrics.clone());
+                                let (stop, limits) = (s.stop.clone(), s.limits.clone());
+                                run(l, accounts, daemon, metrics, stop, limits, s.seats.clone())
+                                    .await;
                             }
+                            Some(Err(e)) => tracing::error!("the socket server failed: {e}"),
+                            None => {}
                         }
                     };
                     let tcp = async {
