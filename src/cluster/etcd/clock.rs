@@ -53,21 +53,19 @@ impl BackendClock {
     /// The backend's clock minus this member's, in milliseconds (the middle of what the
     /// answers allow), if any answer came.
     pub fn offset_ms(&self) -> Option<i64> {
-        let b = self.bounds.lock().expect("never poisoned");
-        if b.is_empty() {
-            return None;
-        }
-        let (l, h) = intersect(b.iter());
+        let (l, h) = self.range()?;
         Some(l + (h - l) / 2)
+    }
+
+    /// The lowest and highest offset (milliseconds) the answers allow, if any came.
+    fn range(&self) -> Option<(i64, i64)> {
+        let b = self.bounds.lock().expect("never poisoned");
+        (!b.is_empty()).then(|| intersect(b.iter()))
     }
 
     /// How far apart the offset's bounds still are (milliseconds), if any answer came.
     pub fn uncertainty_ms(&self) -> Option<i64> {
-        let b = self.bounds.lock().expect("never poisoned");
-        if b.is_empty() {
-            return None;
-        }
-        let (l, h) = intersect(b.iter());
+        let (l, h) = self.range()?;
         Some(h - l)
     }
 
@@ -80,11 +78,7 @@ impl BackendClock {
     /// offset its answers allow. A record timed by it is never taken for younger than
     /// it is, however few answers came yet.
     pub fn latest_ms(&self, clock: Clock) -> Option<i64> {
-        let b = self.bounds.lock().expect("never poisoned");
-        if b.is_empty() {
-            return None;
-        }
-        let (_, h) = intersect(b.iter());
+        let (_, h) = self.range()?;
         Some(crate::clock::unix_ms(clock.now()) + h)
     }
 }
