@@ -353,17 +353,13 @@ async fn a_full_disk_costs_no_provider_request_for_as_long_as_it_lasts() {
     assert_eq!(sb.read("out/a"), None);
 
     std::fs::remove_file(sb.path("out/filler")).expect("remove the filler");
-    // The next retry of the write is at most 5 minutes (the backoff's cap) away.
-    let mut written = None;
-    for _ in 0..6 * 60 {
-        written = sb.read("out/a");
-        if written.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+    // The next retry of the write (at most the backoff's 5 minutes away) succeeds.
+    timeout(VIRTUAL_DAY, state.wait_for(|s| s.status == Status::Fresh))
+        .await
+        .expect("fresh once the token is written")
+        .expect("the account publishes");
     assert_eq!(
-        written.as_deref(),
+        sb.read("out/a").as_deref(),
         Some("tok-1"),
         "the token fetched before"
     );
