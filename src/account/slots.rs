@@ -68,6 +68,20 @@ impl Drop for RefreshPermit<'_> {
     }
 }
 
+/// Providers counted as known while accounts start ([`RefreshSlots::know_all`]).
+pub struct KnownAll<'a> {
+    slots: &'a RefreshSlots,
+    providers: Vec<String>,
+}
+
+impl Drop for KnownAll<'_> {
+    fn drop(&mut self) {
+        for p in &self.providers {
+            self.slots.forget(p);
+        }
+    }
+}
+
 /// Counts an account that waits for a slot, for as long as it waits (a waiter that is
 /// cancelled stops counting too).
 struct Waiting<'a> {
@@ -108,6 +122,20 @@ impl RefreshSlots {
     /// [`RefreshSlots::forget`] undoes it.
     pub fn know(&self, provider: &str) {
         *self.lock().known.entry(provider.to_owned()).or_default() += 1;
+    }
+
+    /// Counts the providers of `accounts` as known until the guard is dropped: a start
+    /// (or a reload) that starts many accounts holds it while it starts them, so that
+    /// the first accounts' requests cannot take every slot before the providers of the
+    /// accounts started after them are known.
+    pub fn know_all<'a>(&'a self, providers: Vec<String>) -> KnownAll<'a> {
+        for p in &providers {
+            self.know(p);
+        }
+        KnownAll {
+            slots: self,
+            providers,
+        }
     }
 
     /// An account of `provider` stopped.

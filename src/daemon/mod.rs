@@ -195,6 +195,16 @@ impl<C: Connect> Daemon<C> {
         })
         .await
         .context("failed to look for stale temporary files")?;
+        // Every account's provider is known to the refresh slots before the first
+        // account can ask for one: else, on a busy machine, the first accounts of a
+        // provider that hangs could take every slot before the last accounts started.
+        let shared = sup.shared.clone();
+        let _known = shared.slots.know_all(
+            accounts
+                .iter()
+                .map(|a| crate::account::engine::Providers::of(a))
+                .collect(),
+        );
         for a in accounts {
             let endpoint = sup
                 .connect
