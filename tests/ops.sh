@@ -99,7 +99,7 @@ if [ ! -x "$prom_dir/promtool" ] || [ ! -x "$prom_dir/prometheus" ]; then
 fi
 promtool=$prom_dir/promtool
 prometheus=$prom_dir/prometheus
-[ -x "$promtool" ] && "$promtool" --version | head -n 1
+[ -x "$promtool" ] && "$promtool" --version | sed -n 1p
 
 # The Python tools, pinned.
 venv=$cache/ops-venv

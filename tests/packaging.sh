@@ -180,7 +180,7 @@ check "deb: Depends names libc6" bash -c 'dpkg-deb -f "$1" Depends | grep -q "li
 description=$(cargo metadata --no-deps --format-version 1 |
     python3 -c 'import json, sys; print(next(p["description"] for p in json.load(sys.stdin)["packages"] if p["name"] == "tokend"))')
 check "deb: the synopsis is the whole package.description (cargo-deb wraps past 79 characters)" \
-    test "$(dpkg-deb -f "$deb" Description | head -n 1)" = "$description"
+    test "$(dpkg-deb -f "$deb" Description | sed -n 1p)" = "$description"
 check "deb: conffiles is /etc/tokend/config.toml" \
     test "$(cat "$work/deb-control/conffiles")" = "/etc/tokend/config.toml"
 for script in postinst prerm postrm; do
@@ -209,7 +209,7 @@ check "deb: the man pages are the generated ones, gzipped" bash -c '
         zcat "$2/usr/share/man/man${name##*.}/$name.gz" | cmp - "$page" || exit 1
     done' _ "$dist" "$work/deb-root"
 check "deb: the changelog's version is the package's" test \
-    "$(zcat "$work/deb-root/usr/share/doc/tokend/changelog.Debian.gz" | head -n 1 | sed -n 's/^tokend (\(.*\)) .*/\1/p')" \
+    "$(zcat "$work/deb-root/usr/share/doc/tokend/changelog.Debian.gz" | sed -n 1p | sed -n 's/^tokend (\(.*\)) .*/\1/p')" \
     = "$(dpkg-deb -f "$deb" Version)"
 check "deb: the packaged /usr/bin/tokend --help runs" "$work/deb-root/usr/bin/tokend" --help
 check "deb: the packaged docker-credential-tokend runs as the container tools' helper" bash -c \

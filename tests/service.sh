@@ -129,7 +129,7 @@ if ! command -v cargo-deb >/dev/null; then
     not_ok "cargo-deb is missing: tests/packaging.sh installs it; run that first"
     exit 1
 fi
-systemd-nspawn --version | head -n 1
+systemd-nspawn --version | sed -n 1p
 podman --version
 
 # ---------------------------------------------------------------------------------------
@@ -575,7 +575,7 @@ print(next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["sp
         not_ok "podman kube play" "$out"
     fi
     if [ "$out_ok" -eq 1 ]; then
-        pod=$(podman pod ps --format '{{.Name}}' | grep "^$prefix-example" | head -n 1)
+        pod=$(podman pod ps --format '{{.Name}}' | grep "^$prefix-example" | sed -n 1p)
         app_read() { pm logs "$pod-app" 2>&1 | grep -q '^Authorization: Bearer '; }
         if wait_for 30 app_read; then
             ok "the app container reads the header file from the shared emptyDir"

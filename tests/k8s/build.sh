@@ -143,6 +143,6 @@ mv "$tmp" "$bin"
 echo "tests/k8s/build.sh: built in $(($(date +%s) - start)) s:"
 ls -l "$bin"
 "$bin/kube-apiserver" --version
-"$bin/etcd" --version | head -1
+"$bin/etcd" --version | sed -n 1p  # sed reads it all: head could leave etcd a SIGPIPE, which pipefail makes a failure
 exit
 }
