@@ -11,7 +11,7 @@
 //! provider, it has them all.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
@@ -29,7 +29,7 @@ struct State {
     /// Per provider: slots held, accounts waiting.
     providers: HashMap<String, Want>,
     /// The providers of the accounts that run, with how many accounts each.
-    known: HashMap<String, usize>,
+    known: HashMap<Arc<str>, usize>,
 }
 
 /// Why no slot was taken.
@@ -119,9 +119,16 @@ impl RefreshSlots {
     }
 
     /// Counts an account of `provider` among those that run (see [`RefreshSlots`]);
-    /// [`RefreshSlots::forget`] undoes it.
-    pub fn know(&self, provider: &str) {
-        *self.lock().known.entry(provider.to_owned()).or_default() += 1;
+    /// [`RefreshSlots::forget`] undoes it. Returns the name as kept here, for the
+    /// account to hold (one copy per provider, not per account: issue #11).
+    pub fn know(&self, provider: &str) -> Arc<str> {
+        let mut s = self.lock();
+        let name = match s.known.get_key_value(provider) {
+            Some((name, _)) => name.clone(),
+            None => provider.into(),
+        };
+        *s.known.entry(name.clone()).or_default() += 1;
+        name
     }
 
     /// Counts the providers of `accounts` as known until the guard is dropped: a start
@@ -205,7 +212,8 @@ impl RefreshSlots {
         let idle_others = s
             .known
             .keys()
-            .filter(|p| *p != provider && s.providers.get(*p).is_none_or(|w| w.held == 0))
+            .map(|p| &**p)
+            .filter(|&p| p != provider && s.providers.get(p).is_none_or(|w| w.held == 0))
             .count();
         let reserve = idle_others.min(self.total / 2);
         let held = s.providers.get(provider).map_or(0, |w| w.held);

@@ -204,21 +204,28 @@ fn form_encode(s: &str) -> String {
 pub struct HttpEndpoint {
     account: Arc<Account>,
     transports: Arc<Transports>,
+    clock: Clock,
+    /// One lock for all of it (every account holds an endpoint, issue #11); never held
+    /// across an await or while another lock is taken.
+    current: std::sync::Mutex<Current>,
+}
+
+/// What an endpoint's requests use that changes between them.
+struct Current {
     /// Shared with the accounts that connect the same way ([`Transports`]); replaced
     /// when the account's client certificate or key file changes.
-    client: std::sync::Mutex<Arc<reqwest::Client>>,
-    clock: Clock,
+    client: Arc<reqwest::Client>,
     /// The refresh_token grant's current refresh token, as the refresh engine set it;
     /// the configured one when none.
-    refresh_token: std::sync::Mutex<Option<Secret>>,
+    refresh_token: Option<Secret>,
     /// `issuer` / `fhir_base`: the token endpoint as last discovered (or known from the
     /// state directory), and whether it is to be discovered again before the next request.
-    discovered: std::sync::Mutex<Discovered>,
+    discovered: Discovered,
     /// The `Date` of the last answer and when it came (cluster mode compares clocks).
-    date: std::sync::Mutex<Option<(SystemTime, SystemTime)>>,
+    date: Option<(SystemTime, SystemTime)>,
     /// `token_binding = "dpop"`: the key every request proves itself with, as the
     /// refresh engine set it.
-    dpop: std::sync::Mutex<Option<Arc<DpopKey>>>,
+    dpop: Option<Arc<DpopKey>>,
 }
 
 #[derive(Default)]
@@ -249,30 +256,38 @@ impl HttpEndpoint {
         Ok(HttpEndpoint {
             account,
             transports: transports.clone(),
-            client: std::sync::Mutex::new(client),
             clock,
-            refresh_token: Default::default(),
-            discovered: Default::default(),
-            date: Default::default(),
-            dpop: Default::default(),
+            current: std::sync::Mutex::new(Current {
+                client,
+                refresh_token: None,
+                discovered: Discovered::default(),
+                date: None,
+                dpop: None,
+            }),
         })
+    }
+
+    fn current(&self) -> std::sync::MutexGuard<'_, Current> {
+        self.current
+            .lock()
+            .expect("never poisoned: no panics under the lock")
     }
 
     /// The client for this request: with a client certificate, the one for the
     /// certificate and key in their files now (a renewed certificate needs no restart).
     fn client(&self) -> Result<Arc<reqwest::Client>, Error> {
-        let mut current = self.client.lock().expect("never poisoned");
+        let mut current = self.current();
         if self.account.client_cert.is_some() {
             let now = self.transports.client(&self.account)?;
-            if !Arc::ptr_eq(&now, &current) {
+            if !Arc::ptr_eq(&now, &current.client) {
                 tracing::info!(account = %self.account.name, "using the new client certificate");
-                *current = now;
+                current.client = now.clone();
                 drop(current);
                 self.transports.prune();
-                return Ok(self.client.lock().expect("never poisoned").clone());
+                return Ok(now);
             }
         }
-        Ok(current.clone())
+        Ok(current.client.clone())
     }
 
     /// Where to send the request: the configured token_url, or the discovered one
@@ -285,7 +300,7 @@ impl HttpEndpoint {
         }
         let epoch = self.transports.discovery_epoch();
         let known = {
-            let d = self.discovered.lock().expect("never poisoned");
+            let d = &self.current().discovered;
             if d.epoch == Some(epoch) {
                 if let Some(u) = &d.url {
                     return Ok((**u).clone());
@@ -301,7 +316,8 @@ impl HttpEndpoint {
             self.account.client_cert.is_some(),
         )
         .await;
-        let mut d = self.discovered.lock().expect("never poisoned");
+        let mut current = self.current();
+        let d = &mut current.discovered;
         match found {
             Ok(url) => {
                 if d.url.as_deref() != Some(&url) {
@@ -365,7 +381,7 @@ impl HttpEndpoint {
             .and_then(|d| d.to_str().ok())
             .and_then(|d| httpdate::parse_http_date(d).ok())
         {
-            *self.date.lock().expect("never poisoned") = Some((date, self.clock.now()));
+            self.current().date = Some((date, self.clock.now()));
         }
         let mut body = Vec::new();
         while let Some(chunk) = resp.chunk().await.map_err(transport)? {
@@ -439,13 +455,13 @@ impl HttpEndpoint {
 impl Endpoint for HttpEndpoint {
     async fn fetch(&self) -> Result<Token, Error> {
         let mut creds = Credentials::read(&self.account)?;
-        let rotated = self.refresh_token.lock().expect("never poisoned").clone();
+        let rotated = self.current().refresh_token.clone();
         if rotated.is_some() {
             creds.refresh_token = rotated;
         }
         let client = self.client()?;
         let token_url = self.token_url(&client).await?;
-        let dpop = self.dpop.lock().expect("never poisoned").clone();
+        let dpop = self.current().dpop.clone();
         if self.account.dpop.is_some() && dpop.is_none() {
             return Err(Error::Key {
                 what: "DPoP key",
@@ -482,21 +498,19 @@ impl Endpoint for HttpEndpoint {
             // The endpoint may have moved: discover again before the next request. Not
             // for an answer of the server's own (a refusal, a rate limit, an OAuth error).
             if e.oauth_code().is_none() && !matches!(e.status(), Some(400 | 401 | 403 | 429)) {
-                self.discovered.lock().expect("never poisoned").epoch = None;
+                self.current().discovered.epoch = None;
             }
         }
         result
     }
 
     fn use_refresh_token(&self, rt: Option<Secret>) {
-        *self
-            .refresh_token
-            .lock()
-            .expect("never poisoned: no panics under the lock") = rt;
+        self.current().refresh_token = rt;
     }
 
     fn use_known_token_url(&self, url: url::Url) {
-        let mut d = self.discovered.lock().expect("never poisoned");
+        let mut current = self.current();
+        let d = &mut current.discovered;
         // Held to today's allow_http, whatever it was when the endpoint was found.
         if d.url.is_none()
             && self.account.token_url.fixed().is_none()
@@ -507,23 +521,18 @@ impl Endpoint for HttpEndpoint {
     }
 
     fn provider_date(&self) -> Option<(SystemTime, SystemTime)> {
-        *self.date.lock().expect("never poisoned")
+        self.current().date
     }
 
     fn use_dpop_key(&self, key: Option<Arc<DpopKey>>) {
-        *self.dpop.lock().expect("never poisoned") = key;
+        self.current().dpop = key;
     }
 
     fn discovered_token_url(&self) -> Option<url::Url> {
         if self.account.token_url.fixed().is_some() {
             return None;
         }
-        self.discovered
-            .lock()
-            .expect("never poisoned")
-            .url
-            .as_deref()
-            .cloned()
+        self.current().discovered.url.as_deref().cloned()
     }
 }
 

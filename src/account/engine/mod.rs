@@ -105,12 +105,17 @@ pub struct Engine<E> {
     sibling: Option<SiblingCell>,
     /// Another account (named) runs the chain this account's seed began: nothing is sent
     /// until it stops and its chain can be taken over ([`persist::load_for`]).
-    conflict: Option<String>,
+    conflict: Option<Box<str>>,
     /// `token_binding = "dpop"`: the key the token is bound to (`dpop_key`, or the one
     /// kept in `state_dir`, or the one a cluster's leader shares), or why there is none.
-    dpop: Result<Option<Arc<DpopKey>>, String>,
-    /// The PEM of `dpop`, for the cluster's sealed record.
-    dpop_pem: Option<Secret>,
+    /// None for a bearer account; boxed, as most accounts are (issue #11).
+    dpop: Option<Box<Result<BoundKey, String>>>,
+}
+
+/// A DPoP account's key, with its PEM for the cluster's sealed record.
+struct BoundKey {
+    key: Arc<DpopKey>,
+    pem: Secret,
 }
 
 impl<E: Endpoint> Engine<E> {
@@ -206,7 +211,7 @@ impl<E: Endpoint> Engine<E> {
             (None, Loaded::Found(d)) => d,
             (None, Loaded::Missing) => Saved::new(&account),
             (None, Loaded::ChainInUse(other)) => {
-                conflict = Some(other);
+                conflict = Some(other.into());
                 Saved::new(&account)
             }
             (None, Loaded::Damaged(why)) => {
@@ -231,30 +236,31 @@ impl<E: Endpoint> Engine<E> {
             tracing::info!(account = %account.name, "the refused credentials were replaced: the hold ends");
             saved.end_hold();
         }
-        let (dpop, dpop_pem) = match account.dpop.is_some() {
+        let dpop = match account.dpop.is_some() {
             true => {
                 let (a, dir) = (account.clone(), shared.state_dir.clone());
-                match tokio::task::spawn_blocking(move || dpop_key(&a, dir.as_deref()))
+                let loaded = tokio::task::spawn_blocking(move || dpop_key(&a, dir.as_deref()))
                     .await
                     .unwrap_or_else(|e| Err(format!("failed to load the DPoP key: {e}")))
-                {
-                    Ok((key, pem)) => (Ok(Some(Arc::new(key))), Some(pem)),
-                    Err(e) => (Err(e), None),
-                }
+                    .map(|(key, pem)| BoundKey {
+                        key: Arc::new(key),
+                        pem,
+                    });
+                Some(Box::new(loaded))
             }
-            false => (Ok(None), None),
+            false => None,
         };
-        match &dpop {
-            Err(e) => tracing::error!(account = %account.name, "{e}"),
-            Ok(Some(key)) if saved.forget_token_bound_elsewhere(&key.thumbprint()) => {
+        match dpop.as_deref() {
+            Some(Err(e)) => tracing::error!(account = %account.name, "{e}"),
+            Some(Ok(BoundKey { key, .. }))
+                if saved.forget_token_bound_elsewhere(&key.thumbprint()) =>
+            {
                 tracing::info!(account = %account.name, jkt = %key.thumbprint(), "the saved token is bound to another DPoP key than the account's (dpop_key replaced): not served, a new one is asked for");
             }
-            Ok(_) => {}
+            _ => {}
         }
-        endpoint.use_dpop_key(dpop.clone().ok().flatten());
         let engine = Engine {
             dpop,
-            dpop_pem,
             sibling: SiblingKey::of(&account).map(|k| shared.siblings.cell(&k)),
             account,
             endpoint,
@@ -266,6 +272,7 @@ impl<E: Endpoint> Engine<E> {
             local_failures: 0,
             conflict,
         };
+        engine.endpoint.use_dpop_key(engine.dpop_key());
         if engine.saved.chain_lost(&engine.account).is_some() {
             // Kept at once: a restart must find the account held, not a missing state.
             engine.save_quietly().await;
@@ -280,7 +287,11 @@ impl<E: Endpoint> Engine<E> {
     /// The DPoP key the account's tokens are bound to (`token_binding = "dpop"`), for
     /// readers' proofs.
     pub fn dpop_key(&self) -> Option<Arc<DpopKey>> {
-        self.dpop.clone().ok().flatten()
+        self.bound_key().map(|b| b.key.clone())
+    }
+
+    fn bound_key(&self) -> Option<&BoundKey> {
+        self.dpop.as_deref()?.as_ref().ok()
     }
 
     fn now(&self) -> SystemTime {
@@ -342,7 +353,7 @@ impl<E: Endpoint> Engine<E> {
     /// What other cluster members may take over from this account's state.
     pub fn portable(&self) -> super::persist::Portable {
         let mut p = self.saved.portable();
-        p.dpop_key = self.dpop_pem.as_ref().map(|p| p.expose().to_owned());
+        p.dpop_key = self.bound_key().map(|b| b.pem.expose().to_owned());
         p
     }
 
@@ -378,9 +389,8 @@ impl<E: Endpoint> Engine<E> {
             return;
         };
         if self
-            .dpop_pem
-            .as_ref()
-            .is_some_and(|mine| mine.expose() == pem)
+            .bound_key()
+            .is_some_and(|mine| mine.pem.expose() == pem)
         {
             return;
         }
@@ -411,8 +421,7 @@ impl<E: Endpoint> Engine<E> {
         }
         let key = Arc::new(key);
         self.endpoint.use_dpop_key(Some(key.clone()));
-        self.dpop = Ok(Some(key));
-        self.dpop_pem = Some(pem);
+        self.dpop = Some(Box::new(Ok(BoundKey { key, pem })));
     }
 
     /// Whether a fetched token still waits for its delivery.
@@ -451,7 +460,7 @@ impl<E: Endpoint> Engine<E> {
         if let Some(refused) = self.chain_blocked().await {
             return Attempt::Failed(refused);
         }
-        if let Err(e) = &self.dpop {
+        if let Some(Err(e)) = self.dpop.as_deref() {
             // Without its key a DPoP account asks nothing: a token it cannot prove is
             // worth nothing to its readers.
             let e = e.clone();
@@ -530,10 +539,10 @@ impl<E: Endpoint> Engine<E> {
             let a = self.account.clone();
             let again = tokio::task::spawn_blocking(move || persist::load_for(&dir, &a))
                 .await
-                .unwrap_or(Loaded::ChainInUse(other.clone()));
+                .unwrap_or_else(|_| Loaded::ChainInUse(other.into()));
             match again {
                 Loaded::ChainInUse(other) => {
-                    self.conflict = Some(other.clone());
+                    self.conflict = Some(other.as_str().into());
                     return Some(Failed {
                         class: ErrorClass::Local,
                         message: format!(

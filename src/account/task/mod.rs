@@ -71,31 +71,45 @@ impl Poke {
 /// waits without a task. One small allocation per account.
 #[derive(Default)]
 struct Inbox {
-    /// The account while it waits without a task.
-    parked: Mutex<Option<Box<dyn Parked>>>,
+    /// One lock for what is not an atomic (a lock costs every account a word, issue
+    /// #11); never held while another is taken or a parked account resumes.
+    held: Mutex<Held>,
     /// Stopped: the account's tasks end (one that starts now is cancelled at once).
     stopped: AtomicBool,
-    /// The cancellation of the task running now, if any (issue #11: an account that
-    /// waits holds none).
-    run: Mutex<Option<CancellationToken>>,
     wake: Notify,
     /// [`Poke::bit`]s not yet looked at.
     pokes: AtomicU8,
     /// Move the saved state to `retired/` (the account was removed).
     retire: AtomicBool,
-    /// Outputs to remove (the account's, or those a new config no longer has).
-    remove: Mutex<Vec<Output>>,
-    /// The engine's state once the task ended, for the account's next instance.
-    last: Mutex<Option<Box<Saved>>>,
     /// Look for stale temporary files beside the outputs before the engine opens.
     clean_stale: AtomicBool,
 }
 
+/// What an inbox holds under its lock.
+#[derive(Default)]
+struct Held {
+    /// The account while it waits without a task.
+    parked: Option<Box<dyn Parked>>,
+    /// The cancellation of the task running now, if any (issue #11: an account that
+    /// waits holds none).
+    run: Option<CancellationToken>,
+    /// Outputs to remove (the account's, or those a new config no longer has).
+    remove: Vec<Output>,
+    /// The engine's state once the task ended, for the account's next instance.
+    last: Option<Box<Saved>>,
+}
+
 impl Inbox {
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held
+            .lock()
+            .expect("never poisoned: no panics under the lock")
+    }
+
     /// Stops the account: cancels its running task, or wakes its parked one to finish.
     fn stop(&self) {
         self.stopped.store(true, Ordering::SeqCst);
-        if let Some(run) = &*self.run.lock().expect("never poisoned") {
+        if let Some(run) = &self.held().run {
             run.cancel();
         }
         self.unpark(None, Woke::Cancelled, None);
@@ -105,7 +119,7 @@ impl Inbox {
     /// cancelled already if the account was stopped.
     fn start_run(&self, root: &CancellationToken) -> CancellationToken {
         let run = root.child_token();
-        *self.run.lock().expect("never poisoned") = Some(run.clone());
+        self.held().run = Some(run.clone());
         if self.stopped.load(Ordering::SeqCst) {
             run.cancel();
         }
@@ -124,7 +138,7 @@ impl Inbox {
     /// were set: no wake-up is lost.
     fn unpark(&self, alarm: Option<AlarmKey>, woke: Woke, permit: Option<OwnedSemaphorePermit>) {
         let parked = {
-            let mut slot = self.parked.lock().expect("never poisoned");
+            let slot = &mut self.held().parked;
             if alarm.is_some() && slot.as_ref().map(|p| p.alarm()) != Some(alarm) {
                 return;
             }
@@ -212,7 +226,7 @@ impl AccountHandle {
     pub fn stop(&self, retire: bool, remove: Vec<Output>) -> Predecessor {
         let inbox = &self.view.inbox;
         inbox.retire.store(retire, Ordering::SeqCst);
-        *inbox.remove.lock().expect("never poisoned") = remove;
+        inbox.held().remove = remove;
         inbox.stop();
         Predecessor {
             state: self.view.state.clone(),
@@ -252,7 +266,7 @@ impl Predecessor {
     /// Waits until the task is over; the state its engine left, if any.
     async fn finished(mut self) -> Option<Box<Saved>> {
         while self.state.changed().await.is_ok() {}
-        self.inbox.last.lock().expect("never poisoned").take()
+        self.inbox.held().last.take()
     }
 }
 
@@ -335,20 +349,19 @@ pub fn spawn_coordinated<E: Endpoint>(
         timed: None,
         deaths: 0,
         alarm: None,
-        awake: None,
         next_boot: Duration::ZERO,
     });
     if after.is_none() && live.coordinator.is_none() {
         // Parked at once, due now: the alarms start the tasks, at most
         // a few at a time (see `Alarms::new`; at start every account is due).
-        if let Some((live, woke)) = park(live, Instant::now()) {
+        if let Some((live, woke)) = park(live, Instant::now(), &mut None) {
             live.parts
                 .tracker
                 .clone()
-                .spawn(supervise(live, None, Some(woke)));
+                .spawn(supervise(live, None, Some(woke), None));
         }
     } else {
-        tracker.spawn(supervise(live, after, None));
+        tracker.spawn(supervise(live, after, None, None));
     }
     AccountHandle {
         view: AccountView {
@@ -380,13 +393,14 @@ struct Parts<E> {
 /// this lives.
 struct KnownProvider {
     shared: Shared,
-    provider: String,
+    provider: Arc<str>,
 }
 
 impl KnownProvider {
     fn new(shared: &Shared, account: &Account) -> Self {
-        let provider = crate::account::engine::Providers::of(account);
-        shared.slots.know(&provider);
+        let provider = shared
+            .slots
+            .know(&crate::account::engine::Providers::of(account));
         KnownProvider {
             shared: shared.clone(),
             provider,
@@ -416,10 +430,6 @@ struct Live<E> {
     deaths: u32,
     /// While parked: its alarm, and when its next request is due on the boot clock.
     alarm: Option<AlarmKey>,
-    /// While it runs because its alarm rang: one of the few places of accounts awake at
-    /// once ([`Alarms::new`](crate::account::alarms::Alarms::new)); given back when it parks, or
-    /// while it waits for a refresh slot its provider's share does not give it.
-    awake: Option<OwnedSemaphorePermit>,
     next_boot: Duration,
 }
 

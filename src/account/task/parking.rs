@@ -24,21 +24,22 @@ impl<E: Endpoint> Parked for Live<E> {
         self.alarm
     }
 
-    fn resume(mut self: Box<Self>, woke: Woke, permit: Option<OwnedSemaphorePermit>) {
+    fn resume(self: Box<Self>, woke: Woke, permit: Option<OwnedSemaphorePermit>) {
         let tracker = self.parts.tracker.clone();
-        self.awake = permit;
-        tracker.spawn(supervise(self, None, Some(woke)));
+        tracker.spawn(supervise(self, None, Some(woke), permit));
     }
 }
 
-/// Parks `live` in its inbox with an alarm at `wake`; it is the inbox's now. Unless it
-/// was poked or stopped meanwhile: then it is handed back, with what woke it.
+/// Parks `live` in its inbox with an alarm at `wake`; it is the inbox's now, and the
+/// task's place among the accounts awake (`awake`) is given back. Unless it was poked
+/// or stopped meanwhile: then it is handed back, with what woke it.
 pub(super) fn park<E: Endpoint>(
     mut live: Box<Live<E>>,
     wake: Instant,
+    awake: &mut Option<OwnedSemaphorePermit>,
 ) -> Option<(Box<Live<E>>, Woke)> {
     let inbox = live.parts.inbox.clone();
-    let mut slot = inbox.parked.lock().expect("never poisoned");
+    let mut held = inbox.held();
     if inbox.stopped.load(Ordering::SeqCst) || live.parts.root.is_cancelled() {
         return Some((live, Woke::Cancelled));
     }
@@ -46,21 +47,23 @@ pub(super) fn park<E: Endpoint>(
         return Some((live, Woke::Poked));
     }
     let sleeper: Arc<dyn Sleeper> = inbox.clone();
-    live.awake = None;
+    *awake = None;
     live.alarm = Some(live.parts.shared.alarms.set(wake, sleeper));
-    *slot = Some(live);
-    *inbox.run.lock().expect("never poisoned") = None;
+    held.parked = Some(live);
+    held.run = None;
     None
 }
 
 /// The account's task: runs its loop (after its predecessor, at the first start), and
 /// again (with backoff) whenever the loop panics, until the account parks or is
 /// cancelled; then the farewell. The engine lives in `live`, so a restarted loop goes
-/// on from the state the dead one left, lock included.
+/// on from the state the dead one left, lock included. `awake`: its place among the
+/// accounts awake at once, when an alarm woke it ([`Inbox::unpark`]).
 pub(super) async fn supervise<E: Endpoint>(
     mut live: Box<Live<E>>,
     after: Option<Predecessor>,
     woke: Option<Woke>,
+    mut awake: Option<OwnedSemaphorePermit>,
 ) {
     if let Some(p) = after {
         if !p.is_done() {
@@ -86,7 +89,7 @@ pub(super) async fn supervise<E: Endpoint>(
             &mut live_.engine,
             &mut live_.coordinator,
             &mut live_.plan,
-            &mut live_.awake,
+            &mut awake,
             woke.take(),
         );
         let outcome = AssertUnwindSafe(run).catch_unwind().await;
@@ -96,7 +99,7 @@ pub(super) async fn supervise<E: Endpoint>(
             Ok(Exit::Stop) => break,
             Ok(Exit::Park { wake, next_boot }) => {
                 live.next_boot = next_boot;
-                match park(live, wake) {
+                match park(live, wake, &mut awake) {
                     None => return,
                     Some((back, w)) => {
                         live = back;
@@ -134,7 +137,7 @@ pub(super) async fn supervise<E: Endpoint>(
     }
     let Live { parts, engine, .. } = *live;
     Box::pin(farewell(&parts, engine)).await;
-    *parts.inbox.run.lock().expect("never poisoned") = None;
+    parts.inbox.held().run = None;
 }
 
 /// After the loop: the engine's last save (and retirement), kept for the account's
@@ -143,9 +146,9 @@ async fn farewell<E: Endpoint>(parts: &Parts<E>, engine: Slot<E>) {
     let retire = parts.inbox.retire.load(Ordering::SeqCst);
     if let Slot::Open(engine) = engine {
         let saved = engine.close(retire).await;
-        *parts.inbox.last.lock().expect("never poisoned") = Some(Box::new(saved));
+        parts.inbox.held().last = Some(Box::new(saved));
     }
-    let remove = std::mem::take(&mut *parts.inbox.remove.lock().expect("never poisoned"));
+    let remove = std::mem::take(&mut parts.inbox.held().remove);
     if !remove.is_empty() {
         let gone = Account {
             outputs: remove,
