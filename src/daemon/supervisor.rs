@@ -274,6 +274,15 @@ impl<C: Connect> Supervisor<C> {
             let p = old.stop(true, old.view.account.outputs.clone());
             self.stopping.insert(name, p);
         }
+        // As at start ([`super::Daemon::start`]): every provider of the accounts that
+        // start is known to the refresh slots before the first of them can ask for one.
+        let shared = self.shared.clone();
+        let _known = shared.slots.know_all(
+            ready
+                .iter()
+                .map(|(_, a, _)| crate::account::engine::Providers::of(a))
+                .collect(),
+        );
         for (name, new, endpoint) in ready {
             if !self.stopping.contains_key(&name) && !self.accounts.contains_key(&name) {
                 // A renamed account of the refresh_token grant starts after the account
