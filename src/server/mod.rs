@@ -102,33 +102,21 @@ pub async fn serve_with(
     cancel: CancellationToken,
     limits: Limits,
 ) -> io::Result<()> {
-    let listener = UnixListener::from_std(listener)?;
-    let seats = seats::Seats::new(limits.max_connections);
-    run(listener, accounts, None, metrics, cancel, limits, seats).await;
-    Ok(())
+    serve_daemon(listener, accounts, None, metrics, cancel, limits).await
 }
 
-/// [`serve_with`], answering `GET /v1/daemon` from `daemon`.
+/// [`serve_with`], answering `GET /v1/daemon` from `daemon` (with none, 404).
 pub async fn serve_daemon(
     listener: std::os::unix::net::UnixListener,
     accounts: watch::Receiver<Accounts>,
-    daemon: watch::Receiver<Arc<crate::daemon::DaemonState>>,
+    daemon: Option<watch::Receiver<Arc<crate::daemon::DaemonState>>>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
     limits: Limits,
 ) -> io::Result<()> {
     let listener = UnixListener::from_std(listener)?;
     let seats = seats::Seats::new(limits.max_connections);
-    run(
-        listener,
-        accounts,
-        Some(daemon),
-        metrics,
-        cancel,
-        limits,
-        seats,
-    )
-    .await;
+    run(listener, accounts, daemon, metrics, cancel, limits, seats).await;
     Ok(())
 }
 

@@ -69,7 +69,7 @@ async fn a_reload_is_applied_or_refused_as_the_daemon_publishes_it_on_the_socket
     let serving = tokio::spawn(tokend::server::serve_daemon(
         listener,
         d.views(),
-        d.info(),
+        Some(d.info()),
         d.metrics(),
         stop.clone(),
         tokend::server::Limits::default(),
