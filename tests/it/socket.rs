@@ -480,6 +480,16 @@ fn errors_are_json_with_the_right_status() {
     let r = request(&d.socket, "POST", "/v1/tokens/a/refresh", &[b'x'; 4096]);
     assert_eq!(r.status, 413);
     assert_eq!(r.error(), "payload_too_large");
+    // Also when the server answers and closes long before the body is sent (the
+    // client's writes then fail: the answer is still there to read).
+    let r = request(
+        &d.socket,
+        "POST",
+        "/v1/tokens/a/refresh",
+        &vec![b'x'; 4 << 20],
+    );
+    assert_eq!(r.status, 413);
+    assert_eq!(r.error(), "payload_too_large");
     // A small body is fine.
     let r = request(&d.socket, "POST", "/v1/tokens/a/refresh", b"{}");
     assert_eq!(r.status, 202);

@@ -73,9 +73,22 @@ pub fn try_request(
         body.len()
     )
     .ok()?;
-    conn.write_all(body).ok()?;
+    // A server may answer before it has read the body (413 for one too large) and
+    // close: the rest of the body then cannot be written (EPIPE), and the answer, read
+    // in full, ends in ECONNRESET rather than EOF (the kernel's word for a peer that
+    // closed with unread data). What it answered is what counts.
+    let _ = conn.write_all(body);
     let mut raw = Vec::new();
-    conn.read_to_end(&mut raw).ok()?;
+    let mut buf = [0; 8192];
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && !raw.is_empty() => break,
+            Err(_) => return None,
+        }
+    }
     parse_answer(&raw)
 }
 
