@@ -429,9 +429,13 @@ fn account_without_a_token_answers_503_with_retry_after() {
         assert_eq!(r.error(), "no_token");
     }
 
-    let r = d.get("/v1/health");
-    assert_eq!(r.status, 503);
-    let h = r.json();
+    // `down` retries on a short backoff: refreshing during a try, failing between two.
+    let h = d.wait("/v1/health between two of down's tries", || {
+        let r = d.get("/v1/health");
+        assert_eq!(r.status, 503);
+        let h = r.json();
+        (h["not_ready"][0]["status"] != "refreshing").then_some(h)
+    });
     assert_eq!(h["status"], "unhealthy");
     assert_eq!(h["not_ready"].as_array().unwrap().len(), 1);
     assert_eq!(h["not_ready"][0]["account"], "down");
@@ -892,8 +896,13 @@ fn get_and_status_end_to_end() {
     let out = d.tokend(&["get", "--socket", sock, "nope"]);
     assert_eq!(out.code(), Some(1));
     assert!(out.stderr.contains("no account \"nope\""));
+    // `down` retries its 503s on a short backoff: between two tries it is failing, during
+    // one refreshing; each look below is taken between two tries.
     d.down_failing();
-    let out = d.tokend(&["get", "--socket", sock, "down"]);
+    let out = d.wait("`get down` between two of its tries", || {
+        let out = d.tokend(&["get", "--socket", sock, "down"]);
+        (!out.stderr.contains("(refreshing")).then_some(out)
+    });
     assert_eq!(out.code(), Some(1));
     let err = &out.stderr;
     assert!(
@@ -907,7 +916,10 @@ fn get_and_status_end_to_end() {
     assert!(err.contains("tokend is not running"), "{err}");
 
     // status: a table, or the JSON list.
-    let out = d.tokend(&["status", "--socket", sock]);
+    let out = d.wait("`status` between two of down's tries", || {
+        let out = d.tokend(&["status", "--socket", sock]);
+        (!out.stdout.contains("down     refreshing")).then_some(out)
+    });
     assert!(out.status.success());
     let table = out.stdout;
     let lines: Vec<&str> = table.lines().take_while(|l| !l.is_empty()).collect();
