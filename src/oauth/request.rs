@@ -276,18 +276,19 @@ impl HttpEndpoint {
     /// The client for this request: with a client certificate, the one for the
     /// certificate and key in their files now (a renewed certificate needs no restart).
     fn client(&self) -> Result<Arc<reqwest::Client>, Error> {
-        let mut current = self.current();
-        if self.account.client_cert.is_some() {
-            let now = self.transports.client(&self.account)?;
-            if !Arc::ptr_eq(&now, &current.client) {
-                tracing::info!(account = %self.account.name, "using the new client certificate");
-                current.client = now.clone();
-                drop(current);
-                self.transports.prune();
-                return Ok(now);
-            }
+        if self.account.client_cert.is_none() {
+            return Ok(self.current().client.clone());
         }
-        Ok(current.client.clone())
+        // The files are read and the transports' lock taken with this endpoint's lock
+        // not held (a slow file system holds up nothing else of the account's).
+        let now = self.transports.client(&self.account)?;
+        let before = std::mem::replace(&mut self.current().client, now.clone());
+        if !Arc::ptr_eq(&now, &before) {
+            tracing::info!(account = %self.account.name, "using the new client certificate");
+            drop(before);
+            self.transports.prune();
+        }
+        Ok(now)
     }
 
     /// Where to send the request: the configured token_url, or the discovered one
@@ -721,5 +722,38 @@ mod tests {
         // (a reload with it is refused).
         std::fs::write(&key, include_str!("../../tests/keys/rsa-pkcs8.pem")).unwrap();
         assert!(HttpEndpoint::new(a, Clock::System, &transports).is_err());
+    }
+
+    #[test]
+    fn a_renewed_client_certificate_is_used_by_the_next_request_and_the_old_client_let_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&cert, include_str!("../../tests/keys/p256-cert.pem")).unwrap();
+        std::fs::write(&key, include_str!("../../tests/keys/p256-sec1.pem")).unwrap();
+        let a = Arc::new(account(&format!(
+            "client_cert = {{ file = \"{}\" }}\nclient_key = {{ file = \"{}\" }}",
+            cert.display(),
+            key.display()
+        )));
+        let transports = Arc::new(Transports::default());
+        let endpoint = HttpEndpoint::new(a, Clock::System, &transports).unwrap();
+        let first = endpoint.client().unwrap();
+        assert!(
+            Arc::ptr_eq(&first, &endpoint.client().unwrap()),
+            "unchanged files"
+        );
+        assert_eq!(transports.built(), 1);
+        let old = Arc::downgrade(&first);
+        drop(first);
+        // Renewed: another certificate and key in the same files.
+        std::fs::write(&cert, include_str!("../../tests/keys/rsa-cert.pem")).unwrap();
+        std::fs::write(&key, include_str!("../../tests/keys/rsa-pkcs8.pem")).unwrap();
+        let renewed = endpoint.client().unwrap();
+        assert_eq!(transports.built(), 2);
+        assert!(Arc::ptr_eq(&renewed, &endpoint.client().unwrap()));
+        assert!(
+            old.upgrade().is_none(),
+            "the old client is neither the endpoint's nor the transports' any more"
+        );
     }
 }

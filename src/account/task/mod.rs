@@ -72,7 +72,8 @@ impl Poke {
 #[derive(Default)]
 struct Inbox {
     /// One lock for what is not an atomic (a lock costs every account a word, issue
-    /// #11); never held while another is taken or a parked account resumes.
+    /// #11); never held while a parked account resumes, and the only lock taken under
+    /// it is the alarms' queue (parking sets the alarm), which takes none.
     held: Mutex<Held>,
     /// Stopped: the account's tasks end (one that starts now is cancelled at once).
     stopped: AtomicBool,
