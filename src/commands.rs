@@ -470,7 +470,7 @@ async fn once_clustered(
             {
                 let s = state.borrow_and_update();
                 if s.status == Status::Fresh && s.valid_token(SystemTime::now()).is_some() {
-                    return Ok(s.refreshed_by.clone());
+                    return Ok(s.cluster().refreshed_by.clone());
                 }
                 if s.status == Status::Failing {
                     if let Some(e) = &s.last_error {

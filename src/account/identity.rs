@@ -252,18 +252,78 @@ impl CredentialsDigest {
 
 /// A salted SHA-256 of one secret value (the configured seed of a refresh-token chain),
 /// to tell later whether the configuration still names the same one.
-pub fn secret_digest(salt: &str, secret: &Secret) -> String {
+pub fn secret_digest(salt: &Salt, secret: &Secret) -> String {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     ctx.update(b"tokend-secret-v1\0");
-    ctx.update(salt.as_bytes());
+    ctx.update(salt.spelled().as_bytes());
     ctx.update(b"\0");
     ctx.update(secret.expose().as_bytes());
     hex(ctx.finish().as_ref())
 }
 
-/// A fresh random salt, as hex.
-pub fn new_salt() -> String {
-    hex(&rand::random::<[u8; 16]>())
+/// A state file's salt for the digests of the secrets it names ([`secret_digest`]):
+/// 16 random bytes, spelled (in the file, and where hashed) as 32 lowercase hex digits.
+/// Kept as the bytes: every account holds one for the daemon's life, and as a string it
+/// was an allocation of its own, made at each account's first run (issue 21). A salt
+/// read in any other spelling is kept as read.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Salt {
+    Bytes([u8; 16]),
+    Read(Box<str>),
+}
+
+impl Salt {
+    /// A fresh random salt.
+    pub fn random() -> Self {
+        Salt::Bytes(rand::random())
+    }
+
+    /// As written in the file and hashed.
+    pub fn spelled(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            Salt::Bytes(b) => hex(b).into(),
+            Salt::Read(s) => (**s).into(),
+        }
+    }
+}
+
+impl From<Box<str>> for Salt {
+    fn from(s: Box<str>) -> Self {
+        let digit = |c: u8| match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        };
+        let mut bytes = [0u8; 16];
+        let parsed = s.len() == 32
+            && s.as_bytes()
+                .chunks(2)
+                .zip(bytes.iter_mut())
+                .all(|(pair, b)| match (digit(pair[0]), digit(pair[1])) {
+                    (Some(hi), Some(lo)) => {
+                        *b = hi << 4 | lo;
+                        true
+                    }
+                    _ => false,
+                });
+        if parsed {
+            Salt::Bytes(bytes)
+        } else {
+            Salt::Read(s)
+        }
+    }
+}
+
+impl Serialize for Salt {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.spelled())
+    }
+}
+
+impl<'de> Deserialize<'de> for Salt {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Box::<str>::deserialize(d).map(Salt::from)
+    }
 }
 
 #[cfg(test)]
@@ -317,13 +377,36 @@ mod tests {
             "f13cedab304e03179ad5ac72b612c4b27cdf1855924b0d7fc0685561f809b323"
         );
         assert_eq!(
-            secret_digest("00", &Secret::new("seed")),
+            secret_digest(&Salt::Read("00".into()), &Secret::new("seed")),
             "881f704c6fc9c59181ad7ba611b61ac5f03b52b02f47af0ad3780023bbfa99a8"
         );
         assert_ne!(
-            secret_digest("00", &Secret::new("seed")),
-            secret_digest("01", &Secret::new("seed"))
+            secret_digest(&Salt::Read("00".into()), &Secret::new("seed")),
+            secret_digest(&Salt::Read("01".into()), &Secret::new("seed"))
         );
+    }
+
+    #[test]
+    fn a_salt_is_kept_as_bytes_and_hashed_and_written_as_its_hex() {
+        let salt = Salt::random();
+        let written = serde_json::to_string(&salt).unwrap();
+        assert_eq!(written.len(), 34, "{written}");
+        let read: Salt = serde_json::from_str(&written).unwrap();
+        assert!(matches!(read, Salt::Bytes(_)) && read == salt);
+        // The bytes hash as the spelling a file holds: digests in files stay valid.
+        let spelled = Salt::Read(written.trim_matches('"').into());
+        let seed = Secret::new("seed");
+        assert_eq!(secret_digest(&read, &seed), secret_digest(&spelled, &seed));
+        // Any other spelling is kept as read (and written back the same).
+        for other in [
+            "00",
+            "ABCDEF0123456789ABCDEF0123456789",
+            "not hex at all, 32 chars long!!!",
+        ] {
+            let read: Salt = serde_json::from_str(&format!("{other:?}")).unwrap();
+            assert!(matches!(read, Salt::Read(_)), "{other}");
+            assert_eq!(serde_json::to_string(&read).unwrap(), format!("{other:?}"));
+        }
     }
 
     #[test]

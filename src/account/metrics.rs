@@ -233,14 +233,15 @@ impl Row {
             expires_at: state.token.as_ref().map(|t| unix_seconds(t.expires_at)),
             last_success: state.last_refresh.map(unix_seconds),
             recorded,
-            leading: view
-                .cluster
-                .as_ref()
-                .map(|c| f64::from(u8::from(state.leader.as_deref() == Some(c.member())))),
+            leading: view.cluster.as_ref().map(|c| {
+                f64::from(u8::from(
+                    state.cluster().leader.as_deref() == Some(c.member()),
+                ))
+            }),
             degraded: view
                 .cluster
                 .as_ref()
-                .map(|_| f64::from(u8::from(state.degraded))),
+                .map(|_| f64::from(u8::from(state.cluster().degraded))),
             skew: view.cluster.as_ref().and_then(|c| c.clock_skew_seconds()),
         }
     }

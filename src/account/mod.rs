@@ -18,7 +18,7 @@ pub mod state;
 pub mod task;
 
 pub use engine::Shared;
-pub use registry::Accounts;
+pub use registry::{Accounts, ByName};
 pub use state::{Status, TokenState};
 pub use task::{
     spawn, spawn_after, spawn_coordinated, AccountHandle, AccountView, Poke, Predecessor,

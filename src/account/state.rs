@@ -48,16 +48,11 @@ pub struct TokenState {
     pub failures: u32,
     /// Whether the account has had its first try (for readiness).
     pub attempted: bool,
-    /// Cluster mode: the member that refreshes the account now, if known.
-    pub leader: Option<String>,
-    /// Cluster mode: the member that fetched the token served.
-    pub refreshed_by: Option<String>,
-    /// Cluster mode: cut off from the cluster (refreshing alone, or waiting for it).
-    pub degraded: bool,
-    /// Cluster mode: what is wrong with this member's place in the cluster for this
-    /// account (another key, another identity under the name, a refused record, a
-    /// clock that is off), safe to show.
-    pub cluster_warning: Option<String>,
+    /// Cluster mode: who leads, who fetched the token, what is wrong (read it with
+    /// [`TokenState::cluster`]). None until a cluster account says any of it: boxed, as
+    /// an account outside a cluster has none of it (73 bytes less in each account's
+    /// published state, issue 21).
+    pub cluster: Option<Box<ClusterState>>,
     /// `token_binding = "dpop"`: the key the token is bound to, for readers' proofs
     /// (SPEC §9). `Debug` shows its kind only.
     pub dpop: Option<Arc<DpopKey>>,
@@ -73,19 +68,49 @@ impl Default for TokenState {
             next_attempt: None,
             failures: 0,
             attempted: false,
-            leader: None,
-            refreshed_by: None,
-            degraded: false,
-            cluster_warning: None,
+            cluster: None,
             dpop: None,
         }
     }
 }
 
+/// A cluster account's place in its cluster, as readers see it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterState {
+    /// The member that refreshes the account now, if known.
+    pub leader: Option<String>,
+    /// The member that fetched the token served.
+    pub refreshed_by: Option<String>,
+    /// Cut off from the cluster (refreshing alone, or waiting for it).
+    pub degraded: bool,
+    /// What is wrong with this member's place in the cluster for this account (another
+    /// key, another identity under the name, a refused record, a clock that is off),
+    /// safe to show.
+    pub warning: Option<String>,
+}
+
+/// What an account outside a cluster reads.
+static NO_CLUSTER: ClusterState = ClusterState {
+    leader: None,
+    refreshed_by: None,
+    degraded: false,
+    warning: None,
+};
+
 impl TokenState {
     /// The token, if one is held and still valid at `now`.
     pub fn valid_token(&self, now: SystemTime) -> Option<&Arc<Token>> {
         self.token.as_ref().filter(|t| t.is_valid_at(now))
+    }
+
+    /// The account's place in its cluster (all empty outside one).
+    pub fn cluster(&self) -> &ClusterState {
+        self.cluster.as_deref().unwrap_or(&NO_CLUSTER)
+    }
+
+    /// For the account's task: its place in its cluster, to change.
+    pub fn cluster_mut(&mut self) -> &mut ClusterState {
+        self.cluster.get_or_insert_with(Box::default)
     }
 }
 

@@ -12,7 +12,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::account::identity::{CredentialsDigest, RequestIdentity};
-use crate::account::{self, persist, AccountHandle, Accounts, Predecessor, Shared, TokenState};
+use crate::account::{
+    self, persist, AccountHandle, Accounts, ByName, Predecessor, Shared, TokenState,
+};
 use crate::clock::Clock;
 use crate::config::{Account, Config, Output};
 use crate::systemd::Notifier;
@@ -36,7 +38,7 @@ impl std::ops::Deref for Running {
 }
 
 pub(super) struct Supervisor<C> {
-    accounts: BTreeMap<String, Running>,
+    accounts: BTreeMap<ByName, Running>,
     pub(super) shared: Shared,
     pub(super) cancel: CancellationToken,
     pub(super) tracker: TaskTracker,
@@ -223,7 +225,7 @@ impl<C: Connect> Supervisor<C> {
         );
         let credentials = CredentialsDigest::in_memory(&account);
         self.accounts.insert(
-            account.name.clone(),
+            ByName(account.clone()),
             Running {
                 handle,
                 credentials,
@@ -245,7 +247,7 @@ impl<C: Connect> Supervisor<C> {
             .into_iter()
             .filter(|a| {
                 self.accounts
-                    .get(&a.name)
+                    .get(a.name.as_str())
                     .is_none_or(|h| *h.view.account != *a)
             })
             .collect();
@@ -265,12 +267,16 @@ impl<C: Connect> Supervisor<C> {
         let removed: Vec<String> = self
             .accounts
             .keys()
+            .map(ByName::name)
             .filter(|n| !configured.contains(*n))
-            .cloned()
+            .map(str::to_owned)
             .collect();
         for name in removed {
             tracing::info!(account = %name, "account removed");
-            let old = self.accounts.remove(&name).expect("name came from the map");
+            let old = self
+                .accounts
+                .remove(name.as_str())
+                .expect("name came from the map");
             let p = old.stop(true, old.view.account.outputs.clone());
             self.stopping.insert(name, p);
         }
@@ -284,7 +290,7 @@ impl<C: Connect> Supervisor<C> {
                 .collect(),
         );
         for (name, new, endpoint) in ready {
-            if !self.stopping.contains_key(&name) && !self.accounts.contains_key(&name) {
+            if !self.stopping.contains_key(&name) && !self.accounts.contains_key(name.as_str()) {
                 // A renamed account of the refresh_token grant starts after the account
                 // it was (whose chain it resumes: persist::load_for), not beside it.
                 if let Some(old) = self.renamed_from(&new) {
@@ -294,7 +300,7 @@ impl<C: Connect> Supervisor<C> {
                 }
             }
             let mut initial = TokenState::default();
-            if let Some(old) = self.accounts.remove(&name) {
+            if let Some(old) = self.accounts.remove(name.as_str()) {
                 tracing::info!(account = %name, "account changed: restarting it");
                 let gone: Vec<Output> = old
                     .view
@@ -331,7 +337,7 @@ impl<C: Connect> Supervisor<C> {
             match &old.grant {
                 crate::config::Grant::RefreshToken {
                     refresh_token: seed,
-                } if seed == refresh_token && !self.accounts.contains_key(name) => {
+                } if seed == refresh_token && !self.accounts.contains_key(name.as_str()) => {
                     Some(name.clone())
                 }
                 _ => None,

@@ -3,6 +3,7 @@
 //! and Okta's `X-Rate-Limit-Reset`. Of an error body only `error` and
 //! `error_description` are kept.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::time::{Duration, SystemTime};
 
@@ -18,7 +19,9 @@ use crate::config::Secret;
 #[derive(Clone, PartialEq)]
 pub struct Token {
     pub access_token: Secret,
-    pub token_type: String,
+    /// As the provider spelled it (its common spellings are not allocated: see
+    /// [`token_type`]).
+    pub token_type: Cow<'static, str>,
     pub issued_at: SystemTime,
     pub expires_at: SystemTime,
     pub scope: Option<String>,
@@ -42,6 +45,18 @@ impl fmt::Debug for Token {
             )
             .field("extra", &self.extra.keys().collect::<Vec<_>>())
             .finish()
+    }
+}
+
+/// A token type as a token keeps it: the spellings nearly every provider sends are not
+/// an allocation of their own (each account holds its token for the daemon's life; a
+/// string made when the token arrives, among the temporaries of its request, also
+/// keeps a page of the heap from being returned: issue 21).
+pub fn token_type(s: String) -> Cow<'static, str> {
+    const COMMON: [&str; 4] = ["Bearer", "bearer", "DPoP", "dpop"];
+    match COMMON.iter().find(|c| **c == s) {
+        Some(c) => Cow::Borrowed(c),
+        None => Cow::Owned(s),
     }
 }
 
@@ -117,10 +132,12 @@ pub fn parse_success(
         ));
     }
     let token_type = match obj.remove("token_type") {
-        Some(Value::String(s)) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic()) => s,
+        Some(Value::String(s)) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic()) => {
+            token_type(s)
+        }
         Some(_) => return Err(bad("token_type is not a word")),
         // RFC 6749 requires it; some providers leave it out. Bearer is what they mean.
-        None => "Bearer".into(),
+        None => Cow::Borrowed("Bearer"),
     };
     // Whatever a provider states, a token lives a year at most (SPEC §6): no value can
     // overflow the clock arithmetic downstream or pin a token for centuries.
@@ -307,6 +324,22 @@ mod tests {
 
     fn ok(body: &str) -> Result<Token, Error> {
         parse_success(200, body.as_bytes(), now(), HOUR)
+    }
+
+    #[test]
+    fn common_token_types_are_kept_without_an_allocation_and_others_as_sent() {
+        for (sent, borrowed) in [
+            ("Bearer", true),
+            ("bearer", true),
+            ("DPoP", true),
+            ("N_A", false),
+        ] {
+            let t = ok(&format!(r#"{{"access_token":"a","token_type":"{sent}"}}"#)).unwrap();
+            assert_eq!(t.token_type, sent);
+            assert_eq!(matches!(t.token_type, Cow::Borrowed(_)), borrowed, "{sent}");
+        }
+        let t = ok(r#"{"access_token":"a"}"#).unwrap();
+        assert!(matches!(t.token_type, Cow::Borrowed("Bearer")));
     }
 
     fn jwt(claims: &str) -> String {

@@ -110,7 +110,7 @@ mod tests {
         let issued = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         Token {
             access_token: Secret::new("tok.en-1"),
-            token_type: token_type.into(),
+            token_type: token_type.to_owned().into(),
             issued_at: issued,
             expires_at: issued + Duration::from_secs(3600),
             scope: Some("full".into()),

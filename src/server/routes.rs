@@ -142,10 +142,10 @@ fn info(view: &AccountView, now: SystemTime) -> AccountInfo {
         last_refresh: s.last_refresh.map(rfc3339),
         last_error: s.last_error.clone(),
         next_refresh: s.next_attempt.map(rfc3339),
-        leader: s.leader.clone(),
-        refreshed_by: s.refreshed_by.clone(),
-        degraded: s.degraded,
-        cluster_warning: s.cluster_warning.clone(),
+        leader: s.cluster().leader.clone(),
+        refreshed_by: s.cluster().refreshed_by.clone(),
+        degraded: s.cluster().degraded,
+        cluster_warning: s.cluster().warning.clone(),
         urls: view.account.urls.iter().map(|u| u.to_string()).collect(),
         credential_username: view.account.options.credential_username.clone(),
     }
@@ -175,9 +175,9 @@ fn cluster(ctx: &Ctx, peer: &super::Peer) -> Response<Body> {
                 let s = v.state.borrow();
                 api::ClusterAccount {
                     account: v.account.name.clone(),
-                    leader: s.leader.clone(),
-                    refreshed_by: s.refreshed_by.clone(),
-                    degraded: s.degraded,
+                    leader: s.cluster().leader.clone(),
+                    refreshed_by: s.cluster().refreshed_by.clone(),
+                    degraded: s.cluster().degraded,
                 }
             })
             .collect(),
@@ -196,7 +196,7 @@ fn health(ctx: &Ctx, caller: &Caller) -> Response<Body> {
     let mut degraded = Vec::new();
     for view in accounts.values().filter(|v| visible(caller, v)) {
         let s = view.state.borrow();
-        if s.degraded {
+        if s.cluster().degraded {
             degraded.push(view.account.name.clone());
         }
         if s.valid_token(now).is_some() {

@@ -14,7 +14,7 @@ use super::{
     ensure_dir,
     lock::{try_lock, Locked},
 };
-use crate::account::identity::{self, CredentialsDigest, RequestIdentity};
+use crate::account::identity::{self, CredentialsDigest, RequestIdentity, Salt};
 use crate::config::{Account, Grant, Secret};
 use crate::oauth::Token;
 use crate::output::atomic;
@@ -28,7 +28,7 @@ const RETIRED: &str = "retired";
 struct FileOut<'a> {
     version: u32,
     generation: u64,
-    salt: &'a str,
+    salt: &'a Salt,
     issued_for: RequestIdentity,
     token: Option<TokenOut<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -50,7 +50,7 @@ struct FileOut<'a> {
 #[derive(Deserialize)]
 struct FileIn {
     generation: u64,
-    salt: Box<str>,
+    salt: Salt,
     issued_for: RequestIdentity,
     token: Option<SavedToken>,
     #[serde(default)]
@@ -154,7 +154,7 @@ struct SavedV1 {
 
 impl SavedV1 {
     fn migrate(self) -> Saved {
-        let salt = identity::new_salt();
+        let salt = Salt::random();
         let held = self.hold_key.is_some();
         Saved {
             generation: 1,
@@ -165,7 +165,7 @@ impl SavedV1 {
                 })),
                 _ => None,
             },
-            salt: salt.into(),
+            salt,
             issued_for: self.fingerprint.digest(),
             token: self.token.as_ref().map(|t| Arc::new(t.to_token())),
             token_jkt: None,

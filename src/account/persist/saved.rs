@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::account::identity::{self, CredentialsDigest, RequestIdentity};
+use crate::account::identity::{self, CredentialsDigest, RequestIdentity, Salt};
 use crate::account::schedule::{self, MAX_LIFETIME};
 use crate::config::{Account, Grant, SchedulePolicy, Secret};
 use crate::oauth::Token;
@@ -108,7 +108,7 @@ pub struct Saved {
     /// Grows with every change; of two copies (memory and disk) the larger is newer.
     pub(super) generation: u64,
     /// For the digests below.
-    pub(super) salt: Box<str>,
+    pub(super) salt: Salt,
     /// What the token was issued for ([`RequestIdentity::digest`]): it is reused only
     /// for the same request.
     pub(super) issued_for: [u8; 32],
@@ -198,7 +198,7 @@ impl SavedToken {
     pub fn from_token(t: &Token) -> Self {
         SavedToken {
             access_token: t.access_token.expose().to_owned(),
-            token_type: t.token_type.clone(),
+            token_type: t.token_type.clone().into_owned(),
             issued_at: secs(t.issued_at),
             expires_at: secs(t.expires_at),
             scope: t.scope.clone(),
@@ -210,7 +210,7 @@ impl SavedToken {
         let issued_at = time(self.issued_at);
         Token {
             access_token: Secret::new(self.access_token.clone()),
-            token_type: self.token_type.clone(),
+            token_type: crate::oauth::response::token_type(self.token_type.clone()),
             issued_at,
             expires_at: time(self.expires_at).min(issued_at + MAX_LIFETIME),
             scope: self.scope.clone(),
@@ -224,7 +224,7 @@ impl Saved {
     pub fn new(account: &Account) -> Self {
         Saved {
             generation: 0,
-            salt: identity::new_salt().into(),
+            salt: Salt::random(),
             issued_for: RequestIdentity::of(account).digest(),
             token: None,
             token_jkt: None,

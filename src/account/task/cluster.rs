@@ -145,8 +145,9 @@ impl<'a, E: Endpoint> Task<'a, E> {
             Turn::Alone | Turn::Wait => None,
         };
         self.publish(|s| {
-            s.degraded = leader.is_none();
-            s.leader = leader;
+            let c = s.cluster_mut();
+            c.degraded = leader.is_none();
+            c.leader = leader;
         });
         if turn != Turn::Lead {
             return ClusterNews::Nothing;
@@ -238,7 +239,7 @@ impl<'a, E: Endpoint> Task<'a, E> {
             s.last_error = None;
             s.failures = 0;
             s.attempted = true;
-            s.refreshed_by = Some(by);
+            s.cluster_mut().refreshed_by = Some(by);
         });
     }
 
@@ -300,8 +301,9 @@ impl<'a, E: Endpoint> Task<'a, E> {
             Turn::Lead => {
                 let me = c.me().to_owned();
                 self.publish(|s| {
-                    s.leader = Some(me);
-                    s.degraded = false;
+                    let c = s.cluster_mut();
+                    c.leader = Some(me);
+                    c.degraded = false;
                 });
                 // Taking over: a fresh token another member shared, or its hold, first.
                 self.follow(engine, c, plan).await;
@@ -329,8 +331,9 @@ impl<'a, E: Endpoint> Task<'a, E> {
                 }
                 let next = self.wall(plan.next);
                 self.publish(|s| {
-                    s.leader = Some(leader.clone());
-                    s.degraded = false;
+                    let c = s.cluster_mut();
+                    c.leader = Some(leader.clone());
+                    c.degraded = false;
                     s.next_attempt = Some(next);
                 });
                 // The leader's token normally comes through the watch; look anyway.
@@ -347,15 +350,17 @@ impl<'a, E: Endpoint> Task<'a, E> {
             Turn::Alone => {
                 tracing::warn!(account = %self.account().name, "cluster unreachable: refreshing on this member alone (on_cluster_loss = \"refresh\")");
                 self.publish(|s| {
-                    s.leader = None;
-                    s.degraded = true;
+                    let c = s.cluster_mut();
+                    c.leader = None;
+                    c.degraded = true;
                 });
                 Some(false)
             }
             Turn::Wait => {
                 self.publish(|s| {
-                    s.leader = None;
-                    s.degraded = true;
+                    let c = s.cluster_mut();
+                    c.leader = None;
+                    c.degraded = true;
                 });
                 plan.next = recheck;
                 self.publish_next(plan.next);
@@ -367,8 +372,8 @@ impl<'a, E: Endpoint> Task<'a, E> {
     /// Cluster mode: the status says what the coordinator warns of, if it changed.
     fn publish_warning(&self, c: &dyn Coordinator) {
         let warning = c.warning();
-        if self.parts.state.borrow().cluster_warning != warning {
-            self.publish(|s| s.cluster_warning = warning);
+        if self.parts.state.borrow().cluster().warning != warning {
+            self.publish(|s| s.cluster_mut().warning = warning);
         }
     }
 
@@ -426,7 +431,7 @@ impl<'a, E: Endpoint> Task<'a, E> {
                 s.token = Some(token.clone());
                 s.last_refresh = Some(token.issued_at);
                 s.attempted = true;
-                s.refreshed_by = Some(by);
+                s.cluster_mut().refreshed_by = Some(by);
             });
         } else {
             self.retime(engine, c).await;

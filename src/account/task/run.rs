@@ -374,7 +374,7 @@ impl<'a, E: Endpoint> Task<'a, E> {
             if c.share(state, fresh, expires_at).await {
                 if fresh {
                     let me = c.me().to_owned();
-                    self.publish(|s| s.refreshed_by = Some(me));
+                    self.publish(|s| s.cluster_mut().refreshed_by = Some(me));
                 }
             } else {
                 tracing::warn!(account = %name, "the shared state moved on while refreshing: taking what is shared");
