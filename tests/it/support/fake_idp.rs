@@ -288,7 +288,7 @@ impl FakeIdp {
     /// Starts on `addr` (a port a previous IdP used, to come back after an outage).
     pub fn start_on(addr: SocketAddr, default: Reply) -> FakeIdp {
         assert!(addr.ip().is_loopback(), "servers bind on loopback only");
-        let std_listener = std::net::TcpListener::bind(addr).expect("bind the fake IdP");
+        let std_listener = std::net::TcpListener::from(reusable_port(addr, true));
         std_listener
             .set_nonblocking(true)
             .expect("a non-blocking listener");
@@ -461,10 +461,12 @@ impl FakeIdp {
     }
 
     /// Stops listening and closes every connection. The port stays reserved, refusing
-    /// connections, until [`ClosedPort::reopen`]: no other test can take it meanwhile.
+    /// connections, until [`ClosedPort::reopen`]: no other test can take it meanwhile
+    /// (it is held before the listener closes: both bind it with `SO_REUSEPORT`).
     pub fn stop(mut self) -> ClosedPort {
+        let held = ClosedPort::hold(self.addr);
         self.shutdown();
-        ClosedPort::hold(self.addr)
+        held
     }
 
     fn shutdown(&mut self) {
@@ -492,30 +494,43 @@ pub struct ClosedPort {
 
 impl ClosedPort {
     fn hold(addr: SocketAddr) -> ClosedPort {
-        use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
-        let SocketAddr::V4(v4) = addr else {
-            panic!("the fake IdP binds IPv4 loopback");
-        };
-        let fd = socket::socket(
-            AddressFamily::Inet,
-            SockType::Stream,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .expect("a socket");
-        // The closed connections of the stopped IdP are in TIME_WAIT on this port.
-        socket::setsockopt(&fd, sockopt::ReuseAddr, &true).expect("SO_REUSEADDR");
-        socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(v4))
-            .expect("hold the stopped IdP's port");
-        ClosedPort { addr, _socket: fd }
+        ClosedPort {
+            addr,
+            _socket: reusable_port(addr, false),
+        }
     }
 
-    /// Starts a fake IdP on the held port again.
+    /// Starts a fake IdP on the held port again (listening before the port is let go).
     pub fn reopen(self, default: Reply) -> FakeIdp {
-        let addr = self.addr;
-        drop(self);
-        FakeIdp::start_on(addr, default)
+        FakeIdp::start_on(self.addr, default)
     }
+}
+
+/// A TCP socket bound to `addr` (IPv4 loopback) with `SO_REUSEADDR` (the closed
+/// connections of a stopped IdP are in TIME_WAIT on its port) and `SO_REUSEPORT` (so a
+/// listener and the socket that holds its port closed can be bound at the same time),
+/// listening or not. A port only ever bound with `SO_REUSEPORT` cannot be taken by
+/// another test's bind meanwhile.
+fn reusable_port(addr: SocketAddr, listen: bool) -> std::os::fd::OwnedFd {
+    use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
+    let SocketAddr::V4(v4) = addr else {
+        panic!("the fake IdP binds IPv4 loopback");
+    };
+    let fd = socket::socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("a socket");
+    socket::setsockopt(&fd, sockopt::ReuseAddr, &true).expect("SO_REUSEADDR");
+    socket::setsockopt(&fd, sockopt::ReusePort, &true).expect("SO_REUSEPORT");
+    socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(v4))
+        .unwrap_or_else(|e| panic!("bind the fake IdP's port {addr}: {e}"));
+    if listen {
+        socket::listen(&fd, socket::Backlog::new(128).expect("a backlog")).expect("listen");
+    }
+    fd
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
