@@ -24,6 +24,7 @@ use std::time::{Duration, SystemTime};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
+use tokend::account::registry::ByName;
 use tokend::account::{AccountView, Accounts, Status as AccountStatus, TokenState};
 use tokend::server::peer::Peer;
 use tokend::server::{answer_bytes, Limits};
@@ -137,8 +138,8 @@ fn world() -> &'static World {
             };
             let (tx, rx) = tokend::account::state::published::channel(state);
             senders.push(tx);
-            let name = account.name.clone();
-            map.insert(name, AccountView::detached(Arc::new(account), rx));
+            let account = Arc::new(account);
+            map.insert(ByName(account.clone()), AccountView::detached(account, rx));
         }
         let (tx, accounts) = watch::channel(Arc::new(map));
         World {

@@ -285,9 +285,7 @@ impl AccountsCollector {
         }
         Ok(())
     }
-}
 
-impl AccountsCollector {
     /// A per-account counter of the accounts that recorded something.
     fn counter(
         &self,
@@ -305,9 +303,7 @@ impl AccountsCollector {
         }
         Ok(())
     }
-}
 
-impl AccountsCollector {
     /// The cluster-mode families: who leads, who is cut off, clock skew, link waits.
     fn encode_cluster(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         self.gauge(

@@ -196,8 +196,9 @@ impl Listeners {
         if let Some(addr) = tcp.as_ref().and_then(|l| l.local_addr().ok()) {
             tracing::info!("serving /metrics and /v1/health on http://{addr}");
         }
-        // The Unix socket's other threads accept on copies of its descriptor; every
-        // thread seats its connections in the listener's one set of seats.
+        // The Unix socket's second thread accepts on a copy of its descriptor, once an
+        // account binds its tokens with DPoP; both seat their connections in the
+        // listener's one set of seats.
         let threads = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .clamp(1, SOCKET_THREADS);
@@ -214,9 +215,9 @@ impl Listeners {
             seats,
             stop: cancel.clone(),
         };
-        let mut done = vec![serving.clone().on_thread(unix, tcp)?];
+        let mut done = vec![serving.clone().on_thread(unix, tcp, false)?];
         for copy in copies {
-            done.push(serving.clone().on_thread(Some(copy), None)?);
+            done.push(serving.clone().on_thread(Some(copy), None, true)?);
         }
         Ok(Server {
             cancel,
@@ -228,9 +229,33 @@ impl Listeners {
 
 /// How many threads serve the Unix socket at most: one per CPU, up to two. Each owns
 /// the connections it accepted (no hand-offs between threads: what a request costs is
-/// mostly wake-ups); two let a CPU-bound answer (a DPoP proof's signature) run beside
-/// another instead of queueing behind it (BENCHMARKS.md, DPoP).
+/// mostly wake-ups). The second accepts only once an account binds its tokens with
+/// DPoP ([`dpop_in`]): two let a CPU-bound answer (a proof's signature) run beside
+/// another instead of queueing behind it, but every thread that waits on the listener
+/// is woken by each new connection, and all but one find nothing to accept. Without
+/// DPoP that cost clients with a connection each a fifth on the p99 and gained them
+/// nothing (BENCHMARKS.md, "One socket thread without DPoP").
 const SOCKET_THREADS: usize = 2;
+
+/// Waits until an account binds its tokens with DPoP (true), or `stop` (false). Once
+/// started, the second thread accepts until the daemon stops.
+async fn dpop_in(mut accounts: watch::Receiver<Accounts>, stop: &CancellationToken) -> bool {
+    loop {
+        if accounts
+            .borrow_and_update()
+            .keys()
+            .any(|a| a.0.dpop.is_some())
+        {
+            return true;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return false,
+            changed = accounts.changed() => if changed.is_err() {
+                return false;
+            },
+        }
+    }
+}
 
 /// What every socket thread serves from.
 #[derive(Clone)]
@@ -245,11 +270,13 @@ struct Serving {
 
 impl Serving {
     /// Serves `unix` (and `tcp`) on a thread of its own with a single-threaded runtime,
-    /// until `stop`; the receiver hears when the thread is done.
+    /// until `stop`; the receiver hears when the thread is done. `for_dpop`: `unix`
+    /// only once an account binds its tokens with DPoP ([`SOCKET_THREADS`]).
     fn on_thread(
         self,
         unix: Option<std::os::unix::net::UnixListener>,
         tcp: Option<std::net::TcpListener>,
+        for_dpop: bool,
     ) -> anyhow::Result<tokio::sync::oneshot::Receiver<()>> {
         let (done_tx, done) = tokio::sync::oneshot::channel();
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -262,6 +289,9 @@ impl Serving {
             .spawn(move || {
                 runtime.block_on(async move {
                     let unix = async {
+                        if for_dpop && !dpop_in(s.accounts.clone(), &s.stop).await {
+                            return;
+                        }
                         match unix.map(UnixListener::from_std) {
                             Some(Ok(l)) => {
                                 let daemon = Some(s.daemon.clone());
@@ -425,6 +455,63 @@ mod tests {
         assert_eq!(len, body.len());
         let e: api::ErrorBody = serde_json::from_str(body).unwrap();
         assert_eq!(e.error, api::code::BUSY);
+    }
+
+    /// The second socket thread accepts only once an account binds its tokens with
+    /// DPoP: not while every account is a bearer one, at once when a DPoP account is
+    /// published, and never once the server stops.
+    #[tokio::test]
+    async fn the_second_socket_thread_waits_for_a_dpop_account() {
+        use crate::account::registry::ByName;
+        use crate::account::state::{published, TokenState};
+        use crate::account::AccountView;
+
+        let account = |name: &str, binding: &str| {
+            format!(
+                "[[account]]\nname = \"{name}\"\ntoken_url = \"https://idp.example/t\"\n\
+                 client_id = \"id\"\nclient_secret = {{ env = \"S\" }}\n{binding}"
+            )
+        };
+        let text = format!(
+            "[daemon]\nsocket = \"/run/t.sock\"\nstate_dir = \"/var/lib/tokend\"\n{}{}",
+            account("bearer", ""),
+            account(
+                "bound",
+                "token_binding = \"dpop\"\nurls = [\"https://fhir.example/r4/\"]\n"
+            ),
+        );
+        let config = crate::config::parse_str(&text, std::path::Path::new("/c.toml")).unwrap();
+        let map = |names: &[&str]| -> Accounts {
+            let views = config.accounts.iter().filter(|a| names.contains(&&*a.name));
+            Arc::new(
+                views
+                    .map(|a| {
+                        let a = Arc::new(a.clone());
+                        let (_, state) = published::channel(TokenState::default());
+                        (ByName(a.clone()), AccountView::detached(a, state))
+                    })
+                    .collect(),
+            )
+        };
+
+        let (publish, accounts) = watch::channel(map(&["bearer"]));
+        let stop = CancellationToken::new();
+        let mut waiting = Box::pin(dpop_in(accounts.clone(), &stop));
+        assert!(futures_util::poll!(&mut waiting).is_pending());
+        publish.send(map(&["bearer"])).unwrap();
+        assert!(futures_util::poll!(&mut waiting).is_pending());
+        publish.send(map(&["bearer", "bound"])).unwrap();
+        assert!(waiting.await);
+        // Already there: at once.
+        assert!(dpop_in(accounts.clone(), &stop).await);
+
+        publish.send(map(&["bearer"])).unwrap();
+        let mut waiting = Box::pin(dpop_in(accounts.clone(), &stop));
+        assert!(futures_util::poll!(&mut waiting).is_pending());
+        stop.cancel();
+        assert!(!waiting.await);
+        drop(publish);
+        assert!(!dpop_in(accounts, &CancellationToken::new()).await);
     }
 
     /// The fuzz target's entry point answers pipelined requests in order, then closes

@@ -816,6 +816,67 @@ fn health_and_metrics_on_the_socket_and_the_tcp_listener() {
     }
 }
 
+/// The socket's second thread waits on the listener only once an account binds its
+/// tokens with DPoP (whose proofs are CPU that a second thread spreads): before, every
+/// new connection woke it for nothing to accept. With bearer accounts one thread
+/// watches the socket; after a reload adds a DPoP account, two (given two CPUs).
+#[test]
+fn a_second_socket_thread_accepts_only_once_an_account_uses_dpop() {
+    let idp = idp_for("a", 3600);
+    let d = Running::start("state_dir = \"state\"", &account("a", &idp.url(), ""));
+    d.token("a");
+    assert_eq!(listener_watchers(d.daemon.pid(), &d.socket), 1);
+
+    let since = crate::support::daemon_info(&d.socket).unwrap();
+    let dpop = account(
+        "bound",
+        &idp.url(),
+        "token_binding = \"dpop\"\nurls = [\"https://fhir.example/r4/\"]\n",
+    );
+    let text = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(&d.config, format!("{text}\n{dpop}")).unwrap();
+    nix::sys::signal::kill(d.daemon.pid(), nix::sys::signal::Signal::SIGHUP).unwrap();
+    let info = crate::support::wait_reload(&d.daemon, &d.socket, &since);
+    assert_eq!(info["last_reload"]["result"], "ok", "{info}");
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    d.daemon.wait_until("the second socket thread", SHORT, || {
+        (listener_watchers(d.daemon.pid(), &d.socket) == cpus.min(2)).then_some(())
+    });
+    // With two threads accepting, every connection still gets its answer.
+    for _ in 0..50 {
+        assert_eq!(d.get("/v1/tokens/a/raw").status, 200);
+    }
+}
+
+/// How many descriptors of the listening socket at `socket` are registered in one of
+/// `pid`'s epoll instances (`/proc/PID/fdinfo`): one per socket thread that accepts.
+fn listener_watchers(pid: nix::unistd::Pid, socket: &Path) -> usize {
+    let table = std::fs::read_to_string("/proc/net/unix").unwrap();
+    let inode: u64 = table
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        // Num RefCount Protocol Flags Type St Inode Path; 00010000: listening.
+        .find(|f| f.len() == 8 && f[3] == "00010000" && Path::new(f[7]) == socket)
+        .map(|f| f[6].parse().unwrap())
+        .expect("the listening socket in /proc/net/unix");
+    let mut registered = std::collections::BTreeSet::new();
+    let fdinfo = PathBuf::from(format!("/proc/{pid}/fdinfo"));
+    for entry in std::fs::read_dir(fdinfo).unwrap().flatten() {
+        let Ok(info) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        // tfd:       13 events: 8000201d data: ...  pos:0 ino:b7315b9 sdev:9
+        for line in info.lines().filter(|l| l.starts_with("tfd:")) {
+            let f: Vec<_> = line.split_whitespace().collect();
+            let ino = f.iter().find_map(|w| w.strip_prefix("ino:"));
+            if ino.and_then(|i| u64::from_str_radix(i, 16).ok()) == Some(inode) {
+                registered.insert(f[1].to_owned());
+            }
+        }
+    }
+    registered.len()
+}
+
 #[test]
 fn socket_file_lifecycle() {
     let idp = idp_for("a", 3600);
