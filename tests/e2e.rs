@@ -16,6 +16,7 @@ use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+use support::Killed;
 
 /// A running server; stopped when dropped (also when a test panics).
 struct Server {
@@ -173,24 +174,21 @@ fn tokend(args: &[&str], config: &Path) -> Output {
 }
 
 /// `tokend run -c CONFIG`, its stderr to `stderr`.
-fn run(config: &Path, stderr: Stdio) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_tokend"))
+fn run(config: &Path, stderr: Stdio) -> Killed {
+    let child = Command::new(env!("CARGO_BIN_EXE_tokend"))
         .args(["run", "-c"])
         .arg(config)
         .stdin(Stdio::null())
         .stderr(stderr)
         .spawn()
-        .unwrap()
+        .unwrap();
+    Killed(child)
 }
 
 /// SIGTERM to `child` (`tokend run`), which then ends with success.
-fn terminate(mut child: Child) {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert!(child.wait().unwrap().success());
+fn terminate(mut child: Killed) {
+    child.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(child.0.wait().unwrap().success());
 }
 
 fn mode(p: &Path) -> u32 {
@@ -250,11 +248,20 @@ fn once_reports_the_providers_error_and_exits_1() {
 
 #[test]
 fn run_keeps_tokens_fresh_through_five_rotations() {
-    let server = Server::start(4);
+    let server = Server::start(8);
     let config = server.config("cc-secret\n");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("[defaults]\n", "[defaults]\nrefresh_ratio = 0.4\n"),
+    )
+    .unwrap();
     let child = run(&config, Stdio::piped());
 
-    // 4-second tokens, refreshed at 80%: six generations in well under a minute.
+    // 8-second tokens, refreshed at 40% (3.2 s): six generations in well under a
+    // minute, and each token still valid 4.8 s after its successor is due, so that a
+    // refresh that a loaded machine runs late does not leave an expired token behind
+    // (with 4-second tokens refreshed at 80%, a CI run once caught one 0.8 s late).
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut generations: Vec<[String; 3]> = Vec::new();
     while generations.len() < 6 {
@@ -460,40 +467,6 @@ impl Rng {
         for i in (1..v.len()).rev() {
             v.swap(i, (self.next() % (i as u64 + 1)) as usize);
         }
-    }
-}
-
-/// A child process killed (SIGKILL) and reaped when dropped, also when a test panics.
-struct Killed(std::process::Child);
-
-impl Killed {
-    fn pid(&self) -> nix::unistd::Pid {
-        nix::unistd::Pid::from_raw(self.0.id() as i32)
-    }
-
-    fn signal(&self, signal: nix::sys::signal::Signal) {
-        nix::sys::signal::kill(self.pid(), signal).unwrap();
-    }
-
-    /// Waits (polling) for the process to exit, at most `timeout`.
-    fn wait_for_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.0.try_wait().unwrap() {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

@@ -182,7 +182,7 @@ pub fn finish(mut cmd: Command, timeout: Duration) -> Finished {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start tokend");
-    let mut child = KillOnDrop(child);
+    let mut child = Killed(child);
     let stdout = child.0.stdout.take().expect("stdout is piped");
     let stderr = child.0.stderr.take().expect("stderr is piped");
     let out_reader =
@@ -269,10 +269,37 @@ pub fn wait_reload(d: &Daemon, socket: &Path, since: &serde_json::Value) -> serd
     })
 }
 
-/// A child process that does not outlive a failed test.
-struct KillOnDrop(Child);
+/// A child process that does not outlive a failed test: killed (SIGKILL) and reaped
+/// when dropped, also when the test panics.
+pub struct Killed(pub Child);
 
-impl Drop for KillOnDrop {
+// Used by tests/e2e.rs, which shares this module.
+#[allow(dead_code)]
+impl Killed {
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.0.id() as i32)
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(self.pid(), signal).unwrap();
+    }
+
+    /// Waits (polling) for the process to exit, at most `timeout`.
+    pub fn wait_for_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Killed {
     fn drop(&mut self) {
         if self.0.try_wait().ok().flatten().is_none() {
             let _ = self.0.kill();
