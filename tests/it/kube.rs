@@ -15,11 +15,19 @@ use crate::support::kube::{KubeApiServer, Kubectl, Options};
 /// A Role and RoleBinding for service account `sa` in `ns`, allowing `verbs` on leases
 /// and secrets.
 fn role(ns: &str, sa: &str, verbs: &[&str]) -> String {
-    let verbs = verbs
-        .iter()
-        .map(|v| format!("\"{v}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
+    role_for(ns, sa, verbs, verbs)
+}
+
+/// [`role`] with `leases` on leases and `secrets` on secrets.
+fn role_for(ns: &str, sa: &str, leases: &[&str], secrets: &[&str]) -> String {
+    let quoted = |verbs: &[&str]| {
+        verbs
+            .iter()
+            .map(|v| format!("\"{v}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (leases, secrets) = (quoted(leases), quoted(secrets));
     format!(
         r#"apiVersion: rbac.authorization.k8s.io/v1
 kind: Role
@@ -28,10 +36,10 @@ metadata:
 rules:
   - apiGroups: ["coordination.k8s.io"]
     resources: ["leases"]
-    verbs: [{verbs}]
+    verbs: [{leases}]
   - apiGroups: [""]
     resources: ["secrets"]
-    verbs: [{verbs}]
+    verbs: [{secrets}]
 ---
 apiVersion: rbac.authorization.k8s.io/v1
 kind: RoleBinding
