@@ -13,7 +13,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{
-    Account, AssertionConfig, BasicEncoding, ClientAuth, Grant, ParamsIn, Secret, SecretSpec,
+    Account, AssertionConfig, BasicEncoding, ClientAuth, Grant, ParamsIn, Secret, SecretReads,
+    SecretSpec,
 };
 use crate::hex::hex;
 
@@ -172,8 +173,9 @@ impl CredentialsDigest {
     /// The digest of `a`'s credentials now, unsalted, as bytes: for comparisons in
     /// memory only (the daemon noticing a changed secret file), where neither a salt
     /// nor hex strings are worth their bytes for each of thousands of accounts.
-    pub fn in_memory(a: &Account) -> [u8; 32] {
-        Self::hash(a, "")
+    /// `reads` holds what this pass over accounts has read so far.
+    pub fn in_memory(a: &Account, reads: &mut SecretReads) -> [u8; 32] {
+        Self::hash(a, "", reads)
             .as_ref()
             .try_into()
             .expect("SHA-256 is 32 bytes")
@@ -182,11 +184,11 @@ impl CredentialsDigest {
     fn with_salt(a: &Account, salt: &str) -> Self {
         CredentialsDigest {
             salt: salt.to_owned(),
-            digest: hex(Self::hash(a, salt).as_ref()),
+            digest: hex(Self::hash(a, salt, &mut SecretReads::default()).as_ref()),
         }
     }
 
-    fn hash(a: &Account, salt: &str) -> ring::digest::Digest {
+    fn hash(a: &Account, salt: &str, reads: &mut SecretReads) -> ring::digest::Digest {
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
         let mut field = |bytes: &[u8]| {
             ctx.update(&(bytes.len() as u64).to_be_bytes());
@@ -235,10 +237,10 @@ impl CredentialsDigest {
         }
         for (what, spec) in a.secrets() {
             field(what.as_bytes());
-            match spec.read() {
-                Ok(v) => field(v.expose().as_bytes()),
+            match reads.read(spec) {
+                Some(v) => field(v.expose().as_bytes()),
                 // Unreadable now: a distinct value, so that reading it again is a change.
-                Err(_) => field(format!("\0unreadable {}", spec.describe()).as_bytes()),
+                None => field(format!("\0unreadable {}", spec.describe()).as_bytes()),
             }
         }
         ctx.finish()

@@ -8,7 +8,8 @@
 //! Nothing here reads TOML or decides what a key means: `validate` does, and hands over
 //! where each key that names a file is written ([`Located`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -147,10 +148,55 @@ fn outputs_resolved_apart(
 /// [`resolved`] for many outputs, most of them in a few directories: each directory is
 /// resolved once (following every link of a path is a system call per component, seven
 /// for `/run/tokend/tokens/name` where it does not exist yet: 70,000 at 10,000 accounts,
-/// on every reload), and each output then costs one `lstat` of its own name.
+/// on every reload) and listed once, for the names in it that are symbolic links (from
+/// the listing's file types: a `getdents` call for hundreds of names, where an `lstat`
+/// of each output was one call each, 10,000 on every reload). A directory that cannot
+/// be listed costs an `lstat` of each output in it, as before.
 #[derive(Default)]
 struct Resolver {
-    dirs: HashMap<PathBuf, PathBuf>,
+    dirs: HashMap<PathBuf, Dir>,
+}
+
+/// A directory of outputs, as [`Resolver`] keeps it.
+#[derive(Debug)]
+struct Dir {
+    /// The directory as the file system resolves it.
+    real: PathBuf,
+    /// The names in it that are symbolic links (or whose type the listing could not
+    /// tell); `None` when it could not be listed.
+    links: Option<HashSet<OsString>>,
+}
+
+impl Dir {
+    fn read(dir: &Path) -> Dir {
+        let links = match std::fs::read_dir(dir) {
+            // Not there yet: nor is any name in it.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(HashSet::new()),
+            Err(_) => None,
+            Ok(entries) => entries
+                .map(|e| e.map(|e| (e.file_type().map(|t| t.is_symlink()), e.file_name())))
+                .filter(|e| !matches!(e, Ok((Ok(false), _))))
+                .map(|e| e.map(|(_, name)| name))
+                .collect::<Result<HashSet<_>, _>>()
+                .ok(),
+        };
+        Dir {
+            real: resolved(dir),
+            links,
+        }
+    }
+
+    /// Whether `name` in this directory must be resolved whole: a symbolic link, or a
+    /// name that cannot be looked at. A name that is not there is the directory's.
+    fn follows(&self, path: &Path, name: &OsStr) -> bool {
+        match &self.links {
+            Some(links) => links.contains(name),
+            None => match std::fs::symlink_metadata(path) {
+                Ok(meta) => meta.file_type().is_symlink(),
+                Err(e) => e.kind() != std::io::ErrorKind::NotFound,
+            },
+        }
+    }
 }
 
 impl Resolver {
@@ -162,21 +208,17 @@ impl Resolver {
         if parent.as_os_str().is_empty() {
             return resolved(&path);
         }
-        match std::fs::symlink_metadata(&path) {
-            // Not a link (or not there): the file is its directory's, as resolved.
-            Ok(meta) if !meta.file_type().is_symlink() => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            // A link, or a path that cannot be looked at: resolved whole.
-            _ => return resolved(&path),
-        }
         let dir = match self.dirs.get(parent) {
             Some(dir) => dir,
             None => self
                 .dirs
                 .entry(parent.to_owned())
-                .or_insert_with(|| resolved(parent)),
+                .or_insert_with(|| Dir::read(parent)),
         };
-        dir.join(name)
+        if dir.follows(&path, name) {
+            return resolved(&path);
+        }
+        dir.real.join(name)
     }
 }
 
@@ -396,7 +438,13 @@ pub mod tests {
             real.join("real/file")
         );
         assert_eq!(resolver.resolved(&d.join("link/a")), real.join("real/a"));
-        assert_eq!(resolver.dirs.len(), 4, "{:?}", resolver.dirs);
+        // real, link, dangling, missing/deeper, and real/file (a file: not listed).
+        assert_eq!(resolver.dirs.len(), 5, "{:?}", resolver.dirs);
+        // What tells a link from a file is the directory's listing, read once.
+        let links = |dir: &str| resolver.dirs[&d.join(dir)].links.clone();
+        assert_eq!(links("real"), Some(HashSet::from(["to-file".into()])));
+        assert_eq!(links("missing/deeper"), Some(HashSet::new()));
+        assert_eq!(links("real/file"), None);
     }
 
     /// `load` of `text` written with `mode`.

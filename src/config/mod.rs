@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use keys::{AssertionAlg, DpopAlg};
-pub use secret::{Secret, SecretError, SecretSpec};
+pub use secret::{Secret, SecretError, SecretReads, SecretSpec};
 pub use validate::{is_loopback, parse_hex_key, ClusterKeyError, DEFAULT_CREDENTIAL_USERNAME};
 
 /// Where the config is looked for when neither `-c` nor `TOKEND_CONFIG` is given.

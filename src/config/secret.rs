@@ -185,6 +185,30 @@ impl SecretSpec {
     }
 }
 
+/// Secrets read for one pass over many accounts (the daemon's look at every account's
+/// secret files after an event): a file that several accounts name is read once, and
+/// every account in the pass sees the same contents. The values are dropped, and
+/// zeroed, with it.
+#[derive(Default)]
+pub struct SecretReads {
+    files: std::collections::HashMap<PathBuf, Option<Secret>>,
+}
+
+impl SecretReads {
+    /// [`SecretSpec::read`], or what it read for the same file earlier in this pass;
+    /// `None` when it cannot be read.
+    pub fn read(&mut self, spec: &SecretSpec) -> Option<Secret> {
+        match spec.path() {
+            Some(path) => self
+                .files
+                .entry(path)
+                .or_insert_with(|| spec.read().ok())
+                .clone(),
+            None => spec.read().ok(),
+        }
+    }
+}
+
 fn credentials_dir() -> Option<PathBuf> {
     std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from)
 }
@@ -204,6 +228,37 @@ fn read_file(path: &Path) -> Result<zeroize::Zeroizing<String>, SecretError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pass_reads_each_secret_file_once_and_the_next_pass_afresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        std::fs::write(&path, "first\n").unwrap();
+        let spec = SecretSpec::File(path.clone());
+        let value = |s: Option<Secret>| s.map(|s| s.expose().to_owned());
+        let mut pass = SecretReads::default();
+        assert_eq!(value(pass.read(&spec)).as_deref(), Some("first"));
+        // Changed within the pass: every account of the pass sees what the first read.
+        std::fs::write(&path, "second\n").unwrap();
+        assert_eq!(value(pass.read(&spec.clone())).as_deref(), Some("first"));
+        assert_eq!(pass.files.len(), 1);
+        // The next pass reads it again.
+        let mut next = SecretReads::default();
+        assert_eq!(value(next.read(&spec)).as_deref(), Some("second"));
+        // Unreadable: None, remembered for the pass like a value.
+        let missing = SecretSpec::File(dir.path().join("missing"));
+        assert!(next.read(&missing).is_none());
+        std::fs::write(dir.path().join("missing"), "late").unwrap();
+        assert!(next.read(&missing).is_none());
+        assert_eq!(
+            value(SecretReads::default().read(&missing)).as_deref(),
+            Some("late")
+        );
+        // Not a file: read each time, nothing kept.
+        let inline = SecretSpec::Inline(Secret::new("inline"));
+        assert_eq!(value(next.read(&inline)).as_deref(), Some("inline"));
+        assert_eq!(next.files.len(), 2);
+    }
 
     #[test]
     fn debug_and_display_redact() {

@@ -16,7 +16,7 @@ use crate::account::{
     self, persist, AccountHandle, Accounts, ByName, Predecessor, Shared, TokenState,
 };
 use crate::clock::Clock;
-use crate::config::{Account, Config, Output};
+use crate::config::{Account, Config, Output, SecretReads};
 use crate::systemd::Notifier;
 
 use super::wiring::Connect;
@@ -140,10 +140,12 @@ impl<C: Connect> Supervisor<C> {
         files
     }
 
-    /// Pokes every account whose credentials changed since last looked at.
+    /// Pokes every account whose credentials changed since last looked at. A secret file
+    /// that several accounts name is read once ([`SecretReads`]).
     pub(super) fn check_secrets(&mut self) {
+        let mut reads = SecretReads::default();
         for (name, h) in &mut self.accounts {
-            let now = CredentialsDigest::in_memory(&h.view.account);
+            let now = CredentialsDigest::in_memory(&h.view.account, &mut reads);
             if now != h.credentials {
                 tracing::info!(account = %name, "a secret changed");
                 h.credentials = now;
@@ -223,7 +225,7 @@ impl<C: Connect> Supervisor<C> {
             self.cancel.clone(),
             &self.tracker,
         );
-        let credentials = CredentialsDigest::in_memory(&account);
+        let credentials = CredentialsDigest::in_memory(&account, &mut SecretReads::default());
         self.accounts.insert(
             ByName(account.clone()),
             Running {
