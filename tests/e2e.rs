@@ -84,6 +84,11 @@ impl Server {
 
     /// A config with the three kinds of account the providers need.
     fn config(&self, client_secret: &str) -> PathBuf {
+        self.config_with(client_secret, "")
+    }
+
+    /// [`Server::config`] with `defaults` (TOML lines) added to its `[defaults]`.
+    fn config_with(&self, client_secret: &str, defaults: &str) -> PathBuf {
         self.write("cc-secret", client_secret);
         self.write("pw-secret", "pw-secret\n");
         self.write("password", "alice-password\n");
@@ -96,6 +101,7 @@ impl Server {
 token_url = "{url}"
 min_refresh_interval = "1s"
 scope = "full"
+{defaults}
 
 [[account]]
 name = "cc-post"
@@ -249,13 +255,7 @@ fn once_reports_the_providers_error_and_exits_1() {
 #[test]
 fn run_keeps_tokens_fresh_through_five_rotations() {
     let server = Server::start(8);
-    let config = server.config("cc-secret\n");
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        text.replace("[defaults]\n", "[defaults]\nrefresh_ratio = 0.4\n"),
-    )
-    .unwrap();
+    let config = server.config_with("cc-secret\n", "refresh_ratio = 0.4");
     let child = run(&config, Stdio::piped());
 
     // 8-second tokens, refreshed at 40% (3.2 s): six generations in well under a
