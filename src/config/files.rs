@@ -148,50 +148,75 @@ fn outputs_resolved_apart(
 /// [`resolved`] for many outputs, most of them in a few directories: each directory is
 /// resolved once (following every link of a path is a system call per component, seven
 /// for `/run/tokend/tokens/name` where it does not exist yet: 70,000 at 10,000 accounts,
-/// on every reload) and listed once, for the names in it that are symbolic links (from
-/// the listing's file types: a `getdents` call for hundreds of names, where an `lstat`
-/// of each output was one call each, 10,000 on every reload). A directory that cannot
-/// be listed costs an `lstat` of each output in it, as before.
+/// on every reload). Whether an output's own name is a symbolic link is an `lstat` of it
+/// for the first outputs of a directory; from the [`LIST_FROM`]th on, the directory is
+/// listed once instead (the listing's file types name its links: a `getdents` call for
+/// hundreds of names, where an `lstat` of each output was one call each, 10,000 on every
+/// reload). A few outputs in a large shared directory (`/tmp`) never cost its listing.
 #[derive(Default)]
 struct Resolver {
     dirs: HashMap<PathBuf, Dir>,
 }
+
+/// The outputs in one directory from which [`Resolver`] lists it rather than look at
+/// each output's name.
+const LIST_FROM: usize = 8;
 
 /// A directory of outputs, as [`Resolver`] keeps it.
 #[derive(Debug)]
 struct Dir {
     /// The directory as the file system resolves it.
     real: PathBuf,
-    /// The names in it that are symbolic links (or whose type the listing could not
-    /// tell); `None` when it could not be listed.
-    links: Option<HashSet<OsString>>,
+    /// The outputs looked up in it so far.
+    outputs: usize,
+    listing: Listing,
+}
+
+/// What [`Resolver`] knows of a directory's names.
+#[derive(Debug, PartialEq)]
+enum Listing {
+    /// Not listed (yet): each name is looked at.
+    No,
+    /// The names in it that are symbolic links (or whose type the listing could not tell).
+    Links(HashSet<OsString>),
+    /// It could not be listed: each name is looked at.
+    Unlistable,
 }
 
 impl Dir {
-    fn read(dir: &Path) -> Dir {
-        let links = match std::fs::read_dir(dir) {
+    fn new(dir: &Path) -> Dir {
+        Dir {
+            real: resolved(dir),
+            outputs: 0,
+            listing: Listing::No,
+        }
+    }
+
+    fn list(dir: &Path) -> Listing {
+        match std::fs::read_dir(dir) {
             // Not there yet: nor is any name in it.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(HashSet::new()),
-            Err(_) => None,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Listing::Links(HashSet::new()),
+            Err(_) => Listing::Unlistable,
             Ok(entries) => entries
                 .map(|e| e.map(|e| (e.file_type().map(|t| t.is_symlink()), e.file_name())))
                 .filter(|e| !matches!(e, Ok((Ok(false), _))))
                 .map(|e| e.map(|(_, name)| name))
                 .collect::<Result<HashSet<_>, _>>()
-                .ok(),
-        };
-        Dir {
-            real: resolved(dir),
-            links,
+                .map_or(Listing::Unlistable, Listing::Links),
         }
     }
 
-    /// Whether `name` in this directory must be resolved whole: a symbolic link, or a
-    /// name that cannot be looked at. A name that is not there is the directory's.
-    fn follows(&self, path: &Path, name: &OsStr) -> bool {
-        match &self.links {
-            Some(links) => links.contains(name),
-            None => match std::fs::symlink_metadata(path) {
+    /// Whether `name` in this directory (`path` being both) must be resolved whole: a
+    /// symbolic link, or a name that cannot be looked at. A name that is not there is
+    /// the directory's.
+    fn follows(&mut self, dir: &Path, path: &Path, name: &OsStr) -> bool {
+        self.outputs += 1;
+        if self.outputs == LIST_FROM && self.listing == Listing::No {
+            self.listing = Dir::list(dir);
+        }
+        match &self.listing {
+            Listing::Links(links) => links.contains(name),
+            Listing::No | Listing::Unlistable => match std::fs::symlink_metadata(path) {
                 Ok(meta) => meta.file_type().is_symlink(),
                 Err(e) => e.kind() != std::io::ErrorKind::NotFound,
             },
@@ -208,14 +233,14 @@ impl Resolver {
         if parent.as_os_str().is_empty() {
             return resolved(&path);
         }
-        let dir = match self.dirs.get(parent) {
+        let dir = match self.dirs.get_mut(parent) {
             Some(dir) => dir,
             None => self
                 .dirs
                 .entry(parent.to_owned())
-                .or_insert_with(|| Dir::read(parent)),
+                .or_insert_with(|| Dir::new(parent)),
         };
-        if dir.follows(&path, name) {
+        if dir.follows(parent, &path, name) {
             return resolved(&path);
         }
         dir.real.join(name)
@@ -438,13 +463,45 @@ pub mod tests {
             real.join("real/file")
         );
         assert_eq!(resolver.resolved(&d.join("link/a")), real.join("real/a"));
-        // real, link, dangling, missing/deeper, and real/file (a file: not listed).
+        // real, link, dangling, missing/deeper, and real/file (a file).
         assert_eq!(resolver.dirs.len(), 5, "{:?}", resolver.dirs);
-        // What tells a link from a file is the directory's listing, read once.
-        let links = |dir: &str| resolver.dirs[&d.join(dir)].links.clone();
-        assert_eq!(links("real"), Some(HashSet::from(["to-file".into()])));
-        assert_eq!(links("missing/deeper"), Some(HashSet::new()));
-        assert_eq!(links("real/file"), None);
+    }
+
+    #[test]
+    fn a_directory_is_listed_once_it_holds_enough_outputs() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("file"), "").unwrap();
+        std::os::unix::fs::symlink(d.join("file"), d.join("link")).unwrap();
+        std::fs::write(d.join("other"), "").unwrap();
+        let mut resolver = Resolver::default();
+        let check = |resolver: &mut Resolver, name: &str| {
+            let p = d.join(name);
+            assert_eq!(resolver.resolved(&p), resolved(&p), "{name}");
+        };
+        // Fewer than LIST_FROM outputs: each name looked at, the directory not listed.
+        check(&mut resolver, "link");
+        for i in 2..LIST_FROM {
+            check(&mut resolver, &format!("out{i}"));
+        }
+        assert_eq!(resolver.dirs[d].listing, Listing::No);
+        // The LIST_FROM-th: listed, and its links known from the listing.
+        check(&mut resolver, "file");
+        assert_eq!(
+            resolver.dirs[d].listing,
+            Listing::Links(HashSet::from(["link".into()]))
+        );
+        for name in ["link", "file", "other", "missing"] {
+            check(&mut resolver, name);
+        }
+        // A directory not there yet holds no names once listed.
+        for i in 0..LIST_FROM + 1 {
+            check(&mut resolver, &format!("missing/out{i}"));
+        }
+        assert_eq!(
+            resolver.dirs[&d.join("missing")].listing,
+            Listing::Links(HashSet::new())
+        );
     }
 
     /// `load` of `text` written with `mode`.
