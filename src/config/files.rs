@@ -502,6 +502,11 @@ pub mod tests {
             resolver.dirs[&d.join("missing")].listing,
             Listing::Links(HashSet::new())
         );
+        // One that cannot be listed (a file): each name looked at, as below LIST_FROM.
+        for i in 0..LIST_FROM + 1 {
+            check(&mut resolver, &format!("file/out{i}"));
+        }
+        assert_eq!(resolver.dirs[&d.join("file")].listing, Listing::Unlistable);
     }
 
     /// `load` of `text` written with `mode`.
