@@ -64,13 +64,13 @@ pub(super) fn account(
     let client_cert = auth::client_cert(cx, &at, client_auth);
     let basic_encoding = cx.choice(
         &pick!(a, d, basic_encoding),
-        &at.k("basic_encoding"),
+        at.k("basic_encoding"),
         &[("raw", BasicEncoding::Raw), ("form", BasicEncoding::Form)],
         BasicEncoding::Raw,
     );
     let params_in = cx.choice(
         &pick!(a, d, params_in),
-        &at.k("params_in"),
+        at.k("params_in"),
         &[("body", ParamsIn::Body), ("query", ParamsIn::Query)],
         ParamsIn::Body,
     );
@@ -78,7 +78,7 @@ pub(super) fn account(
     let options = options(cx, &at);
     let on_expiry = cx.choice(
         &pick!(a, d, on_expiry),
-        &at.k("on_expiry"),
+        at.k("on_expiry"),
         &[("remove", OnExpiry::Remove), ("keep", OnExpiry::Keep)],
         OnExpiry::Remove,
     );
@@ -124,17 +124,17 @@ fn options(cx: &mut Ctx<'_>, at: &At<'_>) -> Options {
     let on_refresh_signal = on_refresh_signal(cx, at);
     let hook_timeout = cx.duration(
         &pick!(a, d, hook_timeout),
-        &at.k("hook_timeout"),
+        at.k("hook_timeout"),
         Duration::from_secs(30),
     );
     let timeout = cx.duration(
         &pick!(a, d, timeout),
-        &at.k("timeout"),
+        at.k("timeout"),
         Duration::from_secs(30),
     );
     let refresh_token_timeout = cx.duration(
         &pick!(a, d, refresh_token_timeout),
-        &at.k("refresh_token_timeout"),
+        at.k("refresh_token_timeout"),
         Duration::from_secs(120),
     );
     let ca_file = pick!(a, d, ca_file).map(|c| cx.path(c.get_ref()));
@@ -358,20 +358,20 @@ fn schedule(cx: &mut Ctx<'_>, at: &At<'_>) -> SchedulePolicy {
     };
     SchedulePolicy {
         refresh_ratio,
-        refresh_every: cx.opt_duration(&pick!(a, d, refresh_every), &at.k("refresh_every")),
+        refresh_every: cx.opt_duration(&pick!(a, d, refresh_every), at.k("refresh_every")),
         min_refresh_interval: cx.duration(
             &pick!(a, d, min_refresh_interval),
-            &at.k("min_refresh_interval"),
+            at.k("min_refresh_interval"),
             defaults.min_refresh_interval,
         ),
         default_lifetime: cx.duration(
             &pick!(a, d, default_lifetime),
-            &at.k("default_lifetime"),
+            at.k("default_lifetime"),
             defaults.default_lifetime,
         ),
         auth_failure_hold: cx.duration(
             &pick!(a, d, auth_failure_hold),
-            &at.k("auth_failure_hold"),
+            at.k("auth_failure_hold"),
             defaults.auth_failure_hold,
         ),
     }
@@ -432,12 +432,12 @@ fn access(cx: &mut Ctx<'_>, at: &At<'_>) -> Access {
     if let Some(acc) = pick!(a, d, access) {
         let acc = acc.into_inner();
         for u in &acc.users {
-            if let Some(uid) = cx.user(u, &at.k("access.users")) {
+            if let Some(uid) = cx.user(u, at.k("access.users")) {
                 access.users.push(uid);
             }
         }
         for g in &acc.groups {
-            if let Some(gid) = cx.group(g, &at.k("access.groups")) {
+            if let Some(gid) = cx.group(g, at.k("access.groups")) {
                 access.groups.push(gid);
             }
         }

@@ -26,7 +26,7 @@ pub(super) fn client_auth(cx: &mut Ctx<'_>, at: &At<'_>) -> (ClientAuth, Option<
     };
     let client_auth = cx.choice(
         &pick!(a, d, client_auth),
-        &at.k("client_auth"),
+        at.k("client_auth"),
         &[
             ("basic", ClientAuth::Basic),
             ("post", ClientAuth::Post),
@@ -37,7 +37,7 @@ pub(super) fn client_auth(cx: &mut Ctx<'_>, at: &At<'_>) -> (ClientAuth, Option<
         default,
     );
     let client_secret =
-        pick!(a, d, client_secret).and_then(|s| cx.secret(&s, &at.k("client_secret")));
+        pick!(a, d, client_secret).and_then(|s| cx.secret(&s, at.k("client_secret")));
     let no_secret = match client_auth {
         ClientAuth::None => Some("\"none\" sends no secret; remove it or choose basic or post"),
         ClientAuth::PrivateKeyJwt => {
@@ -96,7 +96,7 @@ pub(super) fn assertion(
         );
         return None;
     };
-    let spec = cx.secret(&pk, &at.k("private_key"));
+    let spec = cx.secret(&pk, at.k("private_key"));
     let key_id = key_id(cx, at);
     let alg_at = pick!(a, d, assertion_alg)
         .map(|v| cx.locate(v.span(), at.k("assertion_alg"), String::new()));
@@ -203,7 +203,7 @@ fn assertion_lifetime(cx: &mut Ctx<'_>, at: &At<'_>) -> Checked<std::time::Durat
     let lifetime_at = lifetime.as_ref().map(|v| v.span());
     let lifetime = cx.duration(
         &lifetime,
-        &at.k("assertion_lifetime"),
+        at.k("assertion_lifetime"),
         MAX_ASSERTION_LIFETIME,
     );
     if lifetime > MAX_ASSERTION_LIFETIME {
@@ -229,8 +229,8 @@ pub(super) fn client_cert(
     match (pick!(a, d, client_cert), pick!(a, d, client_key)) {
         (Some(c), Some(k)) => {
             // A certificate is public: inline, it does not make the config a secret.
-            let cert = cx.source(&c, &at.k("client_cert"), false);
-            let key = cx.secret(&k, &at.k("client_key"));
+            let cert = cx.source(&c, at.k("client_cert"), false);
+            let key = cx.secret(&k, at.k("client_key"));
             let (cert, key) = (cert?, key?);
             let key_at = cx.locate(k.span(), at.k("client_key"), String::new());
             let cert_at = cx.locate(c.span(), at.k("client_cert"), String::new());
@@ -289,7 +289,7 @@ pub(super) fn grant(cx: &mut Ctx<'_>, at: &At<'_>) -> Option<Grant> {
     let (a, d) = (at.a, at.d);
     let grant_kind = cx.choice(
         &pick!(a, d, grant_type),
-        &at.k("grant_type"),
+        at.k("grant_type"),
         &[
             ("client_credentials", GrantKind::ClientCredentials),
             ("password", GrantKind::Password),
@@ -318,7 +318,7 @@ pub(super) fn grant(cx: &mut Ctx<'_>, at: &At<'_>) -> Option<Grant> {
             }
             let pw = password
                 .as_ref()
-                .and_then(|p| cx.secret(p, &at.k("password")));
+                .and_then(|p| cx.secret(p, at.k("password")));
             match (username.clone(), pw) {
                 (Some(u), Some(p)) => Some(Grant::Password {
                     username: u.into_inner(),
@@ -329,7 +329,7 @@ pub(super) fn grant(cx: &mut Ctx<'_>, at: &At<'_>) -> Option<Grant> {
         }
         GrantKind::RefreshToken => match &refresh_token {
             Some(r) => cx
-                .secret(r, &at.k("refresh_token"))
+                .secret(r, at.k("refresh_token"))
                 .map(|refresh_token| Grant::RefreshToken { refresh_token }),
             None => {
                 cx.err(

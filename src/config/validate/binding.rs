@@ -16,7 +16,7 @@ pub(super) fn binding(cx: &mut Ctx<'_>, at: &At<'_>, has_socket: bool) -> Option
     let (a, d) = (at.a, at.d);
     let dpop = cx.choice(
         &pick!(a, d, token_binding),
-        &at.k("token_binding"),
+        at.k("token_binding"),
         &[("bearer", false), ("dpop", true)],
         false,
     );
@@ -50,7 +50,7 @@ pub(super) fn binding(cx: &mut Ctx<'_>, at: &At<'_>, has_socket: bool) -> Option
     };
     let key = match pick!(a, d, dpop_key) {
         Some(k) => {
-            let spec = cx.secret(&k, &at.k("dpop_key"));
+            let spec = cx.secret(&k, at.k("dpop_key"));
             if let Some(spec) = &spec {
                 let key_at = cx.locate(k.span(), at.k("dpop_key"), String::new());
                 cx.key_files.push(KeyFile {

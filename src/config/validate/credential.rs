@@ -55,7 +55,7 @@ pub(super) fn urls(
             },
         };
         if let Some(why) = why {
-            cx.err(u.span(), key.clone(), why);
+            cx.err(u.span(), key, why);
         }
     }
     // Kept for the daemon's life, once per account (issue #11).

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use super::{At, Ctx};
+use super::{At, Ctx, Key};
 use crate::config::raw::{RawAccount, RawOutput, S};
 use crate::config::{Account, Format, Output};
 
@@ -45,7 +45,7 @@ pub(super) fn outputs(cx: &mut Ctx<'_>, at: &At<'_>, name: &str, has_socket: boo
 
 /// One `[[account.output]]`; `account` names the default `env_var`.
 fn output(cx: &mut Ctx<'_>, label: &str, o: &S<RawOutput>, account: &str) -> Option<Output> {
-    let k = |key: &str| format!("{label}.{key}");
+    let k = |key: &'static str| Key::new(label, key);
     let raw = o.get_ref();
     let path = match &raw.path {
         Some(p) if !p.get_ref().is_empty() && !p.get_ref().ends_with('/') => {
@@ -62,7 +62,7 @@ fn output(cx: &mut Ctx<'_>, label: &str, o: &S<RawOutput>, account: &str) -> Opt
     };
     let kind = cx.choice(
         &raw.format,
-        &k("format"),
+        k("format"),
         &[
             ("raw", FormatKind::Raw),
             ("json", FormatKind::Json),
@@ -111,11 +111,11 @@ fn output(cx: &mut Ctx<'_>, label: &str, o: &S<RawOutput>, account: &str) -> Opt
         }
     }
     let mode = match &raw.mode {
-        Some(m) => cx.mode(m, &k("mode")),
+        Some(m) => cx.mode(m, k("mode")),
         None => Some(0o600),
     };
-    let owner = raw.owner.as_ref().and_then(|u| cx.user(u, &k("owner")));
-    let group = raw.group.as_ref().and_then(|g| cx.group(g, &k("group")));
+    let owner = raw.owner.as_ref().and_then(|u| cx.user(u, k("owner")));
+    let group = raw.group.as_ref().and_then(|g| cx.group(g, k("group")));
     Some(Output {
         path: path?,
         format,

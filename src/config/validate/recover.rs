@@ -72,22 +72,27 @@ pub(super) fn sections(cx: &mut Ctx<'_>) -> Option<Sections> {
     let mut cluster = None;
     let mut defaults = None;
     let mut accounts = Vec::new();
-    for (key, value) in &root {
+    // Taken apart as it is read: each section's table is deserialized from itself.
+    for (key, value) in root {
         match key.get_ref().as_ref() {
             "daemon" => daemon = section::<RawDaemon>(cx, value, "daemon"),
             "cluster" => cluster = section::<RawCluster>(cx, value, "cluster"),
             "defaults" => defaults = section::<RawAccount>(cx, value, "defaults"),
-            "account" => match value.get_ref() {
-                DeValue::Array(items) => {
-                    for (i, item) in items.iter().enumerate() {
-                        let label = account_label(item, i);
-                        if let Some(a) = section::<RawAccount>(cx, item, &label) {
-                            accounts.push((label, a, item.span()));
+            "account" => {
+                let span = value.span();
+                match value.into_inner() {
+                    DeValue::Array(items) => {
+                        for (i, item) in items.into_iter().enumerate() {
+                            let label = account_label(&item, i);
+                            let at = item.span();
+                            if let Some(a) = section::<RawAccount>(cx, item, &label) {
+                                accounts.push((label, a, at));
+                            }
                         }
                     }
+                    _ => cx.err(span, "account", "accounts are written [[account]]"),
                 }
-                _ => cx.err(value.span(), "account", "accounts are written [[account]]"),
-            },
+            }
             other => cx.err(
                 key.span(),
                 other,
@@ -118,14 +123,14 @@ fn account_label(item: &toml::Spanned<DeValue<'_>>, i: usize) -> String {
 /// the wrong type, then deserializes what is left, so one mistake does not hide others.
 fn section<'de, T: Deserialize<'de>>(
     cx: &mut Ctx<'_>,
-    value: &toml::Spanned<DeValue<'de>>,
+    value: toml::Spanned<DeValue<'de>>,
     label: &str,
 ) -> Option<T> {
-    let DeValue::Table(table) = value.get_ref() else {
-        cx.err(value.span(), label, "expected a table");
+    let span = value.span();
+    let DeValue::Table(mut table) = value.into_inner() else {
+        cx.err(span, label, "expected a table");
         return None;
     };
-    let mut table = table.clone();
     prune_unknown(cx, &mut table, field_names::<T>(), label);
     if label.starts_with("account") || label == "defaults" {
         if let Some(DeValue::Array(outputs)) = table.get_mut("output").map(|o| o.get_mut()) {
@@ -152,18 +157,18 @@ fn section<'de, T: Deserialize<'de>>(
     // Each round reports one type error and drops the value that caused it.
     for _ in 0..64 {
         let de = ValueDeserializer::from(toml::Spanned::new(
-            value.span(),
+            span.clone(),
             DeValue::Table(table.clone()),
         ));
         match T::deserialize(de) {
             Ok(v) => return Some(v),
             Err(e) => {
-                let span = e.span().unwrap_or(value.span());
-                let key = key_at(cx.text, span.start)
-                    .map_or(label.to_owned(), |k| format!("{label}.{k}"));
-                cx.err(span.clone(), key.clone(), e.message().to_owned());
+                let at = e.span().unwrap_or(span.clone());
+                let key =
+                    key_at(cx.text, at.start).map_or(label.to_owned(), |k| format!("{label}.{k}"));
+                cx.err(at.clone(), key.clone(), e.message().to_owned());
                 cx.dropped.push(key);
-                if !remove_at(&mut table, span.start) {
+                if !remove_at(&mut table, at.start) {
                     return None;
                 }
             }

@@ -9,21 +9,26 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::Ctx;
+use super::{Ctx, Key};
 use crate::config::raw::S;
 use crate::config::secret::{SecretSource, SecretSpec};
 
 impl Ctx<'_> {
-    pub(super) fn duration(
+    pub(super) fn duration<'k>(
         &mut self,
         v: &Option<S<String>>,
-        key: &str,
+        key: impl Into<Key<'k>>,
         default: Duration,
     ) -> Duration {
         self.opt_duration(v, key).unwrap_or(default)
     }
 
-    pub(super) fn opt_duration(&mut self, v: &Option<S<String>>, key: &str) -> Option<Duration> {
+    pub(super) fn opt_duration<'k>(
+        &mut self,
+        v: &Option<S<String>>,
+        key: impl Into<Key<'k>>,
+    ) -> Option<Duration> {
+        let key: Key<'k> = key.into();
         let v = v.as_ref()?;
         match humantime::parse_duration(v.get_ref().trim()) {
             Ok(d) if !d.is_zero() => Some(d),
@@ -45,13 +50,14 @@ impl Ctx<'_> {
         }
     }
 
-    pub(super) fn choice<T: Copy>(
+    pub(super) fn choice<'k, T: Copy>(
         &mut self,
         v: &Option<S<String>>,
-        key: &str,
+        key: impl Into<Key<'k>>,
         options: &[(&str, T)],
         default: T,
     ) -> T {
+        let key: Key<'k> = key.into();
         let Some(v) = v else { return default };
         match options.iter().find(|(n, _)| *n == v.get_ref()) {
             Some((_, t)) => *t,
@@ -69,7 +75,8 @@ impl Ctx<'_> {
 
     /// A file mode: a string of octal digits ("0640") or a TOML octal integer (0o640).
     /// A bare decimal such as 640 is refused: it would mean 0o1200.
-    pub(super) fn mode(&mut self, v: &S<toml::Value>, key: &str) -> Option<u32> {
+    pub(super) fn mode<'k>(&mut self, v: &S<toml::Value>, key: impl Into<Key<'k>>) -> Option<u32> {
+        let key: Key<'k> = key.into();
         let span = v.span();
         let mode = match v.get_ref() {
             toml::Value::String(s) if !s.is_empty() && s.chars().all(|c| c.is_digit(8)) => {
@@ -100,18 +107,23 @@ impl Ctx<'_> {
     }
 
     /// A secret: inline (noted as an inline secret), file, env or credential.
-    pub(super) fn secret(&mut self, v: &S<toml::Value>, key: &str) -> Option<SecretSpec> {
+    pub(super) fn secret<'k>(
+        &mut self,
+        v: &S<toml::Value>,
+        key: impl Into<Key<'k>>,
+    ) -> Option<SecretSpec> {
         self.source(v, key, true)
     }
 
     /// A value read like a secret (inline, file, env, credential); an inline one counts
     /// as an inline secret if `secret`.
-    pub(super) fn source(
+    pub(super) fn source<'k>(
         &mut self,
         v: &S<toml::Value>,
-        key: &str,
+        key: impl Into<Key<'k>>,
         secret: bool,
     ) -> Option<SecretSpec> {
+        let key: Key<'k> = key.into();
         let parsed = SecretSource::deserialize(v.get_ref().clone())
             .map_err(|_| {
                 "expected a string or one of { file = \"...\" }, { env = \"...\" }, { credential = \"...\" }"
@@ -121,7 +133,7 @@ impl Ctx<'_> {
         match parsed {
             Ok(spec) => {
                 if secret && spec.is_inline() {
-                    self.inline_secret(v.span(), key.to_owned());
+                    self.inline_secret(v.span(), key);
                 }
                 Some(spec)
             }
@@ -134,30 +146,31 @@ impl Ctx<'_> {
 
     /// Notes an inline credential at `span` (SPEC §2: it makes a config readable by group
     /// or others an error).
-    pub(super) fn inline_secret(&mut self, span: Range<usize>, key: String) {
+    pub(super) fn inline_secret(&mut self, span: Range<usize>, key: impl Into<String>) {
         let e = self.locate(span, key, String::new());
         self.inline_secrets.push(e);
     }
 
     /// A user: a name (looked up through the host) or a numeric id.
-    pub(super) fn user(&mut self, v: &S<toml::Value>, key: &str) -> Option<u32> {
+    pub(super) fn user<'k>(&mut self, v: &S<toml::Value>, key: impl Into<Key<'k>>) -> Option<u32> {
         let host = self.host;
         self.principal(v, key, "user", |n| host.uid(n))
     }
 
     /// A group: a name (looked up through the host) or a numeric id.
-    pub(super) fn group(&mut self, v: &S<toml::Value>, key: &str) -> Option<u32> {
+    pub(super) fn group<'k>(&mut self, v: &S<toml::Value>, key: impl Into<Key<'k>>) -> Option<u32> {
         let host = self.host;
         self.principal(v, key, "group", |n| host.gid(n))
     }
 
-    fn principal(
+    fn principal<'k>(
         &mut self,
         v: &S<toml::Value>,
-        key: &str,
+        key: impl Into<Key<'k>>,
         what: &str,
         lookup: impl Fn(&str) -> Option<u32>,
     ) -> Option<u32> {
+        let key: Key<'k> = key.into();
         match v.get_ref() {
             toml::Value::Integer(n) if u32::try_from(*n).is_ok() => Some(*n as u32),
             toml::Value::String(s) if !s.is_empty() && s.chars().all(|c| c.is_ascii_digit()) => {
