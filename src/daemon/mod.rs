@@ -205,6 +205,10 @@ impl<C: Connect> Daemon<C> {
                 .map(|a| crate::account::engine::Providers::of(a))
                 .collect(),
         );
+        shared
+            .metrics
+            .prepare(accounts.iter().map(|a| a.name.as_str()));
+        shared.siblings.reserve(accounts.len());
         for a in accounts {
             let endpoint = sup
                 .connect

@@ -129,6 +129,16 @@ struct SiblingMap {
 }
 
 impl Siblings {
+    /// Room for `n` distinct requests, made before the accounts start (see
+    /// `Metrics::prepare`).
+    pub fn reserve(&self, n: usize) {
+        self.0
+            .lock()
+            .expect("never poisoned: no panics under the lock")
+            .cells
+            .reserve(n);
+    }
+
     pub(super) fn cell(&self, key: &SiblingKey) -> SiblingCell {
         let mut m = self
             .0
