@@ -332,12 +332,6 @@ impl<'k> From<&'k str> for Key<'k> {
     }
 }
 
-impl<'k> From<&'k String> for Key<'k> {
-    fn from(key: &'k String) -> Self {
-        Key::from(key.as_str())
-    }
-}
-
 impl std::fmt::Display for Key<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.label.is_empty() {
