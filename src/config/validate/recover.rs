@@ -297,6 +297,41 @@ mod tests {
         assert_eq!(errs[0].line, 5);
     }
 
+    #[test]
+    fn every_mistyped_value_of_every_section_is_reported_once() {
+        // Three type errors in one account (three rounds of the recovery), one in the
+        // next, one in [daemon], and an unknown key: each reported once, at its key.
+        let text = format!(
+            "[daemon]\nstartup_timeout = 5\n\n{}\n{}",
+            MINIMAL
+                .replace(
+                    "client_id = \"id\"",
+                    "client_id = 5\nscope = []\ntimeout = true"
+                )
+                .replace("name = \"msk\"", "name = \"msk\"\nscoep = \"x\""),
+            MINIMAL
+                .replace("\"msk\"", "\"other\"")
+                .replace("/msk", "/other")
+                .replace("client_id = \"id\"", "client_id = [1]"),
+        );
+        let mut keys: Vec<String> = errors(&text).into_iter().map(|e| e.key).collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "account.msk.client_id",
+                "account.msk.scoep",
+                "account.msk.scope",
+                "account.msk.timeout",
+                "account.other.client_id",
+                "daemon.startup_timeout",
+            ]
+        );
+        // A list of accounts that is not an array of tables.
+        let e = &errors("account = 5\n")[0];
+        assert_eq!((e.key.as_str(), e.line), ("account", 1));
+    }
+
     /// The hand-written distance that `strsim` replaced, kept to show they agree.
     fn edit_distance(a: &str, b: &str) -> usize {
         let b: Vec<char> = b.chars().collect();
