@@ -577,8 +577,12 @@ fn a_hung_etcd_member_is_left_behind_and_every_member_keeps_a_valid_token() {
     let before = idp.issued().len();
     etcd.pause(0);
     let hung = Instant::now();
-    while hung.elapsed() < 3 * TTL {
-        // The fault's duration; the sampler watches meanwhile.
+    // The fault lasts 3 x lease_ttl at least, and until a rotation happened meanwhile
+    // (bounded: on a slow machine the failover and the next refresh can take longer
+    // than a fixed window); the sampler watches throughout.
+    while hung.elapsed() < 3 * TTL
+        || (idp.issued().len() == before && hung.elapsed() < 3 * TTL + 5 * lifetime)
+    {
         std::thread::sleep(Duration::from_millis(100));
     }
     etcd.resume(0);
